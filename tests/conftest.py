@@ -1,0 +1,55 @@
+"""Shared test helpers: compose the real configs, run the real pipeline / CLI on model=tiny."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+
+# Tests never touch the network: W&B offline, and any Hub access is pointed at a closed local port.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = ["model=tiny", "logger=none", "eval=quick", "eval.max_tokens=2048", "seqlen=128", "nsamples=4"]
+
+
+def compose(overrides=()):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def run_pipeline(tmp_path: Path, *overrides: str) -> dict:
+    """Compose with the tiny defaults plus ``overrides`` and run elsa.pipeline.run in-process."""
+    from elsa.pipeline import run
+
+    cfg = compose([*TINY, f"output_dir={tmp_path}", *overrides])
+    return run(cfg)
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_results(path: Path) -> dict:
+    return json.loads((Path(path) / "results.json").read_text())
+
+
+@pytest.fixture
+def tiny_model():
+    from elsa.models import TinyLlamaSource
+
+    return TinyLlamaSource().load()
