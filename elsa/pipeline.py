@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,7 +34,12 @@ def build(node: DictConfig, key: str):
     if node is None or "_target_" not in node:
         raise config_error(key, node, f"a config with a _target_ (see conf/{key}/)")
     kwargs = {k: v for k, v in node.items() if k != "name"} if "name" in node and key == "method" else dict(node)
-    return instantiate(OmegaConf.create(kwargs), _convert_="all")
+    try:
+        return instantiate(OmegaConf.create(kwargs), _convert_="all")
+    except InstantiationException as exc:  # surface our own one-line errors, not Hydra's wrapper
+        if isinstance(exc.__cause__, ElsaError):
+            raise exc.__cause__ from None
+        raise
 
 
 def dataset_by_name(name: str):

@@ -66,14 +66,22 @@ class Sparsity:
 
 
 def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask over the last dim that drops the k lowest scores of each row (stable: the earlier
-    index is dropped first on ties)."""
+    """Keep-mask over the last dim that drops the k lowest scores of each row.
+
+    O(n) selection (kthvalue) instead of a full sort. Ties at the threshold are broken by position: the
+    earlier index is dropped first, so the count is exact and the mask deterministic.
+    """
     keep = torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return keep
-    order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
-    keep.scatter_(-1, order, False)
-    return keep
+    if k >= scores.shape[-1]:
+        return ~keep
+    thr = scores.kthvalue(k, dim=-1, keepdim=True).values
+    below = scores < thr
+    tied = scores == thr
+    need = k - below.sum(-1, keepdim=True)           # how many tied entries still to drop, per row
+    drop_tied = tied & (torch.cumsum(tied, dim=-1) <= need)
+    return ~(below | drop_tied)
 
 
 def mask_from_scores(scores: torch.Tensor, target: Sparsity, group: str = "layer") -> torch.Tensor:

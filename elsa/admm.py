@@ -1,0 +1,219 @@
+"""ADMM state and machinery for the global methods (ELSA, ELSA-L).
+
+Scaled-form ADMM for  min_w f(w)  s.t. w in S (the sparsity set), split as w = z:
+    primal:  a few optimiser steps on f(w) + (lam/2)||w - z + u||^2
+    every `interval` steps:  z <- Proj_S(w + u);  u <- u + w - z
+All state is kept per parameter (local to the parameter, so it shards with it); global statistics are
+all-reduced when a process group exists.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from elsa.errors import config_error
+from elsa.sparsity import Sparsity, mask_from_scores
+
+SCHEDULES = ("constant", "linear", "cosine", "exponential", "adaptive")
+
+
+# ---------------------------------------------------------------------------------------------------
+# storage codecs: how z and u are held in memory
+
+
+class Fp32Codec:
+    """Full precision (ELSA)."""
+
+    def encode(self, x: torch.Tensor):
+        return x.detach().to(torch.float32, copy=True)
+
+    def decode(self, stored) -> torch.Tensor:
+        return stored
+
+    def nbytes(self, stored) -> int:
+        return stored.numel() * stored.element_size()
+
+
+class Bf16Codec(Fp32Codec):
+    def encode(self, x):
+        return x.detach().to(torch.bfloat16)
+
+    def decode(self, stored):
+        return stored.float()
+
+
+class Fp8Codec(Fp32Codec):
+    """FP8 e4m3 with one dynamic scale per tensor: scale = amax / 448 (e4m3's largest normal)."""
+
+    FMAX = 448.0
+
+    def encode(self, x):
+        amax = float(x.detach().abs().max()) if x.numel() else 0.0
+        scale = amax / self.FMAX if amax > 0 else 1.0
+        return ((x.detach().float() / scale).to(torch.float8_e4m3fn), torch.tensor(scale, dtype=torch.float32))
+
+    def decode(self, stored):
+        q, scale = stored
+        return q.float() * scale
+
+    def nbytes(self, stored):
+        q, scale = stored
+        return q.numel() * q.element_size() + scale.numel() * scale.element_size()
+
+
+CODECS = {"fp32": Fp32Codec, "bf16": Bf16Codec, "fp8": Fp8Codec}
+
+
+def codec(name: str, key: str):
+    if name not in CODECS:
+        raise config_error(key, name, f"one of {', '.join(CODECS)}")
+    return CODECS[name]()
+
+
+# ---------------------------------------------------------------------------------------------------
+# penalty (lambda) schedules
+
+
+class LambdaSchedule:
+    """lam(t) for t in [0, T]: constant, linear/cosine/exponential from lam to lam_final, or adaptive
+    residual balancing (Boyd et al. 3.4.1): grow by tau when the primal residual is mu times the dual
+    residual, shrink when the converse holds."""
+
+    def __init__(self, kind: str, lam: float, lam_final: float | None, total: int, mu: float = 10.0,
+                 tau: float = 2.0, lam_max: float = 1e4):
+        if kind not in SCHEDULES:
+            raise config_error("method.lambda_schedule", kind, f"one of {', '.join(SCHEDULES)}")
+        if not (isinstance(lam, (int, float)) and lam >= 0 and math.isfinite(lam)):
+            raise config_error("method.lam", lam, "a finite number >= 0")
+        self.kind, self.lam0, self.total, self.mu, self.tau, self.lam_max = kind, float(lam), max(total, 1), mu, tau, lam_max
+        self.lam1 = float(lam if lam_final is None else lam_final)
+        if self.lam1 < 0:
+            raise config_error("method.lam_final", lam_final, "a number >= 0")
+        if kind == "exponential" and (self.lam0 <= 0 or self.lam1 <= 0):
+            raise config_error("method.lam", lam, "> 0 (and lam_final > 0) for the exponential schedule")
+        self.current = self.lam0
+
+    def at(self, step: int) -> float:
+        if self.kind in ("constant", "adaptive"):
+            return self.current
+        frac = min(max(step / self.total, 0.0), 1.0)
+        if self.kind == "linear":
+            return self.lam0 + (self.lam1 - self.lam0) * frac
+        if self.kind == "cosine":
+            return self.lam1 + (self.lam0 - self.lam1) * 0.5 * (1 + math.cos(math.pi * frac))
+        return self.lam0 * (self.lam1 / self.lam0) ** frac
+
+    def balance(self, primal: float, dual: float) -> float:
+        """Adaptive update after a dual step; returns the new lambda (unchanged for fixed schedules)."""
+        if self.kind == "adaptive":
+            if primal > self.mu * dual:
+                self.current = min(self.current * self.tau, self.lam_max)
+            elif dual > self.mu * primal:
+                self.current = self.current / self.tau
+        return self.current
+
+    def state_dict(self):
+        return {"current": self.current}
+
+    def load_state_dict(self, state):
+        self.current = state["current"]
+
+
+def sparsity_at(target: Sparsity, step: int, warmup_steps: int) -> Sparsity:
+    """Cubic ramp of the projection's ratio from 0 to the target over ``warmup_steps`` (N:M: no ramp)."""
+    if target.is_nm or warmup_steps <= 0 or step >= warmup_steps:
+        return target
+    ratio = target.ratio * (1.0 - (1.0 - step / warmup_steps) ** 3)
+    return Sparsity(ratio=ratio)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _allreduce(values: list[float]) -> list[float]:
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+    return values
+
+
+class AdmmState:
+    """z and u for every constrained weight, stored through a codec; masks kept for the flip metrics."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], target: Sparsity, group: str, z_codec, u_codec):
+        self.params, self.target, self.group = params, target, group
+        self.zc, self.uc = z_codec, u_codec
+        self.z, self.u, self.mask0, self.mask_prev = {}, {}, {}, {}
+
+    def scores(self, name: str, x: torch.Tensor, second_moment) -> torch.Tensor:
+        v = second_moment(name) if second_moment is not None else None
+        return x.abs() if v is None else v * x.square()
+
+    @torch.no_grad()
+    def init(self, target: Sparsity, second_moment=None):
+        for name, p in self.params.items():
+            w = p.detach().float()
+            mask = mask_from_scores(self.scores(name, w, second_moment), target, self.group)
+            self.z[name] = self.zc.encode(w * mask)
+            self.u[name] = self.uc.encode(torch.zeros_like(w))
+            self.mask0[name] = mask
+            self.mask_prev[name] = mask
+
+    def zu(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.zc.decode(self.z[name]), self.uc.decode(self.u[name])
+
+    @torch.no_grad()
+    def prox_residual(self, name: str) -> torch.Tensor:
+        """w - z + u, the direction of the proximal term."""
+        z, u = self.zu(name)
+        return self.params[name].detach().float() - z + u
+
+    @torch.no_grad()
+    def dual_update(self, target: Sparsity, lam_ratio: float = 1.0, second_moment=None) -> dict:
+        """z <- Proj(w + u); u <- u + w - z; returns global metrics. ``lam_ratio`` = lam_old / lam_new
+        rescales the scaled dual when the penalty changed since the last update."""
+        sums = [0.0] * 8  # primal^2, w^2, dz^2, flips_prev, flips_init, inter_init, union_init, numel
+        for name, p in self.params.items():
+            w = p.detach().float()
+            z_old, u = self.zu(name)
+            if lam_ratio != 1.0:
+                u = u * lam_ratio
+            v = w + u
+            mask = mask_from_scores(self.scores(name, v, second_moment), target, self.group)
+            z = v * mask
+            u = u + w - z
+            self.z[name], self.u[name] = self.zc.encode(z), self.uc.encode(u)
+            m0, mp = self.mask0[name], self.mask_prev[name]
+            sums[0] += float((w - z).square().sum())
+            sums[1] += float(w.square().sum())
+            sums[2] += float((z - z_old).square().sum())
+            sums[3] += float((mask ^ mp).sum())
+            sums[4] += float((mask ^ m0).sum())
+            sums[5] += float((mask & m0).sum())
+            sums[6] += float((mask | m0).sum())
+            sums[7] += mask.numel()
+            self.mask_prev[name] = mask
+        s = _allreduce(sums)
+        return {"primal_residual": math.sqrt(s[0] / max(s[1], 1e-30)),
+                "dual_residual_unscaled": math.sqrt(s[2] / max(s[1], 1e-30)),
+                "mask_flips_prev": s[3] / s[7], "mask_flips_init": s[4] / s[7],
+                "mask_iou_init": s[5] / max(s[6], 1.0)}
+
+    @torch.no_grad()
+    def final_projection(self, target: Sparsity, second_moment=None) -> None:
+        for name, p in self.params.items():
+            w = p.detach().float()
+            mask = mask_from_scores(self.scores(name, w, second_moment), target, self.group)
+            p.data.copy_((w * mask).to(p.dtype))
+
+    def nbytes(self) -> int:
+        return sum(self.zc.nbytes(self.z[n]) + self.uc.nbytes(self.u[n]) for n in self.params)
+
+    def state_dict(self) -> dict:
+        return {"z": self.z, "u": self.u, "mask0": self.mask0, "mask_prev": self.mask_prev}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.z, self.u, self.mask0, self.mask_prev = state["z"], state["u"], state["mask0"], state["mask_prev"]

@@ -1,0 +1,115 @@
+"""The real pipeline end to end on model=tiny, plus the CLI's handling of bad input."""
+import json
+
+import pytest
+from conftest import TINY, read_results, run_cli, run_pipeline
+
+from elsa.models import prunable_linears
+from elsa.sparsity import nm_violations
+
+
+@pytest.mark.parametrize("method,sparsity", [("dense", "0.5"), ("magnitude", "0.5"), ("magnitude", "2:4"),
+                                             ("magnitude", "0.9")])
+def test_end_to_end_tiny(tmp_path, method, sparsity):
+    r = run_pipeline(tmp_path, f"method={method}", f"sparsity={sparsity}")
+    on_disk = read_results(tmp_path)
+    assert on_disk["status"] == "done" and on_disk == json.loads(json.dumps(r, default=str))
+    for key in ("model", "method", "seed", "sparsity", "perplexity", "dense_perplexity", "time_s", "peak_memory_mb",
+                "overrides", "git_sha"):
+        assert key in on_disk, key
+    assert set(on_disk["time_s"]) >= {"prune", "eval", "total"}
+    measured = on_disk["sparsity"]["per_layer"]
+    assert len(measured) == 14  # 2 blocks x (q, k, v, o, gate, up, down)
+    if method == "dense":
+        assert on_disk["sparsity"]["measured"] < 0.01
+        assert on_disk["perplexity"]["wiki"] == pytest.approx(on_disk["dense_perplexity"]["wiki"], rel=1e-6)
+    else:
+        target = 0.5 if sparsity == "2:4" else float(sparsity)
+        assert all(abs(v - target) <= 1e-3 for v in measured.values())
+        assert abs(on_disk["sparsity"]["measured"] - target) <= 1e-3
+
+
+def test_saved_model_round_trip_keeps_zeros(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_pipeline(tmp_path, "method=magnitude", "sparsity=2:4")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    layers = prunable_linears(model)
+    assert layers
+    for name, lin in layers.items():
+        assert nm_violations(lin.weight, 2, 4) == 0, name
+        assert int((lin.weight == 0).sum()) == lin.weight.numel() // 2
+    # embeddings and lm_head stay dense
+    assert int((model.get_input_embeddings().weight == 0).sum()) == 0
+    per_layer = json.loads((tmp_path / "sparsity_per_layer.json").read_text())
+    assert set(per_layer) == set(layers)
+
+
+def test_dense_perplexity_is_cached(tmp_path):
+    a = run_pipeline(tmp_path / "a", "method=magnitude")
+    b = run_pipeline(tmp_path / "b", "method=magnitude", "sparsity=0.7")
+    assert a["dense_perplexity"] == b["dense_perplexity"]
+    assert b["time_s"]["dense_eval"] < 0.5 * max(a["time_s"]["eval"], 1e-3) or b["time_s"]["dense_eval"] < 0.05
+
+
+def test_cli_parses_nm_and_writes_results(tmp_path):
+    proc = run_cli(*TINY, "method=magnitude", "sparsity=2:4", f"hydra.run.dir={tmp_path}", "save_model=false")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = read_results(tmp_path)
+    assert r["sparsity"]["target"] == "2:4" and r["overrides"][-2:] == ["sparsity=2:4", f"hydra.run.dir={tmp_path}"] \
+        or "sparsity=2:4" in r["overrides"]
+    assert "dense" in proc.stdout and "magnitude 2:4" in proc.stdout
+
+
+BAD = [
+    (["sparsity=1.2"], "sparsity=1.2"),
+    (["sparsity=-0.1"], "sparsity=-0.1"),
+    (["sparsity=3:2"], "sparsity=3:2"),
+    (["sparsity=abc"], "sparsity=abc"),
+    (["model=smollm2-135m", "model.path=/does/not/exist"], "model.path=/does/not/exist"),
+    (["model=hf", "model.path=/does/not/exist"], "model.path=/does/not/exist"),
+    (["model=llama2-7b"], "cannot reach the Hugging Face Hub"),
+    (["dataset=wikitext2", "method=magnitude", "eval.corpora=[wikitext2]"], "cannot reach the Hugging Face Hub"),
+    (["seqlen=0"], "seqlen=0"),
+    (["eval.corpora=[nope]"], "eval.corpora=nope"),
+    (["sparsity=3:7"], "sparsity=3:7"),  # 7 divides no layer of the tiny model
+]
+
+
+@pytest.mark.parametrize("overrides,needle", BAD)
+def test_bad_input_one_line_error(tmp_path, overrides, needle):
+    proc = run_cli(*TINY, *overrides, f"hydra.run.dir={tmp_path}", timeout=60)
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert err and err[-1].startswith("elsa: error:") and needle in err[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    if (tmp_path / "results.json").exists():
+        assert read_results(tmp_path)["status"] == "failed"
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("overrides,needle", [(["method=nope"], "method"), (["model=nope"], "model"),
+                                              (["dataset=nope"], "dataset")])
+def test_unknown_group_option_lists_choices(tmp_path, overrides, needle):
+    proc = run_cli(*overrides, f"hydra.run.dir={tmp_path}", timeout=60)
+    assert proc.returncode != 0
+    assert f"Could not find '{needle}/nope'" in proc.stderr and "Available options" in proc.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_nan_model_fails_clearly(tmp_path, monkeypatch):
+    """A diverged model is reported as failed, never as done."""
+    from elsa.methods import magnitude
+
+    def poison(self, ctx):
+        for lin in prunable_linears(ctx.model).values():
+            lin.weight.data.fill_(float("nan"))
+        return {}
+
+    monkeypatch.setattr(magnitude.Magnitude, "prune", poison)
+    from elsa.errors import ElsaError
+
+    with pytest.raises(ElsaError, match="perplexity on wiki is nan"):
+        run_pipeline(tmp_path, "method=magnitude")
+    assert read_results(tmp_path)["status"] == "failed"
+    assert not (tmp_path / "model").exists()
