@@ -25,6 +25,8 @@ from elsa.sparsity import Sparsity, layer_report
 from elsa.tracking import write_json_atomic
 
 log = logging.getLogger(__name__)
+# outputs/<overrides>: the same command line always maps to the same run dir
+OmegaConf.register_new_resolver("elsa_dirname", lambda s: (s or "default").replace("/", "_"), replace=True)
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 
