@@ -13,6 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from elsa.distributed import gather, local, scatter
 from elsa.errors import config_error
 from elsa.sparsity import Sparsity, mask_from_scores
 
@@ -141,22 +142,32 @@ def _allreduce(values: list[float]) -> list[float]:
 
 
 class AdmmState:
-    """z and u for every constrained weight, stored through a codec; masks kept for the flip metrics."""
+    """z and u for every constrained weight, stored through a codec; masks kept for the flip metrics.
+
+    With FSDP2 the weights are DTensors sharded on dim 0: z, u and the masks hold this rank's rows only,
+    and a projection gathers one layer's scores at a time so the top-k is exact over the whole layer.
+    """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], target: Sparsity, group: str, z_codec, u_codec):
         self.params, self.target, self.group = params, target, group
         self.zc, self.uc = z_codec, u_codec
         self.z, self.u, self.mask0, self.mask_prev = {}, {}, {}, {}
 
-    def scores(self, name: str, x: torch.Tensor, second_moment) -> torch.Tensor:
+    def weight(self, name: str) -> torch.Tensor:
+        return local(self.params[name]).detach().float()
+
+    def mask(self, name: str, x: torch.Tensor, target: Sparsity, second_moment) -> torch.Tensor:
+        """Keep-mask (local rows) of the projection of x (local rows) onto the sparsity set."""
         v = second_moment(name) if second_moment is not None else None
-        return x.abs() if v is None else v * x.square()
+        scores = x.abs() if v is None else v * x.square()
+        p = self.params[name]
+        return scatter(p, mask_from_scores(gather(p, scores), target, self.group))
 
     @torch.no_grad()
     def init(self, target: Sparsity, second_moment=None):
-        for name, p in self.params.items():
-            w = p.detach().float()
-            mask = mask_from_scores(self.scores(name, w, second_moment), target, self.group)
+        for name in self.params:
+            w = self.weight(name)
+            mask = self.mask(name, w, target, second_moment)
             self.z[name] = self.zc.encode(w * mask)
             self.u[name] = self.uc.encode(torch.zeros_like(w))
             self.mask0[name] = mask
@@ -167,22 +178,22 @@ class AdmmState:
 
     @torch.no_grad()
     def prox_residual(self, name: str) -> torch.Tensor:
-        """w - z + u, the direction of the proximal term."""
+        """w - z + u (local rows), the direction of the proximal term."""
         z, u = self.zu(name)
-        return self.params[name].detach().float() - z + u
+        return self.weight(name) - z + u
 
     @torch.no_grad()
     def dual_update(self, target: Sparsity, lam_ratio: float = 1.0, second_moment=None) -> dict:
         """z <- Proj(w + u); u <- u + w - z; returns global metrics. ``lam_ratio`` = lam_old / lam_new
         rescales the scaled dual when the penalty changed since the last update."""
         sums = [0.0] * 8  # primal^2, w^2, dz^2, flips_prev, flips_init, inter_init, union_init, numel
-        for name, p in self.params.items():
-            w = p.detach().float()
+        for name in self.params:
+            w = self.weight(name)
             z_old, u = self.zu(name)
             if lam_ratio != 1.0:
                 u = u * lam_ratio
             v = w + u
-            mask = mask_from_scores(self.scores(name, v, second_moment), target, self.group)
+            mask = self.mask(name, v, target, second_moment)
             z = v * mask
             u = u + w - z
             self.z[name], self.u[name] = self.zc.encode(z), self.uc.encode(u)
@@ -205,9 +216,8 @@ class AdmmState:
     @torch.no_grad()
     def final_projection(self, target: Sparsity, second_moment=None) -> None:
         for name, p in self.params.items():
-            w = p.detach().float()
-            mask = mask_from_scores(self.scores(name, w, second_moment), target, self.group)
-            p.data.copy_((w * mask).to(p.dtype))
+            w = self.weight(name)
+            local(p).copy_((w * self.mask(name, w, target, second_moment)).to(p.dtype))
 
     def nbytes(self) -> int:
         return sum(self.zc.nbytes(self.z[n]) + self.uc.nbytes(self.u[n]) for n in self.params)

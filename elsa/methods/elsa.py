@@ -15,12 +15,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from elsa import distributed as D
 from elsa.admm import AdmmState, LambdaSchedule, codec, sparsity_at
 from elsa.data import eval_windows, token_stream
 from elsa.errors import ElsaError, config_error
 from elsa.evaluation import perplexity
 from elsa.methods.base import PruneContext, Pruner
-from elsa.models import prunable_linears
+from elsa.models import decoder_blocks, prunable_linears
 from elsa.training import Checkpointer, TrainWindows, kl_loss, linear_schedule, lm_loss, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class Elsa(Pruner):
             v = state.get("exp_avg_sq")
             if v is None:
                 return None
-            return (v.dequantize() if hasattr(v, "dequantize") else v).float()
+            return D.local(v.dequantize() if hasattr(v, "dequantize") else v).float()
         return fn
 
     def compute_loss(self, model, teacher, ids):
@@ -134,18 +135,31 @@ class Elsa(Pruner):
 
     @torch.no_grad()
     def projected_ppl(self, model, admm, target, heldout, device, second_moment) -> float:
-        saved = {n: p.detach().clone() for n, p in admm.params.items()}
+        saved = {n: D.local(p).detach().clone() for n, p in admm.params.items()}
         admm.final_projection(target, second_moment)
         try:
             return perplexity(model, heldout, batch_size=4, device=device, desc="held-out ppl")
         finally:
             for n, p in admm.params.items():
-                p.data.copy_(saved[n])
+                D.local(p).copy_(saved[n])
             model.train()
 
     # -- the loop -----------------------------------------------------------------------------------
     def prune(self, ctx: PruneContext) -> dict:
-        model, device, target = ctx.model, torch.device(ctx.device), ctx.target
+        if not ctx.extras.get("fsdp"):
+            return self.train(ctx.model, ctx)
+        # FSDP2: train a sharded copy, then bring the full weights back into the caller's model (rank 0)
+        work = copy.deepcopy(ctx.model)
+        D.shard(work, decoder_blocks(work))
+        stats = self.train(work, ctx)
+        full = D.full_state_dict(work)
+        if D.is_main():
+            ctx.model.load_state_dict(full)
+        ctx.model.requires_grad_(False).eval()
+        return stats
+
+    def train(self, model, ctx: PruneContext) -> dict:
+        device, target = torch.device(ctx.device), ctx.target
         constrained = {n: lin.weight for n, lin in prunable_linears(model).items()}
         ids_c = {id(p) for p in constrained.values()}
         for p in model.parameters():
@@ -156,7 +170,9 @@ class Elsa(Pruner):
         teacher = copy.deepcopy(model).eval().requires_grad_(False) if self.loss != "ntp" else None
 
         bos = ctx.tokenizer.bos_token_id
-        data = TrainWindows(token_stream(ctx.tokenizer, ctx.dataset, "train"), ctx.seqlen, self.batch_size,
+        world, rank = D.world_size(), D.rank()
+        # one global batch of batch_size x world windows; each rank takes its own rows
+        data = TrainWindows(token_stream(ctx.tokenizer, ctx.dataset, "train"), ctx.seqlen, self.batch_size * world,
                             ctx.seed, bos)
         heldout = None
         if self.eval_every or self.eval_initial:
@@ -173,7 +189,9 @@ class Elsa(Pruner):
         warm = int(self.sparsity_warmup * self.steps)
         signature = {"method": self.config, "target": str(target), "seed": ctx.seed, "seqlen": ctx.seqlen,
                      "dataset": getattr(ctx.dataset, "name", None), "params": sum(p.numel() for p in trainable)}
-        ckpt = Checkpointer(ctx.output_dir, self.name, signature)
+        if world > 1 and self.checkpoint_every:
+            log.warning("checkpoints are not written under FSDP yet (method.checkpoint_every ignored)")
+        ckpt = Checkpointer(ctx.output_dir if world == 1 else None, self.name, signature)
         state = ckpt.load() if self.resume else None
         stats: dict = {"history": []}
         if state is not None:
@@ -196,12 +214,14 @@ class Elsa(Pruner):
 
         t0, tracker = time.perf_counter(), ctx.tracker
         model.train()
-        bar = tqdm(range(start, self.steps), desc=self.name, unit="step", initial=start, total=self.steps)
+        bar = tqdm(range(start, self.steps), desc=self.name, unit="step", initial=start, total=self.steps,
+                   disable=not D.is_main())
         for step in bar:
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(self.grad_accum):
-                ids = data.batch(step * self.grad_accum + micro).to(device)
+                ids = data.batch(step * self.grad_accum + micro)[rank * self.batch_size:(rank + 1) * self.batch_size]
+                ids = ids.to(device)
                 loss = self.compute_loss(model, teacher, ids) / self.grad_accum
                 loss.backward()
                 total += float(loss)
@@ -214,13 +234,13 @@ class Elsa(Pruner):
             lam_t = lam.at(step)
             if self.proximal == "coupled" and lam_t:
                 for name, p in constrained.items():
-                    p.grad.add_(admm.prox_residual(name).to(p.grad.dtype), alpha=lam_t)
+                    D.local(p.grad).add_(admm.prox_residual(name).to(p.grad.dtype), alpha=lam_t)
             opt.step()
             sched.step()
             if self.proximal == "decoupled" and lam_t:
                 with torch.no_grad():
                     for name, p in constrained.items():
-                        p.sub_(admm.prox_residual(name).to(p.dtype), alpha=lam_t)
+                        D.local(p).sub_(admm.prox_residual(name).to(p.dtype), alpha=lam_t)
             bar.set_postfix(loss=f"{total:.3f}", lam=f"{lam_t:.3g}")
 
             done = step + 1
@@ -243,7 +263,7 @@ class Elsa(Pruner):
                 record["heldout_ppl"] = self.projected_ppl(model, admm, target, heldout, device, second_moment)
             if record:
                 stats["history"].append(record)
-                if tracker is not None:
+                if tracker is not None and D.is_main():
                     tracker.log({f"{self.name}/{k}": v for k, v in record.items() if k != "step"}, step=done)
                 log.info("step %d: %s", done, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
             if self.checkpoint_every and done % self.checkpoint_every == 0 and done < self.steps:
@@ -256,8 +276,8 @@ class Elsa(Pruner):
         if self.gradient_checkpointing:
             model.gradient_checkpointing_disable()
         model.requires_grad_(False).eval()
-        n_c = sum(p.numel() for p in constrained.values())
-        opt_bytes = sum(tensor_nbytes(v) for p in constrained.values() for v in opt.state.get(p, {}).values()
+        n_c = sum(D.local(p).numel() for p in constrained.values())
+        opt_bytes = sum(tensor_nbytes(D.local(v)) for p in constrained.values() for v in opt.state.get(p, {}).values()
                         if isinstance(v, torch.Tensor) and v.numel() > 1)
         stats.update(steps=self.steps, train_time_s=time.perf_counter() - t0,
                      tokens_seen=self.steps * self.grad_accum * self.batch_size * ctx.seqlen,
