@@ -73,6 +73,7 @@ def test_submitit_local_launcher(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = grid(sweep)
     assert len(results) == 4 and all(r["status"] == "done" for r in results.values())
+    assert all(r["group"] == str(sweep) for r in results.values())  # the worker knows it is in a sweep
     assert results[("magnitude", "0.7")]["sparsity"]["measured"] == pytest.approx(0.7, abs=1e-3)
     assert (sweep / ".submitit").is_dir()
 
