@@ -22,6 +22,7 @@ from elsa.evaluation import PerplexityEval, bos_id, check_finite
 from elsa.methods.base import PruneContext
 from elsa.models import context_length, prunable_linears
 from elsa.sparsity import Sparsity, layer_report
+from elsa.sweep import finished_result
 from elsa.tracking import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+
+
 def hydra_info() -> tuple[Path | None, list[str], str | None, str | None]:
     """(output dir, overrides, job name, sweep group) when running under Hydra."""
     from hydra.core.hydra_config import HydraConfig
@@ -89,7 +96,7 @@ def hydra_info() -> tuple[Path | None, list[str], str | None, str | None]:
         return None, [], None, None
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
-    group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
+    group = str(hc.sweep.dir)[-128:] if in_multirun() else None  # W&B: the runs of one sweep share a group
     return Path(hc.runtime.output_dir), overrides, ",".join(overrides) or "default", group
 
 
@@ -102,7 +109,12 @@ class Run:
             raise config_error("output_dir", None, "a directory (set output_dir=... when not running under Hydra)")
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.results: dict = {"status": "running"}
+        # what a failed job's results.json needs for the report, known before any validation
+        self.results: dict = {"status": "running", "model": OmegaConf.select(cfg, "model.name"),
+                              "method": OmegaConf.select(cfg, "method.name"),
+                              "sparsity": {"target": str(OmegaConf.select(cfg, "sparsity"))},
+                              "overrides": self.overrides, "job_name": self.job_name, "group": self.group,
+                              "output_dir": str(self.out)}
         self.times: dict[str, float] = {}
         self.tracker = None
 
@@ -181,6 +193,9 @@ class Run:
         self.results["sparsity"].update(measured=report["measured"], per_layer=report["per_layer"],
                                         pruned_params=report["pruned_params"],
                                         dense_modules="embeddings, norms and lm_head are not pruned")
+        params = list(model.parameters())  # tied weights appear once
+        self.results["params"] = {"total": sum(p.numel() for p in params),
+                                  "nonzero": sum(int(torch.count_nonzero(p)) for p in params)}
         ppl = self.timed("eval", self.eval.run, model, tok, cfg.method.name)
         for name, value in ppl.items():
             check_finite(value, f"perplexity on {name}")
@@ -230,8 +245,18 @@ class Run:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run one job; on any error write results.json with status 'failed' and re-raise."""
+    """Run one job; on any error write results.json with status 'failed' and re-raise.
+
+    In a sweep with ``skip_done`` (the default) a job whose output dir already holds its finished results.json
+    returns those results untouched: rerunning a sweep in the same dir only redoes missing and failed jobs.
+    """
     job = Run(cfg)
+    if in_multirun() and cfg.get("skip_done", True):
+        previous = finished_result(job.out, job.overrides)
+        if previous is not None:
+            log.info("skipping: %s already holds this job's finished results (skip_done=false redoes it)",
+                     job.out / "results.json")
+            return previous
     try:
         return job.execute()
     except BaseException as exc:
@@ -245,4 +270,6 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except ElsaError as exc:
         print(f"elsa: error: {exc}", file=sys.stderr, flush=True)
+        if in_multirun():  # let Hydra record the failed job and go on with the others (exit != 0 at the end)
+            raise
         sys.exit(2)

@@ -1,0 +1,331 @@
+"""Sweep report: every results.json below a dir -> a table (markdown + CSV) and perplexity plots (PNG).
+
+    python -m elsa.report multirun/2026-11-26/10-00-00 [--out DIR]
+
+One row per job: model, method, sparsity target, seed, status, perplexity per corpus, zero-shot mean acc (when
+the job measured it), measured sparsity, non-zero parameters, wall time. Failed jobs (and job dirs Hydra made
+but that hold no results.json: killed jobs) appear in the table and are left out of the plots.
+
+Plots, one PNG per perplexity corpus:
+- ``ppl_vs_sparsity_<corpus>.png``: log perplexity vs target sparsity, one panel per model, one line per method
+  over the unstructured ratios, N:M targets as diamonds at their ratio (2:4 at 0.5), the dense model as a
+  dashed horizontal line;
+- ``ppl_vs_nonzero_<corpus>.png``: log perplexity vs non-zero parameters (whole model) across models, one
+  colour per method, one marker per model, dense models as black stars.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import numbers
+import sys
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from elsa.sparsity import Sparsity
+from elsa.sweep import RESULTS, read_results
+
+log = logging.getLogger(__name__)
+METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm", "ast", "elsa",
+                "elsa_l"]
+PPL = "ppl/"          # column prefix: perplexity of the pruned model per corpus
+DENSE = "dense_ppl/"  # column prefix: perplexity of the dense model per corpus
+
+
+# -- collecting ---------------------------------------------------------------------------------------------
+def job_dirs(root: Path) -> list[Path]:
+    """Every dir below ``root`` that holds a results.json or a Hydra job record (.hydra/overrides.yaml)."""
+    root = Path(root)
+    found = {p.parent for p in root.rglob(RESULTS)}
+    found |= {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
+    return sorted(found)
+
+
+def _target(value) -> tuple[float, bool]:
+    """(ratio, is N:M) of a target as stored ("0.9", "2:4"); NaN when it is not a valid target."""
+    try:
+        s = Sparsity.parse(value)
+    except Exception:  # noqa: BLE001 - a failed job may hold any value
+        return math.nan, False
+    return s.ratio, s.is_nm
+
+
+def _zero_shot_mean(block) -> float | None:
+    if not isinstance(block, dict):
+        return None
+    value = block.get("mean_acc", block.get("mean"))
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _missing_row(job_dir: Path, root: Path) -> dict:
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
+    return {"status": "missing", "dir": str(job_dir.relative_to(root)), "overrides": " ".join(overrides),
+            "error": "no results.json (killed or still running)"}
+
+
+def job_row(data: dict, job_dir: Path, root: Path) -> dict:
+    """One table row from one results.json."""
+    sparsity = data.get("sparsity") or {}
+    target = sparsity.get("target")
+    ratio, is_nm = _target(target)
+    params = data.get("params") or {}
+    row = {"model": data.get("model"), "method": data.get("method"), "sparsity": target,
+           "sparsity_ratio": ratio, "nm": is_nm, "seed": data.get("seed"), "status": data.get("status"),
+           "measured_sparsity": sparsity.get("measured"), "nonzero_params": params.get("nonzero"),
+           "total_params": params.get("total"), "pruned_layer_params": sparsity.get("pruned_params"),
+           "zero_shot_mean": _zero_shot_mean(data.get("zero_shot")),
+           "dense_zero_shot_mean": _zero_shot_mean(data.get("dense_zero_shot")),
+           "time_s": (data.get("time_s") or {}).get("total"),
+           "dir": str(job_dir.relative_to(root)) if job_dir != root else ".",
+           "overrides": " ".join(data.get("overrides") or []), "error": data.get("error")}
+    for corpus, value in (data.get("perplexity") or {}).items():
+        row[PPL + corpus] = value
+    for corpus, value in (data.get("dense_perplexity") or {}).items():
+        row[DENSE + corpus] = value
+    return row
+
+
+def collect(root: Path) -> pd.DataFrame:
+    """The table of every job below ``root`` (a sweep dir, a single run dir or a parent of several)."""
+    root = Path(root)
+    rows = []
+    for job_dir in job_dirs(root):
+        data = read_results(job_dir)
+        rows.append(job_row(data, job_dir, root) if data is not None else _missing_row(job_dir, root))
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    for col in ("model", "method", "sparsity", "seed", "sparsity_ratio", "nm"):
+        if col not in df:
+            df[col] = None
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    df["_order"] = df["method"].map(lambda m: rank.get(m, len(rank)))
+    for col in ("seed", "nonzero_params", "total_params", "pruned_layer_params"):
+        if col in df:
+            df[col] = df[col].astype("Int64")
+    df = df.sort_values(["model", "_order", "method", "nm", "sparsity_ratio", "seed", "dir"], na_position="last",
+                        kind="stable").drop(columns="_order").reset_index(drop=True)
+    return df
+
+
+def corpora(df: pd.DataFrame) -> list[str]:
+    return [c[len(PPL):] for c in df.columns if c.startswith(PPL)]
+
+
+def done(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "done"] if "status" in df else df.iloc[0:0]
+
+
+def dense_baselines(df: pd.DataFrame, corpus: str) -> dict[str, float]:
+    """Dense perplexity per model: a method=dense job's result, else the dense_perplexity jobs report."""
+    out: dict[str, float] = {}
+    ok = done(df)
+    for model, group in ok.groupby("model"):
+        dense_jobs = group[group["method"] == "dense"]
+        values = dense_jobs.get(PPL + corpus, pd.Series(dtype=float)).dropna()
+        if values.empty:
+            values = group.get(DENSE + corpus, pd.Series(dtype=float)).dropna()
+        if not values.empty:
+            out[model] = float(values.median())
+    return out
+
+
+# -- tables ---------------------------------------------------------------------------------------------------
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (not isinstance(value, (str, bool)) and pd.isna(value)):
+        return ""
+    if isinstance(value, (bool, str)):
+        return str(value).replace("|", "\\|").replace("\n", " ")
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):,}"
+    if isinstance(value, numbers.Real):
+        return f"{value:,.0f}" if abs(value) >= 1e5 else f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(df: pd.DataFrame, columns: list[str], headers: list[str]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def markdown(df: pd.DataFrame) -> str:
+    names = corpora(df)
+    cols = ["model", "method", "sparsity", "seed", "status", *[PPL + c for c in names]]
+    heads = ["model", "method", "sparsity", "seed", "status", *[f"ppl {c}" for c in names]]
+    if "zero_shot_mean" in df and df["zero_shot_mean"].notna().any():
+        cols.append("zero_shot_mean")
+        heads.append("zero-shot mean acc")
+    cols += ["measured_sparsity", "nonzero_params", "time_s"]
+    heads += ["measured sparsity", "non-zero params", "time (s)"]
+    parts = ["## Results", "", markdown_table(df, cols, heads), ""]
+    dense = [(m, c, v) for c in names for m, v in dense_baselines(df, c).items()]
+    if dense:
+        table = pd.DataFrame(dense, columns=["model", "corpus", "ppl"])
+        parts += ["## Dense baselines", "", markdown_table(table, ["model", "corpus", "ppl"],
+                                                           ["model", "corpus", "dense ppl"]), ""]
+    bad = df[df["status"] != "done"]
+    if not bad.empty:
+        parts += ["## Jobs that did not finish", "",
+                  markdown_table(bad, ["dir", "status", "overrides", "error"], ["dir", "status", "overrides", "error"]),
+                  ""]
+    parts.append("Pruned: every Linear inside the decoder blocks; embeddings, norms and lm_head stay dense. "
+                 "Non-zero params count the whole model.")
+    return "\n".join(parts) + "\n"
+
+
+# -- plots ------------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(methods) -> dict[str, str]:
+    cycle = [f"C{i}" for i in range(10)]
+    return {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}
+
+
+def _curve(group: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Mean over seeds at each x, sorted by x."""
+    return group.groupby(x, as_index=False)[y].mean().sort_values(x)
+
+
+def plot_vs_sparsity(df: pd.DataFrame, corpus: str, path: Path) -> Path:
+    plt = _plt()
+    y = PPL + corpus
+    ok = done(df).dropna(subset=[y, "sparsity_ratio"])
+    models = sorted(ok["model"].unique())
+    methods = [m for m in _method_order(ok) if m != "dense"]
+    colors = _colors(methods)
+    dense = dense_baselines(df, corpus)
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(5.5 * max(len(models), 1), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = ok[ok["model"] == model]
+        for method in methods:
+            rows = sub[sub["method"] == method]
+            dense_part, nm_part = rows[~rows["nm"].astype(bool)], rows[rows["nm"].astype(bool)]
+            if not dense_part.empty:
+                c = _curve(dense_part, "sparsity_ratio", y)
+                ax.plot(c["sparsity_ratio"], c[y], marker="o", color=colors[method], label=method)
+            for target, g in nm_part.groupby("sparsity"):
+                ax.scatter([g["sparsity_ratio"].iloc[0]], [g[y].mean()], marker="D", s=60, color=colors[method],
+                           edgecolors="black", zorder=3, label=f"{method} {target}")
+        if model in dense:
+            ax.axhline(dense[model], color="black", linestyle="--", linewidth=1, label="dense")
+        _log_axis(ax, "y")
+        ax.set_title(str(model))
+        ax.set_xlabel("sparsity (fraction of pruned weights; N:M at N/M)")
+        ax.set_ylabel(f"perplexity ({corpus})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_vs_nonzero(df: pd.DataFrame, corpus: str, path: Path) -> Path:
+    plt = _plt()
+    y = PPL + corpus
+    ok = done(df).dropna(subset=[y, "nonzero_params"])
+    methods = [m for m in _method_order(ok) if m != "dense"]
+    colors = _colors(methods)
+    markers = dict(zip(sorted(ok["model"].unique()), "osv^<>pPhX"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model, sub in ok.groupby("model"):
+        for method in methods:
+            rows = sub[(sub["method"] == method) & ~sub["nm"].astype(bool)]
+            if not rows.empty:
+                c = _curve(rows, "nonzero_params", y)
+                ax.plot(c["nonzero_params"], c[y], marker=markers.get(model, "o"), color=colors[method],
+                        label=f"{method} ({model})")
+        dense_rows = sub[sub["method"] == "dense"]
+        if dense_rows.empty:  # every job knows its dense perplexity; the dense model keeps all its parameters
+            dense_rows = sub.dropna(subset=[DENSE + corpus, "total_params"]) if DENSE + corpus in sub else sub[0:0]
+            xs, ys = dense_rows["total_params"], dense_rows.get(DENSE + corpus)
+        else:
+            xs, ys = dense_rows["nonzero_params"], dense_rows[y]
+        if len(xs):
+            ax.scatter([float(xs.median())], [float(ys.median())], marker="*", s=150, color="black", zorder=3,
+                       label=f"dense ({model})")
+    ax.set_xscale("log")
+    _log_axis(ax, "y")
+    ax.set_xlabel("non-zero parameters (whole model)")
+    ax.set_ylabel(f"perplexity ({corpus})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _log_axis(ax, axis: str) -> None:
+    """Log scale with plain-number labels; minor ticks labelled only when the range is under a decade."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    getattr(ax, f"set_{axis}scale")("log")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    target.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if hi / max(lo, 1e-12) < 10 else NullFormatter())
+
+
+def _method_order(df: pd.DataFrame) -> list[str]:
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(df["method"].dropna().unique(), key=lambda m: (rank.get(m, len(rank)), m))
+
+
+# -- the command -----------------------------------------------------------------------------------------------
+def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:
+    """Write results.csv, results.md and the PNG plots into ``out`` (default ``<root>/report``)."""
+    root = Path(root)
+    df = collect(root)
+    if df.empty:
+        raise FileNotFoundError(f"no {RESULTS} below {root}")
+    out = Path(out) if out is not None else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"csv": out / "results.csv", "markdown": out / "results.md"}
+    df.to_csv(files["csv"], index=False)
+    files["markdown"].write_text(markdown(df))
+    ok = done(df)
+    for corpus in corpora(df):
+        if not ok[PPL + corpus].notna().any():
+            continue
+        files[f"sparsity_{corpus}"] = plot_vs_sparsity(df, corpus, out / f"ppl_vs_sparsity_{corpus}.png")
+        if "nonzero_params" in ok and ok["nonzero_params"].notna().any():
+            files[f"nonzero_{corpus}"] = plot_vs_nonzero(df, corpus, out / f"ppl_vs_nonzero_{corpus}.png")
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m elsa.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", type=Path, help="a sweep dir (multirun/...), a run dir, or any parent of them")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: <dir>/report)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.dir.is_dir():
+        print(f"elsa.report: error: {args.dir} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        files = write_report(args.dir, args.out)
+    except FileNotFoundError as exc:
+        print(f"elsa.report: error: {exc}", file=sys.stderr)
+        return 2
+    print(Path(files["markdown"]).read_text())
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Sweeps (`python run.py -m ...`): skip finished jobs on a rerun, report each job's outcome.
+
+How a sweep behaves (Hydra 1.3):
+- every job writes ``<sweep dir>/<job num>/results.json`` with ``status`` done or failed;
+- a job that raises is recorded by Hydra as FAILED and the launcher goes on with the other jobs; once
+  the batch is over Hydra re-raises the first failure, so the sweep exits non-zero (``elsa.pipeline.main``
+  re-raises user errors in a sweep instead of calling ``sys.exit``, which would stop the whole sweep);
+- rerunning the same command with ``hydra.sweep.dir=<that dir>`` returns the stored results of every
+  job whose results.json says done (before any model is loaded) and reruns the others.
+
+``SweepCallback`` (registered under ``hydra.callbacks`` in conf/config.yaml) logs one line per job and,
+when every job succeeded, a summary with the report command.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from elsa.errors import ElsaError
+
+log = logging.getLogger(__name__)
+RESULTS = "results.json"
+
+
+def read_results(out: Path) -> dict | None:
+    """The results.json of one job dir, or None when missing or unreadable (e.g. a killed job)."""
+    path = Path(out) / RESULTS
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s (%s)", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# overrides that change where or how a job runs, not what it computes: a rerun may change them freely
+_NEUTRAL = ("hardware", "logger", "skip_done", "hydra/launcher")
+
+
+def _job_identity(overrides) -> list[str]:
+    keys = [(o.split("=", 1)[0].lstrip("+~"), o) for o in overrides]
+    return sorted(o for k, o in keys if k.split(".", 1)[0] not in _NEUTRAL)
+
+
+def finished_result(out: Path, overrides: list[str]) -> dict | None:
+    """The stored results when ``out`` already holds this job's finished run, else None.
+
+    A done results.json written by a job with other overrides means the sweep dir is being reused for a
+    different grid (job numbers shifted): refuse rather than return another job's numbers. Overrides of
+    hardware and logger do not count (a killed local sweep may be finished on SLURM).
+    """
+    data = read_results(out)
+    if data is None or data.get("status") != "done":
+        return None
+    stored = data.get("overrides")
+    if stored is not None and _job_identity(stored) != _job_identity(overrides):
+        raise ElsaError(
+            f"{Path(out) / RESULTS} holds a finished job with other overrides ({' '.join(stored)}); "
+            "rerun a sweep with the same command and hydra.sweep.dir, or use a new hydra.sweep.dir")
+    return data
+
+
+def sweep_results(sweep_dir: Path) -> list[tuple[Path, dict | None]]:
+    """(job dir, results or None) for every job dir Hydra made under ``sweep_dir``."""
+    dirs = sorted({p.parent.parent for p in Path(sweep_dir).glob("**/.hydra/overrides.yaml")})
+    return [(d, read_results(d)) for d in dirs]
+
+
+class SweepCallback(Callback):
+    """One log line per finished job; a summary at the end of a successful sweep."""
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        if config.hydra.mode.name != "MULTIRUN":
+            return
+        out = Path(config.hydra.runtime.output_dir)
+        data = read_results(out) or {}
+        status = data.get("status") or job_return.status.name.lower()
+        line = f"job {config.hydra.job.num} [{' '.join(job_return.overrides or [])}]: {status}"
+        if status != "done":
+            line += f": {data.get('error', '')}"
+            log.error(line)
+        else:
+            log.info(line)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        counts: dict[str, int] = {}
+        for _, data in sweep_results(sweep_dir):
+            status = (data or {}).get("status", "missing")
+            counts[status] = counts.get(status, 0) + 1
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        log.info("sweep %s finished: %s; table and plots: python -m elsa.report %s", sweep_dir, summary,
+                 sweep_dir)

@@ -1,0 +1,108 @@
+"""elsa.report on a hand-written sweep dir: table values, failed/missing jobs, PNG plots."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from elsa import report
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _job(model, method, target, ratio, ppl, dense, measured, nonzero, total, seed=0, zero_shot=None):
+    data = {"status": "done", "model": model, "method": method, "seed": seed,
+            "sparsity": {"target": target, "target_ratio": ratio, "measured": measured, "pruned_params": 1000},
+            "overrides": [f"model={model}", f"method={method}", f"sparsity={target}"],
+            "dense_perplexity": {"wiki": dense}, "perplexity": {"wiki": ppl},
+            "params": {"total": total, "nonzero": nonzero}, "time_s": {"prune": 1.0, "total": 2.5}}
+    if zero_shot is not None:
+        data["zero_shot"] = {"tasks": {}, "mean_acc": zero_shot}
+    return data
+
+
+def _write(root: Path, name: str, data: dict | None, overrides=None) -> None:
+    d = root / name
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides or data["overrides"]))
+    if data is not None:
+        (d / "results.json").write_text(json.dumps(data))
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "multirun" / "2026-11-26" / "10-00-00"
+    jobs = [
+        _job("tiny", "magnitude", "0.5", 0.5, 40.0, 20.0, 0.5, 1500, 2000, zero_shot=0.41),
+        _job("tiny", "magnitude", "0.7", 0.7, 400.0, 20.0, 0.7, 1300, 2000, zero_shot=0.35),
+        _job("tiny", "magnitude", "2:4", 0.5, 60.0, 20.0, 0.5, 1500, 2000),
+        _job("tiny", "wanda", "0.5", 0.5, 30.0, 20.0, 0.5, 1500, 2000),
+        _job("tiny", "wanda", "0.7", 0.7, 90.0, 20.0, 0.7, 1300, 2000),
+        _job("other", "magnitude", "0.5", 0.5, 25.0, 12.0, 0.5, 3000, 4000),
+        _job("other", "dense", "0.5", 0.5, 12.5, 12.5, 0.0, 4000, 4000),
+    ]
+    for i, data in enumerate(jobs):
+        _write(root, str(i), data)
+    _write(root, str(len(jobs)), {"status": "failed", "model": "tiny", "method": "wanda", "sparsity": {"target": "1.5"},
+                                  "overrides": ["model=tiny", "method=wanda", "sparsity=1.5"],
+                                  "error": "ElsaError: sparsity=1.5 is not allowed", "time_s": {"total": 0.0}})
+    _write(root, str(len(jobs) + 1), None, overrides=["model=tiny", "method=wanda", "sparsity=0.9"])  # killed
+    return root
+
+
+def test_collect_table_values(sweep_dir):
+    df = report.collect(sweep_dir)
+    assert len(df) == 9
+    assert (df["status"] == "done").sum() == 7
+    failed = df[df["status"] == "failed"].iloc[0]
+    assert failed["sparsity"] == "1.5" and "not allowed" in failed["error"] and failed["dir"] == "7"
+    assert df[df["status"] == "missing"].iloc[0]["overrides"] == "model=tiny method=wanda sparsity=0.9"
+    row = df[(df["model"] == "tiny") & (df["method"] == "wanda") & (df["sparsity"] == "0.7")].iloc[0]
+    assert row["ppl/wiki"] == 90.0 and row["measured_sparsity"] == 0.7 and row["nonzero_params"] == 1300
+    assert row["time_s"] == 2.5
+    nm = df[df["sparsity"] == "2:4"].iloc[0]
+    assert bool(nm["nm"]) and nm["sparsity_ratio"] == 0.5
+    assert df[df["sparsity"] == "0.5"]["zero_shot_mean"].dropna().tolist() == [0.41]
+    # dense line: a method=dense job where there is one, else the dense perplexity the jobs measured
+    assert report.dense_baselines(df, "wiki") == {"other": 12.5, "tiny": 20.0}
+    # methods in the usual order (dense first), then by sparsity
+    tiny = df[(df["model"] == "tiny") & (df["status"] == "done")]
+    assert tiny["method"].tolist() == ["magnitude"] * 3 + ["wanda"] * 2
+
+
+def test_report_files(sweep_dir, tmp_path):
+    out = tmp_path / "report"
+    files = report.write_report(sweep_dir, out)
+    csv = pd.read_csv(files["csv"])
+    assert len(csv) == 9 and set(csv["status"]) == {"done", "failed", "missing"}
+    md = files["markdown"].read_text()
+    assert "| tiny | wanda | 0.7 | 0 | done | 90.000 |" in md
+    assert "zero-shot mean acc" in md and "0.410" in md
+    assert "## Jobs that did not finish" in md and "sparsity=1.5 is not allowed" in md
+    for key in ("sparsity_wiki", "nonzero_wiki"):
+        assert files[key].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_failed_jobs_are_left_out_of_plots(sweep_dir):
+    df = report.collect(sweep_dir)
+    plotted = report.done(df)
+    assert "failed" not in set(plotted["status"]) and len(plotted) == 7
+
+
+def test_cli(sweep_dir, tmp_path):
+    out = tmp_path / "cli_report"
+    proc = subprocess.run([sys.executable, "-m", "elsa.report", str(sweep_dir), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| other | dense | 0.5 | 0 | done | 12.500 |" in proc.stdout
+    assert (out / "ppl_vs_sparsity_wiki.png").read_bytes()[:8] == PNG_MAGIC
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "elsa.report", str(empty)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "no results.json" in proc.stderr
