@@ -16,6 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from elsa import distributed as D
 from elsa.data import sample_starts, token_stream, windows
 from elsa.errors import ElsaError, config_error
 from elsa.evaluation import PerplexityEval, bos_id, check_finite
@@ -23,7 +24,7 @@ from elsa.methods.base import PruneContext
 from elsa.models import context_length, prunable_linears
 from elsa.sparsity import Sparsity, layer_report
 from elsa.sweep import finished_result
-from elsa.tracking import write_json_atomic
+from elsa.tracking import NullTracker, write_json_atomic
 
 log = logging.getLogger(__name__)
 # outputs/<overrides>: the same command line always maps to the same run dir
@@ -138,6 +139,10 @@ class Run:
         self.device = str(cfg.hardware.device)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise config_error("hardware.device", self.device, "cpu (no CUDA device is visible)")
+        self.fsdp = bool(cfg.hardware.get("fsdp", False))
+        if self.fsdp and not getattr(self.method, "supports_fsdp", False):
+            raise config_error("hardware", "fsdp", f"a global method (elsa, elsa_l); method={cfg.method.name} is "
+                               "layer-wise and runs one block at a time on one device")
         self.source.check()
         if self.method.needs_calibration:
             self.dataset.check()
@@ -156,11 +161,14 @@ class Run:
         self.validate()
         if cfg.hardware.get("threads"):
             torch.set_num_threads(int(cfg.hardware.threads))
+        if self.fsdp:
+            self.device = D.init(cfg.hardware.get("backend"), self.device)
+        main_rank = D.is_main()
         seed_everything(self.seed)
         self.results.update(model=cfg.model.name, method=cfg.method.name, seed=self.seed,
                             sparsity={"target": str(self.target), "target_ratio": self.target.ratio},
                             overrides=self.overrides, git_sha=git_sha(), output_dir=str(self.out))
-        self.tracker = build(cfg.logger, "logger")
+        self.tracker = build(cfg.logger, "logger") if main_rank else NullTracker()
         self.tracker.start(OmegaConf.to_container(cfg, resolve=True), self.out, name=self.job_name, group=self.group)
 
         model, tok = self.timed("load", self.source.load)
@@ -179,14 +187,17 @@ class Run:
                                            "seqlen": self.seqlen, "starts": starts}
 
         dense = self.timed("dense_eval", self.eval.dense, model, tok, self.source.fingerprint()) \
-            if cfg.eval.dense else {}
+            if cfg.eval.dense and main_rank else {}
         self.results["dense_perplexity"] = dense
 
         ctx = PruneContext(model=model, tokenizer=tok, target=self.target, calibration=calib, dataset=self.dataset,
                            seqlen=self.seqlen, seed=self.seed, device=self.device, output_dir=self.out,
-                           tracker=self.tracker)
+                           tracker=self.tracker,
+                           extras={"fsdp": self.fsdp, "evaluate": lambda m: self.eval.run(m, tok, "start")})
         log.info("pruning %s with %s to %s", cfg.model.name, cfg.method.name, self.target)
         self.results["method_stats"] = self.timed("prune", self.method.prune, ctx) or {}
+        if not main_rank:  # the other FSDP ranks are done: rank 0 evaluates, saves and writes
+            return {}
 
         pruned = {n: lin.weight.detach() for n, lin in prunable_linears(model).items()}
         report = layer_report(pruned.items())
@@ -221,6 +232,8 @@ class Run:
         self.results["model_dir"] = str(path)
 
     def fail(self, exc: BaseException):
+        if not D.is_main():
+            return
         self.times.setdefault("total", 0.0)
         self.results.update(status="failed", error=f"{type(exc).__name__}: {exc}", time_s=self.times)
         if not isinstance(exc, ElsaError):
@@ -235,10 +248,15 @@ class Run:
 
     def print_summary(self):
         r = self.results
-        lines = [f"\n{'corpus':<12} {'dense':>12} {r['method'] + ' ' + r['sparsity']['target']:>20}"]
+        start = r.get("method_stats", {}).get("initial_projection_perplexity")  # ELSA's z0 = magnitude pruning
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        head = f"\n{'corpus':<12} {'dense':>12}" + (f" {'magnitude ' + r['sparsity']['target']:>20}" if start else "")
+        lines = [head + f" {r['method'] + ' ' + r['sparsity']['target']:>20}"]
         for name, value in r["perplexity"].items():
-            d = r["dense_perplexity"].get(name)
-            lines.append(f"{name:<12} {d if d is None else f'{d:.3f}':>12} {value:>20.3f}")
+            row = f"{name:<12} {fmt(r['dense_perplexity'].get(name)):>12}"
+            if start:
+                row += f" {fmt(start.get(name)):>20}"
+            lines.append(row + f" {value:>20.3f}")
         lines.append(f"measured sparsity {r['sparsity']['measured']:.4f} over {r['sparsity']['pruned_params']:,} "
                      f"pruned weights; results in {self.out / 'results.json'}")
         print("\n".join(lines), flush=True)

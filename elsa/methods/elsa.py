@@ -46,6 +46,7 @@ def tensor_nbytes(t) -> int:
 
 class Elsa(Pruner):
     name = "elsa"
+    supports_fsdp = True
 
     def __init__(self, steps: int = 4096, batch_size: int = 2, grad_accum: int = 4, lr: float = 2e-4,
                  warmup_steps: int = 0, lr_final_ratio: float = 0.0, betas=(0.9, 0.95), weight_decay: float = 0.0,
@@ -175,7 +176,7 @@ class Elsa(Pruner):
         data = TrainWindows(token_stream(ctx.tokenizer, ctx.dataset, "train"), ctx.seqlen, self.batch_size * world,
                             ctx.seed, bos)
         heldout = None
-        if self.eval_every or self.eval_initial:
+        if self.eval_every:
             heldout = eval_windows(token_stream(ctx.tokenizer, ctx.dataset, "validation"), ctx.seqlen, bos,
                                    self.eval_tokens)
 
@@ -207,10 +208,15 @@ class Elsa(Pruner):
         else:
             admm.init(sparsity_at(target, 0, warm))
             start, lam_prev = 0, lam.at(0)
-            if self.eval_initial and heldout is not None:
-                # z0 = Proj(w0): the magnitude-pruned dense model, the baseline ELSA starts from
-                stats["initial_projection_ppl"] = self.projected_ppl(model, admm, target, heldout, device, None)
-                log.info("held-out ppl of the initial projection (magnitude): %.2f", stats["initial_projection_ppl"])
+            if self.eval_initial and "evaluate" in ctx.extras and D.world_size() == 1:
+                # z0 = Proj(w0) is the magnitude-pruned dense model, the baseline ELSA starts from: report its
+                # perplexity with the run's own protocol, so the table shows dense, magnitude and ELSA
+                saved = {n: D.local(p).detach().clone() for n, p in constrained.items()}
+                admm.final_projection(target)
+                stats["initial_projection_perplexity"] = ctx.extras["evaluate"](model)
+                for n, p in constrained.items():
+                    D.local(p).copy_(saved[n])
+                log.info("perplexity of the initial projection (magnitude): %s", stats["initial_projection_perplexity"])
 
         t0, tracker = time.perf_counter(), ctx.tracker
         model.train()
@@ -225,6 +231,10 @@ class Elsa(Pruner):
                 loss = self.compute_loss(model, teacher, ids) / self.grad_accum
                 loss.backward()
                 total += float(loss)
+            if world > 1:  # the logged loss is the global batch's
+                t = torch.tensor([total], dtype=torch.float64)
+                torch.distributed.all_reduce(t)
+                total = float(t) / world
             if not math.isfinite(total):
                 where = f"; the last good checkpoint is {ckpt.path}" if ckpt.path and ckpt.path.exists() else ""
                 raise ElsaError(f"method={self.name}: the loss is {total} at step {step}{where}; "

@@ -1,0 +1,48 @@
+"""FSDP2 over 2 CPU processes (gloo) gives the same ELSA weights as one process with the same global batch."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, TINY, read_results, run_cli
+
+ARGS = [*TINY, "method=elsa", "method.steps=4", "method.grad_accum=1", "method.interval=2", "method.lr=1e-3",
+        "method.eval_initial=false", "method.checkpoint_every=0", "sparsity=0.7", "hardware.threads=1"]
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model" / "model.safetensors"))
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_two_ranks_match_single_process(tmp_path):
+    single = run_cli(*ARGS, "method.batch_size=2", f"hydra.run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    env = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "run.py"), *ARGS, "hardware=fsdp_cpu", "method.batch_size=1",
+           f"hydra.run.dir={tmp_path / 'fsdp'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    r = read_results(tmp_path / "fsdp")
+    assert r["status"] == "done" and abs(r["sparsity"]["measured"] - 0.7) < 1e-3
+    a, b = _weights(tmp_path / "single"), _weights(tmp_path / "fsdp")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+        assert torch.equal(a[k] == 0, b[k] == 0) or "layers" not in k, k  # same sparsity pattern
+
+
+def test_fsdp_needs_a_launcher(tmp_path):
+    proc = run_cli(*ARGS, "hardware=fsdp_cpu", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "torchrun" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_fsdp_refuses_layerwise_methods(tmp_path):
+    proc = run_cli(*TINY, "method=magnitude", "hardware=fsdp_cpu", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "hardware=fsdp" in proc.stderr.strip().splitlines()[-1]
