@@ -32,7 +32,12 @@ def is_main() -> bool:
 
 
 def init(backend: str | None, device: str) -> str:
-    """Join the process group torchrun describes in the environment; return this rank's device."""
+    """Join the process group torchrun (or SLURM via submitit) describes; return this rank's device."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        # hardware=slurm_fsdp: one SLURM task per GPU; submitit turns SLURM's variables into torch's
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         from elsa.errors import config_error
 

@@ -282,8 +282,15 @@ def run(cfg: DictConfig) -> dict:
         raise
 
 
+def quiet_third_party_logs() -> None:
+    """transformers imports torchao when it is installed; its CUDA-kernel probes are noise on a CPU run."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(cfg: DictConfig) -> None:
     """CLI entry (run.py): one clear line for user errors, non-zero exit."""
+    quiet_third_party_logs()
     try:
         run(cfg)
     except ElsaError as exc:

@@ -1,0 +1,102 @@
+"""ELSA benchmarks (run by hand; figures go to docs/results.md with the command that produced them).
+
+  python bench/bench_elsa.py overhead [--steps 6] [--seqlen 512] [--batch 1]
+      time of an ELSA step (Adam + proximal term + the dual update amortised over `interval`) against a
+      plain Adam step on the same batch and model, in one process.
+  python bench/bench_elsa.py memory
+      optimiser + ADMM state bytes per pruned parameter for elsa and elsa_l, measured from the tensors
+      after two steps on the default model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def load_default():
+    from conftest import compose
+
+    from elsa.pipeline import build
+
+    cfg = compose(["logger=none"])
+    model, tok = build(cfg.model, "model").load()
+    corpus = build(cfg.dataset, "dataset")
+    return model, tok, corpus
+
+
+def overhead(args):
+    from elsa.admm import AdmmState, Fp32Codec
+    from elsa.data import token_stream
+    from elsa.models import prunable_linears
+    from elsa.sparsity import Sparsity
+    from elsa.training import TrainWindows, lm_loss
+
+    torch.manual_seed(0)
+    model, tok, corpus = load_default()
+    model.train()
+    data = TrainWindows(token_stream(tok, corpus, "train"), args.seqlen, args.batch, 0, tok.bos_token_id)
+    ids = data.batch(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    constrained = {n: lin.weight for n, lin in prunable_linears(model).items()}
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
+    admm = AdmmState(constrained, Sparsity(0.9), "layer", Fp32Codec(), Fp32Codec())
+    admm.init(Sparsity(0.9))
+
+    def step(prox: bool):
+        opt.zero_grad(set_to_none=True)
+        lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if prox:
+            for name, p in constrained.items():
+                p.grad.add_(admm.prox_residual(name), alpha=0.01)
+        opt.step()
+
+    step(False)  # warm-up (allocations, optimiser state)
+    plain, elsa, dual = [], [], []
+    for _ in range(args.steps):  # interleave so load changes hit both alike
+        t = time.perf_counter(); step(False); plain.append(time.perf_counter() - t)
+        t = time.perf_counter(); step(True); elsa.append(time.perf_counter() - t)
+    for _ in range(2):
+        t = time.perf_counter(); admm.dual_update(Sparsity(0.9)); dual.append(time.perf_counter() - t)
+    p, e, d = statistics.median(plain), statistics.median(elsa), statistics.median(dual)
+    out = {"tokens_per_step": args.batch * args.seqlen, "plain_adam_step_s": p, "elsa_step_s": e,
+           "dual_update_s": d, "interval": args.interval, "threads": torch.get_num_threads(),
+           "elsa_over_plain": (e + d / args.interval) / p}
+    print(json.dumps(out, indent=2))
+
+
+def memory(args):
+    import subprocess
+
+    rows = {}
+    for method in ("elsa", "elsa_l"):
+        out = Path(f"/tmp/bench_elsa_memory_{method}")
+        cmd = [sys.executable, str(REPO / "run.py"), f"method={method}", "sparsity=0.9", "seqlen=128",
+               "method.steps=2", "method.batch_size=1", "method.grad_accum=1", "method.interval=1",
+               "method.eval_initial=false", "method.checkpoint_every=0", "eval.max_tokens=512", "eval.dense=false",
+               "save_model=false", "logger=none", f"hydra.run.dir={out}"]
+        subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
+        r = json.loads((out / "results.json").read_text())
+        rows[method] = r["method_stats"]["state_bytes_per_param"]
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["overhead", "memory"])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--interval", type=int, default=32)
+    a = ap.parse_args()
+    {"overhead": overhead, "memory": memory}[a.what](a)
