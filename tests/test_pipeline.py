@@ -113,3 +113,11 @@ def test_nan_model_fails_clearly(tmp_path, monkeypatch):
         run_pipeline(tmp_path, "method=magnitude")
     assert read_results(tmp_path)["status"] == "failed"
     assert not (tmp_path / "model").exists()
+
+
+def test_wandb_offline_run_lands_in_output_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    r = run_pipeline(tmp_path, "method=magnitude", "logger=wandb", "save_model=false")
+    assert r["status"] == "done"
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
