@@ -219,6 +219,12 @@ class AdmmState:
             w = self.weight(name)
             local(p).copy_((w * self.mask(name, w, target, second_moment)).to(p.dtype))
 
+    @torch.no_grad()
+    def apply_support(self) -> None:
+        """Hard constraint on the support of the last projection (the frozen-mask phase)."""
+        for name, p in self.params.items():
+            local(p).mul_(self.mask_prev[name].to(p.dtype))
+
     def nbytes(self) -> int:
         return sum(self.zc.nbytes(self.z[n]) + self.uc.nbytes(self.u[n]) for n in self.params)
 

@@ -53,7 +53,7 @@ class Elsa(Pruner):
                  grad_clip: float = 1.0, lam: float = 0.01, lam_final: float | None = None,
                  lambda_schedule: str = "constant", adaptive_mu: float = 10.0, adaptive_tau: float = 2.0,
                  interval: int = 32, proximal: str = "coupled", projection: str = "magnitude", group: str = "layer",
-                 sparsity_warmup: float = 0.0, loss: str = "ntp", distill_alpha: float = 0.5,
+                 sparsity_warmup: float = 0.0, finetune_fraction: float = 0.0, loss: str = "ntp", distill_alpha: float = 0.5,
                  temperature: float = 1.0, autocast_bf16: bool = False, gradient_checkpointing: bool = False,
                  train_dense_params: bool = True, eval_every: int = 0, eval_tokens: int = 16384,
                  eval_initial: bool = True, checkpoint_every: int = 0, resume: bool = True,
@@ -84,6 +84,9 @@ class Elsa(Pruner):
             raise config_error("method.group", group, "one of layer, row")
         if not 0 <= sparsity_warmup < 1:
             raise config_error("method.sparsity_warmup", sparsity_warmup, "a fraction of the steps in [0, 1)")
+        if not 0 <= finetune_fraction < 1:
+            raise config_error("method.finetune_fraction", finetune_fraction, "a fraction of the steps in [0, 1)")
+        self.finetune_fraction = finetune_fraction
         if loss not in ("ntp", "kl", "mix"):
             raise config_error("method.loss", loss, "ntp (next-token), kl (distillation) or mix")
         if optimizer not in ("adamw", "adamw8bit"):
@@ -188,6 +191,8 @@ class Elsa(Pruner):
         admm = AdmmState(constrained, target, self.group, self.z_codec, self.u_codec)
         second_moment = self.second_moment_fn(opt, constrained)
         warm = int(self.sparsity_warmup * self.steps)
+        # the last finetune_fraction of the steps train on the frozen support of z (no dual updates)
+        freeze_at = self.steps - int(round(self.finetune_fraction * self.steps))
         signature = {"method": self.config, "target": str(target), "seed": ctx.seed, "seqlen": ctx.seqlen,
                      "dataset": getattr(ctx.dataset, "name", None), "params": sum(p.numel() for p in trainable)}
         if world > 1 and self.checkpoint_every:
@@ -241,12 +246,19 @@ class Elsa(Pruner):
                                 "lower method.lr or method.lam")
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
-            lam_t = lam.at(step)
+            frozen = step >= freeze_at
+            if frozen and step == freeze_at:
+                admm.dual_update(target, 1.0, second_moment)  # a last projection at the full target
+                admm.apply_support()
+                log.info("step %d: support frozen; %d steps of masked training follow", step, self.steps - step)
+            lam_t = 0.0 if frozen else lam.at(step)
             if self.proximal == "coupled" and lam_t:
                 for name, p in constrained.items():
                     D.local(p.grad).add_(admm.prox_residual(name).to(p.grad.dtype), alpha=lam_t)
             opt.step()
             sched.step()
+            if frozen:
+                admm.apply_support()
             if self.proximal == "decoupled" and lam_t:
                 with torch.no_grad():
                     for name, p in constrained.items():
@@ -255,7 +267,7 @@ class Elsa(Pruner):
 
             done = step + 1
             record = None
-            if done % self.interval == 0 or done == self.steps:
+            if not frozen and (done % self.interval == 0 or done == self.steps):
                 lam_now = lam.at(done)
                 metrics = admm.dual_update(sparsity_at(target, done, warm),
                                            lam_prev / lam_now if lam_now and lam_prev else 1.0, second_moment)
