@@ -11,6 +11,11 @@ import copy
 import hashlib
 import json
 import logging
+import random
+from contextlib import contextmanager
+
+import numpy as np
+import torch
 
 from elsa.assets import cache_dir
 from elsa.errors import config_error
@@ -48,6 +53,22 @@ def summarize(results: dict) -> dict:
     return {"tasks": tasks, "mean_acc": sum(accs) / len(accs) if accs else None}
 
 
+@contextmanager
+def preserved_rng():
+    """simple_evaluate reseeds python, numpy and torch; keep the run's random streams as they were, so
+    whether zero-shot ran (or came from the cache) never changes what a later phase draws."""
+    state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.random.set_rng_state(state[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 class ZeroShotEval:
     """Zero-shot accuracy of a model on lm-eval tasks; ``tasks`` empty means disabled."""
 
@@ -72,8 +93,9 @@ class ZeroShotEval:
         log.info("zero-shot (%s) on %s, limit %s", label, ", ".join(self.tasks), self.limit)
         # HFLM sets a pad token on the tokenizer it is given: hand it a copy, keep the run's tokenizer as loaded
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=self.batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(self.tasks), num_fewshot=0, limit=self.limit,
-                                      task_manager=self._manager, log_samples=False)
+        with preserved_rng():
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(self.tasks), num_fewshot=0, limit=self.limit,
+                                          task_manager=self._manager, log_samples=False)
         summary = summarize(out)
         for name, m in summary["tasks"].items():
             log.info("%s %s: acc %.4f%s", label, name, m["acc"],

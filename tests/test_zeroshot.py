@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 
 import pytest
 from conftest import read_results, run_pipeline
@@ -63,18 +62,35 @@ def test_empty_zero_shot_skips_cleanly(tmp_path):
     assert "zero_shot" not in res["time_s"] and "dense_zero_shot" not in res["time_s"]
 
 
-def test_dense_zero_shot_is_cached(monkeypatch):
+def test_dense_zero_shot_is_cached(monkeypatch, tmp_path):
     from elsa.zeroshot import ZeroShotEval
+
+    monkeypatch.setenv("ELSA_CACHE", str(tmp_path))
 
     calls = []
     fake = {"tasks": {"piqa_local": {"acc": 0.5}}, "mean_acc": 0.5}
     monkeypatch.setattr(ZeroShotEval, "run", lambda self, m, t, label="": calls.append(label) or fake)
     zs = ZeroShotEval(["piqa_local"], 5, 1, "cpu")
-    fingerprint = f"test-{uuid.uuid4()}"
+    fingerprint = "test-model"
     first = zs.dense(None, [0] * 10, fingerprint)
     second = zs.dense(None, [0] * 10, fingerprint)
     assert first == second == fake and calls == ["dense"]
     assert zs.dense(None, [0] * 10, fingerprint + "-other") == fake and len(calls) == 2
+
+
+def test_zero_shot_leaves_the_random_streams_alone(tiny_model):
+    import random
+
+    import numpy as np
+    import torch
+
+    from elsa.zeroshot import ZeroShotEval
+
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    expected = torch.rand(3), random.random(), np.random.rand()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    ZeroShotEval(["piqa_local"], 2, 2, "cpu").run(*tiny_model)
+    assert torch.equal(torch.rand(3), expected[0]) and (random.random(), np.random.rand()) == expected[1:]
 
 
 def _lm_eval_cli(model_dir, include_dir, out_dir) -> dict:
