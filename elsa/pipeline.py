@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,7 +34,12 @@ def build(node: DictConfig, key: str):
     if node is None or "_target_" not in node:
         raise config_error(key, node, f"a config with a _target_ (see conf/{key}/)")
     kwargs = {k: v for k, v in node.items() if k != "name"} if "name" in node and key == "method" else dict(node)
-    return instantiate(OmegaConf.create(kwargs), _convert_="all")
+    try:
+        return instantiate(OmegaConf.create(kwargs), _convert_="all")
+    except InstantiationException as exc:   # a constructor's own ElsaError: keep its one clear line
+        if isinstance(exc.__cause__, ElsaError):
+            raise exc.__cause__ from None
+        raise
 
 
 def dataset_by_name(name: str):
@@ -144,7 +150,8 @@ class Run:
         self.tracker.start(OmegaConf.to_container(cfg, resolve=True), self.out, name=self.job_name, group=self.group)
 
         model, tok = self.timed("load", self.source.load)
-        model.to(self.device)
+        offload = self.method.offload and self.device != "cpu"   # the method moves one block at a time
+        model.to("cpu" if offload else self.device)
         ctx_len = context_length(model)
         if ctx_len and self.seqlen > ctx_len:
             raise config_error("seqlen", self.seqlen, f"at most the model's context length {ctx_len}")
@@ -158,8 +165,12 @@ class Run:
             self.results["calibration"] = {"dataset": cfg.dataset.name, "nsamples": self.nsamples,
                                            "seqlen": self.seqlen, "starts": starts}
 
+        if offload and cfg.eval.dense:
+            model.to(self.device)
         dense = self.timed("dense_eval", self.eval.dense, model, tok, self.source.fingerprint()) \
             if cfg.eval.dense else {}
+        if offload:
+            model.to("cpu")
         self.results["dense_perplexity"] = dense
 
         ctx = PruneContext(model=model, tokenizer=tok, target=self.target, calibration=calib, dataset=self.dataset,
@@ -167,6 +178,7 @@ class Run:
                            tracker=self.tracker)
         log.info("pruning %s with %s to %s", cfg.model.name, cfg.method.name, self.target)
         self.results["method_stats"] = self.timed("prune", self.method.prune, ctx) or {}
+        model.to(self.device)
 
         pruned = {n: lin.weight.detach() for n, lin in prunable_linears(model).items()}
         report = layer_report(pruned.items())
