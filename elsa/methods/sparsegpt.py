@@ -17,6 +17,7 @@ direction once columns < i are fixed, and U_ii² is the matching [H⁻¹]_ii. So
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -76,48 +77,62 @@ def block_counts(rows: int, cols: int, blocksize: int, ratio: float) -> list[int
     return out
 
 
+@contextmanager
+def _threads(n: int):
+    """The column loop is thousands of small ops: on a busy CPU, OpenMP threads only add barrier waits
+    (measured here: 0.8 s with 1 thread vs 24 s with 2 for a 576x1536 layer on a loaded 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity, blocksize: int = 128,
                     percdamp: float = 0.01, name: str = "") -> tuple[torch.Tensor, dict]:
     """The pruned (and reconstructed) weight, float32, and statistics. Does not modify its inputs."""
-    w = weight.detach().float().clone()
+    with _threads(1 if weight.device.type == "cpu" else torch.get_num_threads()):
+        return _sparsegpt(weight, h, target, blocksize, percdamp, name)
+
+
+def _sparsegpt(weight, h, target, blocksize, percdamp, name):
+    # Work on Wᵀ (cols x rows) so that a column of W is a contiguous row in memory.
+    wt = weight.detach().float().t().contiguous()
     h = h.float().clone()
-    rows, cols = w.shape
+    cols, rows = wt.shape
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    wt[dead] = 0.0
     u, retries = inverse_cholesky(h, percdamp, name)
     del h
     counts = None if target.is_nm else block_counts(rows, cols, blocksize, target.ratio)
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2].clone()
+        w1 = wt[i1:i2].clone()                       # (block cols, rows)
         u1 = u[i1:i2, i1:i2]
         d = torch.diagonal(u1)
-        err1 = torch.zeros_like(w1)
-        keep = None
-        if counts is not None:
-            k = counts[b]
-            scores = w1 ** 2 / (d ** 2).reshape(1, -1)
-            keep = mask_from_scores(scores, Sparsity(ratio=k / scores.numel()), "layer")
+        err1 = torch.empty_like(w1)
+        if counts is not None:                       # adaptive mask over the whole block
+            scores = (w1 / d.reshape(-1, 1)) ** 2
+            keep = mask_from_scores(scores, Sparsity(ratio=counts[b] / scores.numel()), "layer").float()
+        else:
+            keep = torch.empty_like(w1)
         for i in range(i2 - i1):
-            if target.is_nm and i % target.m == 0:
+            if target.is_nm and i % target.m == 0:   # N:M: choose the group's mask when the group starts
                 g = slice(i, i + target.m)
-                scores = w1[:, g] ** 2 / (d[g] ** 2).reshape(1, -1)
-                keep_g = mask_from_scores(scores, target)
-                if keep is None:
-                    keep = torch.ones_like(w1, dtype=torch.bool)
-                keep[:, g] = keep_g
-            col = w1[:, i]
-            q = col * keep[:, i]
-            e = (col - q) / d[i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = e
-        w[:, i1:i2] = w1
+                scores = (w1[g] / d[g].reshape(-1, 1)) ** 2
+                keep[g] = mask_from_scores(scores.t(), target).t().float()
+            col = w1[i]
+            e = col * (1.0 - keep[i]) / d[i]
+            err1[i] = e
+            w1[i:].addr_(u1[i, i:], e, alpha=-1.0)
+            w1[i] *= keep[i]                          # exact zeros (the update leaves keep·w there)
+        wt[i1:i2] = w1
         if i2 < cols:
-            w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
-    return w, {"dead_inputs": int(dead.sum()), "cholesky_retries": retries}
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1.0)
+    return wt.t().contiguous(), {"dead_inputs": int(dead.sum()), "cholesky_retries": retries}
 
 
 class SparseGPT(LayerwisePruner):
