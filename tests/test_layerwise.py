@@ -47,11 +47,13 @@ def last_block_outputs(model, ids):
     return out[0]
 
 
-def test_noop_engine_matches_plain_forward(tiny_model):
+@pytest.mark.parametrize("offload", [False, True])
+def test_noop_engine_matches_plain_forward(tiny_model, offload):
     model, _ = tiny_model
     ids = calibration(tiny_model)
     before = {n: lin.weight.clone() for n, lin in prunable_linears(model).items()}
     engine = LayerwiseEngine(model, "cpu", batch_size=2)          # 5 windows: batches of 2, 2, 1
+    engine.offload = offload     # the one-block-at-a-time moves, exercised on the CPU (no GPU in CI)
     method = NoOp()
     engine.run(method, ids, Sparsity(0.5), keep_outputs=True)
     got = torch.cat(engine.outputs)
