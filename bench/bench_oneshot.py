@@ -130,10 +130,11 @@ def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     q = {(r["method"], r["sparsity"]): r for r in rows if r["kind"] == "quality"}
     sps = [s for s in ["0.5", "0.6", "0.7", "0.8", "0.9", "2:4"] if any(k[1] == s for k in q)]
-    lines = ["| method | " + " | ".join(sps) + " |", "|---|" + "---:|" * len(sps)]
-    if ("dense", "0") in q:
+    lines = ["| method | " + " | ".join(sps) + " |", "|---|" + "---:|" * len(sps)] if sps else \
+        ["(no quality run finished)"]
+    if ("dense", "0") in q and sps:
         lines.append("| dense | " + " | ".join(f"{q['dense', '0']['ppl']:.2f}" for _ in sps) + " |")
-    for m in METHODS:
+    for m in METHODS if sps else []:
         cells = [f"{q[m, s]['ppl']:.2f}" if (m, s) in q else "not run" for s in sps]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     fwd = [r for r in rows if r["kind"] == "forward"]

@@ -123,3 +123,12 @@ def test_bad_input_is_one_clear_line(tmp_path, overrides, match):
 def test_constructor_errors_surface_as_elsa_errors(tmp_path):
     with pytest.raises(ElsaError, match=r"^method.group=col is not allowed: one of row, layer$"):
         run_pipeline(tmp_path, "method=wanda", "method.group=col")
+
+
+def test_cli_bad_input_prints_one_line(tmp_path):
+    from conftest import TINY, run_cli
+
+    proc = run_cli(*TINY, "method=sparsegpt", "sparsity=2:4", "method.blocksize=6", f"output_dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("elsa: error:")]
+    assert errors == ["elsa: error: method.blocksize=6 is not allowed: a multiple of M=4 for sparsity=2:4"]
