@@ -176,7 +176,8 @@ class Run:
         self.tracker.start(OmegaConf.to_container(cfg, resolve=True), self.out, name=self.job_name, group=self.group)
 
         model, tok = self.timed("load", self.source.load)
-        model.to(self.device)
+        offload = self.method.offload and self.device != "cpu"   # the method moves one block at a time
+        model.to("cpu" if offload else self.device)
         ctx_len = context_length(model)
         if ctx_len and self.seqlen > ctx_len:
             raise config_error("seqlen", self.seqlen, f"at most the model's context length {ctx_len}")
@@ -190,12 +191,16 @@ class Run:
             self.results["calibration"] = {"dataset": cfg.dataset.name, "nsamples": self.nsamples,
                                            "seqlen": self.seqlen, "starts": starts}
 
+        if offload and cfg.eval.dense:
+            model.to(self.device)
         dense = self.timed("dense_eval", self.eval.dense, model, tok, self.source.fingerprint()) \
             if cfg.eval.dense and main_rank else {}
         self.results["dense_perplexity"] = dense
         self.results["dense_zero_shot"] = self.timed("dense_zero_shot", self.zero_shot.dense, model, tok,
                                                      self.source.fingerprint()) \
             if cfg.eval.dense and self.zero_shot and main_rank else {}
+        if offload:  # back to CPU: the layer-wise engine moves one block at a time to the device
+            model.to("cpu")
 
         ctx = PruneContext(model=model, tokenizer=tok, target=self.target, calibration=calib, dataset=self.dataset,
                            seqlen=self.seqlen, seed=self.seed, device=self.device, output_dir=self.out,
@@ -205,6 +210,7 @@ class Run:
         self.results["method_stats"] = self.timed("prune", self.method.prune, ctx) or {}
         if not main_rank:  # the other FSDP ranks are done: rank 0 evaluates, saves and writes
             return {}
+        model.to(self.device)
 
         pruned = {n: lin.weight.detach() for n, lin in prunable_linears(model).items()}
         report = layer_report(pruned.items())

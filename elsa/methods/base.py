@@ -32,10 +32,13 @@ class PruneContext:
 class Pruner:
     """Prune ``ctx.model`` in place to ``ctx.target``; return a dict of method statistics for results.json.
 
-    Subclasses set ``needs_calibration`` when they read ``ctx.calibration``.
+    Subclasses set ``needs_calibration`` when they read ``ctx.calibration``, and ``offload`` when they move
+    the parts of the model they work on to ``ctx.device`` themselves (the pipeline then keeps the model on
+    the CPU while pruning, so a model larger than the accelerator's memory can be pruned block by block).
     """
 
     needs_calibration: bool = False
+    offload: bool = False
 
     def validate(self, model: nn.Module, target: Sparsity) -> None:
         """Cheap checks after the model is loaded and before any expensive work."""

@@ -1,0 +1,201 @@
+"""The layer-wise one-shot engine shared by every layer-wise method (Wanda, SparseGPT, ...).
+
+The walk, as in the published one-shot methods:
+
+1. run the model on the calibration windows until the first decoder block and capture what that block
+   receives: its hidden states and every keyword argument the model passes it (attention mask, position
+   ids, rotary ``position_embeddings`` in transformers 5...). Nothing is model-specific: the capture is a
+   forward pre-hook that stops the forward at block 0, and the blocks are re-run with the captured kwargs;
+2. for each block in order: run it over all calibration batches with hooks on its Linear layers that feed
+   the method's statistics, let the method prune (and update) every Linear from those statistics (all
+   Linear layers of a block see the dense block's inputs, the standard of SparseGPT/Wanda), then re-run the
+   pruned block to produce the next block's inputs.
+
+Only one block's inputs, statistics and (on an accelerator) weights are alive at a time: with a CUDA device
+the model stays on the CPU and one block at a time moves to the device.
+
+Linear layers that receive the *same* input tensor (q/k/v, gate/up in Llama blocks) share one statistics
+object, found structurally on the first batch; methods must treat ``stats`` as read-only.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from elsa.methods.base import PruneContext, Pruner
+from elsa.models import block_linears, decoder_blocks
+from elsa.sparsity import Sparsity
+
+log = logging.getLogger(__name__)
+
+
+class _Captured(Exception):
+    """Raised by the block-0 pre-hook to stop the model's forward once the block inputs are captured."""
+
+
+class LayerwisePruner(Pruner):
+    """A method driven by :class:`LayerwiseEngine`. Subclasses implement the three hooks below."""
+
+    needs_calibration = True
+    offload = True          # the engine moves one block at a time to the device; the model stays on CPU
+
+    def __init__(self, batch_size: int = 8):
+        self.batch_size = int(batch_size)
+
+    def stats_init(self, name: str, linear: nn.Linear) -> Any:
+        """A fresh statistics object for one Linear (or a group of Linears sharing one input)."""
+        return None
+
+    def accumulate(self, stats: Any, x: torch.Tensor) -> Any:
+        """Add one batch of inputs ``x`` (tokens, in_features) to ``stats``; return the new stats."""
+        return stats
+
+    def prune_linear(self, name: str, linear: nn.Linear, stats: Any, target: Sparsity) -> dict | None:
+        """Prune ``linear`` in place to ``target``; optional per-layer statistics for results.json."""
+        raise NotImplementedError
+
+    def summarize(self, per_layer: dict[str, dict]) -> dict:
+        """Method statistics for results.json from the per-layer dicts ``prune_linear`` returned."""
+        return {}
+
+    def prune(self, ctx: PruneContext) -> dict:
+        engine = LayerwiseEngine(ctx.model, ctx.device, self.batch_size)
+        return engine.run(self, ctx.calibration, ctx.target)
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> None:
+    """Move every parameter and buffer that is not inside a decoder block (embeddings, rotary, norm, head)."""
+    inside = {id(m) for b in blocks for m in b.modules()} | {id(blocks)}
+    for mod in model.modules():
+        if id(mod) in inside:
+            continue
+        for key, p in mod._parameters.items():
+            if p is not None and p.device != torch.device(device):
+                p.data = p.data.to(device)
+        for key, b in mod._buffers.items():
+            if b is not None:
+                mod._buffers[key] = b.to(device)
+
+
+def _hidden(out):
+    """A block returns its hidden states, or a tuple starting with them (older transformers)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class LayerwiseEngine:
+    """Walks the decoder blocks of ``model`` once; see the module docstring."""
+
+    def __init__(self, model: nn.Module, device: str = "cpu", batch_size: int = 8):
+        self.model, self.device, self.batch_size = model, torch.device(device), max(1, int(batch_size))
+        self.blocks = decoder_blocks(model)
+        self.offload = self.device.type != "cpu"
+
+    # -- capture ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def capture(self, calibration: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+        """(hidden states, kwargs) that block 0 receives, one entry per calibration batch."""
+        captured: list[tuple[torch.Tensor, dict]] = []
+
+        def grab(_module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured.append((hidden, dict(kwargs)))
+            raise _Captured
+
+        handle = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for i in range(0, len(calibration), self.batch_size):
+                ids = calibration[i:i + self.batch_size].to(self.device)
+                try:
+                    self.model(input_ids=ids, use_cache=False)
+                except _Captured:
+                    pass
+        finally:
+            handle.remove()
+        if len(captured) != -(-len(calibration) // self.batch_size):
+            raise RuntimeError("the first decoder block was not reached by the model's forward")
+        return captured
+
+    # -- the walk --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, method: LayerwisePruner, calibration: torch.Tensor, target: Sparsity,
+            keep_outputs: bool = False) -> dict:
+        """Prune every block with ``method``. With ``keep_outputs`` the last block's (pruned) outputs are kept
+        in ``self.outputs`` (the tests compare them with a plain forward)."""
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        if self.offload:
+            self.model.to("cpu")
+            _move_outside_blocks(self.model, self.blocks, self.device)
+        try:
+            batches = self.capture(calibration)
+            if self.offload:
+                _move_outside_blocks(self.model, self.blocks, "cpu")
+            per_layer: dict[str, dict] = {}
+            prefix = next(n for n, m in self.model.named_modules() if m is self.blocks)
+            last = len(self.blocks) - 1
+            for index, block in enumerate(tqdm(self.blocks, desc=f"{type(method).__name__.lower()} blocks",
+                                               unit="block", leave=False)):
+                if self.offload:
+                    block.to(self.device)
+                stats = self._collect(method, block, batches)
+                for name, lin in block_linears(block).items():
+                    out = method.prune_linear(f"{prefix}.{index}.{name}", lin, stats[name], target)
+                    if out:
+                        per_layer[f"{prefix}.{index}.{name}"] = out
+                del stats
+                if index < last or keep_outputs:
+                    batches = [(_hidden(block(h, **kw)), kw) for h, kw in batches]
+                if self.offload:
+                    block.to("cpu")
+            self.outputs = [h for h, _ in batches] if keep_outputs else None
+        finally:
+            if self.offload:
+                self.model.to("cpu")
+            self.model.train(was_training)
+        summary = method.summarize(per_layer)
+        summary["engine_s"] = time.perf_counter() - t0
+        return summary
+
+    def _collect(self, method: LayerwisePruner, block: nn.Module, batches) -> dict[str, Any]:
+        """Run ``block`` over every batch with hooks on its Linears; Linears fed the same tensor share stats."""
+        linears = block_linears(block)
+        stats: dict[str, Any] = {}
+        leader: dict[str, str] = {}          # name -> the Linear whose stats it shares (decided on batch 0)
+        seen: list[tuple[torch.Tensor, str]] = []
+        first = [True]
+
+        def hook(name):
+            def fn(_module, inputs, _output):
+                x = inputs[0]
+                if first[0]:
+                    owner = next((n for t, n in seen if t is x), None)
+                    if owner is not None:
+                        leader[name] = owner
+                        return
+                    seen.append((x, name))
+                    leader[name] = name
+                    stats[name] = method.stats_init(name, linears[name])
+                elif leader[name] != name:
+                    return
+                stats[name] = method.accumulate(stats[name], x.reshape(-1, x.shape[-1]))
+            return fn
+
+        handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
+        try:
+            for h, kw in batches:
+                block(h, **kw)
+                first[0] = False
+                seen.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [n for n in linears if n not in leader]
+        if missing:
+            raise RuntimeError(f"Linear layers {missing} were not called by the block's forward")
+        return {name: stats[leader[name]] for name in linears}

@@ -1,0 +1,53 @@
+"""Wanda (Sun et al., 2023): prune by |W_ij| * ||X_j||_2 within each output row; no weight update.
+
+||X_j||_2 is the norm of input feature j over every calibration token the Linear sees (inside the
+layer-wise walk: the inputs produced by the already-pruned earlier blocks).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from elsa.errors import config_error
+from elsa.layerwise import LayerwisePruner
+from elsa.sparsity import Sparsity, mask_from_scores
+
+
+class InputNorms:
+    """Running sum of squared inputs per feature, in float32."""
+
+    def __init__(self, features: int, device):
+        self.sq = torch.zeros(features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        self.sq += (x * x).sum(0)
+        self.tokens += x.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        return self.sq.sqrt()
+
+
+def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    return weight.detach().float().abs() * norms.to(weight.device).reshape(1, -1)
+
+
+class Wanda(LayerwisePruner):
+    def __init__(self, group: str = "row", batch_size: int = 8):
+        super().__init__(batch_size)
+        if group not in ("row", "layer"):
+            raise config_error("method.group", group, "one of row, layer")
+        self.group = group
+
+    def stats_init(self, name: str, linear: nn.Linear) -> InputNorms:
+        return InputNorms(linear.in_features, linear.weight.device)
+
+    def accumulate(self, stats: InputNorms, x: torch.Tensor) -> InputNorms:
+        stats.add(x)
+        return stats
+
+    @torch.no_grad()
+    def prune_linear(self, name: str, linear: nn.Linear, stats: InputNorms, target: Sparsity) -> None:
+        keep = mask_from_scores(wanda_scores(linear.weight, stats.norms()), target, self.group)
+        linear.weight.mul_(keep.to(linear.weight.dtype))
