@@ -227,10 +227,7 @@ def plot_vs_sparsity(df: pd.DataFrame, corpus: str, path: Path) -> Path:
         ax.set_ylabel(f"perplexity ({corpus})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_vs_nonzero(df: pd.DataFrame, corpus: str, path: Path) -> Path:
@@ -263,6 +260,10 @@ def plot_vs_nonzero(df: pd.DataFrame, corpus: str, path: Path) -> Path:
     ax.set_ylabel(f"perplexity ({corpus})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
