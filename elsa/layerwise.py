@@ -9,7 +9,8 @@ The walk, as in the published one-shot methods:
 2. for each block in order: run it over all calibration batches with hooks on its Linear layers that feed
    the method's statistics, let the method prune (and update) every Linear from those statistics (all
    Linear layers of a block see the dense block's inputs, the standard of SparseGPT/Wanda), then re-run the
-   pruned block to produce the next block's inputs.
+   pruned block to produce the next block's inputs. A method that couples the Linears of a block (SparseLLM's
+   MLP) overrides ``prune_block``, which gets the block's captured inputs too.
 
 Only one block's inputs, statistics and (on an accelerator) weights are alive at a time: with a CUDA device
 the model stays on the CPU and one block at a time moves to the device.
@@ -39,7 +40,8 @@ class _Captured(Exception):
 
 
 class LayerwisePruner(Pruner):
-    """A method driven by :class:`LayerwiseEngine`. Subclasses implement the three hooks below."""
+    """A method driven by :class:`LayerwiseEngine`. Subclasses implement the three per-Linear hooks below
+    (and may override the per-block ``prune_block``)."""
 
     needs_calibration = True
     offload = True          # the engine moves one block at a time to the device; the model stays on CPU
@@ -58,6 +60,20 @@ class LayerwisePruner(Pruner):
     def prune_linear(self, name: str, linear: nn.Linear, stats: Any, target: Sparsity) -> dict | None:
         """Prune ``linear`` in place to ``target``; optional per-layer statistics for results.json."""
         raise NotImplementedError
+
+    def prune_block(self, prefix: str, block: nn.Module, stats: dict[str, Any], inputs: list[tuple[torch.Tensor, dict]],
+                    target: Sparsity) -> dict[str, dict]:
+        """Prune every Linear of ``block`` (named ``prefix.<name>``); by default one :meth:`prune_linear` each.
+
+        ``inputs`` are the (hidden states, kwargs) batches the block receives, for methods that need more than
+        per-Linear statistics (SparseLLM re-runs the block to read its MLP's input and dense output).
+        Returns the per-layer dicts for :meth:`summarize`."""
+        per_layer = {}
+        for name, lin in block_linears(block).items():
+            out = self.prune_linear(f"{prefix}.{name}", lin, stats[name], target)
+            if out:
+                per_layer[f"{prefix}.{name}"] = out
+        return per_layer
 
     def summarize(self, per_layer: dict[str, dict]) -> dict:
         """Method statistics for results.json from the per-layer dicts ``prune_linear`` returned."""
@@ -144,10 +160,7 @@ class LayerwiseEngine:
                 if self.offload:
                     block.to(self.device)
                 stats = self._collect(method, block, batches)
-                for name, lin in block_linears(block).items():
-                    out = method.prune_linear(f"{prefix}.{index}.{name}", lin, stats[name], target)
-                    if out:
-                        per_layer[f"{prefix}.{index}.{name}"] = out
+                per_layer.update(method.prune_block(f"{prefix}.{index}", block, stats, batches, target))
                 del stats
                 if index < last or keep_outputs:
                     batches = [(_hidden(block(h, **kw)), kw) for h, kw in batches]

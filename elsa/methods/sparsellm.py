@@ -1,0 +1,214 @@
+"""SparseLLM (Bai et al., 2024, "SparseLLM: Towards Global Pruning of Pre-trained Language Models").
+
+Attention Linears are pruned by SparseGPT. The MLP is pruned jointly: its intermediate activations become
+auxiliary variables, so that the coupled layers decompose into closed-form subproblems solved alternately.
+The paper treats OPT's ReLU MLP (fc2(relu(fc1 x))); here it is adapted to the gated MLP of Llama-family
+models, down(act(gate(x)) ⊙ up(x)). With X the MLP's input tokens (rows), Y the dense MLP's output, and
+auxiliaries S (gate pre-activation), U (up output), P (down's input), the objective (per token) is
+
+    L = γ ||P W_dᵀ - Y||² + β ||P - act(S) ⊙ U||² + α (||S - X W_gᵀ||² + ||U - X W_uᵀ||²)
+
+Initialised at the dense values (L = 0), each of ``iterations`` alternations updates, in order:
+  - P  ← (γ Y W_d + β act(S)⊙U) (γ W_dᵀ W_d + β I)⁻¹                        (ridge, closed form)
+  - U  ← (β act(S)⊙P + α X W_uᵀ) / (β act(S)² + α)                          (elementwise, closed form)
+  - S  ← argmin β (P - act(S)⊙U)² + α (S - X W_gᵀ)²                           (elementwise; act is not
+        piecewise linear here, so a few safeguarded Gauss-Newton steps that never increase the objective)
+  - W_d, W_g, W_u ← least squares onto their targets (Y from P; S, U from X), then re-pruned by SparseGPT
+    with the matching Hessian (2/n PᵀP or 2/n XᵀX): SparseGPT on the least-squares solution minimises the
+    distance to the target on the fixed inputs, ||T - X Ŵᵀ||², up to a constant.
+The first alternation therefore reproduces SparseGPT; later ones let the layers compensate each other.
+L (``objective``) and the real MLP error ||mlp(X) - Y||² / n with the pruned weights (``mlp_error``) are
+recorded after every alternation in the method statistics.
+
+All Linears see the dense block's inputs (the engine's convention). Blocks whose MLP is not gated
+(no gate_proj/up_proj/down_proj + act_fn) are pruned by SparseGPT alone, with a warning.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from elsa.layerwise import LayerwisePruner
+from elsa.methods.alps import check_positive
+from elsa.methods.sparsegpt import SparseGPT, sparsegpt_prune
+from elsa.models import block_linears
+from elsa.sparsity import Sparsity
+
+log = logging.getLogger(__name__)
+
+GATED = ("gate_proj", "up_proj", "down_proj")
+
+
+def gated_mlp(block: nn.Module) -> tuple[str, nn.Module] | None:
+    """The block's gated MLP (a submodule with gate_proj, up_proj, down_proj Linears and an act_fn), by name."""
+    for name, mod in block.named_modules():
+        if all(isinstance(getattr(mod, k, None), nn.Linear) for k in GATED) and callable(getattr(mod, "act_fn", None)):
+            return name, mod
+    return None
+
+
+@torch.no_grad()
+def mlp_io(block: nn.Module, mlp: nn.Module, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP's input tokens X and its (dense) output Y over every batch, float32, (tokens, hidden)."""
+    xs, ys = [], []
+
+    def grab(_m, args, out):
+        xs.append(args[0].reshape(-1, args[0].shape[-1]).float())
+        ys.append(out.reshape(-1, out.shape[-1]).float())
+
+    handle = mlp.register_forward_hook(grab)
+    try:
+        for h, kw in inputs:
+            block(h, **kw)
+    finally:
+        handle.remove()
+    return torch.cat(xs), torch.cat(ys)
+
+
+def least_squares(x: torch.Tensor, t: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """W (out, in) minimising ||X Wᵀ - T||² + damping, damping = percdamp · mean diag(XᵀX)."""
+    g = x.t() @ x
+    g += (percdamp * float(torch.diagonal(g).mean().clamp_min(1e-12))) * torch.eye(g.shape[0], device=g.device)
+    chol = torch.linalg.cholesky(g)
+    return torch.cholesky_solve(x.t() @ t, chol).t()
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    return x.t() @ x * (2.0 / len(x))
+
+
+class GatedMLPProblem:
+    """The auxiliary-variable problem of one gated MLP; weights are float32 (out, in) copies."""
+
+    def __init__(self, mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, gamma: float):
+        self.act = mlp.act_fn
+        self.x, self.y = x, y
+        self.wg, self.wu, self.wd = (getattr(mlp, k).weight.detach().float().clone() for k in GATED)
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.s, self.u = x @ self.wg.t(), x @ self.wu.t()
+        self.p = self.act(self.s) * self.u
+
+    def objective(self) -> float:
+        a, b, g = self.alpha, self.beta, self.gamma
+        x, n = self.x, len(self.x)
+        total = (g * (self.p @ self.wd.t() - self.y).pow(2).sum()
+                 + b * (self.p - self.act(self.s) * self.u).pow(2).sum()
+                 + a * ((self.s - x @ self.wg.t()).pow(2).sum() + (self.u - x @ self.wu.t()).pow(2).sum()))
+        return float(total) / n
+
+    def mlp_error(self) -> float:
+        out = (self.act(self.x @ self.wg.t()) * (self.x @ self.wu.t())) @ self.wd.t()
+        return float((out - self.y).pow(2).sum()) / len(self.x)
+
+    # -- activation updates (closed form / elementwise) -------------------------------------------------
+    def update_p(self) -> None:
+        b, g = self.beta, self.gamma
+        lhs = g * self.wd.t() @ self.wd + b * torch.eye(self.wd.shape[1], device=self.wd.device)
+        rhs = g * self.y @ self.wd + b * self.act(self.s) * self.u
+        self.p = torch.cholesky_solve(rhs.t(), torch.linalg.cholesky(lhs)).t()
+
+    def update_u(self) -> None:
+        sig = self.act(self.s)
+        self.u = (self.beta * sig * self.p + self.alpha * self.x @ self.wu.t()) / (self.beta * sig * sig + self.alpha)
+
+    def _s_loss(self, s, g):
+        return self.beta * (self.p - self.act(s) * self.u).pow(2) + self.alpha * (s - g).pow(2)
+
+    def update_s(self, steps: int = 5, halvings: int = 6) -> None:
+        g = self.x @ self.wg.t()
+        s = self.s
+        for _ in range(steps):
+            with torch.enable_grad():
+                sv = s.detach().requires_grad_(True)
+                a = self.act(sv)
+                da, = torch.autograd.grad(a.sum(), sv)     # elementwise activation: its derivative
+            a, da = a.detach(), da.detach()
+            r = self.p - a * self.u
+            grad = -2 * self.beta * r * self.u * da + 2 * self.alpha * (s - g)
+            curv = 2 * self.beta * (self.u * da).pow(2) + 2 * self.alpha
+            step, base = grad / curv, self._s_loss(s, g)
+            t = torch.ones_like(s)
+            for _ in range(halvings):                     # per-element backtracking: accept only decreases
+                cand = s - t * step
+                worse = self._s_loss(cand, g) > base
+                if not worse.any():
+                    break
+                t = torch.where(worse, t * 0.5, t)
+            cand = s - t * step
+            s = torch.where(self._s_loss(cand, g) <= base, cand, s)
+        self.s = s
+
+    # -- weight updates: least squares, then SparseGPT --------------------------------------------------
+    def update_weights(self, target: Sparsity, blocksize: int, percdamp: float, name: str) -> dict:
+        hx = hessian(self.x)
+        hp = hessian(self.p)
+        self.wd, info = sparsegpt_prune(least_squares(self.p, self.y, percdamp), hp, target, blocksize, percdamp,
+                                        f"{name}.down_proj")
+        self.wg, _ = sparsegpt_prune(least_squares(self.x, self.s, percdamp), hx, target, blocksize, percdamp,
+                                     f"{name}.gate_proj")
+        self.wu, _ = sparsegpt_prune(least_squares(self.x, self.u, percdamp), hx, target, blocksize, percdamp,
+                                     f"{name}.up_proj")
+        return info
+
+    def alternate(self, target: Sparsity, blocksize: int, percdamp: float, name: str) -> None:
+        self.update_p()
+        self.update_u()
+        self.update_s()
+        self.update_weights(target, blocksize, percdamp, name)
+
+
+@torch.no_grad()
+def sparsellm_mlp(mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, target: Sparsity, alpha: float = 0.1,
+                  beta: float = 0.1, gamma: float = 0.1, iterations: int = 10, blocksize: int = 128,
+                  percdamp: float = 0.01, name: str = "mlp") -> dict:
+    """Prune the gated ``mlp`` in place so that mlp(X) ≈ Y; returns the objective and MLP error per alternation."""
+    prob = GatedMLPProblem(mlp, x, y, alpha, beta, gamma)
+    objective, error = [], []
+    for _ in tqdm(range(iterations), desc=f"sparsellm {name}", unit="alt", leave=False):
+        prob.alternate(target, blocksize, percdamp, name)
+        objective.append(prob.objective())
+        error.append(prob.mlp_error())
+    for key, w in zip(GATED, (prob.wg, prob.wu, prob.wd)):
+        lin = getattr(mlp, key)
+        lin.weight.copy_(w.to(lin.weight.dtype))
+    log.debug("%s: objective %s -> %s, MLP error %s -> %s", name, objective[0], objective[-1], error[0], error[-1])
+    return {"objective": objective, "mlp_error": error}
+
+
+class SparseLLM(SparseGPT):
+    def __init__(self, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, iterations: int = 10,
+                 percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8):
+        super().__init__(percdamp, blocksize, batch_size)
+        for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+            check_positive(f"method.{key}", value, paper="0.1")
+        check_positive("method.iterations", iterations, whole=True, paper="10")
+        self.alpha, self.beta, self.gamma, self.iterations = float(alpha), float(beta), float(gamma), iterations
+
+    def prune_block(self, prefix: str, block: nn.Module, stats: dict[str, Any], inputs, target: Sparsity) -> dict:
+        found = gated_mlp(block)
+        if found is None:
+            log.warning("%s: no gated MLP (gate_proj/up_proj/down_proj + act_fn); SparseGPT for every Linear", prefix)
+            return LayerwisePruner.prune_block(self, prefix, block, stats, inputs, target)
+        mlp_name, mlp = found
+        x, y = mlp_io(block, mlp, inputs)                     # before any pruning: the dense block's view
+        mlp_linears = {id(m) for m in mlp.modules()}
+        per_layer = {}
+        for name, lin in block_linears(block).items():
+            if id(lin) not in mlp_linears:
+                per_layer[f"{prefix}.{name}"] = self.prune_linear(f"{prefix}.{name}", lin, stats[name], target)
+        per_layer[f"{prefix}.{mlp_name}"] = sparsellm_mlp(
+            mlp, x, y, target, self.alpha, self.beta, self.gamma, self.iterations, self.blocksize, self.percdamp,
+            f"{prefix}.{mlp_name}")
+        return per_layer
+
+    def summarize(self, per_layer: dict[str, dict]) -> dict:
+        linears = {k: v for k, v in per_layer.items() if "objective" not in v}
+        mlps = {k: v for k, v in per_layer.items() if "objective" in v}
+        out = super().summarize(linears)
+        out["mlp_objective"] = {k: v["objective"] for k, v in mlps.items()}
+        out["mlp_error"] = {k: v["mlp_error"] for k, v in mlps.items()}
+        return out
