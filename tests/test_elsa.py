@@ -200,3 +200,16 @@ def test_resume_refuses_a_different_config(tmp_path):
     assert (tmp_path / "checkpoints" / "elsa.pt").exists()
     with pytest.raises(ElsaError, match=r"resume refused.*lr"):
         run_pipeline(tmp_path, *ELSA_FAST, "method.lr=5e-4", "save_model=false")
+
+
+def test_demo_prints_dense_magnitude_and_elsa(tmp_path):
+    """experiment=demo (README command 1) on the tiny model: ELSA reports its magnitude starting point with
+    the run's own protocol, and the summary shows dense, magnitude and ELSA side by side."""
+    proc = run_cli("experiment=demo", "model=tiny", "logger=none", "seqlen=128", "eval.max_tokens=2048",
+                   "method.steps=4", "method.checkpoint_every=0", "save_model=false", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = read_results(tmp_path)
+    start = r["method_stats"]["initial_projection_perplexity"]["wiki"]
+    assert r["method"] == "elsa" and r["sparsity"]["target"] == "0.7" and start > 0
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("corpus"))
+    assert header.split()[1:] == ["dense", "magnitude", "0.7", "elsa", "0.7"]

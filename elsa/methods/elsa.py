@@ -216,11 +216,12 @@ class Elsa(Pruner):
             if self.eval_initial and "evaluate" in ctx.extras and D.world_size() == 1:
                 # z0 = Proj(w0) is the magnitude-pruned dense model, the baseline ELSA starts from: report its
                 # perplexity with the run's own protocol, so the table shows dense, magnitude and ELSA
-                saved = {n: D.local(p).detach().clone() for n, p in constrained.items()}
-                admm.final_projection(target)
-                stats["initial_projection_perplexity"] = ctx.extras["evaluate"](model)
-                for n, p in constrained.items():
-                    D.local(p).copy_(saved[n])
+                with torch.no_grad():
+                    saved = {n: D.local(p).detach().clone() for n, p in constrained.items()}
+                    admm.final_projection(target)
+                    stats["initial_projection_perplexity"] = ctx.extras["evaluate"](model)
+                    for n, p in constrained.items():
+                        D.local(p).copy_(saved[n])
                 log.info("perplexity of the initial projection (magnitude): %s", stats["initial_projection_perplexity"])
 
         t0, tracker = time.perf_counter(), ctx.tracker
