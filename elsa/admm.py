@@ -183,9 +183,10 @@ class AdmmState:
         return self.weight(name) - z + u
 
     @torch.no_grad()
-    def dual_update(self, target: Sparsity, lam_ratio: float = 1.0, second_moment=None) -> dict:
-        """z <- Proj(w + u); u <- u + w - z; returns global metrics. ``lam_ratio`` = lam_old / lam_new
-        rescales the scaled dual when the penalty changed since the last update."""
+    def dual_update(self, target: Sparsity, lam_ratio: float = 1.0, second_moment=None, step: float = 1.0) -> dict:
+        """z <- Proj(w + u); u <- u + step (w - z); returns global metrics. ``lam_ratio`` = lam_old / lam_new
+        rescales the scaled dual when the penalty changed since the last update; ``step`` < 1 under-relaxes
+        the dual ascent (1: standard ADMM)."""
         sums = [0.0] * 8  # primal^2, w^2, dz^2, flips_prev, flips_init, inter_init, union_init, numel
         for name in self.params:
             w = self.weight(name)
@@ -195,7 +196,7 @@ class AdmmState:
             v = w + u
             mask = self.mask(name, v, target, second_moment)
             z = v * mask
-            u = u + w - z
+            u = u + step * (w - z)
             self.z[name], self.u[name] = self.zc.encode(z), self.uc.encode(u)
             m0, mp = self.mask0[name], self.mask_prev[name]
             sums[0] += float((w - z).square().sum())

@@ -213,3 +213,25 @@ def test_demo_prints_dense_magnitude_and_elsa(tmp_path):
     assert r["method"] == "elsa" and r["sparsity"]["target"] == "0.7" and start > 0
     header = next(line for line in proc.stdout.splitlines() if line.startswith("corpus"))
     assert header.split()[1:] == ["dense", "magnitude", "0.7", "elsa", "0.7"]
+
+
+def test_dual_step_under_relaxes_the_dual():
+    p = torch.nn.Parameter(torch.arange(1.0, 17.0).reshape(4, 4))
+    full = AdmmState({"w": p}, Sparsity(0.5), "layer", Fp32Codec(), Fp32Codec())
+    half = AdmmState({"w": p}, Sparsity(0.5), "layer", Fp32Codec(), Fp32Codec())
+    for a in (full, half):
+        a.init(Sparsity(0.5))
+    full.dual_update(Sparsity(0.5))
+    half.dual_update(Sparsity(0.5), step=0.5)
+    assert torch.allclose(half.zu("w")[1], 0.5 * full.zu("w")[1])
+    assert torch.equal(full.zu("w")[1] != 0, p.detach() <= 8)  # u holds the pruned residual w - z
+
+
+def test_auto_dual_step_matches_the_decoupled_pull():
+    from elsa.methods.elsa import Elsa
+
+    e = Elsa(proximal="decoupled", lam=0.02, interval=8, dual_step="auto")
+    assert e.dual_step_at(0.02) == pytest.approx(1 - 0.98 ** 8)
+    assert Elsa(dual_step="auto").dual_step_at(0.01) == 1.0  # coupled: standard ADMM
+    with pytest.raises(ElsaError, match="method.dual_step=0"):
+        Elsa(dual_step=0)

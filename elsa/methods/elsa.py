@@ -52,7 +52,7 @@ class Elsa(Pruner):
                  warmup_steps: int = 0, lr_final_ratio: float = 0.0, betas=(0.9, 0.95), weight_decay: float = 0.0,
                  grad_clip: float = 1.0, lam: float = 0.01, lam_final: float | None = None,
                  lambda_schedule: str = "constant", adaptive_mu: float = 10.0, adaptive_tau: float = 2.0,
-                 interval: int = 32, proximal: str = "coupled", projection: str = "magnitude", group: str = "layer",
+                 interval: int = 32, dual_step: float | str = 1.0, proximal: str = "coupled", projection: str = "magnitude", group: str = "layer",
                  sparsity_warmup: float = 0.0, finetune_fraction: float = 0.0, loss: str = "ntp", distill_alpha: float = 0.5,
                  temperature: float = 1.0, autocast_bf16: bool = False, gradient_checkpointing: bool = False,
                  train_dense_params: bool = True, eval_every: int = 0, eval_tokens: int = 16384,
@@ -74,6 +74,9 @@ class Elsa(Pruner):
         self.lam, self.lam_final, self.lambda_schedule = float(lam), lam_final, lambda_schedule
         self.adaptive_mu, self.adaptive_tau = adaptive_mu, adaptive_tau
         LambdaSchedule(lambda_schedule, self.lam, lam_final, self.steps)  # validate early
+        if not (dual_step == "auto" or isinstance(dual_step, (int, float)) and 0 < dual_step <= 1):
+            raise config_error("method.dual_step", dual_step, "a number in (0, 1] or auto")
+        self.dual_step = dual_step
         if proximal not in ("coupled", "decoupled"):
             raise config_error("method.proximal", proximal, "coupled (in the gradient, the paper) or decoupled")
         if proximal == "decoupled" and max(self.lam, lam_final or 0) > 1:
@@ -126,6 +129,15 @@ class Elsa(Pruner):
                 return None
             return D.local(v.dequantize() if hasattr(v, "dequantize") else v).float()
         return fn
+
+    def dual_step_at(self, lam: float) -> float:
+        """The dual ascent step. 'auto' (decoupled only): the fraction of the distance to z - u that the pull
+        covers in one interval, 1 - (1 - lam)^interval, so u grows no faster than w can follow it."""
+        if self.dual_step != "auto":
+            return float(self.dual_step)
+        if self.proximal != "decoupled":
+            return 1.0
+        return max(1.0 - (1.0 - min(lam, 1.0)) ** self.interval, 1e-6)
 
     def compute_loss(self, model, teacher, ids):
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
@@ -271,7 +283,8 @@ class Elsa(Pruner):
             if not frozen and (done % self.interval == 0 or done == self.steps):
                 lam_now = lam.at(done)
                 metrics = admm.dual_update(sparsity_at(target, done, warm),
-                                           lam_prev / lam_now if lam_now and lam_prev else 1.0, second_moment)
+                                           lam_prev / lam_now if lam_now and lam_prev else 1.0, second_moment,
+                                           self.dual_step_at(lam_now))
                 metrics["dual_residual"] = lam_now * metrics.pop("dual_residual_unscaled")
                 new_lam = lam.balance(metrics["primal_residual"], metrics["dual_residual"])
                 if new_lam != lam_now and lam_now:
