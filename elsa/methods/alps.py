@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from elsa.errors import config_error
-from elsa.layerwise import LayerwisePruner
-from elsa.methods.sparsegpt import Hessian
+
+from elsa.methods.sparsegpt import HessianPruner
 from elsa.sparsity import Sparsity, mask_from_scores
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def check_positive(key: str, value, whole: bool = False, paper: str = "") -> Non
         raise config_error(key, value, kind + (f" (the paper: {paper})" if paper else ""))
 
 
-class ALPS(LayerwisePruner):
+class ALPS(HessianPruner):
     def __init__(self, rho: float = 0.1, max_iters: int = 300, update_every: int = 3,
                  change_thresholds=(0.1, 0.005), rho_growth=(1.3, 1.2, 1.1), pcg_iters: int = 50,
                  percdamp: float = 0.01, batch_size: int = 8):
@@ -173,13 +173,6 @@ class ALPS(LayerwisePruner):
         self.rho, self.max_iters, self.update_every = float(rho), max_iters, update_every
         self.thresholds, self.growth = thresholds, growth
         self.pcg_iters, self.percdamp = pcg_iters, float(percdamp)
-
-    def stats_init(self, name: str, linear: nn.Linear) -> Hessian:
-        return Hessian(linear.in_features, linear.weight.device)
-
-    def accumulate(self, stats: Hessian, x: torch.Tensor) -> Hessian:
-        stats.add(x)
-        return stats
 
     @torch.no_grad()
     def prune_linear(self, name: str, linear: nn.Linear, stats: Hessian, target: Sparsity) -> dict:

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from elsa.errors import config_error
-from elsa.layerwise import LayerwisePruner
+
 from elsa.methods.alps import Reconstruction, check_positive, project
-from elsa.methods.sparsegpt import Hessian
+from elsa.methods.sparsegpt import HessianPruner
 from elsa.sparsity import Sparsity
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def ladmm_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity, rho: fl
     return prob.to_weight(z), info
 
 
-class LADMM(LayerwisePruner):
+class LADMM(HessianPruner):
     def __init__(self, rho: float = 1.0, iters: int = 30, grow_iters: int = 15, refit: bool = True,
                  pcg_iters: int = 20, percdamp: float = 0.01, batch_size: int = 8):
         super().__init__(batch_size)
@@ -76,13 +76,6 @@ class LADMM(LayerwisePruner):
             raise config_error("method.pcg_iters", pcg_iters, "a whole number >= 0")
         self.rho, self.iters, self.grow_iters = float(rho), iters, grow_iters
         self.refit, self.pcg_iters, self.percdamp = refit, pcg_iters, float(percdamp)
-
-    def stats_init(self, name: str, linear: nn.Linear) -> Hessian:
-        return Hessian(linear.in_features, linear.weight.device)
-
-    def accumulate(self, stats: Hessian, x: torch.Tensor) -> Hessian:
-        stats.add(x)
-        return stats
 
     @torch.no_grad()
     def prune_linear(self, name: str, linear: nn.Linear, stats: Hessian, target: Sparsity) -> dict:

@@ -135,7 +135,18 @@ def _sparsegpt(weight, h, target, blocksize, percdamp, name):
     return wt.t().contiguous(), {"dead_inputs": int(dead.sum()), "cholesky_retries": retries}
 
 
-class SparseGPT(LayerwisePruner):
+class HessianPruner(LayerwisePruner):
+    """A layer-wise method whose statistics are the input Hessian H = 2/n XXᵀ (SparseGPT, ALPS, L-ADMM)."""
+
+    def stats_init(self, name: str, linear: nn.Linear) -> Hessian:
+        return Hessian(linear.in_features, linear.weight.device)
+
+    def accumulate(self, stats: Hessian, x: torch.Tensor) -> Hessian:
+        stats.add(x)
+        return stats
+
+
+class SparseGPT(HessianPruner):
     def __init__(self, percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8):
         super().__init__(batch_size)
         if not (isinstance(percdamp, (int, float)) and percdamp > 0):
@@ -149,13 +160,6 @@ class SparseGPT(LayerwisePruner):
         if target.is_nm and self.blocksize % target.m:
             raise config_error("method.blocksize", self.blocksize,
                                f"a multiple of M={target.m} for sparsity={target}")
-
-    def stats_init(self, name: str, linear: nn.Linear) -> Hessian:
-        return Hessian(linear.in_features, linear.weight.device)
-
-    def accumulate(self, stats: Hessian, x: torch.Tensor) -> Hessian:
-        stats.add(x)
-        return stats
 
     @torch.no_grad()
     def prune_linear(self, name: str, linear: nn.Linear, stats: Hessian, target: Sparsity) -> dict:
