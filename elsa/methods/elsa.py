@@ -149,12 +149,14 @@ class Elsa(Pruner):
             kl = kl_loss(logits, t_logits, self.temperature)
             return kl if self.loss == "kl" else (1 - self.distill_alpha) * lm_loss(logits, ids) + self.distill_alpha * kl
 
+    @staticmethod
     @torch.no_grad()
-    def projected_ppl(self, model, admm, target, heldout, device, second_moment) -> float:
+    def on_projection(model, admm, target, second_moment, evaluate):
+        """``evaluate(model)`` with the constrained weights projected, then the weights restored."""
         saved = {n: D.local(p).detach().clone() for n, p in admm.params.items()}
         admm.final_projection(target, second_moment)
         try:
-            return perplexity(model, heldout, batch_size=4, device=device, desc="held-out ppl")
+            return evaluate(model)
         finally:
             for n, p in admm.params.items():
                 D.local(p).copy_(saved[n])
@@ -228,12 +230,8 @@ class Elsa(Pruner):
             if self.eval_initial and "evaluate" in ctx.extras and D.world_size() == 1:
                 # z0 = Proj(w0) is the magnitude-pruned dense model, the baseline ELSA starts from: report its
                 # perplexity with the run's own protocol, so the table shows dense, magnitude and ELSA
-                with torch.no_grad():
-                    saved = {n: D.local(p).detach().clone() for n, p in constrained.items()}
-                    admm.final_projection(target)
-                    stats["initial_projection_perplexity"] = ctx.extras["evaluate"](model)
-                    for n, p in constrained.items():
-                        D.local(p).copy_(saved[n])
+                stats["initial_projection_perplexity"] = self.on_projection(model, admm, target, None,
+                                                                            ctx.extras["evaluate"])
                 log.info("perplexity of the initial projection (magnitude): %s", stats["initial_projection_perplexity"])
 
         t0, tracker = time.perf_counter(), ctx.tracker
@@ -296,7 +294,9 @@ class Elsa(Pruner):
                           "target_ratio": sparsity_at(target, done, warm).ratio, **metrics}
             if self.eval_every and heldout is not None and done % self.eval_every == 0:
                 record = record or {"step": done, "loss": total}
-                record["heldout_ppl"] = self.projected_ppl(model, admm, target, heldout, device, second_moment)
+                record["heldout_ppl"] = self.on_projection(
+                    model, admm, target, second_moment,
+                    lambda m: perplexity(m, heldout, batch_size=4, device=device, desc="held-out ppl"))
             if record:
                 stats["history"].append(record)
                 if tracker is not None and D.is_main():
