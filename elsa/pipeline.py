@@ -263,9 +263,12 @@ class Run:
 
     def print_summary(self):
         r = self.results
-        start = r.get("method_stats", {}).get("initial_projection_perplexity")  # ELSA's z0 = magnitude pruning
+        stats = r.get("method_stats", {})
+        start, label = stats.get("initial_projection_perplexity"), "magnitude"  # ELSA's z0 = magnitude pruning
+        if start is None and isinstance(stats.get("init"), dict):                 # or a one-shot start
+            start, label = stats["init"].get("perplexity"), stats["init"]["method"]
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        head = f"\n{'corpus':<12} {'dense':>12}" + (f" {'magnitude ' + r['sparsity']['target']:>20}" if start else "")
+        head = f"\n{'corpus':<12} {'dense':>12}" + (f" {label + ' ' + r['sparsity']['target']:>20}" if start else "")
         lines = [head + f" {r['method'] + ' ' + r['sparsity']['target']:>20}"]
         for name, value in r["perplexity"].items():
             row = f"{name:<12} {fmt(r['dense_perplexity'].get(name)):>12}"

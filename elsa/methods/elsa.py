@@ -44,6 +44,11 @@ def tensor_nbytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
+# where the ADMM starts: the dense weights (the paper: z0 = Proj(w0) is magnitude pruning), or a one-shot
+# method's pruned weights (w0 = z0 = its solution; the dense model stays the distillation teacher)
+INITS = ("dense", "wanda", "sparsegpt")
+
+
 class Elsa(Pruner):
     name = "elsa"
     supports_fsdp = True
@@ -58,7 +63,11 @@ class Elsa(Pruner):
                  train_dense_params: bool = True, eval_every: int = 0, eval_tokens: int = 16384,
                  eval_initial: bool = True, checkpoint_every: int = 0, resume: bool = True,
                  keep_checkpoint: bool = False, optimizer: str = "adamw", z_dtype: str = "fp32",
-                 u_dtype: str = "fp32"):
+                 u_dtype: str = "fp32", init: str = "dense"):
+        if init not in INITS:
+            raise config_error("method.init", init, f"one of {', '.join(INITS)} (dense: the paper)")
+        self.init = init
+        self.needs_calibration = init != "dense"   # a one-shot start prunes with the calibration windows
         self.steps = _positive("method.steps", steps, integer=True)
         self.batch_size = _positive("method.batch_size", batch_size, integer=True)
         self.grad_accum = _positive("method.grad_accum", grad_accum, integer=True)
@@ -163,7 +172,33 @@ class Elsa(Pruner):
             model.train()
 
     # -- the loop -----------------------------------------------------------------------------------
+    def one_shot_start(self, ctx: PruneContext) -> dict:
+        """Prune ``ctx.model`` with the one-shot method named by ``init`` (its default hyperparameters); the
+        dense model is kept as the distillation teacher. Returns the start's statistics for results.json."""
+        from elsa.methods.sparsegpt import SparseGPT
+        from elsa.methods.wanda import Wanda
+
+        if self.loss != "ntp":
+            ctx.extras["teacher"] = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+        t0 = time.perf_counter()
+        start = {"wanda": Wanda, "sparsegpt": SparseGPT}[self.init]()
+        with torch.no_grad():
+            start.prune(ctx)
+        info = {"method": self.init, "time_s": time.perf_counter() - t0}
+        if self.eval_initial and "evaluate" in ctx.extras and D.world_size() == 1:
+            info["perplexity"] = ctx.extras["evaluate"](ctx.model)
+            ctx.model.train()
+            log.info("perplexity of the %s start: %s", self.init, info["perplexity"])
+        return info
+
     def prune(self, ctx: PruneContext) -> dict:
+        start = self.one_shot_start(ctx) if self.init != "dense" else None
+        stats = self._prune(ctx)
+        if start is not None:
+            stats["init"] = start
+        return stats
+
+    def _prune(self, ctx: PruneContext) -> dict:
         if not ctx.extras.get("fsdp"):
             return self.train(ctx.model, ctx)
         # FSDP2: train a sharded copy, then bring the full weights back into the caller's model (rank 0)
@@ -185,7 +220,9 @@ class Elsa(Pruner):
         trainable = [p for p in model.parameters() if p.requires_grad]
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        teacher = copy.deepcopy(model).eval().requires_grad_(False) if self.loss != "ntp" else None
+        teacher = None
+        if self.loss != "ntp":
+            teacher = ctx.extras.get("teacher") or copy.deepcopy(model).eval().requires_grad_(False)
 
         bos = ctx.tokenizer.bos_token_id
         world, rank = D.world_size(), D.rank()
@@ -227,7 +264,7 @@ class Elsa(Pruner):
         else:
             admm.init(sparsity_at(target, 0, warm))
             start, lam_prev = 0, lam.at(0)
-            if self.eval_initial and "evaluate" in ctx.extras and D.world_size() == 1:
+            if self.eval_initial and self.init == "dense" and "evaluate" in ctx.extras and D.world_size() == 1:
                 # z0 = Proj(w0) is the magnitude-pruned dense model, the baseline ELSA starts from: report its
                 # perplexity with the run's own protocol, so the table shows dense, magnitude and ELSA
                 stats["initial_projection_perplexity"] = self.on_projection(model, admm, target, None,
