@@ -185,14 +185,19 @@ class SparseTrainer(Pruner):
         # FSDP2: train a sharded copy, then bring the full weights back into the caller's model (rank 0)
         work = copy.deepcopy(ctx.model)
         D.shard(work, decoder_blocks(work))
-        stats = self.train(work, ctx)
+        teacher = None
+        if self.kl_weight:  # a sharded module cannot be deep-copied: the teacher is its own sharded dense copy
+            teacher = copy.deepcopy(ctx.model)
+            D.shard(teacher, decoder_blocks(teacher))
+        stats = self.train(work, ctx, teacher)
         full = D.full_state_dict(work)
         if D.is_main():
             ctx.model.load_state_dict(full)
         ctx.model.requires_grad_(False).eval()
         return stats
 
-    def train(self, model, ctx: PruneContext) -> dict:
+    def train(self, model, ctx: PruneContext, teacher=None) -> dict:
+        """Train ``model`` in place; ``teacher`` (distillation) defaults to a frozen copy of ``model``."""
         constrained = {n: lin.weight for n, lin in prunable_linears(model).items()}
         ids_c = {id(p) for p in constrained.values()}
         for p in model.parameters():
@@ -200,7 +205,8 @@ class SparseTrainer(Pruner):
         trainable = [p for p in model.parameters() if p.requires_grad]
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        teacher = copy.deepcopy(model).eval().requires_grad_(False) if self.kl_weight else None
+        if self.kl_weight:
+            teacher = (teacher if teacher is not None else copy.deepcopy(model)).eval().requires_grad_(False)
 
         bos = ctx.tokenizer.bos_token_id
         world = D.world_size()
