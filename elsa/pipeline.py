@@ -144,7 +144,7 @@ class Run:
             raise config_error("hardware.device", self.device, "cpu (no CUDA device is visible)")
         self.fsdp = bool(cfg.hardware.get("fsdp", False))
         if self.fsdp and not getattr(self.method, "supports_fsdp", False):
-            raise config_error("hardware", "fsdp", f"a global method (elsa, elsa_l); method={cfg.method.name} is "
+            raise config_error("hardware", "fsdp", f"a global method (elsa, elsa_l, ast); method={cfg.method.name} is "
                                "layer-wise and runs one block at a time on one device")
         self.source.check()
         if self.method.needs_calibration:

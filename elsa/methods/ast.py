@@ -1,0 +1,295 @@
+"""AST, the Adaptive Sparse Trainer (Huang et al., AAAI 2025): sparse retraining of the whole model.
+
+Every prunable Linear computes with w * m, where m is a keep-mask of the sparsity target (N:M, the paper's
+case, or a ratio); the gradient passes straight through the mask to the dense w, so pruned weights keep
+learning and can come back. Annealed SR-STE adds lam_W(t) (1 - m) * w to the gradient, lam_W growing linearly
+from 0 to ``srste_decay`` over ``increase_step`` steps, which slowly pulls the pruned weights to zero and makes
+the mask settle. Every ``mask_interval`` steps m is recomputed from the current dense weights (``magnitude``:
+|w|; ``wanda``: |w| * ||x_j||, with the input norms gathered by the forward passes since the last update).
+The loss mixes next-token prediction and KL distillation from the dense model (1/3 : 2/3 in the paper). At
+the end the weights are w * m, exactly on the target.
+
+Not here: SLoRB (the paper's extra low-rank branch); ``slorb=true`` is refused.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from elsa import distributed as D
+from elsa.errors import config_error
+from elsa.sparsity import Sparsity, mask_from_scores
+from elsa.trainer import SparseTrainer, positive
+from elsa.training import cosine_schedule, linear_schedule
+
+log = logging.getLogger(__name__)
+
+METRICS = ("magnitude", "wanda")
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """w * m forward; the gradient reaches w unmasked (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask):
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def annealed_decay(step: int, decay: float, increase_step: int) -> float:
+    """SR-STE strength at ``step``: a linear ramp from 0 to ``decay`` over ``increase_step`` steps, then flat."""
+    if increase_step <= 0 or step >= increase_step:
+        return decay
+    return decay * step / increase_step
+
+
+class SparseMasks:
+    """The keep-masks of the prunable Linears, the masked forward they run, and the mask statistics.
+
+    Masks are full-layer tensors (the forward sees full weights, also under FSDP2, where a Linear's weight is
+    unsharded during its forward); weight and gradient edits use this rank's rows of them.
+    """
+
+    def __init__(self, linears: dict, target: Sparsity, metric: str, group: str):
+        self.linears, self.target, self.metric, self.group = linears, target, metric, group
+        self.params = {n: lin.weight for n, lin in linears.items()}
+        self.keep: dict[str, torch.Tensor] = {}      # current masks (full layer)
+        self.initial: dict[str, torch.Tensor] = {}   # the first masks, for the flip metrics
+        self.act_sq: dict[str, torch.Tensor] = {}    # sum over tokens of x_j^2 since the last update (wanda)
+        self.tokens = 0.0
+        self.collect = metric == "wanda"
+        self._local: dict[str, torch.Tensor] = {}
+        self._dense: dict[str, torch.Tensor] = {}
+        self._patched = False
+
+    # -- the masked forward --------------------------------------------------------------------------
+    def install(self) -> None:
+        for name, lin in self.linears.items():
+            lin.forward = self._forward_fn(name, lin)
+        self._patched = True
+
+    def remove(self) -> None:
+        if self._patched:
+            for lin in self.linears.values():
+                del lin.forward
+            self._patched = False
+
+    def _forward_fn(self, name: str, lin):
+        def forward(x):
+            if self.collect:
+                self._observe(name, x)
+            mask = self.keep.get(name)
+            weight = lin.weight if mask is None else _MaskedWeight.apply(lin.weight, self._as(name, lin.weight))
+            return F.linear(x, weight, lin.bias)
+        return forward
+
+    def _as(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The mask in the weight's dtype and device, cached until the next update."""
+        m = self._dense.get(name)
+        if m is None or m.dtype != weight.dtype or m.device != weight.device:
+            self._dense[name] = m = self.keep[name].to(weight.device, weight.dtype)
+        return m
+
+    @torch.no_grad()
+    def _observe(self, name: str, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        acc = self.act_sq.get(name)
+        sq = flat.square().sum(0)
+        self.act_sq[name] = sq if acc is None else acc + sq
+        if name == next(iter(self.linears)):
+            self.tokens += flat.shape[0]
+
+    # -- masks ---------------------------------------------------------------------------------------
+    def scores(self, name: str, input_norms: dict | None) -> torch.Tensor:
+        p = self.params[name]
+        w = D.gather(p, D.local(p).detach().float())
+        if self.metric == "wanda":
+            return w.abs() * input_norms[name].to(w.device, torch.float32)[None, :]
+        return w.abs()
+
+    def _input_norms(self) -> dict | None:
+        """||x_j|| per input (root-mean-square over the tokens seen since the last update, all ranks)."""
+        if self.metric != "wanda":
+            return None
+        if not self.act_sq:
+            raise RuntimeError("mask_metric=wanda: no activations were observed before a mask update")
+        names = list(self.linears)
+        flat = torch.cat([self.act_sq[n] for n in names] + [torch.tensor([self.tokens], dtype=torch.float64)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flat)
+        total, out, i = max(float(flat[-1]), 1.0), {}, 0
+        for n in names:
+            k = self.act_sq[n].numel()
+            out[n] = (flat[i:i + k] / total).sqrt()
+            i += k
+        self.act_sq, self.tokens = {}, 0.0
+        return out
+
+    @torch.no_grad()
+    def update(self) -> dict:
+        """Recompute every mask from the current dense weights; the fractions of mask entries that flipped
+        against the previous and the initial masks (global over the pruned layers)."""
+        norms = self._input_norms()
+        flips_prev = flips_init = inter = union = numel = 0.0
+        for name in self.linears:
+            mask = mask_from_scores(self.scores(name, norms), self.target, self.group)
+            prev, first = self.keep.get(name), self.initial.get(name)
+            if first is None:
+                self.initial[name] = first = mask
+            if prev is not None:
+                flips_prev += float((mask ^ prev).sum())
+            flips_init += float((mask ^ first).sum())
+            inter += float((mask & first).sum())
+            union += float((mask | first).sum())
+            numel += mask.numel()
+            self.keep[name] = mask
+        self._local, self._dense = {}, {}
+        return {"mask_flips_prev": flips_prev / numel, "mask_flips_init": flips_init / numel,
+                "mask_iou_init": inter / max(union, 1.0)}
+
+    def local(self, name: str) -> torch.Tensor:
+        """This rank's rows of a mask (the layout of the local weight shard)."""
+        if name not in self._local:
+            self._local[name] = D.scatter(self.params[name], self.keep[name])
+        return self._local[name]
+
+    @torch.no_grad()
+    def decay_gradients(self, lam: float) -> None:
+        """SR-STE: grad += lam (1 - m) * w on every prunable weight."""
+        for name, p in self.params.items():
+            w = D.local(p).detach()
+            D.local(p.grad).add_(w * (~self.local(name)).to(w.dtype), alpha=lam)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """w <- w * m: exactly on the target."""
+        for name, p in self.params.items():
+            D.local(p).mul_(self.local(name).to(p.dtype))
+
+    def nbytes(self) -> int:
+        return sum(self.local(n).numel() * self.local(n).element_size() for n in self.params)
+
+    def state_dict(self) -> dict:
+        return {"keep": self.keep, "initial": self.initial, "act_sq": self.act_sq, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.keep, self.initial = state["keep"], state["initial"]
+        self.act_sq, self.tokens = state["act_sq"], state["tokens"]
+        self._local, self._dense = {}, {}
+
+
+class Ast(SparseTrainer):
+    """Adaptive Sparse Trainer on the shared training loop (elsa.trainer)."""
+
+    name = "ast"
+    supports_fsdp = True
+
+    def __init__(self, steps: int = 40000, batch_size: int = 8, grad_accum: int = 16, lr: float = 2e-4,
+                 warmup_steps: int = 2000, lr_final_ratio: float = 0.1, lr_schedule: str = "cosine",
+                 betas=(0.9, 0.95), weight_decay: float = 0.0, grad_clip: float = 1.0,
+                 srste_decay: float = 1e-4, increase_step: int = 10000, mask_interval: int = 10,
+                 mask_metric: str = "magnitude", change_mask: bool = True, group: str = "row",
+                 task_weight: float = 0.33, kl_weight: float = 0.67, temperature: float = 2.0,
+                 slorb: bool = False, slorb_k: int = 16, slorb_init: str = "mean",
+                 autocast_bf16: bool = False, gradient_checkpointing: bool = False,
+                 train_dense_params: bool = True, eval_every: int = 0, eval_tokens: int = 16384,
+                 eval_initial: bool = True, checkpoint_every: int = 0, resume: bool = True,
+                 keep_checkpoint: bool = False, optimizer: str = "adamw"):
+        super().__init__(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+                         lr_final_ratio=lr_final_ratio, betas=betas, weight_decay=weight_decay, grad_clip=grad_clip,
+                         temperature=temperature, autocast_bf16=autocast_bf16,
+                         gradient_checkpointing=gradient_checkpointing, train_dense_params=train_dense_params,
+                         eval_every=eval_every, eval_tokens=eval_tokens, eval_initial=eval_initial,
+                         checkpoint_every=checkpoint_every, resume=resume, keep_checkpoint=keep_checkpoint,
+                         optimizer=optimizer)
+        if lr_schedule not in ("cosine", "linear"):
+            raise config_error("method.lr_schedule", lr_schedule, "cosine (the paper) or linear")
+        self.lr_schedule = lr_schedule
+        self.srste_decay = positive("method.srste_decay", srste_decay, zero_ok=True)
+        self.increase_step = positive("method.increase_step", increase_step, integer=True, zero_ok=True)
+        self.mask_interval = positive("method.mask_interval", mask_interval, integer=True)
+        if mask_metric not in METRICS:
+            raise config_error("method.mask_metric", mask_metric, " or ".join(METRICS))
+        if not isinstance(change_mask, bool):
+            raise config_error("method.change_mask", change_mask, "true (masks follow the weights) or false")
+        if group not in ("row", "layer"):
+            raise config_error("method.group", group, "one of row, layer (where a ratio's top-k is compared)")
+        self.mask_metric, self.change_mask, self.group = mask_metric, change_mask, group
+        self.task_weight = positive("method.task_weight", task_weight, zero_ok=True)
+        self.kl_weight = positive("method.kl_weight", kl_weight, zero_ok=True)
+        if self.task_weight + self.kl_weight == 0:
+            raise config_error("method.task_weight", task_weight, "> 0 when method.kl_weight is 0")
+        positive("method.temperature", temperature)
+        if slorb:
+            raise config_error("method.slorb", slorb, "false: SLoRB (the low-rank bypass) is not implemented yet")
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+
+    def lr_lambda(self):
+        make = cosine_schedule if self.lr_schedule == "cosine" else linear_schedule
+        return make(self.warmup_steps, self.steps, self.lr_final_ratio)
+
+    # -- hooks of the shared trainer -----------------------------------------------------------------
+    def setup(self, run):
+        from elsa.models import prunable_linears
+
+        run.masks = SparseMasks(prunable_linears(run.model), run.target, self.mask_metric, self.group)
+        run.masks.install()
+
+    def teardown(self, run):
+        run.masks.remove()
+
+    def start(self, run):
+        masks = run.masks
+        if self.mask_metric == "wanda":  # input norms for the first mask: the first step's data, dense weights
+            with torch.no_grad():
+                for micro in range(self.grad_accum):
+                    run.model(input_ids=self.micro_batch(run, 0, micro), use_cache=False)
+        masks.update()
+        ctx = run.ctx
+        if self.eval_initial and self.mask_metric == "magnitude" and "evaluate" in ctx.extras and run.world == 1:
+            # the first mask is magnitude pruning of the dense model: its perplexity goes in the table
+            run.stats["initial_projection_perplexity"] = self.evaluate_sparse(run, ctx.extras["evaluate"])
+            log.info("perplexity of the initial mask (magnitude): %s", run.stats["initial_projection_perplexity"])
+
+    def before_optimizer(self, run, step):
+        run.decay = annealed_decay(step, self.srste_decay, self.increase_step)
+        if run.decay:
+            run.masks.decay_gradients(run.decay)
+        return {"decay": f"{run.decay:.2g}"}
+
+    def periodic(self, run, done):
+        if done % self.mask_interval or done >= self.steps:
+            return None
+        record = {"step": done, "loss": run.loss, "lr": run.sched.get_last_lr()[0], "srste_decay": run.decay}
+        if self.change_mask:
+            record.update(run.masks.update())
+        return record
+
+    def evaluate_sparse(self, run, evaluate):
+        masks, collect = run.masks, run.masks.collect
+        masks.collect = False  # evaluation batches do not count towards the wanda norms
+        try:
+            return evaluate(run.model)
+        finally:
+            masks.collect = collect
+            run.model.train()
+
+    def method_state(self, run):
+        return {"masks": run.masks.state_dict()}
+
+    def load_method_state(self, run, state):
+        run.masks.load_state_dict(state["masks"])
+
+    def finish(self, run):
+        run.masks.project()
+        run.masks.collect = False
+
+    def method_nbytes(self, run):
+        return "masks", run.masks.nbytes()
+

@@ -1,0 +1,210 @@
+"""AST: masks valid at every step, SR-STE, straight-through gradients, training, the pipeline, resume, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, read_results, run_cli, run_pipeline
+
+from elsa.errors import ElsaError
+from elsa.methods.ast import Ast, SparseMasks, annealed_decay
+from elsa.methods.base import PruneContext
+from elsa.models import prunable_linears
+from elsa.sparsity import Sparsity, nm_violations
+
+AST_FAST = ["method=ast", "method.steps=6", "method.batch_size=1", "method.grad_accum=2", "method.mask_interval=2",
+            "method.warmup_steps=1", "method.increase_step=3", "method.lr=1e-3", "method.srste_decay=1e-2",
+            "method.eval_initial=false", "method.checkpoint_every=0"]
+FAST_KW = dict(steps=6, batch_size=1, grad_accum=2, mask_interval=2, warmup_steps=1, increase_step=3, lr=1e-3,
+               srste_decay=1e-2, eval_initial=False, checkpoint_every=0)
+
+
+def _context(tmp_path, tiny_model, target: str) -> PruneContext:
+    from elsa.data import EmbeddedCorpus
+
+    model, tok = tiny_model
+    return PruneContext(model=model, tokenizer=tok, target=Sparsity.parse(target), dataset=EmbeddedCorpus("wiki", "wiki"),
+                        seqlen=64, seed=0, output_dir=tmp_path)
+
+
+def _check_mask(keep: torch.Tensor, target: Sparsity) -> None:
+    rows, cols = keep.shape
+    if target.is_nm:
+        per_group = keep.reshape(rows, cols // target.m, target.m).sum(-1)
+        assert bool((per_group == target.n).all())
+    else:  # group=row: the same exact count in every row
+        assert bool((keep.sum(-1) == cols - round(cols * target.ratio)).all())
+
+
+class CheckedAst(Ast):
+    """AST that checks, after every optimizer step and every mask update, that each Linear computes with an
+    exactly sparse w * m."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.checked = []
+
+    def _check(self, run, where):
+        x = torch.randn(3, next(iter(run.masks.linears.values())).in_features)
+        for name, lin in run.masks.linears.items():
+            keep = run.masks.keep[name]
+            _check_mask(keep, run.target)
+            w = lin.weight.detach()
+            effective = w * keep
+            if run.target.is_nm:
+                assert nm_violations(effective, run.target.n, run.target.m) == 0
+            if lin.in_features == x.shape[1]:
+                with torch.no_grad():
+                    torch.testing.assert_close(lin(x), F.linear(x, effective, lin.bias))
+        self.checked.append(where)
+
+    def after_optimizer(self, run, step):
+        super().after_optimizer(run, step)
+        self._check(run, ("step", step))
+
+    def periodic(self, run, done):
+        record = super().periodic(run, done)
+        self._check(run, ("periodic", done))
+        return record
+
+
+@pytest.mark.parametrize("target", ["2:4", "0.5"])
+def test_mask_exact_at_every_step_and_final_weights_exact(tmp_path, tiny_model, target):
+    ast = CheckedAst(**FAST_KW)
+    stats = ast.prune(_context(tmp_path, tiny_model, target))
+    assert [w for w in ast.checked if w[0] == "step"] == [("step", s) for s in range(6)]
+    t = Sparsity.parse(target)
+    model = tiny_model[0]
+    for name, lin in prunable_linears(model).items():
+        w = lin.weight.detach()
+        if t.is_nm:
+            assert nm_violations(w, t.n, t.m) == 0, name
+        assert int((w == 0).sum()) >= round(w.numel() * t.ratio), name
+        assert "forward" not in vars(lin), "masked forward left installed"
+    flips = [r["mask_flips_prev"] for r in stats["history"] if "mask_flips_prev" in r]
+    assert flips and all(0.0 <= f <= 1.0 for f in flips)
+    assert stats["state_bytes_per_param"]["masks"] == 1.0
+
+
+def test_training_loss_decreases(tmp_path, tiny_model):
+    # next-token loss only: the tiny model's teacher is random, so the KL part carries little signal
+    ast = Ast(**{**FAST_KW, "steps": 24, "mask_interval": 1, "lr": 3e-3, "warmup_steps": 0, "task_weight": 1.0,
+                 "kl_weight": 0.0})
+    stats = ast.prune(_context(tmp_path, tiny_model, "2:4"))
+    losses = [r["loss"] for r in stats["history"]]
+    assert len(losses) == 23
+    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses
+
+
+def test_srste_decay_pulls_pruned_weights_to_zero():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 4, bias=False)
+    masks = SparseMasks({"l": lin}, Sparsity.parse("2:4"), "magnitude", "row")
+    masks.update()
+    keep = masks.keep["l"]
+    w0 = lin.weight.detach().clone()
+    lin.weight.grad = torch.zeros_like(w0)
+    masks.decay_gradients(0.5)
+    torch.testing.assert_close(lin.weight.grad, 0.5 * w0 * ~keep)  # only pruned weights get the decay term
+    opt = torch.optim.SGD([lin.weight], lr=0.5)
+    for _ in range(20):  # a zero task gradient: the decay alone shrinks the pruned weights geometrically
+        lin.weight.grad = torch.zeros_like(w0)
+        masks.decay_gradients(0.5)
+        opt.step()
+    w = lin.weight.detach()
+    assert torch.equal(w[keep], w0[keep])
+    assert float(w[~keep].abs().max()) <= 0.75 ** 20 * float(w0[~keep].abs().max()) * 1.0001
+
+
+def test_straight_through_gradient_reaches_pruned_weights():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 4, bias=False)
+    masks = SparseMasks({"l": lin}, Sparsity.parse("2:4"), "magnitude", "row")
+    masks.update()
+    masks.install()
+    try:
+        x = torch.randn(5, 8)
+        lin(x).square().sum().backward()
+    finally:
+        masks.remove()
+    keep = masks.keep["l"]
+    assert float(lin.weight.grad[~keep].abs().sum()) > 0
+    w = lin.weight.detach()
+    expected = 2 * (x @ (w * keep).T).T @ x  # d/dW of ||x (W*m)^T||^2, passed through the mask
+    torch.testing.assert_close(lin.weight.grad, expected)
+
+
+def test_annealed_decay_ramps_then_stays():
+    assert [annealed_decay(s, 1e-4, 10) for s in (0, 5, 10, 50)] == pytest.approx([0.0, 5e-5, 1e-4, 1e-4])
+    assert annealed_decay(0, 1e-4, 0) == 1e-4
+
+
+def test_wanda_metric_uses_observed_input_norms():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]))
+    masks = SparseMasks({"l": lin}, Sparsity.parse("2:4"), "wanda", "row")
+    masks.install()
+    try:
+        lin(torch.tensor([[10.0, 10.0, 0.1, 0.1]]))  # inputs 0, 1 are large: wanda keeps them in every row
+    finally:
+        masks.remove()
+    masks.update()
+    assert masks.keep["l"].tolist() == [[True, True, False, False]] * 2
+
+
+@pytest.mark.parametrize("sparsity,ratio", [("2:4", 0.5), ("0.5", 0.5)])
+def test_pipeline_end_to_end(tmp_path, sparsity, ratio):
+    from transformers import AutoModelForCausalLM
+
+    r = run_pipeline(tmp_path, *AST_FAST, f"sparsity={sparsity}")
+    assert r["status"] == "done" and r["method"] == "ast"
+    assert all(abs(v - ratio) <= 1e-3 for v in r["sparsity"]["per_layer"].values())
+    assert {"mask_flips_prev", "mask_flips_init", "srste_decay", "loss"} <= set(r["method_stats"]["history"][-1])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    for name, lin in prunable_linears(model).items():
+        if sparsity == "2:4":
+            assert nm_violations(lin.weight, 2, 4) == 0, name
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model" / "model.safetensors"))
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
+    """A run that stops after its step-4 checkpoint and is started again ends with the same weights as a run
+    that never stopped (wanda metric: the collected input norms are part of the checkpoint)."""
+    args = [*AST_FAST, "method.steps=8", "method.mask_interval=3", "method.mask_metric=wanda", "sparsity=2:4"]
+    run_pipeline(tmp_path / "ref", *args)
+    run_pipeline(tmp_path / "cut", *args, "method.checkpoint_every=4", "method.keep_checkpoint=true")
+    ckpt = tmp_path / "cut" / "checkpoints" / "ast.pt"
+    assert ckpt.exists()
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == 4 and state["masks"]["act_sq"], "the step-4 checkpoint holds the wanda statistics"
+    (tmp_path / "cut" / "model" / "model.safetensors").unlink()
+    r = run_pipeline(tmp_path / "cut", *args, "method.checkpoint_every=4", "method.keep_checkpoint=true")
+    assert r["method_stats"]["resumed_from_step"] == 4
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_bad_mask_interval_is_one_line_error(tmp_path):
+    proc = run_cli(*TINY, *AST_FAST, "method.mask_interval=0", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("elsa: error: method.mask_interval=0 is not allowed"), proc.stderr[-2000:]
+    assert read_results(tmp_path)["status"] == "failed"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("method.slorb=true", "method.slorb=True is not allowed: false: SLoRB"),
+    ("method.mask_metric=sparsegpt", "method.mask_metric=sparsegpt"),
+    ("method.srste_decay=-1", "method.srste_decay=-1"),
+    ("method.lr_schedule=step", "method.lr_schedule=step"),
+])
+def test_bad_hyperparameters_fail_before_training(tmp_path, override, needle):
+    with pytest.raises(ElsaError, match=needle.replace(".", r"\.")):
+        run_pipeline(tmp_path, *AST_FAST, override)
