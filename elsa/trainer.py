@@ -257,13 +257,9 @@ class SparseTrainer(Pruner):
 
         signature = {"method": self.config, "target": str(ctx.target), "seed": ctx.seed, "seqlen": ctx.seqlen,
                      "dataset": getattr(ctx.dataset, "name", None), "params": sum(p.numel() for p in trainable)}
-        if world > 1 and self.checkpoint_every:
-            log.warning("checkpoints are not written under FSDP yet (method.checkpoint_every ignored)")
-        ckpt = Checkpointer(ctx.output_dir if world == 1 else None, self.name, signature)
+        ckpt = Checkpointer(ctx.output_dir, self.name, signature, model=model, optimizer=opt)
         state = ckpt.load() if self.resume else None
         if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             self.load_method_state(run, state)
             set_rng_state(state["rng"])
@@ -308,7 +304,7 @@ class SparseTrainer(Pruner):
             for micro in range(self.grad_accum):
                 loss = self.compute_loss(model, run.teacher, self.micro_batch(run, step, micro)) / self.grad_accum
                 loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
             if run.world > 1:  # the logged loss is the global batch's
                 t = torch.tensor([total], dtype=torch.float64)
                 torch.distributed.all_reduce(t)
@@ -337,7 +333,6 @@ class SparseTrainer(Pruner):
                     tracker.log({f"{self.name}/{k}": v for k, v in record.items() if k != "step"}, step=done)
                 log.info("step %d: %s", done, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
             if self.checkpoint_every and done % self.checkpoint_every == 0 and done < self.steps:
-                ckpt.save({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), **self.method_state(run), "rng": rng_state(),
+                ckpt.save({"step": done, "scheduler": sched.state_dict(), **self.method_state(run), "rng": rng_state(),
                            "stats": run.stats})
         bar.close()

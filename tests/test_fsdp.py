@@ -72,3 +72,60 @@ def test_fsdp_ast_matches_single_process(tmp_path):
         same = (a[k] == 0) == (b[k] == 0)
         assert float((~same).float().mean()) < 1e-3, k
         torch.testing.assert_close(b[k][same], a[k][same], rtol=1e-4, atol=1e-4, msg=k)  # a mid-run flip: ~2e-5
+
+
+def _torchrun(*args, **kw):
+    env = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "run.py"), *args]
+    return cmd, env
+
+
+@pytest.mark.timeout(900)
+def test_fsdp_sigkill_and_resume_matches_uninterrupted(tmp_path):
+    """A sharded checkpoint (torch.distributed.checkpoint + per-rank ADMM state) resumes a killed 2-rank run
+    to the same final weights as an uninterrupted 2-rank run."""
+    import signal
+    import time
+
+    args = [*ARGS, "hardware=fsdp_cpu", "method.batch_size=1", "method.steps=8", "method.checkpoint_every=2",
+            "method.keep_checkpoint=true"]
+    cmd, env = _torchrun(*args, f"hydra.run.dir={tmp_path / 'ref'}")
+    ref = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert (tmp_path / "ref" / "checkpoints" / "elsa.dcp" / "rank1.pt").exists()
+
+    run_dir = tmp_path / "killed"
+    ckpt = run_dir / "checkpoints" / "elsa.dcp"
+    cmd, env = _torchrun(*args, f"hydra.run.dir={run_dir}")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no sharded checkpoint appeared"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "results.json").exists() or read_results(run_dir)["status"] != "done"
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert again.returncode == 0, again.stderr[-3000:]
+    r = read_results(run_dir)
+    assert r["status"] == "done" and r["method_stats"].get("resumed_from_step", 0) >= 2
+    a, b = _weights(tmp_path / "ref"), _weights(run_dir)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_resume_refuses_another_world_size(tmp_path):
+    """A sharded checkpoint written by 2 ranks is refused by a single process (its ADMM rows differ)."""
+    args = [*ARGS, "method.steps=2", "method.checkpoint_every=1", "method.keep_checkpoint=true"]
+    cmd, env = _torchrun(*args, "hardware=fsdp_cpu", "method.batch_size=1", f"hydra.run.dir={tmp_path}")
+    ref = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "elsa.dcp").is_dir()
+    single = run_cli(*args, "method.batch_size=2", f"hydra.run.dir={tmp_path}")
+    assert single.returncode != 0
+    last = single.stderr.strip().splitlines()[-1]
+    assert "resume refused" in last and "2 processes" in last, last
