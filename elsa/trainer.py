@@ -86,11 +86,15 @@ class SparseTrainer(Pruner):
     supports_fsdp = True
     nan_hint = "lower method.lr"
 
-    def __init__(self, steps: int, batch_size: int, grad_accum: int, lr: float, warmup_steps: int,
-                 lr_final_ratio: float, betas, weight_decay: float, grad_clip: float, temperature: float,
-                 autocast_bf16: bool, gradient_checkpointing: bool, train_dense_params: bool, eval_every: int,
-                 eval_tokens: int, eval_initial: bool, checkpoint_every: int, resume: bool, keep_checkpoint: bool,
-                 optimizer: str, init: str = "dense"):
+    def __init__(self, steps: int = 4096, batch_size: int = 2, grad_accum: int = 4, lr: float = 2e-4,
+                 warmup_steps: int = 0, lr_final_ratio: float = 0.0, betas=(0.9, 0.95), weight_decay: float = 0.0,
+                 grad_clip: float = 1.0, temperature: float = 1.0, autocast_bf16: bool = False,
+                 gradient_checkpointing: bool = False, train_dense_params: bool = True, eval_every: int = 0,
+                 eval_tokens: int = 16384, eval_initial: bool = True, checkpoint_every: int = 0, resume: bool = True,
+                 keep_checkpoint: bool = False, optimizer: str = "adamw", init: str = "dense"):
+        """The keys every training method shares (defaults: ELSA's paper recipe); a method passes its own
+        defaults for them and adds its keys to ``self.config`` (the checkpoint signature)."""
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if init not in INITS:
             raise config_error("method.init", init, f"one of {', '.join(INITS)} (dense: the paper)")
         self.init = init

@@ -190,24 +190,16 @@ class Ast(SparseTrainer):
     name = "ast"
     supports_fsdp = True
 
-    def __init__(self, steps: int = 40000, batch_size: int = 8, grad_accum: int = 16, lr: float = 2e-4,
-                 warmup_steps: int = 2000, lr_final_ratio: float = 0.1, lr_schedule: str = "cosine",
-                 betas=(0.9, 0.95), weight_decay: float = 0.0, grad_clip: float = 1.0,
-                 srste_decay: float = 1e-4, increase_step: int = 10000, mask_interval: int = 10,
-                 mask_metric: str = "magnitude", change_mask: bool = True, group: str = "row",
-                 task_weight: float = 0.33, kl_weight: float = 0.67, temperature: float = 2.0,
-                 slorb: bool = False, slorb_k: int = 16, slorb_init: str = "mean",
-                 autocast_bf16: bool = False, gradient_checkpointing: bool = False,
-                 train_dense_params: bool = True, eval_every: int = 0, eval_tokens: int = 16384,
-                 eval_initial: bool = True, checkpoint_every: int = 0, resume: bool = True,
-                 keep_checkpoint: bool = False, optimizer: str = "adamw"):
-        super().__init__(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
-                         lr_final_ratio=lr_final_ratio, betas=betas, weight_decay=weight_decay, grad_clip=grad_clip,
-                         temperature=temperature, autocast_bf16=autocast_bf16,
-                         gradient_checkpointing=gradient_checkpointing, train_dense_params=train_dense_params,
-                         eval_every=eval_every, eval_tokens=eval_tokens, eval_initial=eval_initial,
-                         checkpoint_every=checkpoint_every, resume=resume, keep_checkpoint=keep_checkpoint,
-                         optimizer=optimizer)
+    def __init__(self, lr_schedule: str = "cosine", srste_decay: float = 1e-4, increase_step: int = 10000,
+                 mask_interval: int = 10, mask_metric: str = "magnitude", change_mask: bool = True,
+                 group: str = "row", task_weight: float = 0.33, kl_weight: float = 0.67, slorb: bool = False,
+                 slorb_k: int = 16, slorb_init: str = "mean", **shared):
+        """AST's own keys; ``shared`` are the trainer's, with the reference recipe's defaults below."""
+        own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
+        shared = {"steps": 40000, "batch_size": 8, "grad_accum": 16, "warmup_steps": 2000, "lr_final_ratio": 0.1,
+                  "temperature": 2.0, **shared}
+        super().__init__(**shared)
+        temperature = self.temperature
         if lr_schedule not in ("cosine", "linear"):
             raise config_error("method.lr_schedule", lr_schedule, "cosine (the paper) or linear")
         self.lr_schedule = lr_schedule
@@ -228,7 +220,7 @@ class Ast(SparseTrainer):
         positive("method.temperature", temperature)
         if slorb:
             raise config_error("method.slorb", slorb, "false: SLoRB (the low-rank bypass) is not implemented yet")
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config.update(own)
 
     def lr_lambda(self):
         make = cosine_schedule if self.lr_schedule == "cosine" else linear_schedule

@@ -25,24 +25,15 @@ class Elsa(SparseTrainer):
     supports_fsdp = True
     nan_hint = "lower method.lr or method.lam"
 
-    def __init__(self, steps: int = 4096, batch_size: int = 2, grad_accum: int = 4, lr: float = 2e-4,
-                 warmup_steps: int = 0, lr_final_ratio: float = 0.0, betas=(0.9, 0.95), weight_decay: float = 0.0,
-                 grad_clip: float = 1.0, lam: float = 0.01, lam_final: float | None = None,
-                 lambda_schedule: str = "constant", adaptive_mu: float = 10.0, adaptive_tau: float = 2.0,
-                 interval: int = 32, dual_step: float | str = 1.0, proximal: str = "coupled", projection: str = "magnitude", group: str = "layer",
-                 sparsity_warmup: float = 0.0, finetune_fraction: float = 0.0, loss: str = "ntp", distill_alpha: float = 0.5,
-                 temperature: float = 1.0, autocast_bf16: bool = False, gradient_checkpointing: bool = False,
-                 train_dense_params: bool = True, eval_every: int = 0, eval_tokens: int = 16384,
-                 eval_initial: bool = True, checkpoint_every: int = 0, resume: bool = True,
-                 keep_checkpoint: bool = False, optimizer: str = "adamw", z_dtype: str = "fp32",
-                 u_dtype: str = "fp32", init: str = "dense"):
-        super().__init__(init=init, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
-                         lr_final_ratio=lr_final_ratio, betas=betas, weight_decay=weight_decay, grad_clip=grad_clip,
-                         temperature=temperature, autocast_bf16=autocast_bf16,
-                         gradient_checkpointing=gradient_checkpointing, train_dense_params=train_dense_params,
-                         eval_every=eval_every, eval_tokens=eval_tokens, eval_initial=eval_initial,
-                         checkpoint_every=checkpoint_every, resume=resume, keep_checkpoint=keep_checkpoint,
-                         optimizer=optimizer)
+    def __init__(self, lam: float = 0.01, lam_final: float | None = None, lambda_schedule: str = "constant",
+                 adaptive_mu: float = 10.0, adaptive_tau: float = 2.0, interval: int = 32,
+                 dual_step: float | str = 1.0, proximal: str = "coupled", projection: str = "magnitude",
+                 group: str = "layer", sparsity_warmup: float = 0.0, finetune_fraction: float = 0.0,
+                 loss: str = "ntp", distill_alpha: float = 0.5, z_dtype: str = "fp32", u_dtype: str = "fp32",
+                 **shared):
+        """ELSA's own keys; ``shared`` are the trainer's (steps, lr, ..., see SparseTrainer)."""
+        own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
+        super().__init__(**shared)
         self.interval = positive("method.interval", interval, integer=True)
         if not (isinstance(lam, (int, float)) and lam >= 0):
             raise config_error("method.lam", lam, "a number >= 0")
@@ -72,7 +63,7 @@ class Elsa(SparseTrainer):
         self.task_weight, self.kl_weight = {"ntp": (1.0, 0.0), "kl": (0.0, 1.0),
                                             "mix": (1 - distill_alpha, distill_alpha)}[loss]
         self.z_codec, self.u_codec = codec(z_dtype, "method.z_dtype"), codec(u_dtype, "method.u_dtype")
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config.update(own)
 
     # -- pieces -------------------------------------------------------------------------------------
     def second_moment_fn(self, opt, params: dict):
