@@ -71,8 +71,34 @@ def git_sha() -> str | None:
         return None
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start this job's peak-memory window: Linux resets the process's peak RSS (VmHWM) on "5" written to
+    /proc/self/clear_refs, so the jobs of one sweep process each report their own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_mb(device: str) -> dict:
-    out = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    """Peak resident memory of this job (since :func:`reset_peak_memory`; the process's lifetime peak where
+    the kernel cannot reset it), and the accelerator's peak allocation."""
+    hwm = _vm_hwm_mb()
+    out = {"cpu_rss": hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if str(device).startswith("cuda") and torch.cuda.is_available():
         out["gpu"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -169,6 +195,7 @@ class Run:
             self.device = D.init(cfg.hardware.get("backend"), self.device)
         main_rank = D.is_main()
         seed_everything(self.seed)
+        reset_peak_memory(self.device)
         self.results.update(model=cfg.model.name, method=cfg.method.name, seed=self.seed,
                             sparsity={"target": str(self.target), "target_ratio": self.target.ratio},
                             overrides=self.overrides, git_sha=git_sha(), output_dir=str(self.out))

@@ -80,6 +80,9 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
            "zero_shot_mean": _zero_shot_mean(data.get("zero_shot")),
            "dense_zero_shot_mean": _zero_shot_mean(data.get("dense_zero_shot")),
            "time_s": (data.get("time_s") or {}).get("total"),
+           "prune_s": (data.get("time_s") or {}).get("prune"),
+           "peak_rss_mb": (data.get("peak_memory_mb") or {}).get("cpu_rss"),
+           "peak_gpu_mb": (data.get("peak_memory_mb") or {}).get("gpu"),
            "dir": str(job_dir.relative_to(root)) if job_dir != root else ".",
            "overrides": " ".join(data.get("overrides") or []), "error": data.get("error")}
     for corpus, value in (data.get("perplexity") or {}).items():
@@ -161,8 +164,11 @@ def markdown(df: pd.DataFrame) -> str:
     if "zero_shot_mean" in df and df["zero_shot_mean"].notna().any():
         cols.append("zero_shot_mean")
         heads.append("zero-shot mean acc")
-    cols += ["measured_sparsity", "nonzero_params", "time_s"]
-    heads += ["measured sparsity", "non-zero params", "time (s)"]
+    cols += ["measured_sparsity", "nonzero_params", "prune_s", "time_s", "peak_rss_mb"]
+    heads += ["measured sparsity", "non-zero params", "prune (s)", "time (s)", "peak RSS (MB)"]
+    if "peak_gpu_mb" in df and df["peak_gpu_mb"].notna().any():
+        cols.append("peak_gpu_mb")
+        heads.append("peak GPU (MB)")
     parts = ["## Results", "", markdown_table(df, cols, heads), ""]
     dense = [(m, c, v) for c in names for m, v in dense_baselines(df, c).items()]
     if dense:

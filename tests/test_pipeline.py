@@ -1,7 +1,9 @@
 """The real pipeline end to end on model=tiny, plus the CLI's handling of bad input."""
 import json
+import os
 
 import pytest
+import torch
 from conftest import TINY, read_results, run_cli, run_pipeline
 
 from elsa.models import prunable_linears
@@ -121,3 +123,15 @@ def test_wandb_offline_run_lands_in_output_dir(tmp_path, monkeypatch):
     assert r["status"] == "done"
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux peak-RSS reset")
+def test_peak_memory_is_the_jobs_own():
+    """Jobs of one sweep share a process: each reports the peak since its own start, not the process's."""
+    from elsa.pipeline import peak_memory_mb, reset_peak_memory
+
+    big = torch.ones(64 * 2**20)          # 256 MB, touched
+    before = peak_memory_mb("cpu")["cpu_rss"]
+    del big
+    reset_peak_memory("cpu")
+    assert peak_memory_mb("cpu")["cpu_rss"] < before - 200
