@@ -26,6 +26,7 @@ The eigendecomposition, ridge solve and PCG live here as :class:`Reconstruction`
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -146,11 +147,17 @@ def alps_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity, rho: flo
     return prob.to_weight(refined), info
 
 
-def check_positive(key: str, value, whole: bool = False, paper: str = "") -> None:
-    """Raise the one-line config error unless ``value`` is a number > 0 (a whole number with ``whole``)."""
+def check_positive(key: str, value, whole: bool = False, paper: str = "", zero_ok: bool = False) -> None:
+    """Raise the one-line config error unless ``value`` is a number > 0 (>= 0 and finite with ``zero_ok``;
+    a whole number with ``whole``)."""
     ok = isinstance(value, int) if whole else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not value > 0:
+    if zero_ok:
+        ok = ok and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        kind = "a finite number >= 0"
+    else:
+        ok = ok and not isinstance(value, bool) and value > 0
         kind = "a whole number > 0" if whole else "a number > 0"
+    if not ok:
         raise config_error(key, value, kind + (f" (the paper: {paper})" if paper else ""))
 
 

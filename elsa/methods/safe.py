@@ -51,11 +51,6 @@ from elsa.training import linear_schedule
 log = logging.getLogger(__name__)
 
 
-def check_nonnegative(key: str, value, paper: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise config_error(key, value, "a finite number >= 0" + (f" (the paper: {paper})" if paper else ""))
-
-
 def _float(obj):
     """Floating tensors (also inside tuples/lists/dicts, e.g. rotary cos/sin) in float32; the rest unchanged."""
     if isinstance(obj, torch.Tensor):
@@ -75,9 +70,9 @@ class SAFE(LayerwisePruner):
         check_positive("method.batch_size", batch_size, whole=True, paper="8")
         check_positive("method.lr", lr, paper="2e-4")
         check_positive("method.interval", interval, whole=True, paper="32")
-        check_nonnegative("method.lam", lam, paper="1e-3")
-        check_nonnegative("method.rho", rho, paper="2e-4")
-        check_nonnegative("method.warmup_epochs", warmup_epochs, paper="2")
+        check_positive("method.lam", lam, paper="1e-3", zero_ok=True)
+        check_positive("method.rho", rho, paper="2e-4", zero_ok=True)
+        check_positive("method.warmup_epochs", warmup_epochs, paper="2", zero_ok=True)
         if warmup_epochs > epochs:
             raise config_error("method.warmup_epochs", warmup_epochs, f"at most method.epochs={epochs}")
         betas = tuple(betas)
