@@ -7,7 +7,7 @@ from elsa.errors import ElsaError
 from elsa.methods.alps import ALPS, alps_prune
 from elsa.methods.ladmm import LADMM, cubic_sparsity, ladmm_prune
 from elsa.methods.sparsegpt import sparsegpt_prune
-from elsa.methods.sparsellm import SparseLLM, gated_mlp, sparsellm_mlp
+from elsa.methods.sparsellm import GatedMLPProblem, SparseLLM, gated_mlp, sparsellm_mlp
 from elsa.sparsity import Sparsity, nm_violations
 
 from conftest import run_pipeline
@@ -91,6 +91,27 @@ def test_sparsellm_objective_and_mlp_error_decrease(sparsity):
         assert int((lin.weight == 0).sum()) == round(lin.weight.numel() * target.ratio)
         if target.is_nm:
             assert nm_violations(lin.weight, target.n, target.m) == 0
+
+
+def test_sparsellm_s_update_never_raises_an_element_and_chunking_only_moves_the_early_stop():
+    x, mlp = correlated_inputs(tokens=300), GatedMLP()
+    with torch.no_grad():
+        y = mlp(x)
+    problems = [GatedMLPProblem(mlp, x, y, 0.1, 0.1, 0.1, chunk=c) for c in (7, 512)]
+    keep = torch.rand_like(problems[0].wg) > 0.7
+    for prob in problems:                            # a pruned gate/up moves X W_gᵀ away from S: work to do
+        prob.wg, prob.wu = prob.wg * keep, prob.wu * keep
+        prob._inputs_changed()
+        prob.update_p()
+        prob.update_u()
+    before = problems[0]._s_loss(problems[0].s, problems[0].p, problems[0].u, problems[0].xg)
+    for prob in problems:
+        prob.update_s()
+    after = problems[0]._s_loss(problems[0].s, problems[0].p, problems[0].u, problems[0].xg)
+    assert bool((after <= before).all()) and float(after.sum()) < 0.5 * float(before.sum())
+    other = problems[1]._s_loss(problems[1].s, problems[1].p, problems[1].u, problems[1].xg)
+    assert float(other.sum()) == pytest.approx(float(after.sum()), rel=1e-4)
+    torch.testing.assert_close(problems[0].s, problems[1].s, rtol=1e-3, atol=1e-3)
 
 
 def test_gated_mlp_is_found_structurally():

@@ -69,9 +69,10 @@ def mlp_io(block: nn.Module, mlp: nn.Module, inputs) -> tuple[torch.Tensor, torc
     return torch.cat(xs), torch.cat(ys)
 
 
-def least_squares(x: torch.Tensor, t: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """W (out, in) minimising ||X Wᵀ - T||² + damping, damping = percdamp · mean diag(XᵀX)."""
-    g = x.t() @ x
+def least_squares(x: torch.Tensor, t: torch.Tensor, percdamp: float, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """W (out, in) minimising ||X Wᵀ - T||² + damping, damping = percdamp · mean diag(XᵀX); ``gram`` is XᵀX
+    when the caller has it already."""
+    g = (x.t() @ x) if gram is None else gram.clone()
     g += (percdamp * float(torch.diagonal(g).mean().clamp_min(1e-12))) * torch.eye(g.shape[0], device=g.device)
     chol = torch.linalg.cholesky(g)
     return torch.cholesky_solve(x.t() @ t, chol).t()
@@ -82,26 +83,35 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 
 
 class GatedMLPProblem:
-    """The auxiliary-variable problem of one gated MLP; weights are float32 (out, in) copies."""
+    """The auxiliary-variable problem of one gated MLP; weights are float32 (out, in) copies.
 
-    def __init__(self, mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, gamma: float):
+    ``xg`` = X W_gᵀ and ``xu`` = X W_uᵀ are kept for the current weights: the objective, the MLP error and the
+    S and U updates all need them, so each alternation computes them once (after the weight update)."""
+
+    def __init__(self, mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, gamma: float,
+                 chunk: int = 512):
         self.act = mlp.act_fn
         self.x, self.y = x, y
         self.wg, self.wu, self.wd = (getattr(mlp, k).weight.detach().float().clone() for k in GATED)
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
-        self.s, self.u = x @ self.wg.t(), x @ self.wu.t()
+        self.chunk = chunk
+        self._inputs_changed()
+        self.s, self.u = self.xg.clone(), self.xu.clone()
         self.p = self.act(self.s) * self.u
+        self.hx = hessian(x)                               # X is fixed: its Gram matrix is computed once
+
+    def _inputs_changed(self) -> None:
+        self.xg, self.xu = self.x @ self.wg.t(), self.x @ self.wu.t()
 
     def objective(self) -> float:
         a, b, g = self.alpha, self.beta, self.gamma
-        x, n = self.x, len(self.x)
         total = (g * (self.p @ self.wd.t() - self.y).pow(2).sum()
                  + b * (self.p - self.act(self.s) * self.u).pow(2).sum()
-                 + a * ((self.s - x @ self.wg.t()).pow(2).sum() + (self.u - x @ self.wu.t()).pow(2).sum()))
-        return float(total) / n
+                 + a * ((self.s - self.xg).pow(2).sum() + (self.u - self.xu).pow(2).sum()))
+        return float(total) / len(self.x)
 
     def mlp_error(self) -> float:
-        out = (self.act(self.x @ self.wg.t()) * (self.x @ self.wu.t())) @ self.wd.t()
+        out = (self.act(self.xg) * self.xu) @ self.wd.t()
         return float((out - self.y).pow(2).sum()) / len(self.x)
 
     # -- activation updates (closed form / elementwise) -------------------------------------------------
@@ -109,49 +119,69 @@ class GatedMLPProblem:
         b, g = self.beta, self.gamma
         lhs = g * self.wd.t() @ self.wd + b * torch.eye(self.wd.shape[1], device=self.wd.device)
         rhs = g * self.y @ self.wd + b * self.act(self.s) * self.u
-        self.p = torch.cholesky_solve(rhs.t(), torch.linalg.cholesky(lhs)).t()
+        self.p = rhs @ torch.cholesky_inverse(torch.linalg.cholesky(lhs))   # lhs is small and well conditioned
 
     def update_u(self) -> None:
         sig = self.act(self.s)
-        self.u = (self.beta * sig * self.p + self.alpha * self.x @ self.wu.t()) / (self.beta * sig * sig + self.alpha)
+        self.u = (self.beta * sig * self.p + self.alpha * self.xu) / (self.beta * sig * sig + self.alpha)
 
-    def _s_loss(self, s, g):
-        return self.beta * (self.p - self.act(s) * self.u).pow(2) + self.alpha * (s - g).pow(2)
+    def _s_loss(self, s, p, u, g):
+        return self.beta * (p - self.act(s) * u).pow(2) + self.alpha * (s - g).pow(2)
 
-    def update_s(self, steps: int = 5, halvings: int = 6) -> None:
-        g = self.x @ self.wg.t()
-        s = self.s
+    def update_s(self, steps: int = 5, halvings: int = 6, rtol: float = 1e-5) -> None:
+        """Safeguarded Gauss-Newton on each element of S, a chunk of token rows at a time (the tensors of one
+        chunk stay in cache); a step is halved only where it raised that element's loss, and kept only where
+        the loss did not rise. A chunk stops early once a step lowers its loss by less than ``rtol`` relative
+        (at that point the "rises" are rounding noise, and backtracking on them is all the cost)."""
+        for lo in range(0, len(self.s), self.chunk):
+            rows = slice(lo, lo + self.chunk)
+            self.s[rows] = self._update_s_rows(self.s[rows], self.p[rows], self.u[rows], self.xg[rows], steps,
+                                               halvings, rtol)
+
+    def _update_s_rows(self, s, p, u, g, steps: int, halvings: int, rtol: float) -> torch.Tensor:
         for _ in range(steps):
             with torch.enable_grad():
                 sv = s.detach().requires_grad_(True)
                 a = self.act(sv)
                 da, = torch.autograd.grad(a.sum(), sv)     # elementwise activation: its derivative
             a, da = a.detach(), da.detach()
-            r = self.p - a * self.u
-            grad = -2 * self.beta * r * self.u * da + 2 * self.alpha * (s - g)
-            curv = 2 * self.beta * (self.u * da).pow(2) + 2 * self.alpha
-            step, base = grad / curv, self._s_loss(s, g)
-            t = torch.ones_like(s)
-            for _ in range(halvings):                     # per-element backtracking: accept only decreases
-                cand = s - t * step
-                worse = self._s_loss(cand, g) > base
-                if not worse.any():
+            r = p - a * u
+            base = self.beta * r.pow(2) + self.alpha * (s - g).pow(2)
+            grad = -2 * self.beta * r * u * da + 2 * self.alpha * (s - g)
+            curv = 2 * self.beta * (u * da).pow(2) + 2 * self.alpha
+            step = grad / curv
+            cand = s - step
+            loss = self._s_loss(cand, p, u, g)
+            worse = (loss > base * (1 + 1e-6)).nonzero(as_tuple=True)   # rises above rounding noise
+            t = torch.ones_like(step[worse])
+            for _ in range(halvings):                     # per-element backtracking on the elements that rose
+                if len(t) == 0:
                     break
-                t = torch.where(worse, t * 0.5, t)
-            cand = s - t * step
-            s = torch.where(self._s_loss(cand, g) <= base, cand, s)
-        self.s = s
+                t = t * 0.5
+                c = s[worse] - t * step[worse]
+                lc = self._s_loss(c, p[worse], u[worse], g[worse])
+                cand[worse], loss[worse] = c, lc
+                still = lc > base[worse] * (1 + 1e-6)
+                worse, t = tuple(w[still] for w in worse), t[still]
+            keep = loss <= base
+            s = torch.where(keep, cand, s)
+            before = float(base.sum())
+            if before - float(torch.where(keep, loss, base).sum()) <= rtol * before:
+                break
+        return s
 
     # -- weight updates: least squares, then SparseGPT --------------------------------------------------
     def update_weights(self, target: Sparsity, blocksize: int, percdamp: float, name: str) -> dict:
-        hx = hessian(self.x)
+        n = len(self.x)
         hp = hessian(self.p)
-        self.wd, info = sparsegpt_prune(least_squares(self.p, self.y, percdamp), hp, target, blocksize, percdamp,
-                                        f"{name}.down_proj")
-        self.wg, _ = sparsegpt_prune(least_squares(self.x, self.s, percdamp), hx, target, blocksize, percdamp,
-                                     f"{name}.gate_proj")
-        self.wu, _ = sparsegpt_prune(least_squares(self.x, self.u, percdamp), hx, target, blocksize, percdamp,
-                                     f"{name}.up_proj")
+        self.wd, info = sparsegpt_prune(least_squares(self.p, self.y, percdamp, hp * (n / 2)), hp, target,
+                                        blocksize, percdamp, f"{name}.down_proj")
+        gx = self.hx * (n / 2)
+        self.wg, _ = sparsegpt_prune(least_squares(self.x, self.s, percdamp, gx), self.hx, target, blocksize,
+                                     percdamp, f"{name}.gate_proj")
+        self.wu, _ = sparsegpt_prune(least_squares(self.x, self.u, percdamp, gx), self.hx, target, blocksize,
+                                     percdamp, f"{name}.up_proj")
+        self._inputs_changed()
         return info
 
     def alternate(self, target: Sparsity, blocksize: int, percdamp: float, name: str) -> None:
