@@ -1,4 +1,5 @@
 """One exception type for every user-facing mistake, so the CLI can print one clear line."""
+import math
 
 
 class ElsaError(Exception):
@@ -10,3 +11,14 @@ class ElsaError(Exception):
 
 def config_error(key: str, value, allowed: str) -> ElsaError:
     return ElsaError(f"{key}={value!s} is not allowed: {allowed}")
+
+
+def positive(key: str, value, whole: bool = False, zero_ok: bool = False, paper: str = ""):
+    """``value`` as an int (``whole``) or float when it is a finite number > 0 (>= 0 with ``zero_ok``), else the
+    one-line config error, which quotes the paper's value when given."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        (value >= 0 if zero_ok else value > 0) and (not whole or float(value).is_integer())
+    if not ok:
+        kind = "a whole number" if whole else "a number"
+        raise config_error(key, value, f"{kind} {'>= 0' if zero_ok else '> 0'}" + (f" (the paper: {paper})" if paper else ""))
+    return int(value) if whole else float(value)

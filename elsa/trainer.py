@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from elsa import distributed as D
 from elsa.data import eval_windows, token_stream
-from elsa.errors import ElsaError, config_error
+from elsa.errors import ElsaError, config_error, positive
 from elsa.evaluation import perplexity
 from elsa.methods.base import PruneContext, Pruner
 from elsa.models import decoder_blocks, prunable_linears
@@ -40,16 +40,6 @@ from elsa.training import Checkpointer, TrainWindows, kl_loss, linear_schedule, 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adamw8bit")
-
-
-def positive(key: str, value, integer: bool = False, zero_ok: bool = False):
-    """``value`` as an int/float when it is a finite number > 0 (>= 0 with ``zero_ok``), else a config error."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
-        (value >= 0 if zero_ok else value > 0) and (not integer or float(value).is_integer())
-    if not ok:
-        kind = "a whole number" if integer else "a number"
-        raise config_error(key, value, f"{kind} {'>= 0' if zero_ok else '> 0'}")
-    return int(value) if integer else float(value)
 
 
 def tensor_nbytes(t) -> int:
@@ -99,11 +89,11 @@ class SparseTrainer(Pruner):
             raise config_error("method.init", init, f"one of {', '.join(INITS)} (dense: the paper)")
         self.init = init
         self.needs_calibration = init != "dense"   # a one-shot start prunes with the calibration windows
-        self.steps = positive("method.steps", steps, integer=True)
-        self.batch_size = positive("method.batch_size", batch_size, integer=True)
-        self.grad_accum = positive("method.grad_accum", grad_accum, integer=True)
+        self.steps = positive("method.steps", steps, whole=True)
+        self.batch_size = positive("method.batch_size", batch_size, whole=True)
+        self.grad_accum = positive("method.grad_accum", grad_accum, whole=True)
         self.lr = positive("method.lr", lr)
-        self.warmup_steps = positive("method.warmup_steps", warmup_steps, integer=True, zero_ok=True)
+        self.warmup_steps = positive("method.warmup_steps", warmup_steps, whole=True, zero_ok=True)
         self.lr_final_ratio = positive("method.lr_final_ratio", lr_final_ratio, zero_ok=True)
         self.betas = tuple(float(b) for b in betas)
         self.weight_decay = positive("method.weight_decay", weight_decay, zero_ok=True)
@@ -113,9 +103,9 @@ class SparseTrainer(Pruner):
         self.temperature = temperature
         self.autocast_bf16, self.gradient_checkpointing = autocast_bf16, gradient_checkpointing
         self.train_dense_params = train_dense_params
-        self.eval_every = positive("method.eval_every", eval_every, integer=True, zero_ok=True)
+        self.eval_every = positive("method.eval_every", eval_every, whole=True, zero_ok=True)
         self.eval_tokens, self.eval_initial = eval_tokens, eval_initial
-        self.checkpoint_every = positive("method.checkpoint_every", checkpoint_every, integer=True, zero_ok=True)
+        self.checkpoint_every = positive("method.checkpoint_every", checkpoint_every, whole=True, zero_ok=True)
         self.resume, self.keep_checkpoint = resume, keep_checkpoint
         self.optimizer_name = optimizer
         # loss = task_weight * next-token + kl_weight * KL(teacher || student); a teacher exists iff kl_weight

@@ -26,14 +26,13 @@ The eigendecomposition, ridge solve and PCG live here as :class:`Reconstruction`
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
 
-from elsa.errors import config_error
+from elsa.errors import config_error, positive
 
-from elsa.methods.sparsegpt import HessianPruner
+from elsa.methods.sparsegpt import Hessian, HessianPruner
 from elsa.sparsity import Sparsity, mask_from_scores
 
 log = logging.getLogger(__name__)
@@ -147,29 +146,15 @@ def alps_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity, rho: flo
     return prob.to_weight(refined), info
 
 
-def check_positive(key: str, value, whole: bool = False, paper: str = "", zero_ok: bool = False) -> None:
-    """Raise the one-line config error unless ``value`` is a number > 0 (>= 0 and finite with ``zero_ok``;
-    a whole number with ``whole``)."""
-    ok = isinstance(value, int) if whole else isinstance(value, (int, float))
-    if zero_ok:
-        ok = ok and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-        kind = "a finite number >= 0"
-    else:
-        ok = ok and not isinstance(value, bool) and value > 0
-        kind = "a whole number > 0" if whole else "a number > 0"
-    if not ok:
-        raise config_error(key, value, kind + (f" (the paper: {paper})" if paper else ""))
-
-
 class ALPS(HessianPruner):
     def __init__(self, rho: float = 0.1, max_iters: int = 300, update_every: int = 3,
                  change_thresholds=(0.1, 0.005), rho_growth=(1.3, 1.2, 1.1), pcg_iters: int = 50,
                  percdamp: float = 0.01, batch_size: int = 8):
         super().__init__(batch_size)
-        check_positive("method.rho", rho, paper="0.1")
-        check_positive("method.max_iters", max_iters, whole=True, paper="300")
-        check_positive("method.update_every", update_every, whole=True, paper="3")
-        check_positive("method.percdamp", percdamp, paper="0.01")
+        positive("method.rho", rho, paper="0.1")
+        positive("method.max_iters", max_iters, whole=True, paper="300")
+        positive("method.update_every", update_every, whole=True, paper="3")
+        positive("method.percdamp", percdamp, paper="0.01")
         if not (isinstance(pcg_iters, int) and not isinstance(pcg_iters, bool) and pcg_iters >= 0):
             raise config_error("method.pcg_iters", pcg_iters, "a whole number >= 0 (0: no refinement)")
         thresholds, growth = tuple(change_thresholds), tuple(rho_growth)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from elsa import distributed as D
 from elsa.errors import config_error
 from elsa.sparsity import Sparsity, mask_from_scores
-from elsa.trainer import SparseTrainer, positive
+from elsa.errors import positive
+from elsa.trainer import SparseTrainer
 from elsa.training import cosine_schedule, linear_schedule
 
 log = logging.getLogger(__name__)
@@ -204,8 +205,8 @@ class Ast(SparseTrainer):
             raise config_error("method.lr_schedule", lr_schedule, "cosine (the paper) or linear")
         self.lr_schedule = lr_schedule
         self.srste_decay = positive("method.srste_decay", srste_decay, zero_ok=True)
-        self.increase_step = positive("method.increase_step", increase_step, integer=True, zero_ok=True)
-        self.mask_interval = positive("method.mask_interval", mask_interval, integer=True)
+        self.increase_step = positive("method.increase_step", increase_step, whole=True, zero_ok=True)
+        self.mask_interval = positive("method.mask_interval", mask_interval, whole=True)
         if mask_metric not in METRICS:
             raise config_error("method.mask_metric", mask_metric, " or ".join(METRICS))
         if not isinstance(change_mask, bool):

@@ -13,7 +13,8 @@ import torch
 from elsa import distributed as D
 from elsa.admm import AdmmState, LambdaSchedule, codec, sparsity_at
 from elsa.errors import config_error
-from elsa.trainer import SparseTrainer, positive, tensor_nbytes  # noqa: F401 - tensor_nbytes: old import path
+from elsa.errors import positive
+from elsa.trainer import SparseTrainer, tensor_nbytes  # noqa: F401 - tensor_nbytes: old import path
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class Elsa(SparseTrainer):
         """ELSA's own keys; ``shared`` are the trainer's (steps, lr, ..., see SparseTrainer)."""
         own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
         super().__init__(**shared)
-        self.interval = positive("method.interval", interval, integer=True)
+        self.interval = positive("method.interval", interval, whole=True)
         if not (isinstance(lam, (int, float)) and lam >= 0):
             raise config_error("method.lam", lam, "a number >= 0")
         self.lam, self.lam_final, self.lambda_schedule = float(lam), lam_final, lambda_schedule

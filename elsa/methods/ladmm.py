@@ -24,8 +24,9 @@ from torch import nn
 
 from elsa.errors import config_error
 
-from elsa.methods.alps import Reconstruction, check_positive, project
-from elsa.methods.sparsegpt import HessianPruner
+from elsa.errors import positive
+from elsa.methods.alps import Reconstruction, project
+from elsa.methods.sparsegpt import Hessian, HessianPruner
 from elsa.sparsity import Sparsity
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,10 @@ class LADMM(HessianPruner):
     def __init__(self, rho: float = 1.0, iters: int = 30, grow_iters: int = 15, refit: bool = True,
                  pcg_iters: int = 20, percdamp: float = 0.01, batch_size: int = 8):
         super().__init__(batch_size)
-        check_positive("method.rho", rho, paper="1")
-        check_positive("method.iters", iters, whole=True)
-        check_positive("method.grow_iters", grow_iters, whole=True)
-        check_positive("method.percdamp", percdamp, paper="0.01")
+        positive("method.rho", rho, paper="1")
+        positive("method.iters", iters, whole=True)
+        positive("method.grow_iters", grow_iters, whole=True)
+        positive("method.percdamp", percdamp, paper="0.01")
         if grow_iters > iters:
             raise config_error("method.grow_iters", grow_iters, f"at most method.iters={iters}")
         if not isinstance(refit, bool):

@@ -42,7 +42,7 @@ from torch import nn
 from elsa.admm import AdmmState, Fp32Codec
 from elsa.errors import ElsaError, config_error
 from elsa.layerwise import LayerwisePruner, _hidden
-from elsa.methods.alps import check_positive
+from elsa.errors import positive
 from elsa.methods.base import PruneContext
 from elsa.models import block_linears
 from elsa.sparsity import Sparsity
@@ -66,13 +66,13 @@ class SAFE(LayerwisePruner):
     def __init__(self, epochs: int = 30, warmup_epochs: float = 2, batch_size: int = 8, lr: float = 2e-4,
                  betas=(0.9, 0.95), lam: float = 1e-3, rho: float = 2e-4, interval: int = 32,
                  activation_weighted: bool = False):
-        check_positive("method.epochs", epochs, whole=True, paper="30")
-        check_positive("method.batch_size", batch_size, whole=True, paper="8")
-        check_positive("method.lr", lr, paper="2e-4")
-        check_positive("method.interval", interval, whole=True, paper="32")
-        check_positive("method.lam", lam, paper="1e-3", zero_ok=True)
-        check_positive("method.rho", rho, paper="2e-4", zero_ok=True)
-        check_positive("method.warmup_epochs", warmup_epochs, paper="2", zero_ok=True)
+        positive("method.epochs", epochs, whole=True, paper="30")
+        positive("method.batch_size", batch_size, whole=True, paper="8")
+        positive("method.lr", lr, paper="2e-4")
+        positive("method.interval", interval, whole=True, paper="32")
+        positive("method.lam", lam, paper="1e-3", zero_ok=True)
+        positive("method.rho", rho, paper="2e-4", zero_ok=True)
+        positive("method.warmup_epochs", warmup_epochs, paper="2", zero_ok=True)
         if warmup_epochs > epochs:
             raise config_error("method.warmup_epochs", warmup_epochs, f"at most method.epochs={epochs}")
         betas = tuple(betas)

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from elsa.layerwise import LayerwisePruner
-from elsa.methods.alps import check_positive
+from elsa.errors import positive
 from elsa.methods.sparsegpt import SparseGPT, sparsegpt_prune
 from elsa.models import block_linears
 from elsa.sparsity import Sparsity
@@ -214,8 +214,8 @@ class SparseLLM(SparseGPT):
                  percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8):
         super().__init__(percdamp, blocksize, batch_size)
         for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-            check_positive(f"method.{key}", value, paper="0.1")
-        check_positive("method.iterations", iterations, whole=True, paper="10")
+            positive(f"method.{key}", value, paper="0.1")
+        positive("method.iterations", iterations, whole=True, paper="10")
         self.alpha, self.beta, self.gamma, self.iterations = float(alpha), float(beta), float(gamma), iterations
 
     def prune_block(self, prefix: str, block: nn.Module, stats: dict[str, Any], inputs, target: Sparsity) -> dict:
