@@ -157,6 +157,50 @@ def markdown_table(df: pd.DataFrame, columns: list[str], headers: list[str]) -> 
     return "\n".join(lines)
 
 
+def grid(df: pd.DataFrame, column: str, model: str, dense: float | None = None) -> pd.DataFrame:
+    """Method x sparsity target for one model: ``column`` of the finished jobs (the median over seeds),
+    "failed" where every job of the cell failed, "" where none ran; a dense row first when ``dense`` is given."""
+    jobs = df[(df["model"] == model) & df["method"].notna() & df["sparsity"].notna()]
+    if jobs.empty:
+        return pd.DataFrame()
+    targets = (jobs[["sparsity", "sparsity_ratio", "nm"]].drop_duplicates("sparsity")
+               .sort_values(["nm", "sparsity_ratio"], kind="stable")["sparsity"].astype(str).tolist())
+    rows = []
+    if dense is not None:
+        rows.append({"method": "dense", **{t: dense for t in targets}})
+    for method in _method_order(jobs):
+        if method == "dense" and dense is not None:
+            continue                                  # already the first row
+        row = {"method": method}
+        for target in targets:
+            cell = jobs[(jobs["method"] == method) & (jobs["sparsity"].astype(str) == target)]
+            values = done(cell)[column].dropna() if column in cell else pd.Series(dtype=float)
+            row[target] = float(values.median()) if not values.empty else ("failed" if len(cell) else "")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["method", *targets])
+
+
+def grids(df: pd.DataFrame) -> list[str]:
+    """Per model: perplexity, wall time and peak memory as method x sparsity grids (when the sweep has several
+    methods or targets: the shape of a results table in a paper)."""
+    parts = []
+    names = corpora(df)
+    for model in sorted(df["model"].dropna().unique()):
+        jobs = df[df["model"] == model]
+        if jobs["method"].nunique() < 2 and jobs["sparsity"].nunique() < 2:
+            continue
+        for title, column, dense in (
+                *[(f"perplexity ({c})", PPL + c, dense_baselines(df, c).get(model)) for c in names],
+                ("time (s)", "time_s", None), ("peak RSS (MB)", "peak_rss_mb", None)):
+            table = grid(df, column, model, dense)
+            if table.empty or column not in df or not df[column].notna().any():
+                continue
+            cols = list(table.columns)
+            parts += [f"## {model}: {title} by method and sparsity", "",
+                      markdown_table(table, cols, cols), ""]
+    return parts
+
+
 def markdown(df: pd.DataFrame) -> str:
     names = corpora(df)
     cols = ["model", "method", "sparsity", "seed", "status", *[PPL + c for c in names]]
@@ -169,7 +213,7 @@ def markdown(df: pd.DataFrame) -> str:
     if "peak_gpu_mb" in df and df["peak_gpu_mb"].notna().any():
         cols.append("peak_gpu_mb")
         heads.append("peak GPU (MB)")
-    parts = ["## Results", "", markdown_table(df, cols, heads), ""]
+    parts = [*grids(df), "## Results", "", markdown_table(df, cols, heads), ""]
     dense = [(m, c, v) for c in names for m, v in dense_baselines(df, c).items()]
     if dense:
         table = pd.DataFrame(dense, columns=["model", "corpus", "ppl"])

@@ -76,6 +76,21 @@ def test_collect_table_values(sweep_dir):
     assert tiny["method"].tolist() == ["magnitude"] * 3 + ["wanda"] * 2
 
 
+def test_method_by_sparsity_grid(sweep_dir):
+    df = report.collect(sweep_dir)
+    table = report.grid(df, "ppl/wiki", "tiny", dense=20.0)
+    assert list(table.columns) == ["method", "0.5", "0.7", "1.5", "2:4"]      # N:M targets after the ratios
+    rows = {r["method"]: r for r in table.to_dict("records")}
+    assert list(rows) == ["dense", "magnitude", "wanda"]
+    assert rows["dense"]["0.7"] == 20.0
+    assert (rows["magnitude"]["0.5"], rows["magnitude"]["0.7"], rows["magnitude"]["2:4"]) == (40.0, 400.0, 60.0)
+    assert rows["wanda"]["2:4"] == "" and rows["wanda"]["1.5"] == "failed"     # not run / failed
+    md = report.markdown(df)
+    assert "## tiny: perplexity (wiki) by method and sparsity" in md and "## tiny: time (s) by method" in md
+    assert "| wanda | 30.000 | 90.000 | failed |  |" in md
+    assert report.grid(df, "ppl/wiki", "other", dense=12.5)["method"].tolist() == ["dense", "magnitude"]
+
+
 def test_report_files(sweep_dir, tmp_path):
     out = tmp_path / "report"
     files = report.write_report(sweep_dir, out)
