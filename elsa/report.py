@@ -30,7 +30,7 @@ from elsa.sweep import RESULTS, read_results
 
 log = logging.getLogger(__name__)
 METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm", "ast", "elsa",
-                "elsa_l"]
+                "elsa_from_sparsegpt", "elsa_l"]
 PPL = "ppl/"          # column prefix: perplexity of the pruned model per corpus
 DENSE = "dense_ppl/"  # column prefix: perplexity of the dense model per corpus
 
