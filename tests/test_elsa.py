@@ -146,7 +146,6 @@ def test_elsa_nm_mask_valid_in_saved_model(tmp_path):
     ("method.lambda_schedule=nope", "method.lambda_schedule=nope"), ("method.init=gmp", "method.init=gmp"),
 ])
 def test_bad_hyperparameters_fail_before_loading(tmp_path, override, needle):
-    t = time.perf_counter()
     with pytest.raises(ElsaError, match=needle.replace(".", r"\.")):
         run_pipeline(tmp_path, *ELSA_FAST, override)
     assert read_results(tmp_path)["status"] == "failed"

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from elsa.errors import ElsaError
-from elsa.methods.magnitude import Magnitude  # noqa: F401  (the method a user compares against)
 from elsa.methods.sparsegpt import Hessian, SparseGPT, inverse_cholesky, sparsegpt_prune
 from elsa.methods.wanda import InputNorms, Wanda
 from elsa.sparsity import Sparsity, mask_from_scores, nm_violations

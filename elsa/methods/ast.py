@@ -20,9 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from elsa import distributed as D
-from elsa.errors import config_error
+from elsa.errors import config_error, positive
 from elsa.sparsity import Sparsity, mask_from_scores
-from elsa.errors import positive
 from elsa.trainer import SparseTrainer
 from elsa.training import cosine_schedule, linear_schedule
 

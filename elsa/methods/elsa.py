@@ -12,9 +12,8 @@ import torch
 
 from elsa import distributed as D
 from elsa.admm import AdmmState, LambdaSchedule, codec, sparsity_at
-from elsa.errors import config_error
-from elsa.errors import positive
-from elsa.trainer import SparseTrainer, tensor_nbytes  # noqa: F401 - tensor_nbytes: old import path
+from elsa.errors import config_error, positive
+from elsa.trainer import SparseTrainer
 
 log = logging.getLogger(__name__)
 

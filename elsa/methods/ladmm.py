@@ -22,9 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from elsa.errors import config_error
-
-from elsa.errors import positive
+from elsa.errors import config_error, positive
 from elsa.methods.alps import Reconstruction, project
 from elsa.methods.sparsegpt import Hessian, HessianPruner
 from elsa.sparsity import Sparsity

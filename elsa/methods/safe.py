@@ -40,9 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from elsa.admm import AdmmState, Fp32Codec
-from elsa.errors import ElsaError, config_error
+from elsa.errors import ElsaError, config_error, positive
 from elsa.layerwise import LayerwisePruner, _hidden
-from elsa.errors import positive
 from elsa.methods.base import PruneContext
 from elsa.models import block_linears
 from elsa.sparsity import Sparsity

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from elsa.layerwise import LayerwisePruner
 from elsa.errors import positive
+from elsa.layerwise import LayerwisePruner
 from elsa.methods.sparsegpt import SparseGPT, sparsegpt_prune
 from elsa.models import block_linears
 from elsa.sparsity import Sparsity
