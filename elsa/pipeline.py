@@ -1,6 +1,8 @@
 """One run: validate -> seed -> load -> calibration data -> prune -> measure -> evaluate -> save -> log."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import random
 import resource
@@ -71,9 +73,21 @@ def git_sha() -> str | None:
         return None
 
 
-def reset_peak_memory(device: str) -> None:
+def _release_freed_memory() -> None:
+    """Hand memory that earlier jobs freed back to the OS (glibc keeps freed heap otherwise), so that it does
+    not count in the next job's resident memory."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_memory(device: str) -> float | None:
     """Start this job's peak-memory window: Linux resets the process's peak RSS (VmHWM) on "5" written to
-    /proc/self/clear_refs, so the jobs of one sweep process each report their own peak."""
+    /proc/self/clear_refs, so the jobs of one sweep process each report their own peak. Returns the resident
+    memory (MB) the job starts with: what the process still holds from before (Python, torch, caches)."""
+    _release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -81,24 +95,27 @@ def reset_peak_memory(device: str) -> None:
         pass
     if str(device).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    return _status_mb("VmRSS")
 
 
-def _vm_hwm_mb() -> float | None:
+def _status_mb(field: str) -> float | None:
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
 
 
-def peak_memory_mb(device: str) -> dict:
+def peak_memory_mb(device: str, start_mb: float | None = None) -> dict:
     """Peak resident memory of this job (since :func:`reset_peak_memory`; the process's lifetime peak where
-    the kernel cannot reset it), and the accelerator's peak allocation."""
-    hwm = _vm_hwm_mb()
+    the kernel cannot reset it), the resident memory it started with, and the accelerator's peak allocation."""
+    hwm = _status_mb("VmHWM")
     out = {"cpu_rss": hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if start_mb is not None:
+        out["cpu_rss_at_start"] = start_mb
     if str(device).startswith("cuda") and torch.cuda.is_available():
         out["gpu"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -195,7 +212,7 @@ class Run:
             self.device = D.init(cfg.hardware.get("backend"), self.device)
         main_rank = D.is_main()
         seed_everything(self.seed)
-        reset_peak_memory(self.device)
+        self.rss_at_start = reset_peak_memory(self.device)
         self.results.update(model=cfg.model.name, method=cfg.method.name, seed=self.seed,
                             sparsity={"target": str(self.target), "target_ratio": self.target.ratio},
                             overrides=self.overrides, git_sha=git_sha(), output_dir=str(self.out))
@@ -257,7 +274,8 @@ class Run:
         if cfg.save_model:
             self.timed("save", self.save, model, tok)
         self.times["total"] = time.perf_counter() - t0
-        self.results.update(status="done", time_s=self.times, peak_memory_mb=peak_memory_mb(self.device))
+        self.results.update(status="done", time_s=self.times,
+                            peak_memory_mb=peak_memory_mb(self.device, self.rss_at_start))
         write_json_atomic(self.out / "results.json", self.results)
         self.tracker.summary({k: self.results[k] for k in ("perplexity", "dense_perplexity", "zero_shot",
                                                            "dense_zero_shot", "time_s", "peak_memory_mb")} |

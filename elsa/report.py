@@ -82,6 +82,7 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
            "time_s": (data.get("time_s") or {}).get("total"),
            "prune_s": (data.get("time_s") or {}).get("prune"),
            "peak_rss_mb": (data.get("peak_memory_mb") or {}).get("cpu_rss"),
+           "rss_at_start_mb": (data.get("peak_memory_mb") or {}).get("cpu_rss_at_start"),
            "peak_gpu_mb": (data.get("peak_memory_mb") or {}).get("gpu"),
            "dir": str(job_dir.relative_to(root)) if job_dir != root else ".",
            "overrides": " ".join(data.get("overrides") or []), "error": data.get("error")}
@@ -210,6 +211,9 @@ def markdown(df: pd.DataFrame) -> str:
         heads.append("zero-shot mean acc")
     cols += ["measured_sparsity", "nonzero_params", "prune_s", "time_s", "peak_rss_mb"]
     heads += ["measured sparsity", "non-zero params", "prune (s)", "time (s)", "peak RSS (MB)"]
+    if "rss_at_start_mb" in df and df["rss_at_start_mb"].notna().any():
+        cols.append("rss_at_start_mb")          # a sweep's jobs share a process: what the job found held
+        heads.append("RSS at start (MB)")
     if "peak_gpu_mb" in df and df["peak_gpu_mb"].notna().any():
         cols.append("peak_gpu_mb")
         heads.append("peak GPU (MB)")

@@ -133,5 +133,7 @@ def test_peak_memory_is_the_jobs_own():
     big = torch.ones(64 * 2**20)          # 256 MB, touched
     before = peak_memory_mb("cpu")["cpu_rss"]
     del big
-    reset_peak_memory("cpu")
-    assert peak_memory_mb("cpu")["cpu_rss"] < before - 200
+    start = reset_peak_memory("cpu")
+    peak = peak_memory_mb("cpu", start)
+    assert peak["cpu_rss"] < before - 200
+    assert 0 < peak["cpu_rss_at_start"] <= peak["cpu_rss"] + 1

@@ -21,7 +21,7 @@ def _job(model, method, target, ratio, ppl, dense, measured, nonzero, total, see
             "overrides": [f"model={model}", f"method={method}", f"sparsity={target}"],
             "dense_perplexity": {"wiki": dense}, "perplexity": {"wiki": ppl},
             "params": {"total": total, "nonzero": nonzero}, "time_s": {"prune": 1.0, "total": 2.5},
-            "peak_memory_mb": {"cpu_rss": 1234.5}}
+            "peak_memory_mb": {"cpu_rss": 1234.5, "cpu_rss_at_start": 600.0}}
     if zero_shot is not None:
         data["zero_shot"] = {"tasks": {}, "mean_acc": zero_shot}
     return data
@@ -66,6 +66,7 @@ def test_collect_table_values(sweep_dir):
     row = df[(df["model"] == "tiny") & (df["method"] == "wanda") & (df["sparsity"] == "0.7")].iloc[0]
     assert row["ppl/wiki"] == 90.0 and row["measured_sparsity"] == 0.7 and row["nonzero_params"] == 1300
     assert row["time_s"] == 2.5 and row["prune_s"] == 1.0 and row["peak_rss_mb"] == 1234.5
+    assert row["rss_at_start_mb"] == 600.0
     nm = df[df["sparsity"] == "2:4"].iloc[0]
     assert bool(nm["nm"]) and nm["sparsity_ratio"] == 0.5
     assert df[df["sparsity"] == "0.5"]["zero_shot_mean"].dropna().tolist() == [0.41]
