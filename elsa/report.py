@@ -243,9 +243,23 @@ def _plt():
     return plt
 
 
-def _colors(methods) -> dict[str, str]:
-    cycle = [f"C{i}" for i in range(10)]
-    return {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}
+def _colors(methods) -> dict[str, tuple]:
+    """One distinct colour per method: tab10 up to ten methods, tab20 beyond (the field has eleven)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+
+
+MARKERS = "os^vPX*h<>p"   # one per method too, so that curves which coincide (SAFE-1-epoch on magnitude) show
+
+
+def _markers(methods) -> dict[str, str]:
+    return {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(methods)}
+
+
+def _legend_outside(ax, fontsize: int = 8) -> None:
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _curve(group: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -259,9 +273,9 @@ def plot_vs_sparsity(df: pd.DataFrame, corpus: str, path: Path) -> Path:
     ok = done(df).dropna(subset=[y, "sparsity_ratio"])
     models = sorted(ok["model"].unique())
     methods = [m for m in _method_order(ok) if m != "dense"]
-    colors = _colors(methods)
+    colors, marks = _colors(methods), _markers(methods)
     dense = dense_baselines(df, corpus)
-    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(5.5 * max(len(models), 1), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(7 * max(len(models), 1), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         sub = ok[ok["model"] == model]
         for method in methods:
@@ -269,10 +283,13 @@ def plot_vs_sparsity(df: pd.DataFrame, corpus: str, path: Path) -> Path:
             dense_part, nm_part = rows[~rows["nm"].astype(bool)], rows[rows["nm"].astype(bool)]
             if not dense_part.empty:
                 c = _curve(dense_part, "sparsity_ratio", y)
-                ax.plot(c["sparsity_ratio"], c[y], marker="o", color=colors[method], label=method)
-            for target, g in nm_part.groupby("sparsity"):
+                ax.plot(c["sparsity_ratio"], c[y], marker=marks[method], color=colors[method], label=method,
+                        markerfacecolor="none", markersize=8)
+            for _target, g in nm_part.groupby("sparsity"):
                 ax.scatter([g["sparsity_ratio"].iloc[0]], [g[y].mean()], marker="D", s=60, color=colors[method],
-                           edgecolors="black", zorder=3, label=f"{method} {target}")
+                           edgecolors="black", zorder=3)
+        if ok.loc[ok["model"] == model, "nm"].astype(bool).any():   # one legend entry for every N:M diamond
+            ax.scatter([], [], marker="D", s=60, color="white", edgecolors="black", label="N:M (at N/M)")
         if model in dense:
             ax.axhline(dense[model], color="black", linestyle="--", linewidth=1, label="dense")
         _log_axis(ax, "y")
@@ -280,7 +297,7 @@ def plot_vs_sparsity(df: pd.DataFrame, corpus: str, path: Path) -> Path:
         ax.set_xlabel("sparsity (fraction of pruned weights; N:M at N/M)")
         ax.set_ylabel(f"perplexity ({corpus})")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend_outside(ax)
     return _save(plt, fig, path)
 
 
@@ -313,13 +330,13 @@ def plot_vs_nonzero(df: pd.DataFrame, corpus: str, path: Path) -> Path:
     ax.set_xlabel("non-zero parameters (whole model)")
     ax.set_ylabel(f"perplexity ({corpus})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend_outside(ax, fontsize=7)
     return _save(plt, fig, path)
 
 
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")      # the legends sit outside the axes
     plt.close(fig)
     return path
 
