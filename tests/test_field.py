@@ -93,6 +93,19 @@ def test_sparsellm_objective_and_mlp_error_decrease(sparsity):
             assert nm_violations(lin.weight, target.n, target.m) == 0
 
 
+def test_sparsellm_best_keeps_the_alternation_with_the_lowest_mlp_error():
+    x, target = correlated_inputs(tokens=512), Sparsity(0.5)
+    mlp = GatedMLP()
+    with torch.no_grad():
+        y = mlp(x)
+    out = sparsellm_mlp(mlp, x, y, target, iterations=4, select="best")
+    assert out["kept"] == out["mlp_error"].index(min(out["mlp_error"]))
+    with torch.no_grad():
+        assert float((mlp(x) - y).pow(2).sum()) / len(x) == pytest.approx(min(out["mlp_error"]), rel=1e-4)
+    with pytest.raises(ElsaError, match="method.select=first"):
+        SparseLLM(select="first")
+
+
 def test_sparsellm_s_update_never_raises_an_element_and_chunking_only_moves_the_early_stop():
     x, mlp = correlated_inputs(tokens=300), GatedMLP()
     with torch.no_grad():

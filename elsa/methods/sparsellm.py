@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from elsa.errors import positive
+from elsa.errors import config_error, positive
 from elsa.layerwise import LayerwisePruner
 from elsa.methods.sparsegpt import SparseGPT, sparsegpt_prune
 from elsa.models import block_linears
@@ -191,28 +191,40 @@ class GatedMLPProblem:
         self.update_weights(target, blocksize, percdamp, name)
 
 
+SELECT = ("last", "best")
+
+
 @torch.no_grad()
 def sparsellm_mlp(mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, target: Sparsity, alpha: float = 0.1,
                   beta: float = 0.1, gamma: float = 0.1, iterations: int = 10, blocksize: int = 128,
-                  percdamp: float = 0.01, name: str = "mlp") -> dict:
-    """Prune the gated ``mlp`` in place so that mlp(X) ≈ Y; returns the objective and MLP error per alternation."""
+                  percdamp: float = 0.01, name: str = "mlp", select: str = "last") -> dict:
+    """Prune the gated ``mlp`` in place so that mlp(X) ≈ Y; returns the objective and MLP error per alternation.
+
+    ``select="last"`` keeps the last alternation's weights (the paper); ``"best"`` the alternation with the
+    lowest real MLP error (the first one is SparseGPT's, so the MLP never ends worse than SparseGPT leaves it)."""
     prob = GatedMLPProblem(mlp, x, y, alpha, beta, gamma)
-    objective, error = [], []
+    objective, error, best = [], [], None
     for _ in tqdm(range(iterations), desc=f"sparsellm {name}", unit="alt", leave=False):
         prob.alternate(target, blocksize, percdamp, name)
         objective.append(prob.objective())
         error.append(prob.mlp_error())
-    for key, w in zip(GATED, (prob.wg, prob.wu, prob.wd)):
+        if select == "last" or error[-1] <= min(error):
+            best = (prob.wg.clone(), prob.wu.clone(), prob.wd.clone())
+    for key, w in zip(GATED, best):
         lin = getattr(mlp, key)
         lin.weight.copy_(w.to(lin.weight.dtype))
     log.debug("%s: objective %s -> %s, MLP error %s -> %s", name, objective[0], objective[-1], error[0], error[-1])
-    return {"objective": objective, "mlp_error": error}
+    return {"objective": objective, "mlp_error": error, "kept": error.index(min(error)) if select == "best"
+            else len(error) - 1}
 
 
 class SparseLLM(SparseGPT):
     def __init__(self, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, iterations: int = 10,
-                 percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8):
+                 percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8, select: str = "last"):
         super().__init__(percdamp, blocksize, batch_size)
+        if select not in SELECT:
+            raise config_error("method.select", select, "last (the paper) or best (lowest real MLP error)")
+        self.select = select
         for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
             positive(f"method.{key}", value, paper="0.1")
         positive("method.iterations", iterations, whole=True, paper="10")
@@ -232,7 +244,7 @@ class SparseLLM(SparseGPT):
                 per_layer[f"{prefix}.{name}"] = self.prune_linear(f"{prefix}.{name}", lin, stats[name], target)
         per_layer[f"{prefix}.{mlp_name}"] = sparsellm_mlp(
             mlp, x, y, target, self.alpha, self.beta, self.gamma, self.iterations, self.blocksize, self.percdamp,
-            f"{prefix}.{mlp_name}")
+            f"{prefix}.{mlp_name}", self.select)
         return per_layer
 
     def summarize(self, per_layer: dict[str, dict]) -> dict:
@@ -241,4 +253,5 @@ class SparseLLM(SparseGPT):
         out = super().summarize(linears)
         out["mlp_objective"] = {k: v["objective"] for k, v in mlps.items()}
         out["mlp_error"] = {k: v["mlp_error"] for k, v in mlps.items()}
+        out["mlp_kept_alternation"] = {k: v["kept"] for k, v in mlps.items()}
         return out
