@@ -41,6 +41,7 @@ from elsa.sparsity import Sparsity
 log = logging.getLogger(__name__)
 
 GATED = ("gate_proj", "up_proj", "down_proj")
+ROUNDING = 1 + 1e-6   # an element's S-loss "rose" only above this factor: below it is float32 rounding noise
 
 
 def gated_mlp(block: nn.Module) -> tuple[str, nn.Module] | None:
@@ -152,7 +153,7 @@ class GatedMLPProblem:
             step = grad / curv
             cand = s - step
             loss = self._s_loss(cand, p, u, g)
-            worse = (loss > base * (1 + 1e-6)).nonzero(as_tuple=True)   # rises above rounding noise
+            worse = (loss > base * ROUNDING).nonzero(as_tuple=True)
             t = torch.ones_like(step[worse])
             for _ in range(halvings):                     # per-element backtracking on the elements that rose
                 if len(t) == 0:
@@ -161,7 +162,7 @@ class GatedMLPProblem:
                 c = s[worse] - t * step[worse]
                 lc = self._s_loss(c, p[worse], u[worse], g[worse])
                 cand[worse], loss[worse] = c, lc
-                still = lc > base[worse] * (1 + 1e-6)
+                still = lc > base[worse] * ROUNDING
                 worse, t = tuple(w[still] for w in worse), t[still]
             keep = loss <= base
             s = torch.where(keep, cand, s)
@@ -208,9 +209,9 @@ def sparsellm_mlp(mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, target: Spar
         prob.alternate(target, blocksize, percdamp, name)
         objective.append(prob.objective())
         error.append(prob.mlp_error())
-        if select == "last" or error[-1] <= min(error):
-            best = (prob.wg.clone(), prob.wu.clone(), prob.wd.clone())
-    for key, w in zip(GATED, best):
+        if select == "best" and error[-1] <= min(error):   # the update methods rebind the weights: no copy
+            best = (prob.wg, prob.wu, prob.wd)
+    for key, w in zip(GATED, best if select == "best" else (prob.wg, prob.wu, prob.wd)):
         lin = getattr(mlp, key)
         lin.weight.copy_(w.to(lin.weight.dtype))
     log.debug("%s: objective %s -> %s, MLP error %s -> %s", name, objective[0], objective[-1], error[0], error[-1])
