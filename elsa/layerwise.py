@@ -2,10 +2,11 @@
 
 The walk, as in the published one-shot methods:
 
-1. run the model on the calibration windows until the first decoder block and capture what that block
-   receives: its hidden states and every keyword argument the model passes it (attention mask, position
-   ids, rotary ``position_embeddings`` in transformers 5...). Nothing is model-specific: the capture is a
-   forward pre-hook that stops the forward at block 0, and the blocks are re-run with the captured kwargs;
+1. run the model on the calibration windows and capture what the blocks receive: block 0's hidden states
+   and every keyword argument the model passes EACH block (attention mask, position ids, rotary
+   ``position_embeddings``...; models with mixed layer types give sliding and full layers different ones).
+   Nothing is model-specific: the capture is a forward pre-hook on every block, and each block is re-run
+   with its own captured kwargs;
 2. for each block in order: run it over all calibration batches with hooks on its Linear layers that feed
    the method's statistics, let the method prune (and update) every Linear from those statistics (all
    Linear layers of a block see the dense block's inputs, the standard of SparseGPT/Wanda), then re-run the
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class _Captured(Exception):
-    """Raised by the block-0 pre-hook to stop the model's forward once the block inputs are captured."""
+    """Raised by the last block's pre-hook to stop the model's forward once every block's inputs are captured."""
 
 
 class LayerwisePruner(Pruner):
@@ -113,16 +114,31 @@ class LayerwiseEngine:
 
     # -- capture ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def capture(self, calibration: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
-        """(hidden states, kwargs) that block 0 receives, one entry per calibration batch."""
-        captured: list[tuple[torch.Tensor, dict]] = []
+    def capture(self, calibration: torch.Tensor) -> tuple[list[torch.Tensor], list[list[dict]]]:
+        """The hidden states block 0 receives (one entry per calibration batch) and the keyword arguments the
+        model passes to EVERY block, ``kwargs[block][batch]``.
 
-        def grab(_module, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            captured.append((hidden, dict(kwargs)))
-            raise _Captured
+        Models with mixed layer types hand each block its own attention mask and rotary embeddings
+        (sliding vs full attention), so every block is re-run with its own arguments, never block 0's.
+        The dense forward runs once per batch through all blocks but the last (a pre-hook on the last block
+        stops it); the kwargs are kept by reference, so tensors the model shares between blocks are stored once.
+        """
+        hiddens: list[torch.Tensor] = []
+        kwargs: list[list[dict]] = [[] for _ in self.blocks]
+        last = len(self.blocks) - 1
 
-        handle = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        def grab(index):
+            def fn(_module, args, kw):
+                kw = dict(kw)
+                hidden = args[0] if args else kw.pop("hidden_states")
+                if index == 0:
+                    hiddens.append(hidden)
+                kwargs[index].append(kw)
+                if index == last:
+                    raise _Captured
+            return fn
+
+        handles = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
         try:
             for i in range(0, len(calibration), self.batch_size):
                 ids = calibration[i:i + self.batch_size].to(self.device)
@@ -131,10 +147,12 @@ class LayerwiseEngine:
                 except _Captured:
                     pass
         finally:
-            handle.remove()
-        if len(captured) != -(-len(calibration) // self.batch_size):
-            raise RuntimeError("the first decoder block was not reached by the model's forward")
-        return captured
+            for handle in handles:
+                handle.remove()
+        expected = -(-len(calibration) // self.batch_size)
+        if any(len(k) != expected for k in kwargs):
+            raise RuntimeError("the decoder blocks were not all reached by the model's forward")
+        return hiddens, kwargs
 
     # -- the walk --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -149,7 +167,7 @@ class LayerwiseEngine:
             self.model.to("cpu")
             _move_outside_blocks(self.model, self.blocks, self.device)
         try:
-            batches = self.capture(calibration)
+            hiddens, block_kwargs = self.capture(calibration)
             if self.offload:
                 _move_outside_blocks(self.model, self.blocks, "cpu")
             per_layer: dict[str, dict] = {}
@@ -159,14 +177,16 @@ class LayerwiseEngine:
                                                unit="block", leave=False)):
                 if self.offload:
                     block.to(self.device)
+                batches = list(zip(hiddens, block_kwargs[index]))
                 stats = self._collect(method, block, batches)
                 per_layer.update(method.prune_block(f"{prefix}.{index}", block, stats, batches, target))
                 del stats
                 if index < last or keep_outputs:
-                    batches = [(_hidden(block(h, **kw)), kw) for h, kw in batches]
+                    hiddens = [_hidden(block(h, **kw)) for h, kw in batches]
+                block_kwargs[index] = None       # this block's arguments are no longer needed
                 if self.offload:
                     block.to("cpu")
-            self.outputs = [h for h, _ in batches] if keep_outputs else None
+            self.outputs = hiddens if keep_outputs else None
         finally:
             if self.offload:
                 self.model.to("cpu")

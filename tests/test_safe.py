@@ -22,7 +22,8 @@ def block_and_inputs():
     model, _tok = TinyLlamaSource().load()
     ids = torch.randint(0, 500, (8, 64), generator=torch.Generator().manual_seed(0))
     engine = LayerwiseEngine(model, "cpu", batch_size=2)
-    batches = engine.capture(ids)
+    hiddens, kwargs = engine.capture(ids)
+    batches = list(zip(hiddens, kwargs[0]))
     block = engine.blocks[0]
     with torch.no_grad():
         dense = [_hidden(block(h, **kw)) for h, kw in batches]
