@@ -45,6 +45,9 @@ class PretrainedSource:
         if _looks_local(self.path):
             if not Path(self.path).expanduser().is_dir():
                 raise config_error("model.path", self.path, "an existing local checkpoint directory or a hub id")
+            if not (Path(self.path).expanduser() / "config.json").is_file():
+                raise config_error("model.path", self.path, "a checkpoint directory holding config.json (what "
+                                   "save_pretrained writes); this directory has none")
         else:
             require_hub(f"model {self.path}", "use model=smollm2-135m (embedded, offline) or model.path=<local dir>")
 

@@ -36,10 +36,18 @@ REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 
 
+# what a mandatory (???) key expects, for the one-line error when it is left unset
+REQUIRED = {"model.path": "model=hf needs model.path=<a local checkpoint directory holding config.json, or a hub id>"}
+
+
 def build(node: DictConfig, key: str):
     """Instantiate a component config; its ``name`` key is metadata, not an argument."""
     if node is None or "_target_" not in node:
         raise config_error(key, node, f"a config with a _target_ (see conf/{key}/)")
+    missing = [k for k in node if OmegaConf.is_missing(node, k)]
+    if missing:
+        name = f"{key}.{missing[0]}"
+        raise ElsaError(f"{name} is not set: {REQUIRED.get(name, f'set it on the command line ({name}=...)')}")
     kwargs = {k: v for k, v in node.items() if k != "name"} if "name" in node and key == "method" else dict(node)
     try:
         return instantiate(OmegaConf.create(kwargs), _convert_="all")

@@ -70,6 +70,8 @@ BAD = [
     (["sparsity=abc"], "sparsity=abc"),
     (["model=smollm2-135m", "model.path=/does/not/exist"], "model.path=/does/not/exist"),
     (["model=hf", "model.path=/does/not/exist"], "model.path=/does/not/exist"),
+    (["model=hf"], "model.path is not set: model=hf needs model.path=<a local checkpoint directory"),
+    (["model=hf", "model.path=./docs"], "model.path=./docs is not allowed: a checkpoint directory holding config.json"),
     (["model=llama2-7b"], "cannot reach the Hugging Face Hub"),
     (["dataset=wikitext2", "method=magnitude", "eval.corpora=[wikitext2]"], "cannot reach the Hugging Face Hub"),
     (["seqlen=0"], "seqlen=0"),
