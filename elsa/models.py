@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -182,8 +183,37 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+IGNORED = "_elsa_ignored"   # set on a module by apply_ignore: the engine leaves its weights dense
+
+
+def _expert_counts(module: nn.Module) -> set[int]:
+    """How many experts ``module`` (an MoE layer) holds, found structurally: the leading dim of its fused
+    expert tensors (>= 3-D parameters) and the length of its ModuleLists."""
+    counts = {p.shape[0] for p in module.parameters() if p.dim() >= 3}
+    counts |= {len(m) for m in module.children() if isinstance(m, nn.ModuleList)}
+    return counts
+
+
+def routers(block: nn.Module) -> dict[str, nn.Module]:
+    """The block's MoE routers: a direct child of an MoE layer whose 2-D weight has one output per expert."""
+    found = {}
+    for name, mod in block.named_modules():
+        counts = _expert_counts(mod)
+        if not counts:
+            continue
+        for child_name, child in mod.named_children():
+            w = getattr(child, "weight", None)
+            if isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[0] in counts and \
+                    not isinstance(child, nn.ModuleList):
+                found[f"{name}.{child_name}" if name else child_name] = child
+    return found
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    """The Linears of one block the engine prunes: every nn.Linear except MoE routers and ignored modules."""
+    skip = {id(m) for m in routers(block).values()}
+    return {name: m for name, m in block.named_modules()
+            if isinstance(m, nn.Linear) and id(m) not in skip and not getattr(m, IGNORED, False)}
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -195,3 +225,91 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 def context_length(model: nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def _blocks_prefix(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    blocks = decoder_blocks(model)
+    return blocks, next(n for n, m in model.named_modules() if m is blocks)
+
+
+def apply_ignore(model: nn.Module, patterns) -> dict[str, list[str]]:
+    """Mark every module whose full name matches one of the ``ignore`` regexes (``re.search``; llm-compressor's
+    convention) so that the engine leaves it dense. A parameter whose full name matches (a fused expert tensor)
+    is recorded as ignored too. Returns {pattern: [matched names]}; a pattern that matches nothing is an error."""
+    matched = {}
+    for pat in patterns or []:
+        rx = re.compile(pat)
+        names = [n for n, m in model.named_modules() if n and rx.search(n)]
+        for n in names:
+            setattr(model.get_submodule(n), IGNORED, True)
+        names += [n for n, _p in model.named_parameters() if rx.search(n) and
+                  not any(n.startswith(m + ".") for m in names)]
+        if not names:
+            raise config_error("ignore", pat, "a regex that matches a module or parameter name of the model (it "
+                               f"matches none; e.g. {next(iter(prunable_linears(model)), 'model.layers.0.mlp')})")
+        matched[pat] = names
+    return matched
+
+
+def _ignored(model: nn.Module, name: str, patterns) -> bool:
+    if "." not in name:
+        return any(re.search(p, name) for p in patterns or [])
+    parts = name.rsplit(".", 1)[0].split(".")
+    if any(getattr(model.get_submodule(".".join(parts[:i])), IGNORED, False) for i in range(1, len(parts) + 1)):
+        return True
+    return any(re.search(p, name) for p in patterns or [])
+
+
+def weight_accounting(model: nn.Module, patterns=()) -> dict:
+    """Every parameter of the model, once (tied weights once), as pruned or dense, by kind:
+    {pruned, dense, dense_by_kind: {kind: params}, dense_names: {kind: [names]}, unsupported: [(name, shape)]}.
+    ``unsupported``: weight tensors (>= 2-D) inside the decoder blocks that the engine does not prune and that
+    are neither routers nor ignored: a run that would leave them dense without being asked refuses."""
+    blocks, prefix = _blocks_prefix(model)
+    pruned_ids = {id(lin.weight) for lin in prunable_linears(model).values()}
+    router_ids = {id(p) for b in blocks for r in routers(b).values() for p in r.parameters()}
+    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_ids = {id(out_emb.weight)} if out_emb is not None else set()
+    seen, pruned, by_kind, names, unsupported = set(), 0, {}, {}, []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in pruned_ids:
+            pruned += p.numel()
+            continue
+        in_blocks = name.startswith(prefix + ".")
+        if _ignored(model, name, patterns):
+            kind = "ignored"
+        elif id(p) in router_ids:
+            kind = "routers"
+        elif id(p) in emb_ids:
+            kind = "embeddings"
+        elif id(p) in head_ids:
+            kind = "lm_head"
+        elif p.dim() < 2:
+            kind = "norms_and_biases"
+        elif in_blocks:
+            kind = "unsupported"
+            unsupported.append((name, tuple(p.shape)))
+        else:
+            kind = "other"
+        by_kind[kind] = by_kind.get(kind, 0) + p.numel()
+        if kind != "norms_and_biases":
+            names.setdefault(kind, []).append(name)
+    return {"pruned": pruned, "dense": sum(by_kind.values()), "dense_by_kind": by_kind, "dense_names": names,
+            "unsupported": unsupported}
+
+
+def check_prunable(model: nn.Module, patterns=()) -> dict:
+    """Refuse (one line) when weight tensors inside the decoder blocks would stay dense unasked."""
+    acc = weight_accounting(model, patterns)
+    bad = acc["unsupported"]
+    if bad:
+        shown = ", ".join(f"{n} {list(s)}" for n, s in bad[:2]) + (f" and {len(bad) - 2} more" if len(bad) > 2 else "")
+        raise ElsaError(f"{len(bad)} weight tensor(s) inside the decoder blocks would stay dense: {shown}; elsa prunes "
+                        "the nn.Linear weights of the decoder blocks only (MoE routers stay dense; fused 3-D expert "
+                        "tensors and Conv1D are not supported yet). Pass ignore=[<regex>,...] to leave them dense "
+                        "explicitly (recorded in results.json)")
+    return acc
