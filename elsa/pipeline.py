@@ -23,7 +23,7 @@ from elsa.data import sample_starts, token_stream, windows
 from elsa.errors import ElsaError, config_error
 from elsa.evaluation import PerplexityEval, bos_id, check_finite
 from elsa.methods.base import PruneContext
-from elsa.models import context_length, prunable_linears
+from elsa.models import apply_ignore, check_prunable, context_length, prunable_linears, weight_accounting
 from elsa.sparsity import Sparsity, layer_report
 from elsa.sweep import finished_result
 from elsa.tracking import NullTracker, write_json_atomic
@@ -178,6 +178,7 @@ class Run:
         self.seed = _positive_int(cfg, "seed", allow_zero=True)
         self.seqlen = _positive_int(cfg, "seqlen")
         self.method = build(cfg.method, "method")
+        self.ignore = self._ignore_patterns(cfg)
         if self.method.needs_calibration:
             self.nsamples = _positive_int(cfg, "nsamples")
         self.source = build(cfg.model, "model")
@@ -203,6 +204,20 @@ class Run:
         for corpus in self.eval.corpora.values():
             corpus.check()
         self.zero_shot.prepare()  # unknown tasks, missing task data or no hub fail here, before any model loads
+
+    @staticmethod
+    def _ignore_patterns(cfg) -> list[str]:
+        import re
+
+        value = cfg.get("ignore") or []
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            raise config_error("ignore", value, "a list of module-name regexes, e.g. ignore=[experts]")
+        for pat in value:
+            try:
+                re.compile(pat)
+            except re.error as exc:
+                raise config_error("ignore", pat, f"a valid regex ({exc})") from None
+        return list(value)
 
     def timed(self, phase: str, fn, *args, **kwargs):
         t = time.perf_counter()
@@ -233,6 +248,9 @@ class Run:
         ctx_len = context_length(model)
         if ctx_len and self.seqlen > ctx_len:
             raise config_error("seqlen", self.seqlen, f"at most the model's context length {ctx_len}")
+        # what stays dense must be asked for: before any data or calibration work
+        self.results["ignore"] = apply_ignore(model, self.ignore)
+        check_prunable(model, self.ignore)
         self.method.validate(model, self.target)
 
         calib, starts = None, None
@@ -268,10 +286,17 @@ class Run:
         report = layer_report(pruned.items())
         self.results["sparsity"].update(measured=report["measured"], per_layer=report["per_layer"],
                                         pruned_params=report["pruned_params"],
-                                        dense_modules="embeddings, norms and lm_head are not pruned")
+                                        dense_modules="embeddings, norms, routers, lm_head and ignored "
+                                                      "modules are not pruned")
         params = list(model.parameters())  # tied weights appear once
+        acc = weight_accounting(model, self.ignore)
         self.results["params"] = {"total": sum(p.numel() for p in params),
-                                  "nonzero": sum(int(torch.count_nonzero(p)) for p in params)}
+                                  "nonzero": sum(int(torch.count_nonzero(p)) for p in params),
+                                  "pruned": acc["pruned"], "dense": acc["dense"],
+                                  "dense_by_kind": acc["dense_by_kind"], "dense_names": acc["dense_names"]}
+        if acc["pruned"] != report["pruned_params"] or acc["unsupported"]:
+            raise ElsaError(f"internal: measured {report['pruned_params']} pruned weights but the accounting "
+                            f"counts {acc['pruned']} (unsupported: {acc['unsupported'][:2]})")
         ppl = self.timed("eval", self.eval.run, model, tok, cfg.method.name)
         for name, value in ppl.items():
             check_finite(value, f"perplexity on {name}")
@@ -331,6 +356,14 @@ class Run:
         lines += zero_shot_lines(r["zero_shot"], r["dense_zero_shot"], f"{r['method']} {r['sparsity']['target']}")
         lines.append(f"measured sparsity {r['sparsity']['measured']:.4f} over {r['sparsity']['pruned_params']:,} "
                      f"pruned weights; results in {self.out / 'results.json'}")
+        p = r.get("params") or {}
+        if "dense_by_kind" in p:
+            kinds = ", ".join(f"{k} {v:,}" for k, v in p["dense_by_kind"].items())
+            lines.append(f"weights: {p['pruned']:,} pruned, {p['dense']:,} dense ({kinds})")
+        fb = stats.get("fallback")
+        if fb:
+            lines.append(f"FALLBACK: {fb['method']} ran instead of {r['method']} on {len(fb['blocks'])}/{fb['of']} "
+                         f"MLPs ({', '.join(fb['blocks'][:4])}{' ...' if len(fb['blocks']) > 4 else ''})")
         print("\n".join(lines), flush=True)
 
 

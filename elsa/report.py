@@ -73,7 +73,11 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
     target = sparsity.get("target")
     ratio, is_nm = _target(target)
     params = data.get("params") or {}
-    row = {"model": data.get("model"), "method": data.get("method"), "sparsity": target,
+    method = data.get("method")
+    fb = (data.get("method_stats") or {}).get("fallback")
+    if method and isinstance(fb, dict) and fb.get("blocks"):  # a fallback ran: the row must not pass for the method
+        method = f"{method} (fallback {fb.get('method')} on {len(fb['blocks'])}/{fb.get('of', '?')} MLPs)"
+    row = {"model": data.get("model"), "method": method, "sparsity": target,
            "sparsity_ratio": ratio, "nm": is_nm, "seed": data.get("seed"), "status": data.get("status"),
            "measured_sparsity": sparsity.get("measured"), "nonzero_params": params.get("nonzero"),
            "total_params": params.get("total"), "pruned_layer_params": sparsity.get("pruned_params"),

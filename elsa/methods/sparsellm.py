@@ -20,8 +20,11 @@ The first alternation therefore reproduces SparseGPT; later ones let the layers 
 L (``objective``) and the real MLP error ||mlp(X) - Y||² / n with the pruned weights (``mlp_error``) are
 recorded after every alternation in the method statistics.
 
-All Linears see the dense block's inputs (the engine's convention). Blocks whose MLP is not gated
-(no gate_proj/up_proj/down_proj + act_fn) are pruned by SparseGPT alone, with a warning.
+All Linears see the dense block's inputs (the engine's convention). A block whose MLP is not gated (no
+gate_proj/up_proj/down_proj Linears + act_fn: OPT's fc1/fc2, fused gate_up_proj, MoE experts) makes the run
+refuse right after the model loads (``validate``), before any calibration; with ``fallback: sparsegpt`` such
+blocks are pruned by SparseGPT alone, and the fallback is recorded in the method statistics (``fallback``),
+printed in the summary and carried into the report row's label.
 """
 from __future__ import annotations
 
@@ -32,10 +35,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from elsa.errors import config_error, positive
+from elsa.errors import ElsaError, config_error, positive
 from elsa.layerwise import LayerwisePruner
 from elsa.methods.sparsegpt import SparseGPT, sparsegpt_prune
-from elsa.models import block_linears
+from elsa.models import block_linears, decoder_blocks
 from elsa.sparsity import Sparsity
 
 log = logging.getLogger(__name__)
@@ -193,6 +196,7 @@ class GatedMLPProblem:
 
 
 SELECT = ("last", "best")
+FALLBACKS = (None, "sparsegpt")
 
 
 @torch.no_grad()
@@ -221,8 +225,15 @@ def sparsellm_mlp(mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, target: Spar
 
 class SparseLLM(SparseGPT):
     def __init__(self, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, iterations: int = 10,
-                 percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8, select: str = "last"):
+                 percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8, select: str = "last",
+                 fallback: str | None = None):
         super().__init__(percdamp, blocksize, batch_size)
+        if fallback not in FALLBACKS:
+            raise config_error("method.fallback", fallback, "null (refuse a block whose MLP SparseLLM does not model) "
+                               "or sparsegpt (prune such blocks by SparseGPT, recorded)")
+        self.fallback = fallback
+        self.fallback_blocks: list[str] = []
+        self.n_blocks = 0
         if select not in SELECT:
             raise config_error("method.select", select, "last (the paper) or best (lowest real MLP error)")
         self.select = select
@@ -231,10 +242,34 @@ class SparseLLM(SparseGPT):
         positive("method.iterations", iterations, whole=True, paper="10")
         self.alpha, self.beta, self.gamma, self.iterations = float(alpha), float(beta), float(gamma), iterations
 
+    def validate(self, model: nn.Module, target: Sparsity) -> None:
+        """Right after load, before any calibration: every block's MLP must be the gated MLP SparseLLM models,
+        or the user asked for the SparseGPT fallback."""
+        super().validate(model, target)
+        blocks = decoder_blocks(model)
+        prefix = next(n for n, m in model.named_modules() if m is blocks)
+        self.n_blocks = len(blocks)
+        bad = [i for i, b in enumerate(blocks) if gated_mlp(b) is None]
+        self.fallback_blocks = [f"{prefix}.{i}" for i in bad]
+        if bad and self.fallback is None:
+            found = ", ".join(f"{n} {list(lin.weight.shape)}" for n, lin in block_linears(blocks[bad[0]]).items())
+            raise ElsaError(f"method=sparsellm cannot model the MLP of block {prefix}.{bad[0]} ({len(bad)}/"
+                            f"{len(blocks)} blocks): its Linears are {found or 'none'}; SparseLLM here supports the "
+                            "gated MLP down(act(gate(x)) * up(x)) (a submodule with gate_proj, up_proj, down_proj "
+                            "Linears and act_fn). Set method.fallback=sparsegpt to prune such blocks by SparseGPT "
+                            "(recorded in results.json and the report)")
+        if bad:
+            log.warning("sparsellm: SparseGPT fallback on %d/%d blocks (method.fallback=sparsegpt): %s",
+                        len(bad), len(blocks), ", ".join(self.fallback_blocks))
+
     def prune_block(self, prefix: str, block: nn.Module, stats: dict[str, Any], inputs, target: Sparsity) -> dict:
         found = gated_mlp(block)
         if found is None:
-            log.warning("%s: no gated MLP (gate_proj/up_proj/down_proj + act_fn); SparseGPT for every Linear", prefix)
+            if self.fallback != "sparsegpt":   # validate() refuses this before any model work
+                raise ElsaError(f"method=sparsellm cannot model the MLP of block {prefix} "
+                                "(set method.fallback=sparsegpt)")
+            if prefix not in self.fallback_blocks:
+                self.fallback_blocks.append(prefix)
             return LayerwisePruner.prune_block(self, prefix, block, stats, inputs, target)
         mlp_name, mlp = found
         x, y = mlp_io(block, mlp, inputs)                     # before any pruning: the dense block's view
@@ -255,4 +290,7 @@ class SparseLLM(SparseGPT):
         out["mlp_objective"] = {k: v["objective"] for k, v in mlps.items()}
         out["mlp_error"] = {k: v["mlp_error"] for k, v in mlps.items()}
         out["mlp_kept_alternation"] = {k: v["kept"] for k, v in mlps.items()}
+        if self.fallback_blocks:
+            out["fallback"] = {"method": self.fallback, "blocks": list(self.fallback_blocks),
+                               "of": max(self.n_blocks, len(self.fallback_blocks))}
         return out

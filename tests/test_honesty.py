@@ -1,0 +1,110 @@
+"""A run that did not do what was asked must not say done: weights left dense unasked, and SparseLLM on an MLP it
+does not model, are refused with one line before any calibration; the explicit opt-ins are recorded."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import read_results, run_cli, run_pipeline
+from elsa.errors import ElsaError
+from elsa.models import TinyLlamaSource
+
+
+def _save(tmp_path, cfg_cls, model_cls, **kw):
+    tok = TinyLlamaSource().tokenizer()
+    cfg = cfg_cls(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  max_position_embeddings=512, **kw)
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    path = tmp_path / "ckpt"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def mixtral(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return _save(tmp_path, MixtralConfig, MixtralForCausalLM, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                 num_experts_per_tok=2)
+
+
+@pytest.fixture
+def opt(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return _save(tmp_path, OPTConfig, OPTForCausalLM, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64,
+                 num_hidden_layers=2, num_attention_heads=4)
+
+
+def _one_error(res):
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("elsa: error:")]
+    assert len(errors) == 1, res.stderr[-2000:]
+    return errors[0]
+
+
+def test_moe_experts_left_dense_are_refused_before_calibration(mixtral, tmp_path):
+    err = _one_error(run_cli("model=hf", f"model.path={mixtral}", "method=wanda", "logger=none", "eval=quick",
+                             "seqlen=64", "nsamples=2", f"output_dir={tmp_path / 'out'}"))
+    assert "mlp.experts.gate_up_proj [4, 256, 64]" in err and "ignore=" in err
+    out = read_results(tmp_path / "out")
+    assert out["status"] == "failed" and "data" not in out["time_s"] and "calibration" not in out
+
+
+def test_moe_with_ignore_runs_and_records_what_stayed_dense(mixtral, tmp_path):
+    out = run_pipeline(tmp_path / "out", "model=hf", f"model.path={mixtral}", "method=wanda", "seqlen=64",
+                       "nsamples=2", "save_model=false", "ignore=[experts]")
+    assert out["status"] == "done"
+    p = out["params"]
+    kinds = p["dense_by_kind"]
+    assert kinds["ignored"] == 2 * (4 * 256 * 64 + 4 * 64 * 128)
+    assert kinds["routers"] == 2 * 4 * 64                        # the router (4 experts x 64) stays dense
+    assert kinds["embeddings"] > 0 and "lm_head" in kinds
+    assert all(".mlp.gate." in n for n in p["dense_names"]["routers"])
+    assert p["pruned"] == out["sparsity"]["pruned_params"] == 2 * (64 * 64 * 2 + 32 * 64 * 2)  # attention only
+    assert p["pruned"] + p["dense"] == p["total"]
+    assert out["sparsity"]["measured"] == pytest.approx(0.5)
+    assert not any("experts" in n or ".gate" in n for n in out["sparsity"]["per_layer"])
+
+
+def test_ignore_removes_linears_from_pruning(tmp_path):
+    out = run_pipeline(tmp_path, "method=magnitude", "save_model=false", r"ignore=[self_attn\.q_proj]")
+    assert out["status"] == "done"
+    assert not any("q_proj" in n for n in out["sparsity"]["per_layer"])
+    assert out["params"]["dense_by_kind"]["ignored"] == 2 * 64 * 64
+    assert out["sparsity"]["measured"] == pytest.approx(0.5)
+
+
+def test_ignore_pattern_matching_nothing_is_refused(tmp_path):
+    with pytest.raises(ElsaError, match="ignore=no_such_module"):
+        run_pipeline(tmp_path, "method=magnitude", "ignore=[no_such_module]")
+
+
+def test_sparsellm_on_opt_refuses_before_calibration(opt, tmp_path):
+    err = _one_error(run_cli("model=hf", f"model.path={opt}", "method=sparsellm", "logger=none", "eval=quick",
+                             "seqlen=64", "nsamples=2", f"output_dir={tmp_path / 'out'}"))
+    assert "model.decoder.layers.0" in err and "fc1 [128, 64]" in err
+    assert "gate_proj" in err and "method.fallback=sparsegpt" in err
+    out = read_results(tmp_path / "out")
+    assert out["status"] == "failed" and "calibration" not in out and "prune" not in out["time_s"]
+
+
+def test_sparsellm_fallback_is_recorded_printed_and_labelled(opt, tmp_path, capsys):
+    from elsa.report import job_row
+
+    out = run_pipeline(tmp_path / "out", "model=hf", f"model.path={opt}", "method=sparsellm", "seqlen=64",
+                       "nsamples=2", "save_model=false", "method.fallback=sparsegpt", "method.iterations=1")
+    assert out["status"] == "done"
+    fb = out["method_stats"]["fallback"]
+    assert fb == {"method": "sparsegpt", "blocks": ["model.decoder.layers.0", "model.decoder.layers.1"], "of": 2}
+    assert "FALLBACK: sparsegpt ran instead of sparsellm on 2/2" in capsys.readouterr().out
+    row = job_row(read_results(tmp_path / "out"), tmp_path / "out", tmp_path / "out")
+    assert row["method"] == "sparsellm (fallback sparsegpt on 2/2 MLPs)"
+
+
+def test_sparsellm_fallback_value_is_checked(tmp_path):
+    with pytest.raises(ElsaError, match="method.fallback=wanda"):
+        run_pipeline(tmp_path, "method=sparsellm", "method.fallback=wanda")
