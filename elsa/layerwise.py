@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from elsa.methods.base import PruneContext, Pruner
-from elsa.models import block_linears, decoder_blocks
+from elsa.models import block_linears, blocks_and_prefix, decoder_blocks
 from elsa.sparsity import Sparsity
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class LayerwiseEngine:
             if self.offload:
                 _move_outside_blocks(self.model, self.blocks, "cpu")
             per_layer: dict[str, dict] = {}
-            prefix = next(n for n, m in self.model.named_modules() if m is self.blocks)
+            prefix = blocks_and_prefix(self.model)[1]
             last = len(self.blocks) - 1
             for index, block in enumerate(tqdm(self.blocks, desc=f"{type(method).__name__.lower()} blocks",
                                                unit="block", leave=False)):

@@ -183,6 +183,12 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def blocks_and_prefix(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The decoder blocks and their module name (``model.layers``): block i's modules are ``<prefix>.i.<name>``."""
+    blocks = decoder_blocks(model)
+    return blocks, next(n for n, m in model.named_modules() if m is blocks)
+
+
 IGNORED = "_elsa_ignored"   # set on a module by apply_ignore: the engine leaves its weights dense
 
 
@@ -218,18 +224,12 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear inside the decoder blocks, by full module name. Embeddings, norms, lm_head stay dense."""
-    blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    blocks, prefix = blocks_and_prefix(model)
     return {f"{prefix}.{i}.{name}": lin for i, block in enumerate(blocks) for name, lin in block_linears(block).items()}
 
 
 def context_length(model: nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
-
-
-def _blocks_prefix(model: nn.Module) -> tuple[nn.ModuleList, str]:
-    blocks = decoder_blocks(model)
-    return blocks, next(n for n, m in model.named_modules() if m is blocks)
 
 
 def apply_ignore(model: nn.Module, patterns) -> dict[str, list[str]]:
@@ -252,12 +252,10 @@ def apply_ignore(model: nn.Module, patterns) -> dict[str, list[str]]:
 
 
 def _ignored(model: nn.Module, name: str, patterns) -> bool:
-    if "." not in name:
-        return any(re.search(p, name) for p in patterns or [])
-    parts = name.rsplit(".", 1)[0].split(".")
-    if any(getattr(model.get_submodule(".".join(parts[:i])), IGNORED, False) for i in range(1, len(parts) + 1)):
-        return True
-    return any(re.search(p, name) for p in patterns or [])
+    """Parameter ``name`` is ignored when a pattern matches it or apply_ignore marked one of its modules."""
+    parts = name.split(".")[:-1]
+    marked = any(getattr(model.get_submodule(".".join(parts[:i])), IGNORED, False) for i in range(1, len(parts) + 1))
+    return marked or any(re.search(p, name) for p in patterns or [])
 
 
 def weight_accounting(model: nn.Module, patterns=()) -> dict:
@@ -265,7 +263,7 @@ def weight_accounting(model: nn.Module, patterns=()) -> dict:
     {pruned, dense, dense_by_kind: {kind: params}, dense_names: {kind: [names]}, unsupported: [(name, shape)]}.
     ``unsupported``: weight tensors (>= 2-D) inside the decoder blocks that the engine does not prune and that
     are neither routers nor ignored: a run that would leave them dense without being asked refuses."""
-    blocks, prefix = _blocks_prefix(model)
+    blocks, prefix = blocks_and_prefix(model)
     pruned_ids = {id(lin.weight) for lin in prunable_linears(model).values()}
     router_ids = {id(p) for b in blocks for r in routers(b).values() for p in r.parameters()}
     emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}

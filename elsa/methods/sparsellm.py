@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from elsa.errors import ElsaError, config_error, positive
 from elsa.layerwise import LayerwisePruner
 from elsa.methods.sparsegpt import SparseGPT, sparsegpt_prune
-from elsa.models import block_linears, decoder_blocks
+from elsa.models import block_linears, blocks_and_prefix
 from elsa.sparsity import Sparsity
 
 log = logging.getLogger(__name__)
@@ -246,8 +246,7 @@ class SparseLLM(SparseGPT):
         """Right after load, before any calibration: every block's MLP must be the gated MLP SparseLLM models,
         or the user asked for the SparseGPT fallback."""
         super().validate(model, target)
-        blocks = decoder_blocks(model)
-        prefix = next(n for n, m in model.named_modules() if m is blocks)
+        blocks, prefix = blocks_and_prefix(model)
         self.n_blocks = len(blocks)
         bad = [i for i, b in enumerate(blocks) if gated_mlp(b) is None]
         self.fallback_blocks = [f"{prefix}.{i}" for i in bad]
