@@ -34,7 +34,7 @@ from elsa.data import eval_windows, token_stream
 from elsa.errors import ElsaError, config_error, positive
 from elsa.evaluation import perplexity
 from elsa.methods.base import PruneContext, Pruner
-from elsa.models import decoder_blocks, prunable_linears
+from elsa.models import decoder_blocks, prunable_weights
 from elsa.training import Checkpointer, TrainWindows, kl_loss, linear_schedule, lm_loss, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class SparseTrainer(Pruner):
 
     def train(self, model, ctx: PruneContext, teacher=None) -> dict:
         """Train ``model`` in place; ``teacher`` (distillation) defaults to a frozen copy of ``model``."""
-        constrained = {n: lin.weight for n, lin in prunable_linears(model).items()}
+        constrained = {n: w.param for n, w in prunable_weights(model).items()}
         ids_c = {id(p) for p in constrained.values()}
         for p in model.parameters():
             p.requires_grad_(self.train_dense_params or id(p) in ids_c)

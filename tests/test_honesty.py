@@ -46,12 +46,32 @@ def _one_error(res):
     return errors[0]
 
 
-def test_moe_experts_left_dense_are_refused_before_calibration(mixtral, tmp_path):
-    err = _one_error(run_cli("model=hf", f"model.path={mixtral}", "method=wanda", "logger=none", "eval=quick",
-                             "seqlen=64", "nsamples=2", f"output_dir={tmp_path / 'out'}"))
-    assert "mlp.experts.gate_up_proj [4, 256, 64]" in err and "ignore=" in err
-    out = read_results(tmp_path / "out")
-    assert out["status"] == "failed" and "data" not in out["time_s"] and "calibration" not in out
+def test_weights_nothing_prunes_are_refused_before_calibration(tmp_path):
+    """A 2-D weight inside a block that is no Linear, Conv1D or expert tensor (here one added by hand) stays
+    dense unasked: refused, naming it; ignore= names it and the run may go on."""
+    from elsa.models import apply_ignore, check_prunable
+
+    model, _tok = TinyLlamaSource().load()
+    model.model.layers[1].mlp.extra = torch.nn.Parameter(torch.ones(8, 8))
+    with pytest.raises(ElsaError, match=r"model\.layers\.1\.mlp\.extra \[8, 8\].*ignore="):
+        check_prunable(model)
+    apply_ignore(model, [r"mlp\.extra"])
+    acc = check_prunable(model, [r"mlp\.extra"])
+    assert acc["dense_by_kind"]["ignored"] == 64 and acc["dense_names"]["ignored"] == ["model.layers.1.mlp.extra"]
+
+
+def test_moe_experts_are_pruned_per_expert(mixtral, tmp_path):
+    out = run_pipeline(tmp_path / "out", "model=hf", f"model.path={mixtral}", "method=wanda", "seqlen=64",
+                       "nsamples=2", "save_model=false")
+    assert out["status"] == "done"
+    p = out["params"]
+    experts = 2 * (4 * 256 * 64 + 4 * 64 * 128)
+    assert p["pruned"] == out["sparsity"]["pruned_params"] == 2 * (64 * 64 * 2 + 32 * 64 * 2) + experts
+    assert p["dense_by_kind"]["routers"] == 2 * 4 * 64
+    per = out["sparsity"]["per_layer"]
+    assert {f"model.layers.{i}.mlp.experts.{t}[{e}]" for i in range(2) for t in ("gate_up_proj", "down_proj")
+            for e in range(4)} <= set(per)
+    assert all(v == pytest.approx(0.5) for v in per.values())
 
 
 def test_moe_with_ignore_runs_and_records_what_stayed_dense(mixtral, tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 from elsa import distributed as D
 from elsa.admm import AdmmState, LambdaSchedule, codec, sparsity_at
+from elsa.models import weight_layouts
 from elsa.errors import config_error, positive
 from elsa.trainer import SparseTrainer
 
@@ -104,7 +105,8 @@ class Elsa(SparseTrainer):
     def setup(self, run):
         run.lam = LambdaSchedule(self.lambda_schedule, self.lam, self.lam_final, self.steps, self.adaptive_mu,
                                  self.adaptive_tau)
-        run.admm = AdmmState(run.constrained, run.target, self.group, self.z_codec, self.u_codec)
+        run.admm = AdmmState(run.constrained, run.target, self.group, self.z_codec, self.u_codec,
+                             weight_layouts(run.model))
         run.second_moment = self.second_moment_fn(run.opt, run.constrained)
         run.warm = int(self.sparsity_warmup * self.steps)
         # the last finetune_fraction of the steps train on the frozen support of z (no dual updates)
