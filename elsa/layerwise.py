@@ -24,6 +24,7 @@ object, found structurally on the first batch; methods must treat ``stats`` as r
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from torch.overrides import TorchFunctionMode
@@ -153,6 +154,25 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> Non
                 mod._buffers[key] = b.to(device)
 
 
+def _split_arguments(module: nn.Module, args: tuple, kw: dict) -> tuple[torch.Tensor, dict]:
+    """A block's call as (hidden states, every other argument by keyword): models that pass arguments
+    positionally (GPT-2 passes the cache, cache position and mask so) are re-run with the same values."""
+    kw = dict(kw)
+    if len(args) <= 1:
+        return (args[0] if args else kw.pop("hidden_states")), kw
+    sig = inspect.signature(module.forward)
+    bound = sig.bind_partial(*args, **kw).arguments
+    names = list(sig.parameters)
+    hidden = bound.pop(names[0])
+    for name, param in sig.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+            bound.update(bound.pop(name))
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL and bound.get(name):
+            raise RuntimeError(f"{type(module).__name__} takes extra positional arguments (*{name}); the engine "
+                               "cannot re-run it by keyword")
+    return hidden, bound
+
+
 def _hidden(out):
     """A block returns its hidden states, or a tuple starting with them (older transformers)."""
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -182,9 +202,8 @@ class LayerwiseEngine:
         last = len(self.blocks) - 1
 
         def grab(index):
-            def fn(_module, args, kw):
-                kw = dict(kw)
-                hidden = args[0] if args else kw.pop("hidden_states")
+            def fn(module, args, kw):
+                hidden, kw = _split_arguments(module, args, kw)
                 if index == 0:
                     hiddens.append(hidden)
                 kwargs[index].append(kw)

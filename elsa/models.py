@@ -304,7 +304,8 @@ def _expert_counts(module: nn.Module) -> set[int]:
 
 
 def routers(block: nn.Module) -> dict[str, nn.Module]:
-    """The block's MoE routers: a direct child of an MoE layer whose 2-D weight has one output per expert."""
+    """The block's MoE routers: a direct child of an MoE layer whose 2-D weight has one output per expert, or a
+    single output (the scalar gate of a shared expert, Qwen2-MoE's ``shared_expert_gate``)."""
     found = {}
     for name, mod in block.named_modules():
         counts = _expert_counts(mod)
@@ -312,7 +313,7 @@ def routers(block: nn.Module) -> dict[str, nn.Module]:
             continue
         for child_name, child in mod.named_children():
             w = getattr(child, "weight", None)
-            if isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[0] in counts and \
+            if isinstance(w, nn.Parameter) and w.dim() == 2 and (w.shape[0] in counts or w.shape[0] == 1) and \
                     not isinstance(child, nn.ModuleList):
                 found[f"{name}.{child_name}" if name else child_name] = child
     return found
@@ -367,6 +368,17 @@ def prunable_weights(model: nn.Module) -> dict[str, Weight]:
 def prunable_matrices(model: nn.Module) -> dict[str, Matrix]:
     """Every prunable matrix inside the decoder blocks, by full name (experts as ``<name>[e]``)."""
     return {k: m for name, w in prunable_weights(model).items() for k, m in w.matrices(name).items()}
+
+
+def kept_dense(root: nn.Module) -> set[int]:
+    """ids of the parameters under ``root`` (a model or one block) that must stay bit-identical to the dense
+    model whatever a method trains: MoE routers, and everything that ``ignore`` / ``targets`` leave dense."""
+    ids = {id(p) for r in routers(root).values() for p in r.parameters()}
+    marks = _dense_marks(root)
+    for name, mod in root.named_modules():
+        dense = marks.get(name, {})
+        ids |= {id(p) for attr, p in mod.named_parameters(recurse=False) if "*" in dense or attr in dense}
+    return ids
 
 
 def weight_layouts(model: nn.Module) -> dict[str, bool]:

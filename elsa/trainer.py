@@ -34,7 +34,7 @@ from elsa.data import eval_windows, token_stream
 from elsa.errors import ElsaError, config_error, positive
 from elsa.evaluation import perplexity
 from elsa.methods.base import PruneContext, Pruner
-from elsa.models import decoder_blocks, prunable_weights
+from elsa.models import decoder_blocks, kept_dense, prunable_weights
 from elsa.training import Checkpointer, TrainWindows, kl_loss, linear_schedule, lm_loss, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -228,8 +228,9 @@ class SparseTrainer(Pruner):
         """Train ``model`` in place; ``teacher`` (distillation) defaults to a frozen copy of ``model``."""
         constrained = {n: w.param for n, w in prunable_weights(model).items()}
         ids_c = {id(p) for p in constrained.values()}
+        frozen = kept_dense(model)           # routers and ignored / untargeted weights stay bit-identical
         for p in model.parameters():
-            p.requires_grad_(self.train_dense_params or id(p) in ids_c)
+            p.requires_grad_((self.train_dense_params and id(p) not in frozen) or id(p) in ids_c)
         trainable = [p for p in model.parameters() if p.requires_grad]
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable()

@@ -44,7 +44,7 @@ from elsa.errors import ElsaError, config_error, positive
 from elsa.layerwise import LayerwisePruner, _hidden
 from elsa.methods.base import PruneContext
 from elsa.layerwise import NO_TOKENS
-from elsa.models import block_weights
+from elsa.models import block_weights, kept_dense
 from elsa.sparsity import Sparsity
 from elsa.training import linear_schedule
 
@@ -166,7 +166,8 @@ class SAFE(LayerwisePruner):
                 w.copy_(saved[name])
         del saved
 
-        params = [p for p in block.parameters()]
+        frozen = kept_dense(block)            # routers and ignored / untargeted weights stay as they are
+        params = [p for p in block.parameters() if id(p) not in frozen]
         for p in params:
             p.requires_grad_(True)
         admm_ids = {id(w): name for name, w in weights.items()}
