@@ -128,3 +128,23 @@ def test_sparsellm_fallback_is_recorded_printed_and_labelled(opt, tmp_path, caps
 def test_sparsellm_fallback_value_is_checked(tmp_path):
     with pytest.raises(ElsaError, match="method.fallback=wanda"):
         run_pipeline(tmp_path, "method=sparsellm", "method.fallback=wanda")
+
+
+def test_targets_restrict_pruning_and_the_rest_is_recorded_dense(tmp_path):
+    out = run_pipeline(tmp_path, "method=wanda", "save_model=false", r"targets=['mlp\.(up|down)_proj']")
+    assert out["status"] == "done"
+    per = out["sparsity"]["per_layer"]
+    assert per and all(".mlp.up_proj" in n or ".mlp.down_proj" in n for n in per)
+    assert out["sparsity"]["measured"] == pytest.approx(0.5)
+    p = out["params"]
+    assert p["dense_by_kind"]["not_targeted"] == 2 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64)  # attention + gate
+    assert any(n.endswith("mlp.gate_proj.weight") for n in p["dense_names"]["not_targeted"])
+    assert out["targets"] == {r"mlp\.(up|down)_proj": [f"model.layers.{i}.mlp.{k}_proj" for i in range(2)
+                                                       for k in ("up", "down")]}
+
+
+@pytest.mark.parametrize("pattern", ["nothing_matches", "lm_head"])
+def test_target_that_matches_no_prunable_weight_is_refused(tmp_path, pattern):
+    err = _one_error(run_cli("model=tiny", "logger=none", "eval=quick", "seqlen=64", "nsamples=2",
+                             f"targets=[{pattern}]", f"output_dir={tmp_path}"))
+    assert "targets" in err and pattern in err and "decoder blocks" in err
