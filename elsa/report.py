@@ -77,6 +77,9 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
     fb = (data.get("method_stats") or {}).get("fallback")
     if method and isinstance(fb, dict) and fb.get("blocks"):  # a fallback ran: the row must not pass for the method
         method = f"{method} (fallback {fb.get('method')} on {len(fb['blocks'])}/{fb.get('of', '?')} MLPs)"
+    none = (data.get("method_stats") or {}).get("experts_without_tokens")
+    if method and isinstance(none, dict) and none.get("count"):   # experts no calibration token reached
+        method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"
     row = {"model": data.get("model"), "method": method, "sparsity": target,
            "sparsity_ratio": ratio, "nm": is_nm, "seed": data.get("seed"), "status": data.get("status"),
            "measured_sparsity": sparsity.get("measured"), "nonzero_params": params.get("nonzero"),

@@ -265,3 +265,41 @@ def test_expert_statistics_come_from_that_experts_routed_tokens():
 def _magnitude_keep(w):
     from elsa.sparsity import mask_from_scores
     return mask_from_scores(w.abs(), Sparsity(0.5), "layer")
+
+
+GATED = {"llama", "qwen2", "gemma3"}      # down(act(gate x) * up x) with separate gate/up Linears
+
+
+@pytest.mark.parametrize("family", list(PRUNED))
+def test_sparsellm_prunes_gated_mlps_and_refuses_the_rest(family):
+    model, tok = build(family)
+    pruner = build_component(compose(["method=sparsellm", "method.iterations=2"]).method, "method")
+    target = Sparsity(0.5)
+    if family not in GATED:
+        with pytest.raises(ElsaError, match="method=sparsellm cannot model the MLP.*method.fallback=sparsegpt"):
+            pruner.validate(model, target)
+        return
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pruner.validate(model, target)
+    stats = pruner.prune(PruneContext(model=model, tokenizer=tok, target=target, calibration=calibration(tok)))
+    check_pruned(model, dense, target)
+    assert len(stats["mlp_objective"]) == 2 and "fallback" not in stats
+
+
+def test_experts_without_tokens_are_printed_and_labelled_in_the_report(tmp_path, capsys):
+    """A tiny Mixtral with 8 experts, top-1, and 2 calibration windows of 8 tokens: some experts get no token;
+    the run says so, and the report row does not pass for plain Wanda."""
+    from elsa.report import job_row
+
+    tok = TinyLlamaSource().tokenizer()
+    cfg = transformers.MixtralConfig(vocab_size=len(tok), num_local_experts=8, num_experts_per_tok=1, **MOE, **SMALL)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    out = run_pipeline(tmp_path / "out", "model=hf", f"model.path={tmp_path / 'ckpt'}", "method=wanda", "seqlen=8",
+                       "nsamples=2", "save_model=false", "eval.max_tokens=64", "eval.dense=false")
+    none = out["method_stats"]["experts_without_tokens"]
+    assert none["count"] > 0 and none["rule"] == "magnitude within the expert"
+    assert "NO TOKENS:" in capsys.readouterr().out
+    assert f"{none['count']} experts without tokens" in job_row(out, tmp_path / "out", tmp_path)["method"]
