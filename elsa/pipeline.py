@@ -25,6 +25,7 @@ from elsa.evaluation import PerplexityEval, bos_id, check_finite
 from elsa.methods.base import PruneContext
 from elsa.models import (apply_ignore, apply_targets, check_prunable, context_length, prunable_matrices,
                          weight_accounting)
+from elsa.sparse import check_save_format, save_model
 from elsa.sparsity import Sparsity, layer_report
 from elsa.sweep import finished_result
 from elsa.tracking import NullTracker, write_json_atomic
@@ -178,6 +179,7 @@ class Run:
         self.target = Sparsity.parse(cfg.sparsity)
         self.seed = _positive_int(cfg, "seed", allow_zero=True)
         self.seqlen = _positive_int(cfg, "seqlen")
+        self.save_format = check_save_format(cfg.get("save_format", "hf"))
         self.method = build(cfg.method, "method")
         self.ignore = self._patterns(cfg, "ignore", "experts")
         self.targets = self._patterns(cfg, "targets", "mlp")
@@ -321,11 +323,9 @@ class Run:
         return self.results
 
     def save(self, model, tok):
-        path = self.out / "model"
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
+        nm = (self.target.n, self.target.m) if self.target.is_nm else None
+        self.results.update(save_model(model, tok, self.out, self.save_format, nm))
         write_json_atomic(self.out / "sparsity_per_layer.json", self.results["sparsity"]["per_layer"])
-        self.results["model_dir"] = str(path)
 
     def fail(self, exc: BaseException):
         if not D.is_main():

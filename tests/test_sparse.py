@@ -1,0 +1,205 @@
+"""The compressed checkpoint (elsa.sparse) and sparse inference (elsa.sparse_linear) on tiny models."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import REPO, read_results, run_pipeline
+
+from elsa import sparse as S
+from elsa.errors import ElsaError
+
+SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=96, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _tiny(family: str):
+    if family == "llama":
+        from elsa.models import TinyLlamaSource
+
+        return TinyLlamaSource().load()[0]
+    cfg = {"mixtral": lambda: transformers.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2),
+           "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                   bos_token_id=1, eos_token_id=2)}[family]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _prune_by_hand(model, ratio=0.7, nm=None):
+    """Zeros in every >= 2-D tensor inside the blocks (Linear, Conv1D [in, out], fused experts [E, out, in]),
+    plus a -0.0 kept as a value: the format must not know any layout to round-trip them bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    with torch.no_grad():
+        for _name, p in model.named_parameters():
+            if p.dim() < 2 or id(p) in emb:
+                continue
+            if nm:
+                n, m = nm
+                groups = p.data.reshape(-1, m)
+                drop = groups.abs().argsort(dim=1)[:, : m - n]
+                groups.scatter_(1, drop, 0.0)
+            else:
+                p[torch.rand(p.shape, generator=g) < ratio] = 0.0
+            flat = p.data.view(-1)
+            flat[int(torch.nonzero(flat)[0])] = -0.0     # sign bit only: a value, not a zero
+    return model
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8) if t.is_floating_point() else t
+
+
+def _assert_bit_identical(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
+        assert torch.equal(_bits(sa[k]), _bits(sb[k])), k
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "gpt2"])
+def test_round_trip_is_bit_identical(tmp_path, family):
+    model = _prune_by_hand(_tiny(family))
+    if family == "mixtral":   # transformers 5 holds its experts fused, 3-D
+        assert any(p.dim() == 3 and (p == 0).any() for p in model.parameters())
+    if family == "gpt2":      # Conv1D, stored [in, out]
+        assert any(type(m).__name__ == "Conv1D" for m in model.modules())
+    model.save_pretrained(tmp_path / "hf")
+    index = S.compress_dir(tmp_path / "hf", tmp_path / "c")
+    assert index["encodings"].get("bitmask", 0) > 0
+    _assert_bit_identical(model, S.load_compressed(tmp_path / "c"))
+    S.expand(tmp_path / "c", tmp_path / "e")
+    for f in (tmp_path / "hf").glob("*.safetensors"):       # the same files save_pretrained wrote
+        assert (tmp_path / "e" / f.name).read_bytes() == f.read_bytes()
+    _assert_bit_identical(model, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "e"))
+
+
+def test_nm_values_and_indices(tmp_path):
+    """2:4 along the last dim: values + 2-bit positions (the same size as a bitmask at exactly 50%, so the tie
+    goes to nm); 1:4 is smaller than a bitmask; a pattern that does not hold falls back to the bitmask."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=g)
+    groups = w.view(-1, 4)
+    groups.scatter_(1, groups.abs().argsort(1)[:, :2], 0.0)
+    stored, meta = S.encode("w", w, nm=(2, 4))
+    assert meta["encoding"] == "nm" and set(stored) == {"w::values", "w::indices"}
+    assert stored["w::values"].numel() == w.numel() // 2
+    assert torch.equal(_bits(S.decode("w", stored, meta)), _bits(w))
+    groups[0] = 0.0                                            # a group with fewer than N non-zeros
+    groups[1, 0] = -0.0
+    assert S.encode("w", w, nm=(2, 4))[1]["encoding"] == "bitmask"    # now the bitmask is smaller
+    stored, meta = S.encode("w", w, nm=(2, 4), encoding="nm")
+    assert torch.equal(_bits(S.decode("w", stored, meta)), _bits(w))
+    one = torch.randn(8, 16, generator=g)
+    one.view(-1, 4).scatter_(1, one.view(-1, 4).abs().argsort(1)[:, :3], 0.0)
+    sizes = S.encoded_bytes(one, nm=(1, 4))
+    assert sizes["nm"] < sizes["bitmask"] < sizes["dense"]
+    stored, meta = S.encode("w", one, nm=(1, 4))
+    assert meta["encoding"] == "nm" and torch.equal(S.decode("w", stored, meta), one)
+    many = torch.randn(64, 64, generator=g)
+    many[many < 0.5] *= 0.0                                     # ~69% zeros, most of them -0.0
+    stored, meta = S.encode("w", many)
+    assert "w::negzero_bitmask" in stored and meta["negzeros"] > 1000
+    assert torch.equal(_bits(S.decode("w", stored, meta)), _bits(many))
+    dense_row = torch.randn(4, 8, generator=g)              # 4 non-zeros in a group of 4: not 2:4
+    assert not S.nm_holds(dense_row, 2, 4)
+    assert "nm" not in S.encoded_bytes(dense_row, nm=(2, 4))
+
+
+def test_size_is_the_floor(tmp_path):
+    """Bitmask shards within 1% of one bit per position + non-zeros + dense tensors (headers aside)."""
+    model = _prune_by_hand(_tiny("llama"), ratio=0.9)
+    model.save_pretrained(tmp_path / "hf")
+    index = S.compress_dir(tmp_path / "hf", tmp_path / "c")
+    floor = S.floor_bytes(index)
+    assert floor <= index["compressed_bytes"] <= 1.01 * floor + 8192
+    assert index["compressed_bytes"] < 0.6 * index["dense_bytes"]
+
+
+@pytest.fixture
+def compressed(tmp_path):
+    model = _prune_by_hand(_tiny("llama"))
+    model.save_pretrained(tmp_path / "hf")
+    S.compress_dir(tmp_path / "hf", tmp_path / "c", shard_bytes=50_000)   # several shards
+    assert len(json.loads((tmp_path / "c" / S.INDEX).read_text())["shards"]) > 1
+    return tmp_path / "c"
+
+
+def _expand_cli(src: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "elsa.sparse", "expand", str(src), str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _one_error_line(proc, *words):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("elsa: error: "), proc.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def _break(kind: str, c: Path) -> None:
+    index = json.loads((c / S.INDEX).read_text())
+    shard = c / sorted(index["shards"])[1]
+    if kind == "missing":
+        shard.unlink()
+    elif kind == "flipped":
+        data = bytearray(shard.read_bytes())
+        data[-10] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif kind == "truncated":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif kind == "version":
+        index["version"] = 99
+        (c / S.INDEX).write_text(json.dumps(index))
+    elif kind == "index":
+        (c / S.INDEX).write_text("{not json")
+    elif kind == "not compressed":
+        (c / S.INDEX).unlink()
+
+
+@pytest.mark.parametrize("kind,words", [("missing", ["is missing"]), ("flipped", ["corrupt", "SHA-256"]),
+                                        ("truncated", ["corrupt"]), ("version", ["version 99", "version 1"]),
+                                        ("index", ["corrupt"]), ("not compressed", ["not a compressed model dir"])])
+def test_bad_dirs_are_one_line(compressed, tmp_path, kind, words):
+    _break(kind, compressed)
+    with pytest.raises(ElsaError):
+        S.load_compressed(compressed)
+    _one_error_line(_expand_cli(compressed, tmp_path / "out"), *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_expand_cli_writes_a_dir_from_pretrained_loads(compressed, tmp_path):
+    proc = _expand_cli(compressed, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _assert_bit_identical(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
+                          transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+    _one_error_line(_expand_cli(tmp_path / "nowhere", tmp_path / "out2"), "not a directory")
+
+
+def test_save_format_both_through_the_pipeline(tmp_path):
+    r = run_pipeline(tmp_path, "method=magnitude", "sparsity=0.9", "save_format=both")
+    assert read_results(tmp_path)["compressed"] == json.loads(json.dumps(r["compressed"]))
+    c = r["compressed"]
+    assert Path(c["dir"]) == tmp_path / "model_compressed" and r["model_dir"] == str(tmp_path / "model")
+    assert c["floor_mb"] <= c["shards_mb"] <= 1.01 * c["floor_mb"] + 0.01 and c["mb"] < c["hf_mb"]
+    assert c["floor_mb"] < 0.75 * c["dense_shards_mb"]        # 90% of the block weights at 1 bit + 4 bytes each
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    model, tok = S.load_any(tmp_path / "model_compressed")
+    _assert_bit_identical(hf, model)
+    assert tok("hello world")["input_ids"]                     # the tokenizer travels with the compressed dir
+
+
+def test_save_format_compressed_only_and_bad_value(tmp_path):
+    r = run_pipeline(tmp_path / "a", "method=magnitude", "sparsity=2:4", "save_format=compressed")
+    assert not (tmp_path / "a" / "model").exists() and (tmp_path / "a" / "model_compressed").is_dir()
+    assert "model_dir" not in r and r["compressed"]["encodings"].get("nm", 0) == 14
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".model")]   # no temporary HF dir left
+    with pytest.raises(ElsaError, match="save_format=zip is not allowed"):
+        run_pipeline(tmp_path / "b", "save_format=zip")
