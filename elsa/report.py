@@ -3,7 +3,9 @@
     python -m elsa.report multirun/2026-11-26/10-00-00 [--out DIR]
 
 One row per job: model, method, sparsity target, seed, status, perplexity per corpus, zero-shot mean acc (when
-the job measured it), measured sparsity, non-zero parameters, wall time. Failed jobs (and job dirs Hydra made
+the job measured it), compressed checkpoint size (save_format=compressed|both) and batch-1 decode speedup of the
+sparse kernels over dense (measure_speed=true) where jobs recorded them, measured sparsity, non-zero parameters,
+wall time. Failed jobs (and job dirs Hydra made
 but that hold no results.json: killed jobs) appear in the table and are left out of the plots.
 
 Plots, one PNG per perplexity corpus:
@@ -92,6 +94,8 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
            "peak_rss_mb": (data.get("peak_memory_mb") or {}).get("cpu_rss"),
            "rss_at_start_mb": (data.get("peak_memory_mb") or {}).get("cpu_rss_at_start"),
            "peak_gpu_mb": (data.get("peak_memory_mb") or {}).get("gpu"),
+           "compressed_mb": (data.get("compressed") or {}).get("mb"),
+           "decode_speedup": (data.get("inference") or {}).get("decode_speedup"),
            "dir": str(job_dir.relative_to(root)) if job_dir != root else ".",
            "overrides": " ".join(data.get("overrides") or []), "error": data.get("error")}
     for corpus, value in (data.get("perplexity") or {}).items():
@@ -200,6 +204,7 @@ def grids(df: pd.DataFrame) -> list[str]:
             continue
         for title, column, dense in (
                 *[(f"perplexity ({c})", PPL + c, dense_baselines(df, c).get(model)) for c in names],
+                ("compressed size (MB)", "compressed_mb", None), ("decode speedup (sparse / dense)", "decode_speedup", None),
                 ("time (s)", "time_s", None), ("peak RSS (MB)", "peak_rss_mb", None)):
             table = grid(df, column, model, dense)
             if table.empty or column not in df or not df[column].notna().any():
@@ -214,6 +219,10 @@ def markdown(df: pd.DataFrame) -> str:
     names = corpora(df)
     cols = ["model", "method", "sparsity", "seed", "status", *[PPL + c for c in names]]
     heads = ["model", "method", "sparsity", "seed", "status", *[f"ppl {c}" for c in names]]
+    for col, head in (("compressed_mb", "compressed (MB)"), ("decode_speedup", "decode speedup")):
+        if col in df and df[col].notna().any():   # jobs that saved a compressed model / measured sparse decoding
+            cols.append(col)
+            heads.append(head)
     if "zero_shot_mean" in df and df["zero_shot_mean"].notna().any():
         cols.append("zero_shot_mean")
         heads.append("zero-shot mean acc")

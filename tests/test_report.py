@@ -77,6 +77,24 @@ def test_collect_table_values(sweep_dir):
     assert tiny["method"].tolist() == ["magnitude"] * 3 + ["wanda"] * 2
 
 
+def test_compressed_size_and_speedup_columns(sweep_dir, tmp_path):
+    """Jobs that saved a compressed model / measured sparse decoding show both next to perplexity; a sweep
+    where no job did shows neither column."""
+    df = report.collect(sweep_dir)
+    assert "compressed (MB)" not in report.markdown(df) and "decode speedup" not in report.markdown(df)
+    data = _job("tiny", "magnitude", "0.9", 0.9, 900.0, 20.0, 0.9, 1100, 2000)
+    data["compressed"] = {"mb": 0.3125, "hf_mb": 1.0}
+    data["inference"] = {"decode_speedup": 1.75}
+    _write(sweep_dir, "90", data)
+    df = report.collect(sweep_dir)
+    row = df[df["sparsity"] == "0.9"].iloc[0]
+    assert row["compressed_mb"] == 0.3125 and row["decode_speedup"] == 1.75
+    md = report.markdown(df)
+    assert "| ppl wiki | compressed (MB) | decode speedup |" in md
+    assert "| tiny | magnitude | 0.9 | 0 | done | 900.000 | 0.312 | 1.750 |" in md
+    assert "## tiny: compressed size (MB) by method and sparsity" in md
+
+
 def test_method_by_sparsity_grid(sweep_dir):
     df = report.collect(sweep_dir)
     table = report.grid(df, "ppl/wiki", "tiny", dense=20.0)
