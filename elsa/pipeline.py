@@ -180,6 +180,8 @@ class Run:
         self.seed = _positive_int(cfg, "seed", allow_zero=True)
         self.seqlen = _positive_int(cfg, "seqlen")
         self.save_format = check_save_format(cfg.get("save_format", "hf"))
+        if not isinstance(cfg.get("measure_speed", False), bool):
+            raise config_error("measure_speed", cfg.measure_speed, "true or false")
         self.method = build(cfg.method, "method")
         self.ignore = self._patterns(cfg, "ignore", "experts")
         self.targets = self._patterns(cfg, "targets", "mlp")
@@ -311,6 +313,10 @@ class Run:
 
         if cfg.save_model:
             self.timed("save", self.save, model, tok)
+        if cfg.get("measure_speed", False):   # batch-1 decode, dense against the sparse kernels (elsa.generate)
+            from elsa.generate import measure
+
+            self.results["inference"] = self.timed("speed", measure, model, tok)
         self.times["total"] = time.perf_counter() - t0
         self.results.update(status="done", time_s=self.times,
                             peak_memory_mb=peak_memory_mb(self.device, self.rss_at_start))

@@ -203,3 +203,162 @@ def test_save_format_compressed_only_and_bad_value(tmp_path):
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".model")]   # no temporary HF dir left
     with pytest.raises(ElsaError, match="save_format=zip is not allowed"):
         run_pipeline(tmp_path / "b", "save_format=zip")
+
+
+# -- sparse inference ------------------------------------------------------------------------------------------
+from elsa import sparse_linear as SL  # noqa: E402
+
+
+def _fake_timer(table):
+    """A timer that returns the given seconds per kernel name (default 1.0): the decision, not the clock."""
+    return lambda fns, tokens: {k: table.get((k, tokens), table.get(k, 1.0)) for k in fns}
+
+
+def test_choose_never_picks_a_slower_or_barely_faster_sparse_kernel():
+    assert SL.choose({"dense": 1.0, "csr16": 0.5, "torch_csr": 0.7}) == "csr16"
+    assert SL.choose({"dense": 1.0, "csr16": 0.95}) == "dense"              # within the 10% margin
+    assert SL.choose({"dense": 1.0, "csr16": 1.5, "torch_csr": 2.0}) == "dense"
+    assert SL.choose({"dense": 1.0, "csr16": 1.0}) == "dense"               # a tie stays dense
+    assert SL.choose({"dense": 1.0, "csr16": 0.95}, min_gain=1.0) == "csr16"
+    assert SL.choose({"dense": 1.0}) == "dense"
+
+
+def _pruned_matrix(rows=96, cols=80, ratio=0.9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w[torch.rand(rows, cols, generator=g) < ratio] = 0.0
+    return w
+
+
+def test_plan_follows_the_timer_per_regime_and_rejects_wrong_kernels(monkeypatch):
+    w, b = _pruned_matrix(), torch.randn(96)
+    fast = {("torch_csr", 1): 0.2, ("dense", 512): 1.0, ("torch_csr", 512): 3.0}
+    plan, _fns = SL.plan_matrix(w, b, {"decode": 1, "prefill": 512}, _fake_timer(fast))
+    assert plan["decode"] == "torch_csr" and plan["prefill"] == "dense"
+    assert plan["times_us"]["decode"]["torch_csr"] == pytest.approx(0.2e6)
+    real = SL.candidates
+
+    def with_a_wrong_kernel(weight, bias):
+        fns, skipped = real(weight, bias)
+        fns["broken"] = lambda x: F.linear(x, weight, bias) * 1.01        # fastest, but not the product
+        return fns, skipped
+
+    import torch.nn.functional as F
+    monkeypatch.setattr(SL, "candidates", with_a_wrong_kernel)
+    plan, _ = SL.plan_matrix(w, b, {"decode": 1}, _fake_timer({"broken": 0.01, "torch_csr": 2.0}))
+    assert plan["decode"] == "dense" and "broken" in plan["rejected"]
+
+
+def _pruned_tiny(ratio=0.9):
+    from elsa.models import TinyLlamaSource, prunable_linears
+
+    model, tok = TinyLlamaSource().load()
+    with torch.no_grad():
+        for lin in prunable_linears(model).values():
+            lin.weight[lin.weight.abs() < lin.weight.abs().quantile(ratio)] = 0.0
+    return model, tok
+
+
+@pytest.mark.parametrize("kernel", ["torch_csr", "csr16", "csr16_1t"])
+def test_sparse_logits_equal_dense(kernel):
+    import copy
+
+    if kernel.startswith("csr16") and SL.kernel_library() is None:
+        pytest.skip(f"no C kernel: {SL._LIB.get('reason')}")
+    if kernel == "csr16_1t" and torch.get_num_threads() == 1:
+        pytest.skip("one thread: csr16 is the only variant")
+    dense, _tok = _pruned_tiny()
+    sparse = copy.deepcopy(dense)
+    plan = SL.sparsify(sparse, timer=_fake_timer({kernel: 0.1}))           # every matrix, both regimes
+    assert plan["chosen"] == {"decode": {kernel: 14}, "prefill": {kernel: 14}}
+    mods = [m for m in sparse.modules() if isinstance(m, SL.SparseLinear)]
+    assert len(mods) == 14 and all(m.weight is None for m in mods)           # the dense copy is gone
+    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))  # prefill regime
+    with torch.no_grad():
+        want, got = dense(ids).logits, sparse(ids).logits
+        assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
+        from elsa.generate import greedy
+
+        a, _ = greedy(dense, ids[:1, :6], 12)                                  # decode regime, batch 1
+        b, _ = greedy(sparse, ids[:1, :6], 12)
+    assert torch.equal(a, b)
+
+
+def test_sparsify_keeps_dense_where_dense_wins_and_leaves_dense_matrices():
+    model, _ = _pruned_tiny(0.1)       # 10%: under min_sparsity, left as nn.Linear without measuring
+    plan = SL.sparsify(model, timer=_fake_timer({"csr16": 0.01, "torch_csr": 0.01}))
+    assert not any(isinstance(m, SL.SparseLinear) for m in model.modules())
+    assert plan["chosen"]["decode"] == {"dense": 14}
+    model, _ = _pruned_tiny(0.9)
+    plan = SL.sparsify(model, timer=_fake_timer({"csr16": 2.0, "csr16_1t": 2.0, "torch_csr": 2.0}))
+    assert plan["chosen"] == {"decode": {"dense": 14}, "prefill": {"dense": 14}}
+    assert all(m.weight is not None for m in model.modules() if isinstance(m, SL.SparseLinear))
+
+
+@pytest.mark.parametrize("rows,cols,batch", [(33, 70, 1), (33, 70, 3), (64, 40000, 2), (40, 70000, 1),
+                                             (40, 300, 20), (17, 200, 130)])
+def test_c_kernel_shapes(rows, cols, batch):
+    """Batch-1..8 (gathers), tiled prefill with a partial tile, columns past int16 (uint16 bits) and past
+    uint16 (int32 indices), rows with no non-zero at all."""
+    if SL.kernel_library() is None:
+        pytest.skip(f"no C kernel: {SL._LIB.get('reason')}")
+    w = _pruned_matrix(rows, cols, 0.9, seed=rows)
+    w[3] = 0.0
+    k = SL.CSR16(w)
+    assert k.wide == (cols > 65536)
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(1))
+    want = x @ w.T
+    for threads in (1, 2):
+        got = k(x, threads)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_semi_structured_selection_on_any_device():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 256, generator=g)
+    w.view(-1, 4).scatter_(1, w.view(-1, 4).abs().argsort(1)[:, :2], 0.0)
+    ok, why = SL.semi_structured_support(w)
+    assert not ok and "fp16/bf16" in why
+    ok, why = SL.semi_structured_support(w[:100].half())
+    assert not ok and "shape 100x256" in why
+    dense = torch.randn(128, 256, generator=g).half()
+    assert "not 2:4" in SL.semi_structured_support(dense)[1]
+    ok, why = SL.semi_structured_support(w.half())
+    if not torch.cuda.is_available():
+        assert not ok and "CUDA only" in why
+        _fns, skipped = SL.candidates(w.half(), None)
+        assert "semi_structured" in skipped and "semi_structured" not in _fns
+        pytest.skip("no CUDA device: the semi-structured kernel itself is not run")
+    wc = w.half().cuda()
+    ok, why = SL.semi_structured_support(wc)
+    if not ok:
+        pytest.skip(why)
+    fns, _ = SL.candidates(wc, None)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    assert torch.allclose(fns["semi_structured"](x), fns["dense"](x), atol=1e-2, rtol=1e-2)
+
+
+def test_generate_cli_on_a_compressed_dir(compressed, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from elsa.models import TinyLlamaSource
+
+    TinyLlamaSource().tokenizer().save_pretrained(compressed)
+    cmd = [sys.executable, "-m", "elsa.generate", str(compressed), "--prompt", "The city", "--max-new-tokens", "6",
+           "--compare"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "same tokens: True" in proc.stdout
+    assert isinstance(PreTrainedTokenizerFast.from_pretrained(compressed), PreTrainedTokenizerFast)
+    bad = subprocess.run([sys.executable, "-m", "elsa.generate", str(tmp_path / "nowhere")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    _one_error_line(bad, "not a directory")
+
+
+def test_measure_speed_through_the_pipeline(tmp_path):
+    r = run_pipeline(tmp_path, "method=magnitude", "sparsity=0.9", "save_model=false", "measure_speed=true")
+    inf = read_results(tmp_path)["inference"]
+    assert inf["same_tokens"] is True and inf["decode_speedup"] > 0
+    assert sum(inf["kernels"]["decode"].values()) == 14 and r["inference"]["threads"] >= 1
+    with pytest.raises(ElsaError, match="measure_speed=maybe"):
+        run_pipeline(tmp_path / "b", "measure_speed=maybe")

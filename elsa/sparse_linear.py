@@ -1,0 +1,385 @@
+"""Sparse inference: a drop-in replacement for the pruned nn.Linear matrices, its kernel chosen by measurement.
+
+    from elsa.sparse_linear import sparsify
+    plan = sparsify(model)            # in place: every pruned Linear of the decoder blocks -> SparseLinear
+
+Per matrix and per regime (``decode``: a few tokens, memory-bound; ``prefill``: many tokens, compute-bound), every
+available kernel is checked against the dense product on a probe input and timed side by side with it
+(interleaved rounds, median); a sparse kernel is used only where it beats dense by ``min_gain`` (default 10%),
+so the sparse model is never slower than the dense one by choice. Kernels:
+
+- ``dense``: ``F.linear`` (MKL sgemm/sgemv), the reference;
+- ``torch_csr``: torch's CSR tensor (int32 indices) times the activations, which goes to MKL's sparse BLAS;
+- ``csr16`` / ``csr16_1t``: a small C kernel (compiled once with the system C compiler into the elsa cache, called
+  through ctypes): CSR with uint16 column indices and the values in fp32 (6 bytes per non-zero against 4 per dense
+  weight, against 12 for torch's int64 CSR), AVX2 gathers for the batch-1 product, 64-token tiles for prefill;
+  on all threads or one (a small matrix does not repay a parallel region). fp32 only; without a compiler the
+  candidate is absent and the others compete;
+- on CUDA: ``semi_structured`` (2:4 through ``torch.sparse.to_sparse_semi_structured``, fp16/bf16, where the
+  pattern holds and the shape is one the kernels take) and ``torch_csr`` (cuSPARSE). On CPU they are skipped
+  with the reason recorded.
+
+Pruned matrices: the nn.Linear layers inside the decoder blocks (``elsa.models.prunable_linears``). Conv1D and fused
+3-D expert tensors stay dense (no sparse kernel here multiplies them); lm_head and embeddings stay dense.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+REGIMES = {"decode": 1, "prefill": 512}   # tokens per probe; a call with <= DECODE_MAX tokens is "decode"
+DECODE_MAX = 8
+MIN_GAIN = 1.10                          # a sparse kernel must be at least this much faster than dense
+
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#define TILE 64
+
+static inline float rowdot_i32(const int32_t* c, const float* v, int64_t n, const float* x) {
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    int64_t k = 0;
+    for (; k + 4 <= n; k += 4) {
+        a0 += v[k] * x[c[k]]; a1 += v[k + 1] * x[c[k + 1]];
+        a2 += v[k + 2] * x[c[k + 2]]; a3 += v[k + 3] * x[c[k + 3]];
+    }
+    for (; k < n; k++) a0 += v[k] * x[c[k]];
+    return (a0 + a1) + (a2 + a3);
+}
+
+static inline float rowdot_u16(const uint16_t* c, const float* v, int64_t n, const float* x) {
+    int64_t k = 0;
+    float s = 0.f;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; k + 16 <= n; k += 16) {   /* widen 8 positions, gather x at them, multiply-add the values */
+        __m256i i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(c + k)));
+        __m256i i1 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(c + k + 8)));
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + k), _mm256_i32gather_ps(x, i0, 4), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + k + 8), _mm256_i32gather_ps(x, i1, 4), a1);
+    }
+    a0 = _mm256_add_ps(a0, a1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    s = _mm_cvtss_f32(h);
+#else
+    float a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    for (; k + 4 <= n; k += 4) {
+        s += v[k] * x[c[k]]; a1 += v[k + 1] * x[c[k + 1]];
+        a2 += v[k + 2] * x[c[k + 2]]; a3 += v[k + 3] * x[c[k + 3]];
+    }
+    s = (s + a1) + (a2 + a3);
+#endif
+    for (; k < n; k++) s += v[k] * x[c[k]];
+    return s;
+}
+
+/* y[b, r] = sum over row r's non-zeros of val * x[b, col]; x [batch, cols], y [batch, rows] */
+#define SPMV(NAME, IDX)                                                                                \
+void spmv_##NAME(int64_t rows, int64_t cols, int64_t batch, const int64_t* rowptr, const IDX* col,     \
+                 const float* val, const float* x, float* y, int nthreads) {                           \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                \
+    for (int64_t r = 0; r < rows; r++) {                                                               \
+        int64_t s = rowptr[r], n = rowptr[r + 1] - s;                                                  \
+        for (int64_t b = 0; b < batch; b++)                                                            \
+            y[b * rows + r] = rowdot_##NAME(col + s, val + s, n, x + b * cols);                        \
+    }                                                                                                  \
+}
+
+/* yt[r, b] = sum over row r's non-zeros of val * xt[col, b]; xt [cols, batch], yt [rows, batch]; TILE tokens
+   at a time so that the accumulators stay in registers and a tile of xt in cache */
+#define SPMM(NAME, IDX)                                                                                \
+void spmm_##NAME(int64_t rows, int64_t cols, int64_t batch, const int64_t* rowptr, const IDX* col,     \
+                 const float* val, const float* xt, float* yt, int nthreads) {                         \
+    for (int64_t b0 = 0; b0 < batch; b0 += TILE) {                                                     \
+        int64_t w = batch - b0 < TILE ? batch - b0 : TILE;                                             \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+        for (int64_t r = 0; r < rows; r++) {                                                           \
+            float acc[TILE];                                                                           \
+            memset(acc, 0, sizeof(acc));                                                               \
+            for (int64_t k = rowptr[r]; k < rowptr[r + 1]; k++) {                                      \
+                const float v = val[k];                                                                \
+                const float* xr = xt + (int64_t)col[k] * batch + b0;                                   \
+                if (w == TILE) { for (int j = 0; j < TILE; j++) acc[j] += v * xr[j]; }                 \
+                else { for (int j = 0; j < w; j++) acc[j] += v * xr[j]; }                              \
+            }                                                                                          \
+            memcpy(yt + r * batch + b0, acc, w * sizeof(float));                                       \
+        }                                                                                              \
+    }                                                                                                  \
+}
+SPMV(u16, uint16_t)
+SPMV(i32, int32_t)
+SPMM(u16, uint16_t)
+SPMM(i32, int32_t)
+"""
+
+_LIB: dict = {}
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha256((_C_SOURCE + flags + os.uname().machine).encode()).hexdigest()[:16]
+
+
+def kernel_library():
+    """The compiled C kernels (ctypes), or None with the reason in ``kernel_library.reason``. Compiled once per
+    source and CPU (``-march=native``) into ``$ELSA_CACHE/kernels``; a second call reuses the loaded library."""
+    if "lib" in _LIB:
+        return _LIB["lib"]
+    from elsa.assets import cache_dir
+
+    lib, reason = None, None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    target = cache_dir() / "kernels" / f"spmm-{_cpu_key()}.so"
+    try:
+        if not target.exists():
+            if not cc:
+                raise OSError("no C compiler (cc/gcc) on PATH")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                src, out = Path(tmp) / "spmm.c", Path(tmp) / "spmm.so"
+                src.write_text(_C_SOURCE)
+                proc = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
+                                       str(src)], capture_output=True, text=True, timeout=120)
+                if proc.returncode:
+                    raise OSError(f"{cc} failed: {proc.stderr.strip()[:300]}")
+                os.replace(out, target)
+        lib = ctypes.CDLL(str(target))
+        P, I = ctypes.c_void_p, ctypes.c_int64
+        for fn in ("spmv_u16", "spmv_i32", "spmm_u16", "spmm_i32"):
+            getattr(lib, fn).argtypes = [I, I, I, P, P, P, P, P, ctypes.c_int]
+            getattr(lib, fn).restype = None
+    except (OSError, subprocess.SubprocessError) as exc:
+        lib, reason = None, str(exc)
+        log.warning("elsa: the C sparse kernel is not available (%s); torch's kernels compete alone", exc)
+    _LIB["lib"], _LIB["reason"] = lib, reason
+    return lib
+
+
+# -- kernels -------------------------------------------------------------------------------------------------
+class CSR16:
+    """CSR for the C kernel: int64 row pointers, uint16 (or int32 when in_features > 65536) columns, fp32 values."""
+
+    def __init__(self, weight: torch.Tensor):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            csr = weight.detach().to_sparse_csr()
+        self.rows, self.cols = weight.shape
+        self.rowptr = csr.crow_indices().to(torch.int64).contiguous()
+        self.wide = self.cols > 65536
+        cols = csr.col_indices()
+        # int16 storage of uint16 positions: the bits are what the kernel reads
+        cols = cols.to(torch.int32)
+        self.col = (cols if self.wide else torch.where(cols >= 32768, cols - 65536, cols).to(torch.int16)).contiguous()
+        self.val = csr.values().to(torch.float32).contiguous()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.col, self.val))
+
+    def __call__(self, x2d: torch.Tensor, threads: int) -> torch.Tensor:
+        lib = kernel_library()
+        x2d = x2d.contiguous()
+        b = x2d.shape[0]
+        kind = "i32" if self.wide else "u16"
+        if b <= DECODE_MAX:
+            y = torch.empty(b, self.rows, dtype=torch.float32)
+            getattr(lib, f"spmv_{kind}")(self.rows, self.cols, b, self.rowptr.data_ptr(), self.col.data_ptr(),
+                                         self.val.data_ptr(), x2d.data_ptr(), y.data_ptr(), threads)
+            return y
+        xt = x2d.t().contiguous()
+        yt = torch.empty(self.rows, b, dtype=torch.float32)
+        getattr(lib, f"spmm_{kind}")(self.rows, self.cols, b, self.rowptr.data_ptr(), self.col.data_ptr(),
+                                     self.val.data_ptr(), xt.data_ptr(), yt.data_ptr(), threads)
+        return yt.t()
+
+
+def semi_structured_support(weight: torch.Tensor) -> tuple[bool, str]:
+    """Whether torch's 2:4 semi-structured kernels can take this weight: (ok, reason). Checked without running
+    them, so the decision is testable on CPU: CUDA, fp16/bf16 (the CUTLASS/cuSPARSELt kernels), 2:4 along the
+    input dim, and both dims multiples of the kernels' tile (64 rows, 128 columns for 16-bit types)."""
+    from elsa.sparsity import nm_violations
+
+    if weight.dim() != 2:
+        return False, f"a 2-D matrix is needed, not {weight.dim()}-D"
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        return False, f"dtype {str(weight.dtype).removeprefix('torch.')} (semi-structured kernels take fp16/bf16)"
+    rows, cols = weight.shape
+    if rows % 64 or cols % 128:
+        return False, f"shape {rows}x{cols} (rows must be a multiple of 64, columns of 128)"
+    if nm_violations(weight, 2, 4):
+        return False, "the weight is not 2:4 along its input dim"
+    if not weight.is_cuda:
+        return False, "semi-structured sparsity runs on CUDA only"
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(weight.device) < (8, 0):
+        return False, "a CUDA device of compute capability >= 8.0 is needed"
+    return True, "ok"
+
+
+def candidates(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[dict[str, Callable], dict[str, str]]:
+    """{kernel name: fn(x2d) -> y2d} for this weight on its device, and {kernel: why not} for those left out."""
+    w = weight.detach()
+    out: dict[str, Callable] = {"dense": lambda x: F.linear(x, w, bias)}
+    skipped: dict[str, str] = {}
+    add_bias = (lambda y: y + bias) if bias is not None else (lambda y: y)
+    try:
+        with warnings.catch_warnings():   # "sparse CSR support is in beta": measured and checked here
+            warnings.simplefilter("ignore", UserWarning)
+            csr = w.to_sparse_csr()
+            csr = torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(),
+                                          size=w.shape, check_invariants=False)
+        out["torch_csr"] = lambda x: add_bias(torch.mm(csr, x.t()).t())
+    except (RuntimeError, NotImplementedError) as exc:
+        skipped["torch_csr"] = str(exc).splitlines()[0][:200]
+    if w.is_cuda:
+        ok, why = semi_structured_support(w)
+        if ok:
+            from torch.sparse import to_sparse_semi_structured
+
+            ss = to_sparse_semi_structured(w)
+            out["semi_structured"] = lambda x: F.linear(x, ss, bias)
+        else:
+            skipped["semi_structured"] = why
+        skipped["csr16"] = "the C kernel runs on CPU"
+    else:
+        skipped["semi_structured"] = semi_structured_support(w)[1]
+        if w.dtype != torch.float32:
+            skipped["csr16"] = f"the C kernel takes fp32 weights, not {str(w.dtype).removeprefix('torch.')}"
+        elif kernel_library() is None:
+            skipped["csr16"] = f"not compiled: {_LIB.get('reason')}"
+        else:
+            k = CSR16(w)
+            threads = torch.get_num_threads()
+            out["csr16"] = lambda x: add_bias(k(x, threads))
+            if threads > 1:
+                out["csr16_1t"] = lambda x: add_bias(k(x, 1))
+    return out, skipped
+
+
+# -- choosing by measurement ---------------------------------------------------------------------------------
+def interleaved_timer(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each fn, timed in interleaved rounds so that a change of machine load hits
+    every candidate alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def choose(times: dict[str, float], min_gain: float = MIN_GAIN) -> str:
+    """The fastest kernel when it beats ``dense`` by ``min_gain``, else ``dense``: sparse is never chosen slower."""
+    best = min(times, key=lambda k: (times[k], k != "dense"))
+    return best if best != "dense" and times[best] * min_gain <= times["dense"] else "dense"
+
+
+def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[str, int] = REGIMES,
+                timer: Callable | None = None, min_gain: float = MIN_GAIN, atol: float = 1e-4,
+                rtol: float = 1e-4) -> tuple[dict, dict[str, Callable]]:
+    """Measure every candidate kernel of one matrix in every regime; returns the plan (chosen kernel per regime,
+    times, rejections) and the candidate fns. A candidate whose output differs from dense is rejected."""
+    fns, skipped = candidates(weight, bias)
+    timer = timer or (lambda f, tokens: interleaved_timer(f, reps=15 if tokens <= DECODE_MAX else 3, warmup=1))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    plan = {"sparsity": float((weight == 0).float().mean()), "skipped": skipped, "rejected": {}, "times_us": {}}
+    for regime, tokens in regimes.items():
+        x = torch.randn(tokens, weight.shape[1], generator=g).to(weight.device, weight.dtype)
+        ref = fns["dense"](x)
+        ok = {}
+        for name, fn in fns.items():
+            if name == "dense":
+                ok[name] = fn
+                continue
+            got = fn(x)
+            if got.shape != ref.shape or not torch.allclose(got.float(), ref.float(), atol=atol * float(ref.abs().max()),
+                                                            rtol=rtol):
+                plan["rejected"][name] = f"output differs from dense in regime {regime}"
+            else:
+                ok[name] = fn
+        times = timer({k: (lambda f=f: f(x)) for k, f in ok.items()}, tokens)
+        plan["times_us"][regime] = {k: round(v * 1e6, 2) for k, v in times.items()}
+        plan[regime] = choose(times, min_gain)
+    return plan, fns
+
+
+class SparseLinear(nn.Module):
+    """An nn.Linear replacement that runs the kernel its plan chose for the call's number of tokens."""
+
+    def __init__(self, linear: nn.Linear, plan: dict, fns: dict[str, Callable]):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.plan = plan
+        missing = [r for r in REGIMES if r not in plan]
+        if missing:
+            raise ValueError(f"the plan has no kernel for regime(s) {missing}")
+        # only the chosen kernels are kept: the dense weight stays only where some regime runs dense
+        self.kernels = {r: fns[plan[r]] for r in REGIMES}
+        self.bias = linear.bias
+        self.weight = linear.weight if "dense" in {plan[r] for r in REGIMES} else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        fn = self.kernels["decode" if x2d.shape[0] <= DECODE_MAX else "prefill"]
+        return fn(x2d).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"sparsity={self.plan['sparsity']:.3f}, decode={self.plan.get('decode')}, "
+                f"prefill={self.plan.get('prefill')}")
+
+
+def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: float = MIN_GAIN,
+             timer: Callable | None = None, min_sparsity: float = 0.25, progress: bool = False) -> dict:
+    """Replace, in place, each pruned Linear of the decoder blocks by a SparseLinear running the kernel measured
+    fastest per regime (dense unless a sparse kernel wins by ``min_gain``). Matrices under ``min_sparsity`` are
+    left as they are (no kernel here can beat dense on them). Returns the plan: per matrix, the kernels and times,
+    and a summary of what was chosen."""
+    from elsa.models import prunable_linears
+
+    plans, counts = {}, {r: {} for r in regimes}
+    items = list(prunable_linears(model).items())
+    with torch.no_grad():
+        for i, (name, lin) in enumerate(items):
+            if progress:
+                print(f"\relsa: measuring kernels {i + 1}/{len(items)}", end="", flush=True)
+            sparsity = float((lin.weight == 0).float().mean())
+            if sparsity < min_sparsity:
+                plans[name] = {"sparsity": sparsity, **{r: "dense" for r in regimes}, "note": "left as nn.Linear"}
+            else:
+                plan, fns = plan_matrix(lin.weight, lin.bias, regimes, timer, min_gain)
+                plans[name] = plan
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, SparseLinear(lin, plan, fns))
+            for r in regimes:
+                counts[r][plans[name][r]] = counts[r].get(plans[name][r], 0) + 1
+    if progress:
+        print(flush=True)
+    return {"matrices": plans, "chosen": counts, "min_gain": min_gain, "regimes": dict(regimes)}
