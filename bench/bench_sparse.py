@@ -57,7 +57,9 @@ def _prune(weight: torch.Tensor, target: str) -> None:
 
 @torch.no_grad()
 def bench_matrices(args) -> None:
-    from elsa.sparse_linear import candidates, choose, interleaved_timer
+    """Each matrix through the selection itself (elsa.sparse_linear.plan_matrix): every kernel's time per regime
+    and the kernel chosen, so the figures are what sparsify sees."""
+    from elsa.sparse_linear import plan_matrix
 
     for rows, cols in SHAPES:
         g = torch.Generator().manual_seed(0)
@@ -65,20 +67,17 @@ def bench_matrices(args) -> None:
         for target in args.sparsities:
             wt = w.clone()
             _prune(wt, target)
-            fns, skipped = candidates(wt, None)
-            for tokens, reps in ((1, args.reps), (args.prefill, max(2, args.reps // 5))):
-                x = torch.randn(tokens, cols, generator=g)
-                ref = fns["dense"](x)
-                ok = {k: f for k, f in fns.items()
-                      if k == "dense" or torch.allclose(f(x), ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)}
-                times = interleaved_timer({k: (lambda f=f: f(x)) for k, f in ok.items()}, reps=reps, warmup=1)
-                chosen = choose(times)
+            plan, _fns = plan_matrix(wt, None, {"decode": 1, "prefill": args.prefill})
+            del _fns
+            for regime, tokens in (("decode", 1), ("prefill", args.prefill)):
+                us = plan["times_us"][regime]
                 _append(args.out, {"bench": "matrix", "shape": [rows, cols], "sparsity": target, "tokens": tokens,
-                                   "dense_ms": times["dense"] * 1e3,
-                                   "speedup": {k: times["dense"] / v for k, v in times.items() if k != "dense"},
-                                   "rejected": sorted(set(fns) - set(ok)), "chosen": chosen,
-                                   "chosen_speedup": times["dense"] / times[chosen], "skipped": skipped, **_env()})
-            del fns
+                                   "dense_ms": us["dense"] / 1e3,
+                                   "speedup": {k: us["dense"] / v for k, v in us.items() if k != "dense"},
+                                   "screened": plan.get("screened", {}).get(regime, []),
+                                   "rejected": plan["rejected"], "chosen": plan[regime],
+                                   "chosen_speedup": us["dense"] / us[plan[regime]], "skipped": plan["skipped"],
+                                   **_env()})
 
 
 @torch.no_grad()

@@ -301,31 +301,50 @@ def choose(times: dict[str, float], min_gain: float = MIN_GAIN) -> str:
     return best if best != "dense" and times[best] * min_gain <= times["dense"] else "dense"
 
 
+SCREEN = 3.0   # a candidate whose first timed call takes over 3x dense's is recorded from that call alone
+
+
+def default_timer(fns: dict[str, Callable], x: torch.Tensor, tokens: int) -> dict[str, float]:
+    return interleaved_timer({k: (lambda f=f: f(x)) for k, f in fns.items()}, reps=15 if tokens <= DECODE_MAX else 3,
+                             warmup=0)
+
+
 def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[str, int] = REGIMES,
                 timer: Callable | None = None, min_gain: float = MIN_GAIN, atol: float = 1e-4,
                 rtol: float = 1e-4) -> tuple[dict, dict[str, Callable]]:
     """Measure every candidate kernel of one matrix in every regime; returns the plan (chosen kernel per regime,
-    times, rejections) and the candidate fns. A candidate whose output differs from dense is rejected."""
+    times in microseconds, rejections) and the candidate fns. A candidate whose output differs from dense is
+    rejected; with the default timer, one whose first call (after a warm-up) takes over ``SCREEN`` times dense's
+    is not timed further (it cannot win) and keeps that call's time. ``timer(fns, tokens) -> {name: seconds}``
+    replaces the clock (tests)."""
     fns, skipped = candidates(weight, bias)
-    timer = timer or (lambda f, tokens: interleaved_timer(f, reps=15 if tokens <= DECODE_MAX else 3, warmup=1))
     g = torch.Generator(device="cpu").manual_seed(0)
     plan = {"sparsity": float((weight == 0).float().mean()), "skipped": skipped, "rejected": {}, "times_us": {}}
     for regime, tokens in regimes.items():
         x = torch.randn(tokens, weight.shape[1], generator=g).to(weight.device, weight.dtype)
+        fns["dense"](x)                                   # warm-up
+        t = time.perf_counter()
         ref = fns["dense"](x)
-        ok = {}
+        first = {"dense": time.perf_counter() - t}
+        ok, screened = {"dense": fns["dense"]}, {}
         for name, fn in fns.items():
             if name == "dense":
-                ok[name] = fn
                 continue
+            fn(x)                                         # warm-up
+            t = time.perf_counter()
             got = fn(x)
+            first[name] = time.perf_counter() - t
             if got.shape != ref.shape or not torch.allclose(got.float(), ref.float(), atol=atol * float(ref.abs().max()),
                                                             rtol=rtol):
                 plan["rejected"][name] = f"output differs from dense in regime {regime}"
+            elif timer is None and first[name] > SCREEN * first["dense"]:
+                screened[name] = first[name]              # hopeless: not worth the timed rounds
             else:
                 ok[name] = fn
-        times = timer({k: (lambda f=f: f(x)) for k, f in ok.items()}, tokens)
-        plan["times_us"][regime] = {k: round(v * 1e6, 2) for k, v in times.items()}
+        times = timer({k: (lambda f=f: f(x)) for k, f in ok.items()}, tokens) if timer else default_timer(ok, x, tokens)
+        plan["times_us"][regime] = {k: round(v * 1e6, 2) for k, v in {**times, **screened}.items()}
+        if screened:
+            plan.setdefault("screened", {})[regime] = sorted(screened)
         plan[regime] = choose(times, min_gain)
     return plan, fns
 
