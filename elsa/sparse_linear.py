@@ -19,7 +19,7 @@ so the sparse model is never slower than the dense one by choice. Kernels:
   pattern holds and the shape is one the kernels take) and ``torch_csr`` (cuSPARSE). On CPU they are skipped
   with the reason recorded.
 
-Pruned matrices: the nn.Linear layers inside the decoder blocks (``elsa.models.prunable_linears``). Conv1D and fused
+Pruned matrices: the nn.Linear layers inside the decoder blocks, MoE routers aside (:func:`block_linears`). Conv1D and fused
 3-D expert tensors stay dense (no sparse kernel here multiplies them); lm_head and embeddings stay dense.
 """
 from __future__ import annotations
@@ -375,16 +375,28 @@ class SparseLinear(nn.Module):
                 f"prefill={self.plan.get('prefill')}")
 
 
+def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder blocks except MoE routers, by full module name: the matrices a pruned
+    model has zeros in (lm_head and embeddings are outside the blocks)."""
+    from elsa.models import blocks_and_prefix, routers
+
+    blocks, prefix = blocks_and_prefix(model)
+    out = {}
+    for i, block in enumerate(blocks):
+        skip = {id(m) for m in routers(block).values()}
+        out.update({f"{prefix}.{i}.{n}": m for n, m in block.named_modules()
+                    if isinstance(m, nn.Linear) and id(m) not in skip})
+    return out
+
+
 def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: float = MIN_GAIN,
              timer: Callable | None = None, min_sparsity: float = 0.25, progress: bool = False) -> dict:
     """Replace, in place, each pruned Linear of the decoder blocks by a SparseLinear running the kernel measured
     fastest per regime (dense unless a sparse kernel wins by ``min_gain``). Matrices under ``min_sparsity`` are
     left as they are (no kernel here can beat dense on them). Returns the plan: per matrix, the kernels and times,
     and a summary of what was chosen."""
-    from elsa.models import prunable_linears
-
     plans, counts = {}, {r: {} for r in regimes}
-    items = list(prunable_linears(model).items())
+    items = list(block_linears(model).items())
     with torch.no_grad():
         for i, (name, lin) in enumerate(items):
             if progress:

@@ -250,11 +250,11 @@ def test_plan_follows_the_timer_per_regime_and_rejects_wrong_kernels(monkeypatch
 
 
 def _pruned_tiny(ratio=0.9):
-    from elsa.models import TinyLlamaSource, prunable_linears
+    from elsa.models import TinyLlamaSource
 
     model, tok = TinyLlamaSource().load()
     with torch.no_grad():
-        for lin in prunable_linears(model).values():
+        for lin in SL.block_linears(model).values():
             lin.weight[lin.weight.abs() < lin.weight.abs().quantile(ratio)] = 0.0
     return model, tok
 
