@@ -86,15 +86,14 @@ def bench_model(args) -> None:
     from omegaconf import OmegaConf
 
     from elsa.generate import side_by_side
-    from elsa.models import prunable_linears
-    from elsa.sparse_linear import sparsify
+    from elsa.sparse_linear import block_linears, sparsify
 
     source = instantiate(OmegaConf.load(REPO / "conf" / "model" / "smollm2-135m.yaml"))
     base, tok = source.load()
     ids = tok("The history of the city of Paris begins", return_tensors="pt")["input_ids"]
     for target in args.sparsities:
         dense = copy.deepcopy(base)
-        for lin in prunable_linears(dense).values():
+        for lin in block_linears(dense).values():
             _prune(lin.weight, target)
         sparse = copy.deepcopy(dense)
         t = time.perf_counter()
