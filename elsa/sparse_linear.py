@@ -389,23 +389,50 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
+def _reuse(plan: dict, weight: torch.Tensor, bias, regimes: dict[str, int], measured_on: str):
+    """The kernels a measured plan chose, built for another matrix of the same class, each checked against dense
+    on this matrix (a mismatch falls back to dense)."""
+    fns, _skipped = candidates(weight, bias)
+    out = {"sparsity": float((weight == 0).float().mean()), "measured_on": measured_on, "rejected": {}}
+    g = torch.Generator().manual_seed(0)
+    for r, tokens in regimes.items():
+        k = plan[r]
+        x = torch.randn(min(tokens, DECODE_MAX + 1) if tokens > DECODE_MAX else tokens, weight.shape[1],
+                        generator=g).to(weight.device, weight.dtype)
+        ref = fns["dense"](x)
+        ok = k in fns and torch.allclose(fns[k](x).float(), ref.float(), atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
+        out[r] = k if ok else "dense"
+        if not ok:
+            out["rejected"][k] = f"output differs from dense in regime {r}"
+    return out, fns
+
+
 def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: float = MIN_GAIN,
-             timer: Callable | None = None, min_sparsity: float = 0.25, progress: bool = False) -> dict:
+             timer: Callable | None = None, min_sparsity: float = 0.25, progress: bool = False,
+             share: bool = True) -> dict:
     """Replace, in place, each pruned Linear of the decoder blocks by a SparseLinear running the kernel measured
     fastest per regime (dense unless a sparse kernel wins by ``min_gain``). Matrices under ``min_sparsity`` are
-    left as they are (no kernel here can beat dense on them). Returns the plan: per matrix, the kernels and times,
-    and a summary of what was chosen."""
-    plans, counts = {}, {r: {} for r in regimes}
+    left as they are (no kernel here can beat dense on them). With ``share`` (default) matrices of one class
+    (shape, dtype, bias, sparsity to 1%) share one measurement: a kernel's speed follows the shape and the number
+    of non-zeros, and a 30-block model has five classes, not 210 matrices to time; each reused choice is still
+    checked against dense on its own matrix. Returns the plan: per matrix, the kernels and times (or the matrix
+    they were measured on), and a summary of what was chosen."""
+    plans, counts, measured = {}, {r: {} for r in regimes}, {}
     items = list(block_linears(model).items())
     with torch.no_grad():
         for i, (name, lin) in enumerate(items):
             if progress:
                 print(f"\relsa: measuring kernels {i + 1}/{len(items)}", end="", flush=True)
             sparsity = float((lin.weight == 0).float().mean())
+            key = (tuple(lin.weight.shape), lin.weight.dtype, lin.bias is not None, round(sparsity, 2))
             if sparsity < min_sparsity:
                 plans[name] = {"sparsity": sparsity, **{r: "dense" for r in regimes}, "note": "left as nn.Linear"}
             else:
-                plan, fns = plan_matrix(lin.weight, lin.bias, regimes, timer, min_gain)
+                if share and key in measured:
+                    plan, fns = _reuse(plans[measured[key]], lin.weight, lin.bias, regimes, measured[key])
+                else:
+                    plan, fns = plan_matrix(lin.weight, lin.bias, regimes, timer, min_gain)
+                    measured[key] = name
                 plans[name] = plan
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, SparseLinear(lin, plan, fns))
@@ -413,4 +440,5 @@ def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: floa
                 counts[r][plans[name][r]] = counts[r].get(plans[name][r], 0) + 1
     if progress:
         print(flush=True)
-    return {"matrices": plans, "chosen": counts, "min_gain": min_gain, "regimes": dict(regimes)}
+    return {"matrices": plans, "chosen": counts, "min_gain": min_gain, "regimes": dict(regimes),
+            "measured": len(measured)}

@@ -271,6 +271,7 @@ def test_sparse_logits_equal_dense(kernel):
     sparse = copy.deepcopy(dense)
     plan = SL.sparsify(sparse, timer=_fake_timer({kernel: 0.1}))           # every matrix, both regimes
     assert plan["chosen"] == {"decode": {kernel: 14}, "prefill": {kernel: 14}}
+    assert plan["measured"] == 4          # q/o, k/v, gate/up, down: one measurement per shape at 90%
     mods = [m for m in sparse.modules() if isinstance(m, SL.SparseLinear)]
     assert len(mods) == 14 and all(m.weight is None for m in mods)           # the dense copy is gone
     ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))  # prefill regime
