@@ -6,7 +6,7 @@
 
 ``matrices``: single matrices of a 7B model's shapes (4096x4096, 11008x4096, 4096x11008; random weights, magnitude
 pruned per matrix), every kernel timed at batch 1 (decode) and at ``--prefill`` tokens in interleaved rounds
-(median), and the kernel the selection chooses (elsa.sparse_linear.choose).
+through elsa.sparse_linear.plan_matrix (dense: first quartile, others: third), and the kernel it chooses.
 ``model``: the default model (SmolLM2-135M fp32), magnitude-pruned at each target, sparsified
 (elsa.sparse_linear.sparsify: per matrix, the kernel measured fastest) and run against the dense-kernel copy of
 the same pruned weights: batch-1 greedy decode tokens/s (KV cache, ``--new-tokens`` after a short prompt) and one

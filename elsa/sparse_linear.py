@@ -5,8 +5,8 @@
 
 Per matrix and per regime (``decode``: a few tokens, memory-bound; ``prefill``: many tokens, compute-bound), every
 available kernel is checked against the dense product on a probe input and timed side by side with it
-(interleaved rounds, median); a sparse kernel is used only where it beats dense by ``min_gain`` (default 10%),
-so the sparse model is never slower than the dense one by choice. Kernels:
+(interleaved rounds); a sparse kernel is used only where its third-quartile time beats dense's first-quartile
+time by ``min_gain`` (default 10%), so the sparse model is not slower than the dense one by choice. Kernels:
 
 - ``dense``: ``F.linear`` (MKL sgemm/sgemv), the reference;
 - ``torch_csr``: torch's CSR tensor (int32 indices) times the activations, which goes to MKL's sparse BLAS;
@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import math
 import os
 import shutil
 import statistics
@@ -146,7 +145,7 @@ def _cpu_key() -> str:
 
 
 def kernel_library():
-    """The compiled C kernels (ctypes), or None with the reason in ``kernel_library.reason``. Compiled once per
+    """The compiled C kernels (ctypes), or None (the reason in ``_LIB['reason']``, logged once). Compiled once per
     source and CPU (``-march=native``) into ``$ELSA_CACHE/kernels``; a second call reuses the loaded library."""
     if "lib" in _LIB:
         return _LIB["lib"]

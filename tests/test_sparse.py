@@ -231,6 +231,8 @@ def _pruned_matrix(rows=96, cols=80, ratio=0.9, seed=0):
 
 
 def test_plan_follows_the_timer_per_regime_and_rejects_wrong_kernels(monkeypatch):
+    import torch.nn.functional as F
+
     w, b = _pruned_matrix(), torch.randn(96)
     fast = {("torch_csr", 1): 0.2, ("dense", 512): 1.0, ("torch_csr", 512): 3.0}
     plan, _fns = SL.plan_matrix(w, b, {"decode": 1, "prefill": 512}, _fake_timer(fast))
@@ -243,7 +245,6 @@ def test_plan_follows_the_timer_per_regime_and_rejects_wrong_kernels(monkeypatch
         fns["broken"] = lambda x: F.linear(x, weight, bias) * 1.01        # fastest, but not the product
         return fns, skipped
 
-    import torch.nn.functional as F
     monkeypatch.setattr(SL, "candidates", with_a_wrong_kernel)
     plan, _ = SL.plan_matrix(w, b, {"decode": 1}, _fake_timer({"broken": 0.01, "torch_csr": 2.0}))
     assert plan["decode"] == "dense" and "broken" in plan["rejected"]
