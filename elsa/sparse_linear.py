@@ -360,13 +360,12 @@ class SparseLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.plan = plan
-        missing = [r for r in REGIMES if r not in plan]
-        if missing:
-            raise ValueError(f"the plan has no kernel for regime(s) {missing}")
-        # only the chosen kernels are kept: the dense weight stays only where some regime runs dense
-        self.kernels = {r: fns[plan[r]] for r in REGIMES}
+        # a regime the plan did not measure runs dense; only the chosen kernels are kept, and the dense weight
+        # only where some regime runs dense
+        chosen = {r: plan.get(r, "dense") for r in REGIMES}
+        self.kernels = {r: fns[k] for r, k in chosen.items()}
         self.bias = linear.bias
-        self.weight = linear.weight if "dense" in {plan[r] for r in REGIMES} else None
+        self.weight = linear.weight if "dense" in chosen.values() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)

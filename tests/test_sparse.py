@@ -295,6 +295,13 @@ def test_sparsify_keeps_dense_where_dense_wins_and_leaves_dense_matrices():
     plan = SL.sparsify(model, timer=_fake_timer({"csr16": 2.0, "csr16_1t": 2.0, "torch_csr": 2.0}))
     assert plan["chosen"] == {"decode": {"dense": 14}, "prefill": {"dense": 14}}
     assert all(m.weight is not None for m in model.modules() if isinstance(m, SL.SparseLinear))
+    model, _ = _pruned_tiny(0.9)      # decode measured only: prefill runs dense
+    plan = SL.sparsify(model, regimes={"decode": 1}, timer=_fake_timer({"torch_csr": 0.1}))
+    mods = [m for m in model.modules() if isinstance(m, SL.SparseLinear)]
+    assert plan["chosen"] == {"decode": {"torch_csr": 14}} and all(m.weight is not None for m in mods)
+    ids = torch.randint(0, 500, (1, 20))
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, 20, 512) and model(ids[:, :1]).logits.shape == (1, 1, 512)
 
 
 @pytest.mark.parametrize("rows,cols,batch", [(33, 70, 1), (33, 70, 3), (64, 40000, 2), (40, 70000, 1),
