@@ -50,11 +50,6 @@ def tensor_nbytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
-# where training starts: the dense weights (the papers), or a one-shot method's pruned weights (w0 = its
-# solution; the dense model stays the distillation teacher)
-INITS = ("dense", "wanda", "sparsegpt")
-
-
 class TrainRun:
     """What one training run holds; hooks read it and may hang their own state on it."""
 
@@ -74,6 +69,8 @@ class SparseTrainer(Pruner):
 
     name = "trainer"
     supports_fsdp = True
+    takes_start = True    # trains from whatever the model holds: the dense weights or a start stage's solution
+    has_budget = True
     nan_hint = "lower method.lr"
 
     def __init__(self, steps: int = 4096, batch_size: int = 2, grad_accum: int = 4, lr: float = 2e-4,
@@ -81,14 +78,10 @@ class SparseTrainer(Pruner):
                  grad_clip: float = 1.0, temperature: float = 1.0, autocast_bf16: bool = False,
                  gradient_checkpointing: bool = False, train_dense_params: bool = True, eval_every: int = 0,
                  eval_tokens: int = 16384, eval_initial: bool = True, checkpoint_every: int = 0, resume: bool = True,
-                 keep_checkpoint: bool = False, optimizer: str = "adamw", init: str = "dense"):
+                 keep_checkpoint: bool = False, optimizer: str = "adamw"):
         """The keys every training method shares (defaults: ELSA's paper recipe); a method passes its own
         defaults for them and adds its keys to ``self.config`` (the checkpoint signature)."""
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        if init not in INITS:
-            raise config_error("method.init", init, f"one of {', '.join(INITS)} (dense: the paper)")
-        self.init = init
-        self.needs_calibration = init != "dense"   # a one-shot start prunes with the calibration windows
         self.steps = positive("method.steps", steps, whole=True)
         self.batch_size = positive("method.batch_size", batch_size, whole=True)
         self.grad_accum = positive("method.grad_accum", grad_accum, whole=True)
@@ -181,31 +174,16 @@ class SparseTrainer(Pruner):
                                                              (run.rank + 1) * self.batch_size]
         return ids.to(run.device)
 
+    @property
+    def distils(self) -> bool:
+        """The loss reads a teacher: after a start stage the pipeline keeps the dense model for it."""
+        return bool(self.kl_weight)
+
     # -- the loop ------------------------------------------------------------------------------------
-    def one_shot_start(self, ctx: PruneContext) -> dict:
-        """Prune ``ctx.model`` with the one-shot method named by ``init`` (its default hyperparameters).
-        Returns the start's statistics (time, and its perplexity with the run's protocol) for results.json."""
-        from elsa.methods.sparsegpt import SparseGPT
-        from elsa.methods.wanda import Wanda
-
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            {"wanda": Wanda, "sparsegpt": SparseGPT}[self.init]().prune(ctx)
-        info = {"method": self.init, "time_s": time.perf_counter() - t0}
-        if self.eval_initial and "evaluate" in ctx.extras and D.world_size() == 1:
-            info["perplexity"] = ctx.extras["evaluate"](ctx.model)
-            log.info("perplexity of the %s start: %s", self.init, info["perplexity"])
-        return info
-
     def prune(self, ctx: PruneContext) -> dict:
-        dense, start = None, None
-        if self.init != "dense":
-            dense = copy.deepcopy(ctx.model) if self.kl_weight else None   # the teacher stays the dense model
-            start = self.one_shot_start(ctx)
-        stats = self.train_from(ctx, dense)
-        if start is not None:
-            stats["init"] = start
-        return stats
+        """Train from ``ctx.model`` as it is (dense, or a start stage's solution; the teacher is ``ctx.teacher``
+        when the pipeline kept the dense model, else a frozen copy of the model)."""
+        return self.train_from(ctx, ctx.teacher)
 
     def train_from(self, ctx: PruneContext, dense=None) -> dict:
         if not ctx.extras.get("fsdp"):

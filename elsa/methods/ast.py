@@ -193,7 +193,7 @@ class Ast(SparseTrainer):
     def __init__(self, lr_schedule: str = "cosine", srste_decay: float = 1e-4, increase_step: int = 10000,
                  mask_interval: int = 10, mask_metric: str = "magnitude", change_mask: bool = True,
                  group: str = "row", task_weight: float = 0.33, kl_weight: float = 0.67, slorb: bool = False,
-                 slorb_k: int = 16, slorb_init: str = "mean", **shared):
+                 **shared):
         """AST's own keys; ``shared`` are the trainer's, with the reference recipe's defaults below."""
         own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
         shared = {"steps": 40000, "batch_size": 8, "grad_accum": 16, "warmup_steps": 2000, "lr_final_ratio": 0.1,
@@ -244,8 +244,10 @@ class Ast(SparseTrainer):
                     run.model(input_ids=self.micro_batch(run, 0, micro), use_cache=False)
         masks.update()
         ctx = run.ctx
-        if self.eval_initial and self.mask_metric == "magnitude" and "evaluate" in ctx.extras and run.world == 1:
-            # the first mask is magnitude pruning of the dense model: its perplexity goes in the table
+        if self.eval_initial and self.mask_metric == "magnitude" and ctx.start is None and "evaluate" in ctx.extras \
+                and run.world == 1:
+            # the first mask is magnitude pruning of the dense model: its perplexity goes in the table (after a
+            # start stage the pipeline reports the start's own)
             run.stats["initial_projection_perplexity"] = self.evaluate_sparse(run, ctx.extras["evaluate"])
             log.info("perplexity of the initial mask (magnitude): %s", run.stats["initial_projection_perplexity"])
 

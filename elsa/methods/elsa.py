@@ -114,7 +114,7 @@ class Elsa(SparseTrainer):
         run.admm.init(sparsity_at(run.target, 0, run.warm))
         run.lam_prev = run.lam.at(0)
         ctx = run.ctx
-        if self.eval_initial and self.init == "dense" and "evaluate" in ctx.extras and D.world_size() == 1:
+        if self.eval_initial and ctx.start is None and "evaluate" in ctx.extras and D.world_size() == 1:
             # z0 = Proj(w0) is the magnitude-pruned dense model, the baseline ELSA starts from: report its
             # perplexity with the run's own protocol, so the table shows dense, magnitude and ELSA
             run.stats["initial_projection_perplexity"] = self.on_projection(run.model, run.admm, run.target, None,
