@@ -186,3 +186,24 @@ def test_trainer_imports_no_method():
     src = (Path(__file__).parent.parent / "elsa" / "trainer.py").read_text()
     imported = {n.module for n in pyast.walk(pyast.parse(src)) if isinstance(n, pyast.ImportFrom)}
     assert not any(m.startswith("elsa.methods.") and m != "elsa.methods.base" for m in imported), imported
+
+
+def test_one_budget_and_one_start_for_several_methods(tmp_path):
+    """The issue's acceptance grid on the tiny model: three training methods x two sparsities at budget=quick
+    from SparseGPT's solution (steps cut to 2 for speed), and a report with six rows labelled from the choices."""
+    from elsa import report
+
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "method=elsa,elsa_l,ast", "budget=quick", "start=sparsegpt", "sparsity=0.7,0.9", *TINY,
+                   "++method.steps=2", "save_model=false", "hardware.threads=1", f"hydra.sweep.dir={sweep}",
+                   timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = report.collect(sweep)
+    assert len(df) == 6 and set(df["status"]) == {"done"}
+    assert df["method"].tolist() == [f"{m} (from sparsegpt, quick)" for m in ("ast", "elsa", "elsa_l")
+                                     for _ in (0.7, 0.9)]
+    assert df["sparsity"].tolist() == ["0.7", "0.9"] * 3
+    # per-row top-k (AST) on the tiny model's 64-wide rows rounds 0.7 x 64 up to 45
+    assert all(abs(m - float(s)) < 1e-2 for m, s in zip(df["measured_sparsity"], df["sparsity"]))
+    md = report.markdown(df)
+    assert md.count("(from sparsegpt, quick) |") >= 6
