@@ -14,6 +14,7 @@ Not here: SLoRB (the paper's extra low-rank branch); ``slorb=true`` is refused.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 from elsa import distributed as D
 from elsa.errors import config_error, positive
 from elsa.sparsity import Sparsity, mask_from_scores
-from elsa.trainer import SparseTrainer
-from elsa.training import cosine_schedule, linear_schedule
+from elsa.methods.training_method import TrainingMethod
+from elsa.schedules import cosine_schedule, linear_schedule
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +185,16 @@ class SparseMasks:
         self._local, self._dense = {}, {}
 
 
-class Ast(SparseTrainer):
-    """Adaptive Sparse Trainer on the shared training loop (elsa.trainer)."""
+@dataclass
+class AstRun:
+    """AST's state during one training run (``run.state``)."""
+
+    masks: SparseMasks
+    decay: float = 0.0               # the SR-STE strength of the current step
+
+
+class Ast(TrainingMethod):
+    """Adaptive Sparse Trainer as hooks of the training engine (elsa/engine.py)."""
 
     name = "ast"
     supports_fsdp = True
@@ -194,12 +203,13 @@ class Ast(SparseTrainer):
                  mask_interval: int = 10, mask_metric: str = "magnitude", change_mask: bool = True,
                  group: str = "row", task_weight: float = 0.33, kl_weight: float = 0.67, slorb: bool = False,
                  **shared):
-        """AST's own keys; ``shared`` are the trainer's, with the reference recipe's defaults below."""
+        """AST's own keys; ``shared`` are the engine's (elsa.engine.TrainSettings), with the reference recipe's
+        defaults below."""
         own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
         shared = {"steps": 40000, "batch_size": 8, "grad_accum": 16, "warmup_steps": 2000, "lr_final_ratio": 0.1,
                   "temperature": 2.0, **shared}
         super().__init__(**shared)
-        temperature = self.temperature
+        temperature = self.train.temperature
         if lr_schedule not in ("cosine", "linear"):
             raise config_error("method.lr_schedule", lr_schedule, "cosine (the paper) or linear")
         self.lr_schedule = lr_schedule
@@ -224,24 +234,26 @@ class Ast(SparseTrainer):
 
     def lr_lambda(self):
         make = cosine_schedule if self.lr_schedule == "cosine" else linear_schedule
-        return make(self.warmup_steps, self.steps, self.lr_final_ratio)
+        t = self.train
+        return make(t.warmup_steps, t.steps, t.lr_final_ratio)
 
-    # -- hooks of the shared trainer -----------------------------------------------------------------
+    # -- hooks of the training engine -----------------------------------------------------------------
     def setup(self, run):
         from elsa.models import prunable_linears
 
-        run.masks = SparseMasks(prunable_linears(run.model), run.target, self.mask_metric, self.group)
-        run.masks.install()
+        masks = SparseMasks(prunable_linears(run.model), run.target, self.mask_metric, self.group)
+        masks.install()
+        return AstRun(masks)
 
     def teardown(self, run):
-        run.masks.remove()
+        run.state.masks.remove()
 
     def start(self, run):
-        masks = run.masks
+        masks = run.state.masks
         if self.mask_metric == "wanda":  # input norms for the first mask: the first step's data, dense weights
             with torch.no_grad():
-                for micro in range(self.grad_accum):
-                    run.model(input_ids=self.micro_batch(run, 0, micro), use_cache=False)
+                for micro in range(self.train.grad_accum):
+                    run.model(input_ids=run.micro_batch(0, micro), use_cache=False)
         masks.update()
         ctx = run.ctx
         if self.eval_initial and self.mask_metric == "magnitude" and ctx.start is None and "evaluate" in ctx.extras \
@@ -252,21 +264,24 @@ class Ast(SparseTrainer):
             log.info("perplexity of the initial mask (magnitude): %s", run.stats["initial_projection_perplexity"])
 
     def before_optimizer(self, run, step):
-        run.decay = annealed_decay(step, self.srste_decay, self.increase_step)
-        if run.decay:
-            run.masks.decay_gradients(run.decay)
-        return {"decay": f"{run.decay:.2g}"}
+        st = run.state
+        st.decay = annealed_decay(step, self.srste_decay, self.increase_step)
+        if st.decay:
+            st.masks.decay_gradients(st.decay)
+        return {"decay": f"{st.decay:.2g}"}
 
     def periodic(self, run, done):
-        if done % self.mask_interval or done >= self.steps:
+        if done % self.mask_interval or done >= self.train.steps:
             return None
-        record = {"step": done, "loss": run.loss, "lr": run.sched.get_last_lr()[0], "srste_decay": run.decay}
+        st = run.state
+        record = {"step": done, "loss": run.loss, "lr": run.sched.get_last_lr()[0], "srste_decay": st.decay}
         if self.change_mask:
-            record.update(run.masks.update())
+            record.update(st.masks.update())
         return record
 
     def evaluate_sparse(self, run, evaluate):
-        masks, collect = run.masks, run.masks.collect
+        masks = run.state.masks
+        collect = masks.collect
         masks.collect = False  # evaluation batches do not count towards the wanda norms
         try:
             return evaluate(run.model)
@@ -275,15 +290,15 @@ class Ast(SparseTrainer):
             run.model.train()
 
     def method_state(self, run):
-        return {"masks": run.masks.state_dict()}
+        return {"masks": run.state.masks.state_dict()}
 
     def load_method_state(self, run, state):
-        run.masks.load_state_dict(state["masks"])
+        run.state.masks.load_state_dict(state["masks"])
 
     def finish(self, run):
-        run.masks.project()
-        run.masks.collect = False
+        run.state.masks.project()
+        run.state.masks.collect = False
 
     def method_nbytes(self, run):
-        return "masks", run.masks.nbytes()
+        return "masks", run.state.masks.nbytes()
 

@@ -45,7 +45,7 @@ from elsa.layerwise import LayerwisePruner, _hidden
 from elsa.methods.base import PruneContext
 from elsa.models import block_linears
 from elsa.sparsity import Sparsity
-from elsa.training import linear_schedule
+from elsa.schedules import linear_schedule
 
 log = logging.getLogger(__name__)
 
