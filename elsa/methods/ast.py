@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from elsa import distributed as D
 from elsa.errors import config_error, positive
-from elsa.sparsity import Sparsity, mask_from_scores
+from elsa.methods.base import check_group
 from elsa.methods.training_method import TrainingMethod
 from elsa.schedules import cosine_schedule, linear_schedule
+from elsa.sparsity import Sparsity, mask_from_scores
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,7 @@ class Ast(TrainingMethod):
             raise config_error("method.mask_metric", mask_metric, " or ".join(METRICS))
         if not isinstance(change_mask, bool):
             raise config_error("method.change_mask", change_mask, "true (masks follow the weights) or false")
-        if group not in ("row", "layer"):
-            raise config_error("method.group", group, "one of row, layer (where a ratio's top-k is compared)")
+        check_group(group)
         self.mask_metric, self.change_mask, self.group = mask_metric, change_mask, group
         self.task_weight = positive("method.task_weight", task_weight, zero_ok=True)
         self.kl_weight = positive("method.kl_weight", kl_weight, zero_ok=True)

@@ -15,6 +15,7 @@ import torch
 from elsa import distributed as D
 from elsa.admm import AdmmState, LambdaSchedule, codec, sparsity_at
 from elsa.errors import config_error, positive
+from elsa.methods.base import check_group
 from elsa.methods.training_method import TrainingMethod
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,7 @@ class Elsa(TrainingMethod):
             raise config_error("method.lam", lam, "at most 1 with proximal=decoupled (a pull fraction per step)")
         if projection not in ("magnitude", "objective"):
             raise config_error("method.projection", projection, "magnitude (|x|) or objective (v * x^2)")
-        if group not in ("layer", "row"):
-            raise config_error("method.group", group, "one of layer, row")
+        check_group(group)
         if not 0 <= sparsity_warmup < 1:
             raise config_error("method.sparsity_warmup", sparsity_warmup, "a fraction of the steps in [0, 1)")
         if not 0 <= finetune_fraction < 1:
