@@ -211,3 +211,52 @@ def test_one_budget_and_one_start_for_several_methods(tmp_path):
     assert all(abs(m - float(s)) < 1e-2 for m, s in zip(df["measured_sparsity"], df["sparsity"]))
     md = report.markdown(df)
     assert md.count("(from sparsegpt, quick) |") >= 6
+
+
+# the grids as they were written with preset names (conf/experiment/ at 88f3a7c)
+OLD_GRIDS = {
+    "field": "magnitude,wanda,sparsegpt,alps,ladmm,sparsellm,safe_cpu,ast_quick,elsa_quick,elsa_l_quick,elsa_quick_sgpt",
+    "frontier": "magnitude,wanda,sparsegpt,elsa_cpu",
+    "frontier_small": "magnitude,wanda,sparsegpt,elsa_quick",
+}
+
+
+def _effective(cfg) -> tuple[dict, str]:
+    """(method keys without metadata, the start that runs) of a composed config."""
+    from elsa.pipeline import build
+
+    keys = {k: v for k, v in OmegaConf.to_container(cfg.method).items() if k not in ("name", "budget")}
+    takes = build(cfg.method, "method").takes_start
+    return keys, cfg.start.name if takes else "dense"
+
+
+@pytest.mark.parametrize("experiment", sorted(OLD_GRIDS))
+def test_experiment_grids_run_the_cells_they_ran_with_preset_names(experiment):
+    """Every cell of the new grid (the sweep axis, plus the field's second command for ELSA from SparseGPT) has
+    the method keys and the start of the old grid's cell."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        grid = hydra_compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    new_cells = [[f"method={m}"] for m in grid.hydra.sweeper.params.method.split(",")]
+    if experiment == "field":
+        new_cells.append(["method=elsa", "start=sparsegpt"])
+    new = [_effective(compose([f"experiment={experiment}", *c])) for c in new_cells]
+    old = []
+    for name in OLD_GRIDS[experiment].split(","):
+        if name in OLD_METHODS:
+            keys = {k: v for k, v in old_preset(name).items() if k not in ("name", *DROPPED)}
+            old.append((keys, OLD_METHODS[name][2]))
+        else:   # the one-shot methods' files did not change
+            old.append(_effective(compose([f"method={name}"])))
+    assert len(new) == len(old)
+    for cell in old:
+        assert cell in new, cell
+
+
+def test_demo_runs_what_it_ran():
+    old = old_preset("elsa_cpu")
+    old.update(steps=80, batch_size=1, checkpoint_every=20)
+    keys, start = _effective(compose(["experiment=demo"]))
+    assert start == "dense" and keys == {k: v for k, v in old.items() if k not in ("name", *DROPPED)}
