@@ -174,6 +174,9 @@ class Run:
         # what a failed job's results.json needs for the report, known before any validation
         self.results: dict = {"status": "running", "model": OmegaConf.select(cfg, "model.name"),
                               "method": OmegaConf.select(cfg, "method.name"),
+                              # as asked; validate() replaces them with what applies to the method
+                              "start": {"name": OmegaConf.select(cfg, "start.name") or "dense"},
+                              "budget": OmegaConf.select(cfg, "method.budget"),
                               "sparsity": {"target": str(OmegaConf.select(cfg, "sparsity"))},
                               "overrides": self.overrides, "job_name": self.job_name, "group": self.group,
                               "output_dir": str(self.out)}

@@ -260,3 +260,14 @@ def test_demo_runs_what_it_ran():
     old.update(steps=80, batch_size=1, checkpoint_every=20)
     keys, start = _effective(compose(["experiment=demo"]))
     assert start == "dense" and keys == {k: v for k, v in old.items() if k not in ("name", *DROPPED)}
+
+
+def test_help_shows_the_three_groups():
+    proc = run_cli("--help", timeout=60)
+    assert proc.returncode == 0
+    groups = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line and " " not in
+                  line.split(": ", 1)[0])
+    assert groups["method"] == "alps, ast, dense, elsa, elsa_l, ladmm, magnitude, safe, sparsegpt, sparsellm, wanda"
+    assert groups["budget"] == "cpu, paper, quick"
+    assert groups["start"] == "alps, dense, ladmm, magnitude, safe, sparsegpt, sparsellm, wanda"
+    assert "start=    where it starts" in proc.stdout
