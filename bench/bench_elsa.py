@@ -38,7 +38,7 @@ def overhead(args):
     from elsa.admm import AdmmState, Fp32Codec
     from elsa.data import TrainWindows, token_stream
     from elsa.losses import lm_loss
-    from elsa.models import prunable_linears
+    from elsa.models import prunable_weights
     from elsa.sparsity import Sparsity
 
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def overhead(args):
     data = TrainWindows(token_stream(tok, corpus, "train"), args.seqlen, args.batch, 0, tok.bos_token_id)
     ids = data.batch(0)
     params = [p for p in model.parameters() if p.requires_grad]
-    constrained = {n: lin.weight for n, lin in prunable_linears(model).items()}
+    constrained = {n: w.param for n, w in prunable_weights(model).items()}
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
     admm = AdmmState(constrained, Sparsity(0.9), "layer", Fp32Codec(), Fp32Codec())
     admm.init(Sparsity(0.9))

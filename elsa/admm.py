@@ -148,8 +148,10 @@ class AdmmState:
     and a projection gathers one layer's scores at a time so the top-k is exact over the whole layer.
     """
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], target: Sparsity, group: str, z_codec, u_codec):
+    def __init__(self, params: dict[str, torch.nn.Parameter], target: Sparsity, group: str, z_codec, u_codec,
+                 transposed: dict[str, bool] | None = None):
         self.params, self.target, self.group = params, target, group
+        self.transposed = transposed or {}        # {name: stored [in, out]} (Conv1D); 3-D expert stacks per expert
         self.zc, self.uc = z_codec, u_codec
         self.z, self.u, self.mask0, self.mask_prev = {}, {}, {}, {}
 
@@ -161,7 +163,7 @@ class AdmmState:
         v = second_moment(name) if second_moment is not None else None
         scores = x.abs() if v is None else v * x.square()
         p = self.params[name]
-        return scatter(p, mask_from_scores(gather(p, scores), target, self.group))
+        return scatter(p, mask_from_scores(gather(p, scores), target, self.group, self.transposed.get(name, False)))
 
     @torch.no_grad()
     def init(self, target: Sparsity, second_moment=None):

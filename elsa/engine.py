@@ -40,7 +40,7 @@ from elsa.errors import ElsaError, config_error, positive
 from elsa.evaluation import perplexity
 from elsa.losses import kl_loss, lm_loss
 from elsa.methods.base import PruneContext
-from elsa.models import decoder_blocks, prunable_linears
+from elsa.models import decoder_blocks, kept_dense, prunable_weights
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +176,11 @@ class TrainEngine:
     def train(self, model, ctx: PruneContext, teacher=None) -> dict:
         """Train ``model`` in place; ``teacher`` (distillation) defaults to a frozen copy of ``model``."""
         m, s = self.method, self.s
-        constrained = {n: lin.weight for n, lin in prunable_linears(model).items()}
+        constrained = {n: w.param for n, w in prunable_weights(model).items()}
         ids_c = {id(p) for p in constrained.values()}
+        frozen = kept_dense(model)           # routers and ignored / untargeted weights stay bit-identical
         for p in model.parameters():
-            p.requires_grad_(s.train_dense_params or id(p) in ids_c)
+            p.requires_grad_((s.train_dense_params and id(p) not in frozen) or id(p) in ids_c)
         trainable = [p for p in model.parameters() if p.requires_grad]
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable()

@@ -7,10 +7,13 @@ The walk, as in the published one-shot methods:
    ``position_embeddings``...; models with mixed layer types give sliding and full layers different ones).
    Nothing is model-specific: the capture is a forward pre-hook on every block, and each block is re-run
    with its own captured kwargs;
-2. for each block in order: run it over all calibration batches with hooks on its Linear layers that feed
-   the method's statistics, let the method prune (and update) every Linear from those statistics (all
-   Linear layers of a block see the dense block's inputs, the standard of SparseGPT/Wanda), then re-run the
-   pruned block to produce the next block's inputs. A method that couples the Linears of a block (SparseLLM's
+2. for each block in order: run it over all calibration batches with hooks on its weight matrices
+   (Linear, Conv1D, and every expert of a fused expert tensor: see :class:`elsa.models.Weight`) that feed
+   the method's statistics, let the method prune (and update) every matrix from those statistics (all
+   matrices of a block see the dense block's inputs, the standard of SparseGPT/Wanda), then re-run the
+   pruned block to produce the next block's inputs. An expert's statistics come from exactly the tokens its
+   router sends it (read from the expert computation itself); an expert that receives no calibration token
+   is pruned by magnitude within that expert, logged and counted (``experts_without_tokens``). A method that couples the Linears of a block (SparseLLM's
    MLP) overrides ``prune_block``, which gets the block's captured inputs too.
 
 Only one block's inputs, statistics and (on an accelerator) weights are alive at a time: with a CUDA device
@@ -21,8 +24,10 @@ object, found structurally on the first batch; methods must treat ``stats`` as r
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
+from torch.overrides import TorchFunctionMode
 from typing import Any
 
 import torch
@@ -30,14 +35,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from elsa.methods.base import PruneContext, Pruner
-from elsa.models import block_linears, blocks_and_prefix, decoder_blocks
-from elsa.sparsity import Sparsity
+from elsa.errors import ElsaError
+from elsa.models import Matrix, Weight, block_matrices, block_weights, blocks_and_prefix, decoder_blocks, in_moe
+from elsa.sparsity import Sparsity, mask_from_scores
 
 log = logging.getLogger(__name__)
 
 
 class _Captured(Exception):
     """Raised by the last block's pre-hook to stop the model's forward once every block's inputs are captured."""
+
+
+NO_TOKENS = object()      # the stats of a matrix that saw no calibration token (an expert nobody routed to)
+
+
+def prune_by_magnitude(matrix: Matrix, target: Sparsity) -> None:
+    """The rule for an expert that received no calibration token: magnitude within that expert."""
+    matrix.weight.mul_(mask_from_scores(matrix.weight.abs(), target, "layer").to(matrix.weight.dtype))
 
 
 class LayerwisePruner(Pruner):
@@ -49,6 +63,7 @@ class LayerwisePruner(Pruner):
 
     def __init__(self, batch_size: int = 8):
         self.batch_size = int(batch_size)
+        self.without_tokens: list[str] = []      # the matrices the no-token rule pruned in the last run
 
     def stats_init(self, name: str, linear: nn.Linear) -> Any:
         """A fresh statistics object for one Linear (or a group of Linears sharing one input)."""
@@ -70,7 +85,11 @@ class LayerwisePruner(Pruner):
         per-Linear statistics (SparseLLM re-runs the block to read its MLP's input and dense output).
         Returns the per-layer dicts for :meth:`summarize`."""
         per_layer = {}
-        for name, lin in block_linears(block).items():
+        for name, lin in block_matrices(block).items():
+            if stats[name] is NO_TOKENS:
+                prune_by_magnitude(lin, target)
+                self.without_tokens.append(f"{prefix}.{name}")
+                continue
             out = self.prune_linear(f"{prefix}.{name}", lin, stats[name], target)
             if out:
                 per_layer[f"{prefix}.{name}"] = out
@@ -85,6 +104,42 @@ class LayerwisePruner(Pruner):
         return engine.run(self, ctx.calibration, ctx.target)
 
 
+_LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
+
+
+class _ExpertInputs(TorchFunctionMode):
+    """Sees, during a block's forward, the input of every expert matrix of the block's fused expert tensors:
+    the model slices a tensor (``w[e]``) and applies the slice to the tokens routed to expert ``e``, with
+    ``F.linear(x, w[e])`` (storage ``[out, in]``) or ``x @ w[e]`` (storage ``[in, out]``). Structural: it
+    follows the parameter objects, whatever the module or model is called."""
+
+    def __init__(self, weights: dict[str, Weight], on_input):
+        super().__init__()
+        self.params = {id(w.param): (name, w) for name, w in weights.items()}
+        self.views: dict[int, tuple[str, Weight, int, torch.Tensor]] = {}
+        self.on_input = on_input
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.__getitem__ and id(args[0]) in self.params:
+            index = args[1]
+            if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point():
+                index = int(index)
+            if isinstance(index, int):
+                name, w = self.params[id(args[0])]
+                self.views[id(out)] = (name, w, index, out)     # the view is kept: its id stays unique
+        elif len(args) > 1 and id(args[1]) in self.views and (func in _LINEAR or func in _MATMUL):
+            name, w, expert, _ = self.views[id(args[1])]
+            transposed = func in _MATMUL
+            if transposed != w.transposed:
+                raise ElsaError(f"expert tensor {name} is applied as {'x @ w' if transposed else 'F.linear(x, w)'}, "
+                                f"but its module says is_transposed={w.transposed}: its layout is ambiguous")
+            x = args[0]
+            self.on_input(f"{name}[{expert}]", x.reshape(-1, x.shape[-1]))
+        return out
+
+
 def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> None:
     """Move every parameter and buffer that is not inside a decoder block (embeddings, rotary, norm, head)."""
     inside = {id(m) for b in blocks for m in b.modules()} | {id(blocks)}
@@ -97,6 +152,25 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> Non
         for key, b in mod._buffers.items():
             if b is not None:
                 mod._buffers[key] = b.to(device)
+
+
+def _split_arguments(module: nn.Module, args: tuple, kw: dict) -> tuple[torch.Tensor, dict]:
+    """A block's call as (hidden states, every other argument by keyword): models that pass arguments
+    positionally (GPT-2 passes the cache, cache position and mask so) are re-run with the same values."""
+    kw = dict(kw)
+    if len(args) <= 1:
+        return (args[0] if args else kw.pop("hidden_states")), kw
+    sig = inspect.signature(module.forward)
+    bound = sig.bind_partial(*args, **kw).arguments
+    names = list(sig.parameters)
+    hidden = bound.pop(names[0])
+    for name, param in sig.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+            bound.update(bound.pop(name))
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL and bound.get(name):
+            raise RuntimeError(f"{type(module).__name__} takes extra positional arguments (*{name}); the engine "
+                               "cannot re-run it by keyword")
+    return hidden, bound
 
 
 def _hidden(out):
@@ -128,9 +202,8 @@ class LayerwiseEngine:
         last = len(self.blocks) - 1
 
         def grab(index):
-            def fn(_module, args, kw):
-                kw = dict(kw)
-                hidden = args[0] if args else kw.pop("hidden_states")
+            def fn(module, args, kw):
+                hidden, kw = _split_arguments(module, args, kw)
                 if index == 0:
                     hiddens.append(hidden)
                 kwargs[index].append(kw)
@@ -163,6 +236,8 @@ class LayerwiseEngine:
         t0 = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
+        method.without_tokens = []
+        experts_impl = self._eager_experts()
         if self.offload:
             self.model.to("cpu")
             _move_outside_blocks(self.model, self.blocks, self.device)
@@ -191,15 +266,40 @@ class LayerwiseEngine:
             if self.offload:
                 self.model.to("cpu")
             self.model.train(was_training)
+            if experts_impl is not None:
+                self.model.set_experts_implementation(experts_impl)
         summary = method.summarize(per_layer)
         summary["engine_s"] = time.perf_counter() - t0
+        if method.without_tokens:
+            log.warning("%d expert matrices received no calibration token; pruned by magnitude within the expert: %s",
+                        len(method.without_tokens), ", ".join(method.without_tokens[:4]))
+            summary["experts_without_tokens"] = {"rule": "magnitude within the expert",
+                                                 "count": len(method.without_tokens),
+                                                 "names": list(method.without_tokens)}
         return summary
 
+    def _eager_experts(self):
+        """Fused expert tensors are read expert by expert (w[e] applied to its routed tokens): run the walk with
+        transformers' eager experts implementation (the same math as grouped_mm). Returns what to restore."""
+        if not any(p.dim() == 3 for b in self.blocks for p in b.parameters()):
+            return None
+        get = getattr(self.model, "get_experts_implementation", None)
+        if get is None:
+            return None
+        before = get()
+        self.model.set_experts_implementation("eager")
+        return before
+
     def _collect(self, method: LayerwisePruner, block: nn.Module, batches) -> dict[str, Any]:
-        """Run ``block`` over every batch with hooks on its Linears; Linears fed the same tensor share stats."""
-        linears = block_linears(block)
+        """Run ``block`` over every batch with hooks on its matrices; Linears fed the same tensor share stats.
+        Expert matrices of fused tensors get their routed tokens from :class:`_ExpertInputs`; a matrix inside
+        an MoE layer that no token reached gets ``NO_TOKENS``."""
+        weights = block_weights(block)
+        matrices = block_matrices(block)
+        hooked = {name: w for name, w in weights.items() if w.experts is None}
+        stacked = {name: w for name, w in weights.items() if w.experts is not None}
         stats: dict[str, Any] = {}
-        leader: dict[str, str] = {}          # name -> the Linear whose stats it shares (decided on batch 0)
+        leader: dict[str, str] = {}          # name -> the matrix whose stats it shares (decided on batch 0)
         seen: list[tuple[torch.Tensor, str]] = []
         first = [True]
 
@@ -213,22 +313,41 @@ class LayerwiseEngine:
                         return
                     seen.append((x, name))
                     leader[name] = name
-                    stats[name] = method.stats_init(name, linears[name])
+                    stats[name] = method.stats_init(name, matrices[name])
                 elif leader[name] != name:
                     return
                 stats[name] = method.accumulate(stats[name], x.reshape(-1, x.shape[-1]))
             return fn
 
-        handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
+        def expert_input(name, x):
+            if name not in leader:
+                leader[name] = name
+                stats[name] = method.stats_init(name, matrices[name])
+            if x.shape[0]:
+                stats[name] = method.accumulate(stats[name], x)
+
+        handles = [w.module.register_forward_hook(hook(name)) for name, w in hooked.items()]
         try:
             for h, kw in batches:
-                block(h, **kw)
+                if stacked:
+                    with _ExpertInputs(stacked, expert_input):
+                        block(h, **kw)
+                else:
+                    block(h, **kw)
                 first[0] = False
                 seen.clear()
         finally:
             for handle in handles:
                 handle.remove()
-        missing = [n for n in linears if n not in leader]
-        if missing:
-            raise RuntimeError(f"Linear layers {missing} were not called by the block's forward")
-        return {name: stats[leader[name]] for name in linears}
+        for name, w in stacked.items():
+            if not any(f"{name}[{e}]" in leader for e in range(w.experts)):
+                raise ElsaError(f"no expert of {name} {list(w.param.shape)} was seen applied to the tokens (elsa "
+                                "reads w[e] followed by F.linear or @); this model computes its experts another way")
+        missing = [n for n in matrices if n not in leader]
+        unrouted = [n for n in missing if in_moe(block, n)]
+        if len(unrouted) < len(missing):
+            raise RuntimeError(f"weight matrices {[n for n in missing if n not in unrouted]} were not called by "
+                               "the block's forward")
+        out = {name: stats[leader[name]] for name in matrices if name in leader}
+        out.update({name: NO_TOKENS for name in unrouted})
+        return out

@@ -2,7 +2,9 @@
 
 Every model config builds a *source* (``hydra.utils.instantiate``) whose ``load()`` returns
 ``(model, tokenizer)``. The decoder blocks are found structurally (the longest ``nn.ModuleList`` of
-identical blocks), never by model-name strings; the pruned layers are every ``nn.Linear`` inside them.
+identical blocks), never by model-name strings; the pruned weights (:class:`Weight`) are every ``nn.Linear``,
+transformers ``Conv1D`` and fused 3-D expert tensor inside them, except MoE routers and what ``targets`` /
+``ignore`` leave dense.
 """
 from __future__ import annotations
 
@@ -169,17 +171,36 @@ class TinyLlamaSource:
 # structure
 
 
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return ()
+    return Conv1D
+
+
+def _stored_transposed(module: nn.Module) -> bool:
+    """A Linear-like module whose weight is stored [in, out]: transformers' Conv1D (GPT-2)."""
+    return isinstance(module, _conv1d_class())
+
+
+def _own_matrices(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, _conv1d_class())) or \
+        any(p.dim() == 3 for p in module.parameters(recurse=False))
+
+
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's repeated decoder-layer list: the largest ModuleList whose children share one class."""
+    """The model's repeated decoder-layer list: the largest ModuleList whose children share one class and hold
+    weight matrices (Linear, Conv1D or fused expert tensors)."""
     best = None
     for _name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
-            if any(isinstance(x, nn.Linear) for x in mod[0].modules()):
+            if any(_own_matrices(x) for x in mod[0].modules()):
                 if best is None or len(mod) > len(best):
                     best = mod
     if best is None:
         raise ElsaError(f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of identical "
-                        "blocks containing Linear layers")
+                        "blocks containing weight matrices (Linear, Conv1D or 3-D expert tensors)")
     return best
 
 
@@ -189,7 +210,89 @@ def blocks_and_prefix(model: nn.Module) -> tuple[nn.ModuleList, str]:
     return blocks, next(n for n, m in model.named_modules() if m is blocks)
 
 
-IGNORED = "_elsa_ignored"   # set on a module by apply_ignore: the engine leaves its weights dense
+# ---------------------------------------------------------------------------------------------------
+# the prunable weights: one structural notion for every method, the sparsity report, the save and FSDP
+
+
+class Weight:
+    """One prunable weight parameter, seen as one or more matrices ``[out, in]``:
+
+    - an ``nn.Linear``'s weight (fused projections such as ``qkv_proj`` / ``gate_up_proj`` are the single
+      matrices they are);
+    - a transformers ``Conv1D``'s weight (GPT-2), stored ``[in, out]``: the same matrix, transposed storage;
+    - a fused expert tensor ``[experts, out, in]`` (``[experts, in, out]`` where the experts module says
+      ``is_transposed``, transformers' flag for that layout): every expert's slice is its own matrix.
+
+    Rows are outputs and N:M groups run along the inputs in every case."""
+
+    def __init__(self, module: nn.Module, attr: str = "weight", transposed: bool = False):
+        self.module, self.attr, self.transposed = module, attr, bool(transposed)
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.attr)
+
+    @property
+    def experts(self) -> int | None:
+        p = self.param
+        return p.shape[0] if p.dim() == 3 else None
+
+    def view(self, t: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """The ``[out, in]`` matrix view of ``t`` (the parameter or a tensor of its shape: scores, masks)."""
+        if expert is not None:
+            t = t[expert]
+        return t.transpose(-1, -2) if self.transposed else t
+
+    def matrices(self, name: str) -> dict[str, "Matrix"]:
+        if self.experts is None:
+            return {name: Matrix(self, None)}
+        return {f"{name}[{e}]": Matrix(self, e) for e in range(self.experts)}
+
+
+class Matrix:
+    """One 2-D weight matrix ``[out, in]`` that writes through to its parameter, with the part of the
+    ``nn.Linear`` interface the layer-wise methods use (``weight``, ``in_features``, ``out_features``).
+    For a plain Linear, ``weight`` is the Parameter itself."""
+
+    def __init__(self, source: Weight, expert: int | None):
+        self.source, self.expert = source, expert
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.source.view(self.source.param, self.expert)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+DENSE = "_elsa_dense"   # set on a module by apply_ignore / apply_targets: {attr or "*": reason}
+
+
+def _mark_dense(module: nn.Module, attr: str, reason: str) -> None:
+    marks = dict(getattr(module, DENSE, {}))
+    marks.setdefault(attr, reason)
+    object.__setattr__(module, DENSE, marks)
+
+
+def _dense_marks(root: nn.Module) -> dict[str, dict[str, str]]:
+    """{module name: {attr or "*": reason}} under ``root``, a whole-module mark inherited by its descendants."""
+    out: dict[str, dict[str, str]] = {}
+
+    def walk(mod, name, inherited):
+        marks = dict(getattr(mod, DENSE, {}))
+        if inherited and "*" not in marks:
+            marks["*"] = inherited
+        if marks:
+            out[name] = marks
+        for child_name, child in mod.named_children():
+            walk(child, f"{name}.{child_name}" if name else child_name, marks.get("*"))
+    walk(root, "", None)
+    return out
 
 
 def _expert_counts(module: nn.Module) -> set[int]:
@@ -201,7 +304,8 @@ def _expert_counts(module: nn.Module) -> set[int]:
 
 
 def routers(block: nn.Module) -> dict[str, nn.Module]:
-    """The block's MoE routers: a direct child of an MoE layer whose 2-D weight has one output per expert."""
+    """The block's MoE routers: a direct child of an MoE layer whose 2-D weight has one output per expert, or a
+    single output (the scalar gate of a shared expert, Qwen2-MoE's ``shared_expert_gate``)."""
     found = {}
     for name, mod in block.named_modules():
         counts = _expert_counts(mod)
@@ -209,66 +313,145 @@ def routers(block: nn.Module) -> dict[str, nn.Module]:
             continue
         for child_name, child in mod.named_children():
             w = getattr(child, "weight", None)
-            if isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[0] in counts and \
+            if isinstance(w, nn.Parameter) and w.dim() == 2 and (w.shape[0] in counts or w.shape[0] == 1) and \
                     not isinstance(child, nn.ModuleList):
                 found[f"{name}.{child_name}" if name else child_name] = child
     return found
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The Linears of one block the engine prunes: every nn.Linear except MoE routers and ignored modules."""
+def in_moe(block: nn.Module, name: str) -> bool:
+    """Whether matrix ``name`` of ``block`` belongs to an MoE layer's experts (a fused expert tensor, or a
+    module inside a ModuleList of an MoE layer): such a matrix may receive no calibration token."""
+    if name.endswith("]"):
+        return True
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        parent = block.get_submodule(".".join(parts[:i])) if i else block
+        child = getattr(parent, parts[i], None)
+        if isinstance(child, nn.ModuleList) and _expert_counts(parent):
+            return True
+    return False
+
+
+def block_weights(block: nn.Module) -> dict[str, Weight]:
+    """The weights of one block the engine prunes, by module name within the block (a fused expert tensor by
+    ``<module>.<parameter>``): every Linear, Conv1D and 3-D expert tensor except MoE routers and the modules
+    and tensors that ``ignore`` / ``targets`` leave dense."""
     skip = {id(m) for m in routers(block).values()}
-    return {name: m for name, m in block.named_modules()
-            if isinstance(m, nn.Linear) and id(m) not in skip and not getattr(m, IGNORED, False)}
+    marks = _dense_marks(block)
+    out: dict[str, Weight] = {}
+    for name, mod in block.named_modules():
+        dense = marks.get(name, {})
+        if id(mod) in skip or "*" in dense:
+            continue
+        if isinstance(mod, (nn.Linear, _conv1d_class())):
+            if "weight" not in dense:
+                out[name] = Weight(mod, "weight", _stored_transposed(mod))
+            continue
+        for attr, p in mod.named_parameters(recurse=False):
+            if p.dim() == 3 and attr not in dense:
+                out[f"{name}.{attr}" if name else attr] = Weight(mod, attr, bool(getattr(mod, "is_transposed", False)))
+    return out
 
 
-def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside the decoder blocks, by full module name. Embeddings, norms, lm_head stay dense."""
+def block_matrices(block: nn.Module) -> dict[str, Matrix]:
+    """Every matrix the engine prunes in one block (one per expert of a fused expert tensor: ``name[e]``)."""
+    return {k: m for name, w in block_weights(block).items() for k, m in w.matrices(name).items()}
+
+
+def prunable_weights(model: nn.Module) -> dict[str, Weight]:
+    """Every prunable weight inside the decoder blocks, by full name. Embeddings, norms, lm_head stay dense."""
     blocks, prefix = blocks_and_prefix(model)
-    return {f"{prefix}.{i}.{name}": lin for i, block in enumerate(blocks) for name, lin in block_linears(block).items()}
+    return {f"{prefix}.{i}.{name}": w for i, block in enumerate(blocks) for name, w in block_weights(block).items()}
+
+
+def prunable_matrices(model: nn.Module) -> dict[str, Matrix]:
+    """Every prunable matrix inside the decoder blocks, by full name (experts as ``<name>[e]``)."""
+    return {k: m for name, w in prunable_weights(model).items() for k, m in w.matrices(name).items()}
+
+
+def kept_dense(root: nn.Module) -> set[int]:
+    """ids of the parameters under ``root`` (a model or one block) that must stay bit-identical to the dense
+    model whatever a method trains: MoE routers, and everything that ``ignore`` / ``targets`` leave dense."""
+    ids = {id(p) for r in routers(root).values() for p in r.parameters()}
+    marks = _dense_marks(root)
+    for name, mod in root.named_modules():
+        dense = marks.get(name, {})
+        ids |= {id(p) for attr, p in mod.named_parameters(recurse=False) if "*" in dense or attr in dense}
+    return ids
+
+
+def weight_layouts(model: nn.Module) -> dict[str, bool]:
+    """{full weight name: stored transposed} for the projections of the global methods."""
+    return {n: w.transposed for n, w in prunable_weights(model).items()}
 
 
 def context_length(model: nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def _match(rx, name: str) -> bool:
+    return rx.search(name) is not None
+
+
 def apply_ignore(model: nn.Module, patterns) -> dict[str, list[str]]:
     """Mark every module whose full name matches one of the ``ignore`` regexes (``re.search``; llm-compressor's
-    convention) so that the engine leaves it dense. A parameter whose full name matches (a fused expert tensor)
-    is recorded as ignored too. Returns {pattern: [matched names]}; a pattern that matches nothing is an error."""
+    convention) so that the engine leaves it, and everything inside it, dense. A parameter whose full name
+    matches (a fused expert tensor) is marked alone. Returns {pattern: [matched names]}; a pattern that matches
+    nothing is an error."""
     matched = {}
     for pat in patterns or []:
         rx = re.compile(pat)
-        names = [n for n, m in model.named_modules() if n and rx.search(n)]
+        names = [n for n, m in model.named_modules() if n and _match(rx, n)]
         for n in names:
-            setattr(model.get_submodule(n), IGNORED, True)
-        names += [n for n, _p in model.named_parameters() if rx.search(n) and
+            _mark_dense(model.get_submodule(n), "*", "ignored")
+        params = [n for n, _p in model.named_parameters() if _match(rx, n) and
                   not any(n.startswith(m + ".") for m in names)]
+        for n in params:
+            owner, _, attr = n.rpartition(".")
+            _mark_dense(model.get_submodule(owner), attr, "ignored")
+        names += params
         if not names:
             raise config_error("ignore", pat, "a regex that matches a module or parameter name of the model (it "
-                               f"matches none; e.g. {next(iter(prunable_linears(model)), 'model.layers.0.mlp')})")
+                               f"matches none; e.g. {next(iter(prunable_weights(model)), 'model.layers.0.mlp')})")
         matched[pat] = names
     return matched
 
 
-def _ignored(model: nn.Module, name: str, patterns) -> bool:
-    """Parameter ``name`` is ignored when a pattern matches it or apply_ignore marked one of its modules."""
-    parts = name.split(".")[:-1]
-    marked = any(getattr(model.get_submodule(".".join(parts[:i])), IGNORED, False) for i in range(1, len(parts) + 1))
-    return marked or any(re.search(p, name) for p in patterns or [])
+def apply_targets(model: nn.Module, patterns) -> dict[str, list[str]]:
+    """Restrict pruning to the weights whose full name (``model.layers.0.mlp.down_proj``, a fused expert tensor
+    ``model.layers.0.mlp.experts.gate_up_proj``) matches one of the ``targets`` regexes (``re.search``); the
+    others are marked dense as ``not_targeted``. Empty: every prunable weight. Returns {pattern: [names]}; a
+    pattern that matches no prunable weight (only weights inside the decoder blocks can be) is an error."""
+    if not patterns:
+        return {}
+    weights = prunable_weights(model)
+    rxs = {pat: re.compile(pat) for pat in patterns}
+    matched = {pat: [n for n in weights if _match(rx, n)] for pat, rx in rxs.items()}
+    for pat, names in matched.items():
+        if not names:
+            raise config_error("targets", pat, "a regex that matches a prunable weight inside the decoder blocks "
+                               f"(it matches none; e.g. {next(iter(weights), 'model.layers.0.mlp')})")
+    hit = {n for names in matched.values() for n in names}
+    for name, w in weights.items():
+        if name not in hit:
+            _mark_dense(w.module, w.attr, "not_targeted")
+    return matched
 
 
 def weight_accounting(model: nn.Module, patterns=()) -> dict:
     """Every parameter of the model, once (tied weights once), as pruned or dense, by kind:
     {pruned, dense, dense_by_kind: {kind: params}, dense_names: {kind: [names]}, unsupported: [(name, shape)]}.
     ``unsupported``: weight tensors (>= 2-D) inside the decoder blocks that the engine does not prune and that
-    are neither routers nor ignored: a run that would leave them dense without being asked refuses."""
+    are neither routers, biases of expert tensors, nor ignored / untargeted: a run that would leave them dense
+    without being asked refuses. (``patterns``: the ``ignore`` regexes, also applied to parameter names.)"""
     blocks, prefix = blocks_and_prefix(model)
-    pruned_ids = {id(lin.weight) for lin in prunable_linears(model).values()}
+    pruned_ids = {id(w.param) for w in prunable_weights(model).values()}
     router_ids = {id(p) for b in blocks for r in routers(b).values() for p in r.parameters()}
     emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_ids = {id(out_emb.weight)} if out_emb is not None else set()
+    marks = _dense_marks(model)
     seen, pruned, by_kind, names, unsupported = set(), 0, {}, {}, []
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
@@ -277,8 +460,14 @@ def weight_accounting(model: nn.Module, patterns=()) -> dict:
         if id(p) in pruned_ids:
             pruned += p.numel()
             continue
-        in_blocks = name.startswith(prefix + ".")
-        if _ignored(model, name, patterns):
+        owner_name, _, attr = name.rpartition(".")
+        owner_marks = marks.get(owner_name, {})
+        reason = owner_marks.get(attr) or owner_marks.get("*")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        experts = {q.shape[0] for q in owner.parameters(recurse=False) if q.dim() == 3}
+        if reason:
+            kind = reason
+        elif any(re.search(pat, name) for pat in patterns or []):
             kind = "ignored"
         elif id(p) in router_ids:
             kind = "routers"
@@ -286,9 +475,9 @@ def weight_accounting(model: nn.Module, patterns=()) -> dict:
             kind = "embeddings"
         elif id(p) in head_ids:
             kind = "lm_head"
-        elif p.dim() < 2:
+        elif p.dim() < 2 or (p.dim() == 2 and p.shape[0] in experts):   # norms, biases, per-expert biases
             kind = "norms_and_biases"
-        elif in_blocks:
+        elif name.startswith(prefix + "."):
             kind = "unsupported"
             unsupported.append((name, tuple(p.shape)))
         else:
@@ -307,7 +496,6 @@ def check_prunable(model: nn.Module, patterns=()) -> dict:
     if bad:
         shown = ", ".join(f"{n} {list(s)}" for n, s in bad[:2]) + (f" and {len(bad) - 2} more" if len(bad) > 2 else "")
         raise ElsaError(f"{len(bad)} weight tensor(s) inside the decoder blocks would stay dense: {shown}; elsa prunes "
-                        "the nn.Linear weights of the decoder blocks only (MoE routers stay dense; fused 3-D expert "
-                        "tensors and Conv1D are not supported yet). Pass ignore=[<regex>,...] to leave them dense "
-                        "explicitly (recorded in results.json)")
+                        "the Linear, Conv1D and 3-D expert weights of the decoder blocks (MoE routers stay dense). "
+                        "Pass ignore=[<regex>,...] to leave them dense explicitly (recorded in results.json)")
     return acc

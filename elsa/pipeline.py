@@ -24,7 +24,8 @@ from elsa.data import sample_starts, token_stream, windows
 from elsa.errors import ElsaError, config_error
 from elsa.evaluation import PerplexityEval, bos_id, check_finite
 from elsa.methods.base import PruneContext
-from elsa.models import apply_ignore, check_prunable, context_length, prunable_linears, weight_accounting
+from elsa.models import (apply_ignore, apply_targets, check_prunable, context_length, prunable_matrices,
+                         weight_accounting)
 from elsa.sparsity import Sparsity, layer_report
 from elsa.sweep import finished_result
 from elsa.tracking import NullTracker, write_json_atomic
@@ -193,7 +194,8 @@ class Run:
         self.budget = self._budget(cfg)
         self.start, self.start_info = self._start(cfg)
         self.needs_calibration = self.method.needs_calibration or bool(self.start and self.start.needs_calibration)
-        self.ignore = self._ignore_patterns(cfg)
+        self.ignore = self._patterns(cfg, "ignore", "experts")
+        self.targets = self._patterns(cfg, "targets", "mlp")
         if self.needs_calibration:
             self.nsamples = _positive_int(cfg, "nsamples")
         self.source = build(cfg.model, "model")
@@ -264,17 +266,17 @@ class Run:
         return info
 
     @staticmethod
-    def _ignore_patterns(cfg) -> list[str]:
+    def _patterns(cfg, key: str, example: str) -> list[str]:
         import re
 
-        value = cfg.get("ignore") or []
+        value = cfg.get(key) or []
         if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-            raise config_error("ignore", value, "a list of module-name regexes, e.g. ignore=[experts]")
+            raise config_error(key, value, f"a list of module-name regexes, e.g. {key}=[{example}]")
         for pat in value:
             try:
                 re.compile(pat)
             except re.error as exc:
-                raise config_error("ignore", pat, f"a valid regex ({exc})") from None
+                raise config_error(key, pat, f"a valid regex ({exc})") from None
         return list(value)
 
     def timed(self, phase: str, fn, *args, **kwargs):
@@ -309,6 +311,7 @@ class Run:
             raise config_error("seqlen", self.seqlen, f"at most the model's context length {ctx_len}")
         # what stays dense must be asked for: before any data or calibration work
         self.results["ignore"] = apply_ignore(model, self.ignore)
+        self.results["targets"] = apply_targets(model, self.targets)
         check_prunable(model, self.ignore)
         self.method.validate(model, self.target)
         if self.start is not None:
@@ -349,7 +352,7 @@ class Run:
             return {}
         model.to(self.device)
 
-        pruned = {n: lin.weight.detach() for n, lin in prunable_linears(model).items()}
+        pruned = {n: m.weight.detach() for n, m in prunable_matrices(model).items()}
         report = layer_report(pruned.items())
         self.results["sparsity"].update(measured=report["measured"], per_layer=report["per_layer"],
                                         pruned_params=report["pruned_params"],

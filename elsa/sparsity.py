@@ -84,12 +84,19 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ~(below | drop_tied)
 
 
-def mask_from_scores(scores: torch.Tensor, target: Sparsity, group: str = "layer") -> torch.Tensor:
-    """Boolean keep-mask (True = kept) of a 2-D weight's scores.
+def mask_from_scores(scores: torch.Tensor, target: Sparsity, group: str = "layer",
+                     transposed: bool = False) -> torch.Tensor:
+    """Boolean keep-mask (True = kept) of a weight's scores, shaped like the weight.
 
-    group='layer': the ratio of the whole tensor; 'row': the ratio within every output row.
+    The weight is a matrix ``[out, in]``, stored ``[in, out]`` when ``transposed`` (Conv1D), or a stack of
+    expert matrices ``[experts, ...]`` (each expert its own matrix: its own count, rows and N:M groups).
+    group='layer': the ratio of the whole matrix; 'row': the ratio within every output row.
     N:M ignores group: within every M consecutive inputs of a row keep the N highest scores.
     """
+    if transposed:
+        return mask_from_scores(scores.transpose(-1, -2), target, group).transpose(-1, -2).contiguous()
+    if scores.dim() == 3:
+        return torch.stack([mask_from_scores(s, target, group) for s in scores])
     scores = scores.detach().float()
     rows, cols = scores.shape
     if target.is_nm:
@@ -105,9 +112,10 @@ def mask_from_scores(scores: torch.Tensor, target: Sparsity, group: str = "layer
     raise config_error("group", group, "one of layer, row")
 
 
-def project(weight: torch.Tensor, target: Sparsity, group: str = "layer", scores: torch.Tensor | None = None) -> torch.Tensor:
+def project(weight: torch.Tensor, target: Sparsity, group: str = "layer", scores: torch.Tensor | None = None,
+            transposed: bool = False) -> torch.Tensor:
     """Euclidean projection onto the sparsity set (by |w|, or by the given scores)."""
-    mask = mask_from_scores(weight.abs() if scores is None else scores, target, group)
+    mask = mask_from_scores(weight.abs() if scores is None else scores, target, group, transposed)
     return weight * mask
 
 

@@ -6,8 +6,9 @@ from conftest import TINY, read_results, run_cli, run_pipeline
 
 from elsa.errors import ElsaError
 from elsa.methods.ast import Ast, SparseMasks, annealed_decay
+from elsa.models import Weight
 from elsa.methods.base import PruneContext
-from elsa.models import prunable_linears
+from elsa.models import prunable_matrices
 from elsa.sparsity import Sparsity, nm_violations
 
 AST_FAST = ["method=ast", "method.steps=6", "method.batch_size=1", "method.grad_accum=2", "method.mask_interval=2",
@@ -74,7 +75,7 @@ def test_mask_exact_at_every_step_and_final_weights_exact(tmp_path, tiny_model, 
     assert [w for w in ast.checked if w[0] == "step"] == [("step", s) for s in range(6)]
     t = Sparsity.parse(target)
     model = tiny_model[0]
-    for name, lin in prunable_linears(model).items():
+    for name, lin in prunable_matrices(model).items():
         w = lin.weight.detach()
         if t.is_nm:
             assert nm_violations(w, t.n, t.m) == 0, name
@@ -98,7 +99,7 @@ def test_training_loss_decreases(tmp_path, tiny_model):
 def test_srste_decay_pulls_pruned_weights_to_zero():
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 4, bias=False)
-    masks = SparseMasks({"l": lin}, Sparsity.parse("2:4"), "magnitude", "row")
+    masks = SparseMasks({"l": Weight(lin)}, Sparsity.parse("2:4"), "magnitude", "row")
     masks.update()
     keep = masks.keep["l"]
     w0 = lin.weight.detach().clone()
@@ -118,7 +119,7 @@ def test_srste_decay_pulls_pruned_weights_to_zero():
 def test_straight_through_gradient_reaches_pruned_weights():
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 4, bias=False)
-    masks = SparseMasks({"l": lin}, Sparsity.parse("2:4"), "magnitude", "row")
+    masks = SparseMasks({"l": Weight(lin)}, Sparsity.parse("2:4"), "magnitude", "row")
     masks.update()
     masks.install()
     try:
@@ -143,7 +144,7 @@ def test_wanda_metric_uses_observed_input_norms():
     lin = torch.nn.Linear(4, 2, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]))
-    masks = SparseMasks({"l": lin}, Sparsity.parse("2:4"), "wanda", "row")
+    masks = SparseMasks({"l": Weight(lin)}, Sparsity.parse("2:4"), "wanda", "row")
     masks.install()
     try:
         lin(torch.tensor([[10.0, 10.0, 0.1, 0.1]]))  # inputs 0, 1 are large: wanda keeps them in every row
@@ -162,7 +163,7 @@ def test_pipeline_end_to_end(tmp_path, sparsity, ratio):
     assert all(abs(v - ratio) <= 1e-3 for v in r["sparsity"]["per_layer"].values())
     assert {"mask_flips_prev", "mask_flips_init", "srste_decay", "loss"} <= set(r["method_stats"]["history"][-1])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    for name, lin in prunable_linears(model).items():
+    for name, lin in prunable_matrices(model).items():
         if sparsity == "2:4":
             assert nm_violations(lin.weight, 2, 4) == 0, name
 

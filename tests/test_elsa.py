@@ -132,11 +132,11 @@ def test_elsa_exact_sparsity_on_tiny(tmp_path, method, sparsity):
 def test_elsa_nm_mask_valid_in_saved_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from elsa.models import prunable_linears
+    from elsa.models import prunable_matrices
 
     run_pipeline(tmp_path, *ELSA_FAST, "sparsity=2:4", "method.projection=objective", "method.group=row")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    for name, lin in prunable_linears(model).items():
+    for name, lin in prunable_matrices(model).items():
         assert nm_violations(lin.weight, 2, 4) == 0, name
 
 

@@ -18,13 +18,21 @@ def _weights(path):
 
 
 @pytest.mark.timeout(600)
-def test_fsdp_two_ranks_match_single_process(tmp_path):
-    single = run_cli(*ARGS, "method.batch_size=2", f"hydra.run.dir={tmp_path / 'single'}")
+@pytest.mark.parametrize("family", ["tiny", "mixtral"])
+def test_fsdp_two_ranks_match_single_process(tmp_path, family):
+    """ELSA under FSDP2 on the tiny Llama and on a tiny Mixtral (3-D expert tensors sharded along the experts,
+    trained through the routing): the same weights as one process."""
+    args = list(ARGS)
+    if family != "tiny":
+        from test_families import _checkpoint
+
+        args += ["model=hf", f"model.path={_checkpoint(family, tmp_path)}"]
+    single = run_cli(*args, "method.batch_size=2", f"hydra.run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
 
     env = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "run.py"), *ARGS, "hardware=fsdp_cpu", "method.batch_size=1",
+           str(REPO / "run.py"), *args, "hardware=fsdp_cpu", "method.batch_size=1",
            f"hydra.run.dir={tmp_path / 'fsdp'}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]

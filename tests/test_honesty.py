@@ -46,12 +46,32 @@ def _one_error(res):
     return errors[0]
 
 
-def test_moe_experts_left_dense_are_refused_before_calibration(mixtral, tmp_path):
-    err = _one_error(run_cli("model=hf", f"model.path={mixtral}", "method=wanda", "logger=none", "eval=quick",
-                             "seqlen=64", "nsamples=2", f"output_dir={tmp_path / 'out'}"))
-    assert "mlp.experts.gate_up_proj [4, 256, 64]" in err and "ignore=" in err
-    out = read_results(tmp_path / "out")
-    assert out["status"] == "failed" and "data" not in out["time_s"] and "calibration" not in out
+def test_weights_nothing_prunes_are_refused_before_calibration(tmp_path):
+    """A 2-D weight inside a block that is no Linear, Conv1D or expert tensor (here one added by hand) stays
+    dense unasked: refused, naming it; ignore= names it and the run may go on."""
+    from elsa.models import apply_ignore, check_prunable
+
+    model, _tok = TinyLlamaSource().load()
+    model.model.layers[1].mlp.extra = torch.nn.Parameter(torch.ones(8, 8))
+    with pytest.raises(ElsaError, match=r"model\.layers\.1\.mlp\.extra \[8, 8\].*ignore="):
+        check_prunable(model)
+    apply_ignore(model, [r"mlp\.extra"])
+    acc = check_prunable(model, [r"mlp\.extra"])
+    assert acc["dense_by_kind"]["ignored"] == 64 and acc["dense_names"]["ignored"] == ["model.layers.1.mlp.extra"]
+
+
+def test_moe_experts_are_pruned_per_expert(mixtral, tmp_path):
+    out = run_pipeline(tmp_path / "out", "model=hf", f"model.path={mixtral}", "method=wanda", "seqlen=64",
+                       "nsamples=2", "save_model=false")
+    assert out["status"] == "done"
+    p = out["params"]
+    experts = 2 * (4 * 256 * 64 + 4 * 64 * 128)
+    assert p["pruned"] == out["sparsity"]["pruned_params"] == 2 * (64 * 64 * 2 + 32 * 64 * 2) + experts
+    assert p["dense_by_kind"]["routers"] == 2 * 4 * 64
+    per = out["sparsity"]["per_layer"]
+    assert {f"model.layers.{i}.mlp.experts.{t}[{e}]" for i in range(2) for t in ("gate_up_proj", "down_proj")
+            for e in range(4)} <= set(per)
+    assert all(v == pytest.approx(0.5) for v in per.values())
 
 
 def test_moe_with_ignore_runs_and_records_what_stayed_dense(mixtral, tmp_path):
@@ -108,3 +128,23 @@ def test_sparsellm_fallback_is_recorded_printed_and_labelled(opt, tmp_path, caps
 def test_sparsellm_fallback_value_is_checked(tmp_path):
     with pytest.raises(ElsaError, match="method.fallback=wanda"):
         run_pipeline(tmp_path, "method=sparsellm", "method.fallback=wanda")
+
+
+def test_targets_restrict_pruning_and_the_rest_is_recorded_dense(tmp_path):
+    out = run_pipeline(tmp_path, "method=wanda", "save_model=false", r"targets=['mlp\.(up|down)_proj']")
+    assert out["status"] == "done"
+    per = out["sparsity"]["per_layer"]
+    assert per and all(".mlp.up_proj" in n or ".mlp.down_proj" in n for n in per)
+    assert out["sparsity"]["measured"] == pytest.approx(0.5)
+    p = out["params"]
+    assert p["dense_by_kind"]["not_targeted"] == 2 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64)  # attention + gate
+    assert any(n.endswith("mlp.gate_proj.weight") for n in p["dense_names"]["not_targeted"])
+    assert out["targets"] == {r"mlp\.(up|down)_proj": [f"model.layers.{i}.mlp.{k}_proj" for i in range(2)
+                                                       for k in ("up", "down")]}
+
+
+@pytest.mark.parametrize("pattern", ["nothing_matches", "lm_head"])
+def test_target_that_matches_no_prunable_weight_is_refused(tmp_path, pattern):
+    err = _one_error(run_cli("model=tiny", "logger=none", "eval=quick", "seqlen=64", "nsamples=2",
+                             f"targets=[{pattern}]", f"output_dir={tmp_path}"))
+    assert "targets" in err and pattern in err and "decoder blocks" in err

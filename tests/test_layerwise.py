@@ -4,7 +4,7 @@ import torch
 
 from elsa.errors import ElsaError
 from elsa.layerwise import LayerwiseEngine, LayerwisePruner
-from elsa.models import block_linears, decoder_blocks, prunable_linears
+from elsa.models import block_matrices, decoder_blocks, prunable_matrices
 from elsa.sparsity import Sparsity, nm_violations
 
 from conftest import read_results, run_pipeline
@@ -51,7 +51,7 @@ def last_block_outputs(model, ids):
 def test_noop_engine_matches_plain_forward(tiny_model, offload):
     model, _ = tiny_model
     ids = calibration(tiny_model)
-    before = {n: lin.weight.clone() for n, lin in prunable_linears(model).items()}
+    before = {n: lin.weight.clone() for n, lin in prunable_matrices(model).items()}
     engine = LayerwiseEngine(model, "cpu", batch_size=2)          # 5 windows: batches of 2, 2, 1
     engine.offload = offload     # the one-block-at-a-time moves, exercised on the CPU (no GPU in CI)
     method = NoOp()
@@ -60,9 +60,9 @@ def test_noop_engine_matches_plain_forward(tiny_model, offload):
     want = last_block_outputs(model, ids)
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), float((got - want).abs().max())
-    assert all(torch.equal(before[n], lin.weight) for n, lin in prunable_linears(model).items())
+    assert all(torch.equal(before[n], lin.weight) for n, lin in prunable_matrices(model).items())
     # every Linear of every block, in the block's own order
-    assert method.seen == list(prunable_linears(model))
+    assert method.seen == list(prunable_matrices(model))
 
 
 def test_linears_fed_the_same_tensor_share_statistics(tiny_model):
@@ -70,7 +70,7 @@ def test_linears_fed_the_same_tensor_share_statistics(tiny_model):
     ids = calibration(tiny_model, n=4, seqlen=16)
     method = NoOp()
     LayerwiseEngine(model, "cpu", batch_size=3).run(method, ids, Sparsity(0.5))
-    names = list(block_linears(decoder_blocks(model)[0]))
+    names = list(block_matrices(decoder_blocks(model)[0]))
     owners = {n.split(".", 3)[-1]: method.tokens[n][0].split(".", 3)[-1] if "." in method.tokens[n][0]
               else method.tokens[n][0] for n in method.tokens if n.split(".")[2] == "0"}
     assert set(owners) == set(names)
@@ -86,7 +86,7 @@ def test_engine_prunes_sparsegpt_nm_and_returns_method_stats(tiny_model):
     stats = LayerwiseEngine(model, "cpu", 4).run(SparseGPT(), calibration(tiny_model, n=4, seqlen=64),
                                                  Sparsity.parse("2:4"))
     assert stats["cholesky_retries"] == 0 and "engine_s" in stats
-    for name, lin in prunable_linears(model).items():
+    for name, lin in prunable_matrices(model).items():
         assert nm_violations(lin.weight, 2, 4) == 0, name
         assert int((lin.weight == 0).sum()) == lin.weight.numel() // 2, name
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY, read_results, run_cli, run_pipeline
 
-from elsa.models import prunable_linears
+from elsa.models import prunable_matrices
 from elsa.sparsity import nm_violations
 
 
@@ -36,7 +36,7 @@ def test_saved_model_round_trip_keeps_zeros(tmp_path):
 
     run_pipeline(tmp_path, "method=magnitude", "sparsity=2:4")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    layers = prunable_linears(model)
+    layers = prunable_matrices(model)
     assert layers
     for name, lin in layers.items():
         assert nm_violations(lin.weight, 2, 4) == 0, name
@@ -116,7 +116,7 @@ def test_nan_model_fails_clearly(tmp_path, monkeypatch):
     from elsa.methods import magnitude
 
     def poison(self, ctx):
-        for lin in prunable_linears(ctx.model).values():
+        for lin in prunable_matrices(ctx.model).values():
             lin.weight.data.fill_(float("nan"))
         return {}
 

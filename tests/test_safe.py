@@ -10,7 +10,7 @@ from conftest import TINY, run_cli, run_pipeline
 from elsa.errors import ElsaError
 from elsa.layerwise import LayerwiseEngine, _hidden
 from elsa.methods.safe import SAFE
-from elsa.models import TinyLlamaSource, block_linears
+from elsa.models import TinyLlamaSource, block_matrices
 from elsa.sparsity import Sparsity, mask_from_scores, nm_violations, project
 
 FAST = ["method=safe", "method.epochs=2", "method.warmup_epochs=1", "method.batch_size=2", "method.interval=2"]
@@ -39,11 +39,11 @@ def mse(block, batches, dense):
 def input_norms(block, batches):
     """||X_j||² per Linear of ``block`` over ``batches`` (what the engine's hooks hand SAFE+)."""
     sums, handles = {}, []
-    for name, lin in block_linears(block).items():
+    for name, lin in block_matrices(block).items():
         def hook(_m, args, _out, name=name):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             sums[name] = sums.get(name, 0) + x.square().sum(0)
-        handles.append(lin.register_forward_hook(hook))
+        handles.append(lin.source.module.register_forward_hook(hook))
     with torch.no_grad():
         for h, kw in batches:
             block(h, **kw)
@@ -55,7 +55,7 @@ def input_norms(block, batches):
 def run_safe(block, batches, target, **kw):
     pruned = copy.deepcopy(block)
     method = SAFE(batch_size=2, **kw)
-    stats = input_norms(pruned, batches) if method.activation_weighted else {n: None for n in block_linears(pruned)}
+    stats = input_norms(pruned, batches) if method.activation_weighted else {n: None for n in block_matrices(pruned)}
     with torch.no_grad():                                   # the engine's context
         info = method.prune_block("layers.0", pruned, stats, batches, target)["layers.0"]
     return pruned, info
@@ -69,7 +69,7 @@ def test_beats_the_no_training_projection_with_exact_sparsity(block_and_inputs, 
     baseline = copy.deepcopy(block)                         # the same projection, no training
     norms = input_norms(block, batches)
     with torch.no_grad():
-        for name, lin in block_linears(baseline).items():
+        for name, lin in block_matrices(baseline).items():
             scores = lin.weight.abs() * norms[name].float().sqrt() if plus else lin.weight.abs()
             lin.weight.mul_(mask_from_scores(scores, target, "layer"))
     pruned, info = run_safe(block, batches, target, epochs=10, warmup_epochs=1, activation_weighted=plus)
@@ -78,7 +78,7 @@ def test_beats_the_no_training_projection_with_exact_sparsity(block_and_inputs, 
     assert info["mse_final"] == pytest.approx(safe_mse, rel=1e-5)
     assert safe_mse < 0.95 * base_mse, (safe_mse, base_mse)
     assert info["steps"] == 10 * len(batches) and len(info["train_loss"]) == 10
-    for lin in block_linears(pruned).values():
+    for lin in block_matrices(pruned).values():
         assert int((lin.weight == 0).sum()) == round(lin.weight.numel() * target.ratio)
         if target.is_nm:
             assert nm_violations(lin.weight, target.n, target.m) == 0
@@ -91,7 +91,7 @@ def test_sam_gradient_is_taken_at_the_perturbed_point_and_w_is_restored(block_an
     (h, kw), y = batches[0], dense[0]
     b = copy.deepcopy(block)
     with torch.no_grad():                                   # pruned, so that the loss (and g) are not zero
-        for lin in block_linears(b).values():
+        for lin in block_matrices(b).values():
             lin.weight.copy_(project(lin.weight, Sparsity(0.5)))
     params = list(b.parameters())
     for p in params:
@@ -134,7 +134,7 @@ def test_proximal_term_is_lambda_times_w_minus_z_plus_u(block_and_inputs):
     params = list(b.parameters())
     for p in params:
         p.requires_grad_(True)
-    weights = {n: lin.weight for n, lin in block_linears(b).items()}
+    weights = {n: lin.weight for n, lin in block_matrices(b).items()}
     admm = AdmmState(weights, Sparsity(0.5), "layer", Fp32Codec(), Fp32Codec())
     admm.init(Sparsity(0.5))
     ids = {id(w): n for n, w in weights.items()}
@@ -153,7 +153,7 @@ def test_non_finite_loss_names_the_block_and_step(block_and_inputs):
     b = copy.deepcopy(block)
     method = SAFE(batch_size=2, epochs=1, warmup_epochs=0, lr=1e30, rho=0.0)      # diverges in a step or two
     with pytest.raises(ElsaError, match=r"block layers\.0 is (nan|inf|-inf) at step [0-9]+"), torch.no_grad():
-        method.prune_block("layers.0", b, {n: None for n in block_linears(b)}, batches, Sparsity(0.5))
+        method.prune_block("layers.0", b, {n: None for n in block_matrices(b)}, batches, Sparsity(0.5))
 
 
 @pytest.mark.parametrize("kwargs,match", [

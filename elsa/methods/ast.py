@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from elsa import distributed as D
-from elsa.errors import config_error, positive
+from elsa.errors import ElsaError, config_error, positive
 from elsa.methods.base import check_group
 from elsa.methods.training_method import TrainingMethod
 from elsa.schedules import cosine_schedule, linear_schedule
@@ -58,9 +58,11 @@ class SparseMasks:
     unsharded during its forward); weight and gradient edits use this rank's rows of them.
     """
 
-    def __init__(self, linears: dict, target: Sparsity, metric: str, group: str):
-        self.linears, self.target, self.metric, self.group = linears, target, metric, group
-        self.params = {n: lin.weight for n, lin in linears.items()}
+    def __init__(self, weights: dict, target: Sparsity, metric: str, group: str):
+        """``weights``: {name: :class:`elsa.models.Weight`} of Linear or Conv1D modules (one matrix each)."""
+        self.weights, self.target, self.metric, self.group = weights, target, metric, group
+        self.linears = {n: w.module for n, w in weights.items()}
+        self.params = {n: w.param for n, w in weights.items()}
         self.keep: dict[str, torch.Tensor] = {}      # current masks (full layer)
         self.initial: dict[str, torch.Tensor] = {}   # the first masks, for the flip metrics
         self.act_sq: dict[str, torch.Tensor] = {}    # sum over tokens of x_j^2 since the last update (wanda)
@@ -83,11 +85,15 @@ class SparseMasks:
             self._patched = False
 
     def _forward_fn(self, name: str, lin):
+        transposed = self.weights[name].transposed
+
         def forward(x):
             if self.collect:
                 self._observe(name, x)
             mask = self.keep.get(name)
             weight = lin.weight if mask is None else _MaskedWeight.apply(lin.weight, self._as(name, lin.weight))
+            if transposed:                                   # Conv1D: x @ w + b with w stored [in, out]
+                weight = weight.t()
             return F.linear(x, weight, lin.bias)
         return forward
 
@@ -112,7 +118,8 @@ class SparseMasks:
         p = self.params[name]
         w = D.gather(p, D.local(p).detach().float())
         if self.metric == "wanda":
-            return w.abs() * input_norms[name].to(w.device, torch.float32)[None, :]
+            norms = input_norms[name].to(w.device, torch.float32)
+            return w.abs() * (norms[:, None] if self.weights[name].transposed else norms[None, :])
         return w.abs()
 
     def _input_norms(self) -> dict | None:
@@ -140,7 +147,7 @@ class SparseMasks:
         norms = self._input_norms()
         flips_prev = flips_init = inter = union = numel = 0.0
         for name in self.linears:
-            mask = mask_from_scores(self.scores(name, norms), self.target, self.group)
+            mask = mask_from_scores(self.scores(name, norms), self.target, self.group, self.weights[name].transposed)
             prev, first = self.keep.get(name), self.initial.get(name)
             if first is None:
                 self.initial[name] = first = mask
@@ -200,6 +207,19 @@ class Ast(TrainingMethod):
     name = "ast"
     supports_fsdp = True
 
+    def validate(self, model, target) -> None:
+        """AST's masked forward replaces a Linear's (or Conv1D's) forward; fused expert tensors have no such
+        module forward to mask: refused before any work (ELSA and the layer-wise methods prune them)."""
+        from elsa.models import prunable_weights
+
+        super().validate(model, target)
+        stacked = [n for n, w in prunable_weights(model).items() if w.experts is not None]
+        if stacked:
+            raise ElsaError(f"method=ast masks the forward of Linear and Conv1D layers; {len(stacked)} fused expert "
+                            f"tensor(s) ({stacked[0]}{', ...' if len(stacked) > 1 else ''}) have no masked forward "
+                            "in AST yet. Use method=elsa or a layer-wise method on this model, or "
+                            "ignore=[experts] to leave the experts dense (recorded in results.json)")
+
     def __init__(self, lr_schedule: str = "cosine", srste_decay: float = 1e-4, increase_step: int = 10000,
                  mask_interval: int = 10, mask_metric: str = "magnitude", change_mask: bool = True,
                  group: str = "row", task_weight: float = 0.33, kl_weight: float = 0.67, slorb: bool = False,
@@ -239,9 +259,9 @@ class Ast(TrainingMethod):
 
     # -- hooks of the training engine -----------------------------------------------------------------
     def setup(self, run):
-        from elsa.models import prunable_linears
+        from elsa.models import prunable_weights
 
-        masks = SparseMasks(prunable_linears(run.model), run.target, self.mask_metric, self.group)
+        masks = SparseMasks(prunable_weights(run.model), run.target, self.mask_metric, self.group)
         masks.install()
         return AstRun(masks)
 

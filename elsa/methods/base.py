@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from elsa.errors import one_of
-from elsa.models import prunable_linears
+from elsa.models import prunable_matrices
 from elsa.sparsity import Sparsity
 
 
@@ -60,7 +60,7 @@ class Pruner:
 
     def validate(self, model: nn.Module, target: Sparsity) -> None:
         """Cheap checks after the model is loaded and before any expensive work."""
-        for name, lin in prunable_linears(model).items():
+        for name, lin in prunable_matrices(model).items():
             target.check_shape(name, lin.weight.shape)
 
     def prune(self, ctx: PruneContext) -> dict:

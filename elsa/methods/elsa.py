@@ -14,6 +14,7 @@ import torch
 
 from elsa import distributed as D
 from elsa.admm import AdmmState, LambdaSchedule, codec, sparsity_at
+from elsa.models import weight_layouts
 from elsa.errors import config_error, positive
 from elsa.methods.base import check_group
 from elsa.methods.training_method import TrainingMethod
@@ -122,7 +123,8 @@ class Elsa(TrainingMethod):
         return ElsaRun(
             lam=LambdaSchedule(self.lambda_schedule, self.lam, self.lam_final, steps, self.adaptive_mu,
                                self.adaptive_tau),
-            admm=AdmmState(run.constrained, run.target, self.group, self.z_codec, self.u_codec),
+            admm=AdmmState(run.constrained, run.target, self.group, self.z_codec, self.u_codec,
+                           weight_layouts(run.model)),
             second_moment=self.second_moment_fn(run.opt, run.constrained),
             warm=int(self.sparsity_warmup * steps),
             # the last finetune_fraction of the steps train on the frozen support of z (no dual updates)

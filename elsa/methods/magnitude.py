@@ -3,7 +3,7 @@ import torch
 from tqdm.auto import tqdm
 
 from elsa.methods.base import PruneContext, Pruner, check_group
-from elsa.models import prunable_linears
+from elsa.models import prunable_weights
 from elsa.sparsity import mask_from_scores
 
 
@@ -13,6 +13,6 @@ class Magnitude(Pruner):
 
     @torch.no_grad()
     def prune(self, ctx: PruneContext) -> dict:
-        for _name, lin in tqdm(prunable_linears(ctx.model).items(), desc="magnitude", unit="layer", leave=False):
-            lin.weight.mul_(mask_from_scores(lin.weight.abs(), ctx.target, self.group))
+        for _name, w in tqdm(prunable_weights(ctx.model).items(), desc="magnitude", unit="layer", leave=False):
+            w.param.mul_(mask_from_scores(w.param.abs(), ctx.target, self.group, w.transposed))
         return {}

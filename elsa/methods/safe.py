@@ -43,11 +43,29 @@ from elsa.admm import AdmmState, Fp32Codec
 from elsa.errors import ElsaError, config_error, positive
 from elsa.layerwise import LayerwisePruner, _hidden
 from elsa.methods.base import PruneContext
-from elsa.models import block_linears
+from elsa.layerwise import NO_TOKENS
+from elsa.models import block_weights, kept_dense
 from elsa.sparsity import Sparsity
 from elsa.schedules import linear_schedule
 
 log = logging.getLogger(__name__)
+
+
+def _input_weights(name: str, weight, stats) -> torch.Tensor:
+    """SAFE+'s ||X_j||² laid out like the parameter (per expert for fused expert tensors, [in, 1] for Conv1D
+    storage); an expert that received no calibration token gets ones (magnitude within that expert)."""
+    def one(key, cols):
+        s = stats[key]
+        return torch.ones(cols) if s is NO_TOKENS else s.float().cpu()
+    p = weight.param
+    if weight.experts is None:
+        cols = weight.view(p).shape[1]
+        v = one(name, cols).reshape(1, -1)
+    else:
+        cols = weight.view(p, 0).shape[1]
+        v = torch.stack([one(f"{name}[{e}]", cols) for e in range(weight.experts)]).unsqueeze(1)
+    v = v.transpose(-1, -2) if weight.transposed else v
+    return v.to(p.device)
 
 
 def _float(obj):
@@ -130,13 +148,14 @@ class SAFE(LayerwisePruner):
     def _train_block(self, prefix: str, block: nn.Module, stats, batches, target: Sparsity) -> dict:
         with torch.no_grad():
             targets = [_hidden(block(h, **kw)).float().detach() for h, kw in batches]   # the dense block's output
-        linears = block_linears(block)
-        weights = {name: lin.weight for name, lin in linears.items()}
+        found = block_weights(block)
+        weights = {name: w.param for name, w in found.items()}
         second_moment = None
         if self.activation_weighted:
-            norms = {name: stats[name].float().reshape(1, -1) for name in linears}
+            norms = {name: _input_weights(name, w, stats) for name, w in found.items()}
             second_moment = norms.__getitem__
-        admm = AdmmState(weights, target, "layer", Fp32Codec(), Fp32Codec())
+        admm = AdmmState(weights, target, "layer", Fp32Codec(), Fp32Codec(),
+                         {name: w.transposed for name, w in found.items()})
         admm.init(target, second_moment)
 
         # the no-training baseline: the block with its Linears projected (z0) and nothing else changed
@@ -149,7 +168,8 @@ class SAFE(LayerwisePruner):
                 w.copy_(saved[name])
         del saved
 
-        params = [p for p in block.parameters()]
+        frozen = kept_dense(block)            # routers and ignored / untargeted weights stay as they are
+        params = [p for p in block.parameters() if id(p) not in frozen]
         for p in params:
             p.requires_grad_(True)
         admm_ids = {id(w): name for name, w in weights.items()}

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from elsa.errors import ElsaError, config_error, positive
 from elsa.layerwise import LayerwisePruner
 from elsa.methods.sparsegpt import SparseGPT, sparsegpt_prune
-from elsa.models import block_linears, blocks_and_prefix
+from elsa.models import block_matrices, blocks_and_prefix
 from elsa.sparsity import Sparsity
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class SparseLLM(SparseGPT):
         bad = [i for i, b in enumerate(blocks) if gated_mlp(b) is None]
         self.fallback_blocks = [f"{prefix}.{i}" for i in bad]
         if bad and self.fallback is None:
-            found = ", ".join(f"{n} {list(lin.weight.shape)}" for n, lin in block_linears(blocks[bad[0]]).items())
+            found = ", ".join(f"{n} {list(lin.weight.shape)}" for n, lin in block_matrices(blocks[bad[0]]).items())
             raise ElsaError(f"method=sparsellm cannot model the MLP of block {prefix}.{bad[0]} ({len(bad)}/"
                             f"{len(blocks)} blocks): its Linears are {found or 'none'}; SparseLLM here supports the "
                             "gated MLP down(act(gate(x)) * up(x)) (a submodule with gate_proj, up_proj, down_proj "
@@ -274,8 +274,8 @@ class SparseLLM(SparseGPT):
         x, y = mlp_io(block, mlp, inputs)                     # before any pruning: the dense block's view
         mlp_linears = {id(m) for m in mlp.modules()}
         per_layer = {}
-        for name, lin in block_linears(block).items():
-            if id(lin) not in mlp_linears:
+        for name, lin in block_matrices(block).items():
+            if id(lin.source.module) not in mlp_linears:
                 per_layer[f"{prefix}.{name}"] = self.prune_linear(f"{prefix}.{name}", lin, stats[name], target)
         per_layer[f"{prefix}.{mlp_name}"] = sparsellm_mlp(
             mlp, x, y, target, self.alpha, self.beta, self.gamma, self.iterations, self.blocksize, self.percdamp,
