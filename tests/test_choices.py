@@ -63,6 +63,7 @@ def _weights_the_old_way(tmp_path: Path, preset: str, short: list[str]) -> dict:
     from hydra.utils import get_class
 
     from elsa.data import sample_starts, token_stream, windows
+    from elsa.engine import TrainEngine
     from elsa.evaluation import bos_id
     from elsa.methods.base import PruneContext
     from elsa.methods.sparsegpt import SparseGPT
@@ -92,7 +93,7 @@ def _weights_the_old_way(tmp_path: Path, preset: str, short: list[str]) -> dict:
         teacher = copy.deepcopy(model) if method.kl_weight else None
         with torch.no_grad():
             {"wanda": Wanda, "sparsegpt": SparseGPT}[init]().prune(ctx)
-        method.train_from(ctx, teacher)
+        TrainEngine(method).run(ctx, teacher)
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
