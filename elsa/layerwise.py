@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from torch.overrides import TorchFunctionMode
 from typing import Any
@@ -52,6 +53,14 @@ NO_TOKENS = object()      # the stats of a matrix that saw no calibration token 
 def prune_by_magnitude(matrix: Matrix, target: Sparsity) -> None:
     """The rule for an expert that received no calibration token: magnitude within that expert."""
     matrix.weight.mul_(mask_from_scores(matrix.weight.abs(), target, "layer").to(matrix.weight.dtype))
+
+
+def reconstruction_summary(errors: dict[str, float]) -> dict:
+    """results.json's ``method_stats.reconstruction``: per-matrix relative output errors and their spread."""
+    values = list(errors.values())
+    return {"measure": "||x (W - W_dense)^T|| / ||x W_dense^T|| per matrix, over the tokens it receives in the "
+                       "pruned model's walk", "per_matrix": errors,
+            "mean": sum(values) / len(values) if values else None, "max": max(values, default=None)}
 
 
 class LayerwisePruner(Pruner):
@@ -114,11 +123,13 @@ class _ExpertInputs(TorchFunctionMode):
     ``F.linear(x, w[e])`` (storage ``[out, in]``) or ``x @ w[e]`` (storage ``[in, out]``). Structural: it
     follows the parameter objects, whatever the module or model is called."""
 
-    def __init__(self, weights: dict[str, Weight], on_input):
+    def __init__(self, weights: dict[str, Weight], on_call):
+        """``on_call(name, expert, x, out)`` for every application of expert ``expert`` of weight ``name`` to
+        tokens ``x`` (2-D) with result ``out`` (2-D, without any bias)."""
         super().__init__()
         self.params = {id(w.param): (name, w) for name, w in weights.items()}
         self.views: dict[int, tuple[str, Weight, int, torch.Tensor]] = {}
-        self.on_input = on_input
+        self.on_call = on_call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -136,7 +147,7 @@ class _ExpertInputs(TorchFunctionMode):
                 raise ElsaError(f"expert tensor {name} is applied as {'x @ w' if transposed else 'F.linear(x, w)'}, "
                                 f"but its module says is_transposed={w.transposed}: its layout is ambiguous")
             x = args[0]
-            self.on_input(f"{name}[{expert}]", x.reshape(-1, x.shape[-1]))
+            self.on_call(name, expert, x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1]))
         return out
 
 
@@ -246,6 +257,7 @@ class LayerwiseEngine:
             if self.offload:
                 _move_outside_blocks(self.model, self.blocks, "cpu")
             per_layer: dict[str, dict] = {}
+            errors: dict[str, float] = {}
             prefix = blocks_and_prefix(self.model)[1]
             last = len(self.blocks) - 1
             for index, block in enumerate(tqdm(self.blocks, desc=f"{type(method).__name__.lower()} blocks",
@@ -254,10 +266,14 @@ class LayerwiseEngine:
                     block.to(self.device)
                 batches = list(zip(hiddens, block_kwargs[index]))
                 stats = self._collect(method, block, batches)
+                dense = {name: w.param.detach().clone() for name, w in block_weights(block).items()}
                 per_layer.update(method.prune_block(f"{prefix}.{index}", block, stats, batches, target))
                 del stats
+                outputs, block_errors = self._rerun_measuring(block, batches, dense)
+                errors.update({f"{prefix}.{index}.{name}": e for name, e in block_errors.items()})
+                del dense
                 if index < last or keep_outputs:
-                    hiddens = [_hidden(block(h, **kw)) for h, kw in batches]
+                    hiddens = outputs
                 block_kwargs[index] = None       # this block's arguments are no longer needed
                 if self.offload:
                     block.to("cpu")
@@ -270,6 +286,7 @@ class LayerwiseEngine:
                 self.model.set_experts_implementation(experts_impl)
         summary = method.summarize(per_layer)
         summary["engine_s"] = time.perf_counter() - t0
+        summary["reconstruction"] = reconstruction_summary(errors)
         if method.without_tokens:
             log.warning("%d expert matrices received no calibration token; pruned by magnitude within the expert: %s",
                         len(method.without_tokens), ", ".join(method.without_tokens[:4]))
@@ -277,6 +294,48 @@ class LayerwiseEngine:
                                                  "count": len(method.without_tokens),
                                                  "names": list(method.without_tokens)}
         return summary
+
+    def _rerun_measuring(self, block: nn.Module, batches, dense: dict[str, torch.Tensor]):
+        """Re-run the pruned block (its outputs feed the next block) and measure, for every matrix and expert,
+        the relative output error ||x (W - W_dense)^T|| / ||x W_dense^T|| over the tokens it receives in the
+        pruned model: the common yardstick of every layer-wise method (llm-compressor reports one per layer)."""
+        weights = block_weights(block)
+        hooked = {name: w for name, w in weights.items() if w.experts is None}
+        stacked = {name: w for name, w in weights.items() if w.experts is not None}
+        sums: dict[str, list[float]] = {}
+
+        def add(name, x, y, delta_w):
+            delta = torch.nn.functional.linear(x, delta_w)          # x (W - W_dense)^T
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += float(delta.double().square().sum())
+            acc[1] += float((y - delta).double().square().sum())    # x W_dense^T
+
+        def hook(name, w):
+            def fn(module, inputs, output):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1])
+                y = output.reshape(-1, output.shape[-1])
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    y = y - bias
+                add(name, x, y, w.view(w.param) - w.view(dense[name]))
+            return fn
+
+        def expert_call(name, expert, x, out):
+            w = stacked[name]
+            if x.shape[0]:
+                add(f"{name}[{expert}]", x, out, w.view(w.param, expert) - w.view(dense[name], expert))
+
+        handles = [w.module.register_forward_hook(hook(name, w)) for name, w in hooked.items()]
+        try:
+            if stacked:
+                with _ExpertInputs(stacked, expert_call):
+                    outputs = [_hidden(block(h, **kw)) for h, kw in batches]
+            else:
+                outputs = [_hidden(block(h, **kw)) for h, kw in batches]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs, {name: math.sqrt(e / r) if r > 0 else 0.0 for name, (e, r) in sums.items()}
 
     def _eager_experts(self):
         """Fused expert tensors are read expert by expert (w[e] applied to its routed tokens): run the walk with
@@ -319,7 +378,8 @@ class LayerwiseEngine:
                 stats[name] = method.accumulate(stats[name], x.reshape(-1, x.shape[-1]))
             return fn
 
-        def expert_input(name, x):
+        def expert_input(weight_name, expert, x, _out):
+            name = f"{weight_name}[{expert}]"
             if name not in leader:
                 leader[name] = name
                 stats[name] = method.stats_init(name, matrices[name])

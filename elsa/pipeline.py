@@ -434,6 +434,10 @@ class Run:
         if fb:
             lines.append(f"FALLBACK: {fb['method']} ran instead of {r['method']} on {len(fb['blocks'])}/{fb['of']} "
                          f"MLPs ({', '.join(fb['blocks'][:4])}{' ...' if len(fb['blocks']) > 4 else ''})")
+        none = stats.get("experts_without_tokens")
+        if none:
+            lines.append(f"NO TOKENS: {none['count']} expert matrices received no calibration token and were pruned "
+                         f"by {none['rule']} ({', '.join(none['names'][:3])}{' ...' if none['count'] > 3 else ''})")
         print("\n".join(lines), flush=True)
 
 

@@ -117,6 +117,9 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
     fb = (data.get("method_stats") or {}).get("fallback")
     if method and isinstance(fb, dict) and fb.get("blocks"):  # a fallback ran: the row must not pass for the method
         method = f"{method} (fallback {fb.get('method')} on {len(fb['blocks'])}/{fb.get('of', '?')} MLPs)"
+    none = (data.get("method_stats") or {}).get("experts_without_tokens")
+    if method and isinstance(none, dict) and none.get("count"):   # experts no calibration token reached
+        method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"
     row = {"model": data.get("model"), "method": method, "method_name": base, "start": start, "budget": budget,
            "order": (_rank(METHOD_ORDER, base) * 100 + _rank(START_ORDER, start)) * 100 + _rank(BUDGET_ORDER, budget),
            "sparsity": target,
@@ -125,6 +128,7 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
            "total_params": params.get("total"), "pruned_layer_params": sparsity.get("pruned_params"),
            "zero_shot_mean": _zero_shot_mean(data.get("zero_shot")),
            "dense_zero_shot_mean": _zero_shot_mean(data.get("dense_zero_shot")),
+           "recon_error_mean": ((data.get("method_stats") or {}).get("reconstruction") or {}).get("mean"),
            "time_s": (data.get("time_s") or {}).get("total"),
            "prune_s": (data.get("time_s") or {}).get("prune"),
            "peak_rss_mb": (data.get("peak_memory_mb") or {}).get("cpu_rss"),
@@ -253,6 +257,9 @@ def markdown(df: pd.DataFrame) -> str:
     if "zero_shot_mean" in df and df["zero_shot_mean"].notna().any():
         cols.append("zero_shot_mean")
         heads.append("zero-shot mean acc")
+    if "recon_error_mean" in df and df["recon_error_mean"].notna().any():   # the layer-wise methods' yardstick
+        cols.append("recon_error_mean")
+        heads.append("mean rel. output error")
     cols += ["measured_sparsity", "nonzero_params", "prune_s", "time_s", "peak_rss_mb"]
     heads += ["measured sparsity", "non-zero params", "prune (s)", "time (s)", "peak RSS (MB)"]
     if "rss_at_start_mb" in df and df["rss_at_start_mb"].notna().any():

@@ -38,6 +38,9 @@ FAMILIES = {
                                                      moe_intermediate_size=32),
     "gpt-oss": lambda: transformers.GptOssConfig(**{**COMMON, "intermediate_size": 32}, num_local_experts=4,
                                                  num_experts_per_tok=2, head_dim=16, sliding_window=16),
+    "olmoe": lambda: transformers.OlmoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2),
+    "qwen2-moe": lambda: transformers.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2,
+                                                     moe_intermediate_size=32, shared_expert_intermediate_size=64),
 }
 
 
@@ -80,8 +83,8 @@ from elsa.pipeline import build as build_component  # noqa: E402
 
 from conftest import compose, run_pipeline  # noqa: E402
 from elsa.methods.base import PruneContext  # noqa: E402
-from elsa.models import (TinyLlamaSource, blocks_and_prefix, kept_dense, prunable_matrices,  # noqa: E402
-                         prunable_weights)
+from elsa.models import (TinyLlamaSource, Weight, blocks_and_prefix, kept_dense,  # noqa: E402
+                         prunable_matrices, prunable_weights)
 from elsa.sparsity import nm_violations  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
@@ -196,14 +199,9 @@ TRAIN = ["method.steps=2", "method.batch_size=1", "method.grad_accum=1", "method
 @pytest.mark.parametrize("method", GLOBAL)
 @pytest.mark.parametrize("family", list(PRUNED))
 def test_global_methods_train_every_family(family, method, tmp_path):
-    """Through the real pipeline: trained (through MoE routing too), projected, saved, reloaded; AST has no
-    masked forward for fused expert tensors and refuses them before any work."""
+    """Through the real pipeline: trained (through MoE routing too), projected, saved, reloaded."""
     ckpt = _checkpoint(family, tmp_path)
     over = ["model=hf", f"model.path={ckpt}", f"method={method}", *TRAIN, "save_model=true"]
-    if method == "ast" and family in MOE_FAMILIES:
-        with pytest.raises(ElsaError, match="fused expert tensor"):
-            run_pipeline(tmp_path / "out", *over)
-        return
     out = run_pipeline(tmp_path / "out", *over)
     assert out["status"] == "done" and out["sparsity"]["measured"] == pytest.approx(0.5)
     dense = {n: p for n, p in transformers.AutoModelForCausalLM.from_pretrained(ckpt).named_parameters()}
@@ -265,3 +263,71 @@ def test_expert_statistics_come_from_that_experts_routed_tokens():
 def _magnitude_keep(w):
     from elsa.sparsity import mask_from_scores
     return mask_from_scores(w.abs(), Sparsity(0.5), "layer")
+
+
+GATED = {"llama", "qwen2", "gemma3"}      # down(act(gate x) * up x) with separate gate/up Linears
+
+
+@pytest.mark.parametrize("family", list(PRUNED))
+def test_sparsellm_prunes_gated_mlps_and_refuses_the_rest(family):
+    model, tok = build(family)
+    pruner = build_component(compose(["method=sparsellm", "method.iterations=2"]).method, "method")
+    target = Sparsity(0.5)
+    if family not in GATED:
+        with pytest.raises(ElsaError, match="method=sparsellm cannot model the MLP.*method.fallback=sparsegpt"):
+            pruner.validate(model, target)
+        return
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pruner.validate(model, target)
+    stats = pruner.prune(PruneContext(model=model, tokenizer=tok, target=target, calibration=calibration(tok)))
+    check_pruned(model, dense, target)
+    assert len(stats["mlp_objective"]) == 2 and "fallback" not in stats
+
+
+def test_experts_without_tokens_are_printed_and_labelled_in_the_report(tmp_path, capsys):
+    """A tiny Mixtral with 8 experts, top-1, and 2 calibration windows of 8 tokens: some experts get no token;
+    the run says so, and the report row does not pass for plain Wanda."""
+    from elsa.report import job_row
+
+    tok = TinyLlamaSource().tokenizer()
+    cfg = transformers.MixtralConfig(vocab_size=len(tok), num_local_experts=8, num_experts_per_tok=1, **MOE, **SMALL)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    out = run_pipeline(tmp_path / "out", "model=hf", f"model.path={tmp_path / 'ckpt'}", "method=wanda", "seqlen=8",
+                       "nsamples=2", "save_model=false", "eval.max_tokens=64", "eval.dense=false")
+    none = out["method_stats"]["experts_without_tokens"]
+    assert none["count"] > 0 and none["rule"] == "magnitude within the expert"
+    assert "NO TOKENS:" in capsys.readouterr().out
+    assert f"{none['count']} experts without tokens" in job_row(out, tmp_path / "out", tmp_path)["method"]
+
+
+def test_ast_masks_fused_experts_in_the_forward_and_refuses_the_wanda_metric(tmp_path):
+    """AST's forward sees each expert tensor masked (its loss is the sparse model's), the dense tensor gets
+    the straight-through gradient, and the parameter is back in place after every forward."""
+    from elsa.methods.ast import SparseMasks
+    from elsa.models import decoder_blocks
+
+    model, tok = build("mixtral")
+    experts = decoder_blocks(model)[0].mlp.experts
+    weights = {"e": Weight(experts, "gate_up_proj")}
+    masks = SparseMasks(weights, Sparsity(0.5), "magnitude", "row")
+    masks.install()
+    masks.update()
+    ids = calibration(tok, 2, 16)
+    model.zero_grad()
+    sparse_out = model(ids).logits
+    sparse_out.square().mean().backward()
+    assert isinstance(experts._parameters["gate_up_proj"], torch.nn.Parameter)
+    assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
+    masks.remove()
+    with torch.no_grad():
+        dense_out = model(ids).logits
+        experts.gate_up_proj.mul_(masks.keep["e"])
+        pruned_out = model(ids).logits
+    assert not torch.allclose(dense_out, pruned_out)
+    torch.testing.assert_close(sparse_out.detach(), pruned_out)
+    pruner = build_component(compose(["method=ast", "method.mask_metric=wanda"]).method, "method")
+    with pytest.raises(ElsaError, match="mask_metric=wanda.*fused expert"):
+        pruner.validate(model, Sparsity(0.5))

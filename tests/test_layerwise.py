@@ -1,4 +1,6 @@
 """The layer-wise engine on model=tiny: capture/re-run plumbing, shared statistics, end-to-end runs, bad input."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -132,3 +134,30 @@ def test_cli_bad_input_prints_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("elsa: error:")]
     assert errors == ["elsa: error: method.blocksize=6 is not allowed: a multiple of M=4 for sparsity=2:4"]
+
+
+def test_every_matrix_records_its_relative_output_error(tiny_model):
+    """method_stats.reconstruction: ||x (W - W_dense)^T|| / ||x W_dense^T|| per matrix over the tokens it
+    receives in the pruned walk, checked for block 0's q_proj (whose inputs are the embeddings' normed)."""
+    import copy
+
+    from elsa.methods.wanda import Wanda
+    from elsa.report import job_row
+
+    model, ids = tiny_model[0], torch.randint(0, 500, (4, 64), generator=torch.Generator().manual_seed(3))
+    dense = copy.deepcopy(model)
+    summary = LayerwiseEngine(model, "cpu", 2).run(Wanda(), ids, Sparsity(0.5))
+    rec = summary["reconstruction"]
+    assert set(rec["per_matrix"]) == set(prunable_matrices(model))
+    assert 0 < rec["mean"] <= rec["max"] < 1.5
+    xs = []
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda _m, a, _o: xs.append(a[0]))
+    with torch.no_grad():
+        for i in range(0, 4, 2):
+            model(ids[i:i + 2])
+    handle.remove()
+    x = torch.cat(xs).reshape(-1, 64).double()
+    w, wd = (m.model.layers[0].self_attn.q_proj.weight.double() for m in (model, dense))
+    want = float((x @ (w - wd).T).norm() / (x @ wd.T).norm())
+    assert rec["per_matrix"]["model.layers.0.self_attn.q_proj"] == pytest.approx(want, rel=1e-6)
+    assert job_row({"method_stats": summary}, Path("."), Path("."))["recon_error_mean"] == rec["mean"]

@@ -59,9 +59,11 @@ class SparseMasks:
     """
 
     def __init__(self, weights: dict, target: Sparsity, metric: str, group: str):
-        """``weights``: {name: :class:`elsa.models.Weight`} of Linear or Conv1D modules (one matrix each)."""
+        """``weights``: {name: :class:`elsa.models.Weight`}: Linear and Conv1D modules (their forward is replaced
+        by a masked one) and fused expert tensors (masked for the duration of their module's forward)."""
         self.weights, self.target, self.metric, self.group = weights, target, metric, group
-        self.linears = {n: w.module for n, w in weights.items()}
+        self.linears = {n: w.module for n, w in weights.items() if w.experts is None}
+        self._hooks: list = []
         self.params = {n: w.param for n, w in weights.items()}
         self.keep: dict[str, torch.Tensor] = {}      # current masks (full layer)
         self.initial: dict[str, torch.Tensor] = {}   # the first masks, for the flip metrics
@@ -76,13 +78,39 @@ class SparseMasks:
     def install(self) -> None:
         for name, lin in self.linears.items():
             lin.forward = self._forward_fn(name, lin)
+        for name, w in self.weights.items():
+            if w.experts is not None:
+                self._hooks += [w.module.register_forward_pre_hook(self._mask_tensor(name, w.attr)),
+                                w.module.register_forward_hook(self._restore_tensor(w.attr))]
         self._patched = True
 
     def remove(self) -> None:
         if self._patched:
             for lin in self.linears.values():
                 del lin.forward
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks = []
             self._patched = False
+
+    def _mask_tensor(self, name: str, attr: str):
+        """A fused expert tensor has no Linear forward to replace: for its module's forward the parameter is
+        swapped for the masked tensor (straight-through gradient to the dense parameter), then put back."""
+        def pre(module, _args):
+            if self.keep.get(name) is None:
+                return
+            p = module._parameters.pop(attr)
+            module.__dict__[attr] = _MaskedWeight.apply(p, self._as(name, p))
+            module.__dict__[f"_elsa_dense_{attr}"] = p
+        return pre
+
+    def _restore_tensor(self, attr: str):
+        def post(module, _args, _out):
+            p = module.__dict__.pop(f"_elsa_dense_{attr}", None)
+            if p is not None:
+                del module.__dict__[attr]
+                module._parameters[attr] = p
+        return post
 
     def _forward_fn(self, name: str, lin):
         transposed = self.weights[name].transposed
@@ -146,7 +174,7 @@ class SparseMasks:
         against the previous and the initial masks (global over the pruned layers)."""
         norms = self._input_norms()
         flips_prev = flips_init = inter = union = numel = 0.0
-        for name in self.linears:
+        for name in self.weights:
             mask = mask_from_scores(self.scores(name, norms), self.target, self.group, self.weights[name].transposed)
             prev, first = self.keep.get(name), self.initial.get(name)
             if first is None:
@@ -208,17 +236,16 @@ class Ast(TrainingMethod):
     supports_fsdp = True
 
     def validate(self, model, target) -> None:
-        """AST's masked forward replaces a Linear's (or Conv1D's) forward; fused expert tensors have no such
-        module forward to mask: refused before any work (ELSA and the layer-wise methods prune them)."""
+        """mask_metric=wanda reads each Linear's inputs in its forward; a fused expert tensor's per-expert inputs
+        are not observed there: refused before any work (the magnitude metric, the default, masks experts)."""
         from elsa.models import prunable_weights
 
         super().validate(model, target)
         stacked = [n for n, w in prunable_weights(model).items() if w.experts is not None]
-        if stacked:
-            raise ElsaError(f"method=ast masks the forward of Linear and Conv1D layers; {len(stacked)} fused expert "
-                            f"tensor(s) ({stacked[0]}{', ...' if len(stacked) > 1 else ''}) have no masked forward "
-                            "in AST yet. Use method=elsa or a layer-wise method on this model, or "
-                            "ignore=[experts] to leave the experts dense (recorded in results.json)")
+        if stacked and self.mask_metric == "wanda":
+            raise ElsaError(f"method.mask_metric=wanda: AST does not observe the per-expert inputs of {len(stacked)} "
+                            f"fused expert tensor(s) ({stacked[0]}{', ...' if len(stacked) > 1 else ''}); use "
+                            "method.mask_metric=magnitude on this model, or ignore=[experts] (recorded in results.json)")
 
     def __init__(self, lr_schedule: str = "cosine", srste_decay: float = 1e-4, increase_step: int = 10000,
                  mask_interval: int = 10, mask_metric: str = "magnitude", change_mask: bool = True,
