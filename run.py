@@ -1,7 +1,9 @@
 """elsa command line: `python run.py method=elsa sparsity=0.9` (see README)."""
+import sys
+
 import hydra
 
-from elsa.pipeline import main
+from elsa.pipeline import main, refuse_old_spellings
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -10,4 +12,5 @@ def cli(cfg) -> None:
 
 
 if __name__ == "__main__":
+    refuse_old_spellings(sys.argv[1:])
     cli()

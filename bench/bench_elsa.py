@@ -36,10 +36,10 @@ def load_default():
 
 def overhead(args):
     from elsa.admm import AdmmState, Fp32Codec
-    from elsa.data import token_stream
+    from elsa.data import TrainWindows, token_stream
+    from elsa.losses import lm_loss
     from elsa.models import prunable_weights
     from elsa.sparsity import Sparsity
-    from elsa.training import TrainWindows, lm_loss
 
     torch.manual_seed(0)
     model, tok, corpus = load_default()

@@ -204,3 +204,37 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, bos: int | None, max_tokens:
     if count == 0:
         raise ElsaError(f"eval.max_tokens={max_tokens} is not allowed: fewer tokens than one window of seqlen={seqlen}")
     return windows(tokens, seqlen, bos, [i * body for i in range(count)])
+
+
+class TrainWindows:
+    """Non-overlapping ``seqlen`` windows of a token stream, visited in a seeded random order per epoch.
+
+    Stateless in the step: micro-batch ``i`` is a pure function of (seed, i), so resuming needs only the
+    step counter and the data position is exact.
+    """
+
+    def __init__(self, tokens: torch.Tensor, seqlen: int, batch_size: int, seed: int, bos: int | None):
+        self.body = seqlen - (bos is not None)
+        self.n = (len(tokens) - 1) // self.body
+        if self.n < batch_size:
+            raise ElsaError(f"seqlen={seqlen} is not allowed: the training split holds only {self.n} windows, "
+                            f"fewer than method.batch_size={batch_size}")
+        self.tokens, self.seqlen, self.batch_size, self.seed, self.bos = tokens, seqlen, batch_size, seed, bos
+        self._perm_epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm
+
+    def batch(self, index: int) -> torch.Tensor:
+        """Micro-batch ``index`` (0, 1, 2, ...): (batch_size, seqlen) input ids."""
+        rows = []
+        for j in range(index * self.batch_size, (index + 1) * self.batch_size):
+            w = int(self._order(j // self.n)[j % self.n])
+            rows.append(self.tokens[w * self.body:(w + 1) * self.body].long())
+        ids = torch.stack(rows)
+        if self.bos is not None:
+            ids = torch.cat([torch.full((len(rows), 1), self.bos, dtype=torch.long), ids], dim=1)
+        return ids

@@ -13,6 +13,13 @@ def config_error(key: str, value, allowed: str) -> ElsaError:
     return ElsaError(f"{key}={value!s} is not allowed: {allowed}")
 
 
+def one_of(key: str, value, options, note: str = ""):
+    """``value`` when it is one of ``options``, else the one-line config error listing them."""
+    if value not in options:
+        raise config_error(key, value, f"one of {', '.join(map(str, options))}{note}")
+    return value
+
+
 def positive(key: str, value, whole: bool = False, zero_ok: bool = False, paper: str = ""):
     """``value`` as an int (``whole``) or float when it is a finite number > 0 (>= 0 with ``zero_ok``), else the
     one-line config error, which quotes the paper's value when given."""

@@ -1,6 +1,7 @@
 """One run: validate -> seed -> load -> calibration data -> prune -> measure -> evaluate -> save -> log."""
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import logging
@@ -42,19 +43,27 @@ CONF = REPO / "conf"
 REQUIRED = {"model.path": "model=hf needs model.path=<a local checkpoint directory holding config.json, or a hub id>"}
 
 
+# keys of a method (or start) config that describe it rather than set it: its name, the budget that set it
+METADATA = ("name", "budget")
+
+
 def build(node: DictConfig, key: str):
-    """Instantiate a component config; its ``name`` key is metadata, not an argument."""
+    """Instantiate a component config; a method's or start's ``name`` and ``budget`` keys are metadata, not
+    arguments."""
     if node is None or "_target_" not in node:
         raise config_error(key, node, f"a config with a _target_ (see conf/{key}/)")
     missing = [k for k in node if OmegaConf.is_missing(node, k)]
     if missing:
         name = f"{key}.{missing[0]}"
         raise ElsaError(f"{name} is not set: {REQUIRED.get(name, f'set it on the command line ({name}=...)')}")
-    kwargs = {k: v for k, v in node.items() if k != "name"} if "name" in node and key == "method" else dict(node)
+    kwargs = {k: v for k, v in node.items() if k not in METADATA} if key in ("method", "start") else dict(node)
     try:
         return instantiate(OmegaConf.create(kwargs), _convert_="all")
     except InstantiationException as exc:  # surface our own one-line errors, not Hydra's wrapper
         if isinstance(exc.__cause__, ElsaError):
+            msg = str(exc.__cause__)
+            if key == "start" and msg.startswith("method."):  # a method class names its keys method.*
+                raise ElsaError("start." + msg[len("method."):]) from None
             raise exc.__cause__ from None
         raise
 
@@ -167,6 +176,9 @@ class Run:
         # what a failed job's results.json needs for the report, known before any validation
         self.results: dict = {"status": "running", "model": OmegaConf.select(cfg, "model.name"),
                               "method": OmegaConf.select(cfg, "method.name"),
+                              # as asked; validate() replaces them with what applies to the method
+                              "start": {"name": OmegaConf.select(cfg, "start.name") or "dense"},
+                              "budget": OmegaConf.select(cfg, "method.budget"),
                               "sparsity": {"target": str(OmegaConf.select(cfg, "sparsity"))},
                               "overrides": self.overrides, "job_name": self.job_name, "group": self.group,
                               "output_dir": str(self.out)}
@@ -183,9 +195,12 @@ class Run:
         if not isinstance(cfg.get("measure_speed", False), bool):
             raise config_error("measure_speed", cfg.measure_speed, "true or false")
         self.method = build(cfg.method, "method")
+        self.budget = self._budget(cfg)
+        self.start, self.start_info = self._start(cfg)
+        self.needs_calibration = self.method.needs_calibration or bool(self.start and self.start.needs_calibration)
         self.ignore = self._patterns(cfg, "ignore", "experts")
         self.targets = self._patterns(cfg, "targets", "mlp")
-        if self.method.needs_calibration:
+        if self.needs_calibration:
             self.nsamples = _positive_int(cfg, "nsamples")
         self.source = build(cfg.model, "model")
         self.dataset = build(cfg.dataset, "dataset")
@@ -205,11 +220,54 @@ class Run:
             raise config_error("hardware", "fsdp", f"a global method (elsa, elsa_l, ast); method={cfg.method.name} is "
                                "layer-wise and runs one block at a time on one device")
         self.source.check()
-        if self.method.needs_calibration:
+        if self.needs_calibration:
             self.dataset.check()
         for corpus in self.eval.corpora.values():
             corpus.check()
         self.zero_shot.prepare()  # unknown tasks, missing task data or no hub fail here, before any model loads
+
+    def _budget(self, cfg) -> str | None:
+        """The budget that set the method's steps / epochs (None: the method has none). A budget without a part
+        for this method (conf/method_budget/<budget>/<method>.yaml) is refused rather than run at the paper's."""
+        if not self.method.has_budget:
+            return None
+        asked = OmegaConf.select(cfg, "budget.name") or "paper"
+        applied = cfg.method.get("budget", "paper")
+        if asked != applied:
+            have = sorted(p.parent.name for p in (CONF / "method_budget").glob(f"*/{cfg.method.name}.yaml"))
+            raise config_error("budget", asked, f"one of paper, {', '.join(have)} for method={cfg.method.name} "
+                               f"(conf/method_budget/{asked}/{cfg.method.name}.yaml does not exist)")
+        return applied
+
+    def _start(self, cfg):
+        """(the start stage or None, its record for results.json). A start applies to the methods that continue
+        from the model they are given (takes_start); the others prune the dense model and the start is skipped,
+        which the record says."""
+        node = cfg.get("start")
+        name = str(node.get("name", "dense")) if node is not None else "dense"
+        if node is None or "_target_" not in node:
+            return None, {"name": "dense"}
+        if not self.method.takes_start:
+            log.info("start=%s does not apply to method=%s (it prunes the dense model); not run", name,
+                     cfg.method.name)
+            return None, {"name": "dense", "skipped": name}
+        stage = build(node, "start")
+        if stage.takes_start:
+            raise config_error("start", name, "dense or a layer-wise method (magnitude, wanda, sparsegpt, ...); "
+                               f"{name} is a training method")
+        return stage, {"name": name}
+
+    def run_start(self, ctx: PruneContext) -> dict:
+        """Prune ``ctx.model`` with the start stage; its time, statistics and (when the method reports its
+        starting point) perplexity with the run's protocol."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            stats = self.start.prune(ctx) or {}
+        info = {**self.start_info, "time_s": time.perf_counter() - t0, "method_stats": stats}
+        if self.method.eval_initial and D.world_size() == 1:
+            info["perplexity"] = ctx.extras["evaluate"](ctx.model)
+            log.info("perplexity of the %s start: %s", info["name"], info["perplexity"])
+        return info
 
     @staticmethod
     def _patterns(cfg, key: str, example: str) -> list[str]:
@@ -242,7 +300,8 @@ class Run:
         main_rank = D.is_main()
         seed_everything(self.seed)
         self.rss_at_start = reset_peak_memory(self.device)
-        self.results.update(model=cfg.model.name, method=cfg.method.name, seed=self.seed,
+        self.results.update(model=cfg.model.name, method=cfg.method.name, start=self.start_info,
+                            budget=self.budget, seed=self.seed,
                             sparsity={"target": str(self.target), "target_ratio": self.target.ratio},
                             overrides=self.overrides, git_sha=git_sha(), output_dir=str(self.out))
         self.tracker = build(cfg.logger, "logger") if main_rank else NullTracker()
@@ -259,9 +318,11 @@ class Run:
         self.results["targets"] = apply_targets(model, self.targets)
         check_prunable(model, self.ignore)
         self.method.validate(model, self.target)
+        if self.start is not None:
+            self.start.validate(model, self.target)
 
         calib, starts = None, None
-        if self.method.needs_calibration:
+        if self.needs_calibration:
             train = self.timed("data", token_stream, tok, self.dataset, "train")
             starts = sample_starts(len(train), self.nsamples, self.seqlen, self.seed)
             calib = windows(train, self.seqlen, bos_id(tok, bool(cfg.eval.add_bos)), starts)
@@ -283,8 +344,14 @@ class Run:
                            seqlen=self.seqlen, seed=self.seed, device=self.device, output_dir=self.out,
                            tracker=self.tracker,
                            extras={"fsdp": self.fsdp, "evaluate": lambda m: self.eval.run(m, tok, "start")})
+        if self.start is not None:  # the start stage prunes first; the dense model stays the teacher
+            ctx.teacher = copy.deepcopy(model) if self.method.distils else None
+            log.info("starting %s from %s's solution", cfg.method.name, self.start_info["name"])
+            self.results["start"] = self.timed("start", self.run_start, ctx)
+            ctx.start = self.start_info["name"]
         log.info("pruning %s with %s to %s", cfg.model.name, cfg.method.name, self.target)
         self.results["method_stats"] = self.timed("prune", self.method.prune, ctx) or {}
+        ctx.teacher = None
         if not main_rank:  # the other FSDP ranks are done: rank 0 evaluates, saves and writes
             return {}
         model.to(self.device)
@@ -352,8 +419,8 @@ class Run:
         r = self.results
         stats = r.get("method_stats", {})
         start, label = stats.get("initial_projection_perplexity"), "magnitude"  # ELSA's z0 = magnitude pruning
-        if start is None and isinstance(stats.get("init"), dict):                 # or a one-shot start
-            start, label = stats["init"].get("perplexity"), stats["init"]["method"]
+        if start is None and (r.get("start") or {}).get("perplexity"):             # or a start stage's solution
+            start, label = r["start"]["perplexity"], r["start"]["name"]
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         head = f"\n{'corpus':<12} {'dense':>12}" + (f" {label + ' ' + r['sparsity']['target']:>20}" if start else "")
         lines = [head + f" {r['method'] + ' ' + r['sparsity']['target']:>20}"]
@@ -423,6 +490,17 @@ def quiet_third_party_logs() -> None:
     """transformers imports torchao when it is installed; its CUDA-kernel probes are noise on a CPU run."""
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def refuse_old_spellings(args: list[str]) -> None:
+    """Before Hydra composes: a removed preset name or key exits with one line giving the new spelling."""
+    from elsa.renamed import refuse_old_spellings as check
+
+    try:
+        check(args)
+    except ElsaError as exc:
+        print(f"elsa: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def main(cfg: DictConfig) -> None:

@@ -8,6 +8,12 @@ sparse kernels over dense (measure_speed=true) where jobs recorded them, measure
 wall time. Failed jobs (and job dirs Hydra made
 but that hold no results.json: killed jobs) appear in the table and are left out of the plots.
 
+A row's method is labelled from the run's three choices: the method, where it started and its budget, e.g.
+"elsa (from sparsegpt, quick)"; the dense start and the paper budget are left out ("elsa", "wanda"), and so is
+the budget of a method without steps or epochs. Sweep dirs written before these choices existed (results.json
+naming a preset such as elsa_quick, or method.init) get the same labels (elsa.renamed.OLD_METHODS). Rows are
+ordered by method, then start, then budget.
+
 Plots, one PNG per perplexity corpus:
 - ``ppl_vs_sparsity_<corpus>.png``: log perplexity vs target sparsity, one panel per model, one line per method
   over the unstructured ratios, N:M targets as diamonds at their ratio (2:4 at 0.5), the dense model as a
@@ -27,12 +33,15 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from elsa.renamed import OLD_METHODS
 from elsa.sparsity import Sparsity
 from elsa.sweep import RESULTS, read_results
 
 log = logging.getLogger(__name__)
 METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm", "ast", "elsa",
-                "elsa_from_sparsegpt", "elsa_l"]
+                "elsa_l"]
+START_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm"]
+BUDGET_ORDER = ["paper", "cpu", "quick"]
 PPL = "ppl/"          # column prefix: perplexity of the pruned model per corpus
 DENSE = "dense_ppl/"  # column prefix: perplexity of the dense model per corpus
 
@@ -69,20 +78,53 @@ def _missing_row(job_dir: Path, root: Path) -> dict:
             "error": "no results.json (killed or still running)"}
 
 
+def choices(data: dict) -> tuple[str | None, str, str | None]:
+    """(method, start, budget) of one results.json: budget None for a method without steps or epochs. Old
+    results (before start= and budget=) are read from the preset name in their overrides or method key."""
+    method = data.get("method")
+    if "start" in data:
+        return method, (data.get("start") or {}).get("name") or "dense", data.get("budget")
+    overrides = dict(o.split("=", 1) for o in data.get("overrides") or [] if "=" in o)
+    old = OLD_METHODS.get(overrides.get("method")) or OLD_METHODS.get(method)
+    if old is not None:
+        method, budget, start = old
+    else:
+        budget, start = ("paper" if method in ("elsa", "elsa_l", "ast", "safe") else None), "dense"
+    init = (data.get("method_stats") or {}).get("init")            # the old trainer's one-shot start
+    if isinstance(init, dict) and init.get("method"):
+        start = init["method"]
+    return method, overrides.get("method.init", start), budget
+
+
+def label(method: str | None, start: str, budget: str | None) -> str | None:
+    """"elsa (from sparsegpt, quick)": the method, then what is not the default (dense start, paper budget)."""
+    if method is None:
+        return None
+    parts = ([f"from {start}"] if start != "dense" else []) + ([budget] if budget not in (None, "paper") else [])
+    return f"{method} ({', '.join(parts)})" if parts else method
+
+
+def _rank(order: list[str], value) -> int:
+    return order.index(value) if value in order else len(order)
+
+
 def job_row(data: dict, job_dir: Path, root: Path) -> dict:
     """One table row from one results.json."""
     sparsity = data.get("sparsity") or {}
     target = sparsity.get("target")
     ratio, is_nm = _target(target)
     params = data.get("params") or {}
-    method = data.get("method")
+    base, start, budget = choices(data)
+    method = label(base, start, budget)
     fb = (data.get("method_stats") or {}).get("fallback")
     if method and isinstance(fb, dict) and fb.get("blocks"):  # a fallback ran: the row must not pass for the method
         method = f"{method} (fallback {fb.get('method')} on {len(fb['blocks'])}/{fb.get('of', '?')} MLPs)"
     none = (data.get("method_stats") or {}).get("experts_without_tokens")
     if method and isinstance(none, dict) and none.get("count"):   # experts no calibration token reached
         method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"
-    row = {"model": data.get("model"), "method": method, "sparsity": target,
+    row = {"model": data.get("model"), "method": method, "method_name": base, "start": start, "budget": budget,
+           "order": (_rank(METHOD_ORDER, base) * 100 + _rank(START_ORDER, start)) * 100 + _rank(BUDGET_ORDER, budget),
+           "sparsity": target,
            "sparsity_ratio": ratio, "nm": is_nm, "seed": data.get("seed"), "status": data.get("status"),
            "measured_sparsity": sparsity.get("measured"), "nonzero_params": params.get("nonzero"),
            "total_params": params.get("total"), "pruned_layer_params": sparsity.get("pruned_params"),
@@ -115,16 +157,14 @@ def collect(root: Path) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    for col in ("model", "method", "sparsity", "seed", "sparsity_ratio", "nm"):
+    for col in ("model", "method", "sparsity", "seed", "sparsity_ratio", "nm", "order"):
         if col not in df:
             df[col] = None
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
-    df["_order"] = df["method"].map(lambda m: rank.get(m, len(rank)))
-    for col in ("seed", "nonzero_params", "total_params", "pruned_layer_params"):
+    for col in ("seed", "nonzero_params", "total_params", "pruned_layer_params", "order"):
         if col in df:
             df[col] = df[col].astype("Int64")
-    df = df.sort_values(["model", "_order", "method", "nm", "sparsity_ratio", "seed", "dir"], na_position="last",
-                        kind="stable").drop(columns="_order").reset_index(drop=True)
+    df = df.sort_values(["model", "order", "method", "nm", "sparsity_ratio", "seed", "dir"], na_position="last",
+                        kind="stable").reset_index(drop=True)
     return df
 
 
@@ -373,8 +413,11 @@ def _log_axis(ax, axis: str) -> None:
 
 
 def _method_order(df: pd.DataFrame) -> list[str]:
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return sorted(df["method"].dropna().unique(), key=lambda m: (rank.get(m, len(rank)), m))
+    """The row labels in order: by method, then start, then budget (the ``order`` column), then name."""
+    rows = df.dropna(subset=["method"])
+    order = rows.groupby("method")["order"].min() if "order" in rows else pd.Series(dtype="Int64")
+    big = 10 ** 9
+    return sorted(rows["method"].unique(), key=lambda m: (int(order.get(m)) if pd.notna(order.get(m)) else big, m))
 
 
 # -- the command -----------------------------------------------------------------------------------------------

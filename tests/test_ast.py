@@ -44,9 +44,10 @@ class CheckedAst(Ast):
         self.checked = []
 
     def _check(self, run, where):
-        x = torch.randn(3, next(iter(run.masks.linears.values())).in_features)
-        for name, lin in run.masks.linears.items():
-            keep = run.masks.keep[name]
+        masks = run.state.masks
+        x = torch.randn(3, next(iter(masks.linears.values())).in_features)
+        for name, lin in masks.linears.items():
+            keep = masks.keep[name]
             _check_mask(keep, run.target)
             w = lin.weight.detach()
             effective = w * keep

@@ -143,7 +143,7 @@ def test_elsa_nm_mask_valid_in_saved_model(tmp_path):
 @pytest.mark.parametrize("override,needle", [
     ("method.interval=0", "method.interval=0"), ("method.steps=0", "method.steps=0"),
     ("method.lam=-1", "method.lam=-1"), ("method.lr=0", "method.lr=0"), ("method.lr=-0.1", "method.lr=-0.1"),
-    ("method.lambda_schedule=nope", "method.lambda_schedule=nope"), ("method.init=gmp", "method.init=gmp"),
+    ("method.lambda_schedule=nope", "method.lambda_schedule=nope"),
 ])
 def test_bad_hyperparameters_fail_before_loading(tmp_path, override, needle):
     with pytest.raises(ElsaError, match=needle.replace(".", r"\.")):
@@ -238,13 +238,13 @@ def test_auto_dual_step_matches_the_decoupled_pull():
 
 @pytest.mark.parametrize("init", ["sparsegpt", "wanda"])
 def test_one_shot_start_keeps_dense_teacher(tmp_path, init):
-    """method.init=<one-shot>: ADMM starts from that method's solution (z0 = its support), the teacher stays
+    """start=<one-shot>: ADMM starts from that method's solution (z0 = its support), the teacher stays
     dense, and the final sparsity is exact."""
-    r = run_pipeline(tmp_path, *ELSA_FAST, f"method.init={init}", "method.loss=kl", "method.eval_initial=true",
+    r = run_pipeline(tmp_path, *ELSA_FAST, f"start={init}", "method.loss=kl", "method.eval_initial=true",
                      "sparsity=0.7", "save_model=false", "nsamples=4")
     assert r["calibration"]["nsamples"] == 4
-    start = r["method_stats"]["init"]
-    assert start["method"] == init and start["perplexity"]["wiki"] > r["dense_perplexity"]["wiki"]
+    start = r["start"]
+    assert start["name"] == init and start["perplexity"]["wiki"] > r["dense_perplexity"]["wiki"]
     assert all(abs(v - 0.7) <= 2e-3 for v in r["sparsity"]["per_layer"].values())
     # z0 is the one-shot support: the first dual update's IoU with it is high; a dense start has IoU 1 by
     # definition only with its own magnitude support, which the one-shot support is not

@@ -141,3 +141,35 @@ def test_cli(sweep_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "elsa.report", str(empty)], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "no results.json" in proc.stderr
+
+
+def test_rows_are_labelled_from_the_three_choices(tmp_path):
+    """New results carry start and budget; old sweep dirs (preset names, method.init) get the same labels."""
+    root = tmp_path / "sweep"
+    rows = [  # (method key, overrides' method, start record, budget, extra stats)
+        ("elsa", "elsa", {"name": "sparsegpt"}, "quick", {}),
+        ("elsa", "elsa", {"name": "dense"}, "quick", {}),
+        ("elsa", "elsa", {"name": "dense"}, "paper", {}),
+        ("magnitude", "magnitude", {"name": "dense", "skipped": "sparsegpt"}, None, {}),
+        ("ast", "ast", {"name": "wanda"}, "cpu", {}),
+        ("elsa_from_sparsegpt", "elsa_quick_sgpt", None, None, {}),                 # old: preset names
+        ("elsa", "elsa_cpu", None, None, {"init": {"method": "sparsegpt", "time_s": 1.0}}),
+        ("elsa", "elsa", None, None, {"init": {"method": "wanda", "time_s": 1.0}}),  # old: method.init=wanda
+        ("ast", "ast_quick", None, None, {}),
+        ("wanda", "wanda", None, None, {}),
+    ]
+    for i, (method, preset, start, budget, stats) in enumerate(rows):
+        data = _job("tiny", method, "0.7", 0.7, 100.0 + i, 20.0, 0.7, 1300, 2000)
+        data["overrides"] = [f"method={preset}", "sparsity=0.7"]
+        data["method_stats"] = stats
+        if start is not None:
+            data.update(start=start, budget=budget)
+        _write(root, str(i), data)
+    df = report.collect(root)
+    assert df["method"].tolist() == ["magnitude", "wanda", "ast (quick)", "ast (from wanda, cpu)", "elsa",
+                                     "elsa (quick)", "elsa (from wanda)", "elsa (from sparsegpt, cpu)",
+                                     "elsa (from sparsegpt, quick)", "elsa (from sparsegpt, quick)"]
+    assert df.loc[df["method"] == "ast (quick)", "ppl/wiki"].tolist() == [108.0]
+    assert df.loc[df["method"] == "elsa (from sparsegpt, quick)", "ppl/wiki"].tolist() == [100.0, 105.0]
+    grid_rows = report.grid(df, "ppl/wiki", "tiny", dense=20.0)["method"].tolist()
+    assert grid_rows[0] == "dense" and grid_rows[1:] == list(dict.fromkeys(df["method"]))

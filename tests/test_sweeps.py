@@ -94,8 +94,9 @@ def _hydra_cfg(overrides):
 def test_experiment_configs_compose():
     frontier = _hydra_cfg(["experiment=frontier"])
     assert frontier.model.name == "smollm2-135m"
-    assert frontier.hydra.sweeper.params == {"method": "magnitude,wanda,sparsegpt,elsa_cpu",
+    assert frontier.hydra.sweeper.params == {"method": "magnitude,wanda,sparsegpt,elsa",
                                              "sparsity": "0.5,0.6,0.7,0.8,0.9"}
+    assert (frontier.budget.name, frontier.start.name) == ("cpu", "sparsegpt")   # ELSA as elsa_cpu ran it
     llama = _hydra_cfg(["experiment=llama2_7b_frontier"])
     assert (llama.model.name, llama.hardware.device, llama.dataset.name) == ("llama2-7b", "cuda", "c4")
     assert (llama.seqlen, llama.nsamples, llama.eval.max_tokens) == (2048, 128, 256 * 2048)

@@ -14,6 +14,7 @@ Not here: SLoRB (the paper's extra low-rank branch); ``slorb=true`` is refused.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,9 +22,10 @@ import torch.nn.functional as F
 
 from elsa import distributed as D
 from elsa.errors import ElsaError, config_error, positive
+from elsa.methods.base import check_group
+from elsa.methods.training_method import TrainingMethod
+from elsa.schedules import cosine_schedule, linear_schedule
 from elsa.sparsity import Sparsity, mask_from_scores
-from elsa.trainer import SparseTrainer
-from elsa.training import cosine_schedule, linear_schedule
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +221,16 @@ class SparseMasks:
         self._local, self._dense = {}, {}
 
 
-class Ast(SparseTrainer):
-    """Adaptive Sparse Trainer on the shared training loop (elsa.trainer)."""
+@dataclass
+class AstRun:
+    """AST's state during one training run (``run.state``)."""
+
+    masks: SparseMasks
+    decay: float = 0.0               # the SR-STE strength of the current step
+
+
+class Ast(TrainingMethod):
+    """Adaptive Sparse Trainer as hooks of the training engine (elsa/engine.py)."""
 
     name = "ast"
     supports_fsdp = True
@@ -240,13 +250,14 @@ class Ast(SparseTrainer):
     def __init__(self, lr_schedule: str = "cosine", srste_decay: float = 1e-4, increase_step: int = 10000,
                  mask_interval: int = 10, mask_metric: str = "magnitude", change_mask: bool = True,
                  group: str = "row", task_weight: float = 0.33, kl_weight: float = 0.67, slorb: bool = False,
-                 slorb_k: int = 16, slorb_init: str = "mean", **shared):
-        """AST's own keys; ``shared`` are the trainer's, with the reference recipe's defaults below."""
+                 **shared):
+        """AST's own keys; ``shared`` are the engine's (elsa.engine.TrainSettings), with the reference recipe's
+        defaults below."""
         own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
         shared = {"steps": 40000, "batch_size": 8, "grad_accum": 16, "warmup_steps": 2000, "lr_final_ratio": 0.1,
                   "temperature": 2.0, **shared}
         super().__init__(**shared)
-        temperature = self.temperature
+        temperature = self.train.temperature
         if lr_schedule not in ("cosine", "linear"):
             raise config_error("method.lr_schedule", lr_schedule, "cosine (the paper) or linear")
         self.lr_schedule = lr_schedule
@@ -257,8 +268,7 @@ class Ast(SparseTrainer):
             raise config_error("method.mask_metric", mask_metric, " or ".join(METRICS))
         if not isinstance(change_mask, bool):
             raise config_error("method.change_mask", change_mask, "true (masks follow the weights) or false")
-        if group not in ("row", "layer"):
-            raise config_error("method.group", group, "one of row, layer (where a ratio's top-k is compared)")
+        check_group(group)
         self.mask_metric, self.change_mask, self.group = mask_metric, change_mask, group
         self.task_weight = positive("method.task_weight", task_weight, zero_ok=True)
         self.kl_weight = positive("method.kl_weight", kl_weight, zero_ok=True)
@@ -271,47 +281,54 @@ class Ast(SparseTrainer):
 
     def lr_lambda(self):
         make = cosine_schedule if self.lr_schedule == "cosine" else linear_schedule
-        return make(self.warmup_steps, self.steps, self.lr_final_ratio)
+        t = self.train
+        return make(t.warmup_steps, t.steps, t.lr_final_ratio)
 
-    # -- hooks of the shared trainer -----------------------------------------------------------------
+    # -- hooks of the training engine -----------------------------------------------------------------
     def setup(self, run):
         from elsa.models import prunable_weights
 
-        run.masks = SparseMasks(prunable_weights(run.model), run.target, self.mask_metric, self.group)
-        run.masks.install()
+        masks = SparseMasks(prunable_weights(run.model), run.target, self.mask_metric, self.group)
+        masks.install()
+        return AstRun(masks)
 
     def teardown(self, run):
-        run.masks.remove()
+        run.state.masks.remove()
 
     def start(self, run):
-        masks = run.masks
+        masks = run.state.masks
         if self.mask_metric == "wanda":  # input norms for the first mask: the first step's data, dense weights
             with torch.no_grad():
-                for micro in range(self.grad_accum):
-                    run.model(input_ids=self.micro_batch(run, 0, micro), use_cache=False)
+                for micro in range(self.train.grad_accum):
+                    run.model(input_ids=run.micro_batch(0, micro), use_cache=False)
         masks.update()
         ctx = run.ctx
-        if self.eval_initial and self.mask_metric == "magnitude" and "evaluate" in ctx.extras and run.world == 1:
-            # the first mask is magnitude pruning of the dense model: its perplexity goes in the table
+        if self.eval_initial and self.mask_metric == "magnitude" and ctx.start is None and "evaluate" in ctx.extras \
+                and run.world == 1:
+            # the first mask is magnitude pruning of the dense model: its perplexity goes in the table (after a
+            # start stage the pipeline reports the start's own)
             run.stats["initial_projection_perplexity"] = self.evaluate_sparse(run, ctx.extras["evaluate"])
             log.info("perplexity of the initial mask (magnitude): %s", run.stats["initial_projection_perplexity"])
 
     def before_optimizer(self, run, step):
-        run.decay = annealed_decay(step, self.srste_decay, self.increase_step)
-        if run.decay:
-            run.masks.decay_gradients(run.decay)
-        return {"decay": f"{run.decay:.2g}"}
+        st = run.state
+        st.decay = annealed_decay(step, self.srste_decay, self.increase_step)
+        if st.decay:
+            st.masks.decay_gradients(st.decay)
+        return {"decay": f"{st.decay:.2g}"}
 
     def periodic(self, run, done):
-        if done % self.mask_interval or done >= self.steps:
+        if done % self.mask_interval or done >= self.train.steps:
             return None
-        record = {"step": done, "loss": run.loss, "lr": run.sched.get_last_lr()[0], "srste_decay": run.decay}
+        st = run.state
+        record = {"step": done, "loss": run.loss, "lr": run.sched.get_last_lr()[0], "srste_decay": st.decay}
         if self.change_mask:
-            record.update(run.masks.update())
+            record.update(st.masks.update())
         return record
 
     def evaluate_sparse(self, run, evaluate):
-        masks, collect = run.masks, run.masks.collect
+        masks = run.state.masks
+        collect = masks.collect
         masks.collect = False  # evaluation batches do not count towards the wanda norms
         try:
             return evaluate(run.model)
@@ -320,15 +337,15 @@ class Ast(SparseTrainer):
             run.model.train()
 
     def method_state(self, run):
-        return {"masks": run.masks.state_dict()}
+        return {"masks": run.state.masks.state_dict()}
 
     def load_method_state(self, run, state):
-        run.masks.load_state_dict(state["masks"])
+        run.state.masks.load_state_dict(state["masks"])
 
     def finish(self, run):
-        run.masks.project()
-        run.masks.collect = False
+        run.state.masks.project()
+        run.state.masks.collect = False
 
     def method_nbytes(self, run):
-        return "masks", run.masks.nbytes()
+        return "masks", run.state.masks.nbytes()
 

@@ -8,8 +8,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from elsa.errors import one_of
 from elsa.models import prunable_matrices
 from elsa.sparsity import Sparsity
+
+
+# where a ratio target's top-k is compared: within each output row, or over the whole matrix (N:M ignores it)
+GROUPS = ("row", "layer")
+
+
+def check_group(value, key: str = "method.group") -> str:
+    """The one check of a ``group`` key (magnitude, Wanda, ELSA, AST)."""
+    return one_of(key, value, GROUPS)
 
 
 @dataclass
@@ -27,6 +37,8 @@ class PruneContext:
     output_dir: Path | None = None
     tracker: Any = None
     extras: dict = field(default_factory=dict)
+    start: str | None = None                     # the start stage that pruned ``model`` first (None: dense)
+    teacher: nn.Module | None = None             # the dense model, kept when a start stage ran (distillation)
 
 
 class Pruner:
@@ -35,10 +47,16 @@ class Pruner:
     Subclasses set ``needs_calibration`` when they read ``ctx.calibration``, and ``offload`` when they move
     the parts of the model they work on to ``ctx.device`` themselves (the pipeline then keeps the model on
     the CPU while pruning, so a model larger than the accelerator's memory can be pruned block by block).
+    ``takes_start``: the method continues from whatever ``ctx.model`` holds, so a start stage (start=) may
+    prune it first; the others prune the dense model by definition and the pipeline does not run a start.
     """
 
     needs_calibration: bool = False
     offload: bool = False
+    takes_start: bool = False     # continues from the model it is given (start=): the training methods
+    has_budget: bool = False      # has steps / epochs that budget= sets (conf/method_budget/<budget>/<name>.yaml)
+    distils: bool = False         # reads ctx.teacher (the dense model) when a start stage ran
+    eval_initial: bool = False    # the pipeline reports the perplexity of the start stage's solution
 
     def validate(self, model: nn.Module, target: Sparsity) -> None:
         """Cheap checks after the model is loaded and before any expensive work."""

@@ -7,6 +7,8 @@ short budgets); every ``interval`` steps z = Proj(w + u), u += w - z; at the end
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -14,13 +16,28 @@ from elsa import distributed as D
 from elsa.admm import AdmmState, LambdaSchedule, codec, sparsity_at
 from elsa.models import weight_layouts
 from elsa.errors import config_error, positive
-from elsa.trainer import SparseTrainer
+from elsa.methods.base import check_group
+from elsa.methods.training_method import TrainingMethod
 
 log = logging.getLogger(__name__)
 
 
-class Elsa(SparseTrainer):
-    """Global ADMM on the training loss, as hooks of the shared trainer (elsa.trainer)."""
+@dataclass
+class ElsaRun:
+    """ELSA's state during one training run (``run.state``)."""
+
+    lam: LambdaSchedule
+    admm: AdmmState
+    second_moment: Any               # name -> Adam's second moment (projection=objective), or None
+    warm: int                        # steps over which z's ratio ramps to the target
+    freeze_at: int                   # from this step on: support of z frozen, masked training
+    lam_prev: float = 0.0
+    frozen: bool = False
+    lam_t: float = 0.0               # the penalty of the current step
+
+
+class Elsa(TrainingMethod):
+    """Global ADMM on the training loss, as hooks of the training engine (elsa/engine.py)."""
 
     name = "elsa"
     supports_fsdp = True
@@ -32,7 +49,7 @@ class Elsa(SparseTrainer):
                  group: str = "layer", sparsity_warmup: float = 0.0, finetune_fraction: float = 0.0,
                  loss: str = "ntp", distill_alpha: float = 0.5, z_dtype: str = "fp32", u_dtype: str = "fp32",
                  **shared):
-        """ELSA's own keys; ``shared`` are the trainer's (steps, lr, ..., see SparseTrainer)."""
+        """ELSA's own keys; ``shared`` are the engine's (steps, lr, ..., see elsa.engine.TrainSettings)."""
         own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
         super().__init__(**shared)
         self.interval = positive("method.interval", interval, whole=True)
@@ -40,7 +57,7 @@ class Elsa(SparseTrainer):
             raise config_error("method.lam", lam, "a number >= 0")
         self.lam, self.lam_final, self.lambda_schedule = float(lam), lam_final, lambda_schedule
         self.adaptive_mu, self.adaptive_tau = adaptive_mu, adaptive_tau
-        LambdaSchedule(lambda_schedule, self.lam, lam_final, self.steps)  # validate early
+        LambdaSchedule(lambda_schedule, self.lam, lam_final, self.train.steps)  # validate early
         if not (dual_step == "auto" or isinstance(dual_step, (int, float)) and 0 < dual_step <= 1):
             raise config_error("method.dual_step", dual_step, "a number in (0, 1] or auto")
         self.dual_step = dual_step
@@ -50,8 +67,7 @@ class Elsa(SparseTrainer):
             raise config_error("method.lam", lam, "at most 1 with proximal=decoupled (a pull fraction per step)")
         if projection not in ("magnitude", "objective"):
             raise config_error("method.projection", projection, "magnitude (|x|) or objective (v * x^2)")
-        if group not in ("layer", "row"):
-            raise config_error("method.group", group, "one of layer, row")
+        check_group(group)
         if not 0 <= sparsity_warmup < 1:
             raise config_error("method.sparsity_warmup", sparsity_warmup, "a fraction of the steps in [0, 1)")
         if not 0 <= finetune_fraction < 1:
@@ -101,56 +117,62 @@ class Elsa(SparseTrainer):
                 D.local(p).copy_(saved[n])
             model.train()
 
-    # -- hooks of the shared trainer -----------------------------------------------------------------
+    # -- hooks of the training engine -----------------------------------------------------------------
     def setup(self, run):
-        run.lam = LambdaSchedule(self.lambda_schedule, self.lam, self.lam_final, self.steps, self.adaptive_mu,
-                                 self.adaptive_tau)
-        run.admm = AdmmState(run.constrained, run.target, self.group, self.z_codec, self.u_codec,
-                             weight_layouts(run.model))
-        run.second_moment = self.second_moment_fn(run.opt, run.constrained)
-        run.warm = int(self.sparsity_warmup * self.steps)
-        # the last finetune_fraction of the steps train on the frozen support of z (no dual updates)
-        run.freeze_at = self.steps - int(round(self.finetune_fraction * self.steps))
+        steps = self.train.steps
+        return ElsaRun(
+            lam=LambdaSchedule(self.lambda_schedule, self.lam, self.lam_final, steps, self.adaptive_mu,
+                               self.adaptive_tau),
+            admm=AdmmState(run.constrained, run.target, self.group, self.z_codec, self.u_codec,
+                           weight_layouts(run.model)),
+            second_moment=self.second_moment_fn(run.opt, run.constrained),
+            warm=int(self.sparsity_warmup * steps),
+            # the last finetune_fraction of the steps train on the frozen support of z (no dual updates)
+            freeze_at=steps - int(round(self.finetune_fraction * steps)))
 
     def start(self, run):
-        run.admm.init(sparsity_at(run.target, 0, run.warm))
-        run.lam_prev = run.lam.at(0)
+        st = run.state
+        st.admm.init(sparsity_at(run.target, 0, st.warm))
+        st.lam_prev = st.lam.at(0)
         ctx = run.ctx
-        if self.eval_initial and self.init == "dense" and "evaluate" in ctx.extras and D.world_size() == 1:
+        if self.eval_initial and ctx.start is None and "evaluate" in ctx.extras and D.world_size() == 1:
             # z0 = Proj(w0) is the magnitude-pruned dense model, the baseline ELSA starts from: report its
             # perplexity with the run's own protocol, so the table shows dense, magnitude and ELSA
-            run.stats["initial_projection_perplexity"] = self.on_projection(run.model, run.admm, run.target, None,
+            run.stats["initial_projection_perplexity"] = self.on_projection(run.model, st.admm, run.target, None,
                                                                             ctx.extras["evaluate"])
             log.info("perplexity of the initial projection (magnitude): %s", run.stats["initial_projection_perplexity"])
 
     def before_optimizer(self, run, step):
-        admm, target = run.admm, run.target
-        run.frozen = frozen = step >= run.freeze_at
-        if frozen and step == run.freeze_at:
-            admm.dual_update(target, 1.0, run.second_moment)  # a last projection at the full target
+        st, target = run.state, run.target
+        admm = st.admm
+        st.frozen = frozen = step >= st.freeze_at
+        if frozen and step == st.freeze_at:
+            admm.dual_update(target, 1.0, st.second_moment)  # a last projection at the full target
             admm.apply_support()
-            log.info("step %d: support frozen; %d steps of masked training follow", step, self.steps - step)
-        run.lam_t = lam_t = 0.0 if frozen else run.lam.at(step)
+            log.info("step %d: support frozen; %d steps of masked training follow", step, self.train.steps - step)
+        st.lam_t = lam_t = 0.0 if frozen else st.lam.at(step)
         if self.proximal == "coupled" and lam_t:
             for name, p in run.constrained.items():
                 D.local(p.grad).add_(admm.prox_residual(name).to(p.grad.dtype), alpha=lam_t)
         return {"lam": f"{lam_t:.3g}"}
 
     def after_optimizer(self, run, step):
-        if run.frozen:
-            run.admm.apply_support()
-        if self.proximal == "decoupled" and run.lam_t:
+        st = run.state
+        if st.frozen:
+            st.admm.apply_support()
+        if self.proximal == "decoupled" and st.lam_t:
             with torch.no_grad():
                 for name, p in run.constrained.items():
-                    D.local(p).sub_(run.admm.prox_residual(name).to(p.dtype), alpha=run.lam_t)
+                    D.local(p).sub_(st.admm.prox_residual(name).to(p.dtype), alpha=st.lam_t)
 
     def periodic(self, run, done):
-        if run.frozen or not (done % self.interval == 0 or done == self.steps):
+        st = run.state
+        if st.frozen or not (done % self.interval == 0 or done == self.train.steps):
             return None
-        admm, lam, target, warm = run.admm, run.lam, run.target, run.warm
-        lam_now, lam_prev = lam.at(done), run.lam_prev
+        admm, lam, target, warm = st.admm, st.lam, run.target, st.warm
+        lam_now, lam_prev = lam.at(done), st.lam_prev
         metrics = admm.dual_update(sparsity_at(target, done, warm),
-                                   lam_prev / lam_now if lam_now and lam_prev else 1.0, run.second_moment,
+                                   lam_prev / lam_now if lam_now and lam_prev else 1.0, st.second_moment,
                                    self.dual_step_at(lam_now))
         metrics["dual_residual"] = lam_now * metrics.pop("dual_residual_unscaled")
         new_lam = lam.balance(metrics["primal_residual"], metrics["dual_residual"])
@@ -158,26 +180,29 @@ class Elsa(SparseTrainer):
             # adaptive lambda changed: rescale the scaled dual u = y / lam at once
             for name in run.constrained:
                 admm.u[name] = admm.uc.encode(admm.zu(name)[1] * (lam_now / new_lam))
-        run.lam_prev = new_lam
+        st.lam_prev = new_lam
         return {"step": done, "loss": run.loss, "lr": run.sched.get_last_lr()[0], "lambda": lam_now,
                 "target_ratio": sparsity_at(target, done, warm).ratio, **metrics}
 
     def evaluate_sparse(self, run, evaluate):
-        return self.on_projection(run.model, run.admm, run.target, run.second_moment, evaluate)
+        st = run.state
+        return self.on_projection(run.model, st.admm, run.target, st.second_moment, evaluate)
 
     def method_state(self, run):
-        return {"lambda": run.lam.state_dict(), "admm": run.admm.state_dict(), "lam_prev": run.lam_prev}
+        st = run.state
+        return {"lambda": st.lam.state_dict(), "admm": st.admm.state_dict(), "lam_prev": st.lam_prev}
 
     def load_method_state(self, run, state):
-        run.lam.load_state_dict(state["lambda"])
-        run.admm.load_state_dict(state["admm"])
-        run.lam_prev = state["lam_prev"]
+        st = run.state
+        st.lam.load_state_dict(state["lambda"])
+        st.admm.load_state_dict(state["admm"])
+        st.lam_prev = state["lam_prev"]
 
     def finish(self, run):
-        run.admm.final_projection(run.target, run.second_moment)
+        run.state.admm.final_projection(run.target, run.state.second_moment)
 
     def method_nbytes(self, run):
-        return "admm", run.admm.nbytes()
+        return "admm", run.state.admm.nbytes()
 
 
 class ElsaL(Elsa):

@@ -2,17 +2,14 @@
 import torch
 from tqdm.auto import tqdm
 
-from elsa.errors import config_error
-from elsa.methods.base import PruneContext, Pruner
+from elsa.methods.base import PruneContext, Pruner, check_group
 from elsa.models import prunable_weights
 from elsa.sparsity import mask_from_scores
 
 
 class Magnitude(Pruner):
     def __init__(self, group: str = "layer"):
-        if group not in ("layer", "row"):
-            raise config_error("method.group", group, "one of layer, row")
-        self.group = group
+        self.group = check_group(group)
 
     @torch.no_grad()
     def prune(self, ctx: PruneContext) -> dict:

@@ -46,7 +46,7 @@ from elsa.methods.base import PruneContext
 from elsa.layerwise import NO_TOKENS
 from elsa.models import block_weights, kept_dense
 from elsa.sparsity import Sparsity
-from elsa.training import linear_schedule
+from elsa.schedules import linear_schedule
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def _float(obj):
 
 
 class SAFE(LayerwisePruner):
+    has_budget = True     # epochs / warmup_epochs / interval: budget=cpu and quick set them
+
     def __init__(self, epochs: int = 30, warmup_epochs: float = 2, batch_size: int = 8, lr: float = 2e-4,
                  betas=(0.9, 0.95), lam: float = 1e-3, rho: float = 2e-4, interval: int = 32,
                  activation_weighted: bool = False):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from elsa.errors import config_error
 from elsa.layerwise import LayerwisePruner
+from elsa.methods.base import check_group
 from elsa.sparsity import Sparsity, mask_from_scores
 
 
@@ -36,9 +36,7 @@ def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 class Wanda(LayerwisePruner):
     def __init__(self, group: str = "row", batch_size: int = 8):
         super().__init__(batch_size)
-        if group not in ("row", "layer"):
-            raise config_error("method.group", group, "one of row, layer")
-        self.group = group
+        self.group = check_group(group)
 
     def stats_init(self, name: str, linear: nn.Linear) -> InputNorms:
         return InputNorms(linear.in_features, linear.weight.device)

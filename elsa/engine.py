@@ -1,0 +1,281 @@
+"""The training engine of the global methods (ELSA, ELSA-L, AST): everything that is not the method.
+
+:class:`TrainSettings` holds and validates the keys every training method shares (steps, batch, optimiser,
+checkpoints...). :class:`TrainEngine` runs one training: the data windows, the optimizer and LR schedule, the
+dense teacher and the distillation loss, gradient accumulation, the NaN stop, gradient clipping, the progress
+bar, periodic records (tracker + log), held-out evaluation, the atomic checkpoint with resume (refused under a
+different configuration), the FSDP2 wrapper and the state-bytes accounting. It knows no concrete method: it
+calls the hooks of a :class:`elsa.methods.training_method.TrainingMethod`, in this order::
+
+    state = setup(run)              the method's state for this run (fresh or resumed), kept as run.state
+    start(run)                      fresh runs only: initial projection / masks; may add to run.stats
+    load_method_state(run, saved)   resumed runs only, instead of start
+    per step:  (forward/backward over the micro-batches, NaN stop, grad clip)
+        before_optimizer(run, step) -> postfix dict      gradient edits
+        (optimizer step, LR step)
+        after_optimizer(run, step)                       weight edits
+        periodic(run, done) -> record dict or None       every `interval` steps, method-defined
+        (held-out eval through evaluate_sparse, record to tracker/log, checkpoint with method_state)
+    finish(run)                     final projection
+    teardown(run)                   undo what setup installed (always, even on errors)
+    method_nbytes(run) -> (label, bytes)   method state for state_bytes_per_param
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from elsa import distributed as D
+from elsa.checkpoint import Checkpointer, rng_state, set_rng_state
+from elsa.data import TrainWindows, eval_windows, token_stream
+from elsa.errors import ElsaError, config_error, positive
+from elsa.evaluation import perplexity
+from elsa.losses import kl_loss, lm_loss
+from elsa.methods.base import PruneContext
+from elsa.models import decoder_blocks, kept_dense, prunable_weights
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def tensor_nbytes(t) -> int:
+    """Bytes held by a tensor, looking inside tensor subclasses (8-bit optimiser states)."""
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and not isinstance(t, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_nbytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+@dataclass
+class TrainSettings:
+    """The keys every training method shares (defaults: ELSA's paper recipe), validated on construction."""
+
+    steps: int = 4096
+    batch_size: int = 2
+    grad_accum: int = 4
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    lr_final_ratio: float = 0.0
+    betas: Any = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    autocast_bf16: bool = False
+    gradient_checkpointing: bool = False
+    train_dense_params: bool = True
+    eval_every: int = 0
+    eval_tokens: int = 16384
+    eval_initial: bool = True
+    checkpoint_every: int = 0
+    resume: bool = True
+    keep_checkpoint: bool = False
+    optimizer: str = "adamw"
+
+    def __post_init__(self):
+        self.steps = positive("method.steps", self.steps, whole=True)
+        self.batch_size = positive("method.batch_size", self.batch_size, whole=True)
+        self.grad_accum = positive("method.grad_accum", self.grad_accum, whole=True)
+        self.lr = positive("method.lr", self.lr)
+        self.warmup_steps = positive("method.warmup_steps", self.warmup_steps, whole=True, zero_ok=True)
+        self.lr_final_ratio = positive("method.lr_final_ratio", self.lr_final_ratio, zero_ok=True)
+        self.betas = tuple(float(b) for b in self.betas)
+        self.weight_decay = positive("method.weight_decay", self.weight_decay, zero_ok=True)
+        self.grad_clip = positive("method.grad_clip", self.grad_clip, zero_ok=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise config_error("method.optimizer", self.optimizer, " or ".join(OPTIMIZERS))
+        self.eval_every = positive("method.eval_every", self.eval_every, whole=True, zero_ok=True)
+        self.checkpoint_every = positive("method.checkpoint_every", self.checkpoint_every, whole=True, zero_ok=True)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in fields(cls)}
+
+
+class TrainRun:
+    """What one training run holds: the engine's objects, and the method's own state in ``state`` (what its
+    ``setup`` hook returned); nothing else is added to it."""
+
+    def __init__(self, model, ctx: PruneContext, settings: TrainSettings, constrained: dict, trainable: list,
+                 teacher, opt, sched, data, heldout):
+        self.model, self.ctx, self.target, self.device = model, ctx, ctx.target, torch.device(ctx.device)
+        self.settings = settings
+        self.constrained, self.trainable, self.teacher = constrained, trainable, teacher
+        self.opt, self.sched, self.data, self.heldout = opt, sched, data, heldout
+        self.world, self.rank = D.world_size(), D.rank()
+        self.stats: dict = {"history": []}
+        self.loss = float("nan")
+        self.t0 = time.perf_counter()
+        self.state: Any = None
+
+    def micro_batch(self, step: int, micro: int) -> torch.Tensor:
+        """This rank's rows of micro-batch ``micro`` of ``step`` (one global batch of batch_size x world)."""
+        s = self.settings
+        ids = self.data.batch(step * s.grad_accum + micro)[self.rank * s.batch_size:(self.rank + 1) * s.batch_size]
+        return ids.to(self.device)
+
+
+class TrainEngine:
+    """Train the whole model on the next-token / distillation loss while ``method``'s hooks keep the prunable
+    weights on their way to the sparsity target (see the module docstring)."""
+
+    def __init__(self, method):
+        self.method, self.s = method, method.train
+
+    def make_optimizer(self, params):
+        s = self.s
+        groups = [{"params": params}]
+        if s.optimizer == "adamw8bit":
+            try:
+                from torchao.optim import AdamW8bit
+            except ImportError as exc:  # pragma: no cover - torchao is a dependency
+                raise ElsaError("method.optimizer=adamw8bit needs torchao (pip install torchao)") from exc
+            return AdamW8bit(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+        return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, foreach=True)
+
+    def compute_loss(self, model, teacher, ids):
+        m = self.method
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.s.autocast_bf16):
+            logits = model(input_ids=ids, use_cache=False).logits
+            if not m.kl_weight:
+                return lm_loss(logits, ids)
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids, use_cache=False).logits
+            kl = kl_loss(logits, t_logits, self.s.temperature)
+            if not m.task_weight:
+                return kl
+            return m.task_weight * lm_loss(logits, ids) + m.kl_weight * kl
+
+    def run(self, ctx: PruneContext, dense=None) -> dict:
+        """Train ``ctx.model`` in place; ``dense`` is the teacher to keep (a start stage ran), else a frozen copy
+        of the model is the teacher where the method distils."""
+        if not ctx.extras.get("fsdp"):
+            return self.train(ctx.model, ctx, dense)
+        # FSDP2: train a sharded copy, then bring the full weights back into the caller's model (rank 0)
+        work = copy.deepcopy(ctx.model)
+        D.shard(work, decoder_blocks(work))
+        teacher = None
+        if self.method.kl_weight:  # a sharded module cannot be deep-copied: the teacher is its own sharded dense copy
+            teacher = dense if dense is not None else copy.deepcopy(ctx.model)
+            D.shard(teacher, decoder_blocks(teacher))
+        stats = self.train(work, ctx, teacher)
+        full = D.full_state_dict(work)
+        if D.is_main():
+            ctx.model.load_state_dict(full)
+        ctx.model.requires_grad_(False).eval()
+        return stats
+
+    def train(self, model, ctx: PruneContext, teacher=None) -> dict:
+        """Train ``model`` in place; ``teacher`` (distillation) defaults to a frozen copy of ``model``."""
+        m, s = self.method, self.s
+        constrained = {n: w.param for n, w in prunable_weights(model).items()}
+        ids_c = {id(p) for p in constrained.values()}
+        frozen = kept_dense(model)           # routers and ignored / untargeted weights stay bit-identical
+        for p in model.parameters():
+            p.requires_grad_((s.train_dense_params and id(p) not in frozen) or id(p) in ids_c)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if s.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if m.kl_weight:
+            teacher = (teacher if teacher is not None else copy.deepcopy(model)).eval().requires_grad_(False)
+
+        bos = ctx.tokenizer.bos_token_id
+        world = D.world_size()
+        data = TrainWindows(token_stream(ctx.tokenizer, ctx.dataset, "train"), ctx.seqlen, s.batch_size * world,
+                            ctx.seed, bos)
+        heldout = None
+        if s.eval_every:
+            heldout = eval_windows(token_stream(ctx.tokenizer, ctx.dataset, "validation"), ctx.seqlen, bos,
+                                   s.eval_tokens)
+        opt = self.make_optimizer(trainable)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, m.lr_lambda())
+        run = TrainRun(model, ctx, s, constrained, trainable, teacher, opt, sched, data, heldout)
+        run.state = m.setup(run)
+
+        signature = {"method": m.config, "target": str(ctx.target), "seed": ctx.seed, "seqlen": ctx.seqlen,
+                     "dataset": getattr(ctx.dataset, "name", None), "params": sum(p.numel() for p in trainable)}
+        ckpt = Checkpointer(ctx.output_dir, m.name, signature, model=model, optimizer=opt)
+        state = ckpt.load() if s.resume else None
+        if state is not None:
+            sched.load_state_dict(state["scheduler"])
+            m.load_method_state(run, state)
+            set_rng_state(state["rng"])
+            run.stats, start = state["stats"], state["step"]
+            log.info("resumed %s from %s at step %d", m.name, ckpt.path, start)
+            run.stats["resumed_from_step"] = start
+        else:
+            start = 0
+            m.start(run)
+        try:
+            self.loop(run, start, ckpt)
+            m.finish(run)
+        finally:
+            m.teardown(run)
+        if s.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.requires_grad_(False).eval()
+        n_c = sum(D.local(p).numel() for p in constrained.values())
+        opt_bytes = sum(tensor_nbytes(D.local(v)) for p in constrained.values() for v in opt.state.get(p, {}).values()
+                        if isinstance(v, torch.Tensor) and v.numel() > 1)
+        label, m_bytes = m.method_nbytes(run)
+        run.stats.update(steps=s.steps, train_time_s=time.perf_counter() - run.t0,
+                         tokens_seen=s.steps * s.grad_accum * s.batch_size * ctx.seqlen,
+                         state_bytes_per_param={"optimizer": opt_bytes / n_c, label: m_bytes / n_c,
+                                                "total": (opt_bytes + m_bytes) / n_c})
+        if not s.keep_checkpoint:
+            ckpt.remove()
+        return run.stats
+
+    def loop(self, run: TrainRun, start: int, ckpt: Checkpointer) -> None:
+        m, s = self.method, self.s
+        model, opt, sched, tracker = run.model, run.opt, run.sched, run.ctx.tracker
+        run.t0 = time.perf_counter()
+        model.train()
+        bar = tqdm(range(start, s.steps), desc=m.name, unit="step", initial=start, total=s.steps,
+                   disable=not D.is_main())
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(s.grad_accum):
+                loss = self.compute_loss(model, run.teacher, run.micro_batch(step, micro)) / s.grad_accum
+                loss.backward()
+                total += float(loss.detach())
+            if run.world > 1:  # the logged loss is the global batch's
+                t = torch.tensor([total], dtype=torch.float64)
+                torch.distributed.all_reduce(t)
+                total = float(t) / run.world
+            if not math.isfinite(total):
+                where = f"; the last good checkpoint is {ckpt.path}" if ckpt.path and ckpt.path.exists() else ""
+                raise ElsaError(f"method={m.name}: the loss is {total} at step {step}{where}; {m.nan_hint}")
+            run.loss = total
+            if s.grad_clip:
+                torch.nn.utils.clip_grad_norm_(run.trainable, s.grad_clip)
+            postfix = m.before_optimizer(run, step)
+            opt.step()
+            sched.step()
+            m.after_optimizer(run, step)
+            bar.set_postfix(loss=f"{total:.3f}", **postfix)
+
+            done = step + 1
+            record = m.periodic(run, done)
+            if s.eval_every and run.heldout is not None and done % s.eval_every == 0:
+                record = record or {"step": done, "loss": total}
+                record["heldout_ppl"] = m.evaluate_sparse(
+                    run, lambda mod: perplexity(mod, run.heldout, batch_size=4, device=run.device, desc="held-out ppl"))
+            if record:
+                run.stats["history"].append(record)
+                if tracker is not None and D.is_main():
+                    tracker.log({f"{m.name}/{k}": v for k, v in record.items() if k != "step"}, step=done)
+                log.info("step %d: %s", done, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+            if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+                ckpt.save({"step": done, "scheduler": sched.state_dict(), **m.method_state(run), "rng": rng_state(),
+                           "stats": run.stats})
+        bar.close()

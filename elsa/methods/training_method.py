@@ -1,0 +1,86 @@
+"""What a training method (ELSA, ELSA-L, AST) is to the pipeline and to the training engine.
+
+A :class:`TrainingMethod` is a Pruner whose ``prune`` hands itself to :class:`elsa.engine.TrainEngine`; it owns
+its own keys (validated in its constructor) and the hooks the engine calls (elsa/engine.py lists them in
+order). The keys every training method shares are an :class:`elsa.engine.TrainSettings` in ``self.train``.
+Per-run state is whatever ``setup`` returns: the engine keeps it as ``run.state``.
+"""
+from __future__ import annotations
+
+from elsa.engine import TrainEngine, TrainRun, TrainSettings
+from elsa.methods.base import PruneContext, Pruner
+from elsa.schedules import linear_schedule
+
+
+class TrainingMethod(Pruner):
+    """A method that trains the whole model (the global family)."""
+
+    name = "trainer"
+    supports_fsdp = True
+    takes_start = True    # trains from whatever the model holds: the dense weights or a start stage's solution
+    has_budget = True
+    nan_hint = "lower method.lr"
+
+    def __init__(self, **shared):
+        """``shared``: the keys of :class:`TrainSettings`; a method passes its own defaults for them and adds its
+        keys to ``self.config`` (the checkpoint signature)."""
+        self.config = {**TrainSettings.defaults(), **shared}
+        self.train = TrainSettings(**shared)
+        self.eval_initial = self.train.eval_initial
+        # loss = task_weight * next-token + kl_weight * KL(teacher || student); a teacher exists iff kl_weight
+        self.task_weight, self.kl_weight = 1.0, 0.0
+
+    @property
+    def distils(self) -> bool:
+        """The loss reads a teacher: after a start stage the pipeline keeps the dense model for it."""
+        return bool(self.kl_weight)
+
+    def prune(self, ctx: PruneContext) -> dict:
+        """Train from ``ctx.model`` as it is (dense, or a start stage's solution; the teacher is ``ctx.teacher``
+        when the pipeline kept the dense model, else a frozen copy of the model)."""
+        return TrainEngine(self).run(ctx, ctx.teacher)
+
+    # -- hooks: a method overrides these -------------------------------------------------------------
+    def lr_lambda(self):
+        """The LR multiplier per step (LambdaLR)."""
+        t = self.train
+        return linear_schedule(t.warmup_steps, t.steps, t.lr_final_ratio)
+
+    def setup(self, run: TrainRun):
+        """The method's state for this run (before a checkpoint is loaded); the engine keeps it as run.state."""
+        return None
+
+    def start(self, run: TrainRun) -> None:
+        """A fresh run: initial masks / projections; may add entries to ``run.stats``."""
+
+    def before_optimizer(self, run: TrainRun, step: int) -> dict:
+        """Edit the (clipped) gradients; return extra progress-bar fields."""
+        return {}
+
+    def after_optimizer(self, run: TrainRun, step: int) -> None:
+        """Edit the weights after the optimizer step."""
+
+    def periodic(self, run: TrainRun, done: int) -> dict | None:
+        """After ``done`` steps: the method's periodic update, returning a record for the history, or None."""
+        return None
+
+    def evaluate_sparse(self, run: TrainRun, evaluate):
+        """``evaluate(model)`` on the sparse model the method would return now."""
+        return evaluate(run.model)
+
+    def method_state(self, run: TrainRun) -> dict:
+        """Top-level entries the checkpoint adds for the method."""
+        return {}
+
+    def load_method_state(self, run: TrainRun, state: dict) -> None:
+        """Restore what :meth:`method_state` saved."""
+
+    def finish(self, run: TrainRun) -> None:
+        """Leave exactly sparse weights in ``run.model``."""
+
+    def teardown(self, run: TrainRun) -> None:
+        """Undo what :meth:`setup` installed on the model (hooks, patched forwards); runs even on errors."""
+
+    def method_nbytes(self, run: TrainRun) -> tuple[str, int]:
+        """(label, bytes) of the method's own state, for ``state_bytes_per_param``."""
+        return "method", 0

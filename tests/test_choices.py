@@ -1,0 +1,274 @@
+"""The three choices of a run: method= (what a method is), budget= (how long it runs), start= (where it starts).
+
+Every old method preset (tests/data/old_presets/, conf/method/ before issue 13) is reproduced by its new
+spelling: the same hyperparameters key by key, and the same weights on the tiny model as the old procedure
+(the preset's keys given to the method class directly; for ``init: <one-shot>`` the one-shot method's defaults
+pruning the model first and the dense model kept as the teacher, as the old SparseTrainer.prune did).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF, TINY, compose, run_cli, run_pipeline
+from omegaconf import OmegaConf
+
+from elsa.renamed import OLD_METHODS, refuse_old_spellings, spelling
+
+OLD = Path(__file__).parent / "data" / "old_presets"
+PRESETS = ["elsa_cpu", "elsa_quick", "elsa_quick_sgpt", "elsa_l_quick", "ast_cpu", "ast_quick", "safe_cpu"]
+SHORT = {"elsa": ["method.steps=5"], "elsa_l": ["method.steps=5"], "ast": ["method.steps=5"], "safe": []}
+DROPPED = ("init", "slorb_k", "slorb_init")     # gone: init is start=, slorb_k/_init were never read
+
+
+def old_preset(name: str) -> dict:
+    """An old preset with its defaults chain merged, as Hydra composed it."""
+    node = OmegaConf.load(OLD / f"{name}.yaml")
+    merged = OmegaConf.create()
+    for parent in node.pop("defaults", []):
+        if parent != "_self_":
+            merged = OmegaConf.merge(merged, old_preset(parent))
+    return OmegaConf.to_container(OmegaConf.merge(merged, node))
+
+
+def new_spelling(name: str) -> list[str]:
+    return spelling(*OLD_METHODS[name]).split()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_new_spelling_has_the_old_presets_keys(preset):
+    old = old_preset(preset)
+    method, budget, start = OLD_METHODS[preset]
+    cfg = compose(new_spelling(preset))
+    new = OmegaConf.to_container(cfg.method)
+    assert new.pop("budget", "paper") == budget and cfg.budget.name == budget
+    assert cfg.start.name == old.get("init", "dense") == start
+    assert new.pop("name") == method
+    old.pop("name")
+    assert new == {k: v for k, v in old.items() if k not in DROPPED}
+
+
+def _weights_via_pipeline(tmp_path: Path, overrides: list[str]) -> dict:
+    from safetensors.torch import load_file
+
+    run_pipeline(tmp_path, *overrides, "sparsity=0.7", "save_model=true", "eval.dense=false")
+    return load_file(str(tmp_path / "model" / "model.safetensors"))
+
+
+def _weights_the_old_way(tmp_path: Path, preset: str, short: list[str]) -> dict:
+    """The old procedure from the public pieces: the preset's keys straight into its class; ``init`` run inside
+    the method's prune, the dense model kept as the teacher when the loss distils."""
+    from hydra.utils import get_class
+
+    from elsa.data import sample_starts, token_stream, windows
+    from elsa.engine import TrainEngine
+    from elsa.evaluation import bos_id
+    from elsa.methods.base import PruneContext
+    from elsa.methods.sparsegpt import SparseGPT
+    from elsa.methods.wanda import Wanda
+    from elsa.pipeline import build, seed_everything
+    from elsa.sparsity import Sparsity
+
+    keys = old_preset(preset)
+    init = keys.get("init", "dense")
+    keys.update({o.split("=")[0].split(".", 1)[1]: int(o.split("=")[1]) for o in short})
+    cls = get_class(keys.pop("_target_"))
+    method = cls(**{k: v for k, v in keys.items() if k not in ("name", *DROPPED)})
+    cfg = compose(TINY)
+    seed_everything(cfg.seed)
+    model, tok = build(cfg.model, "model").load()
+    dataset = build(cfg.dataset, "dataset")
+    calib = None
+    if method.needs_calibration or init != "dense":
+        train = token_stream(tok, dataset, "train")
+        calib = windows(train, cfg.seqlen, bos_id(tok, True), sample_starts(len(train), cfg.nsamples, cfg.seqlen,
+                                                                             cfg.seed))
+    ctx = PruneContext(model=model, tokenizer=tok, target=Sparsity(0.7), calibration=calib, dataset=dataset,
+                       seqlen=cfg.seqlen, seed=cfg.seed, output_dir=tmp_path)
+    if init == "dense":
+        method.prune(ctx)
+    else:
+        teacher = copy.deepcopy(model) if method.kl_weight else None
+        with torch.no_grad():
+            {"wanda": Wanda, "sparsegpt": SparseGPT}[init]().prune(ctx)
+        TrainEngine(method).run(ctx, teacher)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_new_spelling_gives_the_old_presets_weights(tmp_path, preset):
+    short = SHORT[OLD_METHODS[preset][0]]
+    new = _weights_via_pipeline(tmp_path / "new", [*new_spelling(preset), *short])
+    old = _weights_the_old_way(tmp_path / "old", preset, short)
+    assert new.keys() <= old.keys() and len(new) > 10
+    changed = 0
+    for k, v in new.items():
+        assert torch.equal(v, old[k]), k
+        changed += int((v == 0).float().mean() > 0.6)
+    assert changed == 14          # the 14 Linears of the tiny model are pruned (so the comparison is not vacuous)
+
+
+def test_old_names_error_with_the_new_spelling(tmp_path):
+    proc = run_cli("method=elsa_quick", f"hydra.run.dir={tmp_path}", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "elsa: error: method=elsa_quick is now method=elsa budget=quick (method= is what a method is, budget= how "
+        "long it runs, start= where it starts)")
+    for args, needle in ((["-m", "method=wanda,elsa_quick_sgpt"], "is now method=elsa budget=quick start=sparsegpt"),
+                         (["method.init=wanda"], "method.init=wanda is now start=wanda"),
+                         (["method=safe_cpu"], "is now method=safe budget=cpu")):
+        with pytest.raises(Exception, match=needle):
+            refuse_old_spellings(args)
+    refuse_old_spellings(["method=elsa", "budget=quick", "start=sparsegpt"])  # the new spelling passes
+
+
+def test_conf_method_holds_one_file_per_method():
+    files = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+    assert files == ["alps", "ast", "dense", "elsa", "elsa_l", "ladmm", "magnitude", "safe", "sparsegpt",
+                     "sparsellm", "wanda"]
+    for name in files:
+        assert compose([f"method={name}"]).method.name == name
+
+
+def test_every_budget_has_a_part_for_every_method_with_steps():
+    from elsa.pipeline import build
+
+    budgets = sorted(p.stem for p in (CONF / "budget").glob("*.yaml"))
+    assert budgets == ["cpu", "paper", "quick"]
+    for name in sorted(p.stem for p in (CONF / "method").glob("*.yaml")):
+        method = build(compose([f"method={name}"]).method, "method")
+        for budget in budgets:
+            part = CONF / "method_budget" / budget / f"{name}.yaml"
+            assert part.exists() == (method.has_budget and budget != "paper"), (name, budget)
+
+
+def test_budget_without_a_part_for_the_method_is_refused(tmp_path, monkeypatch):
+    from elsa.errors import ElsaError
+
+    with pytest.raises(ElsaError, match=r"^budget=quick is not allowed: one of paper, cpu, quick for method=elsa"):
+        run_pipeline(tmp_path, "method=elsa", "budget=quick", "~method.budget")
+    r = run_pipeline(tmp_path / "mag", "method=magnitude", "budget=quick", "start=sparsegpt", "save_model=false")
+    assert r["budget"] is None and r["start"] == {"name": "dense", "skipped": "sparsegpt"}
+    assert "calibration" not in r          # the skipped start drew no calibration windows
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["start=sparsegpt", "start.percdamp=0"], r"^start\.percdamp=0 is not allowed"),   # the start's own key
+    (["budget=nope"], None),                                                           # Hydra lists the budgets
+])
+def test_bad_start_or_budget_fails_before_loading(tmp_path, overrides, needle):
+    from elsa.errors import ElsaError
+
+    if needle is None:
+        proc = run_cli(*TINY, "method=elsa", *overrides, f"hydra.run.dir={tmp_path}", timeout=60)
+        assert proc.returncode != 0 and "Could not find 'budget/nope'" in proc.stderr
+        assert "cpu" in proc.stderr and "quick" in proc.stderr
+        return
+    with pytest.raises(ElsaError, match=needle):
+        run_pipeline(tmp_path, "method=elsa", *overrides)
+
+
+def test_start_runs_before_the_method_and_the_dense_model_stays_the_teacher(tmp_path):
+    r = run_pipeline(tmp_path, "method=elsa", "budget=quick", "start=wanda", "method.steps=3", "method.finetune_fraction=0",
+                     "method.eval_initial=true", "save_model=false")
+    start = r["start"]
+    assert start["name"] == "wanda" and start["time_s"] > 0 and "start" in r["time_s"]
+    assert start["perplexity"]["wiki"] > r["dense_perplexity"]["wiki"]
+    assert r["calibration"]["nsamples"] == 4
+    assert "initial_projection_perplexity" not in r["method_stats"]
+    assert r["method_stats"]["history"][0]["mask_iou_init"] > 0.5   # z0 is the start's support
+
+
+def test_training_engine_imports_no_method():
+    import ast as pyast
+
+    for path in ("elsa/engine.py", "elsa/methods/training_method.py"):
+        src = (Path(__file__).parent.parent / path).read_text()
+        imported = {n.module for n in pyast.walk(pyast.parse(src)) if isinstance(n, pyast.ImportFrom)}
+        imported |= {a.name for n in pyast.walk(pyast.parse(src)) if isinstance(n, pyast.Import) for a in n.names}
+        concrete = {m for m in imported if m.startswith("elsa.methods.") and m not in ("elsa.methods.base",
+                                                                                          "elsa.methods.training_method")}
+        assert not concrete, (path, concrete)
+
+
+def test_one_budget_and_one_start_for_several_methods(tmp_path):
+    """The issue's acceptance grid on the tiny model: three training methods x two sparsities at budget=quick
+    from SparseGPT's solution (steps cut to 2 for speed), and a report with six rows labelled from the choices."""
+    from elsa import report
+
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "method=elsa,elsa_l,ast", "budget=quick", "start=sparsegpt", "sparsity=0.7,0.9", *TINY,
+                   "++method.steps=2", "save_model=false", "hardware.threads=1", f"hydra.sweep.dir={sweep}",
+                   timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = report.collect(sweep)
+    assert len(df) == 6 and set(df["status"]) == {"done"}
+    assert df["method"].tolist() == [f"{m} (from sparsegpt, quick)" for m in ("ast", "elsa", "elsa_l")
+                                     for _ in (0.7, 0.9)]
+    assert df["sparsity"].tolist() == ["0.7", "0.9"] * 3
+    # per-row top-k (AST) on the tiny model's 64-wide rows rounds 0.7 x 64 up to 45
+    assert all(abs(m - float(s)) < 1e-2 for m, s in zip(df["measured_sparsity"], df["sparsity"]))
+    md = report.markdown(df)
+    assert md.count("(from sparsegpt, quick) |") >= 6
+
+
+# the grids as they were written with preset names (conf/experiment/ at 88f3a7c)
+OLD_GRIDS = {
+    "field": "magnitude,wanda,sparsegpt,alps,ladmm,sparsellm,safe_cpu,ast_quick,elsa_quick,elsa_l_quick,elsa_quick_sgpt",
+    "frontier": "magnitude,wanda,sparsegpt,elsa_cpu",
+    "frontier_small": "magnitude,wanda,sparsegpt,elsa_quick",
+}
+
+
+def _effective(cfg) -> tuple[dict, str]:
+    """(method keys without metadata, the start that runs) of a composed config."""
+    from elsa.pipeline import build
+
+    keys = {k: v for k, v in OmegaConf.to_container(cfg.method).items() if k not in ("name", "budget")}
+    takes = build(cfg.method, "method").takes_start
+    return keys, cfg.start.name if takes else "dense"
+
+
+@pytest.mark.parametrize("experiment", sorted(OLD_GRIDS))
+def test_experiment_grids_run_the_cells_they_ran_with_preset_names(experiment):
+    """Every cell of the new grid (the sweep axis, plus the field's second command for ELSA from SparseGPT) has
+    the method keys and the start of the old grid's cell."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        grid = hydra_compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    new_cells = [[f"method={m}"] for m in grid.hydra.sweeper.params.method.split(",")]
+    if experiment == "field":
+        new_cells.append(["method=elsa", "start=sparsegpt"])
+    new = [_effective(compose([f"experiment={experiment}", *c])) for c in new_cells]
+    old = []
+    for name in OLD_GRIDS[experiment].split(","):
+        if name in OLD_METHODS:
+            keys = {k: v for k, v in old_preset(name).items() if k not in ("name", *DROPPED)}
+            old.append((keys, OLD_METHODS[name][2]))
+        else:   # the one-shot methods' files did not change
+            old.append(_effective(compose([f"method={name}"])))
+    assert len(new) == len(old)
+    for cell in old:
+        assert cell in new, cell
+
+
+def test_demo_runs_what_it_ran():
+    old = old_preset("elsa_cpu")
+    old.update(steps=80, batch_size=1, checkpoint_every=20)
+    keys, start = _effective(compose(["experiment=demo"]))
+    assert start == "dense" and keys == {k: v for k, v in old.items() if k not in ("name", *DROPPED)}
+
+
+def test_help_shows_the_three_groups():
+    proc = run_cli("--help", timeout=60)
+    assert proc.returncode == 0
+    groups = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line and " " not in
+                  line.split(": ", 1)[0])
+    assert groups["method"] == "alps, ast, dense, elsa, elsa_l, ladmm, magnitude, safe, sparsegpt, sparsellm, wanda"
+    assert groups["budget"] == "cpu, paper, quick"
+    assert groups["start"] == "alps, dense, ladmm, magnitude, safe, sparsegpt, sparsellm, wanda"
+    assert "start=    where it starts" in proc.stdout
