@@ -418,8 +418,9 @@ def apply_ignore(model: nn.Module, patterns) -> dict[str, list[str]]:
     for pat in patterns or []:
         rx = re.compile(pat)
         names = [n for n, m in model.named_modules() if n and _match(rx, n)]
-        for n in names:
-            _mark_dense(model.get_submodule(n), "*", "ignored")
+        for n in names:     # the module and everything inside it (so a block-level view sees the mark too)
+            for mod in model.get_submodule(n).modules():
+                _mark_dense(mod, "*", "ignored")
         params = [n for n, _p in model.named_parameters() if _match(rx, n) and
                   not any(n.startswith(m + ".") for m in names)]
         for n in params:

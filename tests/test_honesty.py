@@ -148,3 +148,12 @@ def test_target_that_matches_no_prunable_weight_is_refused(tmp_path, pattern):
     err = _one_error(run_cli("model=tiny", "logger=none", "eval=quick", "seqlen=64", "nsamples=2",
                              f"targets=[{pattern}]", f"output_dir={tmp_path}"))
     assert "targets" in err and pattern in err and "decoder blocks" in err
+
+
+def test_ignoring_a_container_leaves_everything_inside_it_dense():
+    """ignore=[layers$] names only the ModuleList of blocks: every block inside it stays dense too."""
+    from elsa.models import apply_ignore, prunable_weights
+
+    model, _tok = TinyLlamaSource().load()
+    apply_ignore(model, [r"layers$"])
+    assert prunable_weights(model) == {}
