@@ -26,17 +26,26 @@ def cache_dir() -> Path:
     return path
 
 
-@contextmanager
 def prepared(name: str):
     """Yield a scratch dir to fill; on success it becomes ``cache_dir()/name`` atomically."""
-    final = cache_dir() / name
+    return atomic_dir(cache_dir() / name, replace=False)
+
+
+@contextmanager
+def atomic_dir(final: Path, replace: bool):
+    """Yield a scratch dir beside ``final``; when the block succeeds it becomes ``final`` atomically (an
+    existing ``final`` is replaced, or, with ``replace=False``, kept: another process won the race); on any
+    failure the scratch dir is removed, so no half-written dir is left under the final name."""
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield tmp
-        if final.exists():  # another process won the race: keep theirs
+        if final.exists() and not replace:
             shutil.rmtree(tmp)
         else:
+            if final.exists():
+                shutil.rmtree(final)
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

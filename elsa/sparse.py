@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from elsa.assets import atomic_dir
 from elsa.errors import ElsaError
 
 FORMAT = "elsa-compressed"
@@ -196,9 +196,7 @@ def compress_dir(src: Path, out: Path, nm: tuple[int, int] | None = None, shard_
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise ElsaError(f"{src} holds no *.safetensors files (a dir written by save_pretrained is expected)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         index = {"format": FORMAT, "version": VERSION, "nm": list(nm) if nm else None, "source_files": {},
                  "tensors": {}, "shards": {}}
         pending, pending_bytes = {}, 0
@@ -237,12 +235,6 @@ def compress_dir(src: Path, out: Path, nm: tuple[int, int] | None = None, shard_
         index["dense_bytes"] = sum(f.stat().st_size for f in files)
         index["compressed_bytes"] = sum(s["bytes"] for s in index["shards"].values())
         (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return index
 
 
@@ -333,20 +325,12 @@ def expand(path: Path, out: Path, verify: bool = True) -> Path:
 
     path, out = Path(path), Path(out)
     index = read_index(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         for fname, tensors, meta in _iter_files(path, index, verify):
             save_file(tensors, str(tmp / fname), metadata=meta or None)
         for p in path.iterdir():
             if p.is_file() and p.name != INDEX and p.name not in index["shards"]:
                 shutil.copy2(p, tmp / p.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
