@@ -1,6 +1,7 @@
 """Sweep report: every results.json below a dir -> a table (markdown + CSV) and perplexity plots (PNG).
 
     python -m elsa.report multirun/2026-11-26/10-00-00 [--out DIR]
+    python -m elsa.report docs/field/results.csv      # re-draw a stored table (its sweep dir gone)
 
 One row per job: model, method, sparsity target, seed, status, perplexity per corpus, zero-shot mean acc (when
 the job measured it), compressed checkpoint size (save_format=compressed|both) and batch-1 decode speedup of the
@@ -168,6 +169,28 @@ def collect(root: Path) -> pd.DataFrame:
     return df
 
 
+def from_csv(path: Path) -> pd.DataFrame:
+    """A report table stored earlier (``results.csv``), for re-drawing when its sweep dir is gone. Tables
+    written before the method/budget/start split name presets (``elsa_quick``) or the recorded method name;
+    their rows get the three choices and the label from each row's overrides, as :func:`collect` does."""
+    df = pd.read_csv(path)
+    if "start" not in df:
+        rows = []
+        for _, r in df.iterrows():
+            data = {"method": r.get("method"), "overrides": str(r.get("overrides") or "").split()}
+            base, start, budget = choices(data)
+            rows.append({"method": label(base, start, budget), "method_name": base, "start": start, "budget": budget,
+                         "order": (_rank(METHOD_ORDER, base) * 100 + _rank(START_ORDER, start)) * 100
+                         + _rank(BUDGET_ORDER, budget)})
+        for col in ("method", "method_name", "start", "budget", "order"):
+            df[col] = [row[col] for row in rows]
+    for col in ("seed", "nonzero_params", "total_params", "pruned_layer_params", "order"):
+        if col in df:
+            df[col] = df[col].astype("Int64")
+    return df.sort_values(["model", "order", "method", "nm", "sparsity_ratio", "seed", "dir"], na_position="last",
+                          kind="stable").reset_index(drop=True)
+
+
 def corpora(df: pd.DataFrame) -> list[str]:
     return [c[len(PPL):] for c in df.columns if c.startswith(PPL)]
 
@@ -291,6 +314,29 @@ def markdown(df: pd.DataFrame) -> str:
     parts.append("Pruned: every Linear inside the decoder blocks; embeddings, norms and lm_head stay dense. "
                  "Non-zero params count the whole model.")
     return "\n".join(parts) + "\n"
+
+
+def summary(df: pd.DataFrame) -> str:
+    """The sweep's jobs as one aligned text table for the terminal (printed at the end of a sweep): per model
+    the dense model first, then one line per job in report order, with perplexity per corpus and wall time."""
+    names = corpora(df)
+    heads = ["model", "method", "sparsity", *[f"ppl {c}" for c in names], "time (s)", "status"]
+    rows = []
+    for model in [m for m in df["model"].dropna().unique()]:
+        jobs = df[df["model"] == model]
+        dense = {c: dense_baselines(df, c).get(model) for c in names}
+        if any(v is not None for v in dense.values()) and not (jobs["method"] == "dense").any():
+            rows.append([model, "dense", "", *[_fmt(dense[c]) for c in names], "", ""])
+        for _, job in jobs.iterrows():
+            rows.append([model, _fmt(job.get("method")), _fmt(job.get("sparsity")),
+                         *[_fmt(job.get(PPL + c)) for c in names], _fmt(job.get("time_s"), 0),
+                         _fmt(job.get("status"))])
+    rows += [["", _fmt(r.get("dir")), "", *[""] * len(names), "", _fmt(r.get("status"))]
+             for _, r in df[df["model"].isna()].iterrows()]   # job dirs without results (killed jobs)
+    widths = [max(len(str(x)) for x in col) for col in zip(heads, *rows)]
+    line = lambda cells: "  ".join(f"{c:<{w}}" if i < 3 else f"{c:>{w}}"  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(heads), *map(line, rows)])
 
 
 # -- plots ------------------------------------------------------------------------------------------------------
@@ -421,13 +467,13 @@ def _method_order(df: pd.DataFrame) -> list[str]:
 
 
 # -- the command -----------------------------------------------------------------------------------------------
-def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:
-    """Write results.csv, results.md and the PNG plots into ``out`` (default ``<root>/report``)."""
-    root = Path(root)
-    df = collect(root)
+def write_report(root: Path | None, out: Path | None = None, table: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Write results.csv, results.md and the PNG plots into ``out`` (default ``<root>/report``), from the jobs
+    below ``root`` or from ``table`` (a stored results.csv read by :func:`from_csv`)."""
+    df = collect(Path(root)) if table is None else table
     if df.empty:
         raise FileNotFoundError(f"no {RESULTS} below {root}")
-    out = Path(out) if out is not None else root / "report"
+    out = Path(out) if out is not None else Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "results.csv", "markdown": out / "results.md"}
     df.to_csv(files["csv"], index=False)
@@ -444,15 +490,21 @@ def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m elsa.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dir", type=Path, help="a sweep dir (multirun/...), a run dir, or any parent of them")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: <dir>/report)")
+    parser.add_argument("dir", type=Path, help="a sweep dir (multirun/...), a run dir, or any parent of them; "
+                                                   "or a results.csv a report wrote (re-drawn, old labels updated)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the report (default: <dir>/report; for a results.csv: its dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not args.dir.is_dir():
-        print(f"elsa.report: error: {args.dir} is not a directory", file=sys.stderr)
+    table = None
+    if args.dir.is_file() and args.dir.suffix == ".csv":
+        table = from_csv(args.dir)
+        args.out = args.out or args.dir.parent
+    elif not args.dir.is_dir():
+        print(f"elsa.report: error: {args.dir} is not a directory or a results.csv", file=sys.stderr)
         return 2
     try:
-        files = write_report(args.dir, args.out)
+        files = write_report(args.dir, args.out, table)
     except FileNotFoundError as exc:
         print(f"elsa.report: error: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@ How a sweep behaves (Hydra 1.3):
   job whose results.json says done (before any model is loaded) and reruns the others.
 
 ``SweepCallback`` (registered under ``hydra.callbacks`` in conf/config.yaml) logs one line per job and,
-when every job succeeded, a summary with the report command.
+at the end of the sweep, the jobs' table (dense first, perplexity and time per job:
+``elsa.report.summary``) and the report command.
 """
 from __future__ import annotations
 
@@ -95,5 +96,10 @@ class SweepCallback(Callback):
             status = (data or {}).get("status", "missing")
             counts[status] = counts.get(status, 0) + 1
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        from elsa.report import collect, summary as table  # pandas: imported only when a sweep ends
+
+        df = collect(sweep_dir) if counts else None
+        if df is not None and not df.empty:
+            print("\n" + table(df) + "\n", flush=True)
         log.info("sweep %s finished: %s; table and plots: python -m elsa.report %s", sweep_dir, summary,
                  sweep_dir)

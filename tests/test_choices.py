@@ -256,11 +256,22 @@ def test_experiment_grids_run_the_cells_they_ran_with_preset_names(experiment):
         assert cell in new, cell
 
 
-def test_demo_runs_what_it_ran():
-    old = old_preset("elsa_cpu")
-    old.update(steps=80, batch_size=1, checkpoint_every=20)
-    keys, start = _effective(compose(["experiment=demo"]))
-    assert start == "dense" and keys == {k: v for k, v in old.items() if k not in ("name", *DROPPED)}
+def test_demo_is_the_four_methods_at_one_sparsity():
+    """experiment=demo (make run) is a sweep of magnitude, Wanda, SparseGPT and ELSA at 70%, ELSA from
+    SparseGPT's solution at budget=quick: its ELSA cell has exactly the keys of that spelling."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=["experiment=demo"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"   # make run needs no -m
+    assert str(cfg.hydra.sweeper.params.method).split(",") == ["magnitude", "wanda", "sparsegpt", "elsa"]
+    assert str(cfg.sparsity) == "0.7"
+    demo_elsa = _effective(compose(["experiment=demo", "method=elsa"]))
+    assert demo_elsa == _effective(compose(["method=elsa", "budget=quick", "start=sparsegpt"]))
+    assert demo_elsa[1] == "sparsegpt"
+    for one_shot in ("magnitude", "wanda", "sparsegpt"):   # these prune the dense model: start is skipped
+        assert _effective(compose(["experiment=demo", f"method={one_shot}"]))[1] == "dense"
 
 
 def test_help_shows_the_three_groups():

@@ -201,17 +201,23 @@ def test_resume_refuses_a_different_config(tmp_path):
         run_pipeline(tmp_path, *ELSA_FAST, "method.lr=5e-4", "save_model=false")
 
 
-def test_demo_prints_dense_magnitude_and_elsa(tmp_path):
-    """experiment=demo (README command 1) on the tiny model: ELSA reports its magnitude starting point with
-    the run's own protocol, and the summary shows dense, magnitude and ELSA side by side."""
+def test_demo_prints_the_four_methods_against_dense(tmp_path):
+    """experiment=demo (README command 1) on the tiny model: one sweep of four jobs whose end prints one table,
+    dense first, then magnitude, Wanda, SparseGPT and ELSA from SparseGPT's solution, each with its perplexity."""
     proc = run_cli("experiment=demo", "model=tiny", "logger=none", "seqlen=128", "eval.max_tokens=2048",
-                   "method.steps=4", "method.checkpoint_every=0", "save_model=false", f"hydra.run.dir={tmp_path}")
+                   "nsamples=4", f"hydra.sweep.dir={tmp_path}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    r = read_results(tmp_path)
-    start = r["method_stats"]["initial_projection_perplexity"]["wiki"]
-    assert r["method"] == "elsa" and r["sparsity"]["target"] == "0.7" and start > 0
-    header = next(line for line in proc.stdout.splitlines() if line.startswith("corpus"))
-    assert header.split()[1:] == ["dense", "magnitude", "0.7", "elsa", "0.7"]
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:3] == ["model", "method", "sparsity"])
+    rows = [line.split("  ") for line in lines[head + 1:head + 6]]
+    labels = [[c.strip() for c in row if c.strip()][1] for row in rows]
+    assert labels == ["dense", "magnitude", "wanda", "sparsegpt", "elsa (from sparsegpt, quick)"]
+    results = {read_results(d)["method"]: read_results(d) for d in tmp_path.iterdir() if (d / "results.json").exists()}
+    assert sorted(results) == ["elsa", "magnitude", "sparsegpt", "wanda"]
+    elsa = results["elsa"]
+    assert elsa["start"]["name"] == "sparsegpt" and elsa["budget"] == "quick" and elsa["sparsity"]["target"] == "0.7"
+    printed = float([c for c in rows[4] if c.strip()][3])
+    assert printed == pytest.approx(elsa["perplexity"]["wiki"], abs=1e-3)
 
 
 def test_dual_step_under_relaxes_the_dual():

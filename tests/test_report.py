@@ -173,3 +173,35 @@ def test_rows_are_labelled_from_the_three_choices(tmp_path):
     assert df.loc[df["method"] == "elsa (from sparsegpt, quick)", "ppl/wiki"].tolist() == [100.0, 105.0]
     grid_rows = report.grid(df, "ppl/wiki", "tiny", dense=20.0)["method"].tolist()
     assert grid_rows[0] == "dense" and grid_rows[1:] == list(dict.fromkeys(df["method"]))
+
+
+def test_a_stored_table_is_redrawn_with_the_three_choices(tmp_path):
+    """python -m elsa.report <results.csv>: a table written before the method/budget/start split (preset names
+    in the overrides) is re-drawn with the labels a sweep dir of that time gets."""
+    root = tmp_path / "old"
+    for i, (method, preset) in enumerate([("elsa", "elsa_quick"), ("elsa_from_sparsegpt", "elsa_quick_sgpt"),
+                                          ("wanda", "wanda"), ("safe", "safe_cpu")]):
+        data = _job("tiny", method, "0.7", 0.7, 100.0 + i, 20.0, 0.7, 1300, 2000)
+        data["overrides"] = [f"method={preset}", "sparsity=0.7"]
+        _write(root, str(i), data)
+    old = report.collect(root).drop(columns=["method_name", "start", "budget", "order"])
+    recorded = {"elsa_quick": "elsa", "elsa_quick_sgpt": "elsa_from_sparsegpt", "wanda": "wanda", "safe_cpu": "safe"}
+    old["method"] = [recorded[o.split()[0].split("=")[1]] for o in old["overrides"]]   # what old tables held
+    old.to_csv(tmp_path / "results.csv", index=False)
+    proc = subprocess.run([sys.executable, "-m", "elsa.report", str(tmp_path / "results.csv"), "--out",
+                           str(tmp_path / "new")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    new = pd.read_csv(tmp_path / "new" / "results.csv")
+    assert dict(zip(new["method"], new["ppl/wiki"])) == {"wanda": 102.0, "safe (cpu)": 103.0, "elsa (quick)": 100.0,
+                                                        "elsa (from sparsegpt, quick)": 101.0}
+    assert "| elsa (from sparsegpt, quick) | 101.000 |" in (tmp_path / "new" / "results.md").read_text()
+
+
+def test_summary_puts_dense_first_and_one_line_per_job(sweep_dir):
+    lines = report.summary(report.collect(sweep_dir)).splitlines()
+    cells = [line.split() for line in lines]
+    assert cells[0] == ["model", "method", "sparsity", "ppl", "wiki", "time", "(s)", "status"]
+    tiny = [c for c in cells if c[0] == "tiny"]
+    assert tiny[0] == ["tiny", "dense", "20.000"]
+    assert ["tiny", "wanda", "0.7", "90.000", "2", "done"] in tiny
+    assert any(c[-1] == "missing" for c in cells)   # the killed job is a line too
