@@ -164,6 +164,55 @@ def hydra_info() -> tuple[Path | None, list[str], str | None, str | None]:
     return Path(hc.runtime.output_dir), overrides, ",".join(overrides) or "default", group
 
 
+class SolutionMemo:
+    """The last layer-wise solution this process computed, so that a sweep's start stage does not redo it:
+    in ``-m method=sparsegpt,elsa start=sparsegpt`` (experiment=demo, frontier) the ELSA job starts from the
+    weights the SparseGPT job of the same process just computed, instead of running SparseGPT again. A
+    solution is reused only when everything it depends on is the same: the model, the targets and ignores,
+    the method's keys, the target, the calibration tokens, the seed, the device and torch's thread count (so
+    the weights are the ones recomputing would give, bit for bit: tests/test_choices.py). One entry: the
+    prunable matrices' weights on the CPU, the method statistics and the job dir that computed them."""
+
+    entry: tuple[str, dict, dict, str] | None = None
+
+    @staticmethod
+    def applies() -> bool:
+        """Only the jobs of a sweep share a process; one rank (FSDP ranks each hold a shard)."""
+        return in_multirun() and D.world_size() == 1
+
+    @staticmethod
+    def key(run: "Run", node: DictConfig, calib: torch.Tensor | None) -> str:
+        import hashlib
+        import json
+
+        keys = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in METADATA}
+        ident = [run.source.fingerprint(), run.dataset.fingerprint("train"), keys, str(run.target), run.seqlen,
+                 run.seed, run.ignore, run.targets, run.device, torch.get_num_threads(),
+                 hashlib.sha256(calib.numpy().tobytes()).hexdigest() if calib is not None else None]
+        return json.dumps(ident, sort_keys=True, default=str)
+
+    @classmethod
+    def store(cls, key: str, model, stats: dict, out: Path) -> None:
+        weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in prunable_matrices(model).items()}
+        cls.entry = (key, weights, copy.deepcopy(stats), str(out))
+
+    @classmethod
+    def restore(cls, key: str, model) -> tuple[dict, str] | None:
+        """Write the stored solution into ``model`` and return (its statistics, the dir that computed it), or
+        None when the stored one is not this solution."""
+        if cls.entry is None or cls.entry[0] != key:
+            return None
+        _, weights, stats, out = cls.entry
+        with torch.no_grad():
+            for name, m in prunable_matrices(model).items():
+                m.weight.copy_(weights[name])
+        return copy.deepcopy(stats), out
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.entry = None
+
+
 class Run:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -261,9 +310,20 @@ class Run:
         """Prune ``ctx.model`` with the start stage; its time, statistics and (when the method reports its
         starting point) perplexity with the run's protocol."""
         t0 = time.perf_counter()
-        with torch.no_grad():
-            stats = self.start.prune(ctx) or {}
+        key = SolutionMemo.key(self, self.cfg.start, ctx.calibration) if SolutionMemo.applies() else None
+        reused = SolutionMemo.restore(key, ctx.model) if key else None
+        if reused is not None:
+            stats, source = reused
+            log.info("start=%s: the solution computed by %s in this process (same model, data, keys and target) "
+                     "is reused", self.start_info["name"], source)
+        else:
+            with torch.no_grad():
+                stats = self.start.prune(ctx) or {}
+            if key:
+                SolutionMemo.store(key, ctx.model, stats, self.out)
         info = {**self.start_info, "time_s": time.perf_counter() - t0, "method_stats": stats}
+        if reused is not None:
+            info["reused_from"] = reused[1]
         if self.method.eval_initial and D.world_size() == 1:
             info["perplexity"] = ctx.extras["evaluate"](ctx.model)
             log.info("perplexity of the %s start: %s", info["name"], info["perplexity"])
@@ -351,6 +411,10 @@ class Run:
             ctx.start = self.start_info["name"]
         log.info("pruning %s with %s to %s", cfg.model.name, cfg.method.name, self.target)
         self.results["method_stats"] = self.timed("prune", self.method.prune, ctx) or {}
+        if self.method.needs_calibration and not self.method.takes_start and SolutionMemo.applies():
+            # a layer-wise solution: a later job of this sweep may start from it (SolutionMemo)
+            SolutionMemo.store(SolutionMemo.key(self, cfg.method, calib), model, self.results["method_stats"],
+                               self.out)
         ctx.teacher = None
         if not main_rank:  # the other FSDP ranks are done: rank 0 evaluates, saves and writes
             return {}

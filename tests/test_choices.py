@@ -8,6 +8,7 @@ pruning the model first and the dense model kept as the teacher, as the old Spar
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,28 @@ def test_help_shows_the_three_groups():
     assert groups["budget"] == "cpu, paper, quick"
     assert groups["start"] == "alps, dense, ladmm, magnitude, safe, sparsegpt, sparsellm, wanda"
     assert "start=    where it starts" in proc.stdout
+
+
+def test_a_sweep_reuses_its_one_shot_solution_as_the_start(tmp_path):
+    """-m method=sparsegpt,elsa start=sparsegpt: the ELSA job starts from the SparseGPT job's weights (same
+    process, same model, data, keys and target) instead of recomputing them, says so in results.json, and ends
+    with the weights a run that computes its own start gets, bit for bit."""
+    from safetensors.torch import load_file
+
+    common = [*TINY, "budget=quick", "start=sparsegpt", "sparsity=0.7", "save_model=true",
+              "eval.dense=false", "hardware.threads=1"]
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", *common[:-1], "method=sparsegpt,elsa", f"hydra.sweep.dir={sweep}", "hardware.threads=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = {json.loads((d / "results.json").read_text())["method"]: d for d in sweep.iterdir()
+            if (d / "results.json").exists()}
+    elsa = json.loads((jobs["elsa"] / "results.json").read_text())
+    assert elsa["start"]["reused_from"] == str(jobs["sparsegpt"])
+    alone = tmp_path / "alone"
+    proc = run_cli(*common, "method=elsa", f"hydra.run.dir={alone}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "reused_from" not in json.loads((alone / "results.json").read_text())["start"]
+    a, b = (load_file(str(d / "model" / "model.safetensors")) for d in (jobs["elsa"], alone))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    one_shot = load_file(str(jobs["sparsegpt"] / "model" / "model.safetensors"))
+    assert any(not torch.equal(a[k], one_shot[k]) for k in a)   # ELSA trained on from there
