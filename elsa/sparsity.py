@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from elsa.errors import config_error
+from elsa.errors import config_error, one_of
+
+# where a ratio target's top-k is compared: within each output row, or over the whole matrix (N:M ignores it)
+GROUPS = ("row", "layer")
+
+
+def check_group(value, key: str = "method.group") -> str:
+    """The one check of a ``group`` key (magnitude, Wanda, ELSA, AST, and :func:`mask_from_scores` itself)."""
+    return one_of(key, value, GROUPS)
 
 _ALLOWED = "a ratio in [0, 1) such as 0.9, or an N:M pattern with 0 < N < M such as 2:4"
 
@@ -109,7 +117,8 @@ def mask_from_scores(scores: torch.Tensor, target: Sparsity, group: str = "layer
     if group == "layer":
         flat = scores.reshape(1, -1)
         return _prune_lowest(flat, int(round(flat.numel() * target.ratio))).reshape(rows, cols)
-    raise config_error("group", group, "one of layer, row")
+    check_group(group, "group")
+    raise AssertionError(group)  # unreachable: check_group refused every other value
 
 
 def project(weight: torch.Tensor, target: Sparsity, group: str = "layer", scores: torch.Tensor | None = None,

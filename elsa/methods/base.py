@@ -8,18 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from elsa.errors import one_of
 from elsa.models import prunable_matrices
-from elsa.sparsity import Sparsity
+from elsa.sparsity import Sparsity, check_group  # noqa: F401 - check_group: the methods import it from here
 
-
-# where a ratio target's top-k is compared: within each output row, or over the whole matrix (N:M ignores it)
-GROUPS = ("row", "layer")
-
-
-def check_group(value, key: str = "method.group") -> str:
-    """The one check of a ``group`` key (magnitude, Wanda, ELSA, AST)."""
-    return one_of(key, value, GROUPS)
 
 
 @dataclass
