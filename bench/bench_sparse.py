@@ -61,9 +61,10 @@ def bench_matrices(args) -> None:
     and the kernel chosen, so the figures are what sparsify sees."""
     from elsa.sparse_linear import plan_matrix
 
+    dtype = getattr(torch, args.dtype)
     for rows, cols in SHAPES:
         g = torch.Generator().manual_seed(0)
-        w = torch.randn(rows, cols, generator=g) / cols ** 0.5
+        w = (torch.randn(rows, cols, generator=g) / cols ** 0.5).to(args.device, dtype)
         for target in args.sparsities:
             wt = w.clone()
             _prune(wt, target)
@@ -72,6 +73,7 @@ def bench_matrices(args) -> None:
             for regime, tokens in (("decode", 1), ("prefill", args.prefill)):
                 us = plan["times_us"][regime]
                 _append(args.out, {"bench": "matrix", "shape": [rows, cols], "sparsity": target, "tokens": tokens,
+                                   "device": args.device, "dtype": args.dtype,
                                    "dense_ms": us["dense"] / 1e3,
                                    "speedup": {k: us["dense"] / v for k, v in us.items() if k != "dense"},
                                    "screened": plan.get("screened", {}).get(regime, []),
@@ -107,15 +109,16 @@ def bench_model(args) -> None:
 
 def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    lines = ["| shape | sparsity | tokens | dense (ms) | torch_csr | csr16 | csr16_1t | chosen | chosen speedup | load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | dtype | shape | sparsity | tokens | dense (ms) | torch_csr | csr16 | csr16_1t | semi_structured | "
+             "chosen | chosen speedup | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["bench"] != "matrix":
             continue
         sp = r["speedup"]
         cell = lambda k: f"{sp[k]:.2f}x" if k in sp else "-"  # noqa: E731
-        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['sparsity']} | {r['tokens']} | {r['dense_ms']:.2f} | "
-                     f"{cell('torch_csr')} | {cell('csr16')} | {cell('csr16_1t')} | {r['chosen']} | "
+        lines.append(f"| {r.get('device', 'cpu')} | {r.get('dtype', 'float32')} | {r['shape'][0]}x{r['shape'][1]} | "
+                     f"{r['sparsity']} | {r['tokens']} | {r['dense_ms']:.3f} | "
+                     f"{cell('torch_csr')} | {cell('csr16')} | {cell('csr16_1t')} | {cell('semi_structured')} | {r['chosen']} | "
                      f"{r['chosen_speedup']:.2f}x | {r['loadavg'][0]:.1f} |")
     lines += ["", "| model | sparsity | decode tok/s dense | sparse | speedup | prefill (s) dense | sparse | speedup | "
               "same tokens | decode kernels | prefill kernels | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -140,6 +143,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="matrices: cpu or cuda (semi-structured 2:4, cuSPARSE CSR)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="matrices: the weights' dtype (the CUDA 2:4 kernels take float16/bfloat16)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sparse.jsonl")
     args = parser.parse_args()
     if args.what == "report":

@@ -34,7 +34,18 @@ from elsa.zeroshot import ZeroShotEval
 
 log = logging.getLogger(__name__)
 # outputs/<overrides>: the same command line always maps to the same run dir
-OmegaConf.register_new_resolver("elsa_dirname", lambda s: (s or "default").replace("/", "_"), replace=True)
+def dirname(overrides: str | None, limit: int = 200) -> str:
+    """A run dir's name from its command line's overrides; a name over ``limit`` characters (file systems take
+    255) keeps its first characters and a hash of the whole, so it stays one per distinct command line."""
+    import hashlib
+
+    name = (overrides or "default").replace("/", "_")
+    if len(name) <= limit:
+        return name
+    return f"{name[:limit - 17]}...{hashlib.sha1(name.encode()).hexdigest()[:14]}"
+
+
+OmegaConf.register_new_resolver("elsa_dirname", dirname, replace=True)
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 

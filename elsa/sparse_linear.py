@@ -279,6 +279,14 @@ def candidates(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[dict[st
 
 
 # -- choosing by measurement ---------------------------------------------------------------------------------
+def _synced(fn: Callable[[], object], device: torch.device | None) -> Callable[[], object]:
+    """``fn`` followed by a wait for the GPU: CUDA kernels return before they finish, so a wall clock around an
+    unsynchronised call times the launch, not the product."""
+    if device is None or device.type != "cuda":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize(device))[0]
+
+
 def interleaved_timer(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 2) -> dict[str, float]:
     """Seconds per call of each fn, timed in interleaved rounds so that a change of machine load hits every
     candidate alike: for ``dense`` the first quartile of its calls, for the others the third quartile, so that a
@@ -309,8 +317,8 @@ SCREEN = 3.0   # a candidate whose first timed call takes over 3x dense's is rec
 
 
 def default_timer(fns: dict[str, Callable], x: torch.Tensor, tokens: int) -> dict[str, float]:
-    return interleaved_timer({k: (lambda f=f: f(x)) for k, f in fns.items()}, reps=15 if tokens <= DECODE_MAX else 3,
-                             warmup=0)
+    return interleaved_timer({k: _synced(lambda f=f: f(x), x.device) for k, f in fns.items()},
+                             reps=15 if tokens <= DECODE_MAX else 3, warmup=0)
 
 
 def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[str, int] = REGIMES,
@@ -328,7 +336,7 @@ def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[s
         x = torch.randn(tokens, weight.shape[1], generator=g).to(weight.device, weight.dtype)
         fns["dense"](x)                                   # warm-up
         t = time.perf_counter()
-        ref = fns["dense"](x)
+        ref = _synced(lambda: fns["dense"](x), x.device)()
         first = {"dense": time.perf_counter() - t}
         ok, screened = {"dense": fns["dense"]}, {}
         for name, fn in fns.items():
@@ -336,7 +344,7 @@ def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[s
                 continue
             fn(x)                                         # warm-up
             t = time.perf_counter()
-            got = fn(x)
+            got = _synced(lambda fn=fn: fn(x), x.device)()
             first[name] = time.perf_counter() - t
             if got.shape != ref.shape or not torch.allclose(got.float(), ref.float(), atol=atol * float(ref.abs().max()),
                                                             rtol=rtol):

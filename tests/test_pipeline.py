@@ -149,3 +149,16 @@ def test_peak_memory_is_the_jobs_own():
     peak = peak_memory_mb("cpu", start)
     assert peak["cpu_rss"] < before - 200
     assert 0 < peak["cpu_rss_at_start"] <= peak["cpu_rss"] + 1
+
+
+def test_a_long_command_line_gets_a_run_dir_name_a_file_system_takes(tmp_path):
+    """outputs/<overrides>: a command line of many overrides made a name over 255 characters (OSError before any
+    work); a long name keeps its start and a hash of the whole, distinct per command line."""
+    from elsa.pipeline import dirname
+
+    long = ",".join(f"model.key_{i}={i}" for i in range(40))
+    other = long.replace("key_39=39", "key_39=40")
+    assert dirname("method=wanda,sparsity=0.5") == "method=wanda,sparsity=0.5" and dirname(None) == "default"
+    assert len(dirname(long)) <= 200 and dirname(long).startswith("model.key_0=0,")
+    assert dirname(long) != dirname(other) and dirname(long) == dirname(long)
+    (tmp_path / dirname(long)).mkdir()
