@@ -286,6 +286,39 @@ def test_sparse_logits_equal_dense(kernel):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("model_says", ["faster", "slower"])
+def test_choices_that_do_not_speed_up_the_whole_model_go_back_to_dense(model_says):
+    """Per-matrix winners are checked in the whole model: the model's forward with the chosen kernels against
+    the same model all dense, per regime; where it is not faster, every matrix of that regime runs dense (the
+    dense weight back in place) and the plan says so; outputs equal dense either way."""
+    import copy
+
+    dense, _tok = _pruned_tiny()
+    sparse = copy.deepcopy(dense)
+    seen = []
+
+    def whole_model(run, tokens):     # the decision, not the clock; each side really runs the model once
+        seen.append((sorted(run), tokens))
+        for fn in run.values():
+            fn()
+        return {"dense": 1.0, "chosen": 0.5 if model_says == "faster" else 1.0}
+
+    plan = SL.sparsify(sparse, timer=_fake_timer({"torch_csr": 0.1}), verify=True, whole_model_timer=whole_model)
+    assert seen == [(["chosen", "dense"], 1), (["chosen", "dense"], 512)]
+    mods = [m for m in sparse.modules() if isinstance(m, SL.SparseLinear)]
+    if model_says == "faster":
+        assert plan["chosen"] == {"decode": {"torch_csr": 14}, "prefill": {"torch_csr": 14}}
+        assert all(m.weight is None for m in mods) and all(v["kept"] for v in plan["verified_in_model"].values())
+    else:
+        assert plan["chosen"] == {"decode": {"dense": 14}, "prefill": {"dense": 14}}
+        assert all(m.weight is not None and m.plan["reverted"] == ["decode", "prefill"] for m in mods)
+        assert not any(v["kept"] for v in plan["verified_in_model"].values())
+    ids = torch.randint(0, 500, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = dense(ids).logits, sparse(ids).logits
+    assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
+
+
 def test_sparsify_keeps_dense_where_dense_wins_and_leaves_dense_matrices():
     model, _ = _pruned_tiny(0.1)       # 10%: under min_sparsity, left as nn.Linear without measuring
     plan = SL.sparsify(model, timer=_fake_timer({"csr16": 0.01, "torch_csr": 0.01}))
