@@ -38,7 +38,7 @@ from elsa.checkpoint import Checkpointer, rng_state, set_rng_state
 from elsa.data import TrainWindows, eval_windows, token_stream
 from elsa.errors import ElsaError, config_error, positive
 from elsa.evaluation import perplexity
-from elsa.losses import kl_loss, lm_loss
+from elsa.losses import kl_loss, lm_loss, squarehead_loss
 from elsa.methods.base import PruneContext
 from elsa.models import decoder_blocks, kept_dense, prunable_weights
 
@@ -143,27 +143,32 @@ class TrainEngine:
 
     def compute_loss(self, model, teacher, ids):
         m = self.method
+        hidden = bool(m.squarehead_weight)   # SquareHead reads every block's output of student and teacher
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.s.autocast_bf16):
-            logits = model(input_ids=ids, use_cache=False).logits
-            if not m.kl_weight:
+            out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            logits = out.logits
+            if not m.kl_weight and not hidden:
                 return lm_loss(logits, ids)
             with torch.no_grad():
-                t_logits = teacher(input_ids=ids, use_cache=False).logits
-            kl = kl_loss(logits, t_logits, self.s.temperature)
-            if not m.task_weight:
-                return kl
-            return m.task_weight * lm_loss(logits, ids) + m.kl_weight * kl
+                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            loss = m.kl_weight * kl_loss(logits, t_out.logits, self.s.temperature) if m.kl_weight else 0.0
+            if m.task_weight:
+                loss = loss + m.task_weight * lm_loss(logits, ids)
+            if hidden:
+                loss = loss + m.squarehead_weight * squarehead_loss(out.hidden_states[1:], t_out.hidden_states[1:])
+            return loss
 
     def run(self, ctx: PruneContext, dense=None) -> dict:
         """Train ``ctx.model`` in place; ``dense`` is the teacher to keep (a start stage ran), else a frozen copy
         of the model is the teacher where the method distils."""
+        self.method.extend(ctx.model, ctx)   # the method's own modules, before the optimizer and any sharding
         if not ctx.extras.get("fsdp"):
             return self.train(ctx.model, ctx, dense)
         # FSDP2: train a sharded copy, then bring the full weights back into the caller's model (rank 0)
         work = copy.deepcopy(ctx.model)
         D.shard(work, decoder_blocks(work))
         teacher = None
-        if self.method.kl_weight:  # a sharded module cannot be deep-copied: the teacher is its own sharded dense copy
+        if self.method.distils:  # a sharded module cannot be deep-copied: the teacher is its own sharded dense copy
             teacher = dense if dense is not None else copy.deepcopy(ctx.model)
             D.shard(teacher, decoder_blocks(teacher))
         stats = self.train(work, ctx, teacher)
@@ -179,12 +184,13 @@ class TrainEngine:
         constrained = {n: w.param for n, w in prunable_weights(model).items()}
         ids_c = {id(p) for p in constrained.values()}
         frozen = kept_dense(model)           # routers and ignored / untargeted weights stay bit-identical
-        for p in model.parameters():
-            p.requires_grad_((s.train_dense_params and id(p) not in frozen) or id(p) in ids_c)
+        own = {id(p) for mod in model.modules() if getattr(mod, "elsa_trains", False) for p in mod.parameters()}
+        for p in model.parameters():         # a method's own modules (extend: AST's SLoRB) always train
+            p.requires_grad_((s.train_dense_params and id(p) not in frozen) or id(p) in ids_c or id(p) in own)
         trainable = [p for p in model.parameters() if p.requires_grad]
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if m.kl_weight:
+        if m.distils:
             teacher = (teacher if teacher is not None else copy.deepcopy(model)).eval().requires_grad_(False)
 
         bos = ctx.tokenizer.bos_token_id

@@ -483,6 +483,8 @@ def weight_accounting(model: nn.Module, patterns=()) -> dict:
         experts = {q.shape[0] for q in owner.parameters(recurse=False) if q.dim() == 3}
         if reason:
             kind = reason
+        elif getattr(owner, "elsa_kind", None):      # a method's own dense modules (AST's SLoRB branches)
+            kind = owner.elsa_kind
         elif any(re.search(pat, name) for pat in patterns or []):
             kind = "ignored"
         elif id(p) in router_ids:

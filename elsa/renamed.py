@@ -23,7 +23,7 @@ OLD_METHODS = {
     "safe_cpu": ("safe", "cpu", "dense"),
 }
 # old keys -> their new spelling
-OLD_KEYS = {"method.init": "start", "method.slorb_k": None, "method.slorb_init": None}
+OLD_KEYS = {"method.init": "start"}
 
 
 def spelling(method: str, budget: str, start: str) -> str:
@@ -50,6 +50,4 @@ def refuse_old_spellings(args: list[str]) -> None:
                                     "method is, budget= how long it runs, start= where it starts)")
         elif key in OLD_KEYS:
             new = OLD_KEYS[key]
-            if new is None:
-                raise ElsaError(f"{key} is gone: it was never read (SLoRB is not implemented)")
             raise ElsaError(f"{key}={value} is now {new}={value} (the pipeline runs the start before the method)")

@@ -39,7 +39,7 @@ from elsa.sparsity import Sparsity
 from elsa.sweep import RESULTS, read_results
 
 log = logging.getLogger(__name__)
-METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm", "ast", "elsa",
+METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm", "ast", "ast_boosted", "elsa",
                 "elsa_l"]
 START_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm"]
 BUDGET_ORDER = ["paper", "cpu", "quick"]

@@ -202,11 +202,104 @@ def test_bad_mask_interval_is_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("method.slorb=true", "method.slorb=True is not allowed: false: SLoRB"),
+    ("method.slorb_init=xavier", "method.slorb_init=xavier"),
+    ("method.slorb_k=0", "method.slorb_k=0"),
+    ("method.slorb=true method.slorb_k=48", "method.slorb_k=48 is not allowed: a divisor"),
+    ("method.slorb=true method.mask_metric=wanda", "method.mask_metric=wanda is not allowed: magnitude with"),
     ("method.mask_metric=sparsegpt", "method.mask_metric=sparsegpt"),
     ("method.srste_decay=-1", "method.srste_decay=-1"),
     ("method.lr_schedule=step", "method.lr_schedule=step"),
 ])
 def test_bad_hyperparameters_fail_before_training(tmp_path, override, needle):
     with pytest.raises(ElsaError, match=needle.replace(".", r"\.")):
-        run_pipeline(tmp_path, *AST_FAST, override)
+        run_pipeline(tmp_path, *AST_FAST, *override.split())
+
+
+# -- AST-Boosted: SLoRB and SquareHead ------------------------------------------------------------------------
+def test_slorb_branch_is_the_group_sum_bypass_initialised_from_the_pruned_weights():
+    from elsa.slorb import SLoRB, init_from_pruned
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 8, generator=g)
+    keep = torch.rand(6, 8, generator=g) > 0.5
+    x = torch.randn(3, 8, generator=g)
+    for trainable in (False, True):
+        b = SLoRB(8, 6, 4, trainable)
+        init_from_pruned(b, w, keep, "mean")
+        pruned = (w * ~keep).reshape(6, 2, 4)
+        assert torch.equal(b.weight, pruned.mean(-1))
+        want = x.reshape(3, 2, 4).sum(-1) @ pruned.mean(-1).t()           # S (P x), P the group sums
+        assert torch.allclose(b(x), want, atol=1e-6)
+        assert (b.proj is not None) == trainable
+    assert torch.equal(SLoRB(8, 6, 4, True).proj, torch.tensor([[1.0] * 4 + [0.0] * 4, [0.0] * 4 + [1.0] * 4]))
+    b = SLoRB(8, 6, 4, False)
+    init_from_pruned(b, w, keep, "sum")
+    assert torch.equal(b.weight, (w * ~keep).reshape(6, 2, 4).sum(-1))
+
+
+def test_squarehead_is_zero_on_the_teacher_and_normalised_per_block():
+    from elsa.losses import squarehead_loss
+
+    t = [torch.full((1, 2, 3), 2.0), torch.full((1, 2, 3), 4.0)]
+    assert float(squarehead_loss(t, t)) == 0.0
+    s = [t[0] + 1.0, t[1] + 2.0]          # 1/4 + 4/16, each denominator + bf16's eps (the reference's guard)
+    eps = torch.finfo(torch.bfloat16).eps
+    assert float(squarehead_loss(s, t)) == pytest.approx(1 / (4 + eps) + 4 / (16 + eps), rel=1e-6)
+
+
+def _perplexity(model, tok, seqlen=128, max_tokens=2048):
+    from elsa.evaluation import PerplexityEval
+    from elsa.pipeline import dataset_by_name
+
+    return PerplexityEval({"wiki": dataset_by_name("wiki")}, seqlen, max_tokens, 4, True, "cpu").run(model, tok, "x")
+
+
+def _slorb_count(model_dir, k=16):
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(model_dir)
+    return sum(m.weight.shape[0] * m.weight.shape[1] // k + (m.weight.shape[1] // k) * m.weight.shape[1]
+               for m in prunable_matrices(dense).values())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_ast_boosted_trains_counts_saves_and_reloads_its_bypass(tmp_path, family):
+    """method=ast_boosted on a tiny Llama and a tiny GPT-2 (Conv1D, the paper's model): exact 2:4 masks, the SLoRB
+    parameters counted as their own dense kind, the saved dir reloaded by elsa.slorb.from_pretrained computes the
+    perplexity the run measured (plain from_pretrained, which drops the branches, does not)."""
+    from test_families import _checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from elsa.slorb import SLoRB, from_pretrained
+
+    model_args = ["model=tiny"]
+    if family == "gpt2":
+        model_args = ["model=hf", f"model.path={_checkpoint('gpt2', tmp_path)}"]
+    fast = [a.replace("method=ast", "method=ast_boosted") for a in AST_FAST]
+    out = run_pipeline(tmp_path / "run", *model_args, *fast, "sparsity=2:4", "save_model=true", "eval.dense=false")
+    assert out["status"] == "done" and out["sparsity"]["measured"] == pytest.approx(0.5)
+    extra = _slorb_count(out["model_dir"])
+    assert out["params"]["dense_by_kind"]["slorb"] == extra == out["method_stats"]["slorb"]["params"]
+    assert out["method_stats"]["slorb"]["k"] == 16 and out["method_stats"]["slorb"]["trainable_projection"]
+    back = from_pretrained(out["model_dir"])
+    assert sum(isinstance(m, SLoRB) for m in back.modules()) == len(prunable_matrices(back))
+    for name, m in prunable_matrices(back).items():
+        assert nm_violations(m.weight, 2, 4) == 0, name
+    tok = AutoTokenizer.from_pretrained(out["model_dir"])
+    got = _perplexity(back, tok)["wiki"]
+    assert got == pytest.approx(out["perplexity"]["wiki"], rel=1e-6)
+    plain = _perplexity(AutoModelForCausalLM.from_pretrained(out["model_dir"]), tok)["wiki"]
+    assert plain != pytest.approx(got, rel=1e-6)
+
+
+def test_ast_boosted_with_squarehead_and_its_refusal_of_expert_tensors(tmp_path):
+    from test_families import _checkpoint
+
+    out = run_pipeline(tmp_path / "sq", *[a.replace("method=ast", "method=ast_boosted") for a in AST_FAST],
+                       "method.squarehead_weight=1.0", "method.trainable_projection=false", "sparsity=2:4",
+                       "save_model=false", "eval.dense=false")
+    assert out["status"] == "done" and out["method_stats"]["slorb"]["trainable_projection"] is False
+    ckpt = _checkpoint("mixtral", tmp_path)
+    with pytest.raises(ElsaError, match=r"method\.slorb=true: SLoRB bypasses Linear and Conv1D matrices"):
+        run_pipeline(tmp_path / "moe", "model=hf", f"model.path={ckpt}", *AST_FAST, "method.slorb=true",
+                     "seqlen=32", "eval.max_tokens=256")

@@ -9,7 +9,13 @@ the mask settle. Every ``mask_interval`` steps m is recomputed from the current 
 The loss mixes next-token prediction and KL distillation from the dense model (1/3 : 2/3 in the paper). At
 the end the weights are w * m, exactly on the target.
 
-Not here: SLoRB (the paper's extra low-rank branch); ``slorb=true`` is refused.
+AST-Boosted (``method=ast_boosted``, or ``method.slorb=true``): every pruned Linear / Conv1D also gets SLoRB, the
+semi-structured low-rank bypass (elsa/slorb.py): a dense branch ``S (P x)`` over groups of ``slorb_k`` inputs,
+S initialised from the weights the first mask removes (``slorb_init``), P the group-sum matrix, trainable with
+``trainable_projection``; trained with the model, counted in results.json (``params.dense_by_kind.slorb``),
+saved with it and reloaded by ``elsa.slorb.from_pretrained``. The loss may add SquareHead
+(``squarehead_weight``: every block's output against the dense teacher's, elsa.losses.squarehead_loss); the
+paper's GPT-2 command sets it to 0.
 """
 from __future__ import annotations
 
@@ -237,11 +243,26 @@ class Ast(TrainingMethod):
 
     def validate(self, model, target) -> None:
         """mask_metric=wanda reads each Linear's inputs in its forward; a fused expert tensor's per-expert inputs
-        are not observed there: refused before any work (the magnitude metric, the default, masks experts)."""
+        are not observed there: refused before any work (the magnitude metric, the default, masks experts). SLoRB
+        needs Linear / Conv1D matrices whose inputs split into groups of slorb_k, and the first mask from the
+        weights alone (magnitude)."""
         from elsa.models import prunable_weights
 
         super().validate(model, target)
-        stacked = [n for n, w in prunable_weights(model).items() if w.experts is not None]
+        weights = prunable_weights(model)
+        stacked = [n for n, w in weights.items() if w.experts is not None]
+        if self.slorb:
+            if stacked:
+                raise ElsaError(f"method.slorb=true: SLoRB bypasses Linear and Conv1D matrices, not the {len(stacked)} "
+                                f"fused expert tensor(s) of this model ({stacked[0]}); pass ignore=[experts] to "
+                                "leave them dense (recorded in results.json), or method.slorb=false")
+            if self.mask_metric != "magnitude":
+                raise config_error("method.mask_metric", self.mask_metric, "magnitude with method.slorb=true (SLoRB "
+                                   "starts from the weights the first mask removes, computed before any forward)")
+            odd = [(n, w.view(w.param).shape[1]) for n, w in weights.items() if w.view(w.param).shape[1] % self.slorb_k]
+            if odd:
+                raise config_error("method.slorb_k", self.slorb_k, f"a divisor of every pruned matrix's input size "
+                                   f"({odd[0][0]} has {odd[0][1]} inputs)")
         if stacked and self.mask_metric == "wanda":
             raise ElsaError(f"method.mask_metric=wanda: AST does not observe the per-expert inputs of {len(stacked)} "
                             f"fused expert tensor(s) ({stacked[0]}{', ...' if len(stacked) > 1 else ''}); use "
@@ -250,7 +271,8 @@ class Ast(TrainingMethod):
     def __init__(self, lr_schedule: str = "cosine", srste_decay: float = 1e-4, increase_step: int = 10000,
                  mask_interval: int = 10, mask_metric: str = "magnitude", change_mask: bool = True,
                  group: str = "row", task_weight: float = 0.33, kl_weight: float = 0.67, slorb: bool = False,
-                 **shared):
+                 slorb_k: int = 16, slorb_init: str = "mean", trainable_projection: bool = True,
+                 squarehead_weight: float = 0.0, **shared):
         """AST's own keys; ``shared`` are the engine's (elsa.engine.TrainSettings), with the reference recipe's
         defaults below."""
         own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
@@ -275,8 +297,17 @@ class Ast(TrainingMethod):
         if self.task_weight + self.kl_weight == 0:
             raise config_error("method.task_weight", task_weight, "> 0 when method.kl_weight is 0")
         positive("method.temperature", temperature)
-        if slorb:
-            raise config_error("method.slorb", slorb, "false: SLoRB (the low-rank bypass) is not implemented yet")
+        if not isinstance(slorb, bool):
+            raise config_error("method.slorb", slorb, "true (AST-Boosted: the SLoRB bypass) or false (AST-Naive)")
+        if not isinstance(trainable_projection, bool):
+            raise config_error("method.trainable_projection", trainable_projection, "true or false")
+        from elsa.slorb import INITS
+
+        if slorb_init not in INITS:
+            raise config_error("method.slorb_init", slorb_init, " or ".join(INITS))
+        self.slorb, self.slorb_init, self.trainable_projection = slorb, slorb_init, trainable_projection
+        self.slorb_k = positive("method.slorb_k", slorb_k, whole=True)
+        self.squarehead_weight = positive("method.squarehead_weight", squarehead_weight, zero_ok=True)
         self.config.update(own)
 
     def lr_lambda(self):
@@ -285,6 +316,25 @@ class Ast(TrainingMethod):
         return make(t.warmup_steps, t.steps, t.lr_final_ratio)
 
     # -- hooks of the training engine -----------------------------------------------------------------
+    @torch.no_grad()
+    def extend(self, model, ctx) -> None:
+        """AST-Boosted: a SLoRB branch on every pruned matrix, S from the weights the first mask removes (the mask
+        start() computes next: magnitude scores of the same weights)."""
+        if not self.slorb:
+            return
+        from elsa.models import prunable_weights
+        from elsa.slorb import SLoRB, attach, init_from_pruned
+
+        for name, w in prunable_weights(model).items():
+            if hasattr(w.module, "slorb"):
+                continue                                    # already extended (a resumed or repeated call)
+            matrix = w.view(w.param.detach())               # [out, in]
+            keep = mask_from_scores(matrix.abs().float(), ctx.target, self.group)
+            branch = SLoRB(matrix.shape[1], matrix.shape[0], self.slorb_k, self.trainable_projection,
+                           dtype=w.param.dtype, device=w.param.device)
+            init_from_pruned(branch, matrix, keep, self.slorb_init)
+            attach(w.module, branch)
+
     def setup(self, run):
         from elsa.models import prunable_weights
 
@@ -302,6 +352,10 @@ class Ast(TrainingMethod):
                 for micro in range(self.train.grad_accum):
                     run.model(input_ids=run.micro_batch(0, micro), use_cache=False)
         masks.update()
+        if self.slorb:
+            from elsa.slorb import summary
+
+            run.stats["slorb"] = summary(run.model)
         ctx = run.ctx
         if self.eval_initial and self.mask_metric == "magnitude" and ctx.start is None and "evaluate" in ctx.extras \
                 and run.world == 1:

@@ -29,11 +29,12 @@ class TrainingMethod(Pruner):
         self.eval_initial = self.train.eval_initial
         # loss = task_weight * next-token + kl_weight * KL(teacher || student); a teacher exists iff kl_weight
         self.task_weight, self.kl_weight = 1.0, 0.0
+        self.squarehead_weight = 0.0   # weight of the SquareHead term (AST): the blocks' outputs against the teacher's
 
     @property
     def distils(self) -> bool:
         """The loss reads a teacher: after a start stage the pipeline keeps the dense model for it."""
-        return bool(self.kl_weight)
+        return bool(self.kl_weight or self.squarehead_weight)
 
     def prune(self, ctx: PruneContext) -> dict:
         """Train from ``ctx.model`` as it is (dense, or a start stage's solution; the teacher is ``ctx.teacher``
@@ -45,6 +46,10 @@ class TrainingMethod(Pruner):
         """The LR multiplier per step (LambdaLR)."""
         t = self.train
         return linear_schedule(t.warmup_steps, t.steps, t.lr_final_ratio)
+
+    def extend(self, model, ctx: PruneContext) -> None:
+        """Add the method's own modules to ``model`` before the optimizer is built (and before FSDP shards a copy
+        of it): AST's SLoRB branches. Their parameters train when their module says ``elsa_trains``."""
 
     def setup(self, run: TrainRun):
         """The method's state for this run (before a checkpoint is loaded); the engine keeps it as run.state."""
