@@ -126,8 +126,7 @@ def sparsity_at(target: Sparsity, step: int, warmup_steps: int) -> Sparsity:
     """Cubic ramp of the projection's ratio from 0 to the target over ``warmup_steps`` (N:M: no ramp)."""
     if target.is_nm or warmup_steps <= 0 or step >= warmup_steps:
         return target
-    ratio = target.ratio * (1.0 - (1.0 - step / warmup_steps) ** 3)
-    return Sparsity(ratio=ratio)
+    return target.scaled(1.0 - (1.0 - step / warmup_steps) ** 3)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,7 +162,7 @@ class AdmmState:
         v = second_moment(name) if second_moment is not None else None
         scores = x.abs() if v is None else v * x.square()
         p = self.params[name]
-        return scatter(p, mask_from_scores(gather(p, scores), target, self.group, self.transposed.get(name, False)))
+        return scatter(p, mask_from_scores(gather(p, scores), target.at(name), self.group, self.transposed.get(name, False)))
 
     @torch.no_grad()
     def init(self, target: Sparsity, second_moment=None):

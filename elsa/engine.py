@@ -202,6 +202,9 @@ class TrainEngine:
 
         signature = {"method": m.config, "target": str(ctx.target), "seed": ctx.seed, "seqlen": ctx.seqlen,
                      "dataset": getattr(ctx.dataset, "name", None), "params": sum(p.numel() for p in trainable)}
+        if ctx.target.allocated:            # a resumed run must have the same per-matrix ratios
+            import hashlib
+            signature["allocation"] = hashlib.sha1(repr(sorted(ctx.target.per_matrix.items())).encode()).hexdigest()
         ckpt = Checkpointer(ctx.output_dir, m.name, signature, model=model, optimizer=opt)
         state = ckpt.load() if s.resume else None
         if state is not None:
