@@ -53,8 +53,26 @@ class Allocation:
 
 
 class Uniform(Allocation):
-    def __init__(self, name: str = "uniform"):
-        pass
+    """Every matrix at the target. ``exact=false`` (default): each matrix (each row with group=row) rounds its own
+    count, as every method always did, so the overall count can differ from round(target * weights) by under one
+    weight per matrix (row); ``exact=true``: the same ratio with the counts rounded so the total is exact."""
+
+    def __init__(self, name: str = "uniform", exact: bool = False):
+        if not isinstance(exact, bool):
+            raise config_error("allocation.exact", exact, "true or false")
+        self.exact = exact
+
+    def check(self, target):
+        if self.exact and target.is_nm:
+            raise config_error("allocation.exact", True, "false with an N:M target (its count is fixed by N:M)")
+
+    def allocate(self, model, target, calibration=None, device="cpu"):
+        if not self.exact:
+            return target, {"name": self.name}
+        numels = _numels(model)
+        counts = exact_counts({n: target.ratio for n in numels}, numels, target.ratio, 1.0 - 1e-12)
+        return allocated_target(target, counts, numels), {
+            "name": self.name, "exact": True, "overall": sum(counts.values()) / sum(numels.values())}
 
 
 # ---------------------------------------------------------------------------------------------------------
