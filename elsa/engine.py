@@ -144,6 +144,8 @@ class TrainEngine:
     def compute_loss(self, model, teacher, ids):
         m = self.method
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.s.autocast_bf16):
+            if getattr(m, "rem_weight", 0.0):
+                return self.rem_loss(model, teacher, ids)
             logits = model(input_ids=ids, use_cache=False).logits
             if not m.kl_weight:
                 return lm_loss(logits, ids)
@@ -154,6 +156,22 @@ class TrainEngine:
                 return kl
             return m.task_weight * lm_loss(logits, ids) + m.kl_weight * kl
 
+    def rem_loss(self, model, teacher, ids):
+        """ELSA's ``rem`` loss: mean squared error of the final hidden states (after the final norm, what the
+        LM head reads) against the dense teacher's, computed on the fly."""
+        m = self.method
+        out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+        with torch.no_grad():
+            ref = teacher(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[-1]
+        loss = m.rem_weight * torch.nn.functional.mse_loss(out.hidden_states[-1].float(), ref.float())
+        if m.task_weight:
+            loss = loss + m.task_weight * lm_loss(out.logits, ids)
+        if m.kl_weight:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids, use_cache=False).logits
+            loss = loss + m.kl_weight * kl_loss(out.logits, t_logits, self.s.temperature)
+        return loss
+
     def run(self, ctx: PruneContext, dense=None) -> dict:
         """Train ``ctx.model`` in place; ``dense`` is the teacher to keep (a start stage ran), else a frozen copy
         of the model is the teacher where the method distils."""
@@ -163,7 +181,7 @@ class TrainEngine:
         work = copy.deepcopy(ctx.model)
         D.shard(work, decoder_blocks(work))
         teacher = None
-        if self.method.kl_weight:  # a sharded module cannot be deep-copied: the teacher is its own sharded dense copy
+        if self.method.distils:  # a sharded module cannot be deep-copied: the teacher is its own sharded dense copy
             teacher = dense if dense is not None else copy.deepcopy(ctx.model)
             D.shard(teacher, decoder_blocks(teacher))
         stats = self.train(work, ctx, teacher)
@@ -184,7 +202,7 @@ class TrainEngine:
         trainable = [p for p in model.parameters() if p.requires_grad]
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if m.kl_weight:
+        if m.distils:
             teacher = (teacher if teacher is not None else copy.deepcopy(model)).eval().requires_grad_(False)
 
         bos = ctx.tokenizer.bos_token_id

@@ -131,7 +131,8 @@ def mask_from_scores(scores: torch.Tensor, target: Sparsity, group: str = "layer
 
     The weight is a matrix ``[out, in]``, stored ``[in, out]`` when ``transposed`` (Conv1D), or a stack of
     expert matrices ``[experts, ...]`` (each expert its own matrix: its own count, rows and N:M groups).
-    group='layer': the ratio of the whole matrix; 'row': the ratio within every output row.
+    group='layer': the ratio of the whole matrix; 'row': the ratio within every output row; 'column': within
+    every input column.
     N:M ignores group: within every M consecutive inputs of a row keep the N highest scores.
     """
     if transposed:
@@ -156,10 +157,12 @@ def mask_from_scores(scores: torch.Tensor, target: Sparsity, group: str = "layer
                 return _prune_lowest(scores, base)
             return torch.cat([_prune_lowest(scores[:extra], base + 1), _prune_lowest(scores[extra:], base)])
         return _prune_lowest(scores, int(round(cols * target.ratio)))
+    if group == "column":                     # the ratio within every input column
+        return mask_from_scores(scores.t(), target, "row").t().contiguous()
     if group == "layer":
         flat = scores.reshape(1, -1)
         return _prune_lowest(flat, int(round(flat.numel() * target.ratio))).reshape(rows, cols)
-    raise config_error("group", group, "one of layer, row")
+    raise config_error("group", group, "one of layer, row, column")
 
 
 def project(weight: torch.Tensor, target: Sparsity, group: str = "layer", scores: torch.Tensor | None = None,
