@@ -47,6 +47,7 @@ CASES = [
     ("owl", "wanda", []),                              # group=row: the rows share the matrix's count exactly
     ("owl", "sparsegpt", []),
     ("owl", "sparsellm", []),
+    ("owl", "safe", ["method.epochs=1", "method.warmup_epochs=0", "method.interval=1"]),   # per-block ADMM
     ("owl", "elsa", STEPS),                            # global: ADMM projection and the final projection
     ("owl", "elsa", [*STEPS, "start=wanda"]),          # the start stage prunes to the allocation too
     ("owl", "ast", STEPS),                             # AST's masks
