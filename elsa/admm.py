@@ -122,15 +122,108 @@ class LambdaSchedule:
         self.current = state["current"]
 
 
-def sparsity_at(target: Sparsity, step: int, warmup_steps: int) -> Sparsity:
-    """Cubic ramp of the projection's ratio from 0 to the target over ``warmup_steps`` (N:M: no ramp)."""
+SPARSITY_SCHEDULES = ("cubic", "linear", "cosine", "exponential")
+
+
+def sparsity_fraction(kind: str, p: float, initial: float = 0.0) -> float:
+    """The fraction of the target the projection uses at progress ``p`` = step / peak step in [0, 1), starting
+    from ``initial`` (a fraction of the target), as ELSA's code (prune_lora, SparsityScheduler) defines them:
+    linear f0 + (1 - f0) p; cosine f0 + (1 - f0) (1 - cos(pi p)) / 2; exponential f0 (1 / f0)^p (plain p when
+    f0 = 0, as there); cubic 1 + (f0 - 1) (1 - p)^3 (Zhu & Gupta's gradual pruning)."""
+    if kind == "cubic":
+        return 1.0 - (1.0 - p) ** 3 if initial == 0 else 1.0 + (initial - 1.0) * (1.0 - p) ** 3
+    if kind == "linear":
+        return initial + (1.0 - initial) * p
+    if kind == "cosine":
+        return initial + (1.0 - initial) * 0.5 * (1.0 - math.cos(math.pi * p))
+    if kind == "exponential":
+        return initial * (1.0 / initial) ** p if initial > 0 else p
+    raise config_error("method.sparsity_schedule", kind, f"one of {', '.join(SPARSITY_SCHEDULES)}")
+
+
+def sparsity_at(target: Sparsity, step: int, warmup_steps: int, kind: str = "cubic",
+                initial: float = 0.0) -> Sparsity:
+    """The projection's target at ``step``: a ramp (``kind``) from ``initial`` x the target to the target at the
+    peak step ``warmup_steps``, the target from then on (N:M: no ramp). Every allocated ratio scales alike."""
     if target.is_nm or warmup_steps <= 0 or step >= warmup_steps:
         return target
-    ratio = target.ratio * (1.0 - (1.0 - step / warmup_steps) ** 3)
-    return Sparsity(ratio=ratio)
+    return target.scaled(sparsity_fraction(kind, step / warmup_steps, initial))
 
 
 # ---------------------------------------------------------------------------------------------------
+
+
+class Scorer:
+    """Projection scores beyond |x| and Adam's v * x^2 (ELSA's code, prune_lora), for x = w (+ u) of weight
+    ``name`` (storage layout, this rank's rows):
+
+    - ``objective_corrected``: v_hat * x^2, v_hat = v / (1 - beta2^t) (Adam's bias correction; one positive
+      constant per step for every tensor, so its masks equal ``objective``'s: kept for the record and Taylor);
+    - ``activation``: sum over training tokens of x_j^2 (the weight's inputs) times x^2 (Wanda's statistic, squared);
+    - ``gradient``: sum over steps of grad^2 times x^2 (an empirical-Fisher saliency);
+    - ``taylor``: 1/2 v_hat x^2 - m_hat x, the second-order Taylor estimate of the loss increase from zeroing x
+      with Adam's bias-corrected moments as gradient and diagonal curvature.
+    """
+
+    KINDS = ("objective_corrected", "activation", "gradient", "taylor")
+
+    def __init__(self, kind: str, opt, params: dict, betas, transposed: dict | None = None):
+        self.kind, self.opt, self.params, self.betas = kind, opt, params, betas
+        self.transposed = transposed or {}
+        self.act: dict[str, torch.Tensor] = {}          # name -> sum of x_j^2 over tokens (input features)
+        self.grad_sq: dict[str, torch.Tensor] = {}       # name -> sum of grad^2 over steps (local rows)
+
+    def _state(self, p, key):
+        v = self.opt.state.get(p, {}).get(key)
+        if v is None:
+            return None
+        return local(v.dequantize() if hasattr(v, "dequantize") else v).float()
+
+    def _step(self, p) -> float:
+        t = self.opt.state.get(p, {}).get("step", 0)
+        return float(t.item() if torch.is_tensor(t) else t)
+
+    def moments(self, p):
+        """(m_hat, v_hat) of parameter ``p``, or (None, None) before Adam's first step."""
+        m, v, t = self._state(p, "exp_avg"), self._state(p, "exp_avg_sq"), self._step(p)
+        if v is None or t <= 0:
+            return None, None
+        b1, b2 = self.betas
+        return (None if m is None else m / (1 - b1 ** t)), v / (1 - b2 ** t)
+
+    def __call__(self, name: str, x: torch.Tensor, p=None) -> torch.Tensor:
+        p = self.params[name] if p is None else p
+        if self.kind in ("objective_corrected", "taylor"):
+            m_hat, v_hat = self.moments(p)
+            if v_hat is None:
+                return x.abs()
+            if self.kind == "objective_corrected":
+                return v_hat * x.square()
+            return 0.5 * v_hat * x.square() - m_hat * x
+        if self.kind == "activation":
+            a = self.act.get(name)
+            if a is None:
+                return x.abs()
+            a = a.to(x.device)
+            return (a.reshape(-1, 1) if self.transposed.get(name) else a.reshape(1, -1)) * x.square()
+        g = self.grad_sq.get(name)
+        return x.abs() if g is None else g * x.square()
+
+    def add_gradients(self) -> None:
+        for name, p in self.params.items():
+            if p.grad is not None:
+                g = local(p.grad).detach().float().square()
+                self.grad_sq[name] = g if name not in self.grad_sq else self.grad_sq[name] + g
+
+    def add_inputs(self, name: str, x: torch.Tensor) -> None:
+        sq = x.detach().reshape(-1, x.shape[-1]).float().square().sum(0)
+        self.act[name] = sq if name not in self.act else self.act[name] + sq
+
+    def state_dict(self) -> dict:
+        return {"act": self.act, "grad_sq": self.grad_sq}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.act, self.grad_sq = state.get("act", {}), state.get("grad_sq", {})
 
 
 def _allreduce(values: list[float]) -> list[float]:
@@ -160,10 +253,13 @@ class AdmmState:
 
     def mask(self, name: str, x: torch.Tensor, target: Sparsity, second_moment) -> torch.Tensor:
         """Keep-mask (local rows) of the projection of x (local rows) onto the sparsity set."""
-        v = second_moment(name) if second_moment is not None else None
-        scores = x.abs() if v is None else v * x.square()
         p = self.params[name]
-        return scatter(p, mask_from_scores(gather(p, scores), target, self.group, self.transposed.get(name, False)))
+        if isinstance(second_moment, Scorer):
+            scores = second_moment(name, x, p)
+        else:
+            v = second_moment(name) if second_moment is not None else None
+            scores = x.abs() if v is None else v * x.square()
+        return scatter(p, mask_from_scores(gather(p, scores), target.at(name), self.group, self.transposed.get(name, False)))
 
     @torch.no_grad()
     def init(self, target: Sparsity, second_moment=None):
@@ -185,20 +281,23 @@ class AdmmState:
         return self.weight(name) - z + u
 
     @torch.no_grad()
-    def dual_update(self, target: Sparsity, lam_ratio: float = 1.0, second_moment=None, step: float = 1.0) -> dict:
+    def dual_update(self, target: Sparsity, lam_ratio: float = 1.0, second_moment=None, step: float = 1.0,
+                    relax: float = 1.0) -> dict:
         """z <- Proj(w + u); u <- u + step (w - z); returns global metrics. ``lam_ratio`` = lam_old / lam_new
         rescales the scaled dual when the penalty changed since the last update; ``step`` < 1 under-relaxes
-        the dual ascent (1: standard ADMM)."""
+        the dual ascent (1: standard ADMM). ``relax`` in (0, 2) is over-relaxation (Boyd et al. 2011, 3.4.3):
+        w is replaced by relax * w + (1 - relax) * z_old in both updates (1: standard ADMM)."""
         sums = [0.0] * 8  # primal^2, w^2, dz^2, flips_prev, flips_init, inter_init, union_init, numel
         for name in self.params:
             w = self.weight(name)
             z_old, u = self.zu(name)
             if lam_ratio != 1.0:
                 u = u * lam_ratio
-            v = w + u
+            w_hat = w if relax == 1.0 else relax * w + (1.0 - relax) * z_old
+            v = w_hat + u
             mask = self.mask(name, v, target, second_moment)
             z = v * mask
-            u = u + step * (w - z)
+            u = u + step * (w_hat - z)
             self.z[name], self.u[name] = self.zc.encode(z), self.uc.encode(u)
             m0, mp = self.mask0[name], self.mask_prev[name]
             sums[0] += float((w - z).square().sum())

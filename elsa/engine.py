@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -143,18 +144,21 @@ class TrainEngine:
 
     def compute_loss(self, model, teacher, ids):
         m = self.method
-        hidden = bool(m.squarehead_weight)   # SquareHead reads every block's output of student and teacher
+        # SquareHead (AST) reads every block's output, rem (ELSA) the final one, of student and teacher
+        hidden = bool(m.squarehead_weight or m.rem_weight)
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.s.autocast_bf16):
             out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
             logits = out.logits
-            if not m.kl_weight and not hidden:
+            if not m.distils:
                 return lm_loss(logits, ids)
             with torch.no_grad():
                 t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
             loss = m.kl_weight * kl_loss(logits, t_out.logits, self.s.temperature) if m.kl_weight else 0.0
             if m.task_weight:
                 loss = loss + m.task_weight * lm_loss(logits, ids)
-            if hidden:
+            if m.rem_weight:   # ELSA's rem: MSE of the final hidden states (what the LM head reads)
+                loss = loss + m.rem_weight * F.mse_loss(out.hidden_states[-1].float(), t_out.hidden_states[-1].float())
+            if m.squarehead_weight:
                 loss = loss + m.squarehead_weight * squarehead_loss(out.hidden_states[1:], t_out.hidden_states[1:])
             return loss
 
@@ -208,6 +212,9 @@ class TrainEngine:
 
         signature = {"method": m.config, "target": str(ctx.target), "seed": ctx.seed, "seqlen": ctx.seqlen,
                      "dataset": getattr(ctx.dataset, "name", None), "params": sum(p.numel() for p in trainable)}
+        if ctx.target.allocated:            # a resumed run must have the same per-matrix ratios
+            import hashlib
+            signature["allocation"] = hashlib.sha1(repr(sorted(ctx.target.per_matrix.items())).encode()).hexdigest()
         ckpt = Checkpointer(ctx.output_dir, m.name, signature, model=model, optimizer=opt)
         state = ckpt.load() if s.resume else None
         if state is not None:

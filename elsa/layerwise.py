@@ -94,12 +94,13 @@ class LayerwisePruner(Pruner):
         per-Linear statistics (SparseLLM re-runs the block to read its MLP's input and dense output).
         Returns the per-layer dicts for :meth:`summarize`."""
         per_layer = {}
+        local = target.within(prefix)          # each matrix's own ratio when an allocation set them
         for name, lin in block_matrices(block).items():
             if stats[name] is NO_TOKENS:
-                prune_by_magnitude(lin, target)
+                prune_by_magnitude(lin, local.at(name))
                 self.without_tokens.append(f"{prefix}.{name}")
                 continue
-            out = self.prune_linear(f"{prefix}.{name}", lin, stats[name], target)
+            out = self.prune_linear(f"{prefix}.{name}", lin, stats[name], local.at(name))
             if out:
                 per_layer[f"{prefix}.{name}"] = out
         return per_layer

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from elsa import distributed as D
+from elsa.allocation import Uniform
 from elsa.data import sample_starts, token_stream, windows
 from elsa.errors import ElsaError, config_error
 from elsa.evaluation import PerplexityEval, bos_id, check_finite
@@ -239,6 +240,7 @@ class Run:
                               # as asked; validate() replaces them with what applies to the method
                               "start": {"name": OmegaConf.select(cfg, "start.name") or "dense"},
                               "budget": OmegaConf.select(cfg, "method.budget"),
+                              "allocation": {"name": OmegaConf.select(cfg, "allocation.name") or "uniform"},
                               "sparsity": {"target": str(OmegaConf.select(cfg, "sparsity"))},
                               "overrides": self.overrides, "job_name": self.job_name, "group": self.group,
                               "output_dir": str(self.out)}
@@ -257,7 +259,10 @@ class Run:
         self.method = build(cfg.method, "method")
         self.budget = self._budget(cfg)
         self.start, self.start_info = self._start(cfg)
-        self.needs_calibration = self.method.needs_calibration or bool(self.start and self.start.needs_calibration)
+        self.allocation = build(cfg.allocation, "allocation") if cfg.get("allocation") is not None else Uniform()
+        self.allocation.check(self.target)
+        self.needs_calibration = self.method.needs_calibration or bool(self.start and self.start.needs_calibration) \
+            or self.allocation.needs_calibration
         self.ignore = self._patterns(cfg, "ignore", "experts")
         self.targets = self._patterns(cfg, "targets", "mlp")
         if self.needs_calibration:
@@ -391,6 +396,7 @@ class Run:
         self.method.validate(model, self.target)
         if self.start is not None:
             self.start.validate(model, self.target)
+        self.allocation.prepare(model, self.target)     # a profile's names, before any calibration work
 
         calib, starts = None, None
         if self.needs_calibration:
@@ -399,6 +405,10 @@ class Run:
             calib = windows(train, self.seqlen, bos_id(tok, bool(cfg.eval.add_bos)), starts)
             self.results["calibration"] = {"dataset": cfg.dataset.name, "nsamples": self.nsamples,
                                            "seqlen": self.seqlen, "starts": starts}
+
+        # each targeted matrix's ratio, fixed before the start and the method (OWL reads the calibration walk)
+        self.target, self.results["allocation"] = self.timed("allocation", self.allocation.allocate, model,
+                                                             self.target, calib, self.device)
 
         if offload and cfg.eval.dense:
             model.to(self.device)

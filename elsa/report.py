@@ -10,8 +10,9 @@ wall time. Failed jobs (and job dirs Hydra made
 but that hold no results.json: killed jobs) appear in the table and are left out of the plots.
 
 A row's method is labelled from the run's three choices: the method, where it started and its budget, e.g.
-"elsa (from sparsegpt, quick)"; the dense start and the paper budget are left out ("elsa", "wanda"), and so is
-the budget of a method without steps or epochs. Sweep dirs written before these choices existed (results.json
+"elsa (from sparsegpt, quick)", and the allocation of the ratio across matrices: "wanda (owl)"; the dense start,
+the paper budget and the uniform allocation are left out ("elsa", "wanda"), and so is the budget of a method
+without steps or epochs. Sweep dirs written before these choices existed (results.json
 naming a preset such as elsa_quick, or method.init) get the same labels (elsa.renamed.OLD_METHODS). Rows are
 ordered by method, then start, then budget.
 
@@ -20,7 +21,9 @@ Plots, one PNG per perplexity corpus:
   over the unstructured ratios, N:M targets as diamonds at their ratio (2:4 at 0.5), the dense model as a
   dashed horizontal line;
 - ``ppl_vs_nonzero_<corpus>.png``: log perplexity vs non-zero parameters (whole model) across models, one
-  colour per method, one marker per model, dense models as black stars.
+  colour per method, one marker per model, dense models as black stars;
+- ``allocation_per_layer.png`` when jobs ran a non-uniform allocation (allocation=owl, profile): the sparsity
+  allocated to each decoder layer, one line per job.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe",
                 "elsa_l"]
 START_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm"]
 BUDGET_ORDER = ["paper", "cpu", "quick"]
+ALLOCATION_ORDER = ["uniform", "owl", "profile"]
 PPL = "ppl/"          # column prefix: perplexity of the pruned model per corpus
 DENSE = "dense_ppl/"  # column prefix: perplexity of the dense model per corpus
 
@@ -97,11 +101,18 @@ def choices(data: dict) -> tuple[str | None, str, str | None]:
     return method, overrides.get("method.init", start), budget
 
 
-def label(method: str | None, start: str, budget: str | None) -> str | None:
-    """"elsa (from sparsegpt, quick)": the method, then what is not the default (dense start, paper budget)."""
+def allocation_of(data: dict) -> str:
+    """The allocation a results.json ran (results before allocations existed: uniform)."""
+    return ((data.get("allocation") or {}).get("name")) or "uniform"
+
+
+def label(method: str | None, start: str, budget: str | None, allocation: str = "uniform") -> str | None:
+    """"elsa (owl, from sparsegpt, quick)": the method, then what is not the default (uniform allocation, dense
+    start, paper budget)."""
     if method is None:
         return None
-    parts = ([f"from {start}"] if start != "dense" else []) + ([budget] if budget not in (None, "paper") else [])
+    parts = ([allocation] if allocation not in (None, "uniform") else []) + \
+        ([f"from {start}"] if start != "dense" else []) + ([budget] if budget not in (None, "paper") else [])
     return f"{method} ({', '.join(parts)})" if parts else method
 
 
@@ -116,7 +127,8 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
     ratio, is_nm = _target(target)
     params = data.get("params") or {}
     base, start, budget = choices(data)
-    method = label(base, start, budget)
+    allocation = allocation_of(data)
+    method = label(base, start, budget, allocation)
     fb = (data.get("method_stats") or {}).get("fallback")
     if method and isinstance(fb, dict) and fb.get("blocks"):  # a fallback ran: the row must not pass for the method
         method = f"{method} (fallback {fb.get('method')} on {len(fb['blocks'])}/{fb.get('of', '?')} MLPs)"
@@ -124,7 +136,9 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
     if method and isinstance(none, dict) and none.get("count"):   # experts no calibration token reached
         method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"
     row = {"model": data.get("model"), "method": method, "method_name": base, "start": start, "budget": budget,
-           "order": (_rank(METHOD_ORDER, base) * 100 + _rank(START_ORDER, start)) * 100 + _rank(BUDGET_ORDER, budget),
+           "allocation": allocation,
+           "order": ((_rank(METHOD_ORDER, base) * 100 + _rank(START_ORDER, start)) * 100 +
+                     _rank(BUDGET_ORDER, budget)) * 10 + _rank(ALLOCATION_ORDER, allocation),
            "sparsity": target,
            "sparsity_ratio": ratio, "nm": is_nm, "seed": data.get("seed"), "status": data.get("status"),
            "measured_sparsity": sparsity.get("measured"), "nonzero_params": params.get("nonzero"),
@@ -440,6 +454,37 @@ def plot_vs_nonzero(df: pd.DataFrame, corpus: str, path: Path) -> Path:
     return _save(plt, fig, path)
 
 
+def allocations(root: Path) -> list[dict]:
+    """The non-uniform allocations of the finished jobs below ``root``: label, target, per-layer ratios."""
+    out = []
+    for job_dir in job_dirs(Path(root)):
+        data = read_results(job_dir)
+        alloc = (data or {}).get("allocation") or {}
+        if data is None or data.get("status") != "done" or not alloc.get("per_layer"):
+            continue
+        base, start, budget = choices(data)
+        out.append({"label": f"{label(base, start, budget, allocation_of(data))} {data['sparsity']['target']}",
+                    "model": data.get("model"), "ratios": list(alloc["per_layer"].values()),
+                    "outliers": list((alloc.get("outlier_ratios") or {}).values())})
+    return out
+
+
+def plot_allocation(jobs: list[dict], path: Path) -> Path:
+    """The sparsity allocated to each decoder layer, one line per job (one panel per model)."""
+    plt = _plt()
+    models = sorted({j["model"] for j in jobs}, key=str)
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for job in (j for j in jobs if j["model"] == model):
+            ax.plot(range(len(job["ratios"])), job["ratios"], marker="o", markersize=4, label=job["label"])
+        ax.set_title(str(model))
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("allocated sparsity")
+        ax.grid(True, alpha=0.3)
+        _legend_outside(ax)
+    return _save(plt, fig, path)
+
+
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")      # the legends sit outside the axes
@@ -485,6 +530,9 @@ def write_report(root: Path | None, out: Path | None = None, table: pd.DataFrame
         files[f"sparsity_{corpus}"] = plot_vs_sparsity(df, corpus, out / f"ppl_vs_sparsity_{corpus}.png")
         if "nonzero_params" in ok and ok["nonzero_params"].notna().any():
             files[f"nonzero_{corpus}"] = plot_vs_nonzero(df, corpus, out / f"ppl_vs_nonzero_{corpus}.png")
+    jobs = allocations(root) if table is None else []   # a stored table has no per-layer records
+    if jobs:
+        files["allocation"] = plot_allocation(jobs, out / "allocation_per_layer.png")
     return files
 
 

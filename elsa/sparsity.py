@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Mapping
 
 import torch
 
 from elsa.errors import config_error, one_of
 
-# where a ratio target's top-k is compared: within each output row, or over the whole matrix (N:M ignores it)
-GROUPS = ("row", "layer")
+# where a ratio target's top-k is compared: within each output row, over the whole matrix, or within each input
+# column (N:M ignores it)
+GROUPS = ("row", "layer", "column")
 
 
 def check_group(value, key: str = "method.group") -> str:
@@ -32,10 +34,50 @@ class Sparsity:
     ratio: float
     n: int | None = None
     m: int | None = None
+    # the ratio of every targeted matrix by full name (experts as ``name[e]``) when an allocation other than
+    # uniform fixed them (elsa.allocation); None: every matrix at ``ratio``. ``at(name)`` reads it.
+    per_matrix: Mapping[str, float] | None = field(default=None, compare=False, repr=False)
+    # a matrix's own allocated target: its count round(ratio * numel) is exact also with group=row (the rows
+    # share it, the first ``count % rows`` rows prune one more), so the allocation's overall count is exact
+    exact: bool = field(default=False, compare=False, repr=False)
 
     @property
     def is_nm(self) -> bool:
         return self.m is not None
+
+    @property
+    def allocated(self) -> bool:
+        return self.per_matrix is not None
+
+    def within(self, prefix: str) -> "Sparsity":
+        """The same target with the per-matrix names under ``prefix`` made relative to it (a block's view)."""
+        if self.per_matrix is None or not prefix:
+            return self
+        head = prefix + "."
+        return replace(self, per_matrix={k[len(head):]: v for k, v in self.per_matrix.items() if k.startswith(head)})
+
+    def at(self, name: str):
+        """The target of matrix ``name``: this target (uniform), or its allocated ratio. A fused expert tensor's
+        name gives one target per expert (a list), in expert order."""
+        if self.per_matrix is None:
+            return self
+        if name in self.per_matrix:
+            return Sparsity(ratio=self.per_matrix[name], exact=True)
+        experts, e = [], 0
+        while f"{name}[{e}]" in self.per_matrix:
+            experts.append(Sparsity(ratio=self.per_matrix[f"{name}[{e}]"], exact=True))
+            e += 1
+        if not experts:
+            raise KeyError(f"internal: the allocation has no ratio for {name}")
+        return experts
+
+    def scaled(self, fraction: float) -> "Sparsity":
+        """Every ratio times ``fraction`` (a schedule's ramp towards the target; N:M: the target itself)."""
+        if self.is_nm:
+            return self
+        if self.per_matrix is None:
+            return Sparsity(ratio=self.ratio * fraction)
+        return Sparsity(ratio=self.ratio * fraction, per_matrix={k: v * fraction for k, v in self.per_matrix.items()})
 
     def __str__(self) -> str:  # the spelling a user typed: "0.9" or "2:4"
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.ratio:g}"
@@ -98,13 +140,17 @@ def mask_from_scores(scores: torch.Tensor, target: Sparsity, group: str = "layer
 
     The weight is a matrix ``[out, in]``, stored ``[in, out]`` when ``transposed`` (Conv1D), or a stack of
     expert matrices ``[experts, ...]`` (each expert its own matrix: its own count, rows and N:M groups).
-    group='layer': the ratio of the whole matrix; 'row': the ratio within every output row.
+    group='layer': the ratio of the whole matrix; 'row': the ratio within every output row; 'column': within
+    every input column.
     N:M ignores group: within every M consecutive inputs of a row keep the N highest scores.
     """
     if transposed:
         return mask_from_scores(scores.transpose(-1, -2), target, group).transpose(-1, -2).contiguous()
     if scores.dim() == 3:
-        return torch.stack([mask_from_scores(s, target, group) for s in scores])
+        targets = target if isinstance(target, (list, tuple)) else [target] * scores.shape[0]
+        return torch.stack([mask_from_scores(s, t, group) for s, t in zip(scores, targets)])
+    if isinstance(target, (list, tuple)):
+        raise ValueError("per-expert targets need a 3-D expert stack")
     scores = scores.detach().float()
     rows, cols = scores.shape
     if target.is_nm:
@@ -113,7 +159,15 @@ def mask_from_scores(scores: torch.Tensor, target: Sparsity, group: str = "layer
         grouped = scores.reshape(rows, cols // target.m, target.m)
         return _prune_lowest(grouped, target.m - target.n).reshape(rows, cols)
     if group == "row":
+        if target.exact:                       # an allocated count: rows share it exactly
+            k = int(round(rows * cols * target.ratio))
+            base, extra = divmod(k, rows)
+            if extra == 0:
+                return _prune_lowest(scores, base)
+            return torch.cat([_prune_lowest(scores[:extra], base + 1), _prune_lowest(scores[extra:], base)])
         return _prune_lowest(scores, int(round(cols * target.ratio)))
+    if group == "column":                     # the ratio within every input column
+        return mask_from_scores(scores.t(), target, "row").t().contiguous()
     if group == "layer":
         flat = scores.reshape(1, -1)
         return _prune_lowest(flat, int(round(flat.numel() * target.ratio))).reshape(rows, cols)

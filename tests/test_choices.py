@@ -22,8 +22,15 @@ OLD = Path(__file__).parent / "data" / "old_presets"
 PRESETS = ["elsa_cpu", "elsa_quick", "elsa_quick_sgpt", "elsa_l_quick", "ast_cpu", "ast_quick", "safe_cpu"]
 SHORT = {"elsa": ["method.steps=5"], "elsa_l": ["method.steps=5"], "ast": ["method.steps=5"], "safe": []}
 DROPPED = ("init",)                             # gone: init is start=
-# keys added since (AST-Boosted's SLoRB and SquareHead, off at their defaults): not in the old presets
-ADDED = ("trainable_projection", "squarehead_weight")
+# keys added after the presets (issue 15: ELSA's options; AST-Boosted's SLoRB and SquareHead), at the values that
+# are the old behaviour: only these values are dropped from a new config before comparing (any other value would
+# be a change and fail)
+ADDED = {"sparsity_schedule": "cubic", "sparsity_initial": 0.0, "relaxation": 1.0, "trainable_projection": True,
+         "squarehead_weight": 0.0}
+
+
+def without_added(keys: dict) -> dict:
+    return {k: v for k, v in keys.items() if not (k in ADDED and v == ADDED[k])}
 
 
 def old_preset(name: str) -> dict:
@@ -45,12 +52,12 @@ def test_new_spelling_has_the_old_presets_keys(preset):
     old = old_preset(preset)
     method, budget, start = OLD_METHODS[preset]
     cfg = compose(new_spelling(preset))
-    new = OmegaConf.to_container(cfg.method)
+    new = without_added(OmegaConf.to_container(cfg.method))
     assert new.pop("budget", "paper") == budget and cfg.budget.name == budget
     assert cfg.start.name == old.get("init", "dense") == start
     assert new.pop("name") == method
     old.pop("name")
-    assert {k: v for k, v in new.items() if k not in ADDED} == {k: v for k, v in old.items() if k not in DROPPED}
+    assert without_added(new) == {k: v for k, v in old.items() if k not in DROPPED}
 
 
 def _weights_via_pipeline(tmp_path: Path, overrides: list[str]) -> dict:
@@ -229,7 +236,7 @@ def _effective(cfg) -> tuple[dict, str]:
     """(method keys without metadata, the start that runs) of a composed config."""
     from elsa.pipeline import build
 
-    keys = {k: v for k, v in OmegaConf.to_container(cfg.method).items() if k not in ("name", "budget", *ADDED)}
+    keys = {k: v for k, v in without_added(OmegaConf.to_container(cfg.method)).items() if k not in ("name", "budget")}
     takes = build(cfg.method, "method").takes_start
     return keys, cfg.start.name if takes else "dense"
 

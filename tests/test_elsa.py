@@ -144,6 +144,10 @@ def test_elsa_nm_mask_valid_in_saved_model(tmp_path):
     ("method.interval=0", "method.interval=0"), ("method.steps=0", "method.steps=0"),
     ("method.lam=-1", "method.lam=-1"), ("method.lr=0", "method.lr=0"), ("method.lr=-0.1", "method.lr=-0.1"),
     ("method.lambda_schedule=nope", "method.lambda_schedule=nope"),
+    ("method.relaxation=2", "method.relaxation=2"), ("method.relaxation=0", "method.relaxation=0"),
+    ("method.sparsity_schedule=nope", "method.sparsity_schedule=nope"), ("method.projection=nope", "method.projection=nope"),
+    ("method.group=diag", "method.group=diag"), ("method.sparsity_initial=1", "method.sparsity_initial=1"),
+    ("method.loss=nope", "method.loss=nope"),
 ])
 def test_bad_hyperparameters_fail_before_loading(tmp_path, override, needle):
     with pytest.raises(ElsaError, match=needle.replace(".", r"\.")):
@@ -256,3 +260,142 @@ def test_one_shot_start_keeps_dense_teacher(tmp_path, init):
     # definition only with its own magnitude support, which the one-shot support is not
     assert r["method_stats"]["history"][0]["mask_iou_init"] > 0.5
     assert "initial_projection_perplexity" not in r["method_stats"]
+
+
+# -- ELSA's remaining options (issue 15): schedules, scores, column groups, over-relaxation, rem ----------------
+
+
+def test_sparsity_schedules_at_given_steps():
+    t = Sparsity(0.8)
+    at = {k: [sparsity_at(t, s, 100, k).ratio for s in (0, 25, 50)] for k in ("cubic", "linear", "cosine", "exponential")}
+    assert at["cubic"] == pytest.approx([0.0, 0.8 * (1 - 0.75 ** 3), 0.7])
+    assert at["linear"] == pytest.approx([0.0, 0.2, 0.4])
+    assert at["cosine"] == pytest.approx([0.0, 0.8 * 0.5 * (1 - math.cos(math.pi / 4)), 0.4])
+    assert at["exponential"] == pytest.approx([0.0, 0.2, 0.4])      # from 0: linear, as ELSA's code does
+    # from a quarter of the target: 0.25 * 4^p of it
+    assert sparsity_at(t, 50, 100, "exponential", 0.25).ratio == pytest.approx(0.8 * 0.5)
+    assert sparsity_at(t, 0, 100, "linear", 0.25).ratio == pytest.approx(0.2)
+    for kind in at:       # the target itself from the peak step on
+        assert sparsity_at(t, 100, 100, kind) is t and sparsity_at(t, 130, 100, kind) is t
+    # the default (cubic from 0) is the old formula, bit for bit
+    for step in (1, 7, 33, 99):
+        assert sparsity_at(t, step, 100).ratio == 0.8 * (1.0 - (1.0 - step / 100) ** 3)
+    # an allocation's ratios all follow the ramp
+    alloc = Sparsity(0.8, per_matrix={"a": 0.9, "b": 0.7})
+    half = sparsity_at(alloc, 50, 100, "linear")
+    assert half.per_matrix == pytest.approx({"a": 0.45, "b": 0.35})
+
+
+class _FakeOpt:
+    def __init__(self, p, m, v, step):
+        self.state = {p: {"exp_avg": m, "exp_avg_sq": v, "step": torch.tensor(float(step))}}
+
+
+def test_projection_scores_order_a_constructed_tensor():
+    from elsa.admm import Scorer
+
+    p = torch.nn.Parameter(torch.ones(1, 4))
+    x = torch.tensor([[1.0, -1.0, 2.0, 0.5]])
+    m = torch.tensor([[0.3, 0.3, 0.0, 0.0]])
+    v = torch.tensor([[1.0, 1.0, 0.01, 4.0]])
+    betas, step = (0.9, 0.95), 3
+    opt = _FakeOpt(p, m, v, step)
+    m_hat, v_hat = m / (1 - 0.9 ** 3), v / (1 - 0.95 ** 3)
+    taylor = Scorer("taylor", opt, {"w": p}, betas)("w", x)
+    assert torch.allclose(taylor, 0.5 * v_hat * x.square() - m_hat * x)
+    # -m_hat x: zeroing x=-1 against a positive gradient estimate raises the loss (most kept), zeroing x=+1
+    # lowers it (1/2 v_hat - m_hat = 2.40 < 1/2 v_hat * 0.25 * 4 = 3.51 of x=0.5); x=2 with tiny curvature least
+    assert torch.argsort(taylor[0], descending=True).tolist() == [1, 3, 0, 2]
+    corrected = Scorer("objective_corrected", opt, {"w": p}, betas)("w", x)
+    assert torch.allclose(corrected, v_hat * x.square())
+    # same masks as the uncorrected v * x^2: the correction is one constant
+    assert torch.equal(torch.argsort(corrected[0]), torch.argsort((v * x.square())[0]))
+
+    act = Scorer("activation", opt, {"w": p}, betas)
+    act.add_inputs("w", torch.tensor([[1.0, 2.0, 0.0, 3.0], [1.0, 0.0, 0.1, 1.0]]))   # sums of x_j^2: 2, 4, .01, 10
+    s = act("w", torch.ones(2, 4))
+    assert torch.allclose(s[0], torch.tensor([2.0, 4.0, 0.01, 10.0]))
+    keep = mask_keep(s, 0.5)
+    assert keep[:, 3].all() and keep[:, 1].all() and not keep[:, 2].any()
+
+    p.grad = torch.tensor([[0.1, 3.0, 0.2, 1.0]])
+    grad = Scorer("gradient", opt, {"w": p}, betas)
+    grad.add_gradients()
+    grad.add_gradients()
+    assert torch.allclose(grad("w", x), 2 * p.grad.square() * x.square())
+    assert torch.argsort(grad("w", x)[0], descending=True).tolist() == [1, 3, 2, 0]
+
+
+def mask_keep(scores, ratio):
+    from elsa.sparsity import mask_from_scores
+
+    return mask_from_scores(scores, Sparsity(ratio), "row")
+
+
+def test_column_group_prunes_every_column_alike():
+    from elsa.sparsity import mask_from_scores
+
+    scores = torch.rand(8, 6, generator=torch.Generator().manual_seed(0))
+    keep = mask_from_scores(scores, Sparsity(0.75), "column")
+    assert (~keep).sum(0).tolist() == [6] * 6
+    assert torch.equal(keep, mask_from_scores(scores.t(), Sparsity(0.75), "row").t())
+
+
+def test_over_relaxation():
+    p = torch.nn.Parameter(torch.tensor([[4.0, -3.0, 0.5, 2.0], [1.0, -0.2, 5.0, -1.5]]))
+    plain = AdmmState({"w": p}, Sparsity(0.5), "layer", Fp32Codec(), Fp32Codec())
+    one = AdmmState({"w": p}, Sparsity(0.5), "layer", Fp32Codec(), Fp32Codec())
+    relaxed = AdmmState({"w": p}, Sparsity(0.5), "layer", Fp32Codec(), Fp32Codec())
+    for a in (plain, one, relaxed):
+        a.init(Sparsity(0.5))
+    with torch.no_grad():
+        p.mul_(torch.tensor([[1.0, 0.1, 8.0, 1.0], [1.0, 1.0, 0.1, 1.0]]))   # the primal moved
+    z_old, u_old = relaxed.zu("w")
+    plain.dual_update(Sparsity(0.5))
+    one.dual_update(Sparsity(0.5), relax=1.0)
+    assert torch.equal(plain.zu("w")[0], one.zu("w")[0]) and torch.equal(plain.zu("w")[1], one.zu("w")[1])
+    relaxed.dual_update(Sparsity(0.5), relax=1.6)
+    w_hat = 1.6 * p.detach() + (1 - 1.6) * z_old
+    v = w_hat + u_old
+    keep = v.abs() > v.abs().flatten().sort().values[3]
+    assert torch.allclose(relaxed.zu("w")[0], v * keep)
+    assert torch.allclose(relaxed.zu("w")[1], u_old + w_hat - v * keep)
+    assert not torch.allclose(relaxed.zu("w")[1], plain.zu("w")[1])
+
+
+def test_rem_loss_is_the_final_hidden_state_mse(tiny_model):
+    import copy
+
+    from elsa.engine import TrainEngine
+    from elsa.methods.elsa import Elsa
+
+    model, _ = tiny_model
+    teacher = copy.deepcopy(model)
+    method = Elsa(loss="rem", steps=1)
+    assert method.distils and method.rem_weight == 1.0 and method.task_weight == method.kl_weight == 0.0
+    eng = TrainEngine(method)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert float(eng.compute_loss(model, teacher, ids)) == 0.0
+    with torch.no_grad():
+        for p in model.model.layers[0].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    got = eng.compute_loss(model, teacher, ids)
+    with torch.no_grad():
+        a = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        b = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert float(got) > 0 and float(got) == pytest.approx(float((a - b).square().mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("extra", [
+    ["method.projection=taylor", "method.group=row"],
+    ["method.projection=activation", "method.group=column"],
+    ["method.projection=gradient", "method.sparsity_warmup=0.5", "method.sparsity_schedule=cosine"],
+    ["method.relaxation=1.5", "method.loss=rem", "method.sparsity_warmup=0.5", "method.sparsity_schedule=linear"],
+])
+def test_new_options_run_to_the_exact_target(tmp_path, extra):
+    r = run_pipeline(tmp_path, *ELSA_FAST, "sparsity=0.75", "save_model=false", "eval.dense=false", *extra)
+    assert r["status"] == "done"
+    assert r["sparsity"]["measured"] == 0.75          # every tiny matrix's count is a whole number at 0.75
+    if "method.sparsity_schedule=linear" in extra:     # peak step 3 of 6: ratios 2/3 of the way at the step-2 update
+        hist = r["method_stats"]["history"]
+        assert hist[0]["target_ratio"] == pytest.approx(0.75 * 2 / 3)

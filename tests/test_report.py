@@ -205,3 +205,25 @@ def test_summary_puts_dense_first_and_one_line_per_job(sweep_dir):
     assert tiny[0] == ["tiny", "dense", "20.000"]
     assert ["tiny", "wanda", "0.7", "90.000", "2", "done"] in tiny
     assert any(c[-1] == "missing" for c in cells)   # the killed job is a line too
+
+
+def test_allocation_in_label_and_ratio_plot(tmp_path):
+    """A non-uniform allocation joins the row label (uniform is left out) and gets a ratio-per-layer plot."""
+    root = tmp_path / "sweep"
+    uniform = _job("tiny", "wanda", "0.7", 0.7, 90.0, 20.0, 0.7, 1300, 2000)
+    uniform["allocation"] = {"name": "uniform"}
+    owl = _job("tiny", "wanda", "0.7", 0.7, 80.0, 20.0, 0.7, 1300, 2000)
+    owl["allocation"] = {"name": "owl", "M": 5.0, "lambda": 0.08,
+                         "outlier_ratios": {"model.layers.0": 0.004, "model.layers.1": 0.006},
+                         "per_layer": {"model.layers.0": 0.78, "model.layers.1": 0.62}}
+    old = _job("tiny", "sparsegpt", "0.7", 0.7, 70.0, 20.0, 0.7, 1300, 2000)   # before allocations: uniform
+    for i, data in enumerate([uniform, owl, old]):
+        _write(root, str(i), data)
+    df = report.collect(root)
+    assert sorted(df["method"]) == ["sparsegpt", "wanda", "wanda (owl)"]
+    assert list(df["method"]).index("wanda") < list(df["method"]).index("wanda (owl)")
+    assert report.label("elsa", "sparsegpt", "quick", "owl") == "elsa (owl, from sparsegpt, quick)"
+    files = report.write_report(root)
+    assert files["allocation"].read_bytes()[:8] == PNG_MAGIC
+    jobs = report.allocations(root)
+    assert [j["label"] for j in jobs] == ["wanda (owl) 0.7"] and jobs[0]["ratios"] == [0.78, 0.62]

@@ -181,7 +181,7 @@ class SparseMasks:
         norms = self._input_norms()
         flips_prev = flips_init = inter = union = numel = 0.0
         for name in self.weights:
-            mask = mask_from_scores(self.scores(name, norms), self.target, self.group, self.weights[name].transposed)
+            mask = mask_from_scores(self.scores(name, norms), self.target.at(name), self.group, self.weights[name].transposed)
             prev, first = self.keep.get(name), self.initial.get(name)
             if first is None:
                 self.initial[name] = first = mask

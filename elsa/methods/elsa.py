@@ -13,11 +13,12 @@ from typing import Any
 import torch
 
 from elsa import distributed as D
-from elsa.admm import AdmmState, LambdaSchedule, codec, sparsity_at
+from elsa.admm import SPARSITY_SCHEDULES, AdmmState, LambdaSchedule, Scorer, codec, sparsity_at
+from elsa.models import prunable_weights
 from elsa.models import weight_layouts
-from elsa.errors import config_error, positive
-from elsa.methods.base import check_group
+from elsa.errors import config_error, one_of, positive
 from elsa.methods.training_method import TrainingMethod
+from elsa.sparsity import check_group
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ class ElsaRun:
     lam_prev: float = 0.0
     frozen: bool = False
     lam_t: float = 0.0               # the penalty of the current step
+    hooks: list | None = None        # projection=activation: the input hooks
+
+
+# projection scores: |x|, Adam's v * x^2 (objective), and those of elsa.admm.Scorer
+PROJECTIONS = ("magnitude", "objective") + Scorer.KINDS
+NEW_DEFAULTS = {"sparsity_schedule": "cubic", "sparsity_initial": 0.0, "relaxation": 1.0}
 
 
 class Elsa(TrainingMethod):
@@ -48,9 +55,14 @@ class Elsa(TrainingMethod):
                  dual_step: float | str = 1.0, proximal: str = "coupled", projection: str = "magnitude",
                  group: str = "layer", sparsity_warmup: float = 0.0, finetune_fraction: float = 0.0,
                  loss: str = "ntp", distill_alpha: float = 0.5, z_dtype: str = "fp32", u_dtype: str = "fp32",
+                 sparsity_schedule: str = "cubic", sparsity_initial: float = 0.0, relaxation: float = 1.0,
                  **shared):
         """ELSA's own keys; ``shared`` are the engine's (steps, lr, ..., see elsa.engine.TrainSettings)."""
         own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
+        # keys added by issue 15 join the checkpoint signature only when set, so older checkpoints still resume
+        for key, default in NEW_DEFAULTS.items():
+            if own.get(key) == default:
+                own.pop(key)
         super().__init__(**shared)
         self.interval = positive("method.interval", interval, whole=True)
         if not (isinstance(lam, (int, float)) and lam >= 0):
@@ -65,25 +77,47 @@ class Elsa(TrainingMethod):
             raise config_error("method.proximal", proximal, "coupled (in the gradient, the paper) or decoupled")
         if proximal == "decoupled" and max(self.lam, lam_final or 0) > 1:
             raise config_error("method.lam", lam, "at most 1 with proximal=decoupled (a pull fraction per step)")
-        if projection not in ("magnitude", "objective"):
-            raise config_error("method.projection", projection, "magnitude (|x|) or objective (v * x^2)")
+        one_of("method.projection", projection, PROJECTIONS)
         check_group(group)
+        one_of("method.sparsity_schedule", sparsity_schedule, SPARSITY_SCHEDULES)
+        if isinstance(sparsity_initial, bool) or not isinstance(sparsity_initial, (int, float)) or \
+                not 0 <= sparsity_initial < 1:
+            raise config_error("method.sparsity_initial", sparsity_initial, "a fraction of the target in [0, 1)")
+        if isinstance(relaxation, bool) or not isinstance(relaxation, (int, float)) or not 0 < relaxation < 2:
+            raise config_error("method.relaxation", relaxation, "a number in (0, 2) (1: standard ADMM)")
+        self.sparsity_schedule, self.sparsity_initial = sparsity_schedule, float(sparsity_initial)
+        self.relaxation = float(relaxation)
         if not 0 <= sparsity_warmup < 1:
             raise config_error("method.sparsity_warmup", sparsity_warmup, "a fraction of the steps in [0, 1)")
         if not 0 <= finetune_fraction < 1:
             raise config_error("method.finetune_fraction", finetune_fraction, "a fraction of the steps in [0, 1)")
         self.finetune_fraction = finetune_fraction
-        if loss not in ("ntp", "kl", "mix"):
-            raise config_error("method.loss", loss, "ntp (next-token), kl (distillation) or mix")
+        if loss not in ("ntp", "kl", "mix", "rem"):
+            raise config_error("method.loss", loss, "ntp (next-token), kl (distillation), mix or rem (MSE of the "
+                               "final hidden states against the dense model's)")
         self.proximal, self.projection, self.group = proximal, projection, group
         self.sparsity_warmup, self.loss, self.distill_alpha = sparsity_warmup, loss, distill_alpha
         self.task_weight, self.kl_weight = {"ntp": (1.0, 0.0), "kl": (0.0, 1.0),
-                                            "mix": (1 - distill_alpha, distill_alpha)}[loss]
+                                            "mix": (1 - distill_alpha, distill_alpha), "rem": (0.0, 0.0)}[loss]
+        self.rem_weight = 1.0 if loss == "rem" else 0.0
         self.z_codec, self.u_codec = codec(z_dtype, "method.z_dtype"), codec(u_dtype, "method.u_dtype")
         self.config.update(own)
 
+    def validate(self, model, target) -> None:
+        super().validate(model, target)
+        if self.projection == "activation" and any(w.experts for w in prunable_weights(model).values()):
+            raise config_error("method.projection", "activation", "magnitude, objective, objective_corrected, "
+                               "gradient or taylor for a model with fused expert tensors (their per-expert inputs "
+                               "are not observed in training)")
+
     # -- pieces -------------------------------------------------------------------------------------
-    def second_moment_fn(self, opt, params: dict):
+    def ramp(self, target, step, warm):
+        """The projection's target at ``step`` (the sparsity schedule up to the peak step ``warm``)."""
+        return sparsity_at(target, step, warm, self.sparsity_schedule, self.sparsity_initial)
+
+    def second_moment_fn(self, opt, params: dict, layouts=None):
+        if self.projection in Scorer.KINDS:
+            return Scorer(self.projection, opt, params, self.train.betas, layouts)
         if self.projection != "objective":
             return None
 
@@ -120,19 +154,30 @@ class Elsa(TrainingMethod):
     # -- hooks of the training engine -----------------------------------------------------------------
     def setup(self, run):
         steps = self.train.steps
+        layouts = weight_layouts(run.model)
+        scorer = self.second_moment_fn(run.opt, run.constrained, layouts)
+        hooks = None
+        if self.projection == "activation":
+            if D.world_size() > 1:
+                raise config_error("method.projection", "activation", "a single-process run (not yet under FSDP)")
+            hooks = []
+            for name, w in prunable_weights(run.model).items():
+                def hook(module, args, name=name):
+                    if module.training and torch.is_grad_enabled():
+                        scorer.add_inputs(name, args[0])
+                hooks.append(w.module.register_forward_pre_hook(hook))
         return ElsaRun(
             lam=LambdaSchedule(self.lambda_schedule, self.lam, self.lam_final, steps, self.adaptive_mu,
                                self.adaptive_tau),
-            admm=AdmmState(run.constrained, run.target, self.group, self.z_codec, self.u_codec,
-                           weight_layouts(run.model)),
-            second_moment=self.second_moment_fn(run.opt, run.constrained),
+            admm=AdmmState(run.constrained, run.target, self.group, self.z_codec, self.u_codec, layouts),
+            second_moment=scorer, hooks=hooks,
             warm=int(self.sparsity_warmup * steps),
             # the last finetune_fraction of the steps train on the frozen support of z (no dual updates)
             freeze_at=steps - int(round(self.finetune_fraction * steps)))
 
     def start(self, run):
         st = run.state
-        st.admm.init(sparsity_at(run.target, 0, st.warm))
+        st.admm.init(self.ramp(run.target, 0, st.warm))
         st.lam_prev = st.lam.at(0)
         ctx = run.ctx
         if self.eval_initial and ctx.start is None and "evaluate" in ctx.extras and D.world_size() == 1:
@@ -145,6 +190,8 @@ class Elsa(TrainingMethod):
     def before_optimizer(self, run, step):
         st, target = run.state, run.target
         admm = st.admm
+        if isinstance(st.second_moment, Scorer) and self.projection == "gradient":
+            st.second_moment.add_gradients()     # the loss gradient (clipped), before the proximal term
         st.frozen = frozen = step >= st.freeze_at
         if frozen and step == st.freeze_at:
             admm.dual_update(target, 1.0, st.second_moment)  # a last projection at the full target
@@ -171,9 +218,9 @@ class Elsa(TrainingMethod):
             return None
         admm, lam, target, warm = st.admm, st.lam, run.target, st.warm
         lam_now, lam_prev = lam.at(done), st.lam_prev
-        metrics = admm.dual_update(sparsity_at(target, done, warm),
+        metrics = admm.dual_update(self.ramp(target, done, warm),
                                    lam_prev / lam_now if lam_now and lam_prev else 1.0, st.second_moment,
-                                   self.dual_step_at(lam_now))
+                                   self.dual_step_at(lam_now), self.relaxation)
         metrics["dual_residual"] = lam_now * metrics.pop("dual_residual_unscaled")
         new_lam = lam.balance(metrics["primal_residual"], metrics["dual_residual"])
         if new_lam != lam_now and lam_now:
@@ -182,7 +229,7 @@ class Elsa(TrainingMethod):
                 admm.u[name] = admm.uc.encode(admm.zu(name)[1] * (lam_now / new_lam))
         st.lam_prev = new_lam
         return {"step": done, "loss": run.loss, "lr": run.sched.get_last_lr()[0], "lambda": lam_now,
-                "target_ratio": sparsity_at(target, done, warm).ratio, **metrics}
+                "target_ratio": self.ramp(target, done, warm).ratio, **metrics}
 
     def evaluate_sparse(self, run, evaluate):
         st = run.state
@@ -190,16 +237,25 @@ class Elsa(TrainingMethod):
 
     def method_state(self, run):
         st = run.state
-        return {"lambda": st.lam.state_dict(), "admm": st.admm.state_dict(), "lam_prev": st.lam_prev}
+        out = {"lambda": st.lam.state_dict(), "admm": st.admm.state_dict(), "lam_prev": st.lam_prev}
+        if isinstance(st.second_moment, Scorer):
+            out["scores"] = st.second_moment.state_dict()
+        return out
 
     def load_method_state(self, run, state):
         st = run.state
         st.lam.load_state_dict(state["lambda"])
         st.admm.load_state_dict(state["admm"])
         st.lam_prev = state["lam_prev"]
+        if isinstance(st.second_moment, Scorer):
+            st.second_moment.load_state_dict(state.get("scores", {}))
 
     def finish(self, run):
         run.state.admm.final_projection(run.target, run.state.second_moment)
+
+    def teardown(self, run):
+        for handle in (getattr(run.state, "hooks", None) or []):
+            handle.remove()
 
     def method_nbytes(self, run):
         return "admm", run.state.admm.nbytes()

@@ -13,6 +13,6 @@ class Magnitude(Pruner):
 
     @torch.no_grad()
     def prune(self, ctx: PruneContext) -> dict:
-        for _name, w in tqdm(prunable_weights(ctx.model).items(), desc="magnitude", unit="layer", leave=False):
-            w.param.mul_(mask_from_scores(w.param.abs(), ctx.target, self.group, w.transposed))
+        for name, w in tqdm(prunable_weights(ctx.model).items(), desc="magnitude", unit="layer", leave=False):
+            w.param.mul_(mask_from_scores(w.param.abs(), ctx.target.at(name), self.group, w.transposed))
         return {}

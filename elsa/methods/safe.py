@@ -127,7 +127,7 @@ class SAFE(LayerwisePruner):
             block.float()
         batches = [(h.float(), _float(kw)) for h, kw in inputs]
         try:
-            info = self._train_block(prefix, block, stats, batches, target)
+            info = self._train_block(prefix, block, stats, batches, target.within(prefix))
         finally:
             for n, p in block.named_parameters():
                 p.requires_grad_(flags[n])

@@ -175,16 +175,19 @@ class GatedMLPProblem:
         return s
 
     # -- weight updates: least squares, then SparseGPT --------------------------------------------------
-    def update_weights(self, target: Sparsity, blocksize: int, percdamp: float, name: str) -> dict:
+    def update_weights(self, target, blocksize: int, percdamp: float, name: str) -> dict:
+        """``target``: one Sparsity for the three matrices, or {gate_proj, up_proj, down_proj: Sparsity} (an
+        allocation's per-matrix ratios)."""
         n = len(self.x)
+        t = target if isinstance(target, Sparsity) else target
         hp = hessian(self.p)
-        self.wd, info = sparsegpt_prune(least_squares(self.p, self.y, percdamp, hp * (n / 2)), hp, target,
-                                        blocksize, percdamp, f"{name}.down_proj")
+        self.wd, info = sparsegpt_prune(least_squares(self.p, self.y, percdamp, hp * (n / 2)), hp,
+                                        _part(t, "down_proj"), blocksize, percdamp, f"{name}.down_proj")
         gx = self.hx * (n / 2)
-        self.wg, _ = sparsegpt_prune(least_squares(self.x, self.s, percdamp, gx), self.hx, target, blocksize,
-                                     percdamp, f"{name}.gate_proj")
-        self.wu, _ = sparsegpt_prune(least_squares(self.x, self.u, percdamp, gx), self.hx, target, blocksize,
-                                     percdamp, f"{name}.up_proj")
+        self.wg, _ = sparsegpt_prune(least_squares(self.x, self.s, percdamp, gx), self.hx, _part(t, "gate_proj"),
+                                     blocksize, percdamp, f"{name}.gate_proj")
+        self.wu, _ = sparsegpt_prune(least_squares(self.x, self.u, percdamp, gx), self.hx, _part(t, "up_proj"),
+                                     blocksize, percdamp, f"{name}.up_proj")
         self._inputs_changed()
         return info
 
@@ -193,6 +196,10 @@ class GatedMLPProblem:
         self.update_u()
         self.update_s()
         self.update_weights(target, blocksize, percdamp, name)
+
+
+def _part(target, key: str) -> Sparsity:
+    return target if isinstance(target, Sparsity) else target[key]
 
 
 SELECT = ("last", "best")
@@ -273,12 +280,16 @@ class SparseLLM(SparseGPT):
         mlp_name, mlp = found
         x, y = mlp_io(block, mlp, inputs)                     # before any pruning: the dense block's view
         mlp_linears = {id(m) for m in mlp.modules()}
+        local = target.within(prefix)           # each matrix's own ratio when an allocation set them
+        names = {id(lin.source.module): name for name, lin in block_matrices(block).items()}
         per_layer = {}
         for name, lin in block_matrices(block).items():
             if id(lin.source.module) not in mlp_linears:
-                per_layer[f"{prefix}.{name}"] = self.prune_linear(f"{prefix}.{name}", lin, stats[name], target)
+                per_layer[f"{prefix}.{name}"] = self.prune_linear(f"{prefix}.{name}", lin, stats[name], local.at(name))
+        mlp_target = target if not target.allocated else \
+            {key: local.at(names[id(getattr(mlp, key))]) for key in GATED}
         per_layer[f"{prefix}.{mlp_name}"] = sparsellm_mlp(
-            mlp, x, y, target, self.alpha, self.beta, self.gamma, self.iterations, self.blocksize, self.percdamp,
+            mlp, x, y, mlp_target, self.alpha, self.beta, self.gamma, self.iterations, self.blocksize, self.percdamp,
             f"{prefix}.{mlp_name}", self.select)
         return per_layer
 

@@ -30,11 +30,12 @@ class TrainingMethod(Pruner):
         # loss = task_weight * next-token + kl_weight * KL(teacher || student); a teacher exists iff kl_weight
         self.task_weight, self.kl_weight = 1.0, 0.0
         self.squarehead_weight = 0.0   # weight of the SquareHead term (AST): the blocks' outputs against the teacher's
+        self.rem_weight = 0.0          # + rem_weight * MSE(final hidden states, the teacher's): ELSA's loss=rem
 
     @property
     def distils(self) -> bool:
         """The loss reads a teacher: after a start stage the pipeline keeps the dense model for it."""
-        return bool(self.kl_weight or self.squarehead_weight)
+        return bool(self.kl_weight or self.squarehead_weight or self.rem_weight)
 
     def prune(self, ctx: PruneContext) -> dict:
         """Train from ``ctx.model`` as it is (dense, or a start stage's solution; the teacher is ``ctx.teacher``
