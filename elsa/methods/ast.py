@@ -329,7 +329,8 @@ class Ast(TrainingMethod):
             if hasattr(w.module, "slorb"):
                 continue                                    # already extended (a resumed or repeated call)
             matrix = w.view(w.param.detach())               # [out, in]
-            keep = mask_from_scores(matrix.abs().float(), ctx.target, self.group)
+            keep = w.view(mask_from_scores(w.param.detach().abs().float(), ctx.target.at(name), self.group,
+                                           w.transposed))   # the first mask of SparseMasks.update, [out, in]
             branch = SLoRB(matrix.shape[1], matrix.shape[0], self.slorb_k, self.trainable_projection,
                            dtype=w.param.dtype, device=w.param.device)
             init_from_pruned(branch, matrix, keep, self.slorb_init)
