@@ -21,8 +21,9 @@ runs dense everywhere: per-matrix wins need not add up inside the model. Kernels
   pattern holds and the shape is one the kernels take) and ``torch_csr`` (cuSPARSE). On CPU they are skipped
   with the reason recorded.
 
-Pruned matrices: the nn.Linear layers inside the decoder blocks, MoE routers aside (:func:`block_linears`). Conv1D and fused
-3-D expert tensors stay dense (no sparse kernel here multiplies them); lm_head and embeddings stay dense.
+Pruned matrices: the nn.Linear and Conv1D (GPT-2, multiplied as its ``[out, in]`` transpose) layers inside the decoder
+blocks, MoE routers aside (:func:`block_linears`). Fused 3-D expert tensors stay dense (no sparse kernel here
+multiplies them); lm_head and embeddings stay dense.
 """
 from __future__ import annotations
 
@@ -366,9 +367,10 @@ def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[s
 class SparseLinear(nn.Module):
     """An nn.Linear replacement that runs the kernel its plan chose for the call's number of tokens."""
 
-    def __init__(self, linear: nn.Linear, plan: dict, fns: dict[str, Callable]):
+    def __init__(self, linear: nn.Module, plan: dict, fns: dict[str, Callable]):
+        """``linear``: the nn.Linear, or transformers' Conv1D (weight stored ``[in, out]``), it replaces."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = matrix_view(linear).shape
         self.plan = plan
         # a regime the plan did not measure runs dense; only the chosen kernels are kept, and the dense weight
         # only where some regime runs dense
@@ -388,17 +390,26 @@ class SparseLinear(nn.Module):
                 f"prefill={self.plan.get('prefill')}")
 
 
-def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside the decoder blocks except MoE routers, by full module name: the matrices a pruned
-    model has zeros in (lm_head and embeddings are outside the blocks)."""
-    from elsa.models import blocks_and_prefix, routers
+def matrix_view(module: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` weight of an nn.Linear, or of a Conv1D (stored ``[in, out]``: its transpose, a view)."""
+    from elsa.models import _stored_transposed
 
+    return module.weight.t() if _stored_transposed(module) else module.weight
+
+
+def block_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear and Conv1D (GPT-2) inside the decoder blocks except MoE routers, by full module name: the
+    matrices a pruned model has zeros in (lm_head and embeddings are outside the blocks). Fused 3-D expert tensors
+    are not modules of their own and stay dense."""
+    from elsa.models import _conv1d_class, blocks_and_prefix, routers
+
+    kinds = (nn.Linear, _conv1d_class()) if _conv1d_class() else (nn.Linear,)
     blocks, prefix = blocks_and_prefix(model)
     out = {}
     for i, block in enumerate(blocks):
         skip = {id(m) for m in routers(block).values()}
         out.update({f"{prefix}.{i}.{n}": m for n, m in block.named_modules()
-                    if isinstance(m, nn.Linear) and id(m) not in skip})
+                    if isinstance(m, kinds) and id(m) not in skip})
     return out
 
 
@@ -482,15 +493,18 @@ def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: floa
         for i, (name, lin) in enumerate(items):
             if progress:
                 print(f"\relsa: measuring kernels {i + 1}/{len(items)}", end="", flush=True)
-            sparsity = float((lin.weight == 0).float().mean())
-            key = (tuple(lin.weight.shape), lin.weight.dtype, lin.bias is not None, round(sparsity, 2))
+            weight = matrix_view(lin)
+            if weight is not lin.weight:       # Conv1D: the kernels take the [out, in] matrix, laid out as such
+                weight = weight.contiguous()
+            sparsity = float((weight == 0).float().mean())
+            key = (tuple(weight.shape), weight.dtype, lin.bias is not None, round(sparsity, 2))
             if sparsity < min_sparsity:
-                plans[name] = {"sparsity": sparsity, **{r: "dense" for r in regimes}, "note": "left as nn.Linear"}
+                plans[name] = {"sparsity": sparsity, **{r: "dense" for r in regimes}, "note": "left as it is"}
             else:
                 if share and key in measured:
-                    plan, fns = _reuse(plans[measured[key]], lin.weight, lin.bias, regimes, measured[key])
+                    plan, fns = _reuse(plans[measured[key]], weight, lin.bias, regimes, measured[key])
                 else:
-                    plan, fns = plan_matrix(lin.weight, lin.bias, regimes, timer, min_gain)
+                    plan, fns = plan_matrix(weight, lin.bias, regimes, timer, min_gain)
                     measured[key] = name
                 plans[name] = plan
                 parent, _, child = name.rpartition(".")

@@ -404,3 +404,32 @@ def test_measure_speed_through_the_pipeline(tmp_path):
     assert sum(inf["kernels"]["decode"].values()) == 14 and r["inference"]["threads"] >= 1
     with pytest.raises(ElsaError, match="measure_speed=maybe"):
         run_pipeline(tmp_path / "b", "measure_speed=maybe")
+
+
+@pytest.mark.parametrize("kernel", ["torch_csr", "csr16"])
+def test_conv1d_matrices_of_gpt2_run_sparse_with_dense_logits(kernel):
+    """GPT-2's Conv1D layers (weight stored [in, out]) are replaced too, multiplied as their [out, in] matrix."""
+    import copy
+
+    from test_families import build
+    from transformers.pytorch_utils import Conv1D
+
+    if kernel == "csr16" and SL.kernel_library() is None:
+        pytest.skip(f"no C kernel: {SL._LIB.get('reason')}")
+    dense, _tok = build("gpt2")
+    convs = SL.block_linears(dense)
+    assert convs and all(isinstance(m, Conv1D) for m in convs.values())
+    with torch.no_grad():
+        for m in convs.values():
+            m.weight[m.weight.abs() < m.weight.abs().quantile(0.9)] = 0.0
+    sparse = copy.deepcopy(dense)
+    plan = SL.sparsify(sparse, timer=_fake_timer({kernel: 0.1}))
+    n = len(convs)
+    assert plan["chosen"] == {"decode": {kernel: n}, "prefill": {kernel: n}}
+    mods = [m for m in sparse.modules() if isinstance(m, SL.SparseLinear)]
+    assert len(mods) == n and {(m.out_features, m.in_features) for m in mods} == \
+        {tuple(m.weight.t().shape) for m in convs.values()}
+    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = dense(ids).logits, sparse(ids).logits
+    assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
