@@ -74,7 +74,12 @@ def main() -> None:
     impls = {"this": sparsellm}
     if args.ref:
         impls["ref"] = load(args.ref)
-    problems = {k: m.GatedMLPProblem(mlp, x, y, 0.1, 0.1, 0.1) for k, m in impls.items()}
+    def problem(module):
+        if hasattr(module, "MLPProblem"):
+            return module.MLPProblem(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, x, y, 0.1, 0.1, 0.1)
+        return module.GatedMLPProblem(mlp, x, y, 0.1, 0.1, 0.1)    # the code before the plain-MLP commit
+
+    problems = {k: problem(m) for k, m in impls.items()}
     totals = {k: [] for k in impls}
     print(f"{args.tokens} tokens, MLP {args.hidden}x{args.inner}, 90%, {args.threads} thread(s)")
     with torch.no_grad():

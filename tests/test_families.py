@@ -265,15 +265,20 @@ def _magnitude_keep(w):
     return mask_from_scores(w.abs(), Sparsity(0.5), "layer")
 
 
-GATED = {"llama", "qwen2", "gemma3"}      # down(act(gate x) * up x) with separate gate/up Linears
+SPARSELLM = {"llama": "gated", "qwen2": "gated", "gemma3": "gated", "opt": "plain"}   # the MLPs it models
+
+
+def _monotone(values, rel):
+    """Non-increasing up to ``rel`` per step."""
+    return all(b <= a * (1 + rel) for a, b in zip(values, values[1:]))
 
 
 @pytest.mark.parametrize("family", list(PRUNED))
-def test_sparsellm_prunes_gated_mlps_and_refuses_the_rest(family):
+def test_sparsellm_prunes_plain_and_gated_mlps_and_refuses_the_rest(family):
     model, tok = build(family)
     pruner = build_component(compose(["method=sparsellm", "method.iterations=2"]).method, "method")
     target = Sparsity(0.5)
-    if family not in GATED:
+    if family not in SPARSELLM:
         with pytest.raises(ElsaError, match="method=sparsellm cannot model the MLP.*method.fallback=sparsegpt"):
             pruner.validate(model, target)
         return
@@ -282,6 +287,36 @@ def test_sparsellm_prunes_gated_mlps_and_refuses_the_rest(family):
     stats = pruner.prune(PruneContext(model=model, tokenizer=tok, target=target, calibration=calibration(tok)))
     check_pruned(model, dense, target)
     assert len(stats["mlp_objective"]) == 2 and "fallback" not in stats
+    assert {v["kind"] for v in stats["mlp_structure"].values()} == {SPARSELLM[family]}
+
+
+@pytest.mark.parametrize("family,sparsity", [("opt", "0.7"), ("llama", "0.7"), ("opt", "2:4")])
+def test_sparsellm_through_the_pipeline_objective_and_real_mlp_error_fall(family, sparsity, tmp_path):
+    """The real pipeline (composed configs, a saved tiny checkpoint) with the default SparseLLM settings: per
+    block and alternation, the auxiliary objective falls, the real MLP error on the calibration tokens does not
+    rise, and the kept MLP is better than plain SparseGPT's on the same MLP. On these random-weight models the
+    real error is flat after the first alternation up to ~1% of noise (a one-shot SparseGPT re-prune each time;
+    the down projection's gain is ~1, so the auxiliaries have little to coordinate); the strict fall, and the
+    rise of the old down-projection step, are checked with a realistic gain in tests/test_field.py."""
+    path = _checkpoint(family, tmp_path)
+    out = run_pipeline(tmp_path / "out", "model=hf", f"model.path={path}", "method=sparsellm",
+                       f"sparsity={sparsity}", "seqlen=64", "nsamples=8", "save_model=false",
+                       "eval.max_tokens=256", "eval.dense=false")
+    assert out["status"] == "done"
+    stats = out["method_stats"]
+    blocks = blocks_and_prefix(build(family)[0])[0]
+    assert len(stats["mlp_error"]) == len(blocks)
+    kinds = {v["kind"] for v in stats["mlp_structure"].values()}
+    assert kinds == {SPARSELLM[family]}
+    for name, obj in stats["mlp_objective"].items():
+        err = stats["mlp_error"][name]
+        assert len(obj) == len(err) == 4                       # the default alternations
+        assert obj[-1] < obj[0] and _monotone(obj, 1e-3), (name, obj)
+        assert err[-1] < err[0] and _monotone(err, 1e-2), (name, err)
+        assert err[-1] < stats["mlp_error_sparsegpt"][name], (name, err, stats["mlp_error_sparsegpt"][name])
+    per_layer = out["sparsity"]["per_layer"]
+    assert any(k.endswith("fc1") for k in per_layer) == (family == "opt")
+    assert all(v == pytest.approx(0.5 if sparsity == "2:4" else 0.7, abs=1e-3) for v in per_layer.values())
 
 
 def test_experts_without_tokens_are_printed_and_labelled_in_the_report(tmp_path, capsys):

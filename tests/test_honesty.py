@@ -32,11 +32,13 @@ def mixtral(tmp_path):
 
 
 @pytest.fixture
-def opt(tmp_path):
-    from transformers import OPTConfig, OPTForCausalLM
+def phi3(tmp_path):
+    """Phi-3's MLP fuses gate and up into one Linear (gate_up_proj, chunked in the forward): SparseLLM here
+    models separate Linears only."""
+    from transformers import Phi3Config, Phi3ForCausalLM
 
-    return _save(tmp_path, OPTConfig, OPTForCausalLM, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64,
-                 num_hidden_layers=2, num_attention_heads=4)
+    return _save(tmp_path, Phi3Config, Phi3ForCausalLM, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
 
 
 def _one_error(res):
@@ -103,23 +105,23 @@ def test_ignore_pattern_matching_nothing_is_refused(tmp_path):
         run_pipeline(tmp_path, "method=magnitude", "ignore=[no_such_module]")
 
 
-def test_sparsellm_on_opt_refuses_before_calibration(opt, tmp_path):
-    err = _one_error(run_cli("model=hf", f"model.path={opt}", "method=sparsellm", "logger=none", "eval=quick",
+def test_sparsellm_on_a_fused_mlp_refuses_before_calibration(phi3, tmp_path):
+    err = _one_error(run_cli("model=hf", f"model.path={phi3}", "method=sparsellm", "logger=none", "eval=quick",
                              "seqlen=64", "nsamples=2", f"output_dir={tmp_path / 'out'}"))
-    assert "model.decoder.layers.0" in err and "fc1 [128, 64]" in err
-    assert "gate_proj" in err and "method.fallback=sparsegpt" in err
+    assert "model.layers.0" in err and "gate_up_proj [256, 64]" in err
+    assert "fc2(act(fc1 x))" in err and "method.fallback=sparsegpt" in err
     out = read_results(tmp_path / "out")
     assert out["status"] == "failed" and "calibration" not in out and "prune" not in out["time_s"]
 
 
-def test_sparsellm_fallback_is_recorded_printed_and_labelled(opt, tmp_path, capsys):
+def test_sparsellm_fallback_is_recorded_printed_and_labelled(phi3, tmp_path, capsys):
     from elsa.report import job_row
 
-    out = run_pipeline(tmp_path / "out", "model=hf", f"model.path={opt}", "method=sparsellm", "seqlen=64",
+    out = run_pipeline(tmp_path / "out", "model=hf", f"model.path={phi3}", "method=sparsellm", "seqlen=64",
                        "nsamples=2", "save_model=false", "method.fallback=sparsegpt", "method.iterations=1")
     assert out["status"] == "done"
     fb = out["method_stats"]["fallback"]
-    assert fb == {"method": "sparsegpt", "blocks": ["model.decoder.layers.0", "model.decoder.layers.1"], "of": 2}
+    assert fb == {"method": "sparsegpt", "blocks": ["model.layers.0", "model.layers.1"], "of": 2}
     assert "FALLBACK: sparsegpt ran instead of sparsellm on 2/2" in capsys.readouterr().out
     row = job_row(read_results(tmp_path / "out"), tmp_path / "out", tmp_path / "out")
     assert row["method"] == "sparsellm (fallback sparsegpt on 2/2 MLPs)"

@@ -1,35 +1,59 @@
 """SparseLLM (Bai et al., 2024, "SparseLLM: Towards Global Pruning of Pre-trained Language Models").
 
 Attention Linears are pruned by SparseGPT. The MLP is pruned jointly: its intermediate activations become
-auxiliary variables, so that the coupled layers decompose into closed-form subproblems solved alternately.
-The paper treats OPT's ReLU MLP (fc2(relu(fc1 x))); here it is adapted to the gated MLP of Llama-family
-models, down(act(gate(x)) ⊙ up(x)). With X the MLP's input tokens (rows), Y the dense MLP's output, and
-auxiliaries S (gate pre-activation), U (up output), P (down's input), the objective (per token) is
+auxiliary variables, so that the coupled layers decompose into subproblems solved alternately in closed form.
+Two MLP shapes, both found from the block's structure (:func:`mlp_structure`, by tracing which Linear feeds
+which through which elementwise activation module; no module names):
 
-    L = γ ||P W_dᵀ - Y||² + β ||P - act(S) ⊙ U||² + α (||S - X W_gᵀ||² + ||U - X W_uᵀ||²)
+- plain (the paper's OPT): ``fc2(act(fc1 x))``, any elementwise activation;
+- gated (Llama family): ``down(act(gate x) ⊙ up x)``.
 
-Initialised at the dense values (L = 0), each of ``iterations`` alternations updates, in order:
-  - P  ← (γ Y W_d + β act(S)⊙U) (γ W_dᵀ W_d + β I)⁻¹                        (ridge, closed form)
-  - U  ← (β act(S)⊙P + α X W_uᵀ) / (β act(S)² + α)                          (elementwise, closed form)
-  - S  ← argmin β (P - act(S)⊙U)² + α (S - X W_gᵀ)²                           (elementwise; act is not
-        piecewise linear here, so a few safeguarded Gauss-Newton steps that never increase the objective)
-  - W_d, W_g, W_u ← least squares onto their targets (Y from P; S, U from X), then re-pruned by SparseGPT
-    with the matching Hessian (2/n PᵀP or 2/n XᵀX): SparseGPT on the least-squares solution minimises the
-    distance to the target on the fixed inputs, ||T - X Ŵᵀ||², up to a constant.
-The first alternation therefore reproduces SparseGPT; later ones let the layers compensate each other.
+With X the MLP's input tokens (rows), Y the dense MLP's output (biases kept fixed and folded into the
+targets), and auxiliaries S (pre-activation: fc1's / gate's output), U (up's output; gated only, else 1) and
+P (the activation output, i.e. the input of fc2 / down), the objective (per token) is
+
+    L = γ ||P W_dᵀ - Y||² + β ||P - act(S) ⊙ U||² + α (||S - X W_1ᵀ||² + ||U - X W_uᵀ||²)
+
+(the paper's two linear-fit terms, with the dense input X and the dense output Y fixed because the MLP is
+pruned module by module, and its activation term). Initialised at the dense values (L = 0), each of
+``iterations`` alternations updates, in order:
+
+  - P  ← (γ Y W_d + β act(S)⊙U) (γ W_dᵀ W_d + β I)⁻¹                  (ridge, closed form; W_d pruned)
+  - U  ← (β act(S)⊙P + α X W_uᵀ) / (β act(S)² + α)                    (gated only; elementwise, closed form)
+  - S  ← argmin_S β (P - act(S)⊙U)² + α (S - X W_1ᵀ)²                   (elementwise: for ReLU the paper's
+        closed form, the better of the two branches S >= 0 / S < 0; for any other activation a few
+        safeguarded Gauss-Newton steps that never raise an element's loss)
+  - W_1 (and W_u) ← least squares onto S (U) from X, re-pruned by SparseGPT with H = 2/n XᵀX: SparseGPT on the
+        least-squares solution minimises ||S - X Ŵᵀ||² on the fixed inputs up to a constant;
+  - W_d ← least squares onto Y from A = act(X Ŵ_1ᵀ) ⊙ (X Ŵ_uᵀ), the activations the re-pruned W_1, W_u
+        actually produce, re-pruned by SparseGPT with H = 2/n AᵀA.
+
+Why the last step reads A and not the auxiliary P (``down_input``): solving W_d's subproblem on P (the
+literal block-coordinate step, ``down_input: auxiliary``) fits W_d to inputs that the pruned first layer(s) do
+not produce. P is a ridge compromise tailored to the previous W_d, and the equal weights α = β = γ make a
+deviation of P from act(S)⊙U cheap in L while W_d amplifies it in the real output (its squared singular values
+reach ~500 on the default model). On SmolLM2-135M L then falls 30x while the real MLP error rises
+(docs/results.md, SparseLLM). With W_d fitted to A, the auxiliaries serve as what the paper uses them for,
+targets that coordinate W_1/W_u with W_d, and the real MLP error falls over the alternations. The first
+alternation is SparseGPT on W_1/W_u and SparseGPT with the least-squares target Y on W_d (its inputs are the
+pruned first layers' activations, as in SparseGPT's sequential mode).
+
 L (``objective``) and the real MLP error ||mlp(X) - Y||² / n with the pruned weights (``mlp_error``) are
-recorded after every alternation in the method statistics.
+recorded after every alternation, with the error of
+plain SparseGPT on the same MLP (``mlp_error_sparsegpt``: every Linear pruned from its dense weights and dense
+inputs, what method=sparsegpt does) as the yardstick.
 
-All Linears see the dense block's inputs (the engine's convention). A block whose MLP is not gated (no
-gate_proj/up_proj/down_proj Linears + act_fn: OPT's fc1/fc2, fused gate_up_proj, MoE experts) makes the run
-refuse right after the model loads (``validate``), before any calibration; with ``fallback: sparsegpt`` such
-blocks are pruned by SparseGPT alone, and the fallback is recorded in the method statistics (``fallback``),
-printed in the summary and carried into the report row's label.
+All Linears see the dense block's inputs (the engine's convention). A block whose MLP has neither shape
+(fused gate_up_proj, MoE experts, GPT-2's Conv1D) makes the run refuse right after the model loads
+(``validate``), before any calibration; with ``fallback: sparsegpt`` such blocks are pruned by SparseGPT alone,
+and the fallback is recorded in the method statistics (``fallback``), printed in the summary and carried into
+the report row's label.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -43,34 +67,137 @@ from elsa.sparsity import Sparsity
 
 log = logging.getLogger(__name__)
 
-GATED = ("gate_proj", "up_proj", "down_proj")
 ROUNDING = 1 + 1e-6   # an element's S-loss "rose" only above this factor: below it is float32 rounding noise
 
 
-def gated_mlp(block: nn.Module) -> tuple[str, nn.Module] | None:
-    """The block's gated MLP (a submodule with gate_proj, up_proj, down_proj Linears and an act_fn), by name."""
-    for name, mod in block.named_modules():
-        if all(isinstance(getattr(mod, k, None), nn.Linear) for k in GATED) and callable(getattr(mod, "act_fn", None)):
-            return name, mod
-    return None
+# ---------------------------------------------------------------------------------------------------------
+# structure: which Linear feeds which, through which elementwise activation
 
 
-@torch.no_grad()
-def mlp_io(block: nn.Module, mlp: nn.Module, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MLP's input tokens X and its (dense) output Y over every batch, float32, (tokens, hidden)."""
-    xs, ys = [], []
+@dataclass
+class MLPStructure:
+    """One MLP of a block, by block-relative module names: ``first`` is fc1 (plain) or gate (gated)."""
+    kind: str                     # "plain" or "gated"
+    first: str
+    up: str | None
+    down: str
+    act: nn.Module
+    relu: bool                    # act is ReLU (checked numerically): the S update takes the paper's closed form
 
-    def grab(_m, args, out):
-        xs.append(args[0].reshape(-1, args[0].shape[-1]).float())
-        ys.append(out.reshape(-1, out.shape[-1]).float())
+    def names(self) -> list[str]:
+        return [n for n in (self.first, self.up, self.down) if n is not None]
 
-    handle = mlp.register_forward_hook(grab)
+
+_PROBE = torch.linspace(-4.0, 4.0, 81)
+
+
+def _activations(block: nn.Module) -> list[nn.Module]:
+    """Parameter-free leaf modules of ``block`` that are not the identity on a probe (activation modules)."""
+    out = []
+    for mod in block.modules():
+        if next(mod.children(), None) is not None or next(mod.parameters(recurse=False), None) is not None:
+            continue
+        try:
+            val = mod(_PROBE.clone())
+        except Exception:           # noqa: BLE001 - a module that is no elementwise function of one tensor
+            continue
+        if isinstance(val, torch.Tensor) and val.shape == _PROBE.shape and not torch.allclose(val, _PROBE):
+            out.append(mod)
+    return out
+
+
+def _is_relu(act: nn.Module) -> bool:
+    return bool(torch.equal(act(_PROBE.clone()), _PROBE.clamp(min=0)))
+
+
+def _linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The block's prunable plain Linears (not ignored, not experts) by block-relative name."""
+    return {n: m.source.module for n, m in block_matrices(block).items()
+            if m.expert is None and isinstance(m.source.module, nn.Linear)}
+
+
+def trace_calls(modules: dict[str, nn.Module], run: Callable[[], Any]) -> dict[str, tuple]:
+    """(input, output) of the first call of each module in ``modules`` while ``run()`` runs (float32)."""
+    calls: dict[str, tuple] = {}
+
+    def hook(name):
+        def fn(_m, args, out):
+            if name not in calls and args and isinstance(args[0], torch.Tensor):
+                calls[name] = (args[0].detach().float(), out.detach().float())
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
     try:
-        for h, kw in inputs:
-            block(h, **kw)
+        with torch.no_grad():
+            run()
     finally:
-        handle.remove()
-    return torch.cat(xs), torch.cat(ys)
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5))
+
+
+def mlp_structure(block: nn.Module, calls: dict[str, tuple]) -> MLPStructure | None:
+    """The block's MLP from the traced calls of its Linears (:func:`trace_calls`): gated if some Linear's input
+    equals act(G x) ⊙ (U x) for two Linears G, U applied to the same input and one of the block's activation
+    modules; else plain if some Linear's input equals act(F x). None if neither is found."""
+    lins = {n: m for n, m in _linears(block).items() if n in calls}
+    acts = _activations(block)
+    if not acts:
+        return None
+
+    def bias_free(name):                      # the Linear's output as the traced value
+        return calls[name][1]
+
+    gated, plain = None, None
+    for d, dmod in lins.items():
+        d_in = calls[d][0]
+        for g, gmod in lins.items():
+            if g == d or gmod.out_features != dmod.in_features:
+                continue
+            for act in acts:
+                a = act(bias_free(g))
+                if gated is None:
+                    for u, umod in lins.items():
+                        if u in (g, d) or umod.out_features != dmod.in_features or \
+                                not torch.equal(calls[u][0], calls[g][0]):
+                            continue
+                        if _close(a * bias_free(u), d_in):
+                            gated = MLPStructure("gated", g, u, d, act, _is_relu(act))
+                            break
+                if plain is None and _close(a, d_in):
+                    plain = MLPStructure("plain", g, None, d, act, _is_relu(act))
+    return gated or plain
+
+
+def model_mlp_structures(model: nn.Module, blocks: nn.ModuleList) -> list[MLPStructure | None]:
+    """Every block's MLP, from one forward of ``model`` on a few tokens (hooks on every block's Linears)."""
+    per_block = [{f"{i}.{n}": m for n, m in _linears(b).items()} for i, b in enumerate(blocks)]
+    modules = {k: m for d in per_block for k, m in d.items()}
+    device = next(model.parameters()).device
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 16
+    ids = (torch.arange(3, 11, device=device) * 7919 % max(int(vocab), 2)).reshape(1, -1)
+    was_training = model.training
+    model.eval()
+    try:
+        calls = trace_calls(modules, lambda: model(input_ids=ids, use_cache=False))
+    except Exception as e:                   # noqa: BLE001
+        raise ElsaError(f"method=sparsellm could not trace the model's MLPs on a few tokens ({type(e).__name__}: "
+                        f"{e}); set method.fallback=sparsegpt to prune by SparseGPT") from e
+    finally:
+        model.train(was_training)
+    out = []
+    for i, b in enumerate(blocks):
+        mine = {n: calls[f"{i}.{n}"] for n in _linears(b) if f"{i}.{n}" in calls}
+        out.append(mlp_structure(b, mine))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the problem of one MLP
 
 
 def least_squares(x: torch.Tensor, t: torch.Tensor, percdamp: float, gram: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,73 +213,117 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return x.t() @ x * (2.0 / len(x))
 
 
-class GatedMLPProblem:
-    """The auxiliary-variable problem of one gated MLP; weights are float32 (out, in) copies.
+def _weights(lin: nn.Linear | None):
+    if lin is None:
+        return None, None
+    b = lin.bias.detach().float().clone() if lin.bias is not None else None
+    return lin.weight.detach().float().clone(), b
 
-    ``xg`` = X W_gᵀ and ``xu`` = X W_uᵀ are kept for the current weights: the objective, the MLP error and the
-    S and U updates all need them, so each alternation computes them once (after the weight update)."""
 
-    def __init__(self, mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, gamma: float,
-                 chunk: int = 512):
-        self.act = mlp.act_fn
-        self.x, self.y = x, y
-        self.wg, self.wu, self.wd = (getattr(mlp, k).weight.detach().float().clone() for k in GATED)
+def _affine(x, w, b):
+    out = x @ w.t()
+    return out if b is None else out + b
+
+
+DOWN_INPUTS = ("pruned", "auxiliary")
+
+
+class MLPProblem:
+    """The auxiliary-variable problem of one MLP (plain when ``up`` is None); weights are float32 (out, in)
+    copies, biases stay fixed. ``xg`` = X W_1ᵀ + b_1 and ``xu`` = X W_uᵀ + b_u are kept for the current weights."""
+
+    def __init__(self, first: nn.Linear, up: nn.Linear | None, down: nn.Linear, act, x: torch.Tensor,
+                 y: torch.Tensor, alpha: float, beta: float, gamma: float, relu: bool = False, chunk: int = 512,
+                 down_input: str = "pruned"):
+        self.act, self.relu = act, relu
+        self.x = x
+        self.wg, self.bg = _weights(first)
+        self.wu, self.bu = _weights(up)
+        self.wd, self.bd = _weights(down)
+        self.y = y if self.bd is None else y - self.bd       # the target of P W_dᵀ
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.chunk = chunk
+        self.down_input = down_input
+        self.gated = self.wu is not None
         self._inputs_changed()
-        self.s, self.u = self.xg.clone(), self.xu.clone()
-        self.p = self.act(self.s) * self.u
+        self.s = self.xg.clone()
+        self.u = self.xu.clone() if self.gated else None
+        self.p = self.activation(self.s, self.u)
         self.hx = hessian(x)                               # X is fixed: its Gram matrix is computed once
 
     def _inputs_changed(self) -> None:
-        self.xg, self.xu = self.x @ self.wg.t(), self.x @ self.wu.t()
+        self.xg = _affine(self.x, self.wg, self.bg)
+        self.xu = _affine(self.x, self.wu, self.bu) if self.gated else None
+
+    def activation(self, s, u):
+        a = self.act(s)
+        return a if u is None else a * u
 
     def objective(self) -> float:
         a, b, g = self.alpha, self.beta, self.gamma
         total = (g * (self.p @ self.wd.t() - self.y).pow(2).sum()
-                 + b * (self.p - self.act(self.s) * self.u).pow(2).sum()
-                 + a * ((self.s - self.xg).pow(2).sum() + (self.u - self.xu).pow(2).sum()))
+                 + b * (self.p - self.activation(self.s, self.u)).pow(2).sum()
+                 + a * (self.s - self.xg).pow(2).sum())
+        if self.gated:
+            total = total + a * (self.u - self.xu).pow(2).sum()
         return float(total) / len(self.x)
 
     def mlp_error(self) -> float:
-        out = (self.act(self.xg) * self.xu) @ self.wd.t()
+        out = self.activation(self.xg, self.xu) @ self.wd.t()
         return float((out - self.y).pow(2).sum()) / len(self.x)
 
     # -- activation updates (closed form / elementwise) -------------------------------------------------
     def update_p(self) -> None:
         b, g = self.beta, self.gamma
         lhs = g * self.wd.t() @ self.wd + b * torch.eye(self.wd.shape[1], device=self.wd.device)
-        rhs = g * self.y @ self.wd + b * self.act(self.s) * self.u
+        rhs = g * self.y @ self.wd + b * self.activation(self.s, self.u)
         self.p = rhs @ torch.cholesky_inverse(torch.linalg.cholesky(lhs))   # lhs is small and well conditioned
 
     def update_u(self) -> None:
+        if not self.gated:
+            return
         sig = self.act(self.s)
         self.u = (self.beta * sig * self.p + self.alpha * self.xu) / (self.beta * sig * sig + self.alpha)
 
     def _s_loss(self, s, p, u, g):
-        return self.beta * (p - self.act(s) * u).pow(2) + self.alpha * (s - g).pow(2)
+        a = self.act(s)
+        return self.beta * (p - (a if u is None else a * u)).pow(2) + self.alpha * (s - g).pow(2)
 
     def update_s(self, steps: int = 5, halvings: int = 6, rtol: float = 1e-5) -> None:
-        """Safeguarded Gauss-Newton on each element of S, a chunk of token rows at a time (the tensors of one
-        chunk stay in cache); a step is halved only where it raised that element's loss, and kept only where
-        the loss did not rise. A chunk stops early once a step lowers its loss by less than ``rtol`` relative
-        (at that point the "rises" are rounding noise, and backtracking on them is all the cost)."""
+        """Each element of S, a chunk of token rows at a time (the tensors of one chunk stay in cache)."""
         for lo in range(0, len(self.s), self.chunk):
             rows = slice(lo, lo + self.chunk)
-            self.s[rows] = self._update_s_rows(self.s[rows], self.p[rows], self.u[rows], self.xg[rows], steps,
-                                               halvings, rtol)
+            u = self.u[rows] if self.gated else None
+            if self.relu:
+                self.s[rows] = self._relu_s_rows(self.p[rows], u, self.xg[rows])
+            else:
+                self.s[rows] = self._update_s_rows(self.s[rows], self.p[rows], u, self.xg[rows], steps,
+                                                   halvings, rtol)
+
+    def _relu_s_rows(self, p, u, m) -> torch.Tensor:
+        """The exact minimiser for ReLU (the paper's closed form): on S >= 0 the quadratic's minimiser clipped at
+        0, on S < 0 min(m, 0) (there the activation term is constant); the better of the two per element."""
+        a, b = self.alpha, self.beta
+        uu = torch.ones_like(p) if u is None else u
+        pos = ((b * uu * p + a * m) / (b * uu * uu + a)).clamp(min=0)
+        neg = m.clamp(max=0)
+        return torch.where(self._s_loss(pos, p, u, m) <= self._s_loss(neg, p, u, m), pos, neg)
 
     def _update_s_rows(self, s, p, u, g, steps: int, halvings: int, rtol: float) -> torch.Tensor:
+        """Safeguarded Gauss-Newton on each element; a step is halved only where it raised that element's loss,
+        and kept only where the loss did not rise. Stops once a step lowers the chunk's loss by less than
+        ``rtol`` relative (then the "rises" are rounding noise, and backtracking on them is all the cost)."""
+        uu = torch.ones_like(p) if u is None else u
         for _ in range(steps):
             with torch.enable_grad():
                 sv = s.detach().requires_grad_(True)
                 a = self.act(sv)
                 da, = torch.autograd.grad(a.sum(), sv)     # elementwise activation: its derivative
             a, da = a.detach(), da.detach()
-            r = p - a * u
+            r = p - a * uu
             base = self.beta * r.pow(2) + self.alpha * (s - g).pow(2)
-            grad = -2 * self.beta * r * u * da + 2 * self.alpha * (s - g)
-            curv = 2 * self.beta * (u * da).pow(2) + 2 * self.alpha
+            grad = -2 * self.beta * r * uu * da + 2 * self.alpha * (s - g)
+            curv = 2 * self.beta * (uu * da).pow(2) + 2 * self.alpha
             step = grad / curv
             cand = s - step
             loss = self._s_loss(cand, p, u, g)
@@ -163,7 +334,7 @@ class GatedMLPProblem:
                     break
                 t = t * 0.5
                 c = s[worse] - t * step[worse]
-                lc = self._s_loss(c, p[worse], u[worse], g[worse])
+                lc = self._s_loss(c, p[worse], None if u is None else u[worse], g[worse])
                 cand[worse], loss[worse] = c, lc
                 still = lc > base[worse] * ROUNDING
                 worse, t = tuple(w[still] for w in worse), t[still]
@@ -175,30 +346,44 @@ class GatedMLPProblem:
         return s
 
     # -- weight updates: least squares, then SparseGPT --------------------------------------------------
-    def update_weights(self, target, blocksize: int, percdamp: float, name: str) -> dict:
-        """``target``: one Sparsity for the three matrices, or {gate_proj, up_proj, down_proj: Sparsity} (an
-        allocation's per-matrix ratios)."""
+    def update_weights(self, target, blocksize: int, percdamp: float, name: str) -> None:
+        """``target``: one Sparsity for the MLP's matrices, or {first, up, down: Sparsity} (an allocation's
+        per-matrix ratios)."""
         n = len(self.x)
-        t = target if isinstance(target, Sparsity) else target
-        hp = hessian(self.p)
-        self.wd, info = sparsegpt_prune(least_squares(self.p, self.y, percdamp, hp * (n / 2)), hp,
-                                        _part(t, "down_proj"), blocksize, percdamp, f"{name}.down_proj")
         gx = self.hx * (n / 2)
-        self.wg, _ = sparsegpt_prune(least_squares(self.x, self.s, percdamp, gx), self.hx, _part(t, "gate_proj"),
-                                     blocksize, percdamp, f"{name}.gate_proj")
-        self.wu, _ = sparsegpt_prune(least_squares(self.x, self.u, percdamp, gx), self.hx, _part(t, "up_proj"),
-                                     blocksize, percdamp, f"{name}.up_proj")
-        self._inputs_changed()
-        return info
 
-    def alternate(self, target: Sparsity, blocksize: int, percdamp: float, name: str) -> None:
+        def refit(t, b, label, part):
+            t = t if b is None else t - b
+            w, _ = sparsegpt_prune(least_squares(self.x, t, percdamp, gx), self.hx, _part(target, part), blocksize,
+                                   percdamp, label)
+            return w
+
+        self.wg = refit(self.s, self.bg, f"{name}.first", "first")
+        if self.gated:
+            self.wu = refit(self.u, self.bu, f"{name}.up", "up")
+        self._inputs_changed()
+        a = self.p if self.down_input == "auxiliary" else self.activation(self.xg, self.xu)
+        ha = hessian(a)
+        self.wd, _ = sparsegpt_prune(least_squares(a, self.y, percdamp, ha * (n / 2)), ha, _part(target, "down"),
+                                     blocksize, percdamp, f"{name}.down")
+
+    def update_activations(self) -> None:
         self.update_p()
         self.update_u()
         self.update_s()
-        self.update_weights(target, blocksize, percdamp, name)
+
+    def sparsegpt_error(self, target, blocksize: int, percdamp: float) -> float:
+        """The real MLP error of plain SparseGPT on this MLP (every Linear from its dense weights and dense
+        inputs), computed from the initial (dense) state; changes nothing."""
+        wg, _ = sparsegpt_prune(self.wg, self.hx, _part(target, "first"), blocksize, percdamp)
+        wu = sparsegpt_prune(self.wu, self.hx, _part(target, "up"), blocksize, percdamp)[0] if self.gated else None
+        wd, _ = sparsegpt_prune(self.wd, hessian(self.p), _part(target, "down"), blocksize, percdamp)
+        a = self.activation(_affine(self.x, wg, self.bg), _affine(self.x, wu, self.bu) if self.gated else None)
+        return float((a @ wd.t() - self.y).pow(2).sum()) / len(self.x)
 
 
 def _part(target, key: str) -> Sparsity:
+    """One matrix's target: the MLP's one target, or its entry of an allocation's {first, up, down}."""
     return target if isinstance(target, Sparsity) else target[key]
 
 
@@ -207,33 +392,55 @@ FALLBACKS = (None, "sparsegpt")
 
 
 @torch.no_grad()
-def sparsellm_mlp(mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, target: Sparsity, alpha: float = 0.1,
-                  beta: float = 0.1, gamma: float = 0.1, iterations: int = 10, blocksize: int = 128,
-                  percdamp: float = 0.01, name: str = "mlp", select: str = "last") -> dict:
-    """Prune the gated ``mlp`` in place so that mlp(X) ≈ Y; returns the objective and MLP error per alternation.
+def sparsellm_mlp(first: nn.Linear, up: nn.Linear | None, down: nn.Linear, act, x: torch.Tensor, y: torch.Tensor,
+                  target: Sparsity, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, iterations: int = 4,
+                  blocksize: int = 128, percdamp: float = 0.01, name: str = "mlp", select: str = "last",
+                  relu: bool = False, down_input: str = "pruned", baseline: bool = True) -> dict:
+    """Prune the MLP ``down(act(first x) [* up x])`` in place so that it maps X to Y; returns the objective and
+    the real MLP error per alternation (and plain SparseGPT's error on the same MLP, ``baseline``).
 
     ``select="last"`` keeps the last alternation's weights (the paper); ``"best"`` the alternation with the
-    lowest real MLP error (the first one is SparseGPT's, so the MLP never ends worse than SparseGPT leaves it)."""
-    prob = GatedMLPProblem(mlp, x, y, alpha, beta, gamma)
+    lowest real MLP error."""
+    prob = MLPProblem(first, up, down, act, x, y, alpha, beta, gamma, relu=relu, down_input=down_input)
+    sgpt = prob.sparsegpt_error(target, blocksize, percdamp) if baseline else None
     objective, error, best = [], [], None
     for _ in tqdm(range(iterations), desc=f"sparsellm {name}", unit="alt", leave=False):
-        prob.alternate(target, blocksize, percdamp, name)
+        prob.update_activations()
+        prob.update_weights(target, blocksize, percdamp, name)
         objective.append(prob.objective())
         error.append(prob.mlp_error())
         if select == "best" and error[-1] <= min(error):   # the update methods rebind the weights: no copy
             best = (prob.wg, prob.wu, prob.wd)
-    for key, w in zip(GATED, best if select == "best" else (prob.wg, prob.wu, prob.wd)):
-        lin = getattr(mlp, key)
-        lin.weight.copy_(w.to(lin.weight.dtype))
-    log.debug("%s: objective %s -> %s, MLP error %s -> %s", name, objective[0], objective[-1], error[0], error[-1])
-    return {"objective": objective, "mlp_error": error, "kept": error.index(min(error)) if select == "best"
-            else len(error) - 1}
+    chosen = best if select == "best" else (prob.wg, prob.wu, prob.wd)
+    for lin, w in zip((first, up, down), chosen):
+        if lin is not None:
+            lin.weight.copy_(w.to(lin.weight.dtype))
+    log.debug("%s: objective %s -> %s, MLP error %s -> %s (SparseGPT %s)", name, objective[0], objective[-1],
+              error[0], error[-1], sgpt)
+    return {"objective": objective, "mlp_error": error, "mlp_error_sparsegpt": sgpt,
+            "kept": error.index(min(error)) if select == "best" else len(error) - 1}
+
+
+@torch.no_grad()
+def mlp_io(block: nn.Module, first: nn.Module, down: nn.Module, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP's input tokens X (``first``'s input) and its dense output Y (``down``'s output, bias included)
+    over every batch, float32, (tokens, features)."""
+    xs, ys = [], []
+    handles = [first.register_forward_hook(lambda _m, a, _o: xs.append(a[0].reshape(-1, a[0].shape[-1]).float())),
+               down.register_forward_hook(lambda _m, _a, o: ys.append(o.reshape(-1, o.shape[-1]).float()))]
+    try:
+        for h, kw in inputs:
+            block(h, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(xs), torch.cat(ys)
 
 
 class SparseLLM(SparseGPT):
-    def __init__(self, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, iterations: int = 10,
+    def __init__(self, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, iterations: int = 4,
                  percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8, select: str = "last",
-                 fallback: str | None = None):
+                 fallback: str | None = None, down_input: str = "pruned"):
         super().__init__(percdamp, blocksize, batch_size)
         if fallback not in FALLBACKS:
             raise config_error("method.fallback", fallback, "null (refuse a block whose MLP SparseLLM does not model) "
@@ -243,54 +450,64 @@ class SparseLLM(SparseGPT):
         self.n_blocks = 0
         if select not in SELECT:
             raise config_error("method.select", select, "last (the paper) or best (lowest real MLP error)")
-        self.select = select
+        if down_input not in DOWN_INPUTS:
+            raise config_error("method.down_input", down_input, "pruned (the activations of the re-pruned first "
+                               "layer(s)) or auxiliary (the auxiliary P)")
+        self.select, self.down_input = select, down_input
         for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
             positive(f"method.{key}", value, paper="0.1")
-        positive("method.iterations", iterations, whole=True, paper="10")
+        positive("method.iterations", iterations, whole=True, paper="4")
         self.alpha, self.beta, self.gamma, self.iterations = float(alpha), float(beta), float(gamma), iterations
 
     def validate(self, model: nn.Module, target: Sparsity) -> None:
-        """Right after load, before any calibration: every block's MLP must be the gated MLP SparseLLM models,
-        or the user asked for the SparseGPT fallback."""
+        """Right after load, before any calibration: every block's MLP must be one SparseLLM models (traced on
+        a few tokens), or the user asked for the SparseGPT fallback."""
         super().validate(model, target)
         blocks, prefix = blocks_and_prefix(model)
         self.n_blocks = len(blocks)
-        bad = [i for i, b in enumerate(blocks) if gated_mlp(b) is None]
+        found = model_mlp_structures(model, blocks)
+        bad = [i for i, s in enumerate(found) if s is None]
         self.fallback_blocks = [f"{prefix}.{i}" for i in bad]
         if bad and self.fallback is None:
-            found = ", ".join(f"{n} {list(lin.weight.shape)}" for n, lin in block_matrices(blocks[bad[0]]).items())
+            lins = ", ".join(f"{n} {list(lin.weight.shape)}" for n, lin in block_matrices(blocks[bad[0]]).items())
             raise ElsaError(f"method=sparsellm cannot model the MLP of block {prefix}.{bad[0]} ({len(bad)}/"
-                            f"{len(blocks)} blocks): its Linears are {found or 'none'}; SparseLLM here supports the "
-                            "gated MLP down(act(gate(x)) * up(x)) (a submodule with gate_proj, up_proj, down_proj "
-                            "Linears and act_fn). Set method.fallback=sparsegpt to prune such blocks by SparseGPT "
-                            "(recorded in results.json and the report)")
+                            f"{len(blocks)} blocks): its weight matrices are {lins or 'none'}; SparseLLM here "
+                            "supports fc2(act(fc1 x)) and the gated down(act(gate x) * up x) with separate Linears "
+                            "and an elementwise activation module. Set method.fallback=sparsegpt to prune such "
+                            "blocks by SparseGPT (recorded in results.json and the report)")
         if bad:
             log.warning("sparsellm: SparseGPT fallback on %d/%d blocks (method.fallback=sparsegpt): %s",
                         len(bad), len(blocks), ", ".join(self.fallback_blocks))
 
     def prune_block(self, prefix: str, block: nn.Module, stats: dict[str, Any], inputs, target: Sparsity) -> dict:
-        found = gated_mlp(block)
-        if found is None:
+        h0, kw0 = inputs[0]
+        structure = mlp_structure(block, trace_calls(_linears(block), lambda: block(h0, **kw0)))
+        if structure is None:
             if self.fallback != "sparsegpt":   # validate() refuses this before any model work
                 raise ElsaError(f"method=sparsellm cannot model the MLP of block {prefix} "
                                 "(set method.fallback=sparsegpt)")
             if prefix not in self.fallback_blocks:
                 self.fallback_blocks.append(prefix)
             return LayerwisePruner.prune_block(self, prefix, block, stats, inputs, target)
-        mlp_name, mlp = found
-        x, y = mlp_io(block, mlp, inputs)                     # before any pruning: the dense block's view
-        mlp_linears = {id(m) for m in mlp.modules()}
-        local = target.within(prefix)           # each matrix's own ratio when an allocation set them
-        names = {id(lin.source.module): name for name, lin in block_matrices(block).items()}
+        mods = {n: block.get_submodule(n) for n in structure.names()}
+        first, up, down = mods[structure.first], mods.get(structure.up), mods[structure.down]
+        x, y = mlp_io(block, first, down, inputs)            # before any pruning: the dense block's view
         per_layer = {}
+        local = target.within(prefix)           # each matrix's own ratio when an allocation set them
         for name, lin in block_matrices(block).items():
-            if id(lin.source.module) not in mlp_linears:
+            if name not in mods:
                 per_layer[f"{prefix}.{name}"] = self.prune_linear(f"{prefix}.{name}", lin, stats[name], local.at(name))
         mlp_target = target if not target.allocated else \
-            {key: local.at(names[id(getattr(mlp, key))]) for key in GATED}
-        per_layer[f"{prefix}.{mlp_name}"] = sparsellm_mlp(
-            mlp, x, y, mlp_target, self.alpha, self.beta, self.gamma, self.iterations, self.blocksize, self.percdamp,
-            f"{prefix}.{mlp_name}", self.select)
+            {"first": local.at(structure.first), "up": local.at(structure.up) if structure.up else None,
+             "down": local.at(structure.down)}
+        out = sparsellm_mlp(first, up, down, structure.act, x, y, mlp_target, self.alpha, self.beta, self.gamma,
+                            self.iterations, self.blocksize, self.percdamp, f"{prefix}.{structure.down}",
+                            self.select, structure.relu, self.down_input)
+        out["structure"] = {"kind": structure.kind, "first": structure.first, "up": structure.up,
+                            "down": structure.down, "activation": type(structure.act).__name__}
+        parents = {n.rpartition(".")[0] for n in structure.names()}
+        parent = parents.pop() if len(parents) == 1 else ""
+        per_layer[f"{prefix}.{parent}" if parent else f"{prefix}.mlp({structure.first},{structure.down})"] = out
         return per_layer
 
     def summarize(self, per_layer: dict[str, dict]) -> dict:
@@ -299,7 +516,18 @@ class SparseLLM(SparseGPT):
         out = super().summarize(linears)
         out["mlp_objective"] = {k: v["objective"] for k, v in mlps.items()}
         out["mlp_error"] = {k: v["mlp_error"] for k, v in mlps.items()}
+        out["mlp_error_sparsegpt"] = {k: v["mlp_error_sparsegpt"] for k, v in mlps.items()}
         out["mlp_kept_alternation"] = {k: v["kept"] for k, v in mlps.items()}
+        out["mlp_structure"] = {k: v["structure"] for k, v in mlps.items()}
+        rising = [k for k, v in mlps.items() if any(b > a * (1 + 1e-3) for a, b in zip(v["mlp_error"],
+                                                                                        v["mlp_error"][1:]))]
+        out["mlp_error_rises_in"] = rising
+        if mlps:
+            out["mlp_error_vs_sparsegpt"] = {
+                "measure": "per block: real MLP error ||mlp(X) - Y||^2 / n on the calibration tokens, kept "
+                           "alternation / plain SparseGPT on the same MLP",
+                "ratio": {k: v["mlp_error"][v["kept"]] / v["mlp_error_sparsegpt"] if v["mlp_error_sparsegpt"]
+                          else None for k, v in mlps.items()}}
         if self.fallback_blocks:
             out["fallback"] = {"method": self.fallback, "blocks": list(self.fallback_blocks),
                                "of": max(self.n_blocks, len(self.fallback_blocks))}
