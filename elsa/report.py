@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm", "ast", "ast_boosted", "elsa",
                 "elsa_l"]
 START_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm"]
-BUDGET_ORDER = ["paper", "cpu", "quick"]
+BUDGET_ORDER = ["paper", "cpu", "quick", "demo"]
 ALLOCATION_ORDER = ["uniform", "owl", "profile"]
 PPL = "ppl/"          # column prefix: perplexity of the pruned model per corpus
 DENSE = "dense_ppl/"  # column prefix: perplexity of the dense model per corpus

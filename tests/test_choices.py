@@ -146,7 +146,7 @@ def test_every_budget_has_a_part_for_every_method_with_steps():
     from elsa.pipeline import build
 
     budgets = sorted(p.stem for p in (CONF / "budget").glob("*.yaml"))
-    assert budgets == ["cpu", "paper", "quick"]
+    assert budgets == ["cpu", "demo", "paper", "quick"]
     for name in sorted(p.stem for p in (CONF / "method").glob("*.yaml")):
         method = build(compose([f"method={name}"]).method, "method")
         for budget in budgets:
@@ -268,7 +268,7 @@ def test_experiment_grids_run_the_cells_they_ran_with_preset_names(experiment):
 
 def test_demo_is_the_four_methods_at_one_sparsity():
     """experiment=demo (make run) is a sweep of magnitude, Wanda, SparseGPT and ELSA at 70%, ELSA from
-    SparseGPT's solution at budget=quick: its ELSA cell has exactly the keys of that spelling."""
+    SparseGPT's solution at budget=demo (budget=quick at 30 steps): its ELSA cell has exactly those keys."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -278,7 +278,10 @@ def test_demo_is_the_four_methods_at_one_sparsity():
     assert str(cfg.hydra.sweeper.params.method).split(",") == ["magnitude", "wanda", "sparsegpt", "elsa"]
     assert str(cfg.sparsity) == "0.7"
     demo_elsa = _effective(compose(["experiment=demo", "method=elsa"]))
-    assert demo_elsa == _effective(compose(["method=elsa", "budget=quick", "start=sparsegpt"]))
+    assert demo_elsa == _effective(compose(["method=elsa", "budget=demo", "start=sparsegpt"]))
+    quick = _effective(compose(["method=elsa", "budget=quick", "start=sparsegpt"]))
+    assert {k: v for k, v in demo_elsa[0].items() if k not in ("steps", "checkpoint_every")} == \
+        {k: v for k, v in quick[0].items() if k not in ("steps", "checkpoint_every")} and demo_elsa[0]["steps"] == 30
     assert demo_elsa[1] == "sparsegpt"
     for one_shot in ("magnitude", "wanda", "sparsegpt"):   # these prune the dense model: start is skipped
         assert _effective(compose(["experiment=demo", f"method={one_shot}"]))[1] == "dense"
@@ -291,7 +294,7 @@ def test_help_shows_the_three_groups():
                   line.split(": ", 1)[0])
     assert groups["method"] == ("alps, ast, ast_boosted, dense, elsa, elsa_l, ladmm, magnitude, safe, sparsegpt, "
                                 "sparsellm, wanda")
-    assert groups["budget"] == "cpu, paper, quick"
+    assert groups["budget"] == "cpu, demo, paper, quick"
     assert groups["start"] == "alps, dense, ladmm, magnitude, safe, sparsegpt, sparsellm, wanda"
     assert "start=    where it starts" in proc.stdout
 

@@ -215,11 +215,12 @@ def test_demo_prints_the_four_methods_against_dense(tmp_path):
     head = next(i for i, line in enumerate(lines) if line.split()[:3] == ["model", "method", "sparsity"])
     rows = [line.split("  ") for line in lines[head + 1:head + 6]]
     labels = [[c.strip() for c in row if c.strip()][1] for row in rows]
-    assert labels == ["dense", "magnitude", "wanda", "sparsegpt", "elsa (from sparsegpt, quick)"]
+    assert labels == ["dense", "magnitude", "wanda", "sparsegpt", "elsa (from sparsegpt, demo)"]
     results = {read_results(d)["method"]: read_results(d) for d in tmp_path.iterdir() if (d / "results.json").exists()}
     assert sorted(results) == ["elsa", "magnitude", "sparsegpt", "wanda"]
     elsa = results["elsa"]
-    assert elsa["start"]["name"] == "sparsegpt" and elsa["budget"] == "quick" and elsa["sparsity"]["target"] == "0.7"
+    assert elsa["start"]["name"] == "sparsegpt" and elsa["budget"] == "demo" and elsa["sparsity"]["target"] == "0.7"
+    assert elsa["start"]["reused_from"] == str(tmp_path / "2")     # the SparseGPT job's solution
     printed = float([c for c in rows[4] if c.strip()][3])
     assert printed == pytest.approx(elsa["perplexity"]["wiki"], abs=1e-3)
 
