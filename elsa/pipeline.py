@@ -181,7 +181,7 @@ class SolutionMemo:
     in ``-m method=sparsegpt,elsa start=sparsegpt`` (experiment=demo, frontier) the ELSA job starts from the
     weights the SparseGPT job of the same process just computed, instead of running SparseGPT again. A
     solution is reused only when everything it depends on is the same: the model, the targets and ignores,
-    the method's keys, the target, the calibration tokens, the seed, the device and torch's thread count (so
+    the method's keys, the target and its allocated per-matrix ratios, the calibration tokens, the seed, the device and torch's thread count (so
     the weights are the ones recomputing would give, bit for bit: tests/test_choices.py). One entry: the
     prunable matrices' weights on the CPU, the method statistics and the job dir that computed them."""
 
@@ -198,8 +198,9 @@ class SolutionMemo:
         import json
 
         keys = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in METADATA}
-        ident = [run.source.fingerprint(), run.dataset.fingerprint("train"), keys, str(run.target), run.seqlen,
-                 run.seed, run.ignore, run.targets, run.device, torch.get_num_threads(),
+        allocated = sorted(run.target.per_matrix.items()) if run.target.allocated else None   # owl / profile ratios
+        ident = [run.source.fingerprint(), run.dataset.fingerprint("train"), keys, str(run.target), allocated,
+                 run.target.exact, run.seqlen, run.seed, run.ignore, run.targets, run.device, torch.get_num_threads(),
                  hashlib.sha256(calib.numpy().tobytes()).hexdigest() if calib is not None else None]
         return json.dumps(ident, sort_keys=True, default=str)
 
@@ -219,10 +220,6 @@ class SolutionMemo:
             for name, m in prunable_matrices(model).items():
                 m.weight.copy_(weights[name])
         return copy.deepcopy(stats), out
-
-    @classmethod
-    def clear(cls) -> None:
-        cls.entry = None
 
 
 class Run:

@@ -157,7 +157,7 @@ def test_every_budget_has_a_part_for_every_method_with_steps():
 def test_budget_without_a_part_for_the_method_is_refused(tmp_path, monkeypatch):
     from elsa.errors import ElsaError
 
-    with pytest.raises(ElsaError, match=r"^budget=quick is not allowed: one of paper, cpu, quick for method=elsa"):
+    with pytest.raises(ElsaError, match=r"^budget=quick is not allowed: one of paper, cpu, demo, quick for method=elsa"):
         run_pipeline(tmp_path, "method=elsa", "budget=quick", "~method.budget")
     r = run_pipeline(tmp_path / "mag", "method=magnitude", "budget=quick", "start=sparsegpt", "save_model=false")
     assert r["budget"] is None and r["start"] == {"name": "dense", "skipped": "sparsegpt"}
@@ -322,3 +322,24 @@ def test_a_sweep_reuses_its_one_shot_solution_as_the_start(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     one_shot = load_file(str(jobs["sparsegpt"] / "model" / "model.safetensors"))
     assert any(not torch.equal(a[k], one_shot[k]) for k in a)   # ELSA trained on from there
+
+
+def test_a_stored_solution_is_not_reused_under_another_allocation():
+    """The reuse key holds the allocated per-matrix ratios: a uniform SparseGPT solution is not an OWL start."""
+    from types import SimpleNamespace
+
+    from elsa.pipeline import SolutionMemo
+    from elsa.sparsity import Sparsity
+
+    class Fp:
+        def fingerprint(self, *_):
+            return "same"
+
+    node = OmegaConf.create({"_target_": "x", "name": "sparsegpt", "blocksize": 128})
+    run = SimpleNamespace(source=Fp(), dataset=Fp(), target=Sparsity(0.7), seqlen=8, seed=0, ignore=[], targets=[],
+                          device="cpu")
+    uniform = SolutionMemo.key(run, node, None)
+    run.target = Sparsity(0.7, per_matrix={"a": 0.6, "b": 0.8}, exact=True)
+    owl = SolutionMemo.key(run, node, None)
+    run.target = Sparsity(0.7, per_matrix={"a": 0.65, "b": 0.75}, exact=True)
+    assert len({uniform, owl, SolutionMemo.key(run, node, None)}) == 3
