@@ -123,7 +123,7 @@ def test_bad_input_is_one_clear_line(tmp_path, overrides, match):
 
 
 def test_constructor_errors_surface_as_elsa_errors(tmp_path):
-    with pytest.raises(ElsaError, match=r"^method.group=col is not allowed: one of row, layer$"):
+    with pytest.raises(ElsaError, match=r"^method.group=col is not allowed: one of row, layer, column$"):
         run_pipeline(tmp_path, "method=wanda", "method.group=col")
 
 
