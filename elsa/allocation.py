@@ -8,6 +8,10 @@ method runs.
   |W_ij| * ||X_j||_2 (over all of the layer's matrices together) above ``M`` times the layer's mean score. The
   layer ratios are spread over 2 * ``lam`` around the target, a higher outlier ratio getting a lower sparsity:
   s_l = target - (n_l - mean(n)), n_l = 2 lam (D_l - min D) / (max D - min D).
+- ``global``: one magnitude threshold over all the targeted weights together (global magnitude pruning, as in
+  Han et al. 2015 and the lottery-ticket line): each matrix's ratio is the fraction of its weights whose |w|
+  falls below the overall target's threshold, capped at ``max_ratio``. Only |w| is ranked globally: the
+  calibrated scores (Wanda's |W|·||X||, SparseGPT's w²/[H⁻¹]) are on each layer's own scale.
 - ``profile``: a per-matrix (or per-weight) profile file: EvoPress's ``name: level`` (ratio = base + level *
   1e6 / numel, clipped to [0, 0.99]; base: the target) or a plain ``name: ratio`` map.
 
@@ -234,6 +238,50 @@ class OutlierScan(LayerwisePruner):
         above = sum(int((wanda_scores(m.weight, stats[n].norms()) > self.M * mean).sum()) for n, m in seen.items())
         self.ratios[prefix] = above / max(count, 1)
         return {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# global magnitude
+
+
+class GlobalMagnitude(Allocation):
+    """``global``: every matrix's ratio from one |w| threshold over all the targeted weights together."""
+
+    name = "global"
+
+    def __init__(self, name: str = "global", max_ratio: float = 0.99):
+        self.max_ratio = _max_ratio(max_ratio)
+
+    @torch.no_grad()
+    def ratios(self, model, target: Sparsity) -> dict[str, float]:
+        """{matrix: fraction of its |w| below the global threshold} (the k-th smallest |w| of all targeted
+        weights, k = round(target * total), found by a histogram over float32 bit patterns, so no copy of all
+        the weights is held at once)."""
+        matrices = prunable_matrices(model)
+        total = sum(m.weight.numel() for m in matrices.values())
+        k = int(round(target.ratio * total))
+        if k == 0:
+            return {n: 0.0 for n in matrices}
+        # |w| as float32 bits is monotone in |w|: bisect the threshold on the bit pattern
+        lo, hi = 0, 0x7F800000                          # +0 .. +inf
+        def below(t: int) -> int:
+            thr = torch.tensor(t, dtype=torch.int32).view(torch.float32)
+            return sum(int((m.weight.detach().abs().float() < thr).sum()) for m in matrices.values())
+        while hi - lo > 1:                              # smallest t with below(t) >= k, at most 31 passes
+            mid = (lo + hi) // 2
+            if below(mid) >= k:
+                hi = mid
+            else:
+                lo = mid
+        thr = torch.tensor(hi, dtype=torch.int32).view(torch.float32)
+        return {n: float((m.weight.detach().abs().float() < thr).sum()) / m.weight.numel() for n, m in matrices.items()}
+
+    def allocate(self, model, target, calibration=None, device="cpu"):
+        numels = _numels(model)
+        counts = exact_counts(self.ratios(model, target), numels, target.ratio, self.max_ratio)
+        return allocated_target(target, counts, numels), {
+            "name": self.name, "score": "magnitude", "per_layer": per_layer_ratios(model, counts, numels),
+            "overall": sum(counts.values()) / sum(numels.values())}
 
 
 # ---------------------------------------------------------------------------------------------------------

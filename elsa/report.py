@@ -46,7 +46,7 @@ METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe",
                 "elsa_l"]
 START_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm"]
 BUDGET_ORDER = ["paper", "cpu", "quick", "demo"]
-ALLOCATION_ORDER = ["uniform", "owl", "profile"]
+ALLOCATION_ORDER = ["uniform", "owl", "global", "profile"]
 PPL = "ppl/"          # column prefix: perplexity of the pruned model per corpus
 DENSE = "dense_ppl/"  # column prefix: perplexity of the dense model per corpus
 

@@ -1,4 +1,4 @@
-"""allocation=: each targeted matrix's ratio fixed before any method runs (uniform, owl, profile).
+"""allocation=: each targeted matrix's ratio fixed before any method runs (uniform, owl, global, profile).
 
 The overall count of pruned weights equals round(target x targeted weights) exactly under every non-uniform
 allocation (and uniform with exact=true), for layer-wise and global methods and a start stage, and every method
@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import TINY, read_results, run_cli, run_pipeline
 
-from elsa.allocation import Owl, Profile, exact_counts
+from elsa.allocation import GlobalMagnitude, Owl, Profile, exact_counts
 from elsa.models import TinyLlamaSource, prunable_matrices
 from elsa.sparsity import Sparsity, mask_from_scores
 
@@ -52,6 +52,8 @@ CASES = [
     ("owl", "elsa", [*STEPS, "start=wanda"]),          # the start stage prunes to the allocation too
     ("owl", "ast", STEPS),                             # AST's masks
     ("uniform", "wanda", ["allocation.exact=true"]),
+    ("global", "wanda", []),
+    ("global", "elsa", STEPS),
 ]
 
 
@@ -127,15 +129,15 @@ def test_profile_errors_are_one_line(tmp_path, entries, extra, needle):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("allocation", ["owl", "profile"])
+@pytest.mark.parametrize("allocation", ["owl", "profile", "global"])
 def test_nm_refuses_non_uniform_before_loading(tmp_path, allocation):
     proc = run_cli(*TINY, "method=magnitude", "sparsity=2:4", f"allocation={allocation}",
-                   "allocation.path=/x" if allocation == "profile" else "allocation.M=5",
+                   {"profile": "allocation.path=/x", "owl": "allocation.M=5"}.get(allocation, "allocation.max_ratio=0.9"),
                    f"hydra.run.dir={tmp_path}", timeout=60)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and err[-1].startswith("elsa: error:"), proc.stderr[-2000:]
-    if allocation == "owl":
-        assert "allocation=owl is not allowed: uniform with an N:M target" in err[-1]
+    if allocation != "profile":
+        assert f"allocation={allocation} is not allowed: uniform with an N:M target" in err[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,3 +219,25 @@ def test_exact_counts_and_row_masks():
     assert int(per_row.max() - per_row.min()) <= 1
     # the uniform (non-exact) rule is unchanged: each row rounds its own count
     assert int((~mask_from_scores(scores, Sparsity(ratio=50 / 91), "row")).sum()) == 7 * round(13 * 50 / 91)
+
+
+def test_global_magnitude_ranks_all_targeted_weights_together():
+    """The ratios are what one |w| threshold over every targeted weight gives (checked against a plain sort),
+    so a layer whose weights are 10x larger is pruned far less; the counts are exact."""
+    model, _ = TinyLlamaSource().load()
+    matrices = prunable_matrices(model)
+    big = [n for n in matrices if n.startswith("model.layers.1.")]
+    with torch.no_grad():
+        for n in big:
+            matrices[n].weight.mul_(10)
+    alloc = GlobalMagnitude()
+    ratios = alloc.ratios(model, Sparsity.parse(0.6))
+    flat = torch.cat([m.weight.detach().abs().flatten() for m in matrices.values()])
+    thr = flat.sort().values[round(0.6 * flat.numel())]
+    for n, m in matrices.items():
+        assert ratios[n] == pytest.approx(float((m.weight.abs() < thr).float().mean()), abs=1e-9), n
+    target, record = alloc.allocate(model, Sparsity.parse(0.6))
+    per = record["per_layer"]
+    assert per["model.layers.0"] > 0.9 and per["model.layers.1"] < 0.35
+    numels = {n: m.weight.numel() for n, m in matrices.items()}
+    assert sum(round(target.at(n).ratio * numels[n]) for n in numels) == round(0.6 * sum(numels.values()))
