@@ -22,8 +22,12 @@ runs dense everywhere: per-matrix wins need not add up inside the model. Kernels
   with the reason recorded.
 
 Pruned matrices: the nn.Linear and Conv1D (GPT-2, multiplied as its ``[out, in]`` transpose) layers inside the decoder
-blocks, MoE routers aside (:func:`block_linears`). Fused 3-D expert tensors stay dense (no sparse kernel here
-multiplies them); lm_head and embeddings stay dense.
+blocks, MoE routers aside (:func:`block_linears`), and every expert of a fused 3-D expert tensor
+(:func:`block_experts`: Mixtral, Qwen-MoE, OLMoE, GPT-OSS, ...): each expert's ``[out, in]`` slice is a matrix
+with its own kernel choice, and the experts module runs :func:`sparse_experts_forward`, the routed loop over the
+experts its tokens chose, with the flags transformers' experts interface sets on the module (``has_gate``,
+``is_transposed``, ``has_bias``, ``_apply_gate``). An experts module without those flags keeps its own forward and
+stays dense (recorded in the plan). lm_head and embeddings stay dense.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -413,6 +418,67 @@ def block_linears(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+EXPERT_FLAGS = ("has_gate", "is_transposed", "has_bias")
+
+
+def block_experts(model: nn.Module) -> dict[str, tuple[nn.Module, list[str]]]:
+    """The fused expert modules inside the decoder blocks: {module name: (module, its 3-D expert parameters)}.
+    Found structurally (a module with >= one 3-D parameter of its own), as the pruning engine finds them."""
+    from elsa.models import blocks_and_prefix
+
+    blocks, prefix = blocks_and_prefix(model)
+    out = {}
+    for i, block in enumerate(blocks):
+        for n, m in block.named_modules():
+            params = [a for a, p in m.named_parameters(recurse=False) if p.dim() == 3]
+            if params:
+                out[f"{prefix}.{i}.{n}" if n else f"{prefix}.{i}"] = (m, params)
+    return out
+
+
+class ExpertKernel:
+    """One expert's matrix: the kernel its plan chose per regime, called on that expert's routed tokens."""
+
+    def __init__(self, plan: dict, fns: dict[str, Callable], in_features: int):
+        self.plan, self.in_features = plan, in_features
+        self.kernels = {r: fns[plan.get(r, "dense")] for r in REGIMES}
+
+    def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
+        return self.kernels["decode" if x2d.shape[0] <= DECODE_MAX else "prefill"](x2d)
+
+
+def _expert_matrix(module: nn.Module, attr: str, e: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Expert ``e``'s ``[out, in]`` matrix of parameter ``attr`` (contiguous) and its bias, if the module has one."""
+    w = getattr(module, attr)[e]
+    w = (w.t() if getattr(module, "is_transposed", False) else w).detach().contiguous()
+    bias = getattr(module, f"{attr}_bias", None) if getattr(module, "has_bias", False) else None
+    return w, (bias[e].detach() if bias is not None else None)
+
+
+def sparse_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts module's forward over per-expert kernels (``self._elsa_kernels[attr][e]``): for each expert
+    some token was routed to, its tokens through the up (or gate_up) kernel, the module's gate or activation, the
+    down kernel and the optional post-expert norm, weighted by the routing weight and summed per token, as
+    transformers' eager experts loop does with dense matrices."""
+    kernels = self._elsa_kernels
+    first = "gate_up_proj" if self.has_gate else "up_proj"
+    out = torch.zeros(hidden_states.shape[0], hidden_states.shape[-1], dtype=torch.float32,
+                      device=hidden_states.device)
+    experts = len(kernels["down_proj"])
+    for e in torch.unique(top_k_index).tolist():
+        if e >= experts:                     # expert-parallel sentinel: no expert here
+            continue
+        token_idx, pos = torch.where(top_k_index == e)
+        h = kernels[first][e](hidden_states[token_idx])
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = kernels["down_proj"][e](h)
+        if getattr(self, "has_post_expert_norm", False):
+            h = self.post_expert_norm(h)
+        out.index_add_(0, token_idx, (h * top_k_weights[token_idx, pos, None]).float())
+    return out.to(hidden_states.dtype)
+
+
 def _reuse(plan: dict, weight: torch.Tensor, bias, regimes: dict[str, int], measured_on: str):
     """The kernels a measured plan chose, built for another matrix of the same class, each checked against dense
     on this matrix (a mismatch falls back to dense)."""
@@ -511,13 +577,44 @@ def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: floa
                 replaced[name] = SparseLinear(lin, plan, fns)
                 dense_fns[name], dense_weights[name] = fns["dense"], lin.weight
                 setattr(model.get_submodule(parent), child, replaced[name])
+        for mod_name, (mod, params) in block_experts(model).items():
+            missing = [f for f in EXPERT_FLAGS if not hasattr(mod, f)]
+            uses = {"gate_up_proj", "down_proj"} if getattr(mod, "has_gate", False) else {"up_proj", "down_proj"}
+            if missing or not uses <= set(params):
+                why = (f"no {', '.join(missing)} flag (transformers' experts interface)" if missing else
+                       f"its 3-D parameters {params} are not {sorted(uses)}")
+                for attr in params:
+                    plans[f"{mod_name}.{attr}"] = {**{r: "dense" for r in regimes}, "note": f"left dense: {why}"}
+                continue
+            table = {}
+            for attr in sorted(uses):
+                table[attr] = []
+                for e in range(getattr(mod, attr).shape[0]):
+                    name = f"{mod_name}.{attr}[{e}]"
+                    weight, bias = _expert_matrix(mod, attr, e)
+                    sparsity = float((weight == 0).float().mean())
+                    key = (tuple(weight.shape), weight.dtype, bias is not None, round(sparsity, 2))
+                    if sparsity < min_sparsity:
+                        plan, fns = {"sparsity": sparsity, **{r: "dense" for r in regimes}, "note": "left as it is"}, \
+                            {"dense": (lambda x, w=weight, b=bias: F.linear(x, w, b))}
+                    elif share and key in measured:
+                        plan, fns = _reuse(plans[measured[key]], weight, bias, regimes, measured[key])
+                    else:
+                        plan, fns = plan_matrix(weight, bias, regimes, timer, min_gain)
+                        measured[key] = name
+                    plans[name] = plan
+                    table[attr].append(ExpertKernel(plan, fns, weight.shape[1]))
+                    if sparsity >= min_sparsity:
+                        replaced[name], dense_fns[name] = table[attr][-1], fns["dense"]
+            mod._elsa_kernels = table
+            mod.forward = types.MethodType(sparse_experts_forward, mod)
         verified = None
         if replaced and (verify if verify is not None else timer is None):
             if progress:
                 print("\relsa: checking the chosen kernels in the whole model", end="", flush=True)
             verified = verify_in_model(model, replaced, dense_fns, regimes, min_gain, whole_model_timer)
             for name, mod in replaced.items():   # a regime sent back to dense needs the dense weight
-                if mod.weight is None and "dense" in (mod.plan.get(r, "dense") for r in REGIMES):
+                if isinstance(mod, SparseLinear) and mod.weight is None and "dense" in (mod.plan.get(r, "dense") for r in REGIMES):
                     mod.weight = dense_weights[name]
         for name in plans:
             for r in regimes:

@@ -433,3 +433,51 @@ def test_conv1d_matrices_of_gpt2_run_sparse_with_dense_logits(kernel):
     with torch.no_grad():
         want, got = dense(ids).logits, sparse(ids).logits
     assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])     # [experts, out, in] and [experts, in, out] + biases
+def test_fused_expert_tensors_run_sparse_with_dense_logits(family):
+    """Every expert of a fused 3-D expert tensor is a matrix with its own kernel; the experts module then runs
+    the routed loop over those kernels (elsa.sparse_linear.sparse_experts_forward), and the logits, prefill and
+    greedy decode, equal the dense model's."""
+    import copy
+
+    from test_families import build
+
+    dense, _tok = build(family)
+    experts = SL.block_experts(dense)
+    assert len(experts) == 2                                   # one experts module per block
+    with torch.no_grad():
+        for mod, params in experts.values():
+            for attr in params:
+                p = getattr(mod, attr)
+                p[p.abs() < p.abs().flatten(1).quantile(0.9, dim=1)[:, None, None]] = 0.0
+        for m in SL.block_linears(dense).values():
+            m.weight[m.weight.abs() < m.weight.abs().quantile(0.9)] = 0.0
+    sparse = copy.deepcopy(dense)
+    plan = SL.sparsify(sparse, timer=_fake_timer({"torch_csr": 0.1}))
+    n_experts = sum(getattr(mod, a).shape[0] for mod, params in experts.values() for a in params)
+    n = len(SL.block_linears(dense)) + n_experts
+    assert plan["chosen"] == {"decode": {"torch_csr": n}, "prefill": {"torch_csr": n}}
+    names = [k for k in plan["matrices"] if k.endswith("]")]
+    assert len(names) == n_experts and any(".down_proj[3]" in k for k in names)
+    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = dense(ids).logits, sparse(ids).logits
+        assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
+        from elsa.generate import greedy
+
+        a, _ = greedy(dense, ids[:1, :6], 12)
+        b, _ = greedy(sparse, ids[:1, :6], 12)
+    assert torch.equal(a, b)
+
+
+def test_experts_without_the_interface_flags_stay_dense_and_say_so():
+    from test_families import build
+
+    model, _tok = build("mixtral")
+    for mod, _params in SL.block_experts(model).values():
+        del mod.has_gate                                      # as a custom experts class would lack it
+    plan = SL.sparsify(model, timer=_fake_timer({"torch_csr": 0.1}), min_sparsity=0.0)
+    notes = {k: v["note"] for k, v in plan["matrices"].items() if "experts" in k}
+    assert notes and all(v.startswith("left dense: no has_gate flag") for v in notes.values())
