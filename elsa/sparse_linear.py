@@ -555,6 +555,7 @@ def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: floa
     plans, counts, measured = {}, {r: {} for r in regimes}, {}
     replaced, dense_fns, dense_weights = {}, {}, {}
     items = list(block_linears(model).items())
+    expert_modules = block_experts(model)     # found before any Linear is replaced (the blocks are found by them)
     with torch.no_grad():
         for i, (name, lin) in enumerate(items):
             if progress:
@@ -577,7 +578,7 @@ def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: floa
                 replaced[name] = SparseLinear(lin, plan, fns)
                 dense_fns[name], dense_weights[name] = fns["dense"], lin.weight
                 setattr(model.get_submodule(parent), child, replaced[name])
-        for mod_name, (mod, params) in block_experts(model).items():
+        for mod_name, (mod, params) in expert_modules.items():
             missing = [f for f in EXPERT_FLAGS if not hasattr(mod, f)]
             uses = {"gate_up_proj", "down_proj"} if getattr(mod, "has_gate", False) else {"up_proj", "down_proj"}
             if missing or not uses <= set(params):
