@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from elsa.methods.base import PruneContext, Pruner
 from elsa.errors import ElsaError
-from elsa.models import Matrix, Weight, block_matrices, block_weights, blocks_and_prefix, decoder_blocks, in_moe
+from elsa.models import (Matrix, Weight, block_matrices, block_weights, blocks_and_prefix, decoder_blocks,
+                         expert_tensors, in_moe)
 from elsa.sparsity import Sparsity, mask_from_scores
 
 log = logging.getLogger(__name__)
@@ -341,7 +342,7 @@ class LayerwiseEngine:
     def _eager_experts(self):
         """Fused expert tensors are read expert by expert (w[e] applied to its routed tokens): run the walk with
         transformers' eager experts implementation (the same math as grouped_mm). Returns what to restore."""
-        if not any(p.dim() == 3 for b in self.blocks for p in b.parameters()):
+        if not any(expert_tensors(m) for b in self.blocks for m in b.modules()):
             return None
         get = getattr(self.model, "get_experts_implementation", None)
         if get is None:

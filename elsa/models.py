@@ -199,9 +199,18 @@ def _stored_transposed(module: nn.Module) -> bool:
     return isinstance(module, _conv1d_class())
 
 
+def expert_tensors(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """A module's own fused expert tensors ``[experts, out, in]``: its 3-D parameters, unless the module is a
+    torch convolution, whose 3-D weight is a kernel ``[out, in / groups, width]`` (the depthwise ``conv1d`` of
+    Mamba-style mixers), not one matrix per expert. Such a kernel is not a matrix elsa prunes: it stays dense
+    and, unless ``ignore`` names it, ``check_prunable`` refuses the run."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return []
+    return [(a, p) for a, p in module.named_parameters(recurse=False) if p.dim() == 3]
+
+
 def _own_matrices(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, _conv1d_class())) or \
-        any(p.dim() == 3 for p in module.parameters(recurse=False))
+    return isinstance(module, (nn.Linear, _conv1d_class())) or bool(expert_tensors(module))
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -363,8 +372,8 @@ def block_weights(block: nn.Module) -> dict[str, Weight]:
             if "weight" not in dense:
                 out[name] = Weight(mod, "weight", _stored_transposed(mod))
             continue
-        for attr, p in mod.named_parameters(recurse=False):
-            if p.dim() == 3 and attr not in dense:
+        for attr, p in expert_tensors(mod):
+            if attr not in dense:
                 out[f"{name}.{attr}" if name else attr] = Weight(mod, attr, bool(getattr(mod, "is_transposed", False)))
     return out
 
@@ -480,7 +489,7 @@ def weight_accounting(model: nn.Module, patterns=()) -> dict:
         owner_marks = marks.get(owner_name, {})
         reason = owner_marks.get(attr) or owner_marks.get("*")
         owner = model.get_submodule(owner_name) if owner_name else model
-        experts = {q.shape[0] for q in owner.parameters(recurse=False) if q.dim() == 3}
+        experts = {q.shape[0] for _a, q in expert_tensors(owner)}
         if reason:
             kind = reason
         elif getattr(owner, "elsa_kind", None):      # a method's own dense modules (AST's SLoRB branches)

@@ -423,14 +423,15 @@ EXPERT_FLAGS = ("has_gate", "is_transposed", "has_bias")
 
 def block_experts(model: nn.Module) -> dict[str, tuple[nn.Module, list[str]]]:
     """The fused expert modules inside the decoder blocks: {module name: (module, its 3-D expert parameters)}.
-    Found structurally (a module with >= one 3-D parameter of its own), as the pruning engine finds them."""
-    from elsa.models import blocks_and_prefix
+    Found structurally (``elsa.models.expert_tensors``: 3-D parameters of a module that is not a convolution), as
+    the pruning engine finds them."""
+    from elsa.models import blocks_and_prefix, expert_tensors
 
     blocks, prefix = blocks_and_prefix(model)
     out = {}
     for i, block in enumerate(blocks):
         for n, m in block.named_modules():
-            params = [a for a, p in m.named_parameters(recurse=False) if p.dim() == 3]
+            params = [a for a, _p in expert_tensors(m)]
             if params:
                 out[f"{prefix}.{i}.{n}" if n else f"{prefix}.{i}"] = (m, params)
     return out

@@ -159,3 +159,37 @@ def test_ignoring_a_container_leaves_everything_inside_it_dense():
     model, _tok = TinyLlamaSource().load()
     apply_ignore(model, [r"layers$"])
     assert prunable_weights(model) == {}
+
+
+@pytest.fixture
+def falcon_h1(tmp_path):
+    """A hybrid block (attention + a Mamba-2 mixer, as Falcon-H1): its depthwise ``conv1d`` weight is 3-D
+    [channels, 1, width], a convolution kernel, not a fused expert tensor."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    return _save(tmp_path, FalconH1Config, FalconH1ForCausalLM, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, mamba_d_ssm=64,
+                 mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16)
+
+
+def test_a_convolution_kernel_is_not_taken_for_experts(falcon_h1, tmp_path):
+    """Before, every 3-D parameter counted as experts: the conv1d kernel [96, 1, 4] was pruned as 96 'expert'
+    matrices of [1, 4]. Now it is no prunable weight: the run refuses naming it, and ignore= lets it go on with
+    the kernel dense and recorded."""
+    from transformers import AutoModelForCausalLM
+
+    from elsa.models import prunable_weights
+
+    model = AutoModelForCausalLM.from_pretrained(falcon_h1)
+    names = prunable_weights(model)
+    assert names and not any("conv1d" in n for n in names)
+    assert all(w.experts is None for w in names.values())
+    err = _one_error(run_cli("model=hf", f"model.path={falcon_h1}", "method=wanda", "logger=none", "eval=quick",
+                             "seqlen=64", "nsamples=2", f"output_dir={tmp_path / 'refused'}"))
+    assert "conv1d.weight [96, 1, 4]" in err and "ignore=" in err
+    out = run_pipeline(tmp_path / "out", "model=hf", f"model.path={falcon_h1}", "method=wanda", "seqlen=64",
+                       "nsamples=2", "save_model=false", "ignore=[conv1d]")
+    assert out["status"] == "done"
+    assert out["params"]["dense_by_kind"]["ignored"] == 2 * (96 * 4 + 96)      # the kernel and its bias
+    assert not any("conv1d" in n for n in out["sparsity"]["per_layer"])
+    assert out["sparsity"]["measured"] == pytest.approx(0.5)
