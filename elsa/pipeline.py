@@ -444,6 +444,9 @@ class Run:
                                         pruned_params=report["pruned_params"],
                                         dense_modules="embeddings, norms, routers, lm_head and ignored "
                                                       "modules are not pruned")
+        over = report["measured"] - self.target.ratio
+        if over > 1e-3:  # fewer non-zeros than asked (a projection that kept zeros): recorded, printed, labelled
+            self.results["sparsity"]["over_target"] = round(over, 6)
         params = list(model.parameters())  # tied weights appear once
         acc = weight_accounting(model, self.ignore)
         self.results["params"] = {"total": sum(p.numel() for p in params),
@@ -518,6 +521,9 @@ class Run:
         if "dense_by_kind" in p:
             kinds = ", ".join(f"{k} {v:,}" for k, v in p["dense_by_kind"].items())
             lines.append(f"weights: {p['pruned']:,} pruned, {p['dense']:,} dense ({kinds})")
+        if r["sparsity"].get("over_target"):
+            lines.append(f"OVER TARGET: {r['sparsity']['measured']:.4f} of the pruned weights are zero, "
+                         f"{r['sparsity']['over_target']:.4f} more than the target {r['sparsity']['target']} asks")
         fb = stats.get("fallback")
         if fb:
             lines.append(f"FALLBACK: {fb['method']} ran instead of {r['method']} on {len(fb['blocks'])}/{fb['of']} "

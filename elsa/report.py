@@ -12,7 +12,8 @@ but that hold no results.json: killed jobs) appear in the table and are left out
 A row's method is labelled from the run's three choices: the method, where it started and its budget, e.g.
 "elsa (from sparsegpt, quick)", and the allocation of the ratio across matrices: "wanda (owl)"; the dense start,
 the paper budget and the uniform allocation are left out ("elsa", "wanda"), and so is the budget of a method
-without steps or epochs. Sweep dirs written before these choices existed (results.json
+without steps or epochs. Method keys set on the command line follow ("elsa (from sparsegpt, demo,
+projection=taylor)"), so rows that differ only there do not share a label. Sweep dirs written before these choices existed (results.json
 naming a preset such as elsa_quick, or method.init) get the same labels (elsa.renamed.OLD_METHODS). Rows are
 ordered by method, then start, then budget.
 
@@ -106,13 +107,26 @@ def allocation_of(data: dict) -> str:
     return ((data.get("allocation") or {}).get("name")) or "uniform"
 
 
-def label(method: str | None, start: str, budget: str | None, allocation: str = "uniform") -> str | None:
-    """"elsa (owl, from sparsegpt, quick)": the method, then what is not the default (uniform allocation, dense
-    start, paper budget)."""
+def method_options(data: dict) -> list[str]:
+    """The method keys a run set on its command line (``method.projection=taylor`` -> ``projection=taylor``):
+    rows that differ only there must not share a label. ``method.init`` (the old start) is read by choices."""
+    opts = []
+    for o in data.get("overrides") or []:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key.startswith("method.") and key != "method.init" and value:
+            opts.append(f"{key[len('method.'):]}={value}")
+    return sorted(opts)
+
+
+def label(method: str | None, start: str, budget: str | None, allocation: str = "uniform",
+          options: list[str] = ()) -> str | None:
+    """"elsa (owl, from sparsegpt, quick, projection=taylor)": the method, then what is not the default (uniform
+    allocation, dense start, paper budget), then the method keys set on the command line."""
     if method is None:
         return None
     parts = ([allocation] if allocation not in (None, "uniform") else []) + \
-        ([f"from {start}"] if start != "dense" else []) + ([budget] if budget not in (None, "paper") else [])
+        ([f"from {start}"] if start != "dense" else []) + ([budget] if budget not in (None, "paper") else []) + \
+        list(options)
     return f"{method} ({', '.join(parts)})" if parts else method
 
 
@@ -128,10 +142,13 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
     params = data.get("params") or {}
     base, start, budget = choices(data)
     allocation = allocation_of(data)
-    method = label(base, start, budget, allocation)
+    method = label(base, start, budget, allocation, method_options(data))
     fb = (data.get("method_stats") or {}).get("fallback")
     if method and isinstance(fb, dict) and fb.get("blocks"):  # a fallback ran: the row must not pass for the method
         method = f"{method} (fallback {fb.get('method')} on {len(fb['blocks'])}/{fb.get('of', '?')} MLPs)"
+    over = sparsity.get("over_target")
+    if method and over:                       # fewer non-zeros than the target: not the asked-for sparsity
+        method = f"{method} (over target: {sparsity.get('measured'):.3f})"
     none = (data.get("method_stats") or {}).get("experts_without_tokens")
     if method and isinstance(none, dict) and none.get("count"):   # experts no calibration token reached
         method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"

@@ -307,6 +307,13 @@ def test_projection_scores_order_a_constructed_tensor():
     # -m_hat x: zeroing x=-1 against a positive gradient estimate raises the loss (most kept), zeroing x=+1
     # lowers it (1/2 v_hat - m_hat = 2.40 < 1/2 v_hat * 0.25 * 4 = 3.51 of x=0.5); x=2 with tiny curvature least
     assert torch.argsort(taylor[0], descending=True).tolist() == [1, 3, 0, 2]
+    # an exact zero (score 0 by the formula) ranks below a weight whose zeroing lowers the loss (score < 0):
+    # otherwise the top-k keeps the zero and the projection holds fewer non-zeros than the target
+    x0 = torch.tensor([[0.2, 0.0, 2.0, 0.5]])
+    t0 = Scorer("taylor", opt, {"w": p}, betas)("w", x0)
+    assert float(t0[0, 0]) < 0                        # 1/2 v_hat 0.04 - m_hat 0.2 = -0.20
+    assert int(t0[0].argmin()) == 1
+    assert mask_keep(t0, 0.25)[0].tolist() == [True, False, True, True]
     corrected = Scorer("objective_corrected", opt, {"w": p}, betas)("w", x)
     assert torch.allclose(corrected, v_hat * x.square())
     # same masks as the uncorrected v * x^2: the correction is one constant
@@ -389,6 +396,7 @@ def test_rem_loss_is_the_final_hidden_state_mse(tiny_model):
 
 @pytest.mark.parametrize("extra", [
     ["method.projection=taylor", "method.group=row"],
+    ["method.projection=taylor", "method.finetune_fraction=0.5", "start=magnitude"],
     ["method.projection=activation", "method.group=column"],
     ["method.projection=gradient", "method.sparsity_warmup=0.5", "method.sparsity_schedule=cosine"],
     ["method.relaxation=1.5", "method.loss=rem", "method.sparsity_warmup=0.5", "method.sparsity_schedule=linear"],

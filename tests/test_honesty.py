@@ -193,3 +193,27 @@ def test_a_convolution_kernel_is_not_taken_for_experts(falcon_h1, tmp_path):
     assert out["params"]["dense_by_kind"]["ignored"] == 2 * (96 * 4 + 96)      # the kernel and its bias
     assert not any("conv1d" in n for n in out["sparsity"]["per_layer"])
     assert out["sparsity"]["measured"] == pytest.approx(0.5)
+
+
+def test_a_projection_that_keeps_too_few_weights_is_recorded_printed_and_labelled(tmp_path, monkeypatch, capsys):
+    """Fewer non-zeros than the target asks (a projection that kept exact zeros, as the Taylor score once did):
+    the run records by how much, prints an OVER TARGET line, and the report row says so."""
+    from elsa import report
+    from elsa.methods.magnitude import Magnitude
+    from elsa.models import prunable_matrices
+
+    prune = Magnitude.prune
+
+    def overshoot(self, ctx):
+        out = prune(self, ctx)
+        with torch.no_grad():
+            for m in prunable_matrices(ctx.model).values():
+                m.weight[: m.weight.shape[0] // 10].zero_()      # a tenth of every matrix's rows zeroed as well
+        return out
+
+    monkeypatch.setattr(Magnitude, "prune", overshoot)
+    r = run_pipeline(tmp_path, "method=magnitude", "sparsity=0.5", "save_model=false", "eval.dense=false")
+    assert r["status"] == "done" and r["sparsity"]["measured"] > 0.52
+    assert r["sparsity"]["over_target"] == pytest.approx(r["sparsity"]["measured"] - 0.5, abs=1e-6)
+    assert "OVER TARGET:" in capsys.readouterr().out
+    assert report.collect(tmp_path)["method"].tolist() == [f"magnitude (over target: {r['sparsity']['measured']:.3f})"]

@@ -175,6 +175,22 @@ def test_rows_are_labelled_from_the_three_choices(tmp_path):
     assert grid_rows[0] == "dense" and grid_rows[1:] == list(dict.fromkeys(df["method"]))
 
 
+def test_method_keys_of_the_command_line_are_in_the_label(tmp_path):
+    """A sweep over method.projection: each row names its projection; an over-target job says so."""
+    root = tmp_path / "sweep"
+    for i, proj in enumerate(["magnitude", "taylor"]):
+        data = _job("tiny", "elsa", "0.9", 0.9, 100.0 + i, 20.0, 0.9, 1300, 2000)
+        data["overrides"] = ["method=elsa", "budget=demo", "start=sparsegpt", f"method.projection={proj}",
+                             "++method.lr=1e-3", "sparsity=0.9"]
+        data.update(start={"name": "sparsegpt"}, budget="demo")
+        if proj == "taylor":
+            data["sparsity"].update(measured=0.932, over_target=0.032)
+        _write(root, str(i), data)
+    df = report.collect(root)
+    assert df["method"].tolist() == ["elsa (from sparsegpt, demo, lr=1e-3, projection=magnitude)",
+                                     "elsa (from sparsegpt, demo, lr=1e-3, projection=taylor) (over target: 0.932)"]
+
+
 def test_a_stored_table_is_redrawn_with_the_three_choices(tmp_path):
     """python -m elsa.report <results.csv>: a table written before the method/budget/start split (preset names
     in the overrides) is re-drawn with the labels a sweep dir of that time gets."""
