@@ -241,3 +241,22 @@ def test_global_magnitude_ranks_all_targeted_weights_together():
     assert per["model.layers.0"] > 0.9 and per["model.layers.1"] < 0.35
     numels = {n: m.weight.numel() for n, m in matrices.items()}
     assert sum(round(target.at(n).ratio * numels[n]) for n in numels) == round(0.6 * sum(numels.values()))
+
+
+def test_the_issue_grid_runs_and_its_report_names_the_allocation(tmp_path):
+    """python run.py -m method=wanda,sparsegpt allocation=uniform,owl sparsity=0.7, on the tiny model: four jobs
+    done, each at exactly 0.7 of the targeted weights, and the report labels the OWL rows by their allocation."""
+    from elsa import report
+
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "method=wanda,sparsegpt", "allocation=uniform,owl", "sparsity=0.7", *TINY,
+                   "save_model=false", "eval.dense=false", "hardware.threads=1", f"hydra.sweep.dir={sweep}",
+                   timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = report.collect(sweep)
+    assert set(df["status"]) == {"done"}
+    assert df["method"].tolist() == ["wanda", "wanda (owl)", "sparsegpt", "sparsegpt (owl)"]
+    # uniform Wanda compares per row: 0.7 x 64 rounds to 45 of every tiny row; the OWL rows hold the exact count
+    assert df["measured_sparsity"].tolist() == pytest.approx([45 / 64, 0.7, 0.7, 0.7], abs=1e-4)
+    owl = [read_results(sweep / d) for d in df.loc[df["allocation"] == "owl", "dir"]]
+    assert all(len(set(r["allocation"]["per_layer"].values())) > 1 for r in owl)   # the layers differ
