@@ -245,7 +245,8 @@ def test_global_magnitude_ranks_all_targeted_weights_together():
 
 def test_the_issue_grid_runs_and_its_report_names_the_allocation(tmp_path):
     """python run.py -m method=wanda,sparsegpt allocation=uniform,owl sparsity=0.7, on the tiny model: four jobs
-    done, each at exactly 0.7 of the targeted weights, and the report labels the OWL rows by their allocation."""
+    done, each at 0.7 of the targeted weights (uniform Wanda to its per-row rounding), and the report labels the
+    OWL rows by their allocation."""
     from elsa import report
 
     sweep = tmp_path / "sweep"
