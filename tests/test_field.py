@@ -7,6 +7,7 @@ from elsa.errors import ElsaError
 from elsa.methods.alps import ALPS, alps_prune
 from elsa.methods.ladmm import LADMM, cubic_sparsity, ladmm_prune
 from elsa.methods.sparsegpt import sparsegpt_prune
+from elsa.methods import sparsellm
 from elsa.methods.sparsellm import MLPProblem, SparseLLM, mlp_structure, sparsellm_mlp, trace_calls
 from elsa.sparsity import Sparsity, nm_violations
 
@@ -110,22 +111,63 @@ def test_sparsellm_objective_and_mlp_error_decrease(sparsity):
             assert nm_violations(lin.weight, target.n, target.m) == 0
 
 
-def test_sparsellm_real_error_falls_where_fitting_down_to_the_auxiliary_makes_it_rise():
-    """A down projection with the default model's gain (largest singular value ~27; SmolLM2-135M's reach 22):
-    fitting it to the auxiliary P (the literal block-coordinate step) lets the objective fall 100x while the
-    real MLP error rises; fitted to the activations the re-pruned gate/up produce, the real error falls at
-    every alternation."""
+def zero_centred_least_squares(x, t, percdamp, gram=None, prior=None):
+    """The re-fit before the damping fix: one λ = percdamp · mean diag(XᵀX), centred on zero (``prior`` unused)."""
+    g = (x.t() @ x) if gram is None else gram.clone()
+    g += percdamp * float(torch.diagonal(g).mean()) * torch.eye(g.shape[0])
+    return torch.cholesky_solve(x.t() @ t, torch.linalg.cholesky(g)).t()
+
+
+def test_sparsellm_down_fitted_to_the_pruned_activations_beats_the_auxiliary(monkeypatch):
+    """A down projection with the default model's gain (largest singular value ~27; SmolLM2-135M's reach 22).
+    Fitted to the activations the re-pruned gate/up produce (the default), the real MLP error falls at every
+    alternation and stays below the literal block-coordinate step's (down fitted to the auxiliary P), whose
+    objective falls 100x while its real error barely moves. With the re-fits' damping centred on zero (the code
+    before the damping fix) that step's real error rose over the alternations."""
     x, target = correlated_inputs(tokens=2048), Sparsity(0.5)
-    runs = {}
-    for mode in ("pruned", "auxiliary"):
-        mlp = GatedMLP(inner=192, down_scale=30.0)
+
+    def run(mode):
         with torch.no_grad():
-            runs[mode] = mlp.run(x, target, iterations=5, down_input=mode)
-    good, bad = runs["pruned"]["mlp_error"], runs["auxiliary"]["mlp_error"]
-    assert all(b < a for a, b in zip(good, good[1:])), good
-    assert any(b > a for a, b in zip(bad, bad[1:])), bad
-    assert runs["auxiliary"]["objective"][-1] < 0.01 * runs["auxiliary"]["objective"][0]
-    assert good[-1] < bad[-1] < runs["pruned"]["mlp_error_sparsegpt"]
+            return GatedMLP(inner=192, down_scale=30.0).run(x, target, iterations=5, down_input=mode)
+
+    good, aux = run("pruned"), run("auxiliary")
+    err, aerr = good["mlp_error"], aux["mlp_error"]
+    assert all(b < a for a, b in zip(err, err[1:])), err
+    assert all(g < a for g, a in zip(err, aerr)), (err, aerr)
+    assert err[-1] < good["mlp_error_sparsegpt"]
+    assert aux["objective"][-1] < 0.01 * aux["objective"][0]
+
+    monkeypatch.setattr(sparsellm, "least_squares", zero_centred_least_squares)
+    old = run("auxiliary")["mlp_error"]
+    assert any(b > a for a, b in zip(old, old[1:])), old
+
+
+def test_sparsellm_least_squares_damping_is_centred_on_the_dense_weights(monkeypatch):
+    """One massive-activation channel (gate and up rows 30x, so the down projection's input has one channel
+    ~10^6 times the median's energy, as block 11 of SmolLM2-135M): the re-fits' damping as it was (one λ from
+    the mean diagonal, centred on zero) shrinks every other weight, and every alternation is over 3x worse than
+    plain SparseGPT; per-channel and centred on the dense weights, SparseLLM starts below SparseGPT and falls."""
+    def massive():
+        mlp = GatedMLP(inner=128)
+        with torch.no_grad():
+            mlp.a.weight[0] *= 30
+            mlp.b.weight[0] *= 30
+            mlp.c.weight[:, 0] /= 30
+        return mlp
+    x, target = correlated_inputs(tokens=2048), Sparsity(0.5)
+    with torch.no_grad():
+        good = massive().run(x, target, iterations=4)
+    err, sgpt = good["mlp_error"], good["mlp_error_sparsegpt"]
+    assert err[0] < sgpt and all(b <= a for a, b in zip(err, err[1:])), (err, sgpt)
+
+    w0 = torch.randn(8, 64)                      # the damping's pull: towards the prior, not towards zero
+    far = sparsellm.least_squares(x[:4], torch.zeros(4, 8), 1e6, prior=w0)
+    assert torch.allclose(far, w0, rtol=1e-3, atol=1e-3)
+
+    monkeypatch.setattr(sparsellm, "least_squares", zero_centred_least_squares)
+    with torch.no_grad():
+        bad = massive().run(x, target, iterations=4)
+    assert min(bad["mlp_error"]) > 3 * sgpt, (bad["mlp_error"], sgpt)
 
 
 @pytest.mark.parametrize("act", [nn.ReLU(), nn.GELU()])
