@@ -3,7 +3,8 @@ reaches on the same calibration data (issue 14 item 3; run by hand, figures go t
 command that produced them).
 
     python bench/bench_safe_blocks.py [--blocks 0,15,29] [--sparsity 0.7] [--nsamples 64]
-                                      [--methods sparsegpt,alps,safe] [--safe-epochs 30] [--out FILE.jsonl]
+                                      [--methods sparsegpt,alps,safe] [--safe-epochs 30] [--safe-lam 1e-3]
+                                      [--safe-lr 2e-4] [--out FILE.jsonl]
 
 Loads SmolLM2-135M (model=smollm2-135m, the default) and ``nsamples`` calibration windows of 512 wiki-train
 tokens (seed 0, the pipeline's sampling), walks the *dense* model to get every chosen block's dense input, and
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--methods", default="sparsegpt,alps,safe")
     parser.add_argument("--safe-epochs", type=int, default=None, help="default: conf/method/safe.yaml (30)")
     parser.add_argument("--safe-interval", type=int, default=None, help="default: conf/method/safe.yaml (32)")
+    parser.add_argument("--safe-lam", type=float, default=None, help="default: conf/method/safe.yaml (1e-3)")
+    parser.add_argument("--safe-lr", type=float, default=None, help="default: conf/method/safe.yaml (2e-4)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "safe_blocks.jsonl")
     args = parser.parse_args()
 
@@ -75,6 +78,10 @@ def main() -> None:
                 node.epochs = args.safe_epochs
             if args.safe_interval is not None:
                 node.interval = args.safe_interval
+            if args.safe_lam is not None:
+                node.lam = args.safe_lam
+            if args.safe_lr is not None:
+                node.lr = args.safe_lr
         methods[name] = node
     batch = int(methods.get("safe", cfg.method).batch_size)
 
@@ -104,12 +111,13 @@ def main() -> None:
                         count += y.numel()
                     rec = {"block": index, "method": name, "sparsity": str(target), "nsamples": args.nsamples,
                            "mse": total / count, "relative_mse": total / count / scale, "seconds": round(seconds, 1),
-                           "settings": {k: v for k, v in node.items() if k in ("epochs", "interval", "rho", "lam",
+                           "settings": {k: v for k, v in node.items() if k in ("epochs", "interval", "rho", "lam", "lr",
                                                                              "max_iters", "percdamp")},
                            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "loadavg": os.getloadavg(), "threads": torch.get_num_threads()}
                     if name == "safe":
-                        rec["safe"] = {k: v for k, v in next(iter(info.values())).items() if "mse" in k}
+                        rec["safe"] = {k: v for k, v in next(iter(info.values())).items()
+                                       if "mse" in k or k in ("steps", "primal_residual")}
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     with open(args.out, "a") as fh:
                         fh.write(json.dumps(rec) + "\n")

@@ -25,8 +25,10 @@ Differences from the reference setup, forced by the engine: the training batches
 batches (``batch_size`` windows each), visited in a seeded random order every epoch, rather than a fresh
 shuffle of single windows; the block is trained in float32 (and cast back to its dtype after the projection).
 
-Per block, results.json's ``method_stats`` hold the MSE of the no-training projection (magnitude, or the Wanda
-score for SAFE+) and of the final SAFE block against the dense block's output on the same inputs.
+Per block, results.json's ``method_stats`` hold the MSE against the dense block's output on the same inputs of
+the no-training projection (magnitude, or the Wanda score for SAFE+), of the trained block before the final
+projection (``block_mse_trained``: what the projection gives away is the gap to ``block_mse_final``) and of the
+final SAFE block.
 """
 from __future__ import annotations
 
@@ -193,13 +195,14 @@ class SAFE(LayerwisePruner):
                 if step % self.interval == 0:
                     dual = admm.dual_update(target, second_moment=second_moment)
             epoch_losses.append(sum(losses) / len(losses))
-        admm.final_projection(target, second_moment)
         for p in params:
             p.requires_grad_(False)
+        mse_trained = self.block_mse(block, batches, targets)     # the dense-support w the projection starts from
+        admm.final_projection(target, second_moment)
         mse_final = self.block_mse(block, batches, targets)
-        log.info("%s: SAFE %d steps, block MSE %.4g (projection without training) -> %.4g", prefix, step,
-                 mse_initial, mse_final)
-        return {"mse_initial": mse_initial, "mse_final": mse_final, "steps": step,
+        log.info("%s: SAFE %d steps, block MSE %.4g (projection without training) -> %.4g (trained, before the "
+                 "final projection) -> %.4g", prefix, step, mse_initial, mse_trained, mse_final)
+        return {"mse_initial": mse_initial, "mse_trained": mse_trained, "mse_final": mse_final, "steps": step,
                 "train_loss": epoch_losses, "primal_residual": dual.get("primal_residual")}
 
     def _loss(self, block, h, kw, y, prefix: str, step: int, what: str) -> torch.Tensor:
@@ -241,6 +244,7 @@ class SAFE(LayerwisePruner):
     def summarize(self, per_layer: dict[str, dict]) -> dict:
         blocks = {k: v for k, v in per_layer.items() if "mse_final" in v}
         return {"block_mse_initial": {k: v["mse_initial"] for k, v in blocks.items()},
+                "block_mse_trained": {k: v["mse_trained"] for k, v in blocks.items()},
                 "block_mse_final": {k: v["mse_final"] for k, v in blocks.items()},
                 "train_loss": {k: v["train_loss"] for k, v in blocks.items()},
                 "primal_residual": {k: v["primal_residual"] for k, v in blocks.items()},
