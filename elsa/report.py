@@ -2,6 +2,13 @@
 
     python -m elsa.report multirun/2026-11-26/10-00-00 [--out DIR]
     python -m elsa.report docs/field/results.csv      # re-draw a stored table (its sweep dir gone)
+    python -m elsa.report docs/field/results.csv multirun/new --out docs/field   # refresh some cells of a table
+
+Several sources (sweep dirs and stored results.csv tables) make one table; where two sources hold the same
+cell (model, method label, sparsity target, seed), the later source's row replaces the earlier one, and the
+report says which rows it replaced. So a stored field table is refreshed with the cells a new sweep re-ran.
+A table read from a results.csv or merged from several sources draws no allocation plot (the per-layer
+records live only in the job dirs).
 
 One row per job: model, method, sparsity target, seed, status, perplexity per corpus, zero-shot mean acc (when
 the job measured it), compressed checkpoint size (save_format=compressed|both) and batch-1 decode speedup of the
@@ -130,6 +137,12 @@ def label(method: str | None, start: str, budget: str | None, allocation: str = 
     return f"{method} ({', '.join(parts)})" if parts else method
 
 
+def _order(base, start, budget, allocation="uniform") -> int:
+    """Where a row goes: by method, then start, then budget, then allocation."""
+    return ((_rank(METHOD_ORDER, base) * 100 + _rank(START_ORDER, start)) * 100 +
+            _rank(BUDGET_ORDER, budget)) * 10 + _rank(ALLOCATION_ORDER, allocation)
+
+
 def _rank(order: list[str], value) -> int:
     return order.index(value) if value in order else len(order)
 
@@ -154,8 +167,7 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
         method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"
     row = {"model": data.get("model"), "method": method, "method_name": base, "start": start, "budget": budget,
            "allocation": allocation,
-           "order": ((_rank(METHOD_ORDER, base) * 100 + _rank(START_ORDER, start)) * 100 +
-                     _rank(BUDGET_ORDER, budget)) * 10 + _rank(ALLOCATION_ORDER, allocation),
+           "order": _order(base, start, budget, allocation),
            "sparsity": target,
            "sparsity_ratio": ratio, "nm": is_nm, "seed": data.get("seed"), "status": data.get("status"),
            "measured_sparsity": sparsity.get("measured"), "nonzero_params": params.get("nonzero"),
@@ -192,12 +204,7 @@ def collect(root: Path) -> pd.DataFrame:
     for col in ("model", "method", "sparsity", "seed", "sparsity_ratio", "nm", "order"):
         if col not in df:
             df[col] = None
-    for col in ("seed", "nonzero_params", "total_params", "pruned_layer_params", "order"):
-        if col in df:
-            df[col] = df[col].astype("Int64")
-    df = df.sort_values(["model", "order", "method", "nm", "sparsity_ratio", "seed", "dir"], na_position="last",
-                        kind="stable").reset_index(drop=True)
-    return df
+    return _sorted(df)
 
 
 def from_csv(path: Path) -> pd.DataFrame:
@@ -210,16 +217,68 @@ def from_csv(path: Path) -> pd.DataFrame:
         for _, r in df.iterrows():
             data = {"method": r.get("method"), "overrides": str(r.get("overrides") or "").split()}
             base, start, budget = choices(data)
-            rows.append({"method": label(base, start, budget), "method_name": base, "start": start, "budget": budget,
-                         "order": (_rank(METHOD_ORDER, base) * 100 + _rank(START_ORDER, start)) * 100
-                         + _rank(BUDGET_ORDER, budget)})
-        for col in ("method", "method_name", "start", "budget", "order"):
+            rows.append({"method": label(base, start, budget), "method_name": base, "start": start, "budget": budget})
+        for col in ("method", "method_name", "start", "budget"):
             df[col] = [row[col] for row in rows]
+    # the order is derived: recomputed, so tables stored before a method joined METHOD_ORDER sort as new ones do
+    df["order"] = [_order(*(None if pd.isna(r.get(c)) else r.get(c) for c in ("method_name", "start", "budget")),
+                          "uniform" if pd.isna(r.get("allocation", "uniform")) else r.get("allocation", "uniform"))
+                   for _, r in df.iterrows()]
+    return _sorted(df)
+
+
+CELL = ["model", "method", "sparsity", "seed"]   # what makes two rows the same cell of a table
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
     for col in ("seed", "nonzero_params", "total_params", "pruned_layer_params", "order"):
         if col in df:
             df[col] = df[col].astype("Int64")
     return df.sort_values(["model", "order", "method", "nm", "sparsity_ratio", "seed", "dir"], na_position="last",
                           kind="stable").reset_index(drop=True)
+
+
+def merge(tables: list[tuple[str, pd.DataFrame]]) -> tuple[pd.DataFrame, list[str]]:
+    """One table from several (name, table) sources, in order: a row of a later source replaces the rows of
+    earlier sources with the same cell (:data:`CELL`); rows of one source never replace each other (a sweep
+    may hold a cell twice, e.g. a rerun into a new job dir, and both stay visible). Returns the table (with a
+    ``source`` column) and one line per replaced row."""
+    kept: list[pd.DataFrame] = []
+    replaced: list[str] = []
+
+    def key(df):
+        return df[CELL].apply(lambda r: "|".join("" if pd.isna(v) else str(v) for v in r), axis=1)
+
+    for name, df in tables:
+        df = df.copy()
+        df["source"] = name
+        if df.empty:
+            continue
+        new = set(key(df))
+        for i, old in enumerate(kept):
+            hit = key(old).isin(new)
+            for _, r in old[hit].iterrows():
+                replaced.append(f"{r['model']} / {r['method']} / {r['sparsity']} / seed {r['seed']}: "
+                                f"{r['source']} ({r['dir']}) replaced by {name}")
+            kept[i] = old[~hit]
+        kept.append(df)
+    kept = [k for k in kept if not k.empty]
+    if not kept:
+        return pd.DataFrame(), replaced
+    return _sorted(pd.concat(kept, ignore_index=True)), replaced
+
+
+def read_source(path: Path) -> pd.DataFrame:
+    """A sweep dir (its jobs) or a stored results.csv (re-labelled) as a table."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".csv":
+        return from_csv(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory or a results.csv")
+    df = collect(path)
+    if df.empty:
+        raise FileNotFoundError(f"no {RESULTS} below {path}")
+    return df
 
 
 def corpora(df: pd.DataFrame) -> list[str]:
@@ -555,21 +614,30 @@ def write_report(root: Path | None, out: Path | None = None, table: pd.DataFrame
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m elsa.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dir", type=Path, help="a sweep dir (multirun/...), a run dir, or any parent of them; "
-                                                   "or a results.csv a report wrote (re-drawn, old labels updated)")
+    parser.add_argument("dirs", type=Path, nargs="+", metavar="dir",
+                        help="a sweep dir (multirun/...), a run dir, or any parent of them; or a results.csv a "
+                             "report wrote (re-drawn, old labels updated); several make one table, a later "
+                             "source's cell replacing an earlier source's")
     parser.add_argument("--out", type=Path, default=None,
-                        help="where to write the report (default: <dir>/report; for a results.csv: its dir)")
+                        help="where to write the report (default: <dir>/report; for a results.csv: its dir; "
+                             "required for several sources)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    table = None
-    if args.dir.is_file() and args.dir.suffix == ".csv":
-        table = from_csv(args.dir)
-        args.out = args.out or args.dir.parent
-    elif not args.dir.is_dir():
-        print(f"elsa.report: error: {args.dir} is not a directory or a results.csv", file=sys.stderr)
+    if len(args.dirs) > 1 and args.out is None:
+        print("elsa.report: error: --out is required with several sources (the report would overwrite one of "
+              "them)", file=sys.stderr)
         return 2
+    first = args.dirs[0]
     try:
-        files = write_report(args.dir, args.out, table)
+        if len(args.dirs) == 1 and first.is_dir():
+            files = write_report(first, args.out)
+        else:
+            table, replaced = merge([(str(d), read_source(d)) for d in args.dirs])
+            if len(args.dirs) == 1:
+                table = table.drop(columns=["source"])
+            for line in replaced:
+                print(f"elsa.report: replaced {line}")
+            files = write_report(first, args.out or first.parent, table)
     except FileNotFoundError as exc:
         print(f"elsa.report: error: {exc}", file=sys.stderr)
         return 2
@@ -577,7 +645,6 @@ def main(argv: list[str] | None = None) -> int:
     for kind, path in files.items():
         print(f"{kind}: {path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

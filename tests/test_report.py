@@ -243,3 +243,38 @@ def test_allocation_in_label_and_ratio_plot(tmp_path):
     assert files["allocation"].read_bytes()[:8] == PNG_MAGIC
     jobs = report.allocations(root)
     assert [j["label"] for j in jobs] == ["wanda (owl) 0.7"] and jobs[0]["ratios"] == [0.78, 0.62]
+
+
+def test_several_sources_merge_and_a_later_cell_replaces_an_earlier(sweep_dir, tmp_path):
+    """python -m elsa.report <old results.csv> <new sweep dir> --out D: one table; the cells the new sweep
+    re-ran replace the stored rows (and the report names them), every other stored row stays."""
+    stored = tmp_path / "stored"
+    report.write_report(sweep_dir, stored)
+    rerun = tmp_path / "rerun"
+    _write(rerun, "0", _job("tiny", "wanda", "0.7", 0.7, 55.0, 20.0, 0.7, 1300, 2000))   # a re-run cell
+    _write(rerun, "1", _job("tiny", "wanda", "2:4", 0.5, 70.0, 20.0, 0.5, 1500, 2000))   # a new cell
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "elsa.report", str(stored / "results.csv"), str(rerun), "--out",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "replaced tiny / wanda / 0.7 / seed 0" in proc.stdout
+    assert proc.stdout.count("elsa.report: replaced") == 1
+    df = pd.read_csv(out / "results.csv")
+    done = df[df["status"] == "done"]
+    cells = {(r.model, r.method, str(r.sparsity)): r["ppl/wiki"] for _, r in done.iterrows()}
+    assert cells[("tiny", "wanda", "0.7")] == 55.0                      # the re-run replaced the stored 90.0
+    assert cells[("tiny", "wanda", "2:4")] == 70.0
+    assert cells[("tiny", "wanda", "0.5")] == 30.0                      # stored rows nobody re-ran stay
+    assert cells[("tiny", "magnitude", "0.7")] == 400.0
+    assert len(done) == 8                                               # 7 stored, 1 replaced, 1 new
+    assert set(done[done["method"] == "wanda"]["source"]) == {str(stored / "results.csv"), str(rerun)}
+    assert "| tiny | wanda | 0.7 | 0 | done | 55.000 |" in (out / "results.md").read_text()
+    assert (out / "ppl_vs_sparsity_wiki.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_several_sources_need_out(sweep_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "elsa.report", str(sweep_dir), str(sweep_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("elsa.report: error: --out is required")
+    assert not (sweep_dir / "report").exists()
