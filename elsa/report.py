@@ -242,7 +242,7 @@ def merge(tables: list[tuple[str, pd.DataFrame]]) -> tuple[pd.DataFrame, list[st
     """One table from several (name, table) sources, in order: a row of a later source replaces the rows of
     earlier sources with the same cell (:data:`CELL`); rows of one source never replace each other (a sweep
     may hold a cell twice, e.g. a rerun into a new job dir, and both stay visible). Returns the table (with a
-    ``source`` column) and one line per replaced row."""
+    ``source`` column: where each row came from, kept from a stored merged table) and one line per replaced row."""
     kept: list[pd.DataFrame] = []
     replaced: list[str] = []
 
@@ -250,8 +250,8 @@ def merge(tables: list[tuple[str, pd.DataFrame]]) -> tuple[pd.DataFrame, list[st
         return df[CELL].apply(lambda r: "|".join("" if pd.isna(v) else str(v) for v in r), axis=1)
 
     for name, df in tables:
-        df = df.copy()
-        df["source"] = name
+        df = df.copy()   # a stored merged table keeps the sources it names; its other rows are this source's
+        df["source"] = df["source"].fillna(name) if "source" in df else name
         if df.empty:
             continue
         new = set(key(df))
@@ -632,9 +632,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.dirs) == 1 and first.is_dir():
             files = write_report(first, args.out)
         else:
-            table, replaced = merge([(str(d), read_source(d)) for d in args.dirs])
-            if len(args.dirs) == 1:
-                table = table.drop(columns=["source"])
+            if len(args.dirs) == 1:   # a stored table, re-drawn as it is (a merged one keeps its sources)
+                table, replaced = read_source(first), []
+            else:
+                table, replaced = merge([(str(d), read_source(d)) for d in args.dirs])
             for line in replaced:
                 print(f"elsa.report: replaced {line}")
             files = write_report(first, args.out or first.parent, table)

@@ -270,6 +270,13 @@ def test_several_sources_merge_and_a_later_cell_replaces_an_earlier(sweep_dir, t
     assert set(done[done["method"] == "wanda"]["source"]) == {str(stored / "results.csv"), str(rerun)}
     assert "| tiny | wanda | 0.7 | 0 | done | 55.000 |" in (out / "results.md").read_text()
     assert (out / "ppl_vs_sparsity_wiki.png").read_bytes()[:8] == PNG_MAGIC
+    # the merged table, re-drawn or merged again, keeps the sources its rows name
+    for extra in ([], [str(tmp_path / "empty.csv")]):
+        pd.DataFrame(columns=df.columns).to_csv(tmp_path / "empty.csv", index=False)
+        again = tmp_path / f"again{len(extra)}"
+        assert report.main([str(out / "results.csv"), *extra, "--out", str(again)]) == 0
+        assert set(pd.read_csv(again / "results.csv")["source"].dropna()) == {str(stored / "results.csv"),
+                                                                              str(rerun)}
 
 
 def test_several_sources_need_out(sweep_dir, tmp_path):
