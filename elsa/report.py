@@ -624,8 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if len(args.dirs) > 1 and args.out is None:
-        print("elsa.report: error: --out is required with several sources (the report would overwrite one of "
-              "them)", file=sys.stderr)
+        print(f"elsa.report: error: --out is required with several sources ({len(args.dirs)} given): a merged "
+              "report has no default dir", file=sys.stderr)
         return 2
     first = args.dirs[0]
     try:
@@ -646,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, path in files.items():
         print(f"{kind}: {path}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
