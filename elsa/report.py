@@ -221,8 +221,11 @@ def from_csv(path: Path) -> pd.DataFrame:
         for col in ("method", "method_name", "start", "budget"):
             df[col] = [row[col] for row in rows]
     # the order is derived: recomputed, so tables stored before a method joined METHOD_ORDER sort as new ones do
-    df["order"] = [_order(*(None if pd.isna(r.get(c)) else r.get(c) for c in ("method_name", "start", "budget")),
-                          "uniform" if pd.isna(r.get("allocation", "uniform")) else r.get("allocation", "uniform"))
+    def cell(r, col, default=None):
+        value = r.get(col, default)
+        return default if pd.isna(value) else value
+
+    df["order"] = [_order(cell(r, "method_name"), cell(r, "start"), cell(r, "budget"), cell(r, "allocation", "uniform"))
                    for _, r in df.iterrows()]
     return _sorted(df)
 
