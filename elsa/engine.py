@@ -75,6 +75,7 @@ class TrainSettings:
     train_dense_params: bool = True
     eval_every: int = 0
     eval_tokens: int = 16384
+    eval_split: str = "validation"
     eval_initial: bool = True
     checkpoint_every: int = 0
     resume: bool = True
@@ -94,6 +95,9 @@ class TrainSettings:
         if self.optimizer not in OPTIMIZERS:
             raise config_error("method.optimizer", self.optimizer, " or ".join(OPTIMIZERS))
         self.eval_every = positive("method.eval_every", self.eval_every, whole=True, zero_ok=True)
+        if self.eval_split not in ("validation", "test"):
+            raise config_error("method.eval_split", self.eval_split, "validation (held-out) or test (the run's "
+                               "evaluation split, so the history is on the table's protocol)")
         self.checkpoint_every = positive("method.checkpoint_every", self.checkpoint_every, whole=True, zero_ok=True)
 
     @classmethod
@@ -203,7 +207,7 @@ class TrainEngine:
                             ctx.seed, bos)
         heldout = None
         if s.eval_every:
-            heldout = eval_windows(token_stream(ctx.tokenizer, ctx.dataset, "validation"), ctx.seqlen, bos,
+            heldout = eval_windows(token_stream(ctx.tokenizer, ctx.dataset, s.eval_split), ctx.seqlen, bos,
                                    s.eval_tokens)
         opt = self.make_optimizer(trainable)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, m.lr_lambda())

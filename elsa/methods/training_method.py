@@ -11,6 +11,9 @@ from elsa.engine import TrainEngine, TrainRun, TrainSettings
 from elsa.methods.base import PruneContext, Pruner
 from elsa.schedules import linear_schedule
 
+# keys added to TrainSettings after checkpoints existed: at their defaults they stay out of the signature
+SIGNATURE_NEUTRAL = {"eval_split": "validation"}
+
 
 class TrainingMethod(Pruner):
     """A method that trains the whole model (the global family)."""
@@ -25,6 +28,9 @@ class TrainingMethod(Pruner):
         """``shared``: the keys of :class:`TrainSettings`; a method passes its own defaults for them and adds its
         keys to ``self.config`` (the checkpoint signature)."""
         self.config = {**TrainSettings.defaults(), **shared}
+        for key, default in SIGNATURE_NEUTRAL.items():   # later keys join the checkpoint signature only when set,
+            if self.config.get(key) == default:           # so a checkpoint written before them still resumes
+                self.config.pop(key)
         self.train = TrainSettings(**shared)
         self.eval_initial = self.train.eval_initial
         # loss = task_weight * next-token + kl_weight * KL(teacher || student); a teacher exists iff kl_weight
