@@ -3,6 +3,10 @@
   python bench/bench_elsa.py overhead [--steps 6] [--seqlen 512] [--batch 1]
       time of an ELSA step (Adam + proximal term + the dual update amortised over `interval`) against a
       plain Adam step on the same batch and model, in one process.
+  python bench/bench_elsa.py step [--method elsa] [--budget cpu] [--steps 4] [--rounds 2] [--variants false,auto]
+      the real training engine's step (TrainEngine.train on the default model, the method and budget composed
+      from conf/) for each method.autocast_bf16 variant, run alternately in one process; the median step time
+      of each (first step of every run excluded) and the ratio to the first variant.
   python bench/bench_elsa.py memory
       optimiser + ADMM state bytes per pruned parameter for elsa and elsa_l, measured from the tensors
       after two steps on the default model.
@@ -75,6 +79,45 @@ def overhead(args):
     print(json.dumps(out, indent=2))
 
 
+def step(args):
+    import copy
+    import tempfile
+
+    from conftest import compose
+
+    from elsa.engine import TrainEngine
+    from elsa.methods.base import PruneContext
+    from elsa.pipeline import build
+    from elsa.sparsity import Sparsity
+
+    torch.manual_seed(0)
+    model0, tok, corpus = load_default()
+    variants = args.variants.split(",")
+    times = {v: [] for v in variants}
+    stats = {}
+    for r in range(args.rounds):
+        for v in variants:   # alternate, so a change of load hits every variant alike
+            cfg = compose(["logger=none", f"method={args.method}", f"budget={args.budget}",
+                           f"++method.steps={args.steps}", f"++method.autocast_bf16={v}",
+                           "++method.checkpoint_every=0", "++method.eval_initial=false"])
+            method = build(cfg.method, "method")
+            model = copy.deepcopy(model0)
+            with tempfile.TemporaryDirectory() as tmp:
+                ctx = PruneContext(model=model, tokenizer=tok, target=Sparsity.parse(args.sparsity), dataset=corpus,
+                                   seqlen=args.seqlen, seed=0, device="cpu", output_dir=Path(tmp), extras={})
+                method.extend(model, ctx)
+                st = TrainEngine(method).train(model, ctx)
+            times[v].append(st["step_time_s"])
+            stats[v] = st["autocast_bf16"]
+            print(f"round {r} autocast_bf16={v}: {st['step_time_s']:.3f} s/step", flush=True)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    out = {"method": args.method, "budget": args.budget, "threads": torch.get_num_threads(),
+           "seqlen": args.seqlen, "steps_per_run": args.steps, "rounds": args.rounds,
+           "step_time_s": med, "ratio_to_first": {v: med[v] / med[variants[0]] for v in variants},
+           "autocast_records": stats}
+    print(json.dumps(out, indent=2))
+
+
 def memory(args):
     import subprocess
 
@@ -93,10 +136,18 @@ def memory(args):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["overhead", "memory"])
+    ap.add_argument("what", choices=["overhead", "memory", "step"])
+    ap.add_argument("--method", default="elsa")
+    ap.add_argument("--budget", default="cpu")
+    ap.add_argument("--sparsity", default="0.7")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variants", default="false,auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--interval", type=int, default=32)
     a = ap.parse_args()
-    {"overhead": overhead, "memory": memory}[a.what](a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    {"overhead": overhead, "memory": memory, "step": step}[a.what](a)

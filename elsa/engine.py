@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, fields
 from typing import Any
@@ -34,12 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from elsa import compute
 from elsa import distributed as D
+from elsa import precision
 from elsa.checkpoint import Checkpointer, rng_state, set_rng_state
 from elsa.data import TrainWindows, eval_windows, token_stream
 from elsa.errors import ElsaError, config_error, positive
 from elsa.evaluation import perplexity
-from elsa.losses import kl_loss, lm_loss, squarehead_loss
+from elsa.losses import kl_loss, kl_loss_chunked, lm_loss, lm_loss_chunked, squarehead_loss
 from elsa.methods.base import PruneContext
 from elsa.models import decoder_blocks, kept_dense, prunable_weights
 
@@ -61,6 +64,7 @@ class TrainSettings:
     """The keys every training method shares (defaults: ELSA's paper recipe), validated on construction."""
 
     steps: int = 4096
+    tokens: Any = None                # a training budget in tokens: sets steps = tokens / (batch x accum x ranks x seqlen)
     batch_size: int = 2
     grad_accum: int = 4
     lr: float = 2e-4
@@ -70,7 +74,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     temperature: float = 1.0
-    autocast_bf16: bool = False
+    autocast_bf16: Any = "auto"       # auto: where this device runs bf16 matmuls faster (elsa.precision)
     gradient_checkpointing: bool = False
     train_dense_params: bool = True
     eval_every: int = 0
@@ -84,6 +88,8 @@ class TrainSettings:
 
     def __post_init__(self):
         self.steps = positive("method.steps", self.steps, whole=True)
+        if self.tokens is not None:
+            self.tokens = int(positive("method.tokens", self.tokens))   # 2e6 from the command line is a float
         self.batch_size = positive("method.batch_size", self.batch_size, whole=True)
         self.grad_accum = positive("method.grad_accum", self.grad_accum, whole=True)
         self.lr = positive("method.lr", self.lr)
@@ -94,6 +100,7 @@ class TrainSettings:
         self.grad_clip = positive("method.grad_clip", self.grad_clip, zero_ok=True)
         if self.optimizer not in OPTIMIZERS:
             raise config_error("method.optimizer", self.optimizer, " or ".join(OPTIMIZERS))
+        self.autocast_bf16 = precision.check_setting(self.autocast_bf16)
         self.eval_every = positive("method.eval_every", self.eval_every, whole=True, zero_ok=True)
         if self.eval_split not in ("validation", "test"):
             raise config_error("method.eval_split", self.eval_split, "validation (held-out) or test (the run's "
@@ -120,6 +127,7 @@ class TrainRun:
         self.loss = float("nan")
         self.t0 = time.perf_counter()
         self.state: Any = None
+        self.step_times: list[float] = []    # wall time of each step this process ran (held-out evals excluded)
 
     def micro_batch(self, step: int, micro: int) -> torch.Tensor:
         """This rank's rows of micro-batch ``micro`` of ``step`` (one global batch of batch_size x world)."""
@@ -134,6 +142,7 @@ class TrainEngine:
 
     def __init__(self, method):
         self.method, self.s = method, method.train
+        self.autocast = bool(self.s.autocast_bf16 is True)   # resolved per run in train()
 
     def make_optimizer(self, params):
         s = self.s
@@ -144,22 +153,28 @@ class TrainEngine:
             except ImportError as exc:  # pragma: no cover - torchao is a dependency
                 raise ElsaError("method.optimizer=adamw8bit needs torchao (pip install torchao)") from exc
             return AdamW8bit(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
-        return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, foreach=True)
+        # the bf16 fast path also fuses AdamW's update into one kernel (equal up to float rounding); the fp32 path
+        # keeps the foreach implementation, so autocast_bf16=false reproduces earlier runs bit for bit
+        fast = {"fused": True} if self.autocast and D.world_size() == 1 else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, **fast)
 
     def compute_loss(self, model, teacher, ids):
         m = self.method
         # SquareHead (AST) reads every block's output, rem (ELSA) the final one, of student and teacher
         hidden = bool(m.squarehead_weight or m.rem_weight)
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.s.autocast_bf16):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
             logits = out.logits
+            # the bf16 fast path computes the vocabulary-wide losses in token chunks (no fp32 copy of the logits
+            # kept for the backward pass); equal to the plain ones up to float summation order
+            ce, kl = (lm_loss_chunked, kl_loss_chunked) if self.autocast else (lm_loss, kl_loss)
             if not m.distils:
-                return lm_loss(logits, ids)
+                return ce(logits, ids)
             with torch.no_grad():
                 t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-            loss = m.kl_weight * kl_loss(logits, t_out.logits, self.s.temperature) if m.kl_weight else 0.0
+            loss = m.kl_weight * kl(logits, t_out.logits, self.s.temperature) if m.kl_weight else 0.0
             if m.task_weight:
-                loss = loss + m.task_weight * lm_loss(logits, ids)
+                loss = loss + m.task_weight * ce(logits, ids)
             if m.rem_weight:   # ELSA's rem: MSE of the final hidden states (what the LM head reads)
                 loss = loss + m.rem_weight * F.mse_loss(out.hidden_states[-1].float(), t_out.hidden_states[-1].float())
             if m.squarehead_weight:
@@ -189,6 +204,11 @@ class TrainEngine:
     def train(self, model, ctx: PruneContext, teacher=None) -> dict:
         """Train ``model`` in place; ``teacher`` (distillation) defaults to a frozen copy of ``model``."""
         m, s = self.method, self.s
+        if s.tokens is not None:   # the budget in tokens fixes the steps for this run's global batch
+            per_step = s.batch_size * s.grad_accum * D.world_size() * ctx.seqlen
+            s.steps = max(1, math.ceil(s.tokens / per_step))
+            m.config["steps"] = s.steps
+            log.info("method.tokens=%d: %d steps of %d tokens", s.tokens, s.steps, per_step)
         constrained = {n: w.param for n, w in prunable_weights(model).items()}
         ids_c = {id(p) for p in constrained.values()}
         frozen = kept_dense(model)           # routers and ignored / untargeted weights stay bit-identical
@@ -198,8 +218,11 @@ class TrainEngine:
         trainable = [p for p in model.parameters() if p.requires_grad]
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        self.autocast, autocast_record = precision.resolve(s.autocast_bf16, ctx.device)
         if m.distils:
             teacher = (teacher if teacher is not None else copy.deepcopy(model)).eval().requires_grad_(False)
+            if self.autocast and not ctx.extras.get("fsdp"):
+                precision.bf16_linear_weights(teacher)   # the values autocast would cast to, cast once
 
         bos = ctx.tokenizer.bos_token_id
         world = D.world_size()
@@ -212,7 +235,13 @@ class TrainEngine:
         opt = self.make_optimizer(trainable)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, m.lr_lambda())
         run = TrainRun(model, ctx, s, constrained, trainable, teacher, opt, sched, data, heldout)
+        if self.autocast:
+            autocast_record["fast_path"] = "token-chunked vocabulary losses, fused AdamW (one process), the " \
+                                           "teacher's Linear weights stored in bf16"
+        run.stats["autocast_bf16"] = autocast_record
         run.state = m.setup(run)
+        if heldout is not None:
+            run.stats["heldout"] = {"split": s.eval_split, "windows": heldout.shape[0], "tokens": heldout.numel()}
 
         signature = {"method": m.config, "target": str(ctx.target), "seed": ctx.seed, "seqlen": ctx.seqlen,
                      "dataset": getattr(ctx.dataset, "name", None), "params": sum(p.numel() for p in trainable)}
@@ -228,6 +257,7 @@ class TrainEngine:
             run.stats, start = state["stats"], state["step"]
             log.info("resumed %s from %s at step %d", m.name, ckpt.path, start)
             run.stats["resumed_from_step"] = start
+            run.stats["wall_s_before_resume"] = run.stats.get("wall_s_at_checkpoint", 0.0)  # earlier sessions
         else:
             start = 0
             m.start(run)
@@ -243,8 +273,15 @@ class TrainEngine:
         opt_bytes = sum(tensor_nbytes(D.local(v)) for p in constrained.values() for v in opt.state.get(p, {}).values()
                         if isinstance(v, torch.Tensor) and v.numel() > 1)
         label, m_bytes = m.method_nbytes(run)
+        if len(run.step_times) > 1:   # the first step allocates the optimizer state
+            run.stats["step_time_s"] = statistics.median(run.step_times[1:])
+        tokens = s.steps * s.grad_accum * s.batch_size * run.world * ctx.seqlen
+        heldout_tokens = (s.steps // s.eval_every) * run.heldout.numel() if run.heldout is not None else 0
+        run.stats["compute"] = compute.training(compute.matmul_params(model), tokens, m.distils, heldout_tokens,
+                                                run.stats.get("wall_s_before_resume", 0.0) +
+                                                time.perf_counter() - run.t0)
         run.stats.update(steps=s.steps, train_time_s=time.perf_counter() - run.t0,
-                         tokens_seen=s.steps * s.grad_accum * s.batch_size * ctx.seqlen,
+                         tokens_seen=tokens,
                          state_bytes_per_param={"optimizer": opt_bytes / n_c, label: m_bytes / n_c,
                                                 "total": (opt_bytes + m_bytes) / n_c})
         if not s.keep_checkpoint:
@@ -259,6 +296,7 @@ class TrainEngine:
         bar = tqdm(range(start, s.steps), desc=m.name, unit="step", initial=start, total=s.steps,
                    disable=not D.is_main())
         for step in bar:
+            t_step = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(s.grad_accum):
@@ -283,16 +321,20 @@ class TrainEngine:
 
             done = step + 1
             record = m.periodic(run, done)
+            run.step_times.append(time.perf_counter() - t_step)   # the step and the method's periodic update
             if s.eval_every and run.heldout is not None and done % s.eval_every == 0:
                 record = record or {"step": done, "loss": total}
                 record["heldout_ppl"] = m.evaluate_sparse(
                     run, lambda mod: perplexity(mod, run.heldout, batch_size=4, device=run.device, desc="held-out ppl"))
             if record:
+                record.setdefault("tokens", done * s.batch_size * s.grad_accum * run.world * run.ctx.seqlen)
                 run.stats["history"].append(record)
                 if tracker is not None and D.is_main():
                     tracker.log({f"{m.name}/{k}": v for k, v in record.items() if k != "step"}, step=done)
                 log.info("step %d: %s", done, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
             if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+                run.stats["wall_s_at_checkpoint"] = run.stats.get("wall_s_before_resume", 0.0) + \
+                    time.perf_counter() - run.t0
                 ckpt.save({"step": done, "scheduler": sched.state_dict(), **m.method_state(run), "rng": rng_state(),
                            "stats": run.stats})
         bar.close()

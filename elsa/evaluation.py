@@ -55,6 +55,10 @@ class PerplexityEval:
         return eval_windows(token_stream(tokenizer, corpus, "test"), self.seqlen, bos_id(tokenizer, self.add_bos),
                             self.max_tokens)
 
+    def tokens(self, tokenizer) -> int:
+        """Tokens one evaluation pushes through the model (every corpus' windows)."""
+        return sum(self.windows(tokenizer, c).numel() for c in self.corpora.values())
+
     def run(self, model, tokenizer, label: str) -> dict[str, float]:
         return {name: perplexity(model, self.windows(tokenizer, c), self.batch_size, self.device,
                                  desc=f"{label} ppl {name}") for name, c in self.corpora.items()}

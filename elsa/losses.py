@@ -26,3 +26,69 @@ def squarehead_loss(hidden, teacher_hidden) -> torch.Tensor:
     for h, t in zip(hidden, teacher_hidden):
         total = total + (h.float() - t.float()).pow(2).mean() / (t.float().pow(2).mean() + eps)
     return total
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """sum over rows of KL(softmax(t / T) || softmax(s / T)), computed ``chunk`` rows at a time in fp32 without
+    keeping the vocabulary-wide log-softmaxes for the backward pass (it recomputes them per chunk)."""
+
+    @staticmethod
+    def forward(ctx, s, t, temperature, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        for i in range(0, s.shape[0], chunk):
+            ls = torch.log_softmax(s[i:i + chunk].float() / temperature, -1)
+            lt = torch.log_softmax(t[i:i + chunk].float() / temperature, -1)
+            total += (lt.exp() * (lt - ls)).sum()
+        ctx.save_for_backward(s, t)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, t = ctx.saved_tensors
+        temp, chunk = ctx.temperature, ctx.chunk
+        out = torch.empty_like(s)
+        for i in range(0, s.shape[0], chunk):
+            ps = torch.softmax(s[i:i + chunk].float() / temp, -1)
+            ps -= torch.softmax(t[i:i + chunk].float() / temp, -1)
+            out[i:i + chunk] = ps.mul_(grad / temp)
+        return out, None, None, None
+
+
+class _ChunkedCE(torch.autograd.Function):
+    """sum over rows of -log softmax(s)[target], ``chunk`` rows at a time in fp32 (recomputed in the backward)."""
+
+    @staticmethod
+    def forward(ctx, s, target, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        for i in range(0, s.shape[0], chunk):
+            x = s[i:i + chunk].float()
+            total += (torch.logsumexp(x, -1) - x.gather(1, target[i:i + chunk, None]).squeeze(1)).sum()
+        ctx.save_for_backward(s, target)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, target = ctx.saved_tensors
+        out = torch.empty_like(s)
+        for i in range(0, s.shape[0], ctx.chunk):
+            p = torch.softmax(s[i:i + ctx.chunk].float(), -1)
+            p.scatter_add_(1, target[i:i + ctx.chunk, None], torch.full_like(p[:, :1], -1.0))
+            out[i:i + ctx.chunk] = p.mul_(grad)
+        return out, None, None
+
+
+def lm_loss_chunked(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """:func:`lm_loss` in vocabulary chunks of ``chunk`` tokens: equal up to float summation order, without the
+    fp32 copy and the log-softmax of every logit held for the backward pass."""
+    s = logits[:, :-1].flatten(0, 1)
+    return _ChunkedCE.apply(s, ids[:, 1:].flatten(), chunk) / s.shape[0]
+
+
+def kl_loss_chunked(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                    chunk: int = 256) -> torch.Tensor:
+    """:func:`kl_loss` in chunks of ``chunk`` tokens (equal up to float summation order)."""
+    s = logits[:, :-1].flatten(0, 1)
+    t = teacher_logits[:, :-1].flatten(0, 1)
+    return _ChunkedKL.apply(s, t.detach(), float(temperature), chunk) / s.shape[0] * temperature * temperature

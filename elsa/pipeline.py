@@ -19,6 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from elsa import compute
 from elsa import distributed as D
 from elsa.allocation import Uniform
 from elsa.data import sample_starts, token_stream, windows
@@ -434,6 +435,7 @@ class Run:
             SolutionMemo.store(SolutionMemo.key(self, cfg.method, calib), model, self.results["method_stats"],
                                self.out)
         ctx.teacher = None
+        self.results["compute"] = self.compute_record(model, calib)
         if not main_rank:  # the other FSDP ranks are done: rank 0 evaluates, saves and writes
             return {}
         model.to(self.device)
@@ -460,6 +462,9 @@ class Run:
             raise ElsaError(f"internal: measured {report['pruned_params']} pruned weights but the accounting "
                             f"counts {acc['pruned']} (unsupported: {acc['unsupported'][:2]})")
         ppl = self.timed("eval", self.eval.run, model, tok, cfg.method.name)
+        self.results["compute"]["evaluation"] = compute.evaluation(
+            compute.matmul_params(model), self.eval.tokens(tok), self.times.get("eval"))
+        self.results["compute"]["total"] = compute.total(self.results["compute"])
         for name, value in ppl.items():
             check_finite(value, f"perplexity on {name}")
         self.results["perplexity"] = ppl
@@ -482,6 +487,17 @@ class Run:
         self.tracker.finish(0)
         self.print_summary()
         return self.results
+
+    def compute_record(self, model, calib) -> dict:
+        """results.json ``compute``: tokens, estimated FLOPs and wall time of the start and the method (elsa.compute);
+        the evaluation joins it after the evaluation."""
+        tokens = calib.numel() if calib is not None else 0
+        out = {}
+        if self.start is not None:
+            _, out["start"] = compute.pruning(model, self.start, tokens, {}, self.times.get("start"))
+        name, out[name] = compute.pruning(model, self.method, tokens, self.results["method_stats"],
+                                          self.times.get("prune"))
+        return out
 
     def save(self, model, tok):
         nm = (self.target.n, self.target.m) if self.target.is_nm else None

@@ -45,6 +45,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from elsa.frontier import compute_columns, plot_frontier, tokens_to_pass, tokens_to_pass_markdown
 from elsa.renamed import OLD_METHODS
 from elsa.sparsity import Sparsity
 from elsa.sweep import RESULTS, read_results
@@ -183,7 +184,8 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
            "compressed_mb": (data.get("compressed") or {}).get("mb"),
            "decode_speedup": (data.get("inference") or {}).get("decode_speedup"),
            "dir": str(job_dir.relative_to(root)) if job_dir != root else ".",
-           "overrides": " ".join(data.get("overrides") or []), "error": data.get("error")}
+           "overrides": " ".join(data.get("overrides") or []), "error": data.get("error"),
+           "git_sha": data.get("git_sha"), **compute_columns(data)}
     for corpus, value in (data.get("perplexity") or {}).items():
         row[PPL + corpus] = value
     for corpus, value in (data.get("dense_perplexity") or {}).items():
@@ -404,6 +406,11 @@ def markdown(df: pd.DataFrame) -> str:
         parts += ["## Jobs that did not finish", "",
                   markdown_table(bad, ["dir", "status", "overrides", "error"], ["dir", "status", "overrides", "error"]),
                   ""]
+    for c in names:
+        passing = tokens_to_pass_markdown(tokens_to_pass(df, c))
+        if passing:
+            parts += [f"## Tokens to pass ({c}): the first held-out point of each training curve below each "
+                      "one-shot method", "", passing, ""]
     parts.append("Pruned: every Linear inside the decoder blocks; embeddings, norms and lm_head stay dense. "
                  "Non-zero params count the whole model.")
     return "\n".join(parts) + "\n"
@@ -609,6 +616,13 @@ def write_report(root: Path | None, out: Path | None = None, table: pd.DataFrame
         files[f"sparsity_{corpus}"] = plot_vs_sparsity(df, corpus, out / f"ppl_vs_sparsity_{corpus}.png")
         if "nonzero_params" in ok and ok["nonzero_params"].notna().any():
             files[f"nonzero_{corpus}"] = plot_vs_nonzero(df, corpus, out / f"ppl_vs_nonzero_{corpus}.png")
+    if "compute_tokens" in ok and ok["compute_tokens"].notna().any():
+        for corpus in corpora(df):
+            methods = _method_order(df)
+            path = plot_frontier(df, corpus, out / f"ppl_vs_tokens_{corpus}.png", _plt(), _colors(methods),
+                                 _markers(methods))
+            if path is not None:
+                files[f"frontier_{corpus}"] = path
     jobs = allocations(root) if table is None else []   # a stored table has no per-layer records
     if jobs:
         files["allocation"] = plot_allocation(jobs, out / "allocation_per_layer.png")

@@ -408,3 +408,13 @@ def test_new_options_run_to_the_exact_target(tmp_path, extra):
     if "method.sparsity_schedule=linear" in extra:     # peak step 3 of 6: ratios 2/3 of the way at the step-2 update
         hist = r["method_stats"]["history"]
         assert hist[0]["target_ratio"] == pytest.approx(0.75 * 2 / 3)
+
+
+def test_reference_dual_timing_updates_after_the_first_step(tmp_path):
+    """method.dual_timing=reference: z/u after step 1 and every interval after it (the reference's optimizer
+    updates before it counts the step); the default after steps interval, 2 interval, ... and the last."""
+    base = ["method=elsa", "budget=demo", "method.steps=10", "method.interval=4", "method.finetune_fraction=0",
+            "method.eval_initial=false"]
+    steps = lambda r: [h["step"] for h in r["method_stats"]["history"]]  # noqa: E731
+    assert steps(run_pipeline(tmp_path / "a", *base)) == [4, 8, 10]
+    assert steps(run_pipeline(tmp_path / "b", *base, "method.dual_timing=reference")) == [1, 5, 9, 10]

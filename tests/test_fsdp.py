@@ -8,7 +8,8 @@ import torch
 from conftest import REPO, TINY, read_results, run_cli
 
 ARGS = [*TINY, "method=elsa", "method.steps=4", "method.grad_accum=1", "method.interval=2", "method.lr=1e-3",
-        "method.eval_initial=false", "method.checkpoint_every=0", "sparsity=0.7", "hardware.threads=1"]
+        "method.eval_initial=false", "method.checkpoint_every=0", "sparsity=0.7", "hardware.threads=1",
+        "method.autocast_bf16=false"]   # fp32: the two ranks and one process agree to float tolerance
 
 
 def _weights(path):
@@ -46,6 +47,28 @@ def test_fsdp_two_ranks_match_single_process(tmp_path, family):
         assert torch.equal(a[k] == 0, b[k] == 0) or "layers" not in k, k  # same sparsity pattern
 
 
+@pytest.mark.timeout(600)
+def test_per_process_lambda_is_the_reference_s_lambda_over_ranks(tmp_path):
+    """method.lam_scaling=per_process (the reference's optimizer divides the proximal term by the ranks): two gloo
+    ranks give the weights one process gives with lam / 2 and the same global batch; with lam itself one process
+    ends elsewhere, so the comparison can tell the two apart."""
+    runs = {}
+    for name, lam in (("half", 0.05), ("full", 0.1)):
+        proc = run_cli(*ARGS, f"method.lam={lam}", "method.batch_size=2", f"hydra.run.dir={tmp_path / name}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = _weights(tmp_path / name)
+    env = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "run.py"), *ARGS, "method.lam=0.1", "method.lam_scaling=per_process", "hardware=fsdp_cpu",
+           "method.batch_size=1", f"hydra.run.dir={tmp_path / 'fsdp'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp = _weights(tmp_path / "fsdp")
+    for k in fsdp:
+        torch.testing.assert_close(fsdp[k], runs["half"][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert any(not torch.allclose(runs["full"][k], runs["half"][k], rtol=1e-4, atol=1e-5) for k in fsdp)
+
+
 def test_fsdp_needs_a_launcher(tmp_path):
     proc = run_cli(*ARGS, "hardware=fsdp_cpu", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "torchrun" in proc.stderr.strip().splitlines()[-1]
@@ -63,7 +86,7 @@ def test_fsdp_ast_matches_single_process(tmp_path):
     args = [*TINY, "method=ast", "method.steps=4", "method.grad_accum=1", "method.mask_interval=2", "method.lr=1e-3",
             "method.eval_initial=false", "method.checkpoint_every=0", "method.srste_decay=1e-2",
             "method.increase_step=2", "method.warmup_steps=1", "method.mask_metric=wanda", "sparsity=2:4",
-            "hardware.threads=1"]
+            "hardware.threads=1", "method.autocast_bf16=false"]
     single = run_cli(*args, "method.batch_size=2", f"hydra.run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
     env = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")

@@ -147,6 +147,12 @@ def alps_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity, rho: flo
 
 
 class ALPS(HessianPruner):
+    def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
+        """The Hessian, its eigendecomposition (~9 in^3) and at most max_iters ridge solves (4 out in^2 each):
+        an upper bound, the loop stops when the support settles."""
+        return 2.0 * in_features ** 2 * tokens + 9.0 * in_features ** 3 + \
+            4.0 * out_features * in_features ** 2 * self.max_iters
+
     def __init__(self, rho: float = 0.1, max_iters: int = 300, update_every: int = 3,
                  change_thresholds=(0.1, 0.005), rho_growth=(1.3, 1.2, 1.1), pcg_iters: int = 50,
                  percdamp: float = 0.01, batch_size: int = 8):

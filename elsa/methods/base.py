@@ -49,6 +49,11 @@ class Pruner:
     distils: bool = False         # reads ctx.teacher (the dense model) when a start stage ran
     eval_initial: bool = False    # the pipeline reports the perplexity of the start stage's solution
 
+    def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
+        """An estimate of this method's own work on one ``[out, in]`` matrix given ``tokens`` calibration tokens
+        (beyond the forward passes; elsa.compute): selection only, for a method that reads no data."""
+        return float(out_features * in_features)
+
     def validate(self, model: nn.Module, target: Sparsity) -> None:
         """Cheap checks after the model is loaded and before any expensive work."""
         for name, lin in prunable_matrices(model).items():

@@ -40,7 +40,10 @@ class ElsaRun:
 
 # projection scores: |x|, Adam's v * x^2 (objective), and those of elsa.admm.Scorer
 PROJECTIONS = ("magnitude", "objective") + Scorer.KINDS
-NEW_DEFAULTS = {"sparsity_schedule": "cubic", "sparsity_initial": 0.0, "relaxation": 1.0}
+NEW_DEFAULTS = {"sparsity_schedule": "cubic", "sparsity_initial": 0.0, "relaxation": 1.0, "dual_timing": "interval",
+                "lam_scaling": "global"}
+DUAL_TIMINGS = ("interval", "reference")      # z/u after steps k*interval | after step 1 and 1 + k*interval
+LAM_SCALINGS = ("global", "per_process")      # lam as given | lam / ranks (the reference's optimizer)
 
 
 class Elsa(TrainingMethod):
@@ -56,7 +59,7 @@ class Elsa(TrainingMethod):
                  group: str = "layer", sparsity_warmup: float = 0.0, finetune_fraction: float = 0.0,
                  loss: str = "ntp", distill_alpha: float = 0.5, z_dtype: str = "fp32", u_dtype: str = "fp32",
                  sparsity_schedule: str = "cubic", sparsity_initial: float = 0.0, relaxation: float = 1.0,
-                 **shared):
+                 dual_timing: str = "interval", lam_scaling: str = "global", **shared):
         """ELSA's own keys; ``shared`` are the engine's (steps, lr, ..., see elsa.engine.TrainSettings)."""
         own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
         # keys added by issue 15 join the checkpoint signature only when set, so older checkpoints still resume
@@ -87,6 +90,8 @@ class Elsa(TrainingMethod):
             raise config_error("method.relaxation", relaxation, "a number in (0, 2) (1: standard ADMM)")
         self.sparsity_schedule, self.sparsity_initial = sparsity_schedule, float(sparsity_initial)
         self.relaxation = float(relaxation)
+        self.dual_timing = one_of("method.dual_timing", dual_timing, DUAL_TIMINGS)
+        self.lam_scaling = one_of("method.lam_scaling", lam_scaling, LAM_SCALINGS)
         if not 0 <= sparsity_warmup < 1:
             raise config_error("method.sparsity_warmup", sparsity_warmup, "a fraction of the steps in [0, 1)")
         if not 0 <= finetune_fraction < 1:
@@ -198,6 +203,8 @@ class Elsa(TrainingMethod):
             admm.apply_support()
             log.info("step %d: support frozen; %d steps of masked training follow", step, self.train.steps - step)
         st.lam_t = lam_t = 0.0 if frozen else st.lam.at(step)
+        if self.lam_scaling == "per_process":   # the reference divides the term by the ranks (gradients are
+            st.lam_t = lam_t = lam_t / run.world  # already averaged), so its runs on N ranks used lam / N
         if self.proximal == "coupled" and lam_t:
             for name, p in run.constrained.items():
                 D.local(p.grad).add_(admm.prox_residual(name).to(p.grad.dtype), alpha=lam_t)
@@ -214,7 +221,8 @@ class Elsa(TrainingMethod):
 
     def periodic(self, run, done):
         st = run.state
-        if st.frozen or not (done % self.interval == 0 or done == self.train.steps):
+        phase = 1 if self.dual_timing == "reference" else 0   # the reference's first z/u update follows step 1
+        if st.frozen or not ((done - phase) % self.interval == 0 or done == self.train.steps):
             return None
         admm, lam, target, warm = st.admm, st.lam, run.target, st.warm
         lam_now, lam_prev = lam.at(done), st.lam_prev

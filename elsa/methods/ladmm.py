@@ -60,6 +60,11 @@ def ladmm_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity, rho: fl
 
 
 class LADMM(HessianPruner):
+    def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
+        """The Hessian, one factorisation (~in^3) and iters + grow_iters ADMM solves (4 out in^2 each)."""
+        return 2.0 * in_features ** 2 * tokens + in_features ** 3 + \
+            4.0 * out_features * in_features ** 2 * (self.iters + self.grow_iters)
+
     def __init__(self, rho: float = 1.0, iters: int = 30, grow_iters: int = 15, refit: bool = True,
                  pcg_iters: int = 20, percdamp: float = 0.01, batch_size: int = 8):
         super().__init__(batch_size)

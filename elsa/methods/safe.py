@@ -84,6 +84,10 @@ def _float(obj):
 class SAFE(LayerwisePruner):
     has_budget = True     # epochs / warmup_epochs / interval: budget=cpu and quick set them
 
+    def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
+        """Training the block on its calibration inputs: 6 out in per token and epoch."""
+        return 6.0 * out_features * in_features * tokens * self.epochs
+
     def __init__(self, epochs: int = 30, warmup_epochs: float = 2, batch_size: int = 8, lr: float = 2e-4,
                  betas=(0.9, 0.95), lam: float = 1e-3, rho: float = 2e-4, interval: int = 32,
                  activation_weighted: bool = False):

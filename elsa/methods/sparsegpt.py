@@ -138,6 +138,10 @@ def _sparsegpt(weight, h, target, blocksize, percdamp, name):
 class HessianPruner(LayerwisePruner):
     """A layer-wise method whose statistics are the input Hessian H = 2/n XXᵀ (SparseGPT, ALPS, L-ADMM)."""
 
+    def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
+        """The Hessian (2 in^2 per token), its inverse (~in^3) and the column-wise updates (2 out in^2)."""
+        return 2.0 * in_features ** 2 * tokens + in_features ** 3 + 2.0 * out_features * in_features ** 2
+
     def stats_init(self, name: str, linear: nn.Linear) -> Hessian:
         return Hessian(linear.in_features, linear.weight.device)
 

@@ -454,6 +454,11 @@ def mlp_io(block: nn.Module, first: nn.Module, down: nn.Module, inputs) -> tuple
 
 
 class SparseLLM(SparseGPT):
+    def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
+        """SparseGPT's count plus, per alternation, a re-fit and a pass over the tokens (4 out in per token)."""
+        return super().matrix_flops(out_features, in_features, tokens) + \
+            self.iterations * (4.0 * out_features * in_features * tokens + in_features ** 3)
+
     def __init__(self, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, iterations: int = 4,
                  percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8, select: str = "last",
                  fallback: str | None = None, down_input: str = "pruned"):

@@ -12,7 +12,7 @@ from elsa.methods.base import PruneContext, Pruner
 from elsa.schedules import linear_schedule
 
 # keys added to TrainSettings after checkpoints existed: at their defaults they stay out of the signature
-SIGNATURE_NEUTRAL = {"eval_split": "validation"}
+SIGNATURE_NEUTRAL = {"eval_split": "validation", "tokens": None}
 
 
 class TrainingMethod(Pruner):

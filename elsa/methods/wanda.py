@@ -38,6 +38,9 @@ class Wanda(LayerwisePruner):
         super().__init__(batch_size)
         self.group = check_group(group)
 
+    def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
+        return 2.0 * in_features * tokens + 2.0 * out_features * in_features   # input norms, scores
+
     def stats_init(self, name: str, linear: nn.Linear) -> InputNorms:
         return InputNorms(linear.in_features, linear.weight.device)
 

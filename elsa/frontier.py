@@ -1,0 +1,120 @@
+"""Perplexity against compute: the frontier plot and the "tokens to pass" table of a report.
+
+A one-shot method is one point (the tokens its calibration walk read); a training method is a curve, its
+held-out history (the projected / masked weights evaluated every ``eval_every`` steps), drawn only where that
+history was measured with the row's own evaluation (``method.eval_split=test`` and ``method.eval_tokens`` equal
+to the eval's tokens), so the curve and the points share one protocol. A start stage's tokens count for the
+training curve that continues from it. "Tokens to pass": for each training curve, the first held-out point
+below each one-shot method at the same model and sparsity.
+"""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+PPL = "ppl/"
+
+
+def compute_columns(data: dict) -> dict:
+    """The report columns of results.json's ``compute`` block and, where comparable, the training curve."""
+    comp = data.get("compute") or {}
+    work = [comp.get(k) or {} for k in ("start", "calibration", "training", "selection")]
+    row = {"compute_tokens": sum(p.get("tokens") or 0 for p in work) if comp else None,
+           "compute_flops": sum(p.get("flops") or 0.0 for p in work) if comp else None,
+           "training_tokens": (comp.get("training") or {}).get("tokens") if comp else None,
+           "curve": None}
+    curve = _curve(data, (comp.get("start") or {}).get("tokens") or 0)
+    if curve:
+        row["curve"] = json.dumps(curve)
+    return row
+
+
+def _curve(data: dict, offset: int) -> list | None:
+    stats = data.get("method_stats") or {}
+    history = [h for h in stats.get("history") or [] if "heldout_ppl" in h and "tokens" in h]
+    protocol = stats.get("heldout") or {}
+    evaluated = ((data.get("compute") or {}).get("evaluation") or {}).get("tokens")
+    # the curve shares the row's protocol: the run's test windows, as many tokens as its evaluation
+    if not history or protocol.get("split") != "test" or protocol.get("tokens") != evaluated:
+        return None
+    points = []
+    for h in history:
+        ppl = h["heldout_ppl"]
+        value = next(iter(ppl.values())) if isinstance(ppl, dict) else ppl
+        points.append([int(h["tokens"]) + offset, float(value)])
+    return points
+
+
+def _one_shot(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["training_tokens"].isna()] if "training_tokens" in df else df.iloc[0:0]
+
+
+def _training(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["curve"].notna()] if "curve" in df else df.iloc[0:0]
+
+
+def tokens_to_pass(df: pd.DataFrame, corpus: str) -> pd.DataFrame:
+    """One row per (training curve, one-shot method) at the same model and sparsity: the first curve point
+    below the one-shot perplexity (its tokens), or None when the curve never passes it."""
+    col = PPL + corpus
+    rows = []
+    for _, t in _training(df).iterrows():
+        curve = json.loads(t["curve"])
+        same = _one_shot(df)
+        same = same[(same["model"] == t["model"]) & (same["sparsity"] == t["sparsity"]) & same[col].notna()]
+        for _, o in same.iterrows():
+            hit = next((tok for tok, ppl in curve if ppl < o[col]), None)
+            rows.append({"model": t["model"], "sparsity": t["sparsity"], "training": t["method"],
+                         "one_shot": o["method"], "one_shot_ppl": o[col],
+                         "tokens_to_pass": hit, "curve_tokens": curve[-1][0], "curve_last_ppl": curve[-1][1]})
+    return pd.DataFrame(rows)
+
+
+def tokens_to_pass_markdown(table: pd.DataFrame) -> str:
+    if table.empty:
+        return ""
+    lines = ["| model | sparsity | training method | one-shot method | its ppl | tokens to pass | curve ends at |",
+             "|---|---|---|---|---:|---:|---|"]
+    for _, r in table.iterrows():
+        hit = f"{int(r['tokens_to_pass']):,}" if pd.notna(r["tokens_to_pass"]) else "not passed"
+        lines.append(f"| {r['model']} | {r['sparsity']} | {r['training']} | {r['one_shot']} | "
+                     f"{r['one_shot_ppl']:.2f} | {hit} | {int(r['curve_tokens']):,} tokens, ppl "
+                     f"{r['curve_last_ppl']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_frontier(df: pd.DataFrame, corpus: str, path, plt, colors: dict, markers: dict):
+    """One panel per sparsity: perplexity (log) against tokens (log); points for the one-shot methods, curves
+    for the training methods' held-out histories (their final cell as a point at the curve's end)."""
+    col = PPL + corpus
+    ok = df[(df["status"] == "done") & df[col].notna() & df["compute_tokens"].notna()]
+    targets = [s for s in ok["sparsity"].dropna().unique()]
+    if not targets:
+        return None
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.2 * len(targets) + 2.5, 4.2), squeeze=False)
+    for ax, target in zip(axes[0], sorted(targets, key=str)):
+        cell = ok[ok["sparsity"] == target]
+        for _, r in cell.iterrows():
+            m = r["method"]
+            x = max(float(r["compute_tokens"]), 1.0)   # a data-free method (magnitude): drawn at 1 token
+            ax.scatter([x], [r[col]], color=colors.get(m), marker=markers.get(m, "o"), label=m, zorder=3)
+            if isinstance(r.get("curve"), str):
+                pts = json.loads(r["curve"])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors.get(m), lw=1.2)
+        ax.set_xscale("log")
+        if (cell[col] > 0).all() and cell[col].max() / max(cell[col].min(), 1e-9) > 10:
+            ax.set_yscale("log")
+        ax.set_title(f"sparsity {target}")
+        ax.set_xlabel("tokens processed (calibration, start, training)")
+        ax.set_ylabel(f"perplexity ({corpus})")
+        ax.grid(True, which="both", alpha=0.3)
+    seen = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    axes[0][-1].legend(seen.values(), seen.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,64 @@
+"""Compute on every row (issue 26): tokens, FLOPs and wall time per phase in results.json, a training budget in
+tokens, and the report's frontier plot and "tokens to pass" table."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from conftest import run_pipeline
+
+from elsa.report import collect, write_report
+
+ELSA = ["method=elsa", "budget=demo", "method.eval_every=2", "method.eval_split=test", "method.eval_tokens=2048",
+        "method.eval_initial=false"]
+
+
+def test_training_tokens_are_steps_times_batch_and_tokens_set_the_steps(tmp_path):
+    r = run_pipeline(tmp_path / "a", *ELSA, "method.steps=6", "method.batch_size=2", "method.grad_accum=2")
+    train = r["compute"]["training"]
+    assert r["method_stats"]["steps"] == 6
+    assert train["tokens"] == 6 * 2 * 2 * 128 == r["method_stats"]["tokens_seen"]
+    n = train["flops"] / train["tokens"]
+    assert n > 0 and train["wall_s"] > 0 and r["compute"]["evaluation"]["tokens"] == 2048
+    # the held-out history is on the run's own test windows, with the tokens of each point
+    hist = [h for h in r["method_stats"]["history"] if "heldout_ppl" in h]
+    assert [h["tokens"] for h in hist] == [s * 512 for s in (2, 4, 6)]
+    assert r["method_stats"]["heldout"] == {"split": "test", "windows": 16, "tokens": 2048}
+    # a budget in tokens sets the steps: 5000 tokens of 2 x 2 x 128 per step -> 10 steps
+    r = run_pipeline(tmp_path / "b", *ELSA, "method.batch_size=2", "method.grad_accum=2", "++method.tokens=5000")
+    assert r["method_stats"]["steps"] == 10 and r["compute"]["training"]["tokens"] == 10 * 512
+
+
+def test_one_shot_rows_record_their_calibration(tmp_path):
+    r = run_pipeline(tmp_path, "method=sparsegpt")
+    cal = r["compute"]["calibration"]
+    assert cal["tokens"] == 4 * 128 and cal["flops"] > 0 and "SparseGPT" in cal["rule"]
+    assert r["compute"]["total"]["tokens"] == cal["tokens"] + r["compute"]["evaluation"]["tokens"]
+    r = run_pipeline(tmp_path / "m", "method=magnitude")
+    assert r["compute"]["selection"]["tokens"] == 0
+
+
+def test_report_draws_the_frontier_and_the_tokens_to_pass(tmp_path):
+    root = tmp_path / "sweep"
+    run_pipeline(root / "wanda", "method=wanda")
+    run_pipeline(root / "magnitude", "method=magnitude")
+    run_pipeline(root / "elsa", *ELSA, "method.steps=8")
+    df = collect(root)
+    files = write_report(root)
+    assert files["frontier_wiki"].exists() and files["frontier_wiki"].stat().st_size > 0
+    elsa_row = df[df["method_name"] == "elsa"].iloc[0]
+    curve = json.loads(elsa_row["curve"])
+    assert [p[0] for p in curve] == [s * 128 for s in (2, 4, 6, 8)]
+    md = files["markdown"].read_text()
+    assert "## Tokens to pass (wiki)" in md
+    section = md.split("## Tokens to pass (wiki)")[1].split("\n\n")[1]   # the table after the heading
+    for one_shot in ("wanda", "magnitude"):
+        level = float(df[df["method_name"] == one_shot]["ppl/wiki"].iloc[0])
+        hit = next((t for t, p in curve if p < level), None)
+        expected = f"{hit:,}" if hit is not None else "not passed"
+        line = next(ln for ln in section.splitlines() if f"| {one_shot} |" in ln)
+        assert f"| {expected} |" in line
+    # a curve measured on another protocol (validation windows) is not drawn against the table's cells
+    run_pipeline(root / "elsa_val", *ELSA[:-3], "method.eval_initial=false", "method.steps=4", "seed=1")
+    assert pd.isna(collect(root).query("seed == 1")["curve"].iloc[0])

@@ -1,0 +1,70 @@
+"""bf16 training on the CPU (issue 26): the auto decision, the fast path's pieces against the plain ones, and
+the fp32 path unchanged bit for bit (the stored digests of e43c12b's tiny ELSA and AST runs)."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import pytest
+import torch
+from conftest import REPO, run_pipeline
+
+from elsa import precision
+from elsa.errors import ElsaError
+from elsa.losses import kl_loss, kl_loss_chunked, lm_loss, lm_loss_chunked
+
+STORED = json.loads((REPO / "tests" / "data" / "fp32_training_e43c12b.json").read_text())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_losses_equal_the_plain_ones(dtype):
+    torch.manual_seed(0)
+    s = (torch.randn(2, 33, 300) * 3).to(dtype).requires_grad_()
+    t = torch.randn(2, 33, 300).to(dtype)
+    ids = torch.randint(0, 300, (2, 33))
+    for plain, chunked in ((lambda: kl_loss(s, t, 2.0), lambda: kl_loss_chunked(s, t, 2.0, chunk=7)),
+                           (lambda: lm_loss(s, ids), lambda: lm_loss_chunked(s, ids, chunk=7))):
+        a, b = plain(), chunked()
+        ga, = torch.autograd.grad(a, s)
+        gb, = torch.autograd.grad(b, s)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gb.float(), ga.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-4 if dtype == torch.bfloat16 else 1e-7)
+
+
+def test_bf16_teacher_weights_give_the_autocast_logits_bit_for_bit(tiny_model):
+    model, _tok = tiny_model
+    teacher = copy.deepcopy(model).eval()
+    precision.bf16_linear_weights(teacher)
+    ids = torch.randint(0, 100, (2, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(input_ids=ids).logits, teacher(input_ids=ids).logits)
+    # a tied embedding keeps its fp32 tensor; only the Linear got a bf16 copy
+    assert teacher.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_auto_decides_by_measurement_and_records_it():
+    used, record = precision.resolve("auto", "cpu")
+    assert record["setting"] == "auto" and record["used"] is used
+    assert used == (record["bf16_matmul_speedup"] >= precision.MIN_SPEEDUP)
+    assert precision.resolve(False, "cpu") == (False, {"setting": False, "used": False})
+    with pytest.raises(ElsaError, match="method.autocast_bf16"):
+        precision.check_setting("maybe")
+
+
+def _digests(path):
+    from safetensors.torch import load_file
+
+    w = load_file(str(path / "model" / "model.safetensors"))
+    return {k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+            for k, v in sorted(w.items())}
+
+
+@pytest.mark.parametrize("name", ["elsa", "ast"])
+def test_fp32_training_is_bit_identical_to_e43c12b(tmp_path, name):
+    """autocast_bf16=false is the step before issue 26: every tensor of the tiny runs equals the stored digests
+    (hardware.threads=1, as they were made)."""
+    r = run_pipeline(tmp_path, *STORED["args"][name], "method.autocast_bf16=false", "hardware.threads=1")
+    assert r["method_stats"]["autocast_bf16"] == {"setting": False, "used": False}
+    assert _digests(tmp_path) == STORED["digests"][name]
