@@ -6,7 +6,7 @@
 # The history evaluates the projected weights every 32 steps (131k tokens) on the field table's protocol
 # (8192 wiki test tokens, eval=quick), so each point compares with the one-shot cells of docs/field.
 #
-#   bench/elsa_claim.sh 90            # start or resume the 90% run (one thread, nice 10), log in $ROOT/s90.log
+#   bench/elsa_claim.sh 90            # start or resume the 90% run (one thread, nice 19), log in $ROOT/s90.log
 #   bench/elsa_claim.sh 70
 #   bench/elsa_claim.sh status        # where each run stands (last held-out points)
 #
@@ -33,7 +33,7 @@ fi
 PY="$REPO/.venv/bin/python"
 cd "$ROOT/code"
 echo "elsa_claim: sparsity 0.$S, code $COMMIT, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$ROOT/s$S.log"
-OMP_NUM_THREADS=1 WANDB_MODE=disabled PYTHONPATH="$ROOT/code" nice -n 10 "$PY" run.py \
+OMP_NUM_THREADS=1 WANDB_MODE=disabled PYTHONPATH="$ROOT/code" nice -n 19 "$PY" run.py \
   method=elsa sparsity=0.$S seqlen=512 eval=quick logger=none hardware.threads=1 \
   method.steps=2442 method.batch_size=2 method.grad_accum=4 method.autocast_bf16=true \
   method.eval_every=32 method.eval_split=test method.eval_tokens=8192 method.checkpoint_every=32 \
