@@ -25,11 +25,12 @@ if [ "${1:-}" = status ]; then
   exit 0
 fi
 S="${1:?usage: bench/elsa_claim.sh 70|90|status}"
-[ -f "$ROOT/COMMIT" ] || git -C "$REPO" rev-parse HEAD > "$ROOT/COMMIT"
+(
+  flock 9   # two runs started together create the pinned worktree once
+  [ -f "$ROOT/COMMIT" ] || git -C "$REPO" rev-parse HEAD > "$ROOT/COMMIT"
+  [ -f "$ROOT/code/run.py" ] || git -C "$REPO" worktree add --detach "$ROOT/code" "$(cat "$ROOT/COMMIT")"
+) 9> "$ROOT/.lock"
 COMMIT="$(cat "$ROOT/COMMIT")"
-if [ ! -d "$ROOT/code" ]; then
-  git -C "$REPO" worktree add --detach "$ROOT/code" "$COMMIT"
-fi
 PY="$REPO/.venv/bin/python"
 cd "$ROOT/code"
 echo "elsa_claim: sparsity 0.$S, code $COMMIT, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$ROOT/s$S.log"
