@@ -53,6 +53,8 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 
 def tensor_nbytes(t) -> int:
     """Bytes held by a tensor, looking inside tensor subclasses (8-bit optimiser states)."""
+    if hasattr(t, "state") and hasattr(t, "codes"):     # elsa.optim8bit.Quantized: codes and scales
+        return sum(tensor_nbytes(v) for v in t.state().values())
     if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and not isinstance(t, nn.Parameter):
         names, _ = t.__tensor_flatten__()
         return sum(tensor_nbytes(getattr(t, n)) for n in names)
@@ -143,11 +145,22 @@ class TrainEngine:
     def __init__(self, method):
         self.method, self.s = method, method.train
         self.autocast = bool(self.s.autocast_bf16 is True)   # resolved per run in train()
+        self.device_type, self.optimizer_impl = "cpu", None
 
     def make_optimizer(self, params):
         s = self.s
         groups = [{"params": params}]
+        if s.optimizer == "adamw8bit" and self.device_type == "cpu" and D.world_size() == 1:
+            # torchao's state format stepped by one C pass per block (elsa.optim8bit): torchao's own step runs
+            # as dozens of eager ops on a CPU
+            from elsa.optim8bit import AdamW8bitCPU
+
+            opt = AdamW8bitCPU(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+            self.optimizer_impl = "elsa.optim8bit.AdamW8bitCPU" + (" (torch path: " + opt.kernel_missing + ")"
+                                                                  if opt.lib is None else " (C kernel)")
+            return opt
         if s.optimizer == "adamw8bit":
+            self.optimizer_impl = "torchao.optim.AdamW8bit"
             try:
                 from torchao.optim import AdamW8bit
             except ImportError as exc:  # pragma: no cover - torchao is a dependency
@@ -156,6 +169,7 @@ class TrainEngine:
         # the bf16 fast path also fuses AdamW's update into one kernel (equal up to float rounding); the fp32 path
         # keeps the foreach implementation, so autocast_bf16=false reproduces earlier runs bit for bit
         fast = {"fused": True} if self.autocast and D.world_size() == 1 else {"foreach": True}
+        self.optimizer_impl = f"torch.optim.AdamW ({next(iter(fast))})"
         return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, **fast)
 
     def compute_loss(self, model, teacher, ids):
@@ -232,6 +246,7 @@ class TrainEngine:
         if s.eval_every:
             heldout = eval_windows(token_stream(ctx.tokenizer, ctx.dataset, s.eval_split), ctx.seqlen, bos,
                                    s.eval_tokens)
+        self.device_type = torch.device(ctx.device).type
         opt = self.make_optimizer(trainable)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, m.lr_lambda())
         run = TrainRun(model, ctx, s, constrained, trainable, teacher, opt, sched, data, heldout)
@@ -239,6 +254,7 @@ class TrainEngine:
             autocast_record["fast_path"] = "token-chunked vocabulary losses, fused AdamW (one process), the " \
                                            "teacher's Linear weights stored in bf16"
         run.stats["autocast_bf16"] = autocast_record
+        run.stats["optimizer_impl"] = self.optimizer_impl
         run.state = m.setup(run)
         if heldout is not None:
             run.stats["heldout"] = {"split": s.eval_split, "windows": heldout.shape[0], "tokens": heldout.numel()}
@@ -271,7 +287,7 @@ class TrainEngine:
         model.requires_grad_(False).eval()
         n_c = sum(D.local(p).numel() for p in constrained.values())
         opt_bytes = sum(tensor_nbytes(D.local(v)) for p in constrained.values() for v in opt.state.get(p, {}).values()
-                        if isinstance(v, torch.Tensor) and v.numel() > 1)
+                        if hasattr(v, "codes") or isinstance(v, torch.Tensor) and v.numel() > 1)
         label, m_bytes = m.method_nbytes(run)
         if len(run.step_times) > 1:   # the first step allocates the optimizer state
             run.stats["step_time_s"] = statistics.median(run.step_times[1:])
