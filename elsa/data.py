@@ -113,6 +113,9 @@ class EmbeddedCorpus(Corpus):
         return f"{self.source}-v2-{split}"
 
 
+HUB_ALTERNATIVE = "use dataset=wiki or dataset=news (embedded, offline)"
+
+
 class HubCorpus(Corpus):
     """A Hugging Face dataset (needs internet on first use): wikitext2, c4, ...
 
@@ -132,12 +135,33 @@ class HubCorpus(Corpus):
     def check(self) -> None:
         from elsa.hub import require_hub
 
-        require_hub(f"dataset {self.path}", "use dataset=wiki or dataset=news (embedded, offline)")
+        require_hub(f"dataset {self.path}", HUB_ALTERNATIVE, cached=self._cached)
+
+    def _cached(self) -> bool:
+        """With HF_HUB_OFFLINE: the tokens of one of its splits are in elsa's cache (for any tokenizer), or the
+        datasets library finds it in its local cache (resolving the builder reads no data)."""
+        import datasets
+
+        if any(any((cache_dir() / "tokens").glob(f"*/{self.fingerprint(s)}.pt")) for s in SPLITS):
+            return True
+        try:
+            datasets.load_dataset_builder(self.path, self.config_name, data_files=self.data_files)
+        except (ConnectionError, OSError, ValueError):
+            return False
+        return True
 
     def documents(self, split: str) -> list[str]:
         import datasets
 
-        ds = datasets.load_dataset(self.path, self.config_name, data_files=self.data_files, split=self.splits[split])
+        from elsa.hub import offline_errors
+
+        try:
+            ds = datasets.load_dataset(self.path, self.config_name, data_files=self.data_files,
+                                       split=self.splits[split])
+        except (ConnectionError, *offline_errors()) as exc:
+            raise ElsaError(f"cannot reach the Hugging Face Hub to load dataset {self.path} "
+                            f"({str(exc).splitlines()[0]}); "
+                            f"{HUB_ALTERNATIVE}") from None
         docs = ds[self.text_field]
         if split in self.max_docs:
             docs = docs[: int(self.max_docs[split])]

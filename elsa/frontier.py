@@ -16,25 +16,24 @@ import pandas as pd
 PPL = "ppl/"
 
 
-def compute_columns(data: dict) -> dict:
-    """The report columns of results.json's ``compute`` block and, where comparable, the training curve."""
-    comp = data.get("compute") or {}
+def compute_columns(comp: dict, stats: dict) -> dict:
+    """The report columns of results.json's ``compute`` block and, where comparable, the training curve
+    (``stats``: the method's statistics, with its held-out history)."""
     work = [comp.get(k) or {} for k in ("start", "calibration", "training", "selection")]
     row = {"compute_tokens": sum(p.get("tokens") or 0 for p in work) if comp else None,
            "compute_flops": sum(p.get("flops") or 0.0 for p in work) if comp else None,
            "training_tokens": (comp.get("training") or {}).get("tokens") if comp else None,
            "curve": None}
-    curve = _curve(data, (comp.get("start") or {}).get("tokens") or 0)
+    curve = _curve(comp, stats or {}, (comp.get("start") or {}).get("tokens") or 0)
     if curve:
         row["curve"] = json.dumps(curve)
     return row
 
 
-def _curve(data: dict, offset: int) -> list | None:
-    stats = data.get("method_stats") or {}
+def _curve(comp: dict, stats: dict, offset: int) -> list | None:
     history = [h for h in stats.get("history") or [] if "heldout_ppl" in h and "tokens" in h]
     protocol = stats.get("heldout") or {}
-    evaluated = ((data.get("compute") or {}).get("evaluation") or {}).get("tokens")
+    evaluated = (comp.get("evaluation") or {}).get("tokens")
     # the curve shares the row's protocol: the run's test windows, as many tokens as its evaluation
     if not history or protocol.get("split") != "test" or protocol.get("tokens") != evaluated:
         return None

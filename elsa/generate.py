@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads < 1:
                 raise ElsaError(f"--threads={args.threads} is not allowed: a whole number >= 1")
             torch.set_num_threads(args.threads)
-        from elsa.pipeline import quiet_third_party_logs
+        from elsa.logs import quiet_third_party_logs
         from elsa.sparse import load_any
 
         quiet_third_party_logs()

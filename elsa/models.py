@@ -18,7 +18,7 @@ from torch import nn
 
 from elsa.assets import cache_dir, joined_parts, prepared, wheel_member
 from elsa.errors import ElsaError, config_error
-from elsa.hub import require_hub
+from elsa.hub import model_cached, offline, offline_errors, require_hub
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,11 @@ def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise config_error("model.dtype", name, f"one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+# the files AutoTokenizer reads one of (fast tokenizer, sentencepiece model, or a config naming its vocab files)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
 def _looks_local(path: str) -> bool:
@@ -51,8 +56,20 @@ class PretrainedSource:
             if not (Path(self.path).expanduser() / "config.json").is_file():
                 raise config_error("model.path", self.path, "a checkpoint directory holding config.json (what "
                                    "save_pretrained writes); this directory has none")
+            self._check_files(Path(self.path).expanduser())
         else:
-            require_hub(f"model {self.path}", "use model=smollm2-135m (embedded, offline) or model.path=<local dir>")
+            require_hub(f"model {self.path}", "use model=smollm2-135m (embedded, offline) or model.path=<local dir>",
+                        cached=lambda: model_cached(self.path, self.revision))
+
+    def _check_files(self, where: Path) -> None:
+        """A local checkpoint holds weights (*.safetensors / *.bin) and a tokenizer, before anything loads."""
+        names = {p.name for p in where.iterdir()}
+        lacks = [what for what, ok in (
+            ("weights (*.safetensors or *.bin)", any(n.endswith((".safetensors", ".bin")) for n in names)),
+            (f"a tokenizer ({', '.join(TOKENIZER_FILES)})", bool(names & set(TOKENIZER_FILES)))) if not ok]
+        if lacks:
+            raise config_error("model.path", self.path, "a checkpoint directory holding config.json, weights and "
+                               f"a tokenizer (what save_pretrained writes); this one lacks {' and '.join(lacks)}")
 
     def local_dir(self) -> str:
         return str(Path(self.path).expanduser()) if _looks_local(self.path) else self.path
@@ -62,9 +79,16 @@ class PretrainedSource:
 
         self.check()
         where = self.local_dir()
-        tok = AutoTokenizer.from_pretrained(where, revision=self.revision, trust_remote_code=self.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(where, revision=self.revision, dtype=self.dtype,
-                                                     trust_remote_code=self.trust_remote_code)
+        try:
+            tok = AutoTokenizer.from_pretrained(where, revision=self.revision, trust_remote_code=self.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(where, revision=self.revision, dtype=self.dtype,
+                                                         trust_remote_code=self.trust_remote_code)
+        except (OSError, *offline_errors()) as exc:
+            if _looks_local(self.path) or not (offline() or isinstance(exc, offline_errors())):
+                raise
+            raise ElsaError(f"cannot reach the Hugging Face Hub to load model {self.path} (HF_HUB_OFFLINE is set "
+                            f"and the local cache lacks a file: {str(exc).splitlines()[0]}); use "
+                            "model=smollm2-135m (embedded, offline) or model.path=<local dir>") from None
         return model.eval(), tok
 
     def fingerprint(self) -> str:

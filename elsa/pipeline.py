@@ -26,11 +26,14 @@ from elsa.data import sample_starts, token_stream, windows
 from elsa.errors import ElsaError, config_error
 from elsa.evaluation import PerplexityEval, bos_id, check_finite
 from elsa.methods.base import PruneContext
+from elsa.logs import quiet_third_party_logs  # noqa: F401 - bench/ imports it from here
 from elsa.models import (apply_ignore, apply_targets, check_prunable, context_length, prunable_matrices,
                          weight_accounting)
-from elsa.sparse import check_save_format, save_model
-from elsa.sparsity import Sparsity, layer_report
+from elsa.sparse import save_model
+from elsa.sparsity import layer_report
+from elsa.spec import METADATA, RunSpec, component_kwargs
 from elsa.sweep import finished_result
+from elsa.results import RESULTS, RunRecord, record_dict
 from elsa.tracking import NullTracker, write_json_atomic
 from elsa.zeroshot import ZeroShotEval
 
@@ -52,24 +55,10 @@ REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 
 
-# what a mandatory (???) key expects, for the one-line error when it is left unset
-REQUIRED = {"model.path": "model=hf needs model.path=<a local checkpoint directory holding config.json, or a hub id>"}
-
-
-# keys of a method (or start) config that describe it rather than set it: its name, the budget that set it
-METADATA = ("name", "budget")
-
-
 def build(node: DictConfig, key: str):
     """Instantiate a component config; a method's or start's ``name`` and ``budget`` keys are metadata, not
-    arguments."""
-    if node is None or "_target_" not in node:
-        raise config_error(key, node, f"a config with a _target_ (see conf/{key}/)")
-    missing = [k for k in node if OmegaConf.is_missing(node, k)]
-    if missing:
-        name = f"{key}.{missing[0]}"
-        raise ElsaError(f"{name} is not set: {REQUIRED.get(name, f'set it on the command line ({name}=...)')}")
-    kwargs = {k: v for k, v in node.items() if k not in METADATA} if key in ("method", "start") else dict(node)
+    arguments, and a key its class does not take is one line naming its keys (elsa.spec.component_kwargs)."""
+    kwargs, _ = component_kwargs(node, key)
     try:
         return instantiate(OmegaConf.create(kwargs), _convert_="all")
     except InstantiationException as exc:  # surface our own one-line errors, not Hydra's wrapper
@@ -95,6 +84,13 @@ def _positive_int(cfg, key: str, allow_zero: bool = False) -> int:
     if not ok:
         raise config_error(key, value, "a whole number >= 0" if allow_zero else "a whole number > 0")
     return value
+
+
+def nothing_to_prune(ignore: list[str], targets: list[str]) -> ElsaError:
+    """The refusal of a run whose ignore / targets leave no weight to prune (it would report the dense model)."""
+    asked = " with ".join(f"{k}=[{','.join(v)}]" for k, v in (("ignore", ignore), ("targets", targets)) if v)
+    return ElsaError(f"{asked} leaves no weight to prune (every prunable matrix of the model is ignored or not "
+                     "targeted); narrow ignore or widen targets so that at least one matrix is pruned")
 
 
 def git_sha() -> str | None:
@@ -198,7 +194,10 @@ class SolutionMemo:
         import hashlib
         import json
 
-        keys = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in METADATA}
+        spec = getattr(run, "spec", None)     # budget keys a one-shot method was given and does not take
+        dropped = spec.budget_not_applicable if spec is not None else {}
+        keys = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+                if k not in METADATA and k not in dropped}
         allocated = sorted(run.target.per_matrix.items()) if run.target.allocated else None   # owl / profile ratios
         ident = [run.source.fingerprint(), run.dataset.fingerprint("train"), keys, str(run.target), allocated,
                  run.target.exact, run.seqlen, run.seed, run.ignore, run.targets, run.device, torch.get_num_threads(),
@@ -248,23 +247,21 @@ class Run:
     # -- validation: everything that can be checked before loading a model ---------------------------
     def validate(self):
         cfg = self.cfg
-        self.target = Sparsity.parse(cfg.sparsity)
-        self.seed = _positive_int(cfg, "seed", allow_zero=True)
-        self.seqlen = _positive_int(cfg, "seqlen")
-        self.save_format = check_save_format(cfg.get("save_format", "hf"))
-        if not isinstance(cfg.get("measure_speed", False), bool):
-            raise config_error("measure_speed", cfg.measure_speed, "true or false")
+        self.spec = spec = RunSpec.from_cfg(cfg)   # every top-level key, whether or not this run uses it
+        self.target, self.seed, self.seqlen = spec.target, spec.seed, spec.seqlen
+        self.save_format, self.nsamples = spec.save_format, spec.nsamples
         self.method = build(cfg.method, "method")
+        if spec.budget_not_applicable:   # a sweep's training keys, given to a method that does not train
+            self.results["budget_not_applicable"] = dict(spec.budget_not_applicable)
+            log.warning("method=%s does not train: %s not applied (recorded as budget_not_applicable)",
+                        cfg.method.name, ", ".join(f"{k}={v}" for k, v in spec.budget_not_applicable.items()))
         self.budget = self._budget(cfg)
         self.start, self.start_info = self._start(cfg)
         self.allocation = build(cfg.allocation, "allocation") if cfg.get("allocation") is not None else Uniform()
         self.allocation.check(self.target)
         self.needs_calibration = self.method.needs_calibration or bool(self.start and self.start.needs_calibration) \
             or self.allocation.needs_calibration
-        self.ignore = self._patterns(cfg, "ignore", "experts")
-        self.targets = self._patterns(cfg, "targets", "mlp")
-        if self.needs_calibration:
-            self.nsamples = _positive_int(cfg, "nsamples")
+        self.ignore, self.targets = list(spec.ignore), list(spec.targets)
         self.source = build(cfg.model, "model")
         self.dataset = build(cfg.dataset, "dataset")
         max_tokens = cfg.eval.get("max_tokens")
@@ -343,20 +340,6 @@ class Run:
             log.info("perplexity of the %s start: %s", info["name"], info["perplexity"])
         return info
 
-    @staticmethod
-    def _patterns(cfg, key: str, example: str) -> list[str]:
-        import re
-
-        value = cfg.get(key) or []
-        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-            raise config_error(key, value, f"a list of module-name regexes, e.g. {key}=[{example}]")
-        for pat in value:
-            try:
-                re.compile(pat)
-            except re.error as exc:
-                raise config_error(key, pat, f"a valid regex ({exc})") from None
-        return list(value)
-
     def timed(self, phase: str, fn, *args, **kwargs):
         t = time.perf_counter()
         try:
@@ -390,7 +373,8 @@ class Run:
         # what stays dense must be asked for: before any data or calibration work
         self.results["ignore"] = apply_ignore(model, self.ignore)
         self.results["targets"] = apply_targets(model, self.targets)
-        check_prunable(model, self.ignore)
+        if check_prunable(model, self.ignore)["pruned"] == 0:
+            raise nothing_to_prune(self.ignore, self.targets)
         self.method.validate(model, self.target)
         if self.start is not None:
             self.start.validate(model, self.target)
@@ -471,16 +455,17 @@ class Run:
         self.results["zero_shot"] = self.timed("zero_shot", self.zero_shot.run, model, tok, cfg.method.name) \
             if self.zero_shot else {}
 
-        if cfg.save_model:
+        if self.spec.save_model:
             self.timed("save", self.save, model, tok)
-        if cfg.get("measure_speed", False):   # batch-1 decode, dense against the sparse kernels (elsa.generate)
+        if self.spec.measure_speed:   # batch-1 decode, dense against the sparse kernels (elsa.generate)
             from elsa.generate import measure
 
             self.results["inference"] = self.timed("speed", measure, model, tok)
         self.times["total"] = time.perf_counter() - t0
         self.results.update(status="done", time_s=self.times,
                             peak_memory_mb=peak_memory_mb(self.device, self.rss_at_start))
-        write_json_atomic(self.out / "results.json", self.results)
+        self.results = record_dict(self.results)
+        write_json_atomic(self.out / RESULTS, self.results)
         self.tracker.summary({k: self.results[k] for k in ("perplexity", "dense_perplexity", "zero_shot",
                                                            "dense_zero_shot", "time_s", "peak_memory_mb")} |
                              {"sparsity/measured": report["measured"]})
@@ -511,7 +496,8 @@ class Run:
         self.results.update(status="failed", error=f"{type(exc).__name__}: {exc}", time_s=self.times)
         if not isinstance(exc, ElsaError):
             self.results["traceback"] = traceback.format_exc()
-        write_json_atomic(self.out / "results.json", self.results)
+        self.results = record_dict(self.results)
+        write_json_atomic(self.out / RESULTS, self.results)
         if self.tracker is not None:
             try:
                 self.tracker.summary({"status": "failed", "error": self.results["error"]})
@@ -520,32 +506,32 @@ class Run:
                 log.exception("could not close the tracker")
 
     def print_summary(self):
-        r = self.results
-        stats = r.get("method_stats", {})
+        r = RunRecord.from_dict(self.results)
+        stats, target, sp = r.stats, r.target, r.sparsity
         start, label = stats.get("initial_projection_perplexity"), "magnitude"  # ELSA's z0 = magnitude pruning
-        if start is None and (r.get("start") or {}).get("perplexity"):             # or a start stage's solution
-            start, label = r["start"]["perplexity"], r["start"]["name"]
+        if start is None and (r.start or {}).get("perplexity"):             # or a start stage's solution
+            start, label = r.start["perplexity"], r.start["name"]
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        head = f"\n{'corpus':<12} {'dense':>12}" + (f" {label + ' ' + r['sparsity']['target']:>20}" if start else "")
-        lines = [head + f" {r['method'] + ' ' + r['sparsity']['target']:>20}"]
-        for name, value in r["perplexity"].items():
-            row = f"{name:<12} {fmt(r['dense_perplexity'].get(name)):>12}"
+        head = f"\n{'corpus':<12} {'dense':>12}" + (f" {label + ' ' + target:>20}" if start else "")
+        lines = [head + f" {r.method + ' ' + target:>20}"]
+        for name, value in r.perplexity.items():
+            row = f"{name:<12} {fmt(r.dense_perplexity.get(name)):>12}"
             if start:
                 row += f" {fmt(start.get(name)):>20}"
             lines.append(row + f" {value:>20.3f}")
-        lines += zero_shot_lines(r["zero_shot"], r["dense_zero_shot"], f"{r['method']} {r['sparsity']['target']}")
-        lines.append(f"measured sparsity {r['sparsity']['measured']:.4f} over {r['sparsity']['pruned_params']:,} "
-                     f"pruned weights; results in {self.out / 'results.json'}")
-        p = r.get("params") or {}
+        lines += zero_shot_lines(r.zero_shot, r.dense_zero_shot, f"{r.method} {target}")
+        lines.append(f"measured sparsity {sp['measured']:.4f} over {sp['pruned_params']:,} "
+                     f"pruned weights; results in {self.out / RESULTS}")
+        p = r.params or {}
         if "dense_by_kind" in p:
             kinds = ", ".join(f"{k} {v:,}" for k, v in p["dense_by_kind"].items())
             lines.append(f"weights: {p['pruned']:,} pruned, {p['dense']:,} dense ({kinds})")
-        if r["sparsity"].get("over_target"):
-            lines.append(f"OVER TARGET: {r['sparsity']['measured']:.4f} of the pruned weights are zero, "
-                         f"{r['sparsity']['over_target']:.4f} more than the target {r['sparsity']['target']} asks")
+        if sp.get("over_target"):
+            lines.append(f"OVER TARGET: {sp['measured']:.4f} of the pruned weights are zero, "
+                         f"{sp['over_target']:.4f} more than the target {target} asks")
         fb = stats.get("fallback")
         if fb:
-            lines.append(f"FALLBACK: {fb['method']} ran instead of {r['method']} on {len(fb['blocks'])}/{fb['of']} "
+            lines.append(f"FALLBACK: {fb['method']} ran instead of {r.method} on {len(fb['blocks'])}/{fb['of']} "
                          f"MLPs ({', '.join(fb['blocks'][:4])}{' ...' if len(fb['blocks']) > 4 else ''})")
         none = stats.get("experts_without_tokens")
         if none:
@@ -591,12 +577,6 @@ def run(cfg: DictConfig) -> dict:
     except BaseException as exc:
         job.fail(exc)
         raise
-
-
-def quiet_third_party_logs() -> None:
-    """transformers imports torchao when it is installed; its CUDA-kernel probes are noise on a CPU run."""
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def refuse_old_spellings(args: list[str]) -> None:

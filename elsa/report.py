@@ -48,7 +48,7 @@ from omegaconf import OmegaConf
 from elsa.frontier import compute_columns, plot_frontier, tokens_to_pass, tokens_to_pass_markdown
 from elsa.renamed import OLD_METHODS
 from elsa.sparsity import Sparsity
-from elsa.sweep import RESULTS, read_results
+from elsa.results import RESULTS, RunRecord, read_record
 
 log = logging.getLogger(__name__)
 METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm", "ast", "ast_boosted", "elsa",
@@ -95,16 +95,17 @@ def _missing_row(job_dir: Path, root: Path) -> dict:
 def choices(data: dict) -> tuple[str | None, str, str | None]:
     """(method, start, budget) of one results.json: budget None for a method without steps or epochs. Old
     results (before start= and budget=) are read from the preset name in their overrides or method key."""
-    method = data.get("method")
-    if "start" in data:
-        return method, (data.get("start") or {}).get("name") or "dense", data.get("budget")
-    overrides = dict(o.split("=", 1) for o in data.get("overrides") or [] if "=" in o)
+    rec = as_record(data)
+    method = rec.method
+    if rec.start is not None:
+        return method, rec.start.get("name") or "dense", rec.budget
+    overrides = dict(o.split("=", 1) for o in rec.overrides or [] if "=" in o)
     old = OLD_METHODS.get(overrides.get("method")) or OLD_METHODS.get(method)
     if old is not None:
         method, budget, start = old
     else:
         budget, start = ("paper" if method in ("elsa", "elsa_l", "ast", "safe") else None), "dense"
-    init = (data.get("method_stats") or {}).get("init")            # the old trainer's one-shot start
+    init = rec.stats.get("init")            # the old trainer's one-shot start
     if isinstance(init, dict) and init.get("method"):
         start = init["method"]
     return method, overrides.get("method.init", start), budget
@@ -112,14 +113,14 @@ def choices(data: dict) -> tuple[str | None, str, str | None]:
 
 def allocation_of(data: dict) -> str:
     """The allocation a results.json ran (results before allocations existed: uniform)."""
-    return ((data.get("allocation") or {}).get("name")) or "uniform"
+    return (as_record(data).allocation or {}).get("name") or "uniform"
 
 
 def method_options(data: dict) -> list[str]:
     """The method keys a run set on its command line (``method.projection=taylor`` -> ``projection=taylor``):
     rows that differ only there must not share a label. ``method.init`` (the old start) is read by choices."""
     opts = []
-    for o in data.get("overrides") or []:
+    for o in as_record(data).overrides or []:
         key, _, value = o.lstrip("+~").partition("=")
         if key.startswith("method.") and key != "method.init" and value:
             opts.append(f"{key[len('method.'):]}={value}")
@@ -148,47 +149,50 @@ def _rank(order: list[str], value) -> int:
     return order.index(value) if value in order else len(order)
 
 
-def job_row(data: dict, job_dir: Path, root: Path) -> dict:
-    """One table row from one results.json."""
-    sparsity = data.get("sparsity") or {}
+def as_record(data: dict | RunRecord) -> RunRecord:
+    return data if isinstance(data, RunRecord) else RunRecord.from_dict(data)
+
+
+def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
+    """One table row from one results.json (its record, or the dict it holds)."""
+    rec = as_record(data)
+    sparsity = rec.sparsity or {}
     target = sparsity.get("target")
     ratio, is_nm = _target(target)
-    params = data.get("params") or {}
-    base, start, budget = choices(data)
-    allocation = allocation_of(data)
-    method = label(base, start, budget, allocation, method_options(data))
-    fb = (data.get("method_stats") or {}).get("fallback")
+    params = rec.params or {}
+    base, start, budget = choices(rec)
+    allocation = allocation_of(rec)
+    method = label(base, start, budget, allocation, method_options(rec))
+    fb = rec.stats.get("fallback")
     if method and isinstance(fb, dict) and fb.get("blocks"):  # a fallback ran: the row must not pass for the method
         method = f"{method} (fallback {fb.get('method')} on {len(fb['blocks'])}/{fb.get('of', '?')} MLPs)"
     over = sparsity.get("over_target")
     if method and over:                       # fewer non-zeros than the target: not the asked-for sparsity
         method = f"{method} (over target: {sparsity.get('measured'):.3f})"
-    none = (data.get("method_stats") or {}).get("experts_without_tokens")
+    none = rec.stats.get("experts_without_tokens")
     if method and isinstance(none, dict) and none.get("count"):   # experts no calibration token reached
         method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"
-    row = {"model": data.get("model"), "method": method, "method_name": base, "start": start, "budget": budget,
+    row = {"model": rec.model, "method": method, "method_name": base, "start": start, "budget": budget,
            "allocation": allocation,
            "order": _order(base, start, budget, allocation),
            "sparsity": target,
-           "sparsity_ratio": ratio, "nm": is_nm, "seed": data.get("seed"), "status": data.get("status"),
+           "sparsity_ratio": ratio, "nm": is_nm, "seed": rec.seed, "status": rec.status,
            "measured_sparsity": sparsity.get("measured"), "nonzero_params": params.get("nonzero"),
            "total_params": params.get("total"), "pruned_layer_params": sparsity.get("pruned_params"),
-           "zero_shot_mean": _zero_shot_mean(data.get("zero_shot")),
-           "dense_zero_shot_mean": _zero_shot_mean(data.get("dense_zero_shot")),
-           "recon_error_mean": ((data.get("method_stats") or {}).get("reconstruction") or {}).get("mean"),
-           "time_s": (data.get("time_s") or {}).get("total"),
-           "prune_s": (data.get("time_s") or {}).get("prune"),
-           "peak_rss_mb": (data.get("peak_memory_mb") or {}).get("cpu_rss"),
-           "rss_at_start_mb": (data.get("peak_memory_mb") or {}).get("cpu_rss_at_start"),
-           "peak_gpu_mb": (data.get("peak_memory_mb") or {}).get("gpu"),
-           "compressed_mb": (data.get("compressed") or {}).get("mb"),
-           "decode_speedup": (data.get("inference") or {}).get("decode_speedup"),
+           "zero_shot_mean": _zero_shot_mean(rec.zero_shot),
+           "dense_zero_shot_mean": _zero_shot_mean(rec.dense_zero_shot),
+           "recon_error_mean": (rec.stats.get("reconstruction") or {}).get("mean"),
+           "time_s": rec.phase_time("total"), "prune_s": rec.phase_time("prune"),
+           "peak_rss_mb": rec.memory("cpu_rss"), "rss_at_start_mb": rec.memory("cpu_rss_at_start"),
+           "peak_gpu_mb": rec.memory("gpu"),
+           "compressed_mb": (rec.compressed or {}).get("mb"),
+           "decode_speedup": (rec.inference or {}).get("decode_speedup"),
            "dir": str(job_dir.relative_to(root)) if job_dir != root else ".",
-           "overrides": " ".join(data.get("overrides") or []), "error": data.get("error"),
-           "git_sha": data.get("git_sha"), **compute_columns(data)}
-    for corpus, value in (data.get("perplexity") or {}).items():
+           "overrides": " ".join(rec.overrides or []), "error": rec.error, "git_sha": rec.git_sha,
+           **compute_columns(rec.compute or {}, rec.stats)}
+    for corpus, value in (rec.perplexity or {}).items():
         row[PPL + corpus] = value
-    for corpus, value in (data.get("dense_perplexity") or {}).items():
+    for corpus, value in (rec.dense_perplexity or {}).items():
         row[DENSE + corpus] = value
     return row
 
@@ -198,8 +202,8 @@ def collect(root: Path) -> pd.DataFrame:
     root = Path(root)
     rows = []
     for job_dir in job_dirs(root):
-        data = read_results(job_dir)
-        rows.append(job_row(data, job_dir, root) if data is not None else _missing_row(job_dir, root))
+        rec = read_record(job_dir)
+        rows.append(job_row(rec, job_dir, root) if rec is not None else _missing_row(job_dir, root))
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -544,13 +548,13 @@ def allocations(root: Path) -> list[dict]:
     """The non-uniform allocations of the finished jobs below ``root``: label, target, per-layer ratios."""
     out = []
     for job_dir in job_dirs(Path(root)):
-        data = read_results(job_dir)
-        alloc = (data or {}).get("allocation") or {}
-        if data is None or data.get("status") != "done" or not alloc.get("per_layer"):
+        data = read_record(job_dir)
+        alloc = (data.allocation if data is not None else None) or {}
+        if data is None or data.status != "done" or not alloc.get("per_layer"):
             continue
         base, start, budget = choices(data)
-        out.append({"label": f"{label(base, start, budget, allocation_of(data))} {data['sparsity']['target']}",
-                    "model": data.get("model"), "ratios": list(alloc["per_layer"].values()),
+        out.append({"label": f"{label(base, start, budget, allocation_of(data))} {data.target}",
+                    "model": data.model, "ratios": list(alloc["per_layer"].values()),
                     "outliers": list((alloc.get("outlier_ratios") or {}).values())})
     return out
 

@@ -14,7 +14,6 @@ at the end of the sweep, the jobs' table (dense first, perplexity and time per j
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -22,24 +21,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from elsa.errors import ElsaError
+from elsa.results import RESULTS, RunRecord, read_record, read_results  # noqa: F401 - older callers import these here
 
 log = logging.getLogger(__name__)
-RESULTS = "results.json"
-
-
-def read_results(out: Path) -> dict | None:
-    """The results.json of one job dir, or None when missing or unreadable (e.g. a killed job)."""
-    path = Path(out) / RESULTS
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable %s (%s)", path, exc)
-        return None
-    return data if isinstance(data, dict) else None
-
-
 # overrides that change where or how a job runs, not what it computes: a rerun may change them freely
 _NEUTRAL = ("hardware", "logger", "skip_done", "hydra/launcher")
 
@@ -57,9 +41,10 @@ def finished_result(out: Path, overrides: list[str]) -> dict | None:
     hardware and logger do not count (a killed local sweep may be finished on SLURM).
     """
     data = read_results(out)
-    if data is None or data.get("status") != "done":
+    rec = None if data is None else RunRecord.from_dict(data)
+    if rec is None or rec.status != "done":
         return None
-    stored = data.get("overrides")
+    stored = rec.overrides
     if stored is not None and _job_identity(stored) != _job_identity(overrides):
         raise ElsaError(
             f"{Path(out) / RESULTS} holds a finished job with other overrides ({' '.join(stored)}); "
@@ -67,10 +52,10 @@ def finished_result(out: Path, overrides: list[str]) -> dict | None:
     return data
 
 
-def sweep_results(sweep_dir: Path) -> list[tuple[Path, dict | None]]:
-    """(job dir, results or None) for every job dir Hydra made under ``sweep_dir``."""
+def sweep_results(sweep_dir: Path) -> list[tuple[Path, RunRecord | None]]:
+    """(job dir, its record or None) for every job dir Hydra made under ``sweep_dir``."""
     dirs = sorted({p.parent.parent for p in Path(sweep_dir).glob("**/.hydra/overrides.yaml")})
-    return [(d, read_results(d)) for d in dirs]
+    return [(d, read_record(d)) for d in dirs]
 
 
 class SweepCallback(Callback):
@@ -80,11 +65,11 @@ class SweepCallback(Callback):
         if config.hydra.mode.name != "MULTIRUN":
             return
         out = Path(config.hydra.runtime.output_dir)
-        data = read_results(out) or {}
-        status = data.get("status") or job_return.status.name.lower()
+        rec = read_record(out)
+        status = rec.status if rec is not None else job_return.status.name.lower()
         line = f"job {config.hydra.job.num} [{' '.join(job_return.overrides or [])}]: {status}"
         if status != "done":
-            line += f": {data.get('error', '')}"
+            line += f": {(rec.error if rec is not None else None) or ''}"
             log.error(line)
         else:
             log.info(line)
@@ -92,8 +77,8 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         counts: dict[str, int] = {}
-        for _, data in sweep_results(sweep_dir):
-            status = (data or {}).get("status", "missing")
+        for _, rec in sweep_results(sweep_dir):
+            status = rec.status if rec is not None else "missing"
             counts[status] = counts.get(status, 0) + 1
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         from elsa.report import collect, summary as table  # pandas: imported only when a sweep ends

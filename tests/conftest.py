@@ -19,6 +19,29 @@ os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Each test session gets its own ELSA_CACHE, so that no test reads a result (a dense perplexity, a dense zero-shot
+# score) cached by an earlier session or another checkout. The inputs that are slow to prepare and depend only on
+# their pinned sources (the converted model, the wheels, the prepared corpora and tasks, the tokenizers, the
+# compiled kernels, keyed by their source) are symlinked from the user's cache, which they fill on first use.
+SHARED_CACHE = ("corpora", "models", "tokenizers", "wheels", "tasks", "task_data", "kernels")
+
+
+def _session_cache() -> Path:
+    import atexit
+    import shutil
+    import tempfile
+
+    user = Path(os.environ.get("ELSA_CACHE", Path.home() / ".cache" / "elsa")).expanduser()
+    session = Path(tempfile.mkdtemp(prefix="elsa-test-cache-"))
+    for name in SHARED_CACHE:
+        (user / name).mkdir(parents=True, exist_ok=True)
+        (session / name).symlink_to(user / name, target_is_directory=True)
+    atexit.register(shutil.rmtree, session, ignore_errors=True)   # removes the links, not what they point to
+    return session
+
+
+os.environ["ELSA_CACHE"] = str(_session_cache())   # the CLI tests' subprocesses inherit it
+
 TINY = ["model=tiny", "logger=none", "eval=quick", "eval.max_tokens=2048", "seqlen=128", "nsamples=4"]
 
 

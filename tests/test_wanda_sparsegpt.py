@@ -96,11 +96,13 @@ def test_sparsegpt_update_is_close_to_least_squares_on_its_mask(sparsity):
 
 
 @pytest.mark.parametrize("sparsity", ["0.5", "0.7", "0.37", "0.9", "2:4", "1:4", "4:8"])
-@pytest.mark.parametrize("blocksize", [128, 16, 24])
-def test_sparsegpt_exact_sparsity_and_nm(sparsity, blocksize):
+@pytest.mark.parametrize("blocksize", [128, 16, 24, 6])
+def test_sparsegpt_exact_sparsity_and_nm(sparsity, blocksize, request):
     target = Sparsity.parse(sparsity)
-    if target.is_nm and blocksize % target.m:
-        pytest.skip("blocksize must be a multiple of M")
+    if target.is_nm and blocksize % target.m:   # blocksize 6 with M = 4 or 8: refused before any pruning
+        with pytest.raises(ElsaError, match=rf"^method.blocksize={blocksize} is not allowed: a multiple of M="):
+            SparseGPT(blocksize=blocksize).validate(request.getfixturevalue("tiny_model")[0], target)
+        return
     x, lin = correlated_inputs(features=96), layer(features=96)
     pruned = prune_with(SparseGPT(blocksize=blocksize), lin, x, target)
     assert int((pruned == 0).sum()) == round(pruned.numel() * target.ratio)

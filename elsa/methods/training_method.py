@@ -23,6 +23,7 @@ class TrainingMethod(Pruner):
     takes_start = True    # trains from whatever the model holds: the dense weights or a start stage's solution
     has_budget = True
     nan_hint = "lower method.lr"
+    shared_settings = TrainSettings   # where **shared goes: its fields are keys of every training method (elsa.spec)
 
     def __init__(self, **shared):
         """``shared``: the keys of :class:`TrainSettings`; a method passes its own defaults for them and adds its
