@@ -3,10 +3,11 @@
   python bench/bench_elsa.py overhead [--steps 6] [--seqlen 512] [--batch 1]
       time of an ELSA step (Adam + proximal term + the dual update amortised over `interval`) against a
       plain Adam step on the same batch and model, in one process.
-  python bench/bench_elsa.py step [--method elsa] [--budget cpu] [--steps 4] [--rounds 2] [--variants false,auto]
+  python bench/bench_elsa.py step [--method elsa[,elsa_l]] [--budget cpu] [--steps 4] [--rounds 2]
+                                  [--variants false,auto]
       the real training engine's step (TrainEngine.train on the default model, the method and budget composed
-      from conf/) for each method.autocast_bf16 variant, run alternately in one process; the median step time
-      of each (first step of every run excluded) and the ratio to the first variant.
+      from conf/) for each method x method.autocast_bf16 variant, run alternately in one process; the median
+      step time of each (first step of every run excluded) and the ratio to the first.
   python bench/bench_elsa.py memory
       optimiser + ADMM state bytes per pruned parameter for elsa and elsa_l, measured from the tensors
       after two steps on the default model.
@@ -92,12 +93,12 @@ def step(args):
 
     torch.manual_seed(0)
     model0, tok, corpus = load_default()
-    variants = args.variants.split(",")
-    times = {v: [] for v in variants}
+    variants = [(m, v) for m in args.method.split(",") for v in args.variants.split(",")]
+    times = {f"{m}/{v}": [] for m, v in variants}
     stats = {}
     for r in range(args.rounds):
-        for v in variants:   # alternate, so a change of load hits every variant alike
-            cfg = compose(["logger=none", f"method={args.method}", f"budget={args.budget}",
+        for name, v in variants:   # alternate, so a change of load hits every variant alike
+            cfg = compose(["logger=none", f"method={name}", f"budget={args.budget}",
                            f"++method.steps={args.steps}", f"++method.autocast_bf16={v}",
                            "++method.checkpoint_every=0", "++method.eval_initial=false"])
             method = build(cfg.method, "method")
@@ -107,14 +108,15 @@ def step(args):
                                    seqlen=args.seqlen, seed=0, device="cpu", output_dir=Path(tmp), extras={})
                 method.extend(model, ctx)
                 st = TrainEngine(method).train(model, ctx)
-            times[v].append(st["step_time_s"])
-            stats[v] = st["autocast_bf16"]
-            print(f"round {r} autocast_bf16={v}: {st['step_time_s']:.3f} s/step", flush=True)
-    med = {v: statistics.median(t) for v, t in times.items()}
+            times[f"{name}/{v}"].append(st["step_time_s"])
+            stats[f"{name}/{v}"] = {**st["autocast_bf16"], "optimizer": st.get("optimizer_impl")}
+            print(f"round {r} {name} autocast_bf16={v}: {st['step_time_s']:.3f} s/step", flush=True)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    first = next(iter(med))
     out = {"method": args.method, "budget": args.budget, "threads": torch.get_num_threads(),
            "seqlen": args.seqlen, "steps_per_run": args.steps, "rounds": args.rounds,
-           "step_time_s": med, "ratio_to_first": {v: med[v] / med[variants[0]] for v in variants},
-           "autocast_records": stats}
+           "step_time_s": med, "ratio_to_first": {k: med[k] / med[first] for k in med},
+           "records": stats, "load_at_end": open("/proc/loadavg").read().split()[:3]}
     print(json.dumps(out, indent=2))
 
 
