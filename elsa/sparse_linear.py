@@ -340,10 +340,9 @@ def default_timer(fns: dict[str, Callable], x: torch.Tensor, tokens: int) -> dic
                              reps=15 if tokens <= DECODE_MAX else 3, warmup=0)
 
 
-def check_timer(fns: dict[str, Callable], x: torch.Tensor, tokens: int) -> dict[str, float]:
+def check_timer(fns: dict[str, Callable[[], object]], tokens: int) -> dict[str, float]:
     """The clock of the bytes model's check: medians of CHECK_REPS interleaved calls per side."""
-    return interleaved_timer({k: _synced(lambda f=f: f(x), x.device) for k, f in fns.items()},
-                             reps=CHECK_REPS, warmup=2, median=True)
+    return interleaved_timer(fns, reps=CHECK_REPS, warmup=2, median=True)
 
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -394,9 +393,9 @@ def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[s
         screened = {} if timer else {k: first[k] for k in ok if k != "dense" and first[k] > SCREEN * first["dense"]}
         ok = {k: f for k, f in ok.items() if k not in screened}
         if tokens <= DECODE_MAX and any(k in ok for k in BYTES_KERNELS):
-            clock = timer or (lambda f, t: check_timer(f, x, t))
-            plan[regime], plan.setdefault("bytes_model", {})[regime] = by_bytes(
-                ok, lambda k: clock({"dense": (lambda: ok["dense"](x)), k: (lambda: ok[k](x))}, tokens))
+            clock = timer or check_timer
+            plan[regime], plan.setdefault("bytes_model", {})[regime] = by_bytes(ok, lambda k: clock(
+                {n: _synced(lambda n=n: ok[n](x), x.device) for n in ("dense", k)}, tokens))
             continue
         times = timer({k: (lambda f=f: f(x)) for k, f in ok.items()}, tokens) if timer else default_timer(ok, x, tokens)
         plan["times_us"][regime] = {k: round(v * 1e6, 2) for k, v in {**times, **screened}.items()}
@@ -717,8 +716,12 @@ def _sparsify_experts(mod_name: str, mod: nn.Module, params: list[str], planner:
 
 
 # -- the plan saved with a model ---------------------------------------------------------------------------
-PLAN_FILE = "elsa_sparse_plan.json"
+PLAN_FILE = "elsa_sparse_plan-{dtype}.json"     # one per dtype: a dir's fp32 and bf16 plans live side by side
 PLAN_VERSION = 1
+
+
+def plan_path(directory: Path | str, model: nn.Module) -> Path:
+    return Path(directory) / PLAN_FILE.format(dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
 
 
 def plan_key(model: nn.Module) -> dict:
@@ -732,7 +735,7 @@ def plan_key(model: nn.Module) -> dict:
 
 
 def save_plan(directory: Path | str, plan: dict, model: nn.Module) -> Path:
-    """Write ``plan`` (what :func:`sparsify` returned for ``model``) as ``<directory>/elsa_sparse_plan.json``:
+    """Write ``plan`` (what :func:`sparsify` returned for ``model``) as ``<directory>/elsa_sparse_plan-<dtype>.json``:
     per matrix the kernel of each regime, with the key it is valid for."""
     from elsa.tracking import write_json_atomic
 
@@ -740,14 +743,14 @@ def save_plan(directory: Path | str, plan: dict, model: nn.Module) -> Path:
     data = {**plan_key(model), "regimes": regimes, "chosen": plan["chosen"],
             "verified_in_model": plan.get("verified_in_model"),
             "matrices": {n: {r: p[r] for r in regimes if r in p} for n, p in plan["matrices"].items()}}
-    path = Path(directory) / PLAN_FILE
+    path = plan_path(directory, model)
     write_json_atomic(path, data)
     return path
 
 
 def load_plan(directory: Path | str, model: nn.Module) -> tuple[dict | None, str]:
     """The saved plan of ``directory`` if it is valid for ``model`` here, else None; and why (one line)."""
-    f = Path(directory) / PLAN_FILE
+    f = plan_path(directory, model)
     if not f.is_file():
         return None, f"no saved plan ({f.name})"
     try:

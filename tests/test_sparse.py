@@ -396,7 +396,9 @@ def test_generate_cli_on_a_compressed_dir(compressed, tmp_path):
            "--compare"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "same tokens: True" in proc.stdout
+    assert "same tokens: True" in proc.stdout and "plan: measured (no saved plan" in proc.stderr
+    again = subprocess.run(cmd[:-1] + ["--sparse"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "plan: saved plan" in again.stderr, again.stderr[-2000:]   # not measured again
     assert isinstance(PreTrainedTokenizerFast.from_pretrained(compressed), PreTrainedTokenizerFast)
     bad = subprocess.run([sys.executable, "-m", "elsa.generate", str(tmp_path / "nowhere")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
@@ -404,10 +406,20 @@ def test_generate_cli_on_a_compressed_dir(compressed, tmp_path):
 
 
 def test_measure_speed_through_the_pipeline(tmp_path):
-    r = run_pipeline(tmp_path, "method=magnitude", "sparsity=0.9", "save_model=false", "measure_speed=true")
+    """measure_speed: dense against sparse side by side, and against dense bf16 (sparse with bf16 values) where
+    the CPU has bf16 arithmetic; the plans are saved with the compressed model for elsa.generate."""
+    from elsa.generate import cpu_has_bf16
+
+    r = run_pipeline(tmp_path, "method=magnitude", "sparsity=0.9", "save_format=compressed", "measure_speed=true")
     inf = read_results(tmp_path)["inference"]
     assert inf["same_tokens"] is True and inf["decode_speedup"] > 0
     assert sum(inf["kernels"]["decode"].values()) == 14 and r["inference"]["threads"] >= 1
+    bf16 = cpu_has_bf16()
+    assert ("dense_bf16" in inf["decode_tokens_per_s"]) == bf16 and ("decode_speedup_bf16" in inf) == bf16
+    assert set(inf["decode_speedup_vs_best_dense"]) == ({"sparse", "sparse_bf16"} if bf16 else {"sparse"})
+    saved = sorted(p.name for p in (tmp_path / "model_compressed").glob("elsa_sparse_plan-*.json"))
+    assert saved == (["elsa_sparse_plan-bfloat16.json", "elsa_sparse_plan-float32.json"] if bf16 else
+                     ["elsa_sparse_plan-float32.json"])
     with pytest.raises(ElsaError, match="measure_speed=maybe"):
         run_pipeline(tmp_path / "b", "measure_speed=maybe")
 

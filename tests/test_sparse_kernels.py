@@ -141,7 +141,7 @@ def test_saved_plan_is_reloaded_and_used_without_measuring(tmp_path):
     plan = SL.sparsify_with_plan(first, tmp_path, timer=lambda f, t: {k: 0.5 if k == "bitmask" else 1.0 for k in f})
     assert plan["source"] == "measured" and "saved to" in plan["plan_note"]
     assert plan["chosen"]["decode"] == {"bitmask": 14}
-    saved = json.loads((tmp_path / SL.PLAN_FILE).read_text())
+    saved = json.loads(SL.plan_path(tmp_path, dense).read_text())
     assert saved["threads"] == torch.get_num_threads() and len(saved["matrices"]) == 14
 
     def no_clock(*_a):
@@ -154,7 +154,7 @@ def test_saved_plan_is_reloaded_and_used_without_measuring(tmp_path):
     with torch.no_grad():
         assert torch.allclose(second(ids[:, :1]).logits, dense(ids[:, :1]).logits, atol=1e-4, rtol=1e-4)
     saved["threads"] += 1                                  # a plan for another setting is measured again
-    (tmp_path / SL.PLAN_FILE).write_text(json.dumps(saved))
+    SL.plan_path(tmp_path, dense).write_text(json.dumps(saved))
     data, why = SL.load_plan(tmp_path, dense)
     assert data is None and "threads=" in why
 
