@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,24 +89,41 @@ AI __m512 expand_vals(const void* v, int64_t* p, __mmask16 k, int vbf) {
     return w;
 }
 
-/* out[b] = sum over the row's set bits of value * x[b, column]; B and vbf are constants at every call site */
-AI void bm_row(const uint8_t* m, const void* v, int64_t p, int64_t cols, const float* x, int B, int vbf,
-               float* out) {
-    __m512 a0[MAXB], a1[MAXB];
-    for (int b = 0; b < B; b++) { a0[b] = _mm512_setzero_ps(); a1[b] = _mm512_setzero_ps(); }
+/* out[b] = sum over the row's set bits of value * x[b, column]; B and vbf are constants at every call site.
+   Four accumulators per token (two from 3 tokens, one from 5) so that FMA latency does not bound the loop.
+   fp32 values: per 16 columns one expand-load. bf16 values: per 32 columns one 16-bit expand-load; the even
+   columns' values are its 32-bit lanes shifted left 16, the odd ones' its lanes with the low half cleared, so
+   they meet ``xd``, the activations of each 32 columns reordered once per call as 16 even then 16 odd. */
+AI void bm_row(const uint8_t* m, const void* v, int64_t p, int64_t cols, const float* x, const float* xd, int B,
+               int vbf, float* out) {
+    const int NA = B <= 2 ? 4 : (B <= 4 ? 2 : 1);
+    __m512 a[4][MAXB];
+    for (int q = 0; q < 4; q++)
+        for (int b = 0; b < B; b++) a[q][b] = _mm512_setzero_ps();
     int64_t c = 0;
-    for (; c + 64 <= cols; c += 64) {
-        uint64_t bits = bitrev_bytes(ld64(m + c / 8));
-        __m512 w0 = expand_vals(v, &p, (__mmask16)bits, vbf);
-        __m512 w1 = expand_vals(v, &p, (__mmask16)(bits >> 16), vbf);
-        __m512 w2 = expand_vals(v, &p, (__mmask16)(bits >> 32), vbf);
-        __m512 w3 = expand_vals(v, &p, (__mmask16)(bits >> 48), vbf);
-        for (int b = 0; b < B; b++) {
-            const float* xb = x + b * cols + c;
-            a0[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), a0[b]);
-            a1[b] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), a1[b]);
-            a0[b] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xb + 32), a0[b]);
-            a1[b] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xb + 48), a1[b]);
+    if (vbf) {
+        const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+        for (; c + 32 <= cols; c += 32) {
+            __mmask32 k = (__mmask32)bitrev_bytes(ld_n(m + c / 8, 4));
+            __m512i h = _mm512_maskz_expandloadu_epi16(k, (const uint16_t*)v + p);
+            p += __builtin_popcount((unsigned)k);
+            __m512 ev = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+            __m512 od = _mm512_castsi512_ps(_mm512_and_si512(h, hi));
+            const int q = (int)((c / 32) & 1) * 2;       /* accumulators 0, 1 then 2, 3 (mod NA) */
+            for (int b = 0; b < B; b++) {
+                const float* xb = xd + b * cols + c;
+                a[q % NA][b] = _mm512_fmadd_ps(ev, _mm512_loadu_ps(xb), a[q % NA][b]);
+                a[(q + 1) % NA][b] = _mm512_fmadd_ps(od, _mm512_loadu_ps(xb + 16), a[(q + 1) % NA][b]);
+            }
+        }
+    } else {
+        for (; c + 64 <= cols; c += 64) {
+            uint64_t bits = bitrev_bytes(ld64(m + c / 8));
+            __m512 w[4];
+            for (int q = 0; q < 4; q++) w[q] = expand_vals(v, &p, (__mmask16)(bits >> (16 * q)), 0);
+            for (int b = 0; b < B; b++)
+                for (int q = 0; q < 4; q++)
+                    a[q % NA][b] = _mm512_fmadd_ps(w[q], _mm512_loadu_ps(x + b * cols + c + 16 * q), a[q % NA][b]);
         }
     }
     for (; c < cols; c += 16) {        /* cols is a multiple of 8: 16 or the last 8 columns */
@@ -113,9 +131,13 @@ AI void bm_row(const uint8_t* m, const void* v, int64_t p, int64_t cols, const f
         __mmask16 k = (__mmask16)bitrev_bytes(ld_n(m + c / 8, n / 8)), lanes = n == 16 ? 0xffff : 0xff;
         __m512 w = expand_vals(v, &p, k, vbf);
         for (int b = 0; b < B; b++)
-            a0[b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes, x + b * cols + c), a0[b]);
+            a[0][b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes, x + b * cols + c), a[0][b]);
     }
-    for (int b = 0; b < B; b++) out[b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
+    for (int b = 0; b < B; b++) {
+        __m512 s = a[0][b];
+        for (int q = 1; q < NA; q++) s = _mm512_add_ps(s, a[q][b]);
+        out[b] = _mm512_reduce_add_ps(s);
+    }
 }
 
 /* 2:4: per 32 columns, 16 values and 16 two-bit positions; value k sits at column 4 * (k / 2) + position */
@@ -124,10 +146,12 @@ AI void nm24_row(const uint8_t* idx, const void* v, int64_t p, int64_t cols, con
     const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
     const __m512i three = _mm512_set1_epi32(3);
-    __m512 a0[MAXB];
-    for (int b = 0; b < B; b++) a0[b] = _mm512_setzero_ps();
+    const int NA = B <= 2 ? 4 : (B <= 4 ? 2 : 1);
+    __m512 a[4][MAXB];
+    for (int q = 0; q < 4; q++)
+        for (int b = 0; b < B; b++) a[q][b] = _mm512_setzero_ps();
     int64_t c = 0;
-    for (; c + 32 <= cols; c += 32, p += 16) {
+    for (int it = 0; c + 32 <= cols; c += 32, p += 16, it++) {
         uint32_t bits;
         memcpy(&bits, idx + c / 8, 4);
         __m512i pos = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)bits), shifts),
@@ -138,10 +162,14 @@ AI void nm24_row(const uint8_t* idx, const void* v, int64_t p, int64_t cols, con
         for (int b = 0; b < B; b++) {
             const float* xb = x + b * cols + c;
             __m512 xs = _mm512_permutex2var_ps(_mm512_loadu_ps(xb), pos, _mm512_loadu_ps(xb + 16));
-            a0[b] = _mm512_fmadd_ps(w, xs, a0[b]);
+            a[it % NA][b] = _mm512_fmadd_ps(w, xs, a[it % NA][b]);
         }
     }
-    for (int b = 0; b < B; b++) out[b] = _mm512_reduce_add_ps(a0[b]);
+    for (int b = 0; b < B; b++) {
+        __m512 s = a[0][b];
+        for (int q = 1; q < NA; q++) s = _mm512_add_ps(s, a[q][b]);
+        out[b] = _mm512_reduce_add_ps(s);
+    }
     *done = c;
 }
 #endif
@@ -175,6 +203,26 @@ static void nm_row_scalar(const uint8_t* idx, const void* v, int64_t k0, int64_t
     }
 }
 
+/* CSR with uint16 columns (rows of <= 65536 columns): 16 positions widened, x gathered at them, one FMA */
+AI float csr_row(const uint16_t* c, const void* v, int vbf, int64_t n, const float* x) {
+    int64_t k = 0;
+    float s = 0.f;
+#ifdef ELSA512
+    __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();
+    for (; k + 16 <= n; k += 16) {
+        __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + k)));
+        __m512 w = vbf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                             _mm256_loadu_si256((const __m256i*)((const uint16_t*)v + k))), 16))
+                       : _mm512_loadu_ps((const float*)v + k);
+        if ((k / 16) & 1) z1 = _mm512_fmadd_ps(w, _mm512_i32gather_ps(i0, x, 4), z1);
+        else z0 = _mm512_fmadd_ps(w, _mm512_i32gather_ps(i0, x, 4), z0);
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
+#endif
+    for (; k < n; k++) s += (vbf ? bf2f(((const uint16_t*)v)[k]) : ((const float*)v)[k]) * x[c[k]];
+    return s;
+}
+
 /* x [batch, cols] fp32 or bf16 -> fp32 (a copy only for bf16) */
 static const float* widen(const void* x, int xbf, int64_t count, float** tmp) {
     if (!xbf) return (const float*)x;
@@ -191,7 +239,7 @@ AI void store(void* y, int ybf, int64_t rows, int64_t r, int B, const float* acc
 }
 
 #ifdef ELSA512
-#define BM_CASE(BB, VB) case BB * 2 + VB: bm_row(mr, val, rowoff[r], cols, xf, BB, VB, acc); break;
+#define BM_CASE(BB, VB) case BB * 2 + VB: bm_row(mr, val, rowoff[r], cols, xf, xd, BB, VB, acc); break;
 #define NM_CASE(BB, VB) case BB * 2 + VB: nm24_row(ir, val, r * (cols / 2), cols, xf, BB, VB, acc, &done); break;
 #define CASES(M) M(1, 0) M(1, 1) M(2, 0) M(2, 1) M(3, 0) M(3, 1) M(4, 0) M(4, 1) \
                  M(5, 0) M(5, 1) M(6, 0) M(6, 1) M(7, 0) M(7, 1) M(8, 0) M(8, 1)
@@ -204,6 +252,10 @@ int bm_mv(int64_t rows, int64_t cols, int64_t batch, const uint8_t* mask, const 
     float* tmp = NULL;
     const float* xf = widen(x, xbf, batch * cols, &tmp);
     const int B = (int)batch;
+    float* xd = vbf ? (float*)malloc(batch * cols * sizeof(float)) : NULL;
+    for (int64_t b = 0; xd && b < batch; b++)     /* each 32 columns: the even ones, then the odd ones */
+        for (int64_t i = b * cols; i + 32 <= (b + 1) * cols; i += 32)
+            for (int j = 0; j < 16; j++) { xd[i + j] = xf[i + 2 * j]; xd[i + 16 + j] = xf[i + 2 * j + 1]; }
     #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < rows; r++) {
         float acc[MAXB];
@@ -213,6 +265,26 @@ int bm_mv(int64_t rows, int64_t cols, int64_t batch, const uint8_t* mask, const 
 #else
         bm_row_scalar(mr, val, rowoff[r], cols, xf, B, vbf, acc);
 #endif
+        store(y, ybf, rows, r, B, acc);
+    }
+    free(tmp);
+    free(xd);
+    return 0;
+}
+
+/* y [batch, rows] = x [batch, cols] times the CSR matrix (rowptr[r]..rowptr[r + 1]: row r's values) */
+int csr_mv(int64_t rows, int64_t cols, int64_t batch, const int64_t* rowptr, const uint16_t* col, const void* val,
+           int vbf, const void* x, int xbf, void* y, int ybf, int nthreads) {
+    if (batch < 1 || batch > MAXB || cols > 65536) return -1;
+    float* tmp = NULL;
+    const float* xf = widen(x, xbf, batch * cols, &tmp);
+    const int B = (int)batch;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float acc[MAXB];
+        int64_t s = rowptr[r];
+        const void* vr = vbf ? (const void*)((const uint16_t*)val + s) : (const void*)((const float*)val + s);
+        for (int b = 0; b < B; b++) acc[b] = csr_row(col + s, vr, vbf, rowptr[r + 1] - s, xf + b * cols);
         store(y, ybf, rows, r, B, acc);
     }
     free(tmp);
@@ -295,7 +367,8 @@ def typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bm_mv.argtypes = [I, I, I, P, P, P, C, P, C, P, C, C]
     lib.nm_mv.argtypes = [I, I, I, C, C, C, P, P, C, P, C, P, C, C]
-    lib.bm_mv.restype = lib.nm_mv.restype = lib.elsa_simd.restype = C
+    lib.csr_mv.argtypes = [I, I, I, P, P, P, C, P, C, P, C, C]
+    lib.bm_mv.restype = lib.nm_mv.restype = lib.csr_mv.restype = lib.elsa_simd.restype = C
     return lib
 
 
@@ -337,6 +410,8 @@ def layout_support(weight: torch.Tensor, layout: str, nm: tuple[int, int] = (2, 
         return f"the kernels take fp32 or bf16 values, not {str(weight.dtype).removeprefix('torch.')}"
     if layout == "bitmask" and weight.shape[1] % 8:
         return f"{weight.shape[1]} columns: a row's bits must start on a byte (a multiple of 8)"
+    if layout == "csr" and weight.shape[1] > 65536:
+        return f"{weight.shape[1]} columns: uint16 positions take at most 65536"
     if layout == "nm" and not nm_holds(weight, *nm):
         return f"the weight is not {nm[0]}:{nm[1]} along its input dim"
     return None
@@ -354,6 +429,17 @@ class CompressedKernel:
         w = w.masked_fill(w == 0, 0.0)           # -0.0 is a zero here (encode would record its sign aside)
         self.rows, self.cols = w.shape
         self.layout, self.threads, self.value_dtype = layout, threads, w.dtype
+        self.nnz = int((w != 0).sum())
+        self._bound = None
+        if layout == "csr":                          # not the checkpoint's layout: CSR, uint16 columns
+            with warnings.catch_warnings():          # "sparse CSR support is in beta": only its indices are used
+                warnings.simplefilter("ignore", UserWarning)
+                csr = w.to_sparse_csr()
+            self.rowptr = csr.crow_indices().to(torch.int64).contiguous()
+            cols = csr.col_indices().to(torch.int32)
+            self.col = torch.where(cols >= 32768, cols - 65536, cols).to(torch.int16).contiguous()
+            self.values = csr.values().contiguous()
+            return
         stored, meta = encode("w", w, nm if layout == "nm" else None, encoding=layout)
         self.values = stored["w::values"].contiguous()
         pad = torch.zeros(8, dtype=torch.uint8)       # the scalar loops may read a few bytes past a row
@@ -364,14 +450,14 @@ class CompressedKernel:
         else:
             self.n, self.m, self.bits = meta["n"], meta["m"], meta["index_bits"]
             self.indices = torch.cat([stored["w::indices"], pad])
-        self.nnz = int(meta.get("nnz", 0))
-        self._bound = None
 
     def nbytes(self) -> int:
         """What one product reads of the matrix (the bytes of its layout, the padding aside)."""
         if self.layout == "bitmask":
             return math.ceil(self.rows * self.cols / 8) + self.values.numel() * self.values.element_size() + \
                 self.rowoff.numel() * 8
+        if self.layout == "csr":
+            return self.values.numel() * (self.values.element_size() + 2) + self.rowptr.numel() * 8
         return self.values.numel() * self.values.element_size() + math.ceil(self.values.numel() * self.bits / 8)
 
     def _bind(self):
@@ -379,6 +465,8 @@ class CompressedKernel:
         lib, vbf = library(), int(self.value_dtype == torch.bfloat16)
         if self.layout == "bitmask":
             return lib.bm_mv, (self.mask.data_ptr(), self.rowoff.data_ptr(), self.values.data_ptr(), vbf)
+        if self.layout == "csr":
+            return lib.csr_mv, (self.rowptr.data_ptr(), self.col.data_ptr(), self.values.data_ptr(), vbf)
         return lib.nm_mv, (self.n, self.m, self.bits, self.indices.data_ptr(), self.values.data_ptr(), vbf)
 
     def __call__(self, x2d: torch.Tensor, threads: int | None = None) -> torch.Tensor:

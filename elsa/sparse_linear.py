@@ -54,7 +54,7 @@ MIN_GAIN = 1.10                          # a sparse kernel must be at least this
 _C_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #define TILE 64
@@ -73,7 +73,21 @@ static inline float rowdot_i32(const int32_t* c, const float* v, int64_t n, cons
 static inline float rowdot_u16(const uint16_t* c, const float* v, int64_t n, const float* x) {
     int64_t k = 0;
     float s = 0.f;
-#ifdef __AVX2__
+#ifdef __AVX512F__
+    __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();
+    for (; k + 32 <= n; k += 32) {   /* widen 16 positions, gather x at them, multiply-add the values */
+        __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + k)));
+        __m512i i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + k + 16)));
+        z0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + k), _mm512_i32gather_ps(i0, x, 4), z0);
+        z1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + k + 16), _mm512_i32gather_ps(i1, x, 4), z1);
+    }
+    if (k + 16 <= n) {
+        __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + k)));
+        z0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + k), _mm512_i32gather_ps(i0, x, 4), z0);
+        k += 16;
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
+#elif defined(__AVX2__)
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (; k + 16 <= n; k += 16) {   /* widen 8 positions, gather x at them, multiply-add the values */
         __m256i i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(c + k)));
@@ -272,7 +286,7 @@ def candidates(weight: torch.Tensor, bias: torch.Tensor | None,
     return out, skipped
 
 
-DECODE_ONLY = ("bitmask", "nm")     # the compressed-layout kernels take 1..DECODE_MAX tokens
+DECODE_ONLY = ("bitmask", "nm", "csr")     # elsa.sparse_kernels: 1..DECODE_MAX tokens
 
 
 def _compressed_candidates(w: torch.Tensor, add_bias: Callable, want: Callable, skipped: dict) -> dict:
@@ -331,7 +345,7 @@ def choose(times: dict[str, float], min_gain: float = MIN_GAIN) -> str:
 
 SCREEN = 3.0   # a candidate whose first timed call takes over 3x dense's is recorded from that call alone
 BYTES_MARGIN = 1.25                    # decode: a kernel must read this many times fewer bytes than dense
-BYTES_KERNELS = ("bitmask", "nm", "csr16")   # ranked by bytes for decode (csr16_1t: csr16's bytes, one thread)
+BYTES_KERNELS = ("bitmask", "nm", "csr")   # ranked by bytes for decode (csr: csr16's layout, fp32 or bf16 values)
 CHECK_REPS = 31                        # interleaved calls per side when a bytes-model choice is checked
 
 
@@ -351,24 +365,31 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 2e-2)
 
 
-def by_bytes(fns: dict[str, Callable], measure: Callable[[str], dict[str, float]],
-             margin: float = BYTES_MARGIN) -> tuple[str, dict]:
-    """The decode choice from a model of bytes moved, checked by measurement: the sparse kernels of
-    ``BYTES_KERNELS`` ranked by the bytes they read (``fn.nbytes``); the first (of at most two) that reads
-    ``margin`` times fewer bytes than dense is timed against dense (``measure(name)`` -> {"dense": s, name: s},
-    medians) and kept unless it is slower. The choice moves only where the measurement flips the order of two
-    nearly equal times, i.e. where either choice costs the same: two runs give the same plan."""
+ALT_GAIN = 1.25                        # decode: a kernel reading more bytes is chosen only this much faster
+
+
+def by_bytes(fns: dict[str, Callable], measure: Callable[[list[str]], dict[str, float]],
+             margin: float = BYTES_MARGIN, alt_gain: float = ALT_GAIN) -> tuple[str, dict]:
+    """The decode choice from a model of bytes moved, checked by measurement: the kernels of ``BYTES_KERNELS``
+    that read ``margin`` times fewer bytes than dense (``fn.nbytes``), at most the two fewest, are timed with
+    dense in one interleaved run (``measure(names)`` -> {"dense": s, name: s, ...}, medians). A kernel slower
+    than dense is out; of the others the one with fewer bytes is chosen unless the other is ``alt_gain`` times
+    faster (where compute, not memory, bounds a kernel: gathers against mask expansion at high sparsity). The
+    choice can move only where a measured ratio sits at 1 (against dense) or at ``alt_gain`` (between kernels),
+    i.e. where the choices cost about the same: two runs give the same plan elsewhere."""
     dense = fns["dense"].nbytes
     ranked = sorted((fns[k].nbytes, k) for k in BYTES_KERNELS if k in fns)
     rec = {"bytes": {"dense": dense, **{k: b for b, k in ranked}}, "checked": {}}
-    for nbytes, name in ranked[:2]:
-        if nbytes * margin > dense:
-            break
-        t = measure(name)
-        rec["checked"][name] = round(t["dense"] / t[name], 3)
-        if t[name] <= t["dense"]:
-            return name, rec
-    return "dense", rec
+    names = [k for b, k in ranked if b * margin <= dense][:2]
+    if not names:
+        return "dense", rec
+    t = measure(names)
+    rec["checked"] = {k: round(t["dense"] / t[k], 3) for k in names}
+    ok = [k for k in names if t[k] <= t["dense"]]
+    if not ok:
+        return "dense", rec
+    faster = [k for k in ok[1:] if t[k] * alt_gain <= t[ok[0]]]
+    return (faster[0] if faster else ok[0]), rec
 
 
 def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[str, int] = REGIMES,
@@ -394,8 +415,8 @@ def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[s
         ok = {k: f for k, f in ok.items() if k not in screened}
         if tokens <= DECODE_MAX and any(k in ok for k in BYTES_KERNELS):
             clock = timer or check_timer
-            plan[regime], plan.setdefault("bytes_model", {})[regime] = by_bytes(ok, lambda k: clock(
-                {n: _synced(lambda n=n: ok[n](x), x.device) for n in ("dense", k)}, tokens))
+            plan[regime], plan.setdefault("bytes_model", {})[regime] = by_bytes(ok, lambda names: clock(
+                {n: _synced(lambda n=n: ok[n](x), x.device) for n in ("dense", *names)}, tokens))
             continue
         times = timer({k: (lambda f=f: f(x)) for k, f in ok.items()}, tokens) if timer else default_timer(ok, x, tokens)
         plan["times_us"][regime] = {k: round(v * 1e6, 2) for k, v in {**times, **screened}.items()}

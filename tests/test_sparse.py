@@ -262,13 +262,13 @@ def _pruned_tiny(ratio=0.9):
     return model, tok
 
 
-@pytest.mark.parametrize("kernel", ["torch_csr", "csr16", "csr16_1t", "bitmask"])
+@pytest.mark.parametrize("kernel", ["torch_csr", "csr16", "csr16_1t", "bitmask", "csr"])
 def test_sparse_logits_equal_dense(kernel):
     import copy
 
     if kernel.startswith("csr16") and SL.kernel_library() is None:
         pytest.skip(f"no C kernel: {SL._LIB.get('reason')}")
-    if kernel == "bitmask" and SK.unavailable():
+    if kernel in SL.DECODE_ONLY and SK.unavailable():
         pytest.skip(SK.unavailable())
     if kernel == "csr16_1t" and torch.get_num_threads() == 1:
         pytest.skip("one thread: csr16 is the only variant")
@@ -331,7 +331,8 @@ def test_sparsify_keeps_dense_where_dense_wins_and_leaves_dense_matrices():
     assert not any(isinstance(m, SL.SparseLinear) for m in model.modules())
     assert plan["chosen"]["decode"] == {"dense": 14}
     model, _ = _pruned_tiny(0.9)
-    plan = SL.sparsify(model, timer=_fake_timer({"csr16": 2.0, "csr16_1t": 2.0, "torch_csr": 2.0, "bitmask": 2.0}))
+    plan = SL.sparsify(model, timer=_fake_timer({"csr16": 2.0, "csr16_1t": 2.0, "torch_csr": 2.0, "bitmask": 2.0,
+                                                   "csr": 2.0}))
     assert plan["chosen"] == {"decode": {"dense": 14}, "prefill": {"dense": 14}}
     assert all(m.weight is not None for m in model.modules() if isinstance(m, SL.SparseLinear))
     model, _ = _pruned_tiny(0.9)      # decode measured only: prefill runs dense
