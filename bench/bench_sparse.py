@@ -1,16 +1,18 @@
-"""Sparse inference benchmark (issue 16): dense against the sparse kernels, side by side in one process.
+"""Sparse inference benchmark (issues 16, 30): dense against the sparse kernels, side by side in one process.
 
-    python bench/bench_sparse.py matrices [--sparsities 0.5,0.7,0.9,2:4] [--out bench/results/sparse.jsonl]
-    python bench/bench_sparse.py model    [--sparsities 0.5,0.7,0.9,2:4] [--new-tokens 32] [--prefill 512]
+    python bench/bench_sparse.py matrices [--sparsities 0.5,0.7,0.9,2:4] [--dtypes float32,bfloat16] [--threads 1]
+    python bench/bench_sparse.py model    [--sparsities 0.5,0.7,0.9,2:4] [--new-tokens 32] [--bf16 auto] [--threads 1]
     python bench/bench_sparse.py report bench/results/sparse.jsonl
 
-``matrices``: single matrices of a 7B model's shapes (4096x4096, 11008x4096, 4096x11008; random weights, magnitude
-pruned per matrix), every kernel timed at batch 1 (decode) and at ``--prefill`` tokens in interleaved rounds
-through elsa.sparse_linear.plan_matrix (dense: first quartile, others: third), and the kernel it chooses.
-``model``: the default model (SmolLM2-135M fp32), magnitude-pruned at each target, sparsified
-(elsa.sparse_linear.sparsify: per matrix, the kernel measured fastest) and run against the dense-kernel copy of
-the same pruned weights: batch-1 greedy decode tokens/s (KV cache, ``--new-tokens`` after a short prompt) and one
-``--prefill``-token forward, alternating dense and sparse rounds.
+``matrices`` (CPU, issue 30): single matrices of a 7B model's shapes (4096x4096, 11008x4096, 4096x11008; random
+weights, magnitude-pruned per matrix) at batch 1: dense in each dtype, dense fp32 and each decode kernel
+(``bitmask``, ``nm``: the compressed layouts; ``csr16``) timed in interleaved rounds (medians of ``--reps``),
+and the kernel the plan chooses (elsa.sparse_linear.plan_matrix: the bytes model checked by measurement).
+``--device cuda``: issue 16's bench (every kernel through plan_matrix's timed choice, batch 1 and ``--prefill``).
+``model``: the default model (SmolLM2-135M fp32), magnitude-pruned at each target, as dense fp32, sparse fp32
+(elsa.sparse_linear.sparsify, planned twice to check that the plan repeats) and, where the CPU has bf16
+arithmetic, dense bf16 and sparse with bf16 values: batch-1 greedy decode tokens/s (KV cache, ``--new-tokens``
+after a short prompt), all four alternating in rounds in one process (``--prefill N``: also an N-token forward).
 Each measurement is appended to the JSONL file with the machine's load average (``os.getloadavg``): other jobs
 on the machine slow both sides, so absolute figures are upper bounds and the side-by-side ratios are what count.
 """
@@ -83,13 +85,54 @@ def bench_matrices(args) -> None:
 
 
 @torch.no_grad()
+def bench_decode_matrices(args) -> None:
+    """CPU, batch 1 (issue 30): each 7B-shaped matrix pruned per target, every decode kernel in each dtype timed
+    side by side with dense in the same dtype and with dense fp32 (medians of ``--reps`` interleaved calls), and
+    the kernel the plan (the bytes model, checked by measurement) chooses."""
+    from elsa.sparse_linear import candidates, interleaved_timer, plan_matrix
+
+    for rows, cols in SHAPES:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(rows, cols, generator=g) / cols ** 0.5
+        for target in args.sparsities:
+            wt = w.clone()
+            _prune(wt, target)
+            x32 = torch.randn(1, cols, generator=g)
+            ref = {"dense_fp32": (lambda: torch.nn.functional.linear(x32, wt))}
+            for dt in args.dtypes:
+                wd = wt.to(getattr(torch, dt))
+                x = x32.to(wd.dtype)
+                fns, skipped = candidates(wd, None, only={"bitmask", "nm", "csr16"})
+                fns.pop("torch_csr", None)
+                run = {**ref, **{k: (lambda f=f: f(x)) for k, f in fns.items()}}
+                t = interleaved_timer(run, reps=args.reps, warmup=2, median=True)
+                plan, _ = plan_matrix(wd, None, {"decode": 1}, kernels={"bitmask", "nm", "csr16"})
+                _append(args.out, {"bench": "decode_matrix", "shape": [rows, cols], "sparsity": target, "tokens": 1,
+                                   "dtype": dt, "us": {k: v * 1e6 for k, v in t.items()},
+                                   "speedup": {k: t["dense"] / v for k, v in t.items() if k not in ("dense", "dense_fp32")},
+                                   "speedup_vs_fp32": {k: t["dense_fp32"] / v for k, v in t.items() if k != "dense_fp32"},
+                                   "chosen": plan["decode"], "bytes_model": plan.get("bytes_model", {}).get("decode"),
+                                   "skipped": {k: v for k, v in skipped.items() if k in ("bitmask", "nm", "csr16")},
+                                   **_env()})
+
+
+def _per_matrix(plan: dict) -> dict:
+    return {n: {r: p.get(r) for r in plan["regimes"]} for n, p in plan["matrices"].items()}
+
+
+@torch.no_grad()
 def bench_model(args) -> None:
+    """The default model pruned per target: dense fp32, sparse fp32 and (``--bf16``, default where the CPU has bf16
+    arithmetic) dense bf16 and sparse with bf16 values, all in one process, alternating rounds. Each sparse copy
+    is planned twice from scratch: ``same_plan`` says whether the two per-matrix plans agree."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from elsa.generate import side_by_side
+    from elsa.generate import compare, cpu_has_bf16
     from elsa.sparse_linear import block_linears, sparsify
 
+    regimes = {"decode": 1, **({"prefill": args.prefill} if args.prefill else {})}
+    bf16 = cpu_has_bf16() if args.bf16 == "auto" else args.bf16 == "yes"
     source = instantiate(OmegaConf.load(REPO / "conf" / "model" / "smollm2-135m.yaml"))
     base, tok = source.load()
     ids = tok("The history of the city of Paris begins", return_tensors="pt")["input_ids"]
@@ -97,18 +140,66 @@ def bench_model(args) -> None:
         dense = copy.deepcopy(base)
         for lin in block_linears(dense).values():
             _prune(lin.weight, target)
-        sparse = copy.deepcopy(dense)
-        t = time.perf_counter()
-        plan = sparsify(sparse, regimes={"decode": 1, "prefill": args.prefill})
-        plan_s = time.perf_counter() - t
-        r = side_by_side(dense, sparse, ids, args.new_tokens, rounds=args.rounds, prefill_tokens=args.prefill)
-        _append(args.out, {"bench": "model", "model": "smollm2-135m", "sparsity": target, **r,
-                           "kernels": plan["chosen"], "plan_s": plan_s, **_env()})
-        del dense, sparse
+        models = {"dense": dense, **({"dense_bf16": copy.deepcopy(dense).to(torch.bfloat16)} if bf16 else {})}
+        rec = {"plan_s": {}, "kernels": {}, "same_plan": {}, "verified_in_model": {}}
+        for name in list(models):
+            sname = name.replace("dense", "sparse")
+            plans = []
+            for _ in range(2):
+                sparse = copy.deepcopy(models[name])
+                t = time.perf_counter()
+                plans.append(sparsify(sparse, regimes=regimes))
+                rec["plan_s"][sname] = time.perf_counter() - t
+            rec["same_plan"][sname] = _per_matrix(plans[0]) == _per_matrix(plans[1])
+            rec["kernels"][sname] = [p["chosen"] for p in plans]
+            rec["verified_in_model"][sname] = plans[1]["verified_in_model"]
+            models[sname] = sparse                   # the second plan's model runs
+        r = compare(models, ids, args.new_tokens, args.rounds, args.prefill or None,
+                    {k.replace("dense", "sparse"): k for k in models if k.startswith("dense")},
+                    clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
+        r["clock"] = args.clock
+        tps = r["decode_tokens_per_s"]
+        r["speedup"] = {k: tps[k] / tps[k.replace("sparse", "dense")] for k in tps if k.startswith("sparse")}
+        r["speedup_vs_dense_fp32"] = {k: v / tps["dense"] for k, v in tps.items() if k != "dense"}
+        _append(args.out, {"bench": "decode_model", "model": "smollm2-135m", "sparsity": target, **r, **rec,
+                           **_env()})
+        del models, dense, sparse
+
+
+def report_decode(rows: list[dict]) -> list[str]:
+    """The issue-30 tables: decode kernels per matrix and dtype; the model in fp32 and bf16."""
+    lines = ["| shape | sparsity | dtype | dense (us) | dense fp32 (us) | bitmask | nm | csr16 | chosen | chosen vs same "
+             "dtype | chosen vs fp32 | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["bench"] != "decode_matrix":
+            continue
+        sp = r["speedup"]
+        cell = lambda k: f"{sp[k]:.2f}x" if k in sp else "-"  # noqa: E731
+        ch = r["chosen"]
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['sparsity']} | {r['dtype']} | {r['us']['dense']:.0f} | "
+                     f"{r['us']['dense_fp32']:.0f} | {cell('bitmask')} | {cell('nm')} | {cell('csr16')} | {ch} | "
+                     f"{r['us']['dense'] / r['us'][ch]:.2f}x | {r['us']['dense_fp32'] / r['us'][ch]:.2f}x | "
+                     f"{r['loadavg'][0]:.1f} |")
+    lines += ["", "| sparsity | threads | tok/s dense fp32 | sparse fp32 | speedup | dense bf16 | sparse bf16 | speedup "
+              "| sparse bf16 vs dense fp32 | same tokens | same plan twice | decode kernels (fp32; bf16) | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["bench"] != "decode_model":
+            continue
+        t, sp = r["decode_tokens_per_s"], r["speedup"]
+        f = lambda d, k, fmt="{:.1f}": fmt.format(d[k]) if k in d else "-"  # noqa: E731
+        lines.append(f"| {r['sparsity']} | {r['threads']} | {t['dense']:.1f} | {t['sparse']:.1f} | {sp['sparse']:.2f}x | "
+                     f"{f(t, 'dense_bf16')} | {f(t, 'sparse_bf16')} | {f(sp, 'sparse_bf16', '{:.2f}x')} | "
+                     f"{f(r['speedup_vs_dense_fp32'], 'sparse_bf16', '{:.2f}x')} | {r['same_tokens_as']} | "
+                     f"{r['same_plan']} | {'; '.join(str(k[-1]['decode']) for k in r['kernels'].values())} | "
+                     f"{r['loadavg'][0]:.1f} |")
+    return lines
 
 
 def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if any(r["bench"].startswith("decode_") for r in rows):
+        return "\n".join(report_decode(rows))
     lines = ["| device | dtype | shape | sparsity | tokens | dense (ms) | torch_csr | csr16 | csr16_1t | semi_structured | "
              "chosen | chosen speedup | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -138,14 +229,22 @@ def main() -> int:
     parser.add_argument("what", choices=["matrices", "model", "report"])
     parser.add_argument("path", nargs="?", type=Path, help="report: the JSONL file")
     parser.add_argument("--sparsities", default="0.5,0.7,0.9,2:4", type=lambda s: s.split(","))
-    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--prefill", type=int, default=0,
+                        help="also plan and time a forward of this many tokens (0: decode only; cuda matrices: 512)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=31)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="matrices: cpu or cuda (semi-structured 2:4, cuSPARSE CSR)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="matrices: the weights' dtype (the CUDA 2:4 kernels take float16/bfloat16)")
+                        help="matrices on cuda: the weights' dtype (the CUDA 2:4 kernels take float16/bfloat16)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", type=lambda s: s.split(","),
+                        help="matrices on cpu: the dtypes of the weights (each timed against dense fp32 too)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="model: wall time, or this thread's CPU time (with --threads 1 only: the work without "
+                             "the waits for a core on a shared machine)")
+    parser.add_argument("--bf16", default="auto", choices=["auto", "yes", "no"],
+                        help="model: also dense bf16 against sparse with bf16 values (auto: where the CPU has bf16)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sparse.jsonl")
     args = parser.parse_args()
     if args.what == "report":
@@ -153,10 +252,19 @@ def main() -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        print(f"elsa: error: --clock=cpu is not allowed with {torch.get_num_threads()} threads: it needs --threads 1 "
+              "(one thread's CPU time)", file=sys.stderr)
+        return 2
     from elsa.pipeline import quiet_third_party_logs
 
     quiet_third_party_logs()
-    (bench_matrices if args.what == "matrices" else bench_model)(args)
+    if args.what == "matrices" and args.device == "cpu":
+        bench_decode_matrices(args)
+    else:
+        if args.what == "matrices":
+            args.prefill = args.prefill or 512
+        (bench_matrices if args.what == "matrices" else bench_model)(args)
     return 0
 
 

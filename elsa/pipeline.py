@@ -460,7 +460,9 @@ class Run:
         if self.spec.measure_speed:   # batch-1 decode, dense against the sparse kernels (elsa.generate)
             from elsa.generate import measure
 
-            self.results["inference"] = self.timed("speed", measure, model, tok)
+            plan_dir = self.out / "model_compressed"       # the kernel plans saved with the compressed model
+            self.results["inference"] = self.timed("speed", measure, model, tok,
+                                                   plan_dir=plan_dir if plan_dir.is_dir() else None)
         self.times["total"] = time.perf_counter() - t0
         self.results.update(status="done", time_s=self.times,
                             peak_memory_mb=peak_memory_mb(self.device, self.rss_at_start))

@@ -32,13 +32,9 @@ stays dense (recorded in the plan). lm_head and embeddings stay dense.
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import json
 import logging
-import os
-import shutil
 import statistics
-import subprocess
-import tempfile
 import time
 import types
 import warnings
@@ -58,7 +54,7 @@ MIN_GAIN = 1.10                          # a sparse kernel must be at least this
 _C_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #define TILE 64
@@ -77,7 +73,21 @@ static inline float rowdot_i32(const int32_t* c, const float* v, int64_t n, cons
 static inline float rowdot_u16(const uint16_t* c, const float* v, int64_t n, const float* x) {
     int64_t k = 0;
     float s = 0.f;
-#ifdef __AVX2__
+#ifdef __AVX512F__
+    __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();
+    for (; k + 32 <= n; k += 32) {   /* widen 16 positions, gather x at them, multiply-add the values */
+        __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + k)));
+        __m512i i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + k + 16)));
+        z0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + k), _mm512_i32gather_ps(i0, x, 4), z0);
+        z1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + k + 16), _mm512_i32gather_ps(i1, x, 4), z1);
+    }
+    if (k + 16 <= n) {
+        __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + k)));
+        z0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + k), _mm512_i32gather_ps(i0, x, 4), z0);
+        k += 16;
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
+#elif defined(__AVX2__)
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (; k + 16 <= n; k += 16) {   /* widen 8 positions, gather x at them, multiply-add the values */
         __m256i i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(c + k)));
@@ -144,43 +154,21 @@ SPMM(i32, int32_t)
 _LIB: dict = {}
 
 
-def _cpu_key() -> str:
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha256((_C_SOURCE + flags + os.uname().machine).encode()).hexdigest()[:16]
-
-
 def kernel_library():
     """The compiled C kernels (ctypes), or None (the reason in ``_LIB['reason']``, logged once). Compiled once per
     source and CPU (``-march=native``) into ``$ELSA_CACHE/kernels``; a second call reuses the loaded library."""
     if "lib" in _LIB:
         return _LIB["lib"]
-    from elsa.assets import cache_dir
+    from elsa.sparse_kernels import compile_library
 
     lib, reason = None, None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    target = cache_dir() / "kernels" / f"spmm-{_cpu_key()}.so"
     try:
-        if not target.exists():
-            if not cc:
-                raise OSError("no C compiler (cc/gcc) on PATH")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                src, out = Path(tmp) / "spmm.c", Path(tmp) / "spmm.so"
-                src.write_text(_C_SOURCE)
-                proc = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
-                                       str(src)], capture_output=True, text=True, timeout=120)
-                if proc.returncode:
-                    raise OSError(f"{cc} failed: {proc.stderr.strip()[:300]}")
-                os.replace(out, target)
-        lib = ctypes.CDLL(str(target))
+        lib = compile_library(_C_SOURCE, "spmm")
         P, I = ctypes.c_void_p, ctypes.c_int64
         for fn in ("spmv_u16", "spmv_i32", "spmm_u16", "spmm_i32"):
             getattr(lib, fn).argtypes = [I, I, I, P, P, P, P, P, ctypes.c_int]
             getattr(lib, fn).restype = None
-    except (OSError, subprocess.SubprocessError) as exc:
+    except OSError as exc:
         lib, reason = None, str(exc)
         log.warning("elsa: the C sparse kernel is not available (%s); torch's kernels compete alone", exc)
     _LIB["lib"], _LIB["reason"] = lib, reason
@@ -246,44 +234,74 @@ def semi_structured_support(weight: torch.Tensor) -> tuple[bool, str]:
     return True, "ok"
 
 
-def candidates(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[dict[str, Callable], dict[str, str]]:
-    """{kernel name: fn(x2d) -> y2d} for this weight on its device, and {kernel: why not} for those left out."""
+def _sized(fn: Callable, nbytes: int) -> Callable:
+    fn.nbytes = int(nbytes)          # what one product reads of the matrix: the bytes model of the plan
+    return fn
+
+
+def candidates(weight: torch.Tensor, bias: torch.Tensor | None,
+               only: set[str] | None = None) -> tuple[dict[str, Callable], dict[str, str]]:
+    """{kernel name: fn(x2d) -> y2d} for this weight on its device, and {kernel: why not} for those left out.
+    Each fn carries ``nbytes``, the bytes of the matrix it reads. ``only``: build just these (and dense)."""
     w = weight.detach()
-    out: dict[str, Callable] = {"dense": lambda x: F.linear(x, w, bias)}
+    want = (lambda k: only is None or k in only)
+    out: dict[str, Callable] = {"dense": _sized(lambda x: F.linear(x, w, bias), w.numel() * w.element_size())}
     skipped: dict[str, str] = {}
     add_bias = (lambda y: y + bias) if bias is not None else (lambda y: y)
-    try:
-        with warnings.catch_warnings():   # "sparse CSR support is in beta": measured and checked here
-            warnings.simplefilter("ignore", UserWarning)
-            csr = w.to_sparse_csr()
-            csr = torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(),
-                                          size=w.shape, check_invariants=False)
-        out["torch_csr"] = lambda x: add_bias(torch.mm(csr, x.t()).t())
-    except (RuntimeError, NotImplementedError) as exc:
-        skipped["torch_csr"] = str(exc).splitlines()[0][:200]
+    if want("torch_csr"):
+        try:
+            with warnings.catch_warnings():   # "sparse CSR support is in beta": measured and checked here
+                warnings.simplefilter("ignore", UserWarning)
+                csr = w.to_sparse_csr()
+                csr = torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(),
+                                              size=w.shape, check_invariants=False)
+            out["torch_csr"] = _sized(lambda x: add_bias(torch.mm(csr, x.t()).t()),
+                                      csr.values().numel() * (w.element_size() + 4) + (w.shape[0] + 1) * 4)
+        except (RuntimeError, NotImplementedError) as exc:
+            skipped["torch_csr"] = str(exc).splitlines()[0][:200]
     if w.is_cuda:
         ok, why = semi_structured_support(w)
-        if ok:
+        if ok and want("semi_structured"):
             from torch.sparse import to_sparse_semi_structured
 
             ss = to_sparse_semi_structured(w)
-            out["semi_structured"] = lambda x: F.linear(x, ss, bias)
-        else:
+            out["semi_structured"] = _sized(lambda x: F.linear(x, ss, bias), w.numel() * w.element_size() * 9 // 16)
+        elif not ok:
             skipped["semi_structured"] = why
-        skipped["csr16"] = "the C kernel runs on CPU"
-    else:
-        skipped["semi_structured"] = semi_structured_support(w)[1]
-        if w.dtype != torch.float32:
-            skipped["csr16"] = f"the C kernel takes fp32 weights, not {str(w.dtype).removeprefix('torch.')}"
-        elif kernel_library() is None:
-            skipped["csr16"] = f"not compiled: {_LIB.get('reason')}"
-        else:
-            k = CSR16(w)
-            threads = torch.get_num_threads()
-            out["csr16"] = lambda x: add_bias(k(x, threads))
-            if threads > 1:
-                out["csr16_1t"] = lambda x: add_bias(k(x, 1))
+        skipped["csr16"] = skipped["bitmask"] = skipped["nm"] = "the C kernels run on CPU"
+        return out, skipped
+    skipped["semi_structured"] = semi_structured_support(w)[1]
+    if w.dtype != torch.float32:
+        skipped["csr16"] = f"the C kernel takes fp32 weights, not {str(w.dtype).removeprefix('torch.')}"
+    elif kernel_library() is None:
+        skipped["csr16"] = f"not compiled: {_LIB.get('reason')}"
+    elif want("csr16") or want("csr16_1t"):
+        k = CSR16(w)
+        threads = torch.get_num_threads()
+        if want("csr16"):
+            out["csr16"] = _sized(lambda x: add_bias(k(x, threads)), k.nbytes())
+        if threads > 1 and want("csr16_1t"):
+            out["csr16_1t"] = _sized(lambda x: add_bias(k(x, 1)), k.nbytes())
+    out.update(_compressed_candidates(w, add_bias, want, skipped))
     return out, skipped
+
+
+DECODE_ONLY = ("bitmask", "nm", "csr")     # elsa.sparse_kernels: 1..DECODE_MAX tokens
+
+
+def _compressed_candidates(w: torch.Tensor, add_bias: Callable, want: Callable, skipped: dict) -> dict:
+    """The kernels that read the checkpoint's own layouts (elsa.sparse_kernels), on all torch threads."""
+    from elsa import sparse_kernels as SK
+
+    out = {}
+    for layout in DECODE_ONLY:
+        why = SK.unavailable() or SK.layout_support(w, layout)
+        if why:
+            skipped[layout] = why
+        elif want(layout):
+            k = SK.CompressedKernel(w, layout, threads=torch.get_num_threads())
+            out[layout] = _sized(lambda x, k=k: add_bias(k(x)), k.nbytes())
+    return out
 
 
 # -- choosing by measurement ---------------------------------------------------------------------------------
@@ -295,11 +313,13 @@ def _synced(fn: Callable[[], object], device: torch.device | None) -> Callable[[
     return lambda: (fn(), torch.cuda.synchronize(device))[0]
 
 
-def interleaved_timer(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 2) -> dict[str, float]:
+def interleaved_timer(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 2,
+                      median: bool = False) -> dict[str, float]:
     """Seconds per call of each fn, timed in interleaved rounds so that a change of machine load hits every
     candidate alike: for ``dense`` the first quartile of its calls, for the others the third quartile, so that a
     sparse kernel is chosen only when it is faster even on its slow calls against dense's fast ones (on a loaded
-    machine medians of isolated calls picked kernels that were slower inside the model)."""
+    machine medians of isolated calls picked kernels that were slower inside the model). ``median``: the median
+    of every fn's calls (the check of a choice the bytes model made, which needs no handicap on either side)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
@@ -312,6 +332,8 @@ def interleaved_timer(fns: dict[str, Callable[[], object]], reps: int = 15, warm
     def quartile(v: list[float], q: int) -> float:
         return statistics.quantiles(v, n=4, method="inclusive")[q - 1] if len(v) > 1 else v[0]
 
+    if median:
+        return {k: statistics.median(v) for k, v in times.items()}
     return {k: quartile(v, 1 if k == "dense" else 3) for k, v in times.items()}
 
 
@@ -322,6 +344,9 @@ def choose(times: dict[str, float], min_gain: float = MIN_GAIN) -> str:
 
 
 SCREEN = 3.0   # a candidate whose first timed call takes over 3x dense's is recorded from that call alone
+BYTES_MARGIN = 1.25                    # decode: a kernel must read this many times fewer bytes than dense
+BYTES_KERNELS = ("bitmask", "nm", "csr")   # ranked by bytes for decode (csr: csr16's layout, fp32 or bf16 values)
+CHECK_REPS = 31                        # interleaved calls per side when a bytes-model choice is checked
 
 
 def default_timer(fns: dict[str, Callable], x: torch.Tensor, tokens: int) -> dict[str, float]:
@@ -329,44 +354,103 @@ def default_timer(fns: dict[str, Callable], x: torch.Tensor, tokens: int) -> dic
                              reps=15 if tokens <= DECODE_MAX else 3, warmup=0)
 
 
+def check_timer(fns: dict[str, Callable[[], object]], tokens: int) -> dict[str, float]:
+    """The clock of the bytes model's check: medians of CHECK_REPS interleaved calls per side."""
+    return interleaved_timer(fns, reps=CHECK_REPS, warmup=2, median=True)
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(atol relative to the output's max, rtol) of a kernel's output against dense: a different summation order
+    moves an fp32 sum by ~1e-6 of its scale, a bf16 output by one rounding step (2**-8)."""
+    return (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 2e-2)
+
+
+ALT_GAIN = 1.25                        # decode: a kernel reading more bytes is chosen only this much faster
+
+
+def by_bytes(fns: dict[str, Callable], measure: Callable[[list[str]], dict[str, float]],
+             margin: float = BYTES_MARGIN, alt_gain: float = ALT_GAIN) -> tuple[str, dict]:
+    """The decode choice from a model of bytes moved, checked by measurement: the kernels of ``BYTES_KERNELS``
+    that read ``margin`` times fewer bytes than dense (``fn.nbytes``), at most the two fewest, are timed with
+    dense in one interleaved run (``measure(names)`` -> {"dense": s, name: s, ...}, medians). A kernel slower
+    than dense is out; of the others the one with fewer bytes is chosen unless the other is ``alt_gain`` times
+    faster (where compute, not memory, bounds a kernel: gathers against mask expansion at high sparsity). The
+    choice can move only where a measured ratio sits at 1 (against dense) or at ``alt_gain`` (between kernels),
+    i.e. where the choices cost about the same: two runs give the same plan elsewhere."""
+    dense = fns["dense"].nbytes
+    ranked = sorted((fns[k].nbytes, k) for k in BYTES_KERNELS if k in fns)
+    rec = {"bytes": {"dense": dense, **{k: b for b, k in ranked}}, "checked": {}}
+    names = [k for b, k in ranked if b * margin <= dense][:2]
+    if not names:
+        return "dense", rec
+    t = measure(names)
+    rec["checked"] = {k: round(t["dense"] / t[k], 3) for k in names}
+    ok = [k for k in names if t[k] <= t["dense"]]
+    if not ok:
+        return "dense", rec
+    faster = [k for k in ok[1:] if t[k] * alt_gain <= t[ok[0]]]
+    return (faster[0] if faster else ok[0]), rec
+
+
 def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[str, int] = REGIMES,
-                timer: Callable | None = None, min_gain: float = MIN_GAIN, atol: float = 1e-4,
-                rtol: float = 1e-4) -> tuple[dict, dict[str, Callable]]:
-    """Measure every candidate kernel of one matrix in every regime; returns the plan (chosen kernel per regime,
-    times in microseconds, rejections) and the candidate fns. A candidate whose output differs from dense is
-    rejected; with the default timer, one whose first call (after a warm-up) takes over ``SCREEN`` times dense's
-    is not timed further (it cannot win) and keeps that call's time. ``timer(fns, tokens) -> {name: seconds}``
-    replaces the clock (tests)."""
-    fns, skipped = candidates(weight, bias)
+                timer: Callable | None = None, min_gain: float = MIN_GAIN, atol: float | None = None,
+                rtol: float | None = None, kernels: set[str] | None = None) -> tuple[dict, dict[str, Callable]]:
+    """Every candidate kernel of one matrix in every regime; returns the plan (chosen kernel per regime, times in
+    microseconds, rejections) and the candidate fns. A candidate whose output differs from dense (``tolerance``)
+    is rejected. Decode (<= DECODE_MAX tokens), where a kernel of ``BYTES_KERNELS`` is a candidate: chosen by
+    :func:`by_bytes`. Otherwise by timing every candidate (:func:`choose`); with the default timer, one whose
+    first call takes over ``SCREEN`` times dense's is not timed further and keeps that call's time.
+    ``timer(fns, tokens) -> {name: seconds}`` replaces the clock of both (tests); ``kernels``: the candidates
+    to consider (dense always)."""
+    fns, skipped = candidates(weight, bias, only=kernels)
+    d_atol, d_rtol = tolerance(weight.dtype)
+    atol, rtol = atol or d_atol, rtol or d_rtol
     g = torch.Generator(device="cpu").manual_seed(0)
     plan = {"sparsity": float((weight == 0).float().mean()), "skipped": skipped, "rejected": {}, "times_us": {}}
     for regime, tokens in regimes.items():
         x = torch.randn(tokens, weight.shape[1], generator=g).to(weight.device, weight.dtype)
-        fns["dense"](x)                                   # warm-up
-        t = time.perf_counter()
-        ref = _synced(lambda: fns["dense"](x), x.device)()
-        first = {"dense": time.perf_counter() - t}
-        ok, screened = {"dense": fns["dense"]}, {}
-        for name, fn in fns.items():
-            if name == "dense":
-                continue
-            fn(x)                                         # warm-up
-            t = time.perf_counter()
-            got = _synced(lambda fn=fn: fn(x), x.device)()
-            first[name] = time.perf_counter() - t
-            if got.shape != ref.shape or not torch.allclose(got.float(), ref.float(), atol=atol * float(ref.abs().max()),
-                                                            rtol=rtol):
-                plan["rejected"][name] = f"output differs from dense in regime {regime}"
-            elif timer is None and first[name] > SCREEN * first["dense"]:
-                screened[name] = first[name]              # hopeless: not worth the timed rounds
-            else:
-                ok[name] = fn
+        here = {k: f for k, f in fns.items() if tokens <= DECODE_MAX or k not in DECODE_ONLY}
+        ok, first = _checked(here, x, plan["rejected"], regime, atol, rtol)
+        screened = {} if timer else {k: first[k] for k in ok if k != "dense" and first[k] > SCREEN * first["dense"]}
+        ok = {k: f for k, f in ok.items() if k not in screened}
+        if tokens <= DECODE_MAX and any(k in ok for k in BYTES_KERNELS):
+            clock = timer or check_timer
+            plan[regime], plan.setdefault("bytes_model", {})[regime] = by_bytes(ok, lambda names: clock(
+                {n: _synced(lambda n=n: ok[n](x), x.device) for n in ("dense", *names)}, tokens))
+            continue
         times = timer({k: (lambda f=f: f(x)) for k, f in ok.items()}, tokens) if timer else default_timer(ok, x, tokens)
         plan["times_us"][regime] = {k: round(v * 1e6, 2) for k, v in {**times, **screened}.items()}
         if screened:
             plan.setdefault("screened", {})[regime] = sorted(screened)
         plan[regime] = choose(times, min_gain)
     return plan, fns
+
+
+def _checked(fns: dict[str, Callable], x: torch.Tensor, rejected: dict, regime: str, atol: float,
+             rtol: float) -> tuple[dict[str, Callable], dict[str, float]]:
+    """The candidates whose output on ``x`` matches dense's (the others recorded in ``rejected``), and each one's
+    first call's seconds after a warm-up call."""
+    fns["dense"](x)                                   # warm-up
+    t = time.perf_counter()
+    ref = _synced(lambda: fns["dense"](x), x.device)()
+    first, ok = {"dense": time.perf_counter() - t}, {"dense": fns["dense"]}
+    for name, fn in fns.items():
+        if name == "dense":
+            continue
+        try:
+            fn(x)                                     # warm-up
+            t = time.perf_counter()
+            got = _synced(lambda fn=fn: fn(x), x.device)()
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+            rejected[name] = f"failed in regime {regime}: {str(exc).splitlines()[0][:160]}"
+            continue
+        first[name] = time.perf_counter() - t
+        if got.shape != ref.shape or not torch.allclose(got.float(), ref.float(), atol=atol * float(ref.abs().max()),
+                                                        rtol=rtol):
+            rejected[name] = f"output differs from dense in regime {regime}"
+        else:
+            ok[name] = fn
+    return ok, first
 
 
 class SparseLinear(nn.Module):
@@ -481,26 +565,27 @@ def sparse_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
 
 
 def _reuse(plan: dict, weight: torch.Tensor, bias, regimes: dict[str, int], measured_on: str):
-    """The kernels a measured plan chose, built for another matrix of the same class, each checked against dense
-    on this matrix (a mismatch falls back to dense)."""
-    fns, _skipped = candidates(weight, bias)
+    """The kernels a measured (or saved) plan chose, built for this matrix, each checked against dense on it (a
+    mismatch falls back to dense). Only the chosen kernels are built."""
+    fns, _skipped = candidates(weight, bias, only={plan.get(r, "dense") for r in regimes})
     out = {"sparsity": float((weight == 0).float().mean()), "measured_on": measured_on, "rejected": {}}
+    atol, rtol = tolerance(weight.dtype)
     g = torch.Generator().manual_seed(0)
     for r, tokens in regimes.items():
-        k = plan[r]
+        k = plan.get(r, "dense")
         x = torch.randn(min(tokens, DECODE_MAX + 1) if tokens > DECODE_MAX else tokens, weight.shape[1],
                         generator=g).to(weight.device, weight.dtype)
         ref = fns["dense"](x)
-        ok = k in fns and torch.allclose(fns[k](x).float(), ref.float(), atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
+        ok = k in fns and torch.allclose(fns[k](x).float(), ref.float(), atol=atol * float(ref.abs().max()), rtol=rtol)
         out[r] = k if ok else "dense"
         if not ok:
-            out["rejected"][k] = f"output differs from dense in regime {r}"
+            out["rejected"][k] = f"output differs from dense in regime {r}" if k in fns else "not available here"
     return out, fns
 
 
 def model_timer(run: dict[str, Callable[[], object]], tokens: int) -> dict[str, float]:
-    """The default clock of :func:`verify_in_model`: whole-model forwards in interleaved rounds."""
-    return interleaved_timer(run, reps=7 if tokens <= DECODE_MAX else 3, warmup=1)
+    """The default clock of :func:`verify_in_model`: whole-model forwards in interleaved rounds, medians."""
+    return interleaved_timer(run, reps=9 if tokens <= DECODE_MAX else 3, warmup=1, median=True)
 
 
 def verify_in_model(model: nn.Module, modules: dict[str, "SparseLinear"], dense_fns: dict[str, Callable],
@@ -509,7 +594,8 @@ def verify_in_model(model: nn.Module, modules: dict[str, "SparseLinear"], dense_
     matrix dense, timed side by side (dense's first quartile against the chosen kernels' third, as per matrix).
     Per-matrix timings did not always hold inside the model (on a loaded 2-core machine 512-token prefill at 50%
     and 2:4 measured 0.77-0.80x dense with kernels each faster alone): where the model is not faster by
-    ``min_gain`` with them, that regime goes back to dense for every matrix. Returns, per regime, the times (us)
+    ``min_gain`` with them (decode, whose choices the bytes model made: not slower, medians against medians),
+    that regime goes back to dense for every matrix. Returns, per regime, the times (us)
     and whether the chosen kernels were kept."""
     out = {}
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -529,7 +615,7 @@ def verify_in_model(model: nn.Module, modules: dict[str, "SparseLinear"], dense_
             return _synced(go, device)
 
         times = timer({"dense": forward({n: dense_fns[n] for n in sparse_mods}), "chosen": forward(chosen)}, tokens)
-        keep = choose(times, min_gain) == "chosen"
+        keep = choose(times, 1.0 if tokens <= DECODE_MAX else min_gain) == "chosen"
         for n, m in sparse_mods.items():
             m.kernels[regime] = chosen[n] if keep else dense_fns[n]
             if not keep:
@@ -540,88 +626,180 @@ def verify_in_model(model: nn.Module, modules: dict[str, "SparseLinear"], dense_
     return out
 
 
+class _Planner:
+    """What sparsify shares between matrices: the settings, the measured classes, and a saved plan if any."""
+
+    def __init__(self, regimes, min_gain, timer, min_sparsity, share, saved, kernels):
+        self.regimes, self.min_gain, self.timer = regimes, min_gain, timer
+        self.min_sparsity, self.share, self.saved, self.kernels = min_sparsity, share, saved, kernels
+        self.measured: dict = {}
+        self.plans: dict = {}
+
+    def __call__(self, name: str, weight: torch.Tensor, bias) -> tuple[dict, dict[str, Callable]]:
+        """One matrix's plan and kernels: left as it is under ``min_sparsity``; from the saved plan; reused from
+        the matrix of its class (shape, dtype, bias, sparsity to 1%) measured first; or measured."""
+        sparsity = float((weight == 0).float().mean())
+        key = (tuple(weight.shape), weight.dtype, bias is not None, round(sparsity, 2))
+        if sparsity < self.min_sparsity:
+            plan = {"sparsity": sparsity, **{r: "dense" for r in self.regimes}, "note": "left as it is"}
+            fns = {"dense": (lambda x, w=weight, b=bias: F.linear(x, w, b))}
+        elif self.saved is not None:
+            plan, fns = _reuse(self.saved.get(name, {}), weight, bias, self.regimes, "saved plan")
+        elif self.share and key in self.measured:
+            plan, fns = _reuse(self.plans[self.measured[key]], weight, bias, self.regimes, self.measured[key])
+        else:
+            plan, fns = plan_matrix(weight, bias, self.regimes, self.timer, self.min_gain, kernels=self.kernels)
+            self.measured[key] = name
+        self.plans[name] = plan
+        return plan, fns
+
+
 def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: float = MIN_GAIN,
              timer: Callable | None = None, min_sparsity: float = 0.25, progress: bool = False,
-             share: bool = True, verify: bool | None = None, whole_model_timer: Callable = model_timer) -> dict:
-    """Replace, in place, each pruned Linear of the decoder blocks by a SparseLinear running the kernel measured
-    fastest per regime (dense unless a sparse kernel wins by ``min_gain``). Matrices under ``min_sparsity`` are
-    left as they are (no kernel here can beat dense on them). With ``share`` (default) matrices of one class
-    (shape, dtype, bias, sparsity to 1%) share one measurement: a kernel's speed follows the shape and the number
-    of non-zeros, and a 30-block model has five classes, not 210 matrices to time; each reused choice is still
-    checked against dense on its own matrix. Returns the plan: per matrix, the kernels and times (or the matrix
+             share: bool = True, verify: bool | None = None, whole_model_timer: Callable = model_timer,
+             saved: dict | None = None, kernels: set[str] | None = None) -> dict:
+    """Replace, in place, each pruned Linear of the decoder blocks by a SparseLinear running the kernel chosen per
+    regime (decode: the bytes model checked by measurement, :func:`by_bytes`; prefill: measured fastest, dense
+    unless a sparse kernel wins by ``min_gain``). Matrices under ``min_sparsity`` are left as they are. With
+    ``share`` (default) matrices of one class (shape, dtype, bias, sparsity to 1%) share one measurement; each
+    reused choice is still checked against dense on its own matrix. ``saved``: the ``matrices`` table of a saved
+    plan (:func:`save_plan`): its choices are built and checked against dense, nothing is timed. ``kernels``:
+    the candidates to consider (dense always). Returns the plan: per matrix, the kernels and times (or the matrix
     they were measured on), and a summary of what was chosen.
 
-    With ``verify`` (default: when the real clock times the matrices) the choices are then checked in the whole
-    model (:func:`verify_in_model`): a regime whose chosen kernels do not make the model faster runs dense."""
-    plans, counts, measured = {}, {r: {} for r in regimes}, {}
+    With ``verify`` (default: when the real clock times the matrices and no plan is given) the choices are then
+    checked in the whole model (:func:`verify_in_model`): a regime whose kernels do not make the model faster
+    runs dense."""
+    planner = _Planner(regimes, min_gain, timer, min_sparsity, share, saved, kernels)
     replaced, dense_fns, dense_weights = {}, {}, {}
     items = list(block_linears(model).items())
     expert_modules = block_experts(model)     # found before any Linear is replaced (the blocks are found by them)
     with torch.no_grad():
         for i, (name, lin) in enumerate(items):
             if progress:
-                print(f"\relsa: measuring kernels {i + 1}/{len(items)}", end="", flush=True)
+                print(f"\relsa: {'building' if saved is not None else 'measuring'} kernels {i + 1}/{len(items)}",
+                      end="", flush=True)
             weight = matrix_view(lin)
             if weight is not lin.weight:       # Conv1D: the kernels take the [out, in] matrix, laid out as such
                 weight = weight.contiguous()
-            sparsity = float((weight == 0).float().mean())
-            key = (tuple(weight.shape), weight.dtype, lin.bias is not None, round(sparsity, 2))
-            if sparsity < min_sparsity:
-                plans[name] = {"sparsity": sparsity, **{r: "dense" for r in regimes}, "note": "left as it is"}
-            else:
-                if share and key in measured:
-                    plan, fns = _reuse(plans[measured[key]], weight, lin.bias, regimes, measured[key])
-                else:
-                    plan, fns = plan_matrix(weight, lin.bias, regimes, timer, min_gain)
-                    measured[key] = name
-                plans[name] = plan
+            plan, fns = planner(name, weight, lin.bias)
+            if plan.get("note") != "left as it is":
                 parent, _, child = name.rpartition(".")
                 replaced[name] = SparseLinear(lin, plan, fns)
                 dense_fns[name], dense_weights[name] = fns["dense"], lin.weight
                 setattr(model.get_submodule(parent), child, replaced[name])
         for mod_name, (mod, params) in expert_modules.items():
-            missing = [f for f in EXPERT_FLAGS if not hasattr(mod, f)]
-            uses = {"gate_up_proj", "down_proj"} if getattr(mod, "has_gate", False) else {"up_proj", "down_proj"}
-            if missing or not uses <= set(params):
-                why = (f"no {', '.join(missing)} flag (transformers' experts interface)" if missing else
-                       f"its 3-D parameters {params} are not {sorted(uses)}")
-                for attr in params:
-                    plans[f"{mod_name}.{attr}"] = {**{r: "dense" for r in regimes}, "note": f"left dense: {why}"}
-                continue
-            table = {}
-            for attr in sorted(uses):
-                table[attr] = []
-                for e in range(getattr(mod, attr).shape[0]):
-                    name = f"{mod_name}.{attr}[{e}]"
-                    weight, bias = _expert_matrix(mod, attr, e)
-                    sparsity = float((weight == 0).float().mean())
-                    key = (tuple(weight.shape), weight.dtype, bias is not None, round(sparsity, 2))
-                    if sparsity < min_sparsity:
-                        plan, fns = {"sparsity": sparsity, **{r: "dense" for r in regimes}, "note": "left as it is"}, \
-                            {"dense": (lambda x, w=weight, b=bias: F.linear(x, w, b))}
-                    elif share and key in measured:
-                        plan, fns = _reuse(plans[measured[key]], weight, bias, regimes, measured[key])
-                    else:
-                        plan, fns = plan_matrix(weight, bias, regimes, timer, min_gain)
-                        measured[key] = name
-                    plans[name] = plan
-                    table[attr].append(ExpertKernel(plan, fns, weight.shape[1]))
-                    if sparsity >= min_sparsity:
-                        replaced[name], dense_fns[name] = table[attr][-1], fns["dense"]
-            mod._elsa_kernels = table
-            mod.forward = types.MethodType(sparse_experts_forward, mod)
+            _sparsify_experts(mod_name, mod, params, planner, replaced, dense_fns)
         verified = None
-        if replaced and (verify if verify is not None else timer is None):
+        if replaced and (verify if verify is not None else (timer is None and saved is None)):
             if progress:
                 print("\relsa: checking the chosen kernels in the whole model", end="", flush=True)
             verified = verify_in_model(model, replaced, dense_fns, regimes, min_gain, whole_model_timer)
             for name, mod in replaced.items():   # a regime sent back to dense needs the dense weight
                 if isinstance(mod, SparseLinear) and mod.weight is None and "dense" in (mod.plan.get(r, "dense") for r in REGIMES):
                     mod.weight = dense_weights[name]
-        for name in plans:
-            for r in regimes:
-                counts[r][plans[name][r]] = counts[r].get(plans[name][r], 0) + 1
     if progress:
         print(flush=True)
-    return {"matrices": plans, "chosen": counts, "min_gain": min_gain, "regimes": dict(regimes),
-            "measured": len(measured), "verified_in_model": verified}
+    counts: dict = {r: {} for r in regimes}
+    for p in planner.plans.values():
+        for r in regimes:
+            counts[r][p[r]] = counts[r].get(p[r], 0) + 1
+    return {"matrices": planner.plans, "chosen": counts, "min_gain": min_gain, "regimes": dict(regimes),
+            "measured": len(planner.measured), "verified_in_model": verified,
+            "source": "saved" if saved is not None else "measured"}
+
+
+def _sparsify_experts(mod_name: str, mod: nn.Module, params: list[str], planner: _Planner, replaced: dict,
+                      dense_fns: dict) -> None:
+    """A fused experts module: every expert's matrix planned, and the module's forward replaced by the routed
+    loop over their kernels; left dense (recorded) without transformers' experts interface flags."""
+    regimes = planner.regimes
+    missing = [f for f in EXPERT_FLAGS if not hasattr(mod, f)]
+    uses = {"gate_up_proj", "down_proj"} if getattr(mod, "has_gate", False) else {"up_proj", "down_proj"}
+    if missing or not uses <= set(params):
+        why = (f"no {', '.join(missing)} flag (transformers' experts interface)" if missing else
+               f"its 3-D parameters {params} are not {sorted(uses)}")
+        for attr in params:
+            planner.plans[f"{mod_name}.{attr}"] = {**{r: "dense" for r in regimes}, "note": f"left dense: {why}"}
+        return
+    table = {}
+    for attr in sorted(uses):
+        table[attr] = []
+        for e in range(getattr(mod, attr).shape[0]):
+            name = f"{mod_name}.{attr}[{e}]"
+            weight, bias = _expert_matrix(mod, attr, e)
+            plan, fns = planner(name, weight, bias)
+            table[attr].append(ExpertKernel(plan, fns, weight.shape[1]))
+            if plan.get("note") != "left as it is":
+                replaced[name], dense_fns[name] = table[attr][-1], fns["dense"]
+    mod._elsa_kernels = table
+    mod.forward = types.MethodType(sparse_experts_forward, mod)
+
+
+# -- the plan saved with a model ---------------------------------------------------------------------------
+PLAN_FILE = "elsa_sparse_plan-{dtype}.json"     # one per dtype: a dir's fp32 and bf16 plans live side by side
+PLAN_VERSION = 1
+
+
+def plan_path(directory: Path | str, model: nn.Module) -> Path:
+    return Path(directory) / PLAN_FILE.format(dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+
+
+def plan_key(model: nn.Module) -> dict:
+    """What a saved plan is valid for: these kernels' sources on this kind of CPU, the thread count, the
+    model's dtype and device. A plan for another key is measured again."""
+    from elsa.sparse_kernels import C_SOURCE, cpu_key
+
+    p = next(model.parameters())
+    return {"plan_version": PLAN_VERSION, "kernels": cpu_key(C_SOURCE + _C_SOURCE), "threads": torch.get_num_threads(),
+            "dtype": str(p.dtype).removeprefix("torch."), "device": p.device.type}
+
+
+def save_plan(directory: Path | str, plan: dict, model: nn.Module) -> Path:
+    """Write ``plan`` (what :func:`sparsify` returned for ``model``) as ``<directory>/elsa_sparse_plan-<dtype>.json``:
+    per matrix the kernel of each regime, with the key it is valid for."""
+    from elsa.tracking import write_json_atomic
+
+    regimes = plan["regimes"]
+    data = {**plan_key(model), "regimes": regimes, "chosen": plan["chosen"],
+            "verified_in_model": plan.get("verified_in_model"),
+            "matrices": {n: {r: p[r] for r in regimes if r in p} for n, p in plan["matrices"].items()}}
+    path = plan_path(directory, model)
+    write_json_atomic(path, data)
+    return path
+
+
+def load_plan(directory: Path | str, model: nn.Module) -> tuple[dict | None, str]:
+    """The saved plan of ``directory`` if it is valid for ``model`` here, else None; and why (one line)."""
+    f = plan_path(directory, model)
+    if not f.is_file():
+        return None, f"no saved plan ({f.name})"
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, f"{f.name} is unreadable ({exc})"
+    key = plan_key(model)
+    diff = [f"{k}={data.get(k)!r} (here {v!r})" for k, v in key.items() if data.get(k) != v]
+    if diff or not isinstance(data.get("matrices"), dict):
+        return None, f"the saved plan is for another setting: {', '.join(diff) or 'no matrices table'}"
+    return data, f"saved plan {f}"
+
+
+def sparsify_with_plan(model: nn.Module, directory: Path | str | None, progress: bool = False,
+                       remeasure: bool = False, **kwargs) -> dict:
+    """:func:`sparsify` from the plan saved in ``directory`` when it is valid here (nothing timed), else
+    measured and saved there (when the directory is writable). The returned plan says which (``source``,
+    ``plan_note``)."""
+    data, why = (None, "--remeasure") if remeasure or directory is None else load_plan(directory, model)
+    if data is not None:
+        plan = sparsify(model, regimes=data["regimes"], saved=data["matrices"], progress=progress, **kwargs)
+        plan["plan_note"] = why
+        return plan
+    plan = sparsify(model, progress=progress, **kwargs)
+    plan["plan_note"] = f"measured ({why})"
+    if directory is not None:
+        try:
+            plan["plan_note"] += f"; saved to {save_plan(directory, plan, model)}"
+        except OSError as exc:
+            plan["plan_note"] += f"; not saved ({exc})"
+    return plan

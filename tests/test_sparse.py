@@ -206,6 +206,7 @@ def test_save_format_compressed_only_and_bad_value(tmp_path):
 
 
 # -- sparse inference ------------------------------------------------------------------------------------------
+from elsa import sparse_kernels as SK  # noqa: E402
 from elsa import sparse_linear as SL  # noqa: E402
 
 
@@ -235,18 +236,19 @@ def test_plan_follows_the_timer_per_regime_and_rejects_wrong_kernels(monkeypatch
 
     w, b = _pruned_matrix(), torch.randn(96)
     fast = {("torch_csr", 1): 0.2, ("dense", 512): 1.0, ("torch_csr", 512): 3.0}
-    plan, _fns = SL.plan_matrix(w, b, {"decode": 1, "prefill": 512}, _fake_timer(fast))
+    plan, _fns = SL.plan_matrix(w, b, {"decode": 1, "prefill": 512}, _fake_timer(fast), kernels={"torch_csr"})
     assert plan["decode"] == "torch_csr" and plan["prefill"] == "dense"
     assert plan["times_us"]["decode"]["torch_csr"] == pytest.approx(0.2e6)
     real = SL.candidates
 
-    def with_a_wrong_kernel(weight, bias):
-        fns, skipped = real(weight, bias)
+    def with_a_wrong_kernel(weight, bias, **kw):
+        fns, skipped = real(weight, bias, **kw)
         fns["broken"] = lambda x: F.linear(x, weight, bias) * 1.01        # fastest, but not the product
         return fns, skipped
 
     monkeypatch.setattr(SL, "candidates", with_a_wrong_kernel)
-    plan, _ = SL.plan_matrix(w, b, {"decode": 1}, _fake_timer({"broken": 0.01, "torch_csr": 2.0}))
+    plan, _ = SL.plan_matrix(w, b, {"decode": 1}, _fake_timer({"broken": 0.01, "torch_csr": 2.0}),
+                             kernels={"torch_csr", "broken"})
     assert plan["decode"] == "dense" and "broken" in plan["rejected"]
 
 
@@ -260,21 +262,24 @@ def _pruned_tiny(ratio=0.9):
     return model, tok
 
 
-@pytest.mark.parametrize("kernel", ["torch_csr", "csr16", "csr16_1t"])
+@pytest.mark.parametrize("kernel", ["torch_csr", "csr16", "csr16_1t", "bitmask", "csr"])
 def test_sparse_logits_equal_dense(kernel):
     import copy
 
     if kernel.startswith("csr16") and SL.kernel_library() is None:
         pytest.skip(f"no C kernel: {SL._LIB.get('reason')}")
+    if kernel in SL.DECODE_ONLY and SK.unavailable():
+        pytest.skip(SK.unavailable())
     if kernel == "csr16_1t" and torch.get_num_threads() == 1:
         pytest.skip("one thread: csr16 is the only variant")
     dense, _tok = _pruned_tiny()
     sparse = copy.deepcopy(dense)
-    plan = SL.sparsify(sparse, timer=_fake_timer({kernel: 0.1}))           # every matrix, both regimes
-    assert plan["chosen"] == {"decode": {kernel: 14}, "prefill": {kernel: 14}}
+    plan = SL.sparsify(sparse, timer=_fake_timer({kernel: 0.1}), kernels={kernel})   # every matrix, both regimes
+    prefill = "dense" if kernel in SL.DECODE_ONLY else kernel               # the compressed kernels: <= 8 tokens
+    assert plan["chosen"] == {"decode": {kernel: 14}, "prefill": {prefill: 14}}
     assert plan["measured"] == 4          # q/o, k/v, gate/up, down: one measurement per shape at 90%
     mods = [m for m in sparse.modules() if isinstance(m, SL.SparseLinear)]
-    assert len(mods) == 14 and all(m.weight is None for m in mods)           # the dense copy is gone
+    assert len(mods) == 14 and all((m.weight is None) == (prefill != "dense") for m in mods)  # the dense copy goes
     ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))  # prefill regime
     with torch.no_grad():
         want, got = dense(ids).logits, sparse(ids).logits
@@ -301,9 +306,10 @@ def test_choices_that_do_not_speed_up_the_whole_model_go_back_to_dense(model_say
         seen.append((sorted(run), tokens))
         for fn in run.values():
             fn()
-        return {"dense": 1.0, "chosen": 0.5 if model_says == "faster" else 1.0}
+        return {"dense": 1.0, "chosen": 0.5 if model_says == "faster" else 1.2}
 
-    plan = SL.sparsify(sparse, timer=_fake_timer({"torch_csr": 0.1}), verify=True, whole_model_timer=whole_model)
+    plan = SL.sparsify(sparse, timer=_fake_timer({"torch_csr": 0.1}), verify=True, whole_model_timer=whole_model,
+                       kernels={"torch_csr"})
     assert seen == [(["chosen", "dense"], 1), (["chosen", "dense"], 512)]
     mods = [m for m in sparse.modules() if isinstance(m, SL.SparseLinear)]
     if model_says == "faster":
@@ -325,11 +331,12 @@ def test_sparsify_keeps_dense_where_dense_wins_and_leaves_dense_matrices():
     assert not any(isinstance(m, SL.SparseLinear) for m in model.modules())
     assert plan["chosen"]["decode"] == {"dense": 14}
     model, _ = _pruned_tiny(0.9)
-    plan = SL.sparsify(model, timer=_fake_timer({"csr16": 2.0, "csr16_1t": 2.0, "torch_csr": 2.0}))
+    plan = SL.sparsify(model, timer=_fake_timer({"csr16": 2.0, "csr16_1t": 2.0, "torch_csr": 2.0, "bitmask": 2.0,
+                                                   "csr": 2.0}))
     assert plan["chosen"] == {"decode": {"dense": 14}, "prefill": {"dense": 14}}
     assert all(m.weight is not None for m in model.modules() if isinstance(m, SL.SparseLinear))
     model, _ = _pruned_tiny(0.9)      # decode measured only: prefill runs dense
-    plan = SL.sparsify(model, regimes={"decode": 1}, timer=_fake_timer({"torch_csr": 0.1}))
+    plan = SL.sparsify(model, regimes={"decode": 1}, timer=_fake_timer({"torch_csr": 0.1}), kernels={"torch_csr"})
     mods = [m for m in model.modules() if isinstance(m, SL.SparseLinear)]
     assert plan["chosen"] == {"decode": {"torch_csr": 14}} and all(m.weight is not None for m in mods)
     ids = torch.randint(0, 500, (1, 20))
@@ -390,7 +397,9 @@ def test_generate_cli_on_a_compressed_dir(compressed, tmp_path):
            "--compare"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "same tokens: True" in proc.stdout
+    assert "same tokens: True" in proc.stdout and "plan: measured (no saved plan" in proc.stderr
+    again = subprocess.run(cmd[:-1] + ["--sparse"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "plan: saved plan" in again.stderr, again.stderr[-2000:]   # not measured again
     assert isinstance(PreTrainedTokenizerFast.from_pretrained(compressed), PreTrainedTokenizerFast)
     bad = subprocess.run([sys.executable, "-m", "elsa.generate", str(tmp_path / "nowhere")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
@@ -398,10 +407,20 @@ def test_generate_cli_on_a_compressed_dir(compressed, tmp_path):
 
 
 def test_measure_speed_through_the_pipeline(tmp_path):
-    r = run_pipeline(tmp_path, "method=magnitude", "sparsity=0.9", "save_model=false", "measure_speed=true")
+    """measure_speed: dense against sparse side by side, and against dense bf16 (sparse with bf16 values) where
+    the CPU has bf16 arithmetic; the plans are saved with the compressed model for elsa.generate."""
+    from elsa.generate import cpu_has_bf16
+
+    r = run_pipeline(tmp_path, "method=magnitude", "sparsity=0.9", "save_format=compressed", "measure_speed=true")
     inf = read_results(tmp_path)["inference"]
     assert inf["same_tokens"] is True and inf["decode_speedup"] > 0
     assert sum(inf["kernels"]["decode"].values()) == 14 and r["inference"]["threads"] >= 1
+    bf16 = cpu_has_bf16()
+    assert ("dense_bf16" in inf["decode_tokens_per_s"]) == bf16 and ("decode_speedup_bf16" in inf) == bf16
+    assert set(inf["decode_speedup_vs_best_dense"]) == ({"sparse", "sparse_bf16"} if bf16 else {"sparse"})
+    saved = sorted(p.name for p in (tmp_path / "model_compressed").glob("elsa_sparse_plan-*.json"))
+    assert saved == (["elsa_sparse_plan-bfloat16.json", "elsa_sparse_plan-float32.json"] if bf16 else
+                     ["elsa_sparse_plan-float32.json"])
     with pytest.raises(ElsaError, match="measure_speed=maybe"):
         run_pipeline(tmp_path / "b", "measure_speed=maybe")
 
@@ -423,7 +442,7 @@ def test_conv1d_matrices_of_gpt2_run_sparse_with_dense_logits(kernel):
         for m in convs.values():
             m.weight[m.weight.abs() < m.weight.abs().quantile(0.9)] = 0.0
     sparse = copy.deepcopy(dense)
-    plan = SL.sparsify(sparse, timer=_fake_timer({kernel: 0.1}))
+    plan = SL.sparsify(sparse, timer=_fake_timer({kernel: 0.1}), kernels={kernel})
     n = len(convs)
     assert plan["chosen"] == {"decode": {kernel: n}, "prefill": {kernel: n}}
     mods = [m for m in sparse.modules() if isinstance(m, SL.SparseLinear)]
@@ -455,7 +474,7 @@ def test_fused_expert_tensors_run_sparse_with_dense_logits(family):
         for m in SL.block_linears(dense).values():
             m.weight[m.weight.abs() < m.weight.abs().quantile(0.9)] = 0.0
     sparse = copy.deepcopy(dense)
-    plan = SL.sparsify(sparse, timer=_fake_timer({"torch_csr": 0.1}))
+    plan = SL.sparsify(sparse, timer=_fake_timer({"torch_csr": 0.1}), kernels={"torch_csr"})
     n_experts = sum(getattr(mod, a).shape[0] for mod, params in experts.values() for a in params)
     n = len(SL.block_linears(dense)) + n_experts
     assert plan["chosen"] == {"decode": {"torch_csr": n}, "prefill": {"torch_csr": n}}

@@ -1,0 +1,487 @@
+"""Batch-1 (and small-batch) kernels that read the compressed checkpoint's own layouts (elsa.sparse), issue 30.
+
+- ``bitmask``: one bit per weight, ``numpy.packbits`` big bit order over the row-major matrix, and the non-zero
+  values in row-major order (fp32 or bf16): what ``elsa.sparse.encode(..., encoding="bitmask")`` stores, read as
+  it is (the bytes are bit-reversed in registers: GFNI where present) plus one int64 offset per row (where each
+  row's values start, so that threads can split the rows);
+- ``nm`` (2:4 vectorised; any N:M with M <= 256 through a scalar loop): ``N`` values per group of ``M`` and their
+  positions in ceil(log2 M) bits, little bit order: ``encode(..., encoding="nm")``'s values and indices.
+
+For each row, 64 columns at a time: 64 mask bits, then per 16 columns an AVX-512 expand-load of the next values
+(``vexpandps`` / ``vpexpandw`` for bf16) into their column lanes and one FMA with the activations; 2:4 loads
+16 values and their 2-bit positions per 32 columns and picks the activations with one two-source permute. The
+activations (fp32 or bf16) are widened to fp32 once per call, sums are fp32, the output is rounded to the
+activations' dtype (bf16 round-to-nearest-even). Decode is memory bound: at 90% a row moves 0.125 + 0.1 x 4
+(fp32) or + 0.1 x 2 (bf16) bytes per weight against 4 or 2 dense. Without AVX-512 (VBMI2/VL/BW) the same
+layouts run through scalar loops; without a C compiler the kernels are absent and the reason is recorded.
+
+The library is compiled once per source and CPU (``cc -O3 -march=native -fopenmp``) into ``$ELSA_CACHE/kernels``
+and called through ctypes; ``threads`` rows-split with OpenMP.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 8
+
+C_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512VBMI2__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define ELSA512 1
+#endif
+#define AI static inline __attribute__((always_inline))
+
+int elsa_simd(void) {
+#ifdef ELSA512
+    return 512;
+#else
+    return 0;
+#endif
+}
+
+AI uint64_t ld64(const uint8_t* p) { uint64_t v; memcpy(&v, p, 8); return v; }
+AI uint64_t ld_n(const uint8_t* p, int n) { uint64_t v = 0; memcpy(&v, p, n); return v; }
+/* packbits writes element 0 of a byte in its top bit: reverse the bits of each byte, so bit j = element j */
+AI uint64_t bitrev_bytes(uint64_t v) {
+#if defined(__GFNI__) && defined(__SSE2__)
+    __m128i x = _mm_cvtsi64_si128((long long)v);
+    x = _mm_gf2p8affine_epi64_epi8(x, _mm_set1_epi64x((long long)0x8040201008040201ULL), 0);
+    return (uint64_t)_mm_cvtsi128_si64(x);
+#else
+    v = ((v >> 1) & 0x5555555555555555ULL) | ((v & 0x5555555555555555ULL) << 1);
+    v = ((v >> 2) & 0x3333333333333333ULL) | ((v & 0x3333333333333333ULL) << 2);
+    return ((v >> 4) & 0x0F0F0F0F0F0F0F0FULL) | ((v & 0x0F0F0F0F0F0F0F0FULL) << 4);
+#endif
+}
+AI float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+AI uint16_t f2bf(float f) {           /* round to nearest even (NaN kept a NaN) */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#ifdef ELSA512
+AI __m512 expand_vals(const void* v, int64_t* p, __mmask16 k, int vbf) {
+    __m512 w;
+    if (vbf) {
+        __m256i h = _mm256_maskz_expandloadu_epi16(k, (const uint16_t*)v + *p);
+        w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+        w = _mm512_maskz_expandloadu_ps(k, (const float*)v + *p);
+    }
+    *p += __builtin_popcount((unsigned)k);
+    return w;
+}
+
+/* out[b] = sum over the row's set bits of value * x[b, column]; B and vbf are constants at every call site.
+   Four accumulators per token (two from 3 tokens, one from 5) so that FMA latency does not bound the loop.
+   fp32 values: per 16 columns one expand-load. bf16 values: per 32 columns one 16-bit expand-load; the even
+   columns' values are its 32-bit lanes shifted left 16, the odd ones' its lanes with the low half cleared, so
+   they meet ``xd``, the activations of each 32 columns reordered once per call as 16 even then 16 odd. */
+AI void bm_row(const uint8_t* m, const void* v, int64_t p, int64_t cols, const float* x, const float* xd, int B,
+               int vbf, float* out) {
+    const int NA = B <= 2 ? 4 : (B <= 4 ? 2 : 1);
+    __m512 a[4][MAXB];
+    for (int q = 0; q < 4; q++)
+        for (int b = 0; b < B; b++) a[q][b] = _mm512_setzero_ps();
+    int64_t c = 0;
+    if (vbf) {
+        const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+        for (; c + 32 <= cols; c += 32) {
+            __mmask32 k = (__mmask32)bitrev_bytes(ld_n(m + c / 8, 4));
+            __m512i h = _mm512_maskz_expandloadu_epi16(k, (const uint16_t*)v + p);
+            p += __builtin_popcount((unsigned)k);
+            __m512 ev = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+            __m512 od = _mm512_castsi512_ps(_mm512_and_si512(h, hi));
+            const int q = (int)((c / 32) & 1) * 2;       /* accumulators 0, 1 then 2, 3 (mod NA) */
+            for (int b = 0; b < B; b++) {
+                const float* xb = xd + b * cols + c;
+                a[q % NA][b] = _mm512_fmadd_ps(ev, _mm512_loadu_ps(xb), a[q % NA][b]);
+                a[(q + 1) % NA][b] = _mm512_fmadd_ps(od, _mm512_loadu_ps(xb + 16), a[(q + 1) % NA][b]);
+            }
+        }
+    } else {
+        for (; c + 64 <= cols; c += 64) {
+            uint64_t bits = bitrev_bytes(ld64(m + c / 8));
+            __m512 w[4];
+            for (int q = 0; q < 4; q++) w[q] = expand_vals(v, &p, (__mmask16)(bits >> (16 * q)), 0);
+            for (int b = 0; b < B; b++)
+                for (int q = 0; q < 4; q++)
+                    a[q % NA][b] = _mm512_fmadd_ps(w[q], _mm512_loadu_ps(x + b * cols + c + 16 * q), a[q % NA][b]);
+        }
+    }
+    for (; c < cols; c += 16) {        /* cols is a multiple of 8: 16 or the last 8 columns */
+        int n = cols - c >= 16 ? 16 : 8;
+        __mmask16 k = (__mmask16)bitrev_bytes(ld_n(m + c / 8, n / 8)), lanes = n == 16 ? 0xffff : 0xff;
+        __m512 w = expand_vals(v, &p, k, vbf);
+        for (int b = 0; b < B; b++)
+            a[0][b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes, x + b * cols + c), a[0][b]);
+    }
+    for (int b = 0; b < B; b++) {
+        __m512 s = a[0][b];
+        for (int q = 1; q < NA; q++) s = _mm512_add_ps(s, a[q][b]);
+        out[b] = _mm512_reduce_add_ps(s);
+    }
+}
+
+/* 2:4: per 32 columns, 16 values and 16 two-bit positions; value k sits at column 4 * (k / 2) + position */
+AI void nm24_row(const uint8_t* idx, const void* v, int64_t p, int64_t cols, const float* x, int B, int vbf,
+                 float* out, int64_t* done) {
+    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+    const __m512i three = _mm512_set1_epi32(3);
+    const int NA = B <= 2 ? 4 : (B <= 4 ? 2 : 1);
+    __m512 a[4][MAXB];
+    for (int q = 0; q < 4; q++)
+        for (int b = 0; b < B; b++) a[q][b] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (int it = 0; c + 32 <= cols; c += 32, p += 16, it++) {
+        uint32_t bits;
+        memcpy(&bits, idx + c / 8, 4);
+        __m512i pos = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)bits), shifts),
+                                                        three), base);
+        __m512 w = vbf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                             _mm256_loadu_si256((const __m256i*)((const uint16_t*)v + p))), 16))
+                       : _mm512_loadu_ps((const float*)v + p);
+        for (int b = 0; b < B; b++) {
+            const float* xb = x + b * cols + c;
+            __m512 xs = _mm512_permutex2var_ps(_mm512_loadu_ps(xb), pos, _mm512_loadu_ps(xb + 16));
+            a[it % NA][b] = _mm512_fmadd_ps(w, xs, a[it % NA][b]);
+        }
+    }
+    for (int b = 0; b < B; b++) {
+        __m512 s = a[0][b];
+        for (int q = 1; q < NA; q++) s = _mm512_add_ps(s, a[q][b]);
+        out[b] = _mm512_reduce_add_ps(s);
+    }
+    *done = c;
+}
+#endif
+
+/* the scalar forms: any CPU, and the columns the vector loops leave */
+static void bm_row_scalar(const uint8_t* m, const void* v, int64_t p, int64_t cols, const float* x, int B,
+                          int vbf, float* out) {
+    for (int b = 0; b < B; b++) out[b] = 0.f;
+    for (int64_t c = 0; c < cols; c += 8) {
+        unsigned byte = m[c / 8];
+        for (int j = 0; j < 8 && byte; j++) {
+            if (!(byte & (0x80u >> j))) continue;
+            float w = vbf ? bf2f(((const uint16_t*)v)[p]) : ((const float*)v)[p];
+            p++;
+            for (int b = 0; b < B; b++) out[b] += w * x[b * cols + c + j];
+        }
+    }
+}
+
+static void nm_row_scalar(const uint8_t* idx, const void* v, int64_t k0, int64_t c0, int64_t cols, int n, int m,
+                          int bits, const float* x, int B, int vbf, float* out) {
+    /* values k0.. of this row from column c0 on; value k's position: bits [k * bits, (k + 1) * bits) */
+    int64_t k = k0;
+    for (int64_t g = c0 / m; g < cols / m; g++) {
+        for (int j = 0; j < n; j++, k++) {
+            int64_t bp = k * bits;
+            unsigned pos = (unsigned)((ld_n(idx + bp / 8, 2) >> (bp % 8)) & ((1u << bits) - 1));
+            float w = vbf ? bf2f(((const uint16_t*)v)[k]) : ((const float*)v)[k];
+            for (int b = 0; b < B; b++) out[b] += w * x[b * cols + g * m + pos];
+        }
+    }
+}
+
+/* CSR with uint16 columns (rows of <= 65536 columns): 16 positions widened, x gathered at them, one FMA */
+AI float csr_row(const uint16_t* c, const void* v, int vbf, int64_t n, const float* x) {
+    int64_t k = 0;
+    float s = 0.f;
+#ifdef ELSA512
+    __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();
+    for (; k + 16 <= n; k += 16) {
+        __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + k)));
+        __m512 w = vbf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                             _mm256_loadu_si256((const __m256i*)((const uint16_t*)v + k))), 16))
+                       : _mm512_loadu_ps((const float*)v + k);
+        if ((k / 16) & 1) z1 = _mm512_fmadd_ps(w, _mm512_i32gather_ps(i0, x, 4), z1);
+        else z0 = _mm512_fmadd_ps(w, _mm512_i32gather_ps(i0, x, 4), z0);
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
+#endif
+    for (; k < n; k++) s += (vbf ? bf2f(((const uint16_t*)v)[k]) : ((const float*)v)[k]) * x[c[k]];
+    return s;
+}
+
+/* x [batch, cols] fp32 or bf16 -> fp32 (a copy only for bf16) */
+static const float* widen(const void* x, int xbf, int64_t count, float** tmp) {
+    if (!xbf) return (const float*)x;
+    *tmp = (float*)malloc(count * sizeof(float));
+    for (int64_t i = 0; i < count; i++) (*tmp)[i] = bf2f(((const uint16_t*)x)[i]);
+    return *tmp;
+}
+
+AI void store(void* y, int ybf, int64_t rows, int64_t r, int B, const float* acc) {
+    for (int b = 0; b < B; b++) {
+        if (ybf) ((uint16_t*)y)[b * rows + r] = f2bf(acc[b]);
+        else ((float*)y)[b * rows + r] = acc[b];
+    }
+}
+
+#ifdef ELSA512
+#define BM_CASE(BB, VB) case BB * 2 + VB: bm_row(mr, val, rowoff[r], cols, xf, xd, BB, VB, acc); break;
+#define NM_CASE(BB, VB) case BB * 2 + VB: nm24_row(ir, val, r * (cols / 2), cols, xf, BB, VB, acc, &done); break;
+#define CASES(M) M(1, 0) M(1, 1) M(2, 0) M(2, 1) M(3, 0) M(3, 1) M(4, 0) M(4, 1) \
+                 M(5, 0) M(5, 1) M(6, 0) M(6, 1) M(7, 0) M(7, 1) M(8, 0) M(8, 1)
+#endif
+
+/* y [batch, rows] = x [batch, cols] times the bitmask matrix (rowoff[r]: where row r's values start) */
+int bm_mv(int64_t rows, int64_t cols, int64_t batch, const uint8_t* mask, const int64_t* rowoff, const void* val,
+          int vbf, const void* x, int xbf, void* y, int ybf, int nthreads) {
+    if (batch < 1 || batch > MAXB || cols % 8) return -1;
+    float* tmp = NULL;
+    const float* xf = widen(x, xbf, batch * cols, &tmp);
+    const int B = (int)batch;
+    float* xd = vbf ? (float*)malloc(batch * cols * sizeof(float)) : NULL;
+    for (int64_t b = 0; xd && b < batch; b++)     /* each 32 columns: the even ones, then the odd ones */
+        for (int64_t i = b * cols; i + 32 <= (b + 1) * cols; i += 32)
+            for (int j = 0; j < 16; j++) { xd[i + j] = xf[i + 2 * j]; xd[i + 16 + j] = xf[i + 2 * j + 1]; }
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float acc[MAXB];
+        const uint8_t* mr = mask + r * (cols / 8);
+#ifdef ELSA512
+        switch (B * 2 + vbf) { CASES(BM_CASE) }
+#else
+        bm_row_scalar(mr, val, rowoff[r], cols, xf, B, vbf, acc);
+#endif
+        store(y, ybf, rows, r, B, acc);
+    }
+    free(tmp);
+    free(xd);
+    return 0;
+}
+
+/* y [batch, rows] = x [batch, cols] times the CSR matrix (rowptr[r]..rowptr[r + 1]: row r's values) */
+int csr_mv(int64_t rows, int64_t cols, int64_t batch, const int64_t* rowptr, const uint16_t* col, const void* val,
+           int vbf, const void* x, int xbf, void* y, int ybf, int nthreads) {
+    if (batch < 1 || batch > MAXB || cols > 65536) return -1;
+    float* tmp = NULL;
+    const float* xf = widen(x, xbf, batch * cols, &tmp);
+    const int B = (int)batch;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float acc[MAXB];
+        int64_t s = rowptr[r];
+        const void* vr = vbf ? (const void*)((const uint16_t*)val + s) : (const void*)((const float*)val + s);
+        for (int b = 0; b < B; b++) acc[b] = csr_row(col + s, vr, vbf, rowptr[r + 1] - s, xf + b * cols);
+        store(y, ybf, rows, r, B, acc);
+    }
+    free(tmp);
+    return 0;
+}
+
+/* y [batch, rows] = x [batch, cols] times the N:M matrix (n values + their positions per m columns) */
+int nm_mv(int64_t rows, int64_t cols, int64_t batch, int n, int m, int bits, const uint8_t* idx, const void* val,
+          int vbf, const void* x, int xbf, void* y, int ybf, int nthreads) {
+    if (batch < 1 || batch > MAXB || cols % m) return -1;
+    float* tmp = NULL;
+    const float* xf = widen(x, xbf, batch * cols, &tmp);
+    const int B = (int)batch;
+    const int vec = n == 2 && m == 4 && bits == 2 && cols % 8 == 0;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float acc[MAXB];
+        int64_t done = 0, k0 = r * (cols / m) * n;
+        for (int b = 0; b < B; b++) acc[b] = 0.f;
+#ifdef ELSA512
+        if (vec) {
+            const uint8_t* ir = idx + r * (cols / 8);
+            switch (B * 2 + vbf) { CASES(NM_CASE) }
+        }
+#else
+        (void)vec;
+#endif
+        if (done < cols)
+            nm_row_scalar(idx, val, k0 + done / m * n, done, cols, n, m, bits, xf, B, vbf, acc);
+        store(y, ybf, rows, r, B, acc);
+    }
+    free(tmp);
+    return 0;
+}
+""".replace("MAXB", str(MAX_BATCH))
+
+_LIB: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def cpu_key(source: str = C_SOURCE) -> str:
+    """A key for one kernel source on one kind of CPU: a library, or a plan measured with it, is valid for it."""
+    return hashlib.sha256((source + _cpu_flags() + os.uname().machine).encode()).hexdigest()[:16]
+
+
+def compile_library(source: str, stem: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """``source`` compiled once per source and CPU into ``$ELSA_CACHE/kernels/<stem>-<key>.so`` and loaded;
+    OSError (with the compiler's message) when there is no compiler or it fails. ``flags``: added to the
+    compiler's (tests: ``-mno-avx512f`` builds the scalar loops)."""
+    from elsa.assets import cache_dir
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    target = cache_dir() / "kernels" / f"{stem}-{cpu_key(source + ' '.join(flags))}.so"
+    if not target.exists():
+        if not cc or not (shutil.which(cc) or Path(cc).is_file()):
+            raise OSError(f"no C compiler ({cc or 'cc/gcc'}) on PATH")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src, out = Path(tmp) / f"{stem}.c", Path(tmp) / f"{stem}.so"
+            src.write_text(source)
+            try:
+                proc = subprocess.run([cc, "-O3", "-march=native", *flags, "-fopenmp", "-shared", "-fPIC", "-o",
+                                       str(out), str(src)], capture_output=True, text=True, timeout=120)
+            except subprocess.SubprocessError as exc:
+                raise OSError(f"{cc} failed: {exc}") from None
+            if proc.returncode:
+                raise OSError(f"{cc} failed: {proc.stderr.strip()[:300]}")
+            os.replace(out, target)
+    return ctypes.CDLL(str(target))
+
+
+def typed(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The library's functions with their C argument types."""
+    P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.bm_mv.argtypes = [I, I, I, P, P, P, C, P, C, P, C, C]
+    lib.nm_mv.argtypes = [I, I, I, C, C, C, P, P, C, P, C, P, C, C]
+    lib.csr_mv.argtypes = [I, I, I, P, P, P, C, P, C, P, C, C]
+    lib.bm_mv.restype = lib.nm_mv.restype = lib.csr_mv.restype = lib.elsa_simd.restype = C
+    return lib
+
+
+def library():
+    """The compressed-layout kernels (ctypes), or None with the reason in ``_LIB['reason']`` (logged once)."""
+    if "lib" in _LIB:
+        return _LIB["lib"]
+    lib, reason = None, None
+    try:
+        lib = typed(compile_library(C_SOURCE, "compressed"))
+    except OSError as exc:
+        lib, reason = None, str(exc)
+        log.warning("elsa: the compressed-layout kernels are not available (%s); torch's kernels compete alone", exc)
+    _LIB["lib"], _LIB["reason"] = lib, reason
+    return lib
+
+
+def unavailable() -> str | None:
+    """Why the compressed-layout kernels cannot run here (None when they can)."""
+    return None if library() is not None else f"not compiled: {_LIB.get('reason')}"
+
+
+def simd() -> str:
+    """Which path the library runs: ``avx512`` or ``scalar`` (no AVX-512 VBMI2/VL/BW on this CPU)."""
+    lib = library()
+    return "none" if lib is None else ("avx512" if lib.elsa_simd() == 512 else "scalar")
+
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def layout_support(weight: torch.Tensor, layout: str, nm: tuple[int, int] = (2, 4)) -> str | None:
+    """Why ``layout`` cannot hold this weight for these kernels (None when it can)."""
+    from elsa.sparse import nm_holds
+
+    if weight.dim() != 2 or weight.device.type != "cpu":
+        return "a 2-D CPU matrix is needed"
+    if weight.dtype not in _DTYPES:
+        return f"the kernels take fp32 or bf16 values, not {str(weight.dtype).removeprefix('torch.')}"
+    if layout == "bitmask" and weight.shape[1] % 8:
+        return f"{weight.shape[1]} columns: a row's bits must start on a byte (a multiple of 8)"
+    if layout == "csr" and weight.shape[1] > 65536:
+        return f"{weight.shape[1]} columns: uint16 positions take at most 65536"
+    if layout == "nm" and not nm_holds(weight, *nm):
+        return f"the weight is not {nm[0]}:{nm[1]} along its input dim"
+    return None
+
+
+class CompressedKernel:
+    """One matrix in a compressed layout (``bitmask`` or ``nm``) as :func:`elsa.sparse.encode` stores it, run by
+    the C kernels at batch <= MAX_BATCH. ``value_dtype``: the values' dtype (default: the weight's)."""
+
+    def __init__(self, weight: torch.Tensor, layout: str, threads: int = 1, nm: tuple[int, int] = (2, 4),
+                 value_dtype: torch.dtype | None = None):
+        from elsa.sparse import encode
+
+        w = weight.detach().to(value_dtype or weight.dtype).contiguous()
+        w = w.masked_fill(w == 0, 0.0)           # -0.0 is a zero here (encode would record its sign aside)
+        self.rows, self.cols = w.shape
+        self.layout, self.threads, self.value_dtype = layout, threads, w.dtype
+        self.nnz = int((w != 0).sum())
+        self._bound = None
+        if layout == "csr":                          # not the checkpoint's layout: CSR, uint16 columns
+            with warnings.catch_warnings():          # "sparse CSR support is in beta": only its indices are used
+                warnings.simplefilter("ignore", UserWarning)
+                csr = w.to_sparse_csr()
+            self.rowptr = csr.crow_indices().to(torch.int64).contiguous()
+            cols = csr.col_indices().to(torch.int32)
+            self.col = torch.where(cols >= 32768, cols - 65536, cols).to(torch.int16).contiguous()
+            self.values = csr.values().contiguous()
+            return
+        stored, meta = encode("w", w, nm if layout == "nm" else None, encoding=layout)
+        self.values = stored["w::values"].contiguous()
+        pad = torch.zeros(8, dtype=torch.uint8)       # the scalar loops may read a few bytes past a row
+        if layout == "bitmask":
+            self.mask = torch.cat([stored["w::bitmask"], pad])
+            counts = (w != 0).sum(1)
+            self.rowoff = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).contiguous()
+        else:
+            self.n, self.m, self.bits = meta["n"], meta["m"], meta["index_bits"]
+            self.indices = torch.cat([stored["w::indices"], pad])
+
+    def nbytes(self) -> int:
+        """What one product reads of the matrix (the bytes of its layout, the padding aside)."""
+        if self.layout == "bitmask":
+            return math.ceil(self.rows * self.cols / 8) + self.values.numel() * self.values.element_size() + \
+                self.rowoff.numel() * 8
+        if self.layout == "csr":
+            return self.values.numel() * (self.values.element_size() + 2) + self.rowptr.numel() * 8
+        return self.values.numel() * self.values.element_size() + math.ceil(self.values.numel() * self.bits / 8)
+
+    def _bind(self):
+        """The C function and its leading arguments, bound once (a decode step calls each matrix ~once)."""
+        lib, vbf = library(), int(self.value_dtype == torch.bfloat16)
+        if self.layout == "bitmask":
+            return lib.bm_mv, (self.mask.data_ptr(), self.rowoff.data_ptr(), self.values.data_ptr(), vbf)
+        if self.layout == "csr":
+            return lib.csr_mv, (self.rowptr.data_ptr(), self.col.data_ptr(), self.values.data_ptr(), vbf)
+        return lib.nm_mv, (self.n, self.m, self.bits, self.indices.data_ptr(), self.values.data_ptr(), vbf)
+
+    def __call__(self, x2d: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        if x2d.dtype not in _DTYPES:
+            raise TypeError(f"the compressed kernels take fp32 or bf16 activations, not {x2d.dtype}")
+        b = x2d.shape[0]
+        if not 1 <= b <= MAX_BATCH:
+            raise ValueError(f"the compressed kernels take 1 to {MAX_BATCH} tokens, not {b}")
+        if self._bound is None:
+            self._bound = self._bind()
+        fn, args = self._bound
+        x2d = x2d.contiguous()
+        y = torch.empty(b, self.rows, dtype=x2d.dtype)
+        xbf = int(x2d.dtype == torch.bfloat16)
+        if fn(self.rows, self.cols, b, *args, x2d.data_ptr(), xbf, y.data_ptr(), xbf,
+              self.threads if threads is None else threads):
+            raise ValueError(f"the {self.layout} kernel refused a {self.rows}x{self.cols} matrix at batch {b}")
+        return y
