@@ -128,3 +128,28 @@ def test_gumbel_sigmoid_gate_is_open_with_probability_sigmoid_of_the_scaled_logi
     gate = leap.soft(Weight(lin), logits, 0)
     opened = (gate > 0.5).float().mean(1)
     torch.testing.assert_close(opened, torch.sigmoid(torch.tensor([-1.0, 0.0, 1.6])), atol=0.03, rtol=0)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("method,sparsity,start", [("maskllm", "2:4", "sparsegpt"), ("leap", "0.5", "wanda")])
+def test_fsdp_two_ranks_match_single_process(tmp_path, method, sparsity, start):
+    """FSDP2 over 2 CPU processes: the logits sharded with their block, the prior from the start stage, the final
+    masks from the gathered logits; the same weights as one process with the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = [*TINY, f"method={method}", f"sparsity={sparsity}", f"start={start}", *FAST, "hardware.threads=1"]
+    single = run_cli(*args, "method.batch_size=2", f"hydra.run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "run.py"), *args, "hardware=fsdp_cpu", f"hydra.run.dir={tmp_path / 'fsdp'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _saved(tmp_path / "single"), _saved(tmp_path / "fsdp")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
