@@ -64,7 +64,7 @@ def test_maskllm_exact_2_4_on_frozen_weights_and_reload_gives_the_same_perplexit
 def test_leap_exact_ratio_per_matrix_from_wanda(tmp_path, ratio):
     r = run_pipeline(tmp_path, "method=leap", f"sparsity={ratio}", "start=wanda", *FAST)
     assert r["status"] == "done" and r["method_stats"]["prior"] == "wanda"
-    assert {"soft_density", "kept_norm_ratio", "tau", "scale"} <= set(r["method_stats"]["history"][-1])
+    assert {"soft_density", "kept_norm_ratio", "regulariser", "tau", "scale"} <= set(r["method_stats"]["history"][-1])
     saved, dense = _saved(tmp_path), _dense()
     pruned = _pruned_names(saved)
     for name in pruned:

@@ -79,5 +79,5 @@ class Leap(LearnedMask):
             ratio = sum(t["norm"] for t in terms) / sum(t["dense_norm"] for t in terms)
             loss = loss - self.weight_reg * (1.0 - step / self.train.steps) * ratio
             run.state.last["kept_norm_ratio"] = float(ratio.detach())
-        run.state.last["soft_density"] = float(density.detach())
+        run.state.last.update(soft_density=float(density.detach()), regulariser=float(loss.detach()))
         return loss

@@ -114,8 +114,9 @@ class LearnedMask(TrainingMethod):
             return None
         kept = sum(t["kept_sq"] for t in st.terms.values())
         st.terms = {}
-        st.last = {"kept_weight_sq": float(kept.detach())}
-        return -self.weight_reg * (1.0 - step / self.train.steps) * kept
+        reg = -self.weight_reg * (1.0 - step / self.train.steps) * kept
+        st.last = {"kept_weight_sq": float(kept.detach()), "regulariser": float(reg.detach())}
+        return reg
 
     def lr_lambda(self):
         t = self.train
@@ -222,7 +223,8 @@ class LearnedMask(TrainingMethod):
         run.state.hard = {}
 
     def periodic(self, run, done):
-        """A history record about 20 times a run: the loss (with the regularisers), LR, temperature, scale."""
+        """A history record about 20 times a run: the loss (the regulariser included: the next-token loss is about
+        loss - regulariser), LR, temperature, scale."""
         every = max(1, self.train.steps // 20)
         if done % every and done != self.train.steps:
             return None
