@@ -214,6 +214,12 @@ class LearnedMask(TrainingMethod):
     def start(self, run):
         run.state.step = 0
         run.stats["prior"] = self.prior
+        ctx = run.ctx
+        if self.eval_initial and "evaluate" in ctx.extras and run.world == 1:
+            # the hard mask of the initial logits (the prior's, up to the init noise) on the dense weights: what
+            # the training starts from (after start=sparsegpt: SparseGPT's mask without its weight updates)
+            run.stats["initial_mask_perplexity"] = self.evaluate_sparse(run, ctx.extras["evaluate"])
+            log.info("perplexity of the initial mask (%s prior): %s", self.prior, run.stats["initial_mask_perplexity"])
 
     def load_method_state(self, run, state):
         run.state.step = int(state["step"])
