@@ -145,6 +145,7 @@ class LearnedMask(TrainingMethod):
             if not hasattr(w.module, "elsa_mask"):
                 w.module.elsa_mask = MaskLogits()
             w.module.elsa_mask.logits[w.attr] = nn.Parameter(self.init_logits(w, prior, ctx.target.at(name)))
+        ctx.teacher = None     # the dense weights are back in the model: the copy is freed (no distillation)
 
     def prior_logits(self, shape, agreement: torch.Tensor) -> torch.Tensor:
         """N(0, init_std) logits shifted by ``agreement`` (in [-1, 1] per entry) x their std x prior_strength:
@@ -271,9 +272,11 @@ class LearnedMask(TrainingMethod):
 
     def prune(self, ctx):
         """Train the logits in the engine, then detach them: the model is a plain sparse model again."""
+        from elsa.engine import TrainEngine
+
         self.target = ctx.target
         try:
-            return super().prune(ctx)
+            return TrainEngine(self).run(ctx, None)   # no teacher: the loss is the next-token loss
         finally:
             for w in prunable_weights(ctx.model).values():
                 if hasattr(w.module, "elsa_mask"):
