@@ -10,7 +10,7 @@ calls the hooks of a :class:`elsa.methods.training_method.TrainingMethod`, in th
     state = setup(run)              the method's state for this run (fresh or resumed), kept as run.state
     start(run)                      fresh runs only: initial projection / masks; may add to run.stats
     load_method_state(run, saved)   resumed runs only, instead of start
-    per step:  (forward/backward over the micro-batches, NaN stop, grad clip)
+    per step:  (forward + extra_loss(run, step) / backward over the micro-batches, NaN stop, grad clip)
         before_optimizer(run, step) -> postfix dict      gradient edits
         (optimizer step, LR step)
         after_optimizer(run, step)                       weight edits
@@ -228,7 +228,8 @@ class TrainEngine:
         frozen = kept_dense(model)           # routers and ignored / untargeted weights stay bit-identical
         own = {id(p) for mod in model.modules() if getattr(mod, "elsa_trains", False) for p in mod.parameters()}
         for p in model.parameters():         # a method's own modules (extend: AST's SLoRB) always train
-            p.requires_grad_((s.train_dense_params and id(p) not in frozen) or id(p) in ids_c or id(p) in own)
+            p.requires_grad_((s.train_dense_params and id(p) not in frozen) or (id(p) in ids_c and m.trains_weights)
+                             or id(p) in own)
         trainable = [p for p in model.parameters() if p.requires_grad]
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -316,7 +317,9 @@ class TrainEngine:
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(s.grad_accum):
-                loss = self.compute_loss(model, run.teacher, run.micro_batch(step, micro)) / s.grad_accum
+                loss = self.compute_loss(model, run.teacher, run.micro_batch(step, micro))
+                extra = m.extra_loss(run, step)      # a method's own terms (regularisers of its forward)
+                loss = (loss if extra is None else loss + extra) / s.grad_accum
                 loss.backward()
                 total += float(loss.detach())
             if run.world > 1:  # the logged loss is the global batch's

@@ -277,7 +277,7 @@ class Run:
             raise config_error("hardware.device", self.device, "cpu (no CUDA device is visible)")
         self.fsdp = bool(cfg.hardware.get("fsdp", False))
         if self.fsdp and not getattr(self.method, "supports_fsdp", False):
-            raise config_error("hardware", "fsdp", f"a global method (elsa, elsa_l, ast); method={cfg.method.name} is "
+            raise config_error("hardware", "fsdp", f"a global method (elsa, elsa_l, ast, maskllm, leap); method={cfg.method.name} is "
                                "layer-wise and runs one block at a time on one device")
         self.source.check()
         if self.needs_calibration:
@@ -408,7 +408,7 @@ class Run:
                            tracker=self.tracker,
                            extras={"fsdp": self.fsdp, "evaluate": lambda m: self.eval.run(m, tok, "start")})
         if self.start is not None:  # the start stage prunes first; the dense model stays the teacher
-            ctx.teacher = copy.deepcopy(model) if self.method.distils else None
+            ctx.teacher = copy.deepcopy(model) if self.method.distils or self.method.keeps_dense else None
             log.info("starting %s from %s's solution", cfg.method.name, self.start_info["name"])
             self.results["start"] = self.timed("start", self.run_start, ctx)
             ctx.start = self.start_info["name"]

@@ -51,7 +51,7 @@ from elsa.sparsity import Sparsity
 from elsa.results import RESULTS, RunRecord, read_record
 
 log = logging.getLogger(__name__)
-METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm", "ast", "ast_boosted", "elsa",
+METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm", "ast", "ast_boosted", "maskllm", "leap", "elsa",
                 "elsa_l"]
 START_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm"]
 BUDGET_ORDER = ["paper", "cpu", "quick", "demo"]

@@ -191,7 +191,7 @@ def _checkpoint(family, root: Path) -> Path:
     return path
 
 
-GLOBAL = ["elsa", "elsa_l", "ast"]
+GLOBAL = ["elsa", "elsa_l", "ast", "maskllm", "leap"]
 TRAIN = ["method.steps=2", "method.batch_size=1", "method.grad_accum=1", "method.eval_every=0", "seqlen=32",
          "eval.max_tokens=256", "eval.dense=false"]
 
@@ -201,7 +201,8 @@ TRAIN = ["method.steps=2", "method.batch_size=1", "method.grad_accum=1", "method
 def test_global_methods_train_every_family(family, method, tmp_path):
     """Through the real pipeline: trained (through MoE routing too), projected, saved, reloaded."""
     ckpt = _checkpoint(family, tmp_path)
-    over = ["model=hf", f"model.path={ckpt}", f"method={method}", *TRAIN, "save_model=true"]
+    over = ["model=hf", f"model.path={ckpt}", f"method={method}", *TRAIN, "save_model=true",
+            *(["sparsity=2:4"] if method == "maskllm" else [])]   # MaskLLM learns N:M masks only
     out = run_pipeline(tmp_path / "out", *over)
     assert out["status"] == "done" and out["sparsity"]["measured"] == pytest.approx(0.5)
     dense = {n: p for n, p in transformers.AutoModelForCausalLM.from_pretrained(ckpt).named_parameters()}

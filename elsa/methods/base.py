@@ -47,6 +47,7 @@ class Pruner:
     takes_start: bool = False     # continues from the model it is given (start=): the training methods
     has_budget: bool = False      # has steps / epochs that budget= sets (conf/method_budget/<budget>/<name>.yaml)
     distils: bool = False         # reads ctx.teacher (the dense model) when a start stage ran
+    keeps_dense: bool = False     # reads ctx.teacher too: learns a mask on the dense weights (MaskLLM, LEAP)
     eval_initial: bool = False    # the pipeline reports the perplexity of the start stage's solution
 
     def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:

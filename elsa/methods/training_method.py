@@ -24,6 +24,7 @@ class TrainingMethod(Pruner):
     has_budget = True
     nan_hint = "lower method.lr"
     shared_settings = TrainSettings   # where **shared goes: its fields are keys of every training method (elsa.spec)
+    trains_weights = True   # False: the prunable weights stay frozen (only the method's own modules train: MaskLLM)
 
     def __init__(self, **shared):
         """``shared``: the keys of :class:`TrainSettings`; a method passes its own defaults for them and adds its
@@ -65,6 +66,10 @@ class TrainingMethod(Pruner):
 
     def start(self, run: TrainRun) -> None:
         """A fresh run: initial masks / projections; may add entries to ``run.stats``."""
+
+    def extra_loss(self, run: TrainRun, step: int):
+        """A term added to each micro-batch's loss after its forward (a tensor), or None."""
+        return None
 
     def before_optimizer(self, run: TrainRun, step: int) -> dict:
         """Edit the (clipped) gradients; return extra progress-bar fields."""

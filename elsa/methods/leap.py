@@ -1,0 +1,83 @@
+"""LEAP (Mozaffari et al., 2026): an unstructured mask learned end to end on frozen weights.
+
+Every prunable weight has its own logit theta; a training forward samples a relaxed Bernoulli gate by
+Gumbel-sigmoid, m = sigmoid((theta * scale + L) / tau) with L logistic noise (the reference's two-way
+Gumbel-softmax over (0, theta * scale), the same distribution), tau annealed linearly from 4 to 0.05 and the
+scale from 25 to 350 over the steps. theta starts at N(0, 0.014) plus +-1 x its std x ``prior_strength`` (3) on
+the prior mask's kept / pruned weights: a one-shot method's mask (``start=wanda``, the reference's) or the
+magnitude mask from the dense model. Only theta trains (AdamW at 1e-3, cosine after 5 warmup steps, no weight
+decay), on the next-token loss plus ``sparse_reg`` |density - target density| (the soft masks' mean over every
+pruned matrix: the global budget) minus ``weight_reg`` (1 - t/T) sum ||m * w|| / sum ||w|| (the weight-aware
+term). The reference's final mask is theta > 0, whose density the penalty only approaches; here the final mask
+keeps exactly the target's count: the largest theta per matrix at its (allocated) ratio (``group``: the whole
+matrix, or per row / column). The final weights are the dense weights times it.
+"""
+from __future__ import annotations
+
+import torch
+
+from elsa.errors import ElsaError, positive
+from elsa.methods.learned_mask import LearnedMask, check_range, schedule
+from elsa.sparsity import check_group, mask_from_scores
+
+
+class Leap(LearnedMask):
+    """Per-weight Gumbel-sigmoid masks under a density penalty, as hooks of the training engine."""
+
+    name = "leap"
+
+    def __init__(self, gumbel_temperature=(4.0, 0.05), gumbel_scale=(25.0, 350.0), prior_strength: float = 3.0,
+                 init_std: float = 0.014, sparse_reg: float = 7.0, weight_reg: float = 10.0, group: str = "layer",
+                 **shared):
+        shared = {"steps": 2000, "batch_size": 8, "grad_accum": 16, "lr": 1e-3, "warmup_steps": 5,
+                  "lr_final_ratio": 0.0, "weight_decay": 0.0, **shared}
+        super().__init__(prior_strength=prior_strength, init_std=init_std, weight_reg=weight_reg, **shared)
+        self.gumbel_temperature = check_range("method.gumbel_temperature", gumbel_temperature)
+        self.gumbel_scale = check_range("method.gumbel_scale", gumbel_scale)
+        self.sparse_reg = positive("method.sparse_reg", sparse_reg, zero_ok=True)
+        self.group = check_group(group)
+        self.config.update(gumbel_temperature=self.gumbel_temperature, gumbel_scale=self.gumbel_scale,
+                           sparse_reg=sparse_reg, group=group)
+
+    def validate(self, model, target) -> None:
+        if target.is_nm:
+            raise ElsaError(f"method=leap learns unstructured masks; sparsity={target} is an N:M pattern (use a "
+                            "ratio such as sparsity=0.5, or method=maskllm for N:M masks learned end to end)")
+        super().validate(model, target)
+
+    # -- the logits: one per weight, the parameter's storage as [-1, last dim] ----------------------------
+    def init_logits(self, w, prior, target):
+        sign = prior.float() * 2.0 - 1.0                     # +1 kept, -1 pruned by the prior
+        return self.prior_logits(sign.shape, sign).reshape(-1, sign.shape[-1])
+
+    def soft(self, w, logits, step):
+        tau = schedule(self.gumbel_temperature, step, self.train.steps)
+        scale = schedule(self.gumbel_scale, step, self.train.steps)
+        u = torch.rand_like(logits, dtype=torch.float32).clamp_(1e-10, 1.0 - 1e-7)
+        noise = torch.log(u) - torch.log1p(-u)               # logistic = the difference of two Gumbels
+        return torch.sigmoid((logits.float() * scale + noise) / tau).reshape(w.param.shape)
+
+    def hard(self, name, w, logits, target):
+        scores = logits.float().reshape(w.param.shape)
+        return mask_from_scores(scores, target.at(name), self.group, w.transposed)
+
+    # -- the regularisers -----------------------------------------------------------------------------
+    def record(self, st, name, weight, mask):
+        m = mask.float()
+        st.terms[name] = {"kept": m.sum(), "numel": m.numel(),
+                          "norm": (weight.detach().float() * m).norm(), "dense_norm": weight.detach().float().norm()}
+
+    def extra_loss(self, run, step):
+        """sparse_reg |density - (1 - target)| - weight_reg (1 - t/T) sum ||m w|| / sum ||w||, the reference's."""
+        terms = list(run.state.terms.values())
+        run.state.terms = {}
+        if not terms:
+            return None
+        density = sum(t["kept"] for t in terms) / sum(t["numel"] for t in terms)
+        loss = self.sparse_reg * (density - (1.0 - run.target.ratio)).abs()
+        if self.weight_reg:
+            ratio = sum(t["norm"] for t in terms) / sum(t["dense_norm"] for t in terms)
+            loss = loss - self.weight_reg * (1.0 - step / self.train.steps) * ratio
+            run.state.last["kept_norm_ratio"] = float(ratio.detach())
+        run.state.last.update(soft_density=float(density.detach()), regulariser=float(loss.detach()))
+        return loss
