@@ -50,9 +50,9 @@ from elsa.sparsity import Sparsity
 from elsa.sweep import RESULTS, read_results
 
 log = logging.getLogger(__name__)
-METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm", "ast", "ast_boosted", "elsa",
-                "elsa_l"]
-START_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm"]
+METHOD_ORDER = ["dense", "magnitude", "wanda", "ria", "dsnot", "sparsegpt", "oats", "sparsellm", "safe", "alps", "ladmm", "ast",
+                "ast_boosted", "elsa", "elsa_l"]
+START_ORDER = ["dense", "magnitude", "wanda", "ria", "dsnot", "sparsegpt", "sparsellm", "safe", "alps", "ladmm"]
 BUDGET_ORDER = ["paper", "cpu", "quick", "demo"]
 ALLOCATION_ORDER = ["uniform", "owl", "global", "profile"]
 PPL = "ppl/"          # column prefix: perplexity of the pruned model per corpus
@@ -162,6 +162,9 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
     over = sparsity.get("over_target")
     if method and over:                       # fewer non-zeros than the target: not the asked-for sparsity
         method = f"{method} (over target: {sparsity.get('measured'):.3f})"
+    lowrank = sparsity.get("lowrank_params")
+    if method and lowrank and sparsity.get("pruned_params"):   # dense low-rank factors among the non-zeros (OATS)
+        method = f"{method} (low rank {lowrank / sparsity['pruned_params']:.1%} + sparse {1 - sparsity['measured']:.1%})"
     none = (data.get("method_stats") or {}).get("experts_without_tokens")
     if method and isinstance(none, dict) and none.get("count"):   # experts no calibration token reached
         method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"
@@ -171,6 +174,7 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
            "sparsity": target,
            "sparsity_ratio": ratio, "nm": is_nm, "seed": data.get("seed"), "status": data.get("status"),
            "measured_sparsity": sparsity.get("measured"), "nonzero_params": params.get("nonzero"),
+           "lowrank_params": sparsity.get("lowrank_params"),
            "total_params": params.get("total"), "pruned_layer_params": sparsity.get("pruned_params"),
            "zero_shot_mean": _zero_shot_mean(data.get("zero_shot")),
            "dense_zero_shot_mean": _zero_shot_mean(data.get("dense_zero_shot")),

@@ -136,8 +136,8 @@ def test_old_names_error_with_the_new_spelling(tmp_path):
 
 def test_conf_method_holds_one_file_per_method():
     files = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
-    assert files == ["alps", "ast", "ast_boosted", "dense", "elsa", "elsa_l", "ladmm", "magnitude", "safe",
-                     "sparsegpt", "sparsellm", "wanda"]
+    assert files == ["alps", "ast", "ast_boosted", "dense", "dsnot", "elsa", "elsa_l", "ladmm", "magnitude", "oats",
+                     "ria", "safe", "sparsegpt", "sparsellm", "wanda"]
     for name in files:
         assert compose([f"method={name}"]).method.name == name
 
@@ -232,7 +232,7 @@ OLD_GRIDS = {
     "frontier_small": "magnitude,wanda,sparsegpt,elsa_quick",
 }
 # cells a grid gained after the preset names went (issue 14: AST-Boosted next to AST-Naive in the field)
-ADDED_CELLS = {"field": [["method=ast_boosted"]]}
+ADDED_CELLS = {"field": [["method=ast_boosted"], ["method=ria"], ["method=dsnot"], ["method=oats"]]}   # issue 29
 
 
 def _effective(cfg) -> tuple[dict, str]:
@@ -298,10 +298,10 @@ def test_help_shows_the_three_groups():
     assert proc.returncode == 0
     groups = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line and " " not in
                   line.split(": ", 1)[0])
-    assert groups["method"] == ("alps, ast, ast_boosted, dense, elsa, elsa_l, ladmm, magnitude, safe, sparsegpt, "
-                                "sparsellm, wanda")
+    assert groups["method"] == ("alps, ast, ast_boosted, dense, dsnot, elsa, elsa_l, ladmm, magnitude, oats, ria, "
+                                "safe, sparsegpt, sparsellm, wanda")
     assert groups["budget"] == "cpu, demo, paper, quick"
-    assert groups["start"] == "alps, dense, ladmm, magnitude, safe, sparsegpt, sparsellm, wanda"
+    assert groups["start"] == "alps, dense, dsnot, ladmm, magnitude, ria, safe, sparsegpt, sparsellm, wanda"
     assert "start=    where it starts" in proc.stdout
 
 
