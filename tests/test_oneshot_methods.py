@@ -131,7 +131,7 @@ def test_oats_without_rank_is_wanda_per_row():
 
 def test_oats_run_saves_and_reloads_with_its_low_rank_branches(tmp_path):
     out = run_pipeline(tmp_path / "run", "method=oats", "method.iters=4", "sparsity=0.5", "save_model=true",
-                       "eval.dense=false")
+                       "save_format=both", "eval.dense=false")
     assert out["status"] == "done" and "over_target" not in out["sparsity"]
     lowrank = out["params"]["dense_by_kind"]["lowrank"]
     assert lowrank == out["method_stats"]["lowrank_params"] == out["sparsity"]["lowrank_params"] > 0
@@ -142,6 +142,8 @@ def test_oats_run_saves_and_reloads_with_its_low_rank_branches(tmp_path):
     from test_ast import _perplexity
     tok = transformers.AutoTokenizer.from_pretrained(out["model_dir"])
     assert _perplexity(back, tok)["wiki"] == pytest.approx(out["perplexity"]["wiki"], rel=1e-6)
+    compressed = from_pretrained(out["compressed"]["dir"])
+    assert _perplexity(compressed, tok)["wiki"] == pytest.approx(out["perplexity"]["wiki"], rel=1e-6)
     plain = transformers.AutoModelForCausalLM.from_pretrained(out["model_dir"])
     assert _perplexity(plain, tok)["wiki"] != pytest.approx(out["perplexity"]["wiki"], rel=1e-6)
 
@@ -221,3 +223,10 @@ def test_ria_permute_without_nm_is_refused_on_the_command_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("elsa: error: method.permute=True is not allowed: false for sparsity=0.5"), proc.stderr[-2000:]
     assert read_results(tmp_path)["status"] == "failed"
+
+
+@pytest.mark.parametrize("name,cls", [("ria", RIA), ("dsnot", DSnoT)])
+def test_ria_and_dsnot_are_starts_of_a_training_method(name, cls):
+    cfg = compose(["method=elsa", f"start={name}", "start.batch_size=2"])
+    stage = build_component(cfg.start, "start")
+    assert isinstance(stage, cls) and not stage.takes_start and stage.batch_size == 2

@@ -159,20 +159,20 @@ def branches(model: nn.Module) -> dict[str, LowRank]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LowRank)}
 
 
-def from_pretrained(path, **kwargs):
-    """A saved HF dir of an OATS model: ``AutoModelForCausalLM.from_pretrained`` with every low-rank branch
-    re-attached from the ``.lowrank.`` tensors of its safetensors files, so it computes what the pruned model
-    computed when it was saved. A dir without branches loads as the plain model."""
+def _load(path: Path, **kwargs) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """(the HF model without branches, the branches' tensors) of an HF dir or a compressed dir."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from elsa.slorb import _owner
+    from elsa.sparse import INDEX, load_compressed, load_state_dict
 
-    path = Path(path)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()    # the branches' tensors are "unexpected" to the HF class: they load below
     try:
+        if (path / INDEX).exists():
+            model = load_compressed(path, **kwargs)
+            return model, {k: v for k, v in load_state_dict(path).items() if f".{PREFIX}." in k}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     finally:
         hf_logging.set_verbosity(level)
@@ -183,6 +183,16 @@ def from_pretrained(path, **kwargs):
     for name in files:
         with safe_open(str(path / name), "pt") as fh:
             tensors.update({k: fh.get_tensor(k) for k in fh.keys() if f".{PREFIX}." in k})
+    return model, tensors
+
+
+def from_pretrained(path, **kwargs):
+    """A saved OATS model, an HF dir (``<run dir>/model``) or a compressed dir (``<run dir>/model_compressed``):
+    the HF model with every low-rank branch re-attached from the saved ``.lowrank.`` tensors, so it computes
+    what the pruned model computed when it was saved. A dir without branches loads as the plain model."""
+    from elsa.slorb import _owner
+
+    model, tensors = _load(Path(path), **kwargs)
     params = dict(model.named_parameters())
     for owner in sorted({k.rsplit(f".{PREFIX}.", 1)[0] for k in tensors}):
         module = _owner(model, owner, params)
