@@ -120,6 +120,17 @@ def test_oats_budget_counts_the_low_rank_factors(sparsity):
     assert recon_error(w, s + up @ down, x) < recon_error(w, wanda, x)         # at the same non-zeros
 
 
+def test_oats_subspace_svd_ends_near_the_exact_alternation():
+    x, g = correlated_inputs(), torch.Generator().manual_seed(3)
+    w = layer().weight.detach() + 0.1 * torch.randn(32, 3, generator=g) @ torch.randn(3, 64, generator=g)
+    rank, sparse = budget(32, 64, Sparsity(0.5), 0.25)
+    exact = oats_decompose(w, x.pow(2).sum(0).sqrt(), rank, sparse, 30)
+    fast = oats_decompose(w, x.pow(2).sum(0).sqrt(), rank, sparse, 30, "subspace")
+    assert fast[3][0] == exact[3][0] and fast[3][-1] < fast[3][0]
+    assert fast[3][-1] == pytest.approx(exact[3][-1], rel=0.02)
+    assert int((fast[0] != 0).sum()) == int((exact[0] != 0).sum())
+
+
 def test_oats_without_rank_is_wanda_per_row():
     x, lin = correlated_inputs(), layer()
     w = lin.weight.detach().clone()
@@ -211,6 +222,7 @@ def test_oats_on_every_family_or_its_refusal(family, tmp_path):
     ("method=dsnot method.skip=attention", "method.skip=attention is not allowed: one of mlp, none"),
     ("method=oats method.rank_ratio=1", "method.rank_ratio=1 is not allowed: a number in [0, 1)"),
     ("method=oats method.iters=0", "method.iters=0 is not allowed"),
+    ("method=oats method.svd=randomized", "method.svd=randomized is not allowed: one of exact, subspace"),
 ])
 def test_bad_knobs_are_one_line_errors(override, needle):
     with pytest.raises(ElsaError, match="^" + needle.replace(".", r"\.").replace("[", r"\[").replace(")", r"\)")):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elsa.errors import ElsaError, config_error, positive
+from elsa.errors import ElsaError, config_error, one_of, positive
 from elsa.layerwise import LayerwisePruner
 from elsa.methods.wanda import InputNorms
 from elsa.models import expert_tensors
@@ -82,11 +82,30 @@ def budget(rows: int, cols: int, target: Sparsity, rank_ratio: float) -> tuple[i
     return rank, Sparsity(ratio=(numel - sparse_keep) / numel, exact=True)
 
 
+SVDS = ("exact", "subspace")
+OVERSAMPLE = 10
+
+
+def _truncated(a: torch.Tensor, rank: int, basis: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(up, down, basis) with up @ down the rank-r approximation of ``a``: the exact truncated SVD when ``basis``
+    is None, else one subspace-iteration step from ``basis`` (the previous alternation's top right singular
+    vectors, r + 10 of them), which the slowly changing ``a`` of the alternation keeps close to exact."""
+    if basis is None:
+        u, sv, vh = torch.linalg.svd(a, full_matrices=False)
+    else:
+        q, _ = torch.linalg.qr(a @ basis)
+        ub, sv, vh = torch.linalg.svd(q.t() @ a, full_matrices=False)
+        u = q @ ub
+    keep = min(rank + OVERSAMPLE, vh.shape[0])
+    return u[:, :rank] * sv[:rank], vh[:rank], vh[:keep].t().contiguous()
+
+
 @torch.no_grad()
-def oats_decompose(weight: torch.Tensor, norms: torch.Tensor, rank: int, sparse: Sparsity,
-                   iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+def oats_decompose(weight: torch.Tensor, norms: torch.Tensor, rank: int, sparse: Sparsity, iters: int,
+                   svd: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
     """(S, up, down, the relative scaled error ||W D - S' - L'|| / ||W D|| per iteration), float32, with
-    W ≈ S + up @ down. Does not modify its inputs."""
+    W ≈ S + up @ down. ``svd=subspace``: the first and the last alternation take the exact SVD, the others one
+    warm-started subspace-iteration step (:func:`_truncated`). Does not modify its inputs."""
     d = norms.float().to(weight.device)
     positive_d = d[d > 0]
     d = d.clamp_min(float(positive_d.min()) if positive_d.numel() else 1.0)
@@ -95,12 +114,12 @@ def oats_decompose(weight: torch.Tensor, norms: torch.Tensor, rank: int, sparse:
     s = torch.zeros_like(scaled)
     up = scaled.new_zeros(scaled.shape[0], rank)
     down = scaled.new_zeros(rank, scaled.shape[1])
-    errors = []
-    for _ in range(iters if rank else 1):
+    basis, errors, steps = None, [], iters if rank else 1
+    for step in range(steps):
         low = torch.zeros_like(scaled)
         if rank:
-            u, sv, vh = torch.linalg.svd(scaled - s, full_matrices=False)
-            up, down = u[:, :rank] * sv[:rank], vh[:rank]
+            exact = svd == "exact" or step == steps - 1
+            up, down, basis = _truncated(scaled - s, rank, None if exact else basis)
             low = up @ down
         s = scaled - low
         s = s * mask_from_scores(s.abs(), sparse, "row")
@@ -109,8 +128,9 @@ def oats_decompose(weight: torch.Tensor, norms: torch.Tensor, rank: int, sparse:
 
 
 class OATS(LayerwisePruner):
-    def __init__(self, rank_ratio: float = 0.25, iters: int = 80, batch_size: int = 8):
+    def __init__(self, rank_ratio: float = 0.25, iters: int = 80, svd: str = "exact", batch_size: int = 8):
         super().__init__(batch_size)
+        self.svd = one_of("method.svd", svd, SVDS)
         self.rank_ratio = positive("method.rank_ratio", rank_ratio, zero_ok=True, paper="0.25")
         if self.rank_ratio >= 1:
             raise config_error("method.rank_ratio", rank_ratio, "a number in [0, 1) (the paper: 0.25)")
@@ -135,7 +155,7 @@ class OATS(LayerwisePruner):
     def prune_linear(self, name: str, linear, stats: InputNorms, target: Sparsity) -> dict:
         w = linear.weight
         rank, sparse = budget(w.shape[0], w.shape[1], target, self.rank_ratio)
-        s, up, down, errors = oats_decompose(w, stats.norms(), rank, sparse, self.iters)
+        s, up, down, errors = oats_decompose(w, stats.norms(), rank, sparse, self.iters, self.svd)
         w.copy_(s.to(w.dtype))
         if rank:
             module = linear.source.module
@@ -148,7 +168,7 @@ class OATS(LayerwisePruner):
 
     def summarize(self, per_layer: dict[str, dict]) -> dict:
         values = list(per_layer.values())
-        return {"rank_ratio": self.rank_ratio, "iters": self.iters,
+        return {"rank_ratio": self.rank_ratio, "iters": self.iters, "svd": self.svd,
                 "lowrank_params": sum(v["lowrank_params"] for v in values),
                 "ranks": {k: v["rank"] for k, v in per_layer.items()},
                 "scaled_error_mean": sum(v["error"] for v in values) / max(len(values), 1),
