@@ -306,8 +306,10 @@ class LayerwiseEngine:
         stacked = {name: w for name, w in weights.items() if w.experts is not None}
         sums: dict[str, list[float]] = {}
 
-        def add(name, x, y, delta_w):
+        def add(name, x, y, delta_w, branch=None):
             delta = torch.nn.functional.linear(x, delta_w)          # x (W - W_dense)^T
+            if branch is not None:                                  # a dense branch added to the output (OATS)
+                delta = delta + branch(x)
             acc = sums.setdefault(name, [0.0, 0.0])
             acc[0] += float(delta.double().square().sum())
             acc[1] += float((y - delta).double().square().sum())    # x W_dense^T
@@ -319,7 +321,7 @@ class LayerwiseEngine:
                 bias = getattr(module, "bias", None)
                 if bias is not None:
                     y = y - bias
-                add(name, x, y, w.view(w.param) - w.view(dense[name]))
+                add(name, x, y, w.view(w.param) - w.view(dense[name]), getattr(module, "lowrank", None))
             return fn
 
         def expert_call(name, expert, x, out):

@@ -51,9 +51,9 @@ from elsa.sparsity import Sparsity
 from elsa.results import RESULTS, RunRecord, read_record
 
 log = logging.getLogger(__name__)
-METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm", "ast", "ast_boosted", "maskllm", "leap", "elsa",
-                "elsa_l"]
-START_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "sparsellm", "safe", "alps", "ladmm"]
+METHOD_ORDER = ["dense", "magnitude", "wanda", "ria", "dsnot", "sparsegpt", "oats", "sparsellm", "safe", "alps", "ladmm",
+                "ast", "ast_boosted", "maskllm", "leap", "elsa", "elsa_l"]
+START_ORDER = ["dense", "magnitude", "wanda", "ria", "dsnot", "sparsegpt", "sparsellm", "safe", "alps", "ladmm"]
 BUDGET_ORDER = ["paper", "cpu", "quick", "demo"]
 ALLOCATION_ORDER = ["uniform", "owl", "global", "profile"]
 PPL = "ppl/"          # column prefix: perplexity of the pruned model per corpus
@@ -169,6 +169,9 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
     over = sparsity.get("over_target")
     if method and over:                       # fewer non-zeros than the target: not the asked-for sparsity
         method = f"{method} (over target: {sparsity.get('measured'):.3f})"
+    lowrank = sparsity.get("lowrank_params")
+    if method and lowrank and sparsity.get("pruned_params"):   # dense low-rank factors among the non-zeros (OATS)
+        method = f"{method} (low rank {lowrank / sparsity['pruned_params']:.1%} + sparse {1 - sparsity['measured']:.1%})"
     none = rec.stats.get("experts_without_tokens")
     if method and isinstance(none, dict) and none.get("count"):   # experts no calibration token reached
         method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"
@@ -178,6 +181,7 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
            "sparsity": target,
            "sparsity_ratio": ratio, "nm": is_nm, "seed": rec.seed, "status": rec.status,
            "measured_sparsity": sparsity.get("measured"), "nonzero_params": params.get("nonzero"),
+           "lowrank_params": sparsity.get("lowrank_params"),
            "total_params": params.get("total"), "pruned_layer_params": sparsity.get("pruned_params"),
            "zero_shot_mean": _zero_shot_mean(rec.zero_shot),
            "dense_zero_shot_mean": _zero_shot_mean(rec.dense_zero_shot),

@@ -110,6 +110,7 @@ FAST = {   # the methods' own configs, shortened so that a tiny model prunes in 
     "alps": ["method.max_iters=12", "method.pcg_iters=5"],
     "ladmm": ["method.iters=6", "method.grow_iters=3", "method.pcg_iters=5"],
     "safe": ["method.epochs=1", "method.warmup_epochs=0", "method.interval=1", "method.batch_size=2"],
+    "ria": [], "dsnot": [],      # OATS adds low-rank branches: tests/test_oneshot_methods.py checks its budget
 }
 
 
