@@ -8,6 +8,10 @@
       the real training engine's step (TrainEngine.train on the default model, the method and budget composed
       from conf/) for each method x method.autocast_bf16 variant, run alternately in one process; the median
       step time of each (first step of every run excluded) and the ratio to the first.
+  python bench/bench_elsa.py optim [--numel 5308416]
+      one optimizer step on fp32 parameters of the default model's MLP shape (576 x 1536) with the same gradients:
+      torch's fused and foreach AdamW, torchao's AdamW8bit and elsa.optim8bit.AdamW8bitCPU (ELSA-L's optimizer on
+      a CPU); the fastest of 5 steps after the first, and the 8-bit weights' largest difference from torchao's.
   python bench/bench_elsa.py memory
       optimiser + ADMM state bytes per pruned parameter for elsa and elsa_l, measured from the tensors
       after two steps on the default model.
@@ -120,6 +124,43 @@ def step(args):
     print(json.dumps(out, indent=2))
 
 
+def optim(args):
+    from torchao.optim import AdamW8bit
+
+    from elsa.optim8bit import AdamW8bitCPU
+
+    torch.manual_seed(0)
+    shape = (576, 1536)
+    count = max(1, args.numel // (shape[0] * shape[1]))
+    w0 = [torch.randn(shape) * 0.02 for _ in range(count)]
+    grads = [[torch.randn(shape) * 1e-3 for _ in w0] for _ in range(6)]
+
+    def run(make):
+        ps = [torch.nn.Parameter(w.clone()) for w in w0]
+        opt = make(ps)
+        times = []
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g
+            t = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t)
+        return ps, min(times[1:])
+
+    kw = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    runs = {"adamw_fused": run(lambda ps: torch.optim.AdamW(ps, fused=True, **kw)),
+            "adamw_foreach": run(lambda ps: torch.optim.AdamW(ps, foreach=True, **kw)),
+            "torchao_adamw8bit": run(lambda ps: AdamW8bit(ps, **kw)),
+            "elsa_adamw8bit_cpu": run(lambda ps: AdamW8bitCPU(ps, **kw))}
+    ref, ours = runs["torchao_adamw8bit"][0], runs["elsa_adamw8bit_cpu"][0]
+    out = {"params": count * shape[0] * shape[1], "threads": torch.get_num_threads(),
+           "step_s": {k: v[1] for k, v in runs.items()},
+           "max_abs_diff_vs_torchao": max(float((a - b).abs().max()) for a, b in zip(ref, ours)),
+           "mean_abs_diff_vs_torchao": sum(float((a - b).abs().mean()) for a, b in zip(ref, ours)) / count,
+           "load": open("/proc/loadavg").read().split()[:3]}
+    print(json.dumps(out, indent=2))
+
+
 def memory(args):
     import subprocess
 
@@ -138,7 +179,8 @@ def memory(args):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["overhead", "memory", "step"])
+    ap.add_argument("what", choices=["overhead", "memory", "step", "optim"])
+    ap.add_argument("--numel", type=int, default=5308416)
     ap.add_argument("--method", default="elsa")
     ap.add_argument("--budget", default="cpu")
     ap.add_argument("--sparsity", default="0.7")
@@ -152,4 +194,4 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    {"overhead": overhead, "memory": memory, "step": step}[a.what](a)
+    {"overhead": overhead, "memory": memory, "step": step, "optim": optim}[a.what](a)

@@ -252,8 +252,8 @@ class TrainEngine:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, m.lr_lambda())
         run = TrainRun(model, ctx, s, constrained, trainable, teacher, opt, sched, data, heldout)
         if self.autocast:
-            autocast_record["fast_path"] = "token-chunked vocabulary losses, fused AdamW (one process), the " \
-                                           "teacher's Linear weights stored in bf16"
+            autocast_record["fast_path"] = "token-chunked vocabulary losses, the teacher's Linear weights " \
+                                           "stored in bf16 (and AdamW fused: optimizer_impl)"
         run.stats["autocast_bf16"] = autocast_record
         run.stats["optimizer_impl"] = self.optimizer_impl
         run.state = m.setup(run)
