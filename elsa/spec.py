@@ -57,7 +57,8 @@ def _patterns(key: str, value, example: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _output_dir(value) -> str | None:
+def output_dir(value) -> str | None:
+    """``output_dir``: a path, or None for Hydra's run dir (checked before the run dir is made)."""
     if value is not None and not isinstance(value, str):
         raise config_error("output_dir", value, "a directory path, or null for Hydra's run dir")
     return value
@@ -96,7 +97,7 @@ class RunSpec:
                    save_format=check_save_format(get("save_format", "hf")),
                    measure_speed=_flag("measure_speed", get("measure_speed", False)),
                    skip_done=_flag("skip_done", get("skip_done", True)),
-                   output_dir=_output_dir(get("output_dir")),
+                   output_dir=output_dir(get("output_dir")),
                    ignore=_patterns("ignore", get("ignore"), "experts"),
                    targets=_patterns("targets", get("targets"), "mlp"),
                    budget_not_applicable=component_kwargs(cfg.method, "method")[1])
