@@ -106,7 +106,7 @@ def test_the_solution_memo_belongs_to_the_sweep(tmp_path):
     SweepCallback opens when the sweep starts and drops when it ends); a single run has none."""
     from omegaconf import OmegaConf
 
-    from conftest import TINY, compose, run_pipeline
+    from conftest import TINY, compose
     from elsa.memo import SolutionMemo, for_this_sweep
     from elsa.pipeline import run
     from elsa.sweep import SweepCallback
@@ -116,8 +116,6 @@ def test_the_solution_memo_belongs_to_the_sweep(tmp_path):
     run(compose([*TINY, "method=wanda", "save_model=false", "hardware.threads=1", f"output_dir={tmp_path / 'a'}"]),
         memo=memo)
     assert memo.entry is not None and memo.entry[3] == str(tmp_path / "a")
-    run_pipeline(tmp_path / "b", "method=wanda", "save_model=false", "hardware.threads=1")   # not a sweep: no memo
-    assert memo.entry[3] == str(tmp_path / "a")
 
     callback = SweepCallback()
     callback.on_multirun_start(OmegaConf.create({}))
