@@ -64,14 +64,6 @@ def dataset_by_name(name: str):
     return build(OmegaConf.load(path), "dataset")
 
 
-def _positive_int(cfg, key: str, allow_zero: bool = False) -> int:
-    value = OmegaConf.select(cfg, key)
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise config_error(key, value, "a whole number >= 0" if allow_zero else "a whole number > 0")
-    return value
-
-
 def nothing_to_prune(ignore: list[str], targets: list[str]) -> ElsaError:
     """The refusal of a run whose ignore / targets leave no weight to prune (it would report the dense model)."""
     asked = " with ".join(f"{k}=[{','.join(v)}]" for k, v in (("ignore", ignore), ("targets", targets)) if v)
@@ -128,18 +120,14 @@ class Run:
         self.ignore, self.targets = list(spec.ignore), list(spec.targets)
         self.source = build(cfg.model, "model")
         self.dataset = build(cfg.dataset, "dataset")
-        max_tokens = cfg.eval.get("max_tokens")
-        if max_tokens is not None:
-            _positive_int(cfg, "eval.max_tokens")
-        self.eval = PerplexityEval({n: dataset_by_name(n) for n in cfg.eval.corpora}, self.seqlen, max_tokens,
-                                   _positive_int(cfg, "eval.batch_size"), bool(cfg.eval.add_bos),
-                                   cfg.hardware.device)
-        self.zero_shot = ZeroShotEval(cfg.eval.get("zero_shot"), cfg.eval.get("zero_shot_limit"),
-                                      _positive_int(cfg, "eval.zero_shot_batch_size"), cfg.hardware.device)
-        self.device = str(cfg.hardware.device)
+        ev, hw = spec.eval, spec.hardware
+        self.eval = PerplexityEval({n: dataset_by_name(n) for n in ev.corpora}, self.seqlen, ev.max_tokens,
+                                   ev.batch_size, ev.add_bos, hw.device)
+        self.zero_shot = ZeroShotEval(ev.zero_shot, ev.zero_shot_limit, ev.zero_shot_batch_size, hw.device)
+        self.device = hw.device
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise config_error("hardware.device", self.device, "cpu (no CUDA device is visible)")
-        self.fsdp = bool(cfg.hardware.get("fsdp", False))
+        self.fsdp = hw.fsdp
         if self.fsdp and not getattr(self.method, "supports_fsdp", False):
             raise config_error("hardware", "fsdp", f"a global method (elsa, elsa_l, ast); method={cfg.method.name} is "
                                "layer-wise and runs one block at a time on one device")
@@ -244,10 +232,10 @@ class Run:
     def setup(self) -> None:
         """Threads, the FSDP group, the seed, the memory window, the tracker; what the record knows so far."""
         cfg = self.cfg
-        if cfg.hardware.get("threads"):
-            torch.set_num_threads(int(cfg.hardware.threads))
+        if self.spec.hardware.threads:
+            torch.set_num_threads(self.spec.hardware.threads)
         if self.fsdp:
-            self.device = D.init(cfg.hardware.get("backend"), self.device)
+            self.device = D.init(self.spec.hardware.backend, self.device)
         self.main_rank = D.is_main()
         seed_everything(self.seed)
         self.rss_at_start = reset_peak_memory(self.device)
@@ -283,14 +271,14 @@ class Run:
             return None
         train = self.timed("data", token_stream, tok, self.dataset, "train")
         starts = sample_starts(len(train), self.nsamples, self.seqlen, self.seed)
-        calib = windows(train, self.seqlen, bos_id(tok, bool(self.cfg.eval.add_bos)), starts)
+        calib = windows(train, self.seqlen, bos_id(tok, self.spec.eval.add_bos), starts)
         self.results["calibration"] = {"dataset": self.cfg.dataset.name, "nsamples": self.nsamples,
                                        "seqlen": self.seqlen, "starts": starts}
         return calib
 
     def evaluate_dense(self, model, tok) -> None:
         """The dense model's perplexity and zero-shot scores (cached per model and protocol), on rank 0."""
-        dense_eval = self.cfg.eval.dense
+        dense_eval = self.spec.eval.dense
         if self.offload and dense_eval:
             model.to(self.device)
         dense = self.timed("dense_eval", self.eval.dense, model, tok, self.source.fingerprint()) \
