@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import logging
 import random
-import resource
-import subprocess
 import sys
 import time
 import traceback
@@ -25,33 +21,24 @@ from elsa.allocation import Uniform
 from elsa.data import sample_starts, token_stream, windows
 from elsa.errors import ElsaError, config_error
 from elsa.evaluation import PerplexityEval, bos_id, check_finite
+from elsa.logs import quiet_third_party_logs
+from elsa.memo import SolutionMemo, for_this_sweep
+# peak_memory_mb, dirname, zero_shot_lines: tests and bench/ import them from here
+from elsa.memory import peak_memory_mb, reset_peak_memory  # noqa: F401
 from elsa.methods.base import PruneContext
-from elsa.logs import quiet_third_party_logs  # noqa: F401 - bench/ imports it from here
 from elsa.models import (apply_ignore, apply_targets, check_prunable, context_length, prunable_matrices,
                          weight_accounting)
+from elsa.results import RESULTS, RunRecord, record_dict
+from elsa.rundir import REPO, dirname, git_sha, hydra_info, in_multirun  # noqa: F401
 from elsa.sparse import save_model
 from elsa.sparsity import layer_report
-from elsa.spec import METADATA, RunSpec, component_kwargs
+from elsa.spec import RunSpec, component_kwargs, output_dir
+from elsa.summary import print_summary, zero_shot_lines  # noqa: F401
 from elsa.sweep import finished_result
-from elsa.results import RESULTS, RunRecord, record_dict
 from elsa.tracking import NullTracker, write_json_atomic
 from elsa.zeroshot import ZeroShotEval
 
 log = logging.getLogger(__name__)
-# outputs/<overrides>: the same command line always maps to the same run dir
-def dirname(overrides: str | None, limit: int = 200) -> str:
-    """A run dir's name from its command line's overrides; a name over ``limit`` characters (file systems take
-    255) keeps its first characters and a hash of the whole, so it stays one per distinct command line."""
-    import hashlib
-
-    name = (overrides or "default").replace("/", "_")
-    if len(name) <= limit:
-        return name
-    return f"{name[:limit - 17]}...{hashlib.sha1(name.encode()).hexdigest()[:14]}"
-
-
-OmegaConf.register_new_resolver("elsa_dirname", dirname, replace=True)
-REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 
 
@@ -78,75 +65,11 @@ def dataset_by_name(name: str):
     return build(OmegaConf.load(path), "dataset")
 
 
-def _positive_int(cfg, key: str, allow_zero: bool = False) -> int:
-    value = OmegaConf.select(cfg, key)
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise config_error(key, value, "a whole number >= 0" if allow_zero else "a whole number > 0")
-    return value
-
-
 def nothing_to_prune(ignore: list[str], targets: list[str]) -> ElsaError:
     """The refusal of a run whose ignore / targets leave no weight to prune (it would report the dense model)."""
     asked = " with ".join(f"{k}=[{','.join(v)}]" for k, v in (("ignore", ignore), ("targets", targets)) if v)
     return ElsaError(f"{asked} leaves no weight to prune (every prunable matrix of the model is ignored or not "
                      "targeted); narrow ignore or widen targets so that at least one matrix is pruned")
-
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _release_freed_memory() -> None:
-    """Hand memory that earlier jobs freed back to the OS (glibc keeps freed heap otherwise), so that it does
-    not count in the next job's resident memory."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak_memory(device: str) -> float | None:
-    """Start this job's peak-memory window: Linux resets the process's peak RSS (VmHWM) on "5" written to
-    /proc/self/clear_refs, so the jobs of one sweep process each report their own peak. Returns the resident
-    memory (MB) the job starts with: what the process still holds from before (Python, torch, caches)."""
-    _release_freed_memory()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    return _status_mb("VmRSS")
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_memory_mb(device: str, start_mb: float | None = None) -> dict:
-    """Peak resident memory of this job (since :func:`reset_peak_memory`; the process's lifetime peak where
-    the kernel cannot reset it), the resident memory it started with, and the accelerator's peak allocation."""
-    hwm = _status_mb("VmHWM")
-    out = {"cpu_rss": hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if start_mb is not None:
-        out["cpu_rss_at_start"] = start_mb
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        out["gpu"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -155,78 +78,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
-
-
-def hydra_info() -> tuple[Path | None, list[str], str | None, str | None]:
-    """(output dir, overrides, job name, sweep group) when running under Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None, [], None, None
-    hc = HydraConfig.get()
-    overrides = list(hc.overrides.task)
-    group = str(hc.sweep.dir)[-128:] if in_multirun() else None  # W&B: the runs of one sweep share a group
-    return Path(hc.runtime.output_dir), overrides, ",".join(overrides) or "default", group
-
-
-class SolutionMemo:
-    """The last layer-wise solution this process computed, so that a sweep's start stage does not redo it:
-    in ``-m method=sparsegpt,elsa start=sparsegpt`` (experiment=demo, frontier) the ELSA job starts from the
-    weights the SparseGPT job of the same process just computed, instead of running SparseGPT again. A
-    solution is reused only when everything it depends on is the same: the model, the targets and ignores,
-    the method's keys, the target and its allocated per-matrix ratios, the calibration tokens, the seed, the device and torch's thread count (so
-    the weights are the ones recomputing would give, bit for bit: tests/test_choices.py). One entry: the
-    prunable matrices' weights on the CPU, the method statistics and the job dir that computed them."""
-
-    entry: tuple[str, dict, dict, str] | None = None
-
-    @staticmethod
-    def applies() -> bool:
-        """Only the jobs of a sweep share a process; one rank (FSDP ranks each hold a shard)."""
-        return in_multirun() and D.world_size() == 1
-
-    @staticmethod
-    def key(run: "Run", node: DictConfig, calib: torch.Tensor | None) -> str:
-        import hashlib
-        import json
-
-        spec = getattr(run, "spec", None)     # budget keys a one-shot method was given and does not take
-        dropped = spec.budget_not_applicable if spec is not None else {}
-        keys = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
-                if k not in METADATA and k not in dropped}
-        allocated = sorted(run.target.per_matrix.items()) if run.target.allocated else None   # owl / profile ratios
-        ident = [run.source.fingerprint(), run.dataset.fingerprint("train"), keys, str(run.target), allocated,
-                 run.target.exact, run.seqlen, run.seed, run.ignore, run.targets, run.device, torch.get_num_threads(),
-                 hashlib.sha256(calib.numpy().tobytes()).hexdigest() if calib is not None else None]
-        return json.dumps(ident, sort_keys=True, default=str)
-
-    @classmethod
-    def store(cls, key: str, model, stats: dict, out: Path) -> None:
-        weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in prunable_matrices(model).items()}
-        cls.entry = (key, weights, copy.deepcopy(stats), str(out))
-
-    @classmethod
-    def restore(cls, key: str, model) -> tuple[dict, str] | None:
-        """Write the stored solution into ``model`` and return (its statistics, the dir that computed it), or
-        None when the stored one is not this solution."""
-        if cls.entry is None or cls.entry[0] != key:
-            return None
-        _, weights, stats, out = cls.entry
-        with torch.no_grad():
-            for name, m in prunable_matrices(model).items():
-                m.weight.copy_(weights[name])
-        return copy.deepcopy(stats), out
-
-
 class Run:
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, memo: SolutionMemo | None = None):
         self.cfg = cfg
+        self.memo = memo    # the sweep's memory of its last layer-wise solution (elsa.memo); None: a single run
         hydra_dir, self.overrides, self.job_name, self.group = hydra_info()
-        out = cfg.get("output_dir") or hydra_dir
+        out = output_dir(cfg.get("output_dir")) or hydra_dir
         if out is None:
             raise config_error("output_dir", None, "a directory (set output_dir=... when not running under Hydra)")
         self.out = Path(out)
@@ -264,18 +121,14 @@ class Run:
         self.ignore, self.targets = list(spec.ignore), list(spec.targets)
         self.source = build(cfg.model, "model")
         self.dataset = build(cfg.dataset, "dataset")
-        max_tokens = cfg.eval.get("max_tokens")
-        if max_tokens is not None:
-            _positive_int(cfg, "eval.max_tokens")
-        self.eval = PerplexityEval({n: dataset_by_name(n) for n in cfg.eval.corpora}, self.seqlen, max_tokens,
-                                   _positive_int(cfg, "eval.batch_size"), bool(cfg.eval.add_bos),
-                                   cfg.hardware.device)
-        self.zero_shot = ZeroShotEval(cfg.eval.get("zero_shot"), cfg.eval.get("zero_shot_limit"),
-                                      _positive_int(cfg, "eval.zero_shot_batch_size"), cfg.hardware.device)
-        self.device = str(cfg.hardware.device)
+        ev, hw = spec.eval, spec.hardware
+        self.eval = PerplexityEval({n: dataset_by_name(n) for n in ev.corpora}, self.seqlen, ev.max_tokens,
+                                   ev.batch_size, ev.add_bos, hw.device)
+        self.zero_shot = ZeroShotEval(ev.zero_shot, ev.zero_shot_limit, ev.zero_shot_batch_size, hw.device)
+        self.device = hw.device
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise config_error("hardware.device", self.device, "cpu (no CUDA device is visible)")
-        self.fsdp = bool(cfg.hardware.get("fsdp", False))
+        self.fsdp = hw.fsdp
         if self.fsdp and not getattr(self.method, "supports_fsdp", False):
             raise config_error("hardware", "fsdp", f"a global method (elsa, elsa_l, ast, maskllm, leap); method={cfg.method.name} is "
                                "layer-wise and runs one block at a time on one device")
@@ -317,12 +170,16 @@ class Run:
                                f"{name} is a training method")
         return stage, {"name": name}
 
+    def shares_solutions(self) -> bool:
+        """A sweep's jobs share its memo; one rank only (FSDP ranks each hold a shard)."""
+        return self.memo is not None and D.world_size() == 1
+
     def run_start(self, ctx: PruneContext) -> dict:
         """Prune ``ctx.model`` with the start stage; its time, statistics and (when the method reports its
         starting point) perplexity with the run's protocol."""
         t0 = time.perf_counter()
-        key = SolutionMemo.key(self, self.cfg.start, ctx.calibration) if SolutionMemo.applies() else None
-        reused = SolutionMemo.restore(key, ctx.model) if key else None
+        key = SolutionMemo.key(self, self.cfg.start, ctx.calibration) if self.shares_solutions() else None
+        reused = self.memo.restore(key, ctx.model) if key else None
         if reused is not None:
             stats, source = reused
             log.info("start=%s: the solution computed by %s in this process (same model, data, keys and target) "
@@ -331,7 +188,7 @@ class Run:
             with torch.no_grad():
                 stats = self.start.prune(ctx) or {}
             if key:
-                SolutionMemo.store(key, ctx.model, stats, self.out)
+                self.memo.store(key, ctx.model, stats, self.out)
         info = {**self.start_info, "time_s": time.perf_counter() - t0, "method_stats": stats}
         if reused is not None:
             info["reused_from"] = reused[1]
@@ -348,25 +205,55 @@ class Run:
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t
 
     def execute(self) -> dict:
-        cfg, t0 = self.cfg, time.perf_counter()
+        """The run, top to bottom: each step below reads and writes this run's state and its results."""
+        t0 = time.perf_counter()
         self.validate()
-        if cfg.hardware.get("threads"):
-            torch.set_num_threads(int(cfg.hardware.threads))
+        self.setup()
+        model, tok = self.load()
+        calib = self.calibrate(tok)
+        # each targeted matrix's ratio, fixed before the start and the method (OWL reads the calibration walk)
+        self.target, self.results["allocation"] = self.timed("allocation", self.allocation.allocate, model,
+                                                             self.target, calib, self.device)
+        self.evaluate_dense(model, tok)
+        self.prune(model, tok, calib)
+        if not self.main_rank:  # the other FSDP ranks are done: rank 0 evaluates, saves and writes
+            return {}
+        model.to(self.device)
+        measured = self.measure(model)
+        self.evaluate(model, tok)
+        if self.spec.save_model:
+            self.timed("save", self.save, model, tok)
+        if self.spec.measure_speed:   # batch-1 decode, dense against the sparse kernels (elsa.generate)
+            from elsa.generate import measure
+
+            plan_dir = self.out / "model_compressed"       # the kernel plans saved with the compressed model
+            self.results["inference"] = self.timed("speed", measure, model, tok,
+                                                   plan_dir=plan_dir if plan_dir.is_dir() else None)
+        self.times["total"] = time.perf_counter() - t0
+        return self.finish(measured)
+
+    def setup(self) -> None:
+        """Threads, the FSDP group, the seed, the memory window, the tracker; what the record knows so far."""
+        cfg = self.cfg
+        if self.spec.hardware.threads:
+            torch.set_num_threads(self.spec.hardware.threads)
         if self.fsdp:
-            self.device = D.init(cfg.hardware.get("backend"), self.device)
-        main_rank = D.is_main()
+            self.device = D.init(self.spec.hardware.backend, self.device)
+        self.main_rank = D.is_main()
         seed_everything(self.seed)
         self.rss_at_start = reset_peak_memory(self.device)
         self.results.update(model=cfg.model.name, method=cfg.method.name, start=self.start_info,
                             budget=self.budget, seed=self.seed,
                             sparsity={"target": str(self.target), "target_ratio": self.target.ratio},
                             overrides=self.overrides, git_sha=git_sha(), output_dir=str(self.out))
-        self.tracker = build(cfg.logger, "logger") if main_rank else NullTracker()
+        self.tracker = build(cfg.logger, "logger") if self.main_rank else NullTracker()
         self.tracker.start(OmegaConf.to_container(cfg, resolve=True), self.out, name=self.job_name, group=self.group)
 
+    def load(self):
+        """The model and tokenizer, with what stays dense marked and every check that needs the model done."""
         model, tok = self.timed("load", self.source.load)
-        offload = self.method.offload and self.device != "cpu"   # the method moves one block at a time
-        model.to("cpu" if offload else self.device)
+        self.offload = self.method.offload and self.device != "cpu"   # the method moves one block at a time
+        model.to("cpu" if self.offload else self.device)
         ctx_len = context_length(model)
         if ctx_len and self.seqlen > ctx_len:
             raise config_error("seqlen", self.seqlen, f"at most the model's context length {ctx_len}")
@@ -379,30 +266,36 @@ class Run:
         if self.start is not None:
             self.start.validate(model, self.target)
         self.allocation.prepare(model, self.target)     # a profile's names, before any calibration work
+        return model, tok
 
-        calib, starts = None, None
-        if self.needs_calibration:
-            train = self.timed("data", token_stream, tok, self.dataset, "train")
-            starts = sample_starts(len(train), self.nsamples, self.seqlen, self.seed)
-            calib = windows(train, self.seqlen, bos_id(tok, bool(cfg.eval.add_bos)), starts)
-            self.results["calibration"] = {"dataset": cfg.dataset.name, "nsamples": self.nsamples,
-                                           "seqlen": self.seqlen, "starts": starts}
+    def calibrate(self, tok) -> torch.Tensor | None:
+        """The calibration windows (None when neither the method, the start nor the allocation reads them)."""
+        if not self.needs_calibration:
+            return None
+        train = self.timed("data", token_stream, tok, self.dataset, "train")
+        starts = sample_starts(len(train), self.nsamples, self.seqlen, self.seed)
+        calib = windows(train, self.seqlen, bos_id(tok, self.spec.eval.add_bos), starts)
+        self.results["calibration"] = {"dataset": self.cfg.dataset.name, "nsamples": self.nsamples,
+                                       "seqlen": self.seqlen, "starts": starts}
+        return calib
 
-        # each targeted matrix's ratio, fixed before the start and the method (OWL reads the calibration walk)
-        self.target, self.results["allocation"] = self.timed("allocation", self.allocation.allocate, model,
-                                                             self.target, calib, self.device)
-
-        if offload and cfg.eval.dense:
+    def evaluate_dense(self, model, tok) -> None:
+        """The dense model's perplexity and zero-shot scores (cached per model and protocol), on rank 0."""
+        dense_eval = self.spec.eval.dense
+        if self.offload and dense_eval:
             model.to(self.device)
         dense = self.timed("dense_eval", self.eval.dense, model, tok, self.source.fingerprint()) \
-            if cfg.eval.dense and main_rank else {}
+            if dense_eval and self.main_rank else {}
         self.results["dense_perplexity"] = dense
         self.results["dense_zero_shot"] = self.timed("dense_zero_shot", self.zero_shot.dense, model, tok,
                                                      self.source.fingerprint()) \
-            if cfg.eval.dense and self.zero_shot and main_rank else {}
-        if offload:  # back to CPU: the layer-wise engine moves one block at a time to the device
+            if dense_eval and self.zero_shot and self.main_rank else {}
+        if self.offload:  # back to CPU: the layer-wise engine moves one block at a time to the device
             model.to("cpu")
 
+    def prune(self, model, tok, calib) -> None:
+        """The start stage (when the method takes one), then the method."""
+        cfg = self.cfg
         ctx = PruneContext(model=model, tokenizer=tok, target=self.target, calibration=calib, dataset=self.dataset,
                            seqlen=self.seqlen, seed=self.seed, device=self.device, output_dir=self.out,
                            tracker=self.tracker,
@@ -414,16 +307,14 @@ class Run:
             ctx.start = self.start_info["name"]
         log.info("pruning %s with %s to %s", cfg.model.name, cfg.method.name, self.target)
         self.results["method_stats"] = self.timed("prune", self.method.prune, ctx) or {}
-        if self.method.needs_calibration and not self.method.takes_start and SolutionMemo.applies():
-            # a layer-wise solution: a later job of this sweep may start from it (SolutionMemo)
-            SolutionMemo.store(SolutionMemo.key(self, cfg.method, calib), model, self.results["method_stats"],
-                               self.out)
+        if self.method.needs_calibration and not self.method.takes_start and self.shares_solutions():
+            # a layer-wise solution: a later job of this sweep may start from it (elsa.memo)
+            self.memo.store(SolutionMemo.key(self, cfg.method, calib), model, self.results["method_stats"], self.out)
         ctx.teacher = None
         self.results["compute"] = self.compute_record(model, calib)
-        if not main_rank:  # the other FSDP ranks are done: rank 0 evaluates, saves and writes
-            return {}
-        model.to(self.device)
 
+    def measure(self, model) -> float:
+        """The measured sparsity per matrix, the weights pruned and left dense; returns the overall sparsity."""
         pruned = {n: m.weight.detach() for n, m in prunable_matrices(model).items()}
         report = layer_report(pruned.items())
         self.results["sparsity"].update(measured=report["measured"], per_layer=report["per_layer"],
@@ -449,32 +340,30 @@ class Run:
         if acc["pruned"] != report["pruned_params"] or acc["unsupported"]:
             raise ElsaError(f"internal: measured {report['pruned_params']} pruned weights but the accounting "
                             f"counts {acc['pruned']} (unsupported: {acc['unsupported'][:2]})")
-        ppl = self.timed("eval", self.eval.run, model, tok, cfg.method.name)
+        return report["measured"]
+
+    def evaluate(self, model, tok) -> None:
+        """The pruned model's perplexity (finite, or the run fails) and zero-shot scores."""
+        name = self.cfg.method.name
+        ppl = self.timed("eval", self.eval.run, model, tok, name)
         self.results["compute"]["evaluation"] = compute.evaluation(
             compute.matmul_params(model), self.eval.tokens(tok), self.times.get("eval"))
         self.results["compute"]["total"] = compute.total(self.results["compute"])
-        for name, value in ppl.items():
-            check_finite(value, f"perplexity on {name}")
+        for corpus, value in ppl.items():
+            check_finite(value, f"perplexity on {corpus}")
         self.results["perplexity"] = ppl
-        self.results["zero_shot"] = self.timed("zero_shot", self.zero_shot.run, model, tok, cfg.method.name) \
+        self.results["zero_shot"] = self.timed("zero_shot", self.zero_shot.run, model, tok, name) \
             if self.zero_shot else {}
 
-        if self.spec.save_model:
-            self.timed("save", self.save, model, tok)
-        if self.spec.measure_speed:   # batch-1 decode, dense against the sparse kernels (elsa.generate)
-            from elsa.generate import measure
-
-            plan_dir = self.out / "model_compressed"       # the kernel plans saved with the compressed model
-            self.results["inference"] = self.timed("speed", measure, model, tok,
-                                                   plan_dir=plan_dir if plan_dir.is_dir() else None)
-        self.times["total"] = time.perf_counter() - t0
+    def finish(self, measured: float) -> dict:
+        """The record written as done, the tracker's summary, the printed summary."""
         self.results.update(status="done", time_s=self.times,
                             peak_memory_mb=peak_memory_mb(self.device, self.rss_at_start))
         self.results = record_dict(self.results)
         write_json_atomic(self.out / RESULTS, self.results)
         self.tracker.summary({k: self.results[k] for k in ("perplexity", "dense_perplexity", "zero_shot",
                                                            "dense_zero_shot", "time_s", "peak_memory_mb")} |
-                             {"sparsity/measured": report["measured"]})
+                             {"sparsity/measured": measured})
         self.tracker.finish(0)
         self.print_summary()
         return self.results
@@ -512,66 +401,16 @@ class Run:
                 log.exception("could not close the tracker")
 
     def print_summary(self):
-        r = RunRecord.from_dict(self.results)
-        stats, target, sp = r.stats, r.target, r.sparsity
-        start, label = stats.get("initial_projection_perplexity"), "magnitude"  # ELSA's z0 = magnitude pruning
-        if start is None and (r.start or {}).get("perplexity"):             # or a start stage's solution
-            start, label = r.start["perplexity"], r.start["name"]
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        head = f"\n{'corpus':<12} {'dense':>12}" + (f" {label + ' ' + target:>20}" if start else "")
-        lines = [head + f" {r.method + ' ' + target:>20}"]
-        for name, value in r.perplexity.items():
-            row = f"{name:<12} {fmt(r.dense_perplexity.get(name)):>12}"
-            if start:
-                row += f" {fmt(start.get(name)):>20}"
-            lines.append(row + f" {value:>20.3f}")
-        lines += zero_shot_lines(r.zero_shot, r.dense_zero_shot, f"{r.method} {target}")
-        lines.append(f"measured sparsity {sp['measured']:.4f} over {sp['pruned_params']:,} "
-                     f"pruned weights; results in {self.out / RESULTS}")
-        p = r.params or {}
-        if "dense_by_kind" in p:
-            kinds = ", ".join(f"{k} {v:,}" for k, v in p["dense_by_kind"].items())
-            lines.append(f"weights: {p['pruned']:,} pruned, {p['dense']:,} dense ({kinds})")
-        if sp.get("over_target"):
-            lines.append(f"OVER TARGET: {sp['measured']:.4f} of the pruned weights are zero, "
-                         f"{sp['over_target']:.4f} more than the target {target} asks")
-        fb = stats.get("fallback")
-        if fb:
-            lines.append(f"FALLBACK: {fb['method']} ran instead of {r.method} on {len(fb['blocks'])}/{fb['of']} "
-                         f"MLPs ({', '.join(fb['blocks'][:4])}{' ...' if len(fb['blocks']) > 4 else ''})")
-        none = stats.get("experts_without_tokens")
-        if none:
-            lines.append(f"NO TOKENS: {none['count']} expert matrices received no calibration token and were pruned "
-                         f"by {none['rule']} ({', '.join(none['names'][:3])}{' ...' if none['count'] > 3 else ''})")
-        print("\n".join(lines), flush=True)
+        print_summary(RunRecord.from_dict(self.results), self.out / RESULTS)
 
 
-def _acc(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _acc_pair(metrics: dict) -> str:
-    return f"{_acc(metrics.get('acc'))} / {_acc(metrics.get('acc_norm'))}" if metrics else "-"
-
-
-def zero_shot_lines(pruned: dict, dense: dict, label: str) -> list[str]:
-    """Accuracy rows (acc / acc_norm where the task defines it) for the printed summary."""
-    if not pruned:
-        return []
-    lines = [f"\n{'task (acc / acc_norm)':<28} {'dense':>17} {label:>17}"]
-    for name, metrics in pruned["tasks"].items():
-        lines.append(f"{name:<28} {_acc_pair(dense.get('tasks', {}).get(name, {})):>17} {_acc_pair(metrics):>17}")
-    lines.append(f"{'mean acc':<28} {_acc(dense.get('mean_acc')):>17} {_acc(pruned['mean_acc']):>17}")
-    return lines
-
-
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, memo: SolutionMemo | None = None) -> dict:
     """Run one job; on any error write results.json with status 'failed' and re-raise.
 
     In a sweep with ``skip_done`` (the default) a job whose output dir already holds its finished results.json
     returns those results untouched: rerunning a sweep in the same dir only redoes missing and failed jobs.
     """
-    job = Run(cfg)
+    job = Run(cfg, memo if memo is not None else for_this_sweep())
     if in_multirun() and cfg.get("skip_done", True):
         previous = finished_result(job.out, job.overrides)
         if previous is not None:

@@ -13,7 +13,6 @@ import json
 import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 

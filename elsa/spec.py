@@ -15,6 +15,7 @@ import inspect
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,10 +58,74 @@ def _patterns(key: str, value, example: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _output_dir(value) -> str | None:
+def output_dir(value) -> str | None:
+    """``output_dir``: a path, or None for Hydra's run dir (checked before the run dir is made)."""
     if value is not None and not isinstance(value, str):
         raise config_error("output_dir", value, "a directory path, or null for Hydra's run dir")
     return value
+
+
+def _whole_or_none(key: str, value) -> int | None:
+    return None if value is None else _whole(key, value)
+
+
+def _group_keys(cfg: DictConfig, group: str, known: tuple[str, ...]) -> DictConfig:
+    """The group's node, refusing a key its spec does not read (a misspelt ``eval.max_token``)."""
+    node = cfg[group]
+    for key in node:
+        if key not in known:
+            raise config_error(f"{group}.{key}", node.get(key), f"not a key of {group}; its keys: {', '.join(known)}")
+    return node
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """conf/eval/: the perplexity corpora and protocol, the zero-shot tasks (their names are checked by
+    elsa.zeroshot, the corpora's by elsa.pipeline.dataset_by_name)."""
+
+    corpora: tuple[str, ...]
+    max_tokens: int | None
+    batch_size: int
+    add_bos: bool
+    dense: bool
+    zero_shot: Any
+    zero_shot_limit: Any
+    zero_shot_batch_size: int
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> "EvalSpec":
+        node = _group_keys(cfg, "eval", tuple(f.name for f in fields(cls)))
+        corpora = node.get("corpora")
+        if isinstance(corpora, str) or not corpora or not all(isinstance(c, str) for c in corpora):
+            raise config_error("eval.corpora", corpora, "a list of corpus names (conf/dataset/), e.g. [wiki]")
+        return cls(corpora=tuple(corpora), max_tokens=_whole_or_none("eval.max_tokens", node.get("max_tokens")),
+                   batch_size=_whole("eval.batch_size", node.get("batch_size")),
+                   add_bos=_flag("eval.add_bos", node.get("add_bos", True)),
+                   dense=_flag("eval.dense", node.get("dense", True)), zero_shot=node.get("zero_shot"),
+                   zero_shot_limit=node.get("zero_shot_limit"),
+                   zero_shot_batch_size=_whole("eval.zero_shot_batch_size", node.get("zero_shot_batch_size", 8)))
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """conf/hardware/: the device, torch's thread count (None: torch's default), FSDP and its backend."""
+
+    device: str
+    threads: int | None = None
+    fsdp: bool = False
+    backend: str | None = None
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> "HardwareSpec":
+        node = _group_keys(cfg, "hardware", tuple(f.name for f in fields(cls)))
+        device = node.get("device")
+        if not isinstance(device, str) or not device:
+            raise config_error("hardware.device", device, "cpu, cuda or cuda:<n>")
+        backend = node.get("backend")
+        if backend is not None and not isinstance(backend, str):
+            raise config_error("hardware.backend", backend, "a torch.distributed backend name (gloo, nccl)")
+        return cls(device=device, threads=_whole_or_none("hardware.threads", node.get("threads")),
+                   fsdp=_flag("hardware.fsdp", node.get("fsdp", False)), backend=backend)
 
 
 @dataclass(frozen=True)
@@ -79,6 +144,8 @@ class RunSpec:
     output_dir: str | None
     ignore: tuple[str, ...]
     targets: tuple[str, ...]
+    eval: EvalSpec
+    hardware: HardwareSpec
     # training-budget keys given to a method that does not train: dropped, recorded, printed
     budget_not_applicable: dict[str, Any] = field(default_factory=dict)
 
@@ -96,9 +163,10 @@ class RunSpec:
                    save_format=check_save_format(get("save_format", "hf")),
                    measure_speed=_flag("measure_speed", get("measure_speed", False)),
                    skip_done=_flag("skip_done", get("skip_done", True)),
-                   output_dir=_output_dir(get("output_dir")),
+                   output_dir=output_dir(get("output_dir")),
                    ignore=_patterns("ignore", get("ignore"), "experts"),
                    targets=_patterns("targets", get("targets"), "mlp"),
+                   eval=EvalSpec.from_cfg(cfg), hardware=HardwareSpec.from_cfg(cfg),
                    budget_not_applicable=component_kwargs(cfg.method, "method")[1])
         for key in ("start", "allocation"):   # their keys, before any model loads
             if get(key) is not None and "_target_" in cfg[key]:
@@ -108,7 +176,7 @@ class RunSpec:
 
 def _check_keys(cfg: DictConfig) -> None:
     """Every top-level key is one this module reads; every group a mapping (start / allocation may be null)."""
-    known = {f.name for f in fields(RunSpec)} - {"target", "budget_not_applicable"} | {"sparsity"}
+    known = {f.name for f in fields(RunSpec)} - {"target", "budget_not_applicable", "eval", "hardware"} | {"sparsity"}
     for key in cfg:
         if key in GROUPS:
             node = cfg.get(key)
@@ -170,14 +238,15 @@ def component_kwargs(node: DictConfig, key: str) -> tuple[dict, dict]:
         name = f"{key}.{missing[0]}"
         raise ElsaError(f"{name} is not set: {REQUIRED.get(name, f'set it on the command line ({name}=...)')}")
     kwargs = {k: v for k, v in node.items() if k not in METADATA} if key in ("method", "start") else dict(node)
-    accepted = constructor_keys(_target_class(node, key))
+    cls = _target_class(node, key)
+    accepted = constructor_keys(cls)
     if accepted is None:
         return kwargs, {}
-    cls = _target_class(node, key)
     unknown = [k for k in kwargs if not k.startswith("_") and k not in accepted]
     dropped = {}
-    if key == "method" and not getattr(cls, "has_budget", False):
-        dropped = {k: OmegaConf.to_container(node, resolve=True)[k] for k in unknown if k in budget_keys()}
+    if key == "method" and not getattr(cls, "has_budget", False):   # a method that does not train
+        values = OmegaConf.to_container(node, resolve=True)
+        dropped = {k: values[k] for k in unknown if k in budget_keys()}
     unknown = [k for k in unknown if k not in dropped]
     if unknown:
         label = f"{key}={node.get('name', cls.__name__)}"

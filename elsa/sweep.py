@@ -59,7 +59,13 @@ def sweep_results(sweep_dir: Path) -> list[tuple[Path, RunRecord | None]]:
 
 
 class SweepCallback(Callback):
-    """One log line per finished job; a summary at the end of a successful sweep."""
+    """One log line per finished job; a summary at the end of a successful sweep. The sweep owns the memo of its
+    last layer-wise solution (elsa.memo), which a later job's start stage reuses."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from elsa.memo import open_for_sweep
+
+        self.memo = open_for_sweep()
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         if config.hydra.mode.name != "MULTIRUN":
@@ -75,6 +81,10 @@ class SweepCallback(Callback):
             log.info(line)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from elsa.memo import close_for_sweep
+
+        close_for_sweep()
+        self.memo = None
         sweep_dir = Path(config.hydra.sweep.dir)
         counts: dict[str, int] = {}
         for _, rec in sweep_results(sweep_dir):

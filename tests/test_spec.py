@@ -73,11 +73,20 @@ def test_every_top_level_key_is_checked_whatever_the_method(tmp_path):
                        (["skip_done=maybe"], r"^skip_done=maybe is not allowed: true or false"),
                        (["seed=-1"], r"^seed=-1 is not allowed: a whole number >= 0"),
                        (["++nsample=3"], r"^nsample=3 is not allowed: not a key of the config"),
-                       (["targets=mlp"], r"^targets=mlp is not allowed: a list of module-name regexes")):
+                       (["targets=mlp"], r"^targets=mlp is not allowed: a list of module-name regexes"),
+                       (["hardware.threads=abc"], r"^hardware.threads=abc is not allowed: a whole number > 0"),
+                       (["++hardware.fsdp=yes"], r"^hardware.fsdp=yes is not allowed: true or false"),
+                       (["++hardware.thread=2"], r"^hardware.thread=2 is not allowed: not a key of hardware"),
+                       (["eval.batch_size=0"], r"^eval.batch_size=0 is not allowed: a whole number > 0"),
+                       (["eval.dense=1"], r"^eval.dense=1 is not allowed: true or false"),
+                       (["eval.corpora=wiki"], r"^eval.corpora=wiki is not allowed: a list of corpus names"),
+                       (["++eval.max_token=5"], r"^eval.max_token=5 is not allowed: not a key of eval")):
         with pytest.raises(ElsaError, match=match):
             RunSpec.from_cfg(compose(["method=magnitude", *bad]))
-    spec = RunSpec.from_cfg(compose([*TINY, "method=magnitude"]))
+    spec = RunSpec.from_cfg(compose([*TINY, "method=magnitude", "hardware.threads=2"]))
     assert (spec.nsamples, spec.seqlen, spec.seed, spec.save_model, spec.ignore) == (4, 128, 0, True, ())
+    assert (spec.eval.corpora, spec.eval.max_tokens, spec.eval.add_bos, spec.eval.dense) == (("wiki",), 2048, True, True)
+    assert (spec.hardware.device, spec.hardware.threads, spec.hardware.fsdp) == ("cpu", 2, False)
     with pytest.raises(AttributeError):   # frozen
         spec.seed = 1
 
