@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -126,7 +127,8 @@ def _per_matrix(plan: dict) -> dict:
 def bench_model(args) -> None:
     """The default model pruned per target: dense fp32, sparse fp32 and (``--bf16``, default where the CPU has bf16
     arithmetic) dense bf16 and sparse with bf16 values, all in one process, alternating rounds. Each sparse copy
-    is planned twice from scratch: ``same_plan`` says whether the two per-matrix plans agree."""
+    is planned twice from scratch: ``same_plan`` says whether the two per-matrix plans agree, ``plan_sha`` is a hash
+    of each (compare it across runs)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -153,6 +155,8 @@ def bench_model(args) -> None:
                 plans.append(sparsify(sparse, regimes=regimes))
                 rec["plan_s"][sname] = time.perf_counter() - t
             rec["same_plan"][sname] = _per_matrix(plans[0]) == _per_matrix(plans[1])
+            rec.setdefault("plan_sha", {})[sname] = [hashlib.sha256(json.dumps(_per_matrix(p), sort_keys=True)
+                                                                   .encode()).hexdigest()[:12] for p in plans]
             rec["kernels"][sname] = [p["chosen"] for p in plans]
             rec["verified_in_model"][sname] = plans[1]["verified_in_model"]
             models[sname] = sparse                   # the second plan's model runs

@@ -91,8 +91,6 @@ def side_by_side(dense, sparse, ids: torch.Tensor, new_tokens: int, rounds: int 
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic (AVX-512 BF16 or AMX): where a dense bf16 model is the baseline to beat."""
     try:
-        from pathlib import Path
-
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
