@@ -418,6 +418,7 @@ def test_measure_speed_through_the_pipeline(tmp_path):
     bf16 = cpu_has_bf16()
     assert ("dense_bf16" in inf["decode_tokens_per_s"]) == bf16 and ("decode_speedup_bf16" in inf) == bf16
     assert set(inf["decode_speedup_vs_best_dense"]) == ({"sparse", "sparse_bf16"} if bf16 else {"sparse"})
+    assert inf["c_kernels"].startswith("available" if SK.library() is not None else "unavailable")
     saved = sorted(p.name for p in (tmp_path / "model_compressed").glob("elsa_sparse_plan-*.json"))
     assert saved == (["elsa_sparse_plan-bfloat16.json", "elsa_sparse_plan-float32.json"] if bf16 else
                      ["elsa_sparse_plan-float32.json"])

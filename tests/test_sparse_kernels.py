@@ -100,6 +100,9 @@ def test_no_compiler_is_explicit(monkeypatch, tmp_path):
     assert all("no C compiler" in skipped[k] for k in ("bitmask", "nm", "csr", "csr16"))
     plan, _ = SL.plan_matrix(w, None, {"decode": 1}, lambda f, t: {k: 1.0 for k in f})
     assert plan["decode"] == "dense" and "no C compiler" in plan["skipped"]["bitmask"]
+    from elsa.generate import c_kernels_note                   # what measure_speed and elsa.generate say
+
+    assert c_kernels_note().startswith("unavailable: not compiled: no C compiler")
 
 
 # -- the plan --------------------------------------------------------------------------------------------------
