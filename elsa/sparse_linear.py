@@ -713,6 +713,11 @@ def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: floa
             for name, mod in replaced.items():   # a regime sent back to dense needs the dense weight
                 if isinstance(mod, SparseLinear) and mod.weight is None and "dense" in (mod.plan.get(r, "dense") for r in REGIMES):
                     mod.weight = dense_weights[name]
+        originals = dict(items)
+        for name, mod in replaced.items():       # dense in every regime: the original module, without a wrapper
+            if isinstance(mod, SparseLinear) and all(mod.plan.get(r, "dense") == "dense" for r in REGIMES):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, originals[name])
     if progress:
         print(flush=True)
     counts: dict = {r: {} for r in regimes}
