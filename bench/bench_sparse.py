@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -102,17 +103,19 @@ def bench_decode_matrices(args) -> None:
             for dt in args.dtypes:
                 wd = wt.to(getattr(torch, dt))
                 x = x32.to(wd.dtype)
-                fns, skipped = candidates(wd, None, only={"bitmask", "nm", "csr16"})
+                fns, skipped = candidates(wd, None, only={"bitmask", "nm", "csr", "csr16"})
                 fns.pop("torch_csr", None)
                 run = {**ref, **{k: (lambda f=f: f(x)) for k, f in fns.items()}}
-                t = interleaved_timer(run, reps=args.reps, warmup=2, median=True)
-                plan, _ = plan_matrix(wd, None, {"decode": 1}, kernels={"bitmask", "nm", "csr16"})
+                t = interleaved_timer(run, reps=args.reps, warmup=2, median=True,
+                                      clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
+                plan, _ = plan_matrix(wd, None, {"decode": 1}, kernels={"bitmask", "nm", "csr"})
                 _append(args.out, {"bench": "decode_matrix", "shape": [rows, cols], "sparsity": target, "tokens": 1,
                                    "dtype": dt, "us": {k: v * 1e6 for k, v in t.items()},
                                    "speedup": {k: t["dense"] / v for k, v in t.items() if k not in ("dense", "dense_fp32")},
                                    "speedup_vs_fp32": {k: t["dense_fp32"] / v for k, v in t.items() if k != "dense_fp32"},
                                    "chosen": plan["decode"], "bytes_model": plan.get("bytes_model", {}).get("decode"),
-                                   "skipped": {k: v for k, v in skipped.items() if k in ("bitmask", "nm", "csr16")},
+                                   "clock": args.clock,
+                                   "skipped": {k: v for k, v in skipped.items() if k in ("bitmask", "nm", "csr", "csr16")},
                                    **_env()})
 
 
@@ -124,7 +127,8 @@ def _per_matrix(plan: dict) -> dict:
 def bench_model(args) -> None:
     """The default model pruned per target: dense fp32, sparse fp32 and (``--bf16``, default where the CPU has bf16
     arithmetic) dense bf16 and sparse with bf16 values, all in one process, alternating rounds. Each sparse copy
-    is planned twice from scratch: ``same_plan`` says whether the two per-matrix plans agree."""
+    is planned twice from scratch: ``same_plan`` says whether the two per-matrix plans agree, ``plan_sha`` is a hash
+    of each (compare it across runs)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -151,6 +155,8 @@ def bench_model(args) -> None:
                 plans.append(sparsify(sparse, regimes=regimes))
                 rec["plan_s"][sname] = time.perf_counter() - t
             rec["same_plan"][sname] = _per_matrix(plans[0]) == _per_matrix(plans[1])
+            rec.setdefault("plan_sha", {})[sname] = [hashlib.sha256(json.dumps(_per_matrix(p), sort_keys=True)
+                                                                   .encode()).hexdigest()[:12] for p in plans]
             rec["kernels"][sname] = [p["chosen"] for p in plans]
             rec["verified_in_model"][sname] = plans[1]["verified_in_model"]
             models[sname] = sparse                   # the second plan's model runs
@@ -168,8 +174,8 @@ def bench_model(args) -> None:
 
 def report_decode(rows: list[dict]) -> list[str]:
     """The issue-30 tables: decode kernels per matrix and dtype; the model in fp32 and bf16."""
-    lines = ["| shape | sparsity | dtype | dense (us) | dense fp32 (us) | bitmask | nm | csr16 | chosen | chosen vs same "
-             "dtype | chosen vs fp32 | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | sparsity | dtype | dense (us) | dense fp32 (us) | bitmask | nm | csr | csr16 | chosen | chosen vs "
+             "same dtype | chosen vs fp32 | clock | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["bench"] != "decode_matrix":
             continue
@@ -177,12 +183,12 @@ def report_decode(rows: list[dict]) -> list[str]:
         cell = lambda k: f"{sp[k]:.2f}x" if k in sp else "-"  # noqa: E731
         ch = r["chosen"]
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['sparsity']} | {r['dtype']} | {r['us']['dense']:.0f} | "
-                     f"{r['us']['dense_fp32']:.0f} | {cell('bitmask')} | {cell('nm')} | {cell('csr16')} | {ch} | "
+                     f"{r['us']['dense_fp32']:.0f} | {cell('bitmask')} | {cell('nm')} | {cell('csr')} | {cell('csr16')} | {ch} | "
                      f"{r['us']['dense'] / r['us'][ch]:.2f}x | {r['us']['dense_fp32'] / r['us'][ch]:.2f}x | "
-                     f"{r['loadavg'][0]:.1f} |")
+                     f"{r.get('clock', 'wall')} | {r['loadavg'][0]:.1f} |")
     lines += ["", "| sparsity | threads | tok/s dense fp32 | sparse fp32 | speedup | dense bf16 | sparse bf16 | speedup "
-              "| sparse bf16 vs dense fp32 | same tokens | same plan twice | decode kernels (fp32; bf16) | load |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| sparse bf16 vs dense fp32 | same tokens | same plan twice | decode kernels (fp32; bf16) | clock | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["bench"] != "decode_model":
             continue
@@ -192,7 +198,7 @@ def report_decode(rows: list[dict]) -> list[str]:
                      f"{f(t, 'dense_bf16')} | {f(t, 'sparse_bf16')} | {f(sp, 'sparse_bf16', '{:.2f}x')} | "
                      f"{f(r['speedup_vs_dense_fp32'], 'sparse_bf16', '{:.2f}x')} | {r['same_tokens_as']} | "
                      f"{r['same_plan']} | {'; '.join(str(k[-1]['decode']) for k in r['kernels'].values())} | "
-                     f"{r['loadavg'][0]:.1f} |")
+                     f"{r.get('clock', 'wall')} | {r['loadavg'][0]:.1f} |")
     return lines
 
 
@@ -241,8 +247,8 @@ def main() -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16", type=lambda s: s.split(","),
                         help="matrices on cpu: the dtypes of the weights (each timed against dense fp32 too)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                        help="model: wall time, or this thread's CPU time (with --threads 1 only: the work without "
-                             "the waits for a core on a shared machine)")
+                        help="wall time, or this thread's CPU time (with --threads 1 only: the work without the waits "
+                             "for a core on a shared machine; the plan's own check stays on wall time)")
     parser.add_argument("--bf16", default="auto", choices=["auto", "yes", "no"],
                         help="model: also dense bf16 against sparse with bf16 values (auto: where the CPU has bf16)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sparse.jsonl")

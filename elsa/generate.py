@@ -88,11 +88,21 @@ def side_by_side(dense, sparse, ids: torch.Tensor, new_tokens: int, rounds: int 
     return out
 
 
+def c_kernels_note() -> str:
+    """Whether the compiled decode kernels run here, and on which path; printed when they do not (a fallback to
+    torch's kernels is said, not silent)."""
+    from elsa import sparse_kernels as SK
+
+    why = SK.unavailable()
+    if why:
+        print(f"elsa: the compiled sparse kernels are not available ({why}); torch's kernels only", file=sys.stderr)
+        return f"unavailable: {why}"
+    return f"available ({SK.simd()})"
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic (AVX-512 BF16 or AMX): where a dense bf16 model is the baseline to beat."""
     try:
-        from pathlib import Path
-
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
@@ -128,6 +138,7 @@ def speed_table(model, new_tokens: int = 32, rounds: int = 3, ids: torch.Tensor 
         r["dense_bf16_over_fp32"] = tps["dense_bf16"] / tps["dense"]
     r["same_tokens"] = r["same_tokens_as"]["sparse"]
     r["kernels"] = plans["dense"]["chosen"]
+    r["c_kernels"] = c_kernels_note()
     r["plans"] = {k.replace("dense", "sparse"): {"chosen": p["chosen"], "source": p["source"],
                                                  "note": p.get("plan_note"), "verified_in_model": p["verified_in_model"]}
                   for k, p in plans.items()}
@@ -174,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
             sparse = copy.deepcopy(model) if args.compare else model
             plan = sparsify_with_plan(sparse, args.model_dir, progress=True, remeasure=args.remeasure)
-            print(f"kernels {plan['chosen']}; plan: {plan['plan_note']}", file=sys.stderr)
+            print(f"kernels {plan['chosen']}; plan: {plan['plan_note']}; compiled kernels: {c_kernels_note()}",
+                  file=sys.stderr)
         if args.compare:
             r = side_by_side(model, sparse, ids, args.max_new_tokens)
             out, _ = greedy(sparse, ids, args.max_new_tokens)

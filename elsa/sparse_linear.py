@@ -32,6 +32,7 @@ stays dense (recorded in the plan). lm_head and embeddings stay dense.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import statistics
@@ -314,21 +315,22 @@ def _synced(fn: Callable[[], object], device: torch.device | None) -> Callable[[
 
 
 def interleaved_timer(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 2,
-                      median: bool = False) -> dict[str, float]:
+                      median: bool = False, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Seconds per call of each fn, timed in interleaved rounds so that a change of machine load hits every
     candidate alike: for ``dense`` the first quartile of its calls, for the others the third quartile, so that a
     sparse kernel is chosen only when it is faster even on its slow calls against dense's fast ones (on a loaded
     machine medians of isolated calls picked kernels that were slower inside the model). ``median``: the median
-    of every fn's calls (the check of a choice the bytes model made, which needs no handicap on either side)."""
+    of every fn's calls (the check of a choice the bytes model made, which needs no handicap on either side).
+    ``clock``: wall time, or ``time.thread_time`` (one thread's CPU time: benchmarks on a shared machine)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     for _ in range(reps):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     def quartile(v: list[float], q: int) -> float:
         return statistics.quantiles(v, n=4, method="inclusive")[q - 1] if len(v) > 1 else v[0]
 
@@ -354,9 +356,18 @@ def default_timer(fns: dict[str, Callable], x: torch.Tensor, tokens: int) -> dic
                              reps=15 if tokens <= DECODE_MAX else 3, warmup=0)
 
 
-def check_timer(fns: dict[str, Callable[[], object]], tokens: int) -> dict[str, float]:
+def one_thread_clock(device: torch.device | None = None) -> Callable[[], float]:
+    """With one torch thread on the CPU every product runs on the calling thread: its CPU time
+    (``time.thread_time``) is the work without the waits for a core that other jobs on a shared machine cause;
+    with more threads, or on a GPU, wall time."""
+    cpu = device is None or device.type == "cpu"
+    return time.thread_time if cpu and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def check_timer(fns: dict[str, Callable[[], object]], tokens: int,
+                device: torch.device | None = None) -> dict[str, float]:
     """The clock of the bytes model's check: medians of CHECK_REPS interleaved calls per side."""
-    return interleaved_timer(fns, reps=CHECK_REPS, warmup=2, median=True)
+    return interleaved_timer(fns, reps=CHECK_REPS, warmup=2, median=True, clock=one_thread_clock(device))
 
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -365,7 +376,7 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 2e-2)
 
 
-ALT_GAIN = 1.25                        # decode: a kernel reading more bytes is chosen only this much faster
+ALT_GAIN = 1.5                         # decode: a kernel reading more bytes is chosen only this much faster
 
 
 def by_bytes(fns: dict[str, Callable], measure: Callable[[list[str]], dict[str, float]],
@@ -414,7 +425,7 @@ def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[s
         screened = {} if timer else {k: first[k] for k in ok if k != "dense" and first[k] > SCREEN * first["dense"]}
         ok = {k: f for k, f in ok.items() if k not in screened}
         if tokens <= DECODE_MAX and any(k in ok for k in BYTES_KERNELS):
-            clock = timer or check_timer
+            clock = timer or (lambda f, t: check_timer(f, t, x.device))
             plan[regime], plan.setdefault("bytes_model", {})[regime] = by_bytes(ok, lambda names: clock(
                 {n: _synced(lambda n=n: ok[n](x), x.device) for n in ("dense", *names)}, tokens))
             continue
@@ -583,9 +594,11 @@ def _reuse(plan: dict, weight: torch.Tensor, bias, regimes: dict[str, int], meas
     return out, fns
 
 
-def model_timer(run: dict[str, Callable[[], object]], tokens: int) -> dict[str, float]:
+def model_timer(run: dict[str, Callable[[], object]], tokens: int,
+                device: torch.device | None = None) -> dict[str, float]:
     """The default clock of :func:`verify_in_model`: whole-model forwards in interleaved rounds, medians."""
-    return interleaved_timer(run, reps=9 if tokens <= DECODE_MAX else 3, warmup=1, median=True)
+    return interleaved_timer(run, reps=9 if tokens <= DECODE_MAX else 3, warmup=1, median=True,
+                             clock=one_thread_clock(device))
 
 
 def verify_in_model(model: nn.Module, modules: dict[str, "SparseLinear"], dense_fns: dict[str, Callable],
@@ -600,6 +613,8 @@ def verify_in_model(model: nn.Module, modules: dict[str, "SparseLinear"], dense_
     out = {}
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     device = next(model.parameters()).device
+    if timer is model_timer:
+        timer = functools.partial(model_timer, device=device)
     for regime, tokens in regimes.items():
         sparse_mods = {n: m for n, m in modules.items() if m.plan.get(regime, "dense") != "dense"}
         if not sparse_mods or not vocab:
@@ -698,6 +713,11 @@ def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: floa
             for name, mod in replaced.items():   # a regime sent back to dense needs the dense weight
                 if isinstance(mod, SparseLinear) and mod.weight is None and "dense" in (mod.plan.get(r, "dense") for r in REGIMES):
                     mod.weight = dense_weights[name]
+        originals = dict(items)
+        for name, mod in replaced.items():       # dense in every regime: the original module, without a wrapper
+            if isinstance(mod, SparseLinear) and all(mod.plan.get(r, "dense") == "dense" for r in REGIMES):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, originals[name])
     if progress:
         print(flush=True)
     counts: dict = {r: {} for r in regimes}

@@ -100,6 +100,9 @@ def test_no_compiler_is_explicit(monkeypatch, tmp_path):
     assert all("no C compiler" in skipped[k] for k in ("bitmask", "nm", "csr", "csr16"))
     plan, _ = SL.plan_matrix(w, None, {"decode": 1}, lambda f, t: {k: 1.0 for k in f})
     assert plan["decode"] == "dense" and "no C compiler" in plan["skipped"]["bitmask"]
+    from elsa.generate import c_kernels_note                   # what measure_speed and elsa.generate say
+
+    assert c_kernels_note().startswith("unavailable: not compiled: no C compiler")
 
 
 # -- the plan --------------------------------------------------------------------------------------------------
@@ -124,6 +127,7 @@ def test_bytes_model_gives_the_same_plan_under_noisy_timings():
     choice, rec = SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 1.3, "csr": 1.2})   # both slower
     assert choice == "dense" and set(rec["checked"]) == {"bitmask", "csr"}
     assert SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 0.5, "csr": 0.3})[0] == "csr"   # 1.67x faster
+    assert SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 0.5, "csr": 0.4})[0] == "bitmask"   # 1.25x
     assert SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 1.1, "csr": 0.9})[0] == "csr"
     nm_close = {"dense": _sized(4000), "nm": _sized(3500)}             # under the bytes margin: never timed
     assert SL.by_bytes(nm_close, lambda k: pytest.fail("timed"))[0] == "dense"
