@@ -377,6 +377,8 @@ class Run:
                             budget=self.budget, seed=self.seed,
                             sparsity={"target": str(self.target), "target_ratio": self.target.ratio},
                             overrides=self.overrides, git_sha=git_sha(), output_dir=str(self.out))
+        if getattr(self.source, "rehearsal", None):   # model=shapes: random weights, never a model's perplexity
+            self.results["rehearsal"] = self.source.rehearsal
         self.tracker = build(cfg.logger, "logger") if main_rank else NullTracker()
         self.tracker.start(OmegaConf.to_container(cfg, resolve=True), self.out, name=self.job_name, group=self.group)
 
@@ -527,6 +529,9 @@ class Run:
         if r["sparsity"].get("over_target"):
             lines.append(f"OVER TARGET: {r['sparsity']['measured']:.4f} of the pruned weights are zero, "
                          f"{r['sparsity']['over_target']:.4f} more than the target {r['sparsity']['target']} asks")
+        if r.get("rehearsal"):
+            lines.append(f"SHAPE REHEARSAL: {r['rehearsal']['like']}'s shapes with {r['rehearsal']['blocks']} random-weight "
+                         "block(s); the perplexities above are not the model's")
         fb = stats.get("fallback")
         if fb:
             lines.append(f"FALLBACK: {fb['method']} ran instead of {r['method']} on {len(fb['blocks'])}/{fb['of']} "

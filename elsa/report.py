@@ -165,7 +165,11 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
     none = (data.get("method_stats") or {}).get("experts_without_tokens")
     if method and isinstance(none, dict) and none.get("count"):   # experts no calibration token reached
         method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"
-    row = {"model": data.get("model"), "method": method, "method_name": base, "start": start, "budget": budget,
+    model = data.get("model")
+    rehearsal = data.get("rehearsal")
+    if model and isinstance(rehearsal, dict):     # model=shapes: random weights, its own row label
+        model = f"{model} (shape rehearsal, random weights)"
+    row = {"model": model, "rehearsal": bool(rehearsal), "method": method, "method_name": base, "start": start, "budget": budget,
            "allocation": allocation,
            "order": _order(base, start, budget, allocation),
            "sparsity": target,

@@ -1,0 +1,121 @@
+"""Issue 27's table: every method on ONE 7B-shaped decoder block (model=shapes) at 16 x 2048 calibration tokens,
+with the plan's prediction (python -m elsa.plan) beside each measured cell. Resumable: each cell runs run.py in
+its own dir under ``--root`` and is skipped once its results.json says done; every start, end and figure goes to
+``<root>/bench_shapes.log``; ``--table`` prints the markdown table of what is done.
+
+    python bench/bench_shapes.py                          # every cell not yet done, in the table's order
+    python bench/bench_shapes.py --only llama2-7b:wanda   # some cells (like:method, comma separated)
+    python bench/bench_shapes.py --table                  # the table so far (measured vs plan)
+
+One thread (hardware.threads=1) and the machine's load average are recorded per cell: the machine is shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ALL = ["wanda", "sparsegpt", "sparsellm", "elsa", "alps", "magnitude", "elsa_l"]
+CELLS = [("llama2-7b", m) for m in ["wanda", "sparsegpt", "sparsellm", "elsa", "alps", "elsa_l"]] + \
+        [(a, m) for a in ("llama3-8b", "mixtral-8x7b") for m in ["wanda", "sparsegpt", "sparsellm", "elsa"]]
+COMMON = ["model=shapes", "model.blocks=1", "nsamples=16", "seqlen=2048", "hardware.threads=1", "logger=none",
+          "eval=quick", "eval.max_tokens=4096", "eval.dense=false", "save_model=false", "sparsity=0.5"]
+EXTRA = {"elsa": ["budget=demo"], "elsa_l": ["budget=demo"]}
+
+
+def overrides(like: str, method: str) -> list[str]:
+    return [*COMMON, f"model.like={like}", f"method={method}", *EXTRA.get(method, [])]
+
+
+def log(root: Path, line: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    with open(root / "bench_shapes.log", "a") as fh:
+        fh.write(f"{stamp} {line}\n")
+    print(f"{stamp} {line}", flush=True)
+
+
+def done(cell: Path) -> dict | None:
+    try:
+        data = json.loads((cell / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if data.get("status") == "done" else None
+
+
+def plan_of(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-m", "elsa.plan", "--json", *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(out.stdout)
+
+
+def run_cell(root: Path, like: str, method: str, timeout: float) -> None:
+    cell = root / f"{like}_{method}"
+    if done(cell):
+        log(root, f"skip {like}:{method} (done)")
+        return
+    args = overrides(like, method)
+    plan = plan_of(args)
+    cell.mkdir(parents=True, exist_ok=True)
+    (cell / "plan.json").write_text(json.dumps(plan, indent=1))
+    load = os.getloadavg()[0]
+    log(root, f"start {like}:{method} load {load:.2f}; plan: {plan.get('forecast', plan.get('error'))}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
+    t0 = time.time()
+    with open(cell / "run.log", "w") as fh:
+        try:
+            rc = subprocess.run([sys.executable, "run.py", *args, f"output_dir={cell}"], cwd=REPO, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    data = done(cell)
+    if data is None:
+        log(root, f"FAILED {like}:{method} rc={rc} after {time.time() - t0:.0f} s (see {cell}/run.log)")
+        return
+    log(root, f"done {like}:{method} prune {data['time_s']['prune']:.0f} s, peak RSS "
+              f"{data['peak_memory_mb']['cpu_rss'] / 1024:.2f} GB, load at start {load:.2f}, "
+              f"after {os.getloadavg()[0]:.2f}")
+
+
+def table(root: Path) -> str:
+    rows = ["| shapes | method | per block (s), measured | plan | peak RSS (GB), measured | plan | load |",
+            "|---|---|---:|---:|---:|---:|---|"]
+    for like, method in CELLS:
+        cell = root / f"{like}_{method}"
+        data = done(cell)
+        if data is None:
+            continue
+        plan = json.loads((cell / "plan.json").read_text()) if (cell / "plan.json").exists() else {}
+        loads = [line.split(" load ")[1].split(";")[0] for line in (root / "bench_shapes.log").read_text().splitlines()
+                 if f"start {like}:{method} " in line]
+        rows.append(f"| {like} | {method} | {data['time_s']['prune']:.0f} | "
+                    f"{plan.get('prune_s', float('nan')):.0f} | {data['peak_memory_mb']['cpu_rss'] / 1024:.2f} | "
+                    f"{plan.get('peak_cpu_gb', float('nan')):.2f} | {loads[-1] if loads else '?'} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=str(REPO / "bench" / "runs" / "shapes"))
+    ap.add_argument("--only", default="", help="like:method[,like:method...]")
+    ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per cell")
+    ap.add_argument("--table", action="store_true")
+    a = ap.parse_args()
+    root = Path(a.root)
+    root.mkdir(parents=True, exist_ok=True)
+    if a.table:
+        print(table(root))
+        return
+    cells = [tuple(c.split(":")) for c in a.only.split(",")] if a.only else CELLS
+    for like, method in cells:
+        run_cell(root, like, method, a.timeout)
+
+
+if __name__ == "__main__":
+    main()
