@@ -24,12 +24,16 @@ ALL = ["wanda", "sparsegpt", "sparsellm", "elsa", "alps", "magnitude", "elsa_l"]
 CELLS = [("llama2-7b", m) for m in ["wanda", "sparsegpt", "sparsellm", "elsa", "alps", "elsa_l"]] + \
         [(a, m) for a in ("llama3-8b", "mixtral-8x7b") for m in ["wanda", "sparsegpt", "sparsellm", "elsa"]]
 COMMON = ["model=shapes", "model.blocks=1", "nsamples=16", "seqlen=2048", "hardware.threads=1", "logger=none",
-          "eval=quick", "eval.max_tokens=4096", "eval.dense=false", "save_model=false", "sparsity=0.5"]
+          "eval=quick", "eval.max_tokens=4096", "eval.batch_size=1", "eval.dense=false", "save_model=false",
+          "sparsity=0.5"]
+# the layer-wise methods run their block over 2 windows at a time (the default 8 holds 4 GB more of transient
+# activations at 7B widths, more than this shared machine has free); ELSA: budget=demo (30 steps of 1 x seqlen)
 EXTRA = {"elsa": ["budget=demo"], "elsa_l": ["budget=demo"]}
+LAYERWISE_BATCH = ["method.batch_size=2"]
 
 
 def overrides(like: str, method: str) -> list[str]:
-    return [*COMMON, f"model.like={like}", f"method={method}", *EXTRA.get(method, [])]
+    return [*COMMON, f"model.like={like}", f"method={method}", *EXTRA.get(method, LAYERWISE_BATCH)]
 
 
 def log(root: Path, line: str) -> None:
@@ -55,7 +59,26 @@ def plan_of(args: list[str]) -> dict:
     return json.loads(out.stdout)
 
 
-def run_cell(root: Path, like: str, method: str, timeout: float) -> None:
+def available_gb() -> float:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024 ** 2
+    return float("inf")
+
+
+def wait_for_memory(root: Path, need_gb: float, patience: float) -> bool:
+    """The machine is shared: start a cell only when its predicted peak (+1 GB) is free, waiting up to
+    ``patience`` seconds; a cell that would push the machine into the OOM killer takes others' jobs with it."""
+    t0 = time.time()
+    while available_gb() < need_gb + 1:
+        if time.time() - t0 > patience:
+            return False
+        time.sleep(30)
+    return True
+
+
+def run_cell(root: Path, like: str, method: str, timeout: float, patience: float = 1800) -> None:
     cell = root / f"{like}_{method}"
     if done(cell):
         log(root, f"skip {like}:{method} (done)")
@@ -64,6 +87,11 @@ def run_cell(root: Path, like: str, method: str, timeout: float) -> None:
     plan = plan_of(args)
     cell.mkdir(parents=True, exist_ok=True)
     (cell / "plan.json").write_text(json.dumps(plan, indent=1))
+    need = plan.get("peak_cpu_gb", 0.0)
+    if not wait_for_memory(root, need, patience):
+        log(root, f"skip {like}:{method}: the plan's peak {need:.1f} GB is not free ({available_gb():.1f} GB "
+                  "available); rerun later")
+        return
     load = os.getloadavg()[0]
     log(root, f"start {like}:{method} load {load:.2f}; plan: {plan.get('forecast', plan.get('error'))}")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HYDRA_FULL_ERROR="1")

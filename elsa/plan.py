@@ -181,10 +181,12 @@ def _groups(model, block, matrices) -> list[int]:
     seen: dict[str, int] = {}
 
     def hook(name):
-        return lambda _m, args, _o: seen.setdefault(name, id(args[0]))
+        def fn(_m, args, _o):          # returns None: a forward hook's return value would replace the output
+            seen.setdefault(name, id(args[0]))
+        return fn
     handles = [mod.register_forward_hook(hook(n)) for n, mod in linears.items()]
     try:
-        model(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta"), use_cache=False)
+        model(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta"))
     except Exception:               # noqa: BLE001 - data-dependent routing on meta: the experts stay unseen
         pass
     finally:
