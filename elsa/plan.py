@@ -433,11 +433,14 @@ class Plan:
         self.S = shapes or model_shapes(st.source, st.ignore, st.targets)
         self.base = _rss_gb() if base_gb is None else base_gb
         self.gpu = st.device.startswith("cuda")
+        self.share = 1.0    # the share of the probed rate this run gets: the CPU is shared with the load
         if self.gpu:
             self.r = self.r1 = GPU_REFERENCE["rates"]
         else:
             self.r = rates_cpu or rates(st.threads)
             self.r1 = self.r if st.threads == 1 else rates(1)
+            self.load_avg = os.getloadavg()[0]
+            self.share = min(1.0, (os.cpu_count() or 1) / (self.load_avg + st.threads))
         self.phases: list[Phase] = []
         self.notes: list[str] = []
 
@@ -454,7 +457,7 @@ class Plan:
         return out
 
     def seconds(self, work: Work) -> float:
-        return work.seconds(self.r, self.r1)
+        return work.seconds(self.r, self.r1) / self.share
 
     def forward_work(self, tokens: int, blocks: int, head: bool = False) -> Work:
         S = self.S
@@ -464,7 +467,7 @@ class Plan:
     def load(self) -> Phase:
         S, src = self.S, self.st.source
         if getattr(src, "rehearsal", None) is not None or not hasattr(src, "path"):   # built from a config
-            secs = 1.5 * S.params / rates(1)["fill"]     # built on the CPU whatever the device
+            secs = 1.5 * S.params / rates(1)["fill"] / (1.0 if self.gpu else self.share)   # built on the CPU
         else:
             secs = self.weights_gb / self.LOAD_GBPS
         return Phase("load", secs, self.base + self.weights_gb, note=f"{S.params / 1e9:.2f} B parameters")
@@ -476,7 +479,8 @@ class Plan:
         cost = declared(method)(method, S, T)
         hidden = 2 * 4.0 * T * S.hidden
         block = S.block_params * S.dtype_bytes
-        extra = self.forward_transient(min(b, T))
+        # the re-run measures every matrix's error in float64: x (W - W_dense)^T and y - delta, each doubled
+        extra = self.forward_transient(min(b, T)) + 24.0 * min(b, T) * max(o * s for _n, o, _i, s in S.matrices)
         resident = self.base + self.weights_gb + (hidden + block + cost.held + max(extra, cost.work)) / GB
         per_block = self.seconds(self.forward_work(T, 2) + Work(mm=2.0 * T * sum(
             o * i * s for _n, o, i, s in S.matrices)) + cost.flops)
@@ -506,6 +510,7 @@ class Plan:
         step = self.forward_work(tokens * t.grad_accum, S.blocks, head=True) * 3 + \
             Work(vec=30.0 * S.params + 30.0 * S.prunable / max(getattr(method, "interval", 1), 1))
         secs = self.seconds(step) * t.steps
+        self.hour_steps = int(3600 / max(self.seconds(step), 1e-9))
         per_rank = fixed / st.ranks + acts + 2 * 4.0 * S.block_params
         gpu = GPU_REFERENCE["context_gb"] + per_rank / GB if self.gpu else None
         cpu = self.base + (self.weights_gb if self.gpu else (fixed + acts) / GB)
@@ -567,13 +572,17 @@ class Plan:
         st = self.st
         if self.gpu:
             return GPU_REFERENCE["name"] + (f" x {st.ranks} ranks" if st.ranks > 1 else "")
-        return f"this CPU at {st.threads} thread(s) ({self.r['mm'] / 1e9:.0f} GFLOP/s matmul, measured)"
+        return (f"this CPU at {st.threads} thread(s) ({self.r['mm'] / 1e9:.0f} GFLOP/s matmul measured; load "
+                f"{self.load_avg:.1f} on {os.cpu_count()} cores leaves it {self.share:.0%} of that)")
 
     def forecast(self) -> str:
         gpu = f", {self.peak_gpu_gb:.1f} GB per GPU" if self.peak_gpu_gb is not None else ""
         parts = ", ".join(f"{p.name} {duration(p.seconds)}" for p in self.phases)
+        hour = ""
+        if any(p.name == "training" and p.seconds > 3600 for p in self.phases):
+            hour = f"; one hour of training here is method.steps={self.hour_steps}"
         return (f"plan: {duration(self.total_s)} on {self.where()}; peak {self.peak_cpu_gb:.1f} GB resident{gpu} "
-                f"({parts})")
+                f"({parts}){hour}")
 
     def table(self) -> str:
         rows = [f"{'phase':<40} {'time':>10} {'CPU GB':>8} {'GPU GB':>8}  note"]
@@ -587,7 +596,7 @@ class Plan:
     def as_dict(self) -> dict:
         return {"forecast": self.forecast(), "total_s": self.total_s, "prune_s": self.prune_s(),
                 "peak_cpu_gb": self.peak_cpu_gb, "peak_gpu_gb": self.peak_gpu_gb, "base_gb": self.base,
-                "where": self.where(), "rates": {k: v for k, v in self.r.items()},
+                "where": self.where(), "rates": {k: v for k, v in self.r.items()}, "share": self.share,
                 "phases": [vars(p) for p in self.phases]}
 
 
