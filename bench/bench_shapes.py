@@ -51,12 +51,28 @@ def done(cell: Path) -> dict | None:
     return data if data.get("status") == "done" else None
 
 
-def plan_of(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-m", "elsa.plan", "--json", *args], cwd=REPO, capture_output=True,
+def plan_of(args: list[str], load: float | None = None) -> dict:
+    extra = [] if load is None else ["--load", str(load)]
+    out = subprocess.run([sys.executable, "-m", "elsa.plan", "--json", "--full", *extra, *args], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(out.stdout)
+
+
+def total_gb() -> float:
+    with open("/proc/meminfo") as fh:
+        return int(fh.readline().split()[1]) / 1024 ** 2
+
+
+def refused(cell: Path) -> str | None:
+    """The plan's refusal recorded in the cell's results.json (run.py refused before loading), if any."""
+    try:
+        data = json.loads((cell / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    error = data.get("error") or ""
+    return error.split(": ", 1)[-1] if data.get("status") == "failed" and "the plan needs" in error else None
 
 
 def available_gb() -> float:
@@ -80,15 +96,16 @@ def wait_for_memory(root: Path, need_gb: float, patience: float) -> bool:
 
 def run_cell(root: Path, like: str, method: str, timeout: float, patience: float = 1800) -> None:
     cell = root / f"{like}_{method}"
-    if done(cell):
-        log(root, f"skip {like}:{method} (done)")
+    if done(cell) or refused(cell):
+        log(root, f"skip {like}:{method} ({'done' if done(cell) else 'refused by the plan'})")
         return
     args = overrides(like, method)
     plan = plan_of(args)
     cell.mkdir(parents=True, exist_ok=True)
     (cell / "plan.json").write_text(json.dumps(plan, indent=1))
     need = plan.get("peak_cpu_gb", 0.0)
-    if not wait_for_memory(root, need, patience):
+    fits = need <= total_gb()           # else run.py refuses before loading: that refusal is the cell's result
+    if fits and not wait_for_memory(root, need, patience):
         log(root, f"skip {like}:{method}: the plan's peak {need:.1f} GB is not free ({available_gb():.1f} GB "
                   "available); rerun later")
         return
@@ -103,6 +120,10 @@ def run_cell(root: Path, like: str, method: str, timeout: float, patience: float
         except subprocess.TimeoutExpired:
             rc = "timeout"
     data = done(cell)
+    refusal = refused(cell)
+    if refusal:
+        log(root, f"REFUSED {like}:{method} in {time.time() - t0:.0f} s: {refusal}")
+        return
     if data is None:
         log(root, f"FAILED {like}:{method} rc={rc} after {time.time() - t0:.0f} s (see {cell}/run.log)")
         return
@@ -111,20 +132,48 @@ def run_cell(root: Path, like: str, method: str, timeout: float, patience: float
               f"after {os.getloadavg()[0]:.2f}")
 
 
+def start_load(root: Path, like: str, method: str) -> float | None:
+    """The load average logged when the cell's (last) run started."""
+    loads = [line.split(" load ")[1].split(";")[0] for line in (root / "bench_shapes.log").read_text().splitlines()
+             if f"start {like}:{method} " in line]
+    return float(loads[-1]) if loads else None
+
+
+def replan(root: Path) -> None:
+    """Rewrite every done cell's plan.json with the current plan code, for the load its run started under."""
+    for like, method in CELLS:
+        cell = root / f"{like}_{method}"
+        if done(cell):
+            plan = plan_of(overrides(like, method), start_load(root, like, method))
+            (cell / "plan.json").write_text(json.dumps(plan, indent=1))
+            log(root, f"replanned {like}:{method}: {plan.get('forecast', plan.get('error'))}")
+
+
+def whole(plan: dict | None, key: str) -> str:
+    if not plan:
+        return "-"
+    from elsa.plan import duration
+
+    return f"{duration(plan['total_s'])}, {plan[key]:.0f}"
+
+
 def table(root: Path) -> str:
-    rows = ["| shapes | method | per block (s), measured | plan | peak RSS (GB), measured | plan | load |",
-            "|---|---|---:|---:|---:|---:|---|"]
+    rows = ["| shapes | method | per block (s), measured | plan | peak RSS (GB), measured | plan | load | whole model "
+            "at 128 x 2048, this CPU idle: time, GB | one 80 GB GPU: time, GPU GB |",
+            "|---|---|---:|---:|---:|---:|---|---|---|"]
     for like, method in CELLS:
         cell = root / f"{like}_{method}"
         data = done(cell)
         if data is None:
+            if refused(cell):
+                rows.append(f"| {like} | {method} | refused before loading: {refused(cell)} |||||||")
             continue
         plan = json.loads((cell / "plan.json").read_text()) if (cell / "plan.json").exists() else {}
-        loads = [line.split(" load ")[1].split(";")[0] for line in (root / "bench_shapes.log").read_text().splitlines()
-                 if f"start {like}:{method} " in line]
+        load = start_load(root, like, method)
         rows.append(f"| {like} | {method} | {data['time_s']['prune']:.0f} | "
                     f"{plan.get('prune_s', float('nan')):.0f} | {data['peak_memory_mb']['cpu_rss'] / 1024:.2f} | "
-                    f"{plan.get('peak_cpu_gb', float('nan')):.2f} | {loads[-1] if loads else '?'} |")
+                    f"{plan.get('peak_cpu_gb', float('nan')):.2f} | {load if load is not None else '?'} | "
+                    f"{whole(plan.get('full_cpu'), 'peak_cpu_gb')} | {whole(plan.get('full_cuda'), 'peak_gpu_gb')} |")
     return "\n".join(rows)
 
 
@@ -134,9 +183,12 @@ def main() -> None:
     ap.add_argument("--only", default="", help="like:method[,like:method...]")
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per cell")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--replan", action="store_true", help="rewrite the done cells' plans with the current code")
     a = ap.parse_args()
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
+    if a.replan:
+        replan(root)
     if a.table:
         print(table(root))
         return

@@ -419,6 +419,7 @@ class Setting:
     save: bool = True
     ignore: tuple = ()
     targets: tuple = ()
+    load: float | None = None       # the CPU's load average to plan for (None: the current one)
 
 
 class Plan:
@@ -439,7 +440,7 @@ class Plan:
         else:
             self.r = rates_cpu or rates(st.threads)
             self.r1 = self.r if st.threads == 1 else rates(1)
-            self.load_avg = os.getloadavg()[0]
+            self.load_avg = os.getloadavg()[0] if st.load is None else st.load
             self.share = min(1.0, (os.cpu_count() or 1) / (self.load_avg + st.threads))
         self.phases: list[Phase] = []
         self.notes: list[str] = []
@@ -765,6 +766,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--full", action="store_true", help="a rehearsal (model=shapes): also the whole model at "
                     "the papers' 128 x 2048 calibration tokens, here and on the reference 80 GB GPU")
     ap.add_argument("--refresh-rates", action="store_true", help="measure this machine's rates again")
+    ap.add_argument("--load", type=float, default=None, help="plan for this load average instead of the current")
     args, overrides = ap.parse_known_args(argv)
     refuse_old_spellings(overrides)
     quiet_third_party_logs()
@@ -774,6 +776,7 @@ def main(argv: list[str] | None = None) -> None:
         start = build(cfg.start, "start") if cfg.get("start") is not None and "_target_" in cfg.start and \
             method.takes_start else None
         st = setting(cfg, build(cfg.model, "model"), method, start, args.ranks)
+        st.load = args.load
         if args.refresh_rates:
             rates(st.threads, refresh=True)
         plan = Plan(st).build()
@@ -787,9 +790,9 @@ def main(argv: list[str] | None = None) -> None:
 
         big = full_model(plan.S)
         for device in ("cpu", "cuda"):
-            p = Plan(replace(st, nsamples=128, seqlen=2048, device=device), big, plan.base).build()
+            p = Plan(replace(st, nsamples=128, seqlen=2048, device=device, load=0.0), big, plan.base).build()
             out[f"full_{device}"] = p.as_dict()
-            text += [f"\nthe whole model ({big.layers} blocks) at 128 x 2048 calibration tokens on {p.where()}:",
+            text += [f"\nthe whole model ({big.layers} blocks) at 128 x 2048 calibration tokens on {p.where()} (idle):",
                      p.table()]
     print(json.dumps(out, indent=1, default=str) if args.json else "\n".join(text))
 
