@@ -373,7 +373,7 @@ class Run:
         main_rank = D.is_main()
         from elsa.plan import check_run    # the forecast, and a refusal when the peak cannot fit (elsa/plan.py)
 
-        self.results["plan"] = check_run(self) if main_rank else None
+        self.results["plan"] = check_run(self, quiet=not main_rank)   # every rank refuses alike
         seed_everything(self.seed)
         self.rss_at_start = reset_peak_memory(self.device)
         self.results.update(model=cfg.model.name, method=cfg.method.name, start=self.start_info,

@@ -16,7 +16,6 @@ and refuses a run whose peak exceeds the machine's memory or ``hardware.memory_g
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys
@@ -24,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from omegaconf import OmegaConf
 
 GB = 1024 ** 3
 GPU_REFERENCE = {"name": "one 80 GB GPU (reference: fp32 matmul at 15 TFLOP/s sustained, A100-class without TF32)",
@@ -58,26 +56,29 @@ def machine_memory_gb() -> float:
     return float("inf")
 
 
-def _time(fn, repeat: int = 3) -> float:
+def _time(fn, repeat: int = 3, threads: int = 1) -> float:
+    """The best of ``repeat`` calls in CPU seconds of this process per thread: on a shared machine the wall
+    clock counts the other jobs' time slices; the plan applies the load's share separately (Plan.share)."""
     fn()
     best = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        best = min(best, (time.process_time() - t) / threads)
+    return max(best, 1e-9)
 
 
 def probe(threads: int) -> dict:
     """FLOP/s of a 1024 matmul and a 1024 Cholesky at ``threads`` threads; of SparseGPT's rank-1 column update
-    (128 x 4096, one thread: the loop runs single-threaded) and elements/s of a normal fill (a random init)."""
+    (128 x 4096, one thread: the loop runs single-threaded) and elements/s of a normal fill (a random init).
+    Rates of an unshared machine: measured in CPU time (see :func:`_time`)."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-        mm = 2 * 1024 ** 3 / _time(lambda: a @ b)
+        mm = 2 * 1024 ** 3 / _time(lambda: a @ b, 3, threads)
         spd = a @ a.t() + 1024 * torch.eye(1024)
-        chol = 1024 ** 3 / 3 / _time(lambda: torch.linalg.cholesky(spd))
+        chol = 1024 ** 3 / 3 / _time(lambda: torch.linalg.cholesky(spd), 3, threads)
         buf = torch.empty(16 * 2 ** 20)
         fill = buf.numel() / _time(lambda: buf.normal_(0, 0.02), 2)
         torch.set_num_threads(1)
@@ -93,7 +94,7 @@ def rates(threads: int, refresh: bool = False) -> dict:
     from elsa.assets import cache_dir
 
     path = cache_dir() / "plan" / "rates.json"
-    key = f"{platform.processor() or platform.machine()}-{os.cpu_count()}cpu-{threads}t"
+    key = f"cputime-{platform.processor() or platform.machine()}-{os.cpu_count()}cpu-{threads}t"
     cached = json.loads(path.read_text()) if path.exists() else {}
     if key in cached and not refresh:
         return cached[key]
@@ -715,7 +716,7 @@ def limit_gb(cfg, device: str) -> tuple[float, str]:
     return machine_memory_gb(), "this machine's memory"
 
 
-def check_run(run) -> dict | None:
+def check_run(run, quiet: bool = False) -> dict | None:
     """run.py's plan (elsa.pipeline.Run.execute, after validate, before any weight loads): print the forecast;
     refuse with one line when the predicted peak exceeds the device's memory. None when the model's config
     cannot be read without loading it (a hub id offline, a GGUF not yet converted)."""
@@ -732,7 +733,8 @@ def check_run(run) -> dict | None:
     except Exception as exc:     # noqa: BLE001 - a plan must never stop a run it cannot read
         logging.getLogger(__name__).info("no plan: %s: %s", type(exc).__name__, exc)
         return None
-    print(plan.forecast(), flush=True)
+    if not quiet:
+        print(plan.forecast(), flush=True)
     limit, what = limit_gb(run.cfg, plan.st.device)
     peak = plan.peak_gpu_gb if plan.gpu else plan.peak_cpu_gb
     if peak > limit:
