@@ -343,6 +343,14 @@ def alps_cost(m, S: Shapes, T: int) -> BlockCost:
 
 
 CODEC_BYTES = {"Fp32Codec": 4, "Bf16Codec": 2, "Fp8Codec": 1}
+# the optimizers: state bytes per trainable weight, vector FLOPs per weight and step (at the rank-1 rate), the
+# step's transient bytes per weight and a one-time setup (CPU s). Fitted to measured runs (docs/results.md, issue
+# 27): on a 51 M-parameter llama2-7b-shaped rehearsal (4 narrow blocks, 10 steps) both held ~12 B per weight
+# more than their state at the peak (AdamW's foreach temporaries; AdamW8bit's de-quantised moments); torchao's
+# AdamW8bit cost ~30 CPU-s once (its compiled step) and, on the default model's field runs (ELSA-L against
+# ELSA, 60 steps), ~300 vector FLOPs per weight and step more than AdamW.
+OPTIMIZERS = {"adamw": {"state": 8.0, "flops": 30.0, "transient": 12.0, "setup_cpu_s": 0.0},
+              "adamw8bit": {"state": 2.0, "flops": 330.0, "transient": 12.0, "setup_cpu_s": 30.0}}
 
 
 def elsa_state_bytes(m) -> float:
@@ -502,22 +510,26 @@ class Plan:
     def train(self, method) -> Phase:
         S, st, t = self.S, self.st, method.train
         state = declared(method)(method)
-        opt = 2.0 if t.optimizer == "adamw8bit" else 8.0
-        fixed = S.params * (S.dtype_bytes + 4 + opt) + S.prunable * state
+        optimizer = OPTIMIZERS[t.optimizer]
+        opt = optimizer["state"]
+        fixed = S.params * (S.dtype_bytes + 4 + opt + optimizer["transient"]) + S.prunable * state
         if method.distils:
             fixed += S.params * S.dtype_bytes
         tokens = t.batch_size * st.seqlen
         per_layer = 4.0 * tokens * ((S.hidden if t.gradient_checkpointing else 8 * S.hidden + 5 * S.mlp_token))
         acts = S.blocks * per_layer + 3 * 4.0 * tokens * S.vocab + self.forward_transient(tokens)
         step = self.forward_work(tokens * t.grad_accum, S.blocks, head=True) * 3 + \
-            Work(vec=30.0 * S.params + 30.0 * S.prunable / max(getattr(method, "interval", 1), 1))
-        secs = self.seconds(step) * t.steps
+            Work(vec=optimizer["flops"] * S.params + 30.0 * S.prunable / max(getattr(method, "interval", 1), 1))
+        checkpoints = t.steps // t.checkpoint_every if t.checkpoint_every else 0
+        secs = self.seconds(step) * t.steps + optimizer["setup_cpu_s"] / self.share + checkpoints * (S.params * (S.dtype_bytes + opt) + S.prunable * state) \
+            / GB / self.SAVE_GBPS
         self.hour_steps = int(3600 / max(self.seconds(step), 1e-9))
         per_rank = fixed / st.ranks + acts + 2 * 4.0 * S.block_params
         gpu = GPU_REFERENCE["context_gb"] + per_rank / GB if self.gpu else None
         cpu = self.base + (self.weights_gb if self.gpu else (fixed + acts) / GB)
         note = (f"{t.steps} steps x {t.batch_size} x {t.grad_accum} windows of {st.seqlen}; "
-                f"{S.dtype_bytes + 4 + opt + state:.0f} B per pruned weight (weight, gradient, optimizer, method)")
+                f"{S.dtype_bytes + 4 + opt + state:.0f} B per pruned weight (weight, gradient, optimizer, method) + "
+                f"{optimizer['transient']:.0f} B in the optimizer's step")
         return Phase("training", secs, cpu, gpu, note + (f"; {st.ranks} ranks" if st.ranks > 1 else ""))
 
     def evaluate(self) -> Phase:
