@@ -314,7 +314,7 @@ def sparsellm_cost(m, S: Shapes, T: int) -> BlockCost:
     """SparseGPT on attention; the MLP's auxiliary problem holds X, Y (T x d) and S, U, P, XW_1, XW_u (T x I)
     for every calibration token, with ~3 more T x I and ~6 I x I during an alternation."""
     d, I, k = S.hidden, S.mlp, m.iterations
-    if S.mlp_token < I:             # MoE: no MLP SparseLLM models (refused, or SparseGPT as fallback)
+    if any(share < 1 for *_x, share in S.matrices):   # MoE: no MLP it models (refused, or SparseGPT's fallback)
         return sparsegpt_cost(m, S, T)
     mlp = {n for n, _o, i, _s in S.matrices if i == I} | \
           {n for n, o, _i, _s in S.matrices if o == I}
