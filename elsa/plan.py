@@ -101,7 +101,7 @@ def rates(threads: int, refresh: bool = False) -> dict:
     cached[key] = probe(threads) | {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                     "load": round(os.getloadavg()[0], 2)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")      # FSDP ranks may probe at once
     tmp.write_text(json.dumps(cached, indent=1))
     tmp.replace(path)
     return cached[key]
