@@ -748,11 +748,12 @@ def check_run(run, quiet: bool = False) -> dict | None:
     if not quiet:
         print(plan.forecast(), flush=True)
     limit, what = limit_gb(run.cfg, plan.st.device)
-    peak = plan.peak_gpu_gb if plan.gpu else plan.peak_cpu_gb
+    of = (lambda p: p.gpu_gb or 0.0) if plan.gpu else (lambda p: p.cpu_gb)
+    peak = max(of(p) for p in plan.phases)
     if peak > limit:
         alts = alternatives(plan, limit)
         raise ElsaError(f"the plan needs {peak:.1f} GB {'per GPU' if plan.gpu else 'resident'} at its peak "
-                        f"({max(plan.phases, key=lambda p: p.gpu_gb or 0 if plan.gpu else p.cpu_gb).name}), more than "
+                        f"({max(plan.phases, key=of).name}), more than "
                         f"{what} ({limit:.1f} GB); what fits: {'; '.join(alts) or 'nothing the plan knows'} "
                         "(python -m elsa.plan <overrides> prints every phase)")
     return plan.as_dict()

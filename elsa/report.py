@@ -169,8 +169,8 @@ def job_row(data: dict, job_dir: Path, root: Path) -> dict:
     rehearsal = data.get("rehearsal")
     if model and isinstance(rehearsal, dict):     # model=shapes: random weights, its own row label
         model = f"{model} (shape rehearsal, random weights)"
-    row = {"model": model, "rehearsal": bool(rehearsal), "method": method, "method_name": base, "start": start, "budget": budget,
-           "allocation": allocation,
+    row = {"model": model, "rehearsal": bool(rehearsal), "method": method, "method_name": base, "start": start,
+           "budget": budget, "allocation": allocation,
            "order": _order(base, start, budget, allocation),
            "sparsity": target,
            "sparsity_ratio": ratio, "nm": is_nm, "seed": data.get("seed"), "status": data.get("status"),
