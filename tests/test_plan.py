@@ -71,7 +71,7 @@ def test_memory_gb_refuses_elsa_and_names_elsa_l(tmp_path):
 
     with pytest.raises(ElsaError, match=r"method=elsa_l \("):
         run_pipeline(tmp_path, "model=shapes", "model.like=llama2-7b", "model.blocks=4", "method=elsa",
-                     "budget=demo", "hardware.memory_gb=24")
+                     "budget=demo", "hardware.memory_gb=36")
 
 
 def test_plan_cli_prints_every_phase(capsys):
