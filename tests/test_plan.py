@@ -54,11 +54,11 @@ def test_sparsellm_at_paper_calibration_refuses_before_loading(tmp_path):
     and what fits, before any weight is built."""
     from elsa.errors import ElsaError
 
-    t0 = time.perf_counter()
+    t0 = time.process_time()        # CPU seconds: the shared test machine's wall clock counts other jobs
     with pytest.raises(ElsaError) as err:
         run_pipeline(tmp_path, "model=shapes", "model.like=llama2-7b", "method=sparsellm", "nsamples=128",
                      "seqlen=2048", "hardware.threads=1", "hardware.memory_gb=20")
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     msg = str(err.value)
     assert "GB" in msg and "hardware.memory_gb (20.0 GB)" in msg and "nsamples=" in msg and "method=sparsegpt" in msg
     assert elapsed < 10, elapsed
