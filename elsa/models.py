@@ -74,6 +74,17 @@ class PretrainedSource:
     def local_dir(self) -> str:
         return str(Path(self.path).expanduser()) if _looks_local(self.path) else self.path
 
+    def hf_config(self):
+        """The checkpoint's transformers config (config.json only: for the plan, elsa/plan.py). A hub id needs
+        the hub; a GGUF not yet converted has none to read (the plan is skipped, not the conversion run)."""
+        from transformers import AutoConfig
+
+        if not self.path and not (cache_dir() / f"models/{self.name}-hf").exists():
+            raise FileNotFoundError(f"{self.name} is not converted yet")
+        self.check()
+        return AutoConfig.from_pretrained(self.local_dir(), revision=self.revision,
+                                          trust_remote_code=self.trust_remote_code)
+
     def load(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -188,14 +199,20 @@ class TinyLlamaSource:
                 tok.save_pretrained(tmp)
         return PreTrainedTokenizerFast.from_pretrained(str(target))
 
+    def hf_config(self, tok=None):
+        from transformers import LlamaConfig
+
+        tok = tok or self.tokenizer()
+        return LlamaConfig(vocab_size=len(tok), hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                           num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                           num_key_value_heads=self.num_kv_heads, max_position_embeddings=self.max_position_embeddings,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+
     def load(self):
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
         tok = self.tokenizer()
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                          num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
-                          num_key_value_heads=self.num_kv_heads, max_position_embeddings=self.max_position_embeddings,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+        cfg = self.hf_config(tok)
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             model = LlamaForCausalLM(cfg).to(self.dtype)

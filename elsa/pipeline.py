@@ -240,12 +240,17 @@ class Run:
         if self.fsdp:
             self.device = D.init(self.spec.hardware.backend, self.device)
         self.main_rank = D.is_main()
+        from elsa.planner import check_run    # the forecast, and a refusal when the peak cannot fit (elsa/planner.py)
+
+        self.results["plan"] = check_run(self, quiet=not self.main_rank)   # every rank refuses alike
         seed_everything(self.seed)
         self.rss_at_start = reset_peak_memory(self.device)
         self.results.update(model=cfg.model.name, method=cfg.method.name, start=self.start_info,
                             budget=self.budget, seed=self.seed,
                             sparsity={"target": str(self.target), "target_ratio": self.target.ratio},
                             overrides=self.overrides, git_sha=git_sha(), output_dir=str(self.out))
+        if getattr(self.source, "rehearsal", None):   # model=shapes: random weights, never a model's perplexity
+            self.results["rehearsal"] = self.source.rehearsal
         self.tracker = build(cfg.logger, "logger") if self.main_rank else NullTracker()
         self.tracker.start(OmegaConf.to_container(cfg, resolve=True), self.out, name=self.job_name, group=self.group)
 

@@ -175,8 +175,11 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
     none = rec.stats.get("experts_without_tokens")
     if method and isinstance(none, dict) and none.get("count"):   # experts no calibration token reached
         method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"
-    row = {"model": rec.model, "method": method, "method_name": base, "start": start, "budget": budget,
-           "allocation": allocation,
+    model, rehearsal = rec.model, rec.rehearsal
+    if model and isinstance(rehearsal, dict):     # model=shapes: random weights, its own row label
+        model = f"{model} (shape rehearsal, random weights)"
+    row = {"model": model, "rehearsal": bool(rehearsal), "method": method, "method_name": base, "start": start,
+           "budget": budget, "allocation": allocation,
            "order": _order(base, start, budget, allocation),
            "sparsity": target,
            "sparsity_ratio": ratio, "nm": is_nm, "seed": rec.seed, "status": rec.status,

@@ -56,6 +56,8 @@ class RunRecord:
     compressed: dict | None = None           # {dir, mb, hf_mb, shards_mb, ...}
     inference: dict | None = None            # {decode_speedup, ...}
     compute: dict | None = None              # {phase: {tokens, flops, wall_s, rule}, total} (elsa.compute)
+    rehearsal: dict | None = None            # model=shapes: {like, blocks, ...}; random weights, not a model's ppl
+    plan: dict | None = None                 # elsa.plan's forecast, made before the run
     time_s: dict | None = None               # {phase: seconds, total}
     peak_memory_mb: dict | None = None       # {cpu_rss, cpu_rss_at_start?, gpu?}
     error: str | None = None

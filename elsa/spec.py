@@ -114,6 +114,7 @@ class HardwareSpec:
     threads: int | None = None
     fsdp: bool = False
     backend: str | None = None
+    memory_gb: float | None = None     # the memory the plan must fit (None: the machine's / the GPU's)
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "HardwareSpec":
@@ -124,8 +125,12 @@ class HardwareSpec:
         backend = node.get("backend")
         if backend is not None and not isinstance(backend, str):
             raise config_error("hardware.backend", backend, "a torch.distributed backend name (gloo, nccl)")
+        memory = node.get("memory_gb")
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
+            raise config_error("hardware.memory_gb", memory, "a number of GB > 0, or null (the machine's memory)")
         return cls(device=device, threads=_whole_or_none("hardware.threads", node.get("threads")),
-                   fsdp=_flag("hardware.fsdp", node.get("fsdp", False)), backend=backend)
+                   fsdp=_flag("hardware.fsdp", node.get("fsdp", False)), backend=backend,
+                   memory_gb=None if memory is None else float(memory))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,9 @@ def summary_lines(r: RunRecord, path) -> list[str]:
     if sp.get("over_target"):
         lines.append(f"OVER TARGET: {sp['measured']:.4f} of the pruned weights are zero, "
                      f"{sp['over_target']:.4f} more than the target {target} asks")
+    if r.rehearsal:
+        lines.append(f"SHAPE REHEARSAL: {r.rehearsal['like']}'s shapes with {r.rehearsal['blocks']} random-weight "
+                     "block(s); the perplexities above are not the model's")
     fb = stats.get("fallback")
     if fb:
         lines.append(f"FALLBACK: {fb['method']} ran instead of {r.method} on {len(fb['blocks'])}/{fb['of']} "

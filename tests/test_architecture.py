@@ -91,14 +91,16 @@ def test_report_and_sweep_no_longer_import_each_other():
 
 
 def test_the_slow_marker_says_what_it_marks():
-    """pyproject's description of ``slow`` names what carries it: only the long tail of the family grid."""
+    """pyproject's description of ``slow`` names what carries it: the long tail of the family grid and the plan's
+    further measured runs."""
     import re
     import tomllib
 
     marker = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"][0]
     assert marker.startswith("slow: the long tail of tests/test_families.py's")
     marked = {p.name for p in (REPO / "tests").glob("test_*.py") if re.search(r"mark\.slow\b", p.read_text())}
-    assert marked == {"test_families.py"}
+    assert marked == {"test_families.py", "test_plan.py"}
+    assert "test_plan.py's further measured runs" in marker
 
 
 def test_the_solution_memo_belongs_to_the_sweep(tmp_path):

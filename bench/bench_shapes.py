@@ -1,0 +1,201 @@
+"""Issue 27's table: every method on ONE 7B-shaped decoder block (model=shapes) at 16 x 2048 calibration tokens,
+with the plan's prediction (python -m elsa.plan) beside each measured cell. Resumable: each cell runs run.py in
+its own dir under ``--root`` and is skipped once its results.json says done; every start, end and figure goes to
+``<root>/bench_shapes.log``; ``--table`` prints the markdown table of what is done.
+
+    python bench/bench_shapes.py                          # every cell not yet done, in the table's order
+    python bench/bench_shapes.py --only llama2-7b:wanda   # some cells (like:method, comma separated)
+    python bench/bench_shapes.py --table                  # the table so far (measured vs plan)
+
+One thread (hardware.threads=1) and the machine's load average are recorded per cell: the machine is shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ALL = ["wanda", "sparsegpt", "sparsellm", "elsa", "alps", "magnitude", "elsa_l"]
+CELLS = [("llama2-7b", m) for m in ["wanda", "sparsegpt", "sparsellm", "elsa", "alps", "elsa_l"]] + \
+        [(a, m) for a in ("llama3-8b", "mixtral-8x7b") for m in ["wanda", "sparsegpt", "sparsellm", "elsa"]]
+COMMON = ["model=shapes", "model.blocks=1", "nsamples=16", "seqlen=2048", "hardware.threads=1", "logger=none",
+          "eval=quick", "eval.max_tokens=4096", "eval.batch_size=1", "eval.dense=false", "save_model=false",
+          "sparsity=0.5"]
+# the layer-wise methods run their block over 2 windows at a time (the default 8 holds 4 GB more of transient
+# activations at 7B widths, more than this shared machine has free); ELSA: budget=demo (30 steps of 1 x seqlen)
+EXTRA = {"elsa": ["budget=demo"], "elsa_l": ["budget=demo"]}
+LAYERWISE_BATCH = ["method.batch_size=2"]
+
+
+def overrides(like: str, method: str) -> list[str]:
+    return [*COMMON, f"model.like={like}", f"method={method}", *EXTRA.get(method, LAYERWISE_BATCH)]
+
+
+def log(root: Path, line: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    with open(root / "bench_shapes.log", "a") as fh:
+        fh.write(f"{stamp} {line}\n")
+    print(f"{stamp} {line}", flush=True)
+
+
+def done(cell: Path) -> dict | None:
+    try:
+        data = json.loads((cell / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if data.get("status") == "done" else None
+
+
+def plan_of(args: list[str], load: float | None = None) -> dict:
+    extra = [] if load is None else ["--load", str(load)]
+    out = subprocess.run([sys.executable, "-m", "elsa.plan", "--json", "--full", *extra, *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(out.stdout)
+
+
+def total_gb() -> float:
+    with open("/proc/meminfo") as fh:
+        return int(fh.readline().split()[1]) / 1024 ** 2
+
+
+def refused(cell: Path) -> str | None:
+    """The plan's refusal recorded in the cell's results.json (run.py refused before loading), if any."""
+    try:
+        data = json.loads((cell / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    error = data.get("error") or ""
+    return error.split(": ", 1)[-1] if data.get("status") == "failed" and "the plan needs" in error else None
+
+
+def available_gb() -> float:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024 ** 2
+    return float("inf")
+
+
+def wait_for_memory(root: Path, need_gb: float, patience: float) -> bool:
+    """The machine is shared: start a cell only when its predicted peak (+1 GB) is free, waiting up to
+    ``patience`` seconds; a cell that would push the machine into the OOM killer takes others' jobs with it."""
+    t0 = time.time()
+    while available_gb() < need_gb + 1:
+        if time.time() - t0 > patience:
+            return False
+        time.sleep(30)
+    return True
+
+
+def run_cell(root: Path, like: str, method: str, timeout: float, patience: float = 1800) -> None:
+    cell = root / f"{like}_{method}"
+    if done(cell) or refused(cell):
+        log(root, f"skip {like}:{method} ({'done' if done(cell) else 'refused by the plan'})")
+        return
+    args = overrides(like, method)
+    plan = plan_of(args)
+    cell.mkdir(parents=True, exist_ok=True)
+    (cell / "plan.json").write_text(json.dumps(plan, indent=1))
+    need = plan.get("peak_cpu_gb", 0.0)
+    fits = need <= total_gb()           # else run.py refuses before loading: that refusal is the cell's result
+    if fits and not wait_for_memory(root, need, patience):
+        log(root, f"skip {like}:{method}: the plan's peak {need:.1f} GB is not free ({available_gb():.1f} GB "
+                  "available); rerun later")
+        return
+    load = os.getloadavg()[0]
+    log(root, f"start {like}:{method} load {load:.2f}; plan: {plan.get('forecast', plan.get('error'))}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
+    t0 = time.time()
+    with open(cell / "run.log", "w") as fh:
+        try:
+            rc = subprocess.run([sys.executable, "run.py", *args, f"output_dir={cell}"], cwd=REPO, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    data = done(cell)
+    refusal = refused(cell)
+    if refusal:
+        log(root, f"REFUSED {like}:{method} in {time.time() - t0:.0f} s: {refusal}")
+        return
+    if data is None:
+        log(root, f"FAILED {like}:{method} rc={rc} after {time.time() - t0:.0f} s (see {cell}/run.log)")
+        return
+    log(root, f"done {like}:{method} prune {data['time_s']['prune']:.0f} s, peak RSS "
+              f"{data['peak_memory_mb']['cpu_rss'] / 1024:.2f} GB, load at start {load:.2f}, "
+              f"after {os.getloadavg()[0]:.2f}")
+
+
+def start_load(root: Path, like: str, method: str) -> float | None:
+    """The load average logged when the cell's (last) run started."""
+    loads = [line.split(" load ")[1].split(";")[0] for line in (root / "bench_shapes.log").read_text().splitlines()
+             if f"start {like}:{method} " in line]
+    return float(loads[-1]) if loads else None
+
+
+def replan(root: Path) -> None:
+    """Rewrite every done cell's plan.json with the current plan code, for the load its run started under."""
+    for like, method in CELLS:
+        cell = root / f"{like}_{method}"
+        if done(cell):
+            plan = plan_of(overrides(like, method), start_load(root, like, method))
+            (cell / "plan.json").write_text(json.dumps(plan, indent=1))
+            log(root, f"replanned {like}:{method}: {plan.get('forecast', plan.get('error'))}")
+
+
+def whole(plan: dict | None, key: str) -> str:
+    if not plan:
+        return "-"
+    from elsa.plan import duration
+
+    return f"{duration(plan['total_s'])}, {plan[key]:.0f}"
+
+
+def table(root: Path) -> str:
+    rows = ["| shapes | method | per block (s), measured | plan | peak RSS (GB), measured | plan | load | whole model "
+            "at 128 x 2048, this CPU idle: time, GB | one 80 GB GPU: time, GPU GB |",
+            "|---|---|---:|---:|---:|---:|---|---|---|"]
+    for like, method in CELLS:
+        cell = root / f"{like}_{method}"
+        data = done(cell)
+        if data is None:
+            if refused(cell):
+                rows.append(f"| {like} | {method} | refused before loading: {refused(cell)} |||||||")
+            continue
+        plan = json.loads((cell / "plan.json").read_text()) if (cell / "plan.json").exists() else {}
+        load = start_load(root, like, method)
+        rows.append(f"| {like} | {method} | {data['time_s']['prune']:.0f} | "
+                    f"{plan.get('prune_s', float('nan')):.0f} | {data['peak_memory_mb']['cpu_rss'] / 1024:.2f} | "
+                    f"{plan.get('peak_cpu_gb', float('nan')):.2f} | {load if load is not None else '?'} | "
+                    f"{whole(plan.get('full_cpu'), 'peak_cpu_gb')} | {whole(plan.get('full_cuda'), 'peak_gpu_gb')} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=str(REPO / "bench" / "runs" / "shapes"))
+    ap.add_argument("--only", default="", help="like:method[,like:method...]")
+    ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per cell")
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--replan", action="store_true", help="rewrite the done cells' plans with the current code")
+    a = ap.parse_args()
+    root = Path(a.root)
+    root.mkdir(parents=True, exist_ok=True)
+    if a.replan:
+        replan(root)
+    if a.table:
+        print(table(root))
+        return
+    cells = [tuple(c.split(":")) for c in a.only.split(",")] if a.only else CELLS
+    for like, method in cells:
+        run_cell(root, like, method, a.timeout)
+
+
+if __name__ == "__main__":
+    main()
