@@ -528,6 +528,9 @@ class Run:
         if "dense_by_kind" in p:
             kinds = ", ".join(f"{k} {v:,}" for k, v in p["dense_by_kind"].items())
             lines.append(f"weights: {p['pruned']:,} pruned, {p['dense']:,} dense ({kinds})")
+        if r["sparsity"].get("lowrank_params"):
+            lines.append(f"low-rank factors: {r['sparsity']['lowrank_params']:,} dense parameters counted as non-zeros; "
+                         f"effective sparsity {r['sparsity']['effective']:.4f}")
         if r["sparsity"].get("over_target"):
             lines.append(f"OVER TARGET: {r['sparsity']['measured']:.4f} of the pruned weights are zero, "
                          f"{r['sparsity']['over_target']:.4f} more than the target {r['sparsity']['target']} asks")
