@@ -31,6 +31,9 @@ def summary_lines(r: RunRecord, path) -> list[str]:
     if "dense_by_kind" in p:
         kinds = ", ".join(f"{k} {v:,}" for k, v in p["dense_by_kind"].items())
         lines.append(f"weights: {p['pruned']:,} pruned, {p['dense']:,} dense ({kinds})")
+    if sp.get("lowrank_params"):
+        lines.append(f"low-rank factors: {sp['lowrank_params']:,} dense parameters counted as non-zeros; "
+                     f"effective sparsity {sp['effective']:.4f}")
     if sp.get("over_target"):
         lines.append(f"OVER TARGET: {sp['measured']:.4f} of the pruned weights are zero, "
                      f"{sp['over_target']:.4f} more than the target {target} asks")

@@ -140,7 +140,7 @@ def test_oats_without_rank_is_wanda_per_row():
     assert torch.allclose(s[s != 0], w[s != 0], rtol=1e-6)
 
 
-def test_oats_run_saves_and_reloads_with_its_low_rank_branches(tmp_path):
+def test_oats_run_saves_and_reloads_with_its_low_rank_branches(tmp_path, capsys):
     out = run_pipeline(tmp_path / "run", "method=oats", "method.iters=4", "sparsity=0.5", "save_model=true",
                        "save_format=both", "eval.dense=false")
     assert out["status"] == "done" and "over_target" not in out["sparsity"]
@@ -148,6 +148,7 @@ def test_oats_run_saves_and_reloads_with_its_low_rank_branches(tmp_path):
     assert lowrank == out["method_stats"]["lowrank_params"] == out["sparsity"]["lowrank_params"] > 0
     assert out["sparsity"]["effective"] == pytest.approx(0.5, abs=1e-9)
     assert out["sparsity"]["measured"] > 0.55
+    assert "effective sparsity 0.5000" in capsys.readouterr().out
     back = from_pretrained(out["model_dir"])
     assert sum(isinstance(m, LowRank) for m in back.modules()) == len(prunable_matrices(back))
     from test_ast import _perplexity
