@@ -37,7 +37,9 @@ def test_report_rows_of_stored_results_are_unchanged(name):
 
     expected = json.loads((DATA / "rows_e43c12b.json").read_text())[name]
     row = json.loads(json.dumps(job_row(read_record_of(name), Path("job"), Path("."))))
-    assert {k: row.get(k) for k in expected} == expected      # columns added since may follow
+    # columns added since may follow; ``order`` is a sort key from the report's method list, which grows with
+    # every method added (rows keep their relative order)
+    assert {k: row.get(k) for k in expected if k != "order"} == {k: v for k, v in expected.items() if k != "order"}
     assert row["status"] == "done" and row["ppl/wiki"] > 1
 
 
