@@ -99,19 +99,21 @@ def summary(model: nn.Module) -> dict | None:
             "params": sum(p.numel() for b in found.values() for p in b.parameters())}
 
 
-def from_pretrained(path, **kwargs):
-    """A saved HF dir of a model with SLoRB branches: the model (``AutoModelForCausalLM.from_pretrained``) with
-    every branch re-attached from the ``.slorb.`` tensors of its safetensors files, so it computes what the
-    pruned model computed when it was saved. A dir without branches loads as the plain model."""
+def load_with_branches(path: Path, prefix: str, **kwargs) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """(the HF model of an HF dir or a compressed dir, without its branches; the ``.<prefix>.`` tensors of the
+    branches a method added, which the HF class does not know), for a method's ``from_pretrained``."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
-    path = Path(path)
+    from elsa.sparse import INDEX, load_compressed, load_state_dict
+
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()    # the branches' tensors are "unexpected" to the HF class: they load below
     try:
+        if (path / INDEX).exists():
+            model = load_compressed(path, **kwargs)
+            return model, {k: v for k, v in load_state_dict(path).items() if f".{prefix}." in k}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     finally:
         hf_logging.set_verbosity(level)
@@ -121,7 +123,15 @@ def from_pretrained(path, **kwargs):
     tensors = {}
     for name in files:
         with safe_open(str(path / name), "pt") as fh:
-            tensors.update({k: fh.get_tensor(k) for k in fh.keys() if f".{PREFIX}." in k})
+            tensors.update({k: fh.get_tensor(k) for k in fh.keys() if f".{prefix}." in k})
+    return model, tensors
+
+
+def from_pretrained(path, **kwargs):
+    """A saved HF dir of a model with SLoRB branches: the model (``AutoModelForCausalLM.from_pretrained``) with
+    every branch re-attached from the ``.slorb.`` tensors of its safetensors files, so it computes what the
+    pruned model computed when it was saved. A dir without branches loads as the plain model."""
+    model, tensors = load_with_branches(Path(path), PREFIX, **kwargs)
     owners = sorted({k.rsplit(f".{PREFIX}.", 1)[0] for k in tensors})
     params = dict(model.named_parameters())
     for owner in owners:

@@ -110,7 +110,9 @@ class SparseMasks:
             module.__dict__[f"_elsa_dense_{attr}"] = p
         return pre
 
-    def _restore_tensor(self, attr: str):
+    @staticmethod
+    def _restore_tensor(attr: str):
+        """The forward hook that puts the dense parameter back after a masked forward (see ``_mask_tensor``)."""
         def post(module, _args, _out):
             p = module.__dict__.pop(f"_elsa_dense_{attr}", None)
             if p is not None:

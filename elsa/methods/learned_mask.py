@@ -22,6 +22,7 @@ from torch import nn
 from elsa import distributed as D
 from elsa.engine import tensor_nbytes
 from elsa.errors import ElsaError, config_error, positive
+from elsa.methods.ast import SparseMasks
 from elsa.methods.training_method import TrainingMethod
 from elsa.models import prunable_weights
 from elsa.schedules import cosine_schedule
@@ -207,14 +208,7 @@ class LearnedMask(TrainingMethod):
             module.__dict__[f"_elsa_dense_{attr}"] = p
         return pre
 
-    @staticmethod
-    def _restore_tensor(attr):
-        def post(module, _args, _out):
-            p = module.__dict__.pop(f"_elsa_dense_{attr}", None)
-            if p is not None:
-                del module.__dict__[attr]
-                module._parameters[attr] = p
-        return post
+    _restore_tensor = staticmethod(SparseMasks._restore_tensor)   # AST's: the dense parameter back after a forward
 
     # -- hooks of the training engine -----------------------------------------------------------------
     def start(self, run):

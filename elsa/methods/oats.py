@@ -24,7 +24,6 @@ Inputs that never fire (D_jj = 0) are scaled by the smallest non-zero D (the ref
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -33,8 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from elsa.errors import ElsaError, config_error, one_of, positive
-from elsa.layerwise import LayerwisePruner
-from elsa.methods.wanda import InputNorms
+from elsa.methods.wanda import InputNormPruner, InputNorms
 from elsa.models import expert_tensors
 from elsa.sparsity import Sparsity, mask_from_scores
 
@@ -127,7 +125,7 @@ def oats_decompose(weight: torch.Tensor, norms: torch.Tensor, rank: int, sparse:
     return s / d.reshape(1, -1), up, down / d.reshape(1, -1), errors
 
 
-class OATS(LayerwisePruner):
+class OATS(InputNormPruner):
     def __init__(self, rank_ratio: float = 0.25, iters: int = 80, svd: str = "exact", batch_size: int = 8):
         super().__init__(batch_size)
         self.svd = one_of("method.svd", svd, SVDS)
@@ -143,13 +141,6 @@ class OATS(LayerwisePruner):
             raise ElsaError(f"method=oats adds a low-rank branch to every pruned Linear / Conv1D, not to fused "
                             f"expert tensors ({len(fused)} modules, e.g. {fused[0]}); use ignore=[experts] to "
                             "leave them dense (recorded in results.json), or another method")
-
-    def stats_init(self, name: str, linear) -> InputNorms:
-        return InputNorms(linear.in_features, linear.weight.device)
-
-    def accumulate(self, stats: InputNorms, x: torch.Tensor) -> InputNorms:
-        stats.add(x)
-        return stats
 
     @torch.no_grad()
     def prune_linear(self, name: str, linear, stats: InputNorms, target: Sparsity) -> dict:
@@ -179,40 +170,13 @@ def branches(model: nn.Module) -> dict[str, LowRank]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LowRank)}
 
 
-def _load(path: Path, **kwargs) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """(the HF model without branches, the branches' tensors) of an HF dir or a compressed dir."""
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from elsa.sparse import INDEX, load_compressed, load_state_dict
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()    # the branches' tensors are "unexpected" to the HF class: they load below
-    try:
-        if (path / INDEX).exists():
-            model = load_compressed(path, **kwargs)
-            return model, {k: v for k, v in load_state_dict(path).items() if f".{PREFIX}." in k}
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
-        ["model.safetensors"]
-    tensors = {}
-    for name in files:
-        with safe_open(str(path / name), "pt") as fh:
-            tensors.update({k: fh.get_tensor(k) for k in fh.keys() if f".{PREFIX}." in k})
-    return model, tensors
-
-
 def from_pretrained(path, **kwargs):
     """A saved OATS model, an HF dir (``<run dir>/model``) or a compressed dir (``<run dir>/model_compressed``):
     the HF model with every low-rank branch re-attached from the saved ``.lowrank.`` tensors, so it computes
     what the pruned model computed when it was saved. A dir without branches loads as the plain model."""
-    from elsa.slorb import _owner
+    from elsa.slorb import _owner, load_with_branches
 
-    model, tensors = _load(Path(path), **kwargs)
+    model, tensors = load_with_branches(Path(path), PREFIX, **kwargs)
     params = dict(model.named_parameters())
     for owner in sorted({k.rsplit(f".{PREFIX}.", 1)[0] for k in tensors}):
         module = _owner(model, owner, params)

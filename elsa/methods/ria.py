@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 
 from elsa.errors import config_error, positive
-from elsa.layerwise import LayerwisePruner
 from elsa.methods.base import PruneContext, check_group
-from elsa.methods.wanda import InputNorms
+from elsa.methods.wanda import InputNormPruner, InputNorms
 from elsa.sparsity import Sparsity, mask_from_scores
 
 
@@ -57,7 +56,7 @@ def retained(scores: torch.Tensor, keep: torch.Tensor) -> float:
     return float((scores * keep).sum())
 
 
-class RIA(LayerwisePruner):
+class RIA(InputNormPruner):
     def __init__(self, a: float = 0.5, group: str = "layer", permute: bool = False, batch_size: int = 8):
         super().__init__(batch_size)
         self.a = positive("method.a", a, zero_ok=True, paper="0.5")
@@ -72,13 +71,6 @@ class RIA(LayerwisePruner):
         if self.permute and not target.is_nm:
             raise config_error("method.permute", self.permute, f"false for sparsity={target} (channel "
                                "permutation is for N:M targets such as 2:4)")
-
-    def stats_init(self, name: str, linear) -> InputNorms:
-        return InputNorms(linear.in_features, linear.weight.device)
-
-    def accumulate(self, stats: InputNorms, x: torch.Tensor) -> InputNorms:
-        stats.add(x)
-        return stats
 
     @torch.no_grad()
     def prune_linear(self, name: str, linear, stats: InputNorms, target: Sparsity) -> dict | None:

@@ -33,13 +33,8 @@ def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs() * norms.to(weight.device).reshape(1, -1)
 
 
-class Wanda(LayerwisePruner):
-    def __init__(self, group: str = "row", batch_size: int = 8):
-        super().__init__(batch_size)
-        self.group = check_group(group)
-
-    def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
-        return 2.0 * in_features * tokens + 2.0 * out_features * in_features   # input norms, scores
+class InputNormPruner(LayerwisePruner):
+    """A layer-wise method whose statistics are the inputs' feature norms ||X_j||_2 (Wanda, RIA, OATS)."""
 
     def stats_init(self, name: str, linear: nn.Linear) -> InputNorms:
         return InputNorms(linear.in_features, linear.weight.device)
@@ -47,6 +42,15 @@ class Wanda(LayerwisePruner):
     def accumulate(self, stats: InputNorms, x: torch.Tensor) -> InputNorms:
         stats.add(x)
         return stats
+
+
+class Wanda(InputNormPruner):
+    def __init__(self, group: str = "row", batch_size: int = 8):
+        super().__init__(batch_size)
+        self.group = check_group(group)
+
+    def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
+        return 2.0 * in_features * tokens + 2.0 * out_features * in_features   # input norms, scores
 
     @torch.no_grad()
     def prune_linear(self, name: str, linear: nn.Linear, stats: InputNorms, target: Sparsity) -> None:
