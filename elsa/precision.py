@@ -7,6 +7,7 @@ the process and recorded in results.json, so a table says which precision a trai
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -24,8 +25,9 @@ def check_setting(value):
 
 
 def _rate(device: torch.device, bf16: bool, n: int = 512, k: int = 1024, reps: int = 6) -> float:
-    a = torch.randn(n, k, device=device)
-    b = torch.randn(k, k, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)   # its own generator: the run's random stream is untouched
+    a = torch.randn(n, k, device=device, generator=gen)
+    b = torch.randn(k, k, device=device, generator=gen)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         a @ b   # warm-up: the kernels' first call
         best = float("inf")
@@ -39,12 +41,36 @@ def _rate(device: torch.device, bf16: bool, n: int = 512, k: int = 1024, reps: i
 
 
 def bf16_speedup(device) -> float:
-    """bf16-autocast over fp32 matmul GFLOP/s on ``device`` at the current thread count (cached)."""
+    """bf16-autocast over fp32 matmul GFLOP/s on ``device`` at the current thread count, measured once per machine
+    (cached in the process and on disk under the elsa cache dir), so that every process on a machine, a resumed
+    run included, makes the same decision."""
+    import hashlib
+    import json
+    import platform
+
+    from elsa.assets import cache_dir
+
     device = torch.device(device)
     key = (device.type, torch.get_num_threads())
     if key not in _CACHE:
-        _CACHE[key] = _rate(device, True) / _rate(device, False)
+        cpu = hashlib.md5((platform.processor() + _cpu_flags()).encode()).hexdigest()[:12]
+        path = cache_dir() / "precision" / f"{device.type}-{key[1]}threads-{cpu}.json"
+        if path.exists():
+            _CACHE[key] = float(json.loads(path.read_text())["bf16_matmul_speedup"])
+        else:
+            _CACHE[key] = _rate(device, True) / _rate(device, False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"bf16_matmul_speedup": _CACHE[key]}))
+            tmp.replace(path)
     return _CACHE[key]
+
+
+def _cpu_flags() -> str:
+    try:
+        return next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
+    except OSError:
+        return ""
 
 
 def resolve(setting, device) -> tuple[bool, dict]:

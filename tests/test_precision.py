@@ -68,3 +68,15 @@ def test_fp32_training_is_bit_identical_to_e43c12b(tmp_path, name):
     r = run_pipeline(tmp_path, *STORED["args"][name], "method.autocast_bf16=false", "hardware.threads=1")
     assert r["method_stats"]["autocast_bf16"] == {"setting": False, "used": False}
     assert _digests(tmp_path) == STORED["digests"][name]
+
+
+def test_the_probe_leaves_the_random_stream_alone_and_is_decided_once_per_machine(monkeypatch):
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    precision._CACHE.clear()
+    first = precision.bf16_speedup("cpu")
+    assert torch.equal(torch.rand(3), expected)          # the measurement drew from its own generator
+    precision._CACHE.clear()                              # a new process: the disk cache gives the same decision
+    monkeypatch.setattr(precision, "_rate", lambda *a, **k: pytest.fail("measured again"))
+    assert precision.bf16_speedup("cpu") == first
