@@ -61,6 +61,11 @@ def tensor_nbytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
+def tokens_per_step(s, world: int, seqlen: int) -> int:
+    """Tokens one optimizer step reads: the global batch (batch_size x ranks) x grad_accum x seqlen."""
+    return s.batch_size * s.grad_accum * world * seqlen
+
+
 @dataclass
 class TrainSettings:
     """The keys every training method shares (defaults: ELSA's paper recipe), validated on construction."""
@@ -145,12 +150,12 @@ class TrainEngine:
     def __init__(self, method):
         self.method, self.s = method, method.train
         self.autocast = bool(self.s.autocast_bf16 is True)   # resolved per run in train()
-        self.device_type, self.optimizer_impl = "cpu", None
+        self.optimizer_impl = None
 
-    def make_optimizer(self, params):
+    def make_optimizer(self, params, device_type: str = "cpu"):
         s = self.s
         groups = [{"params": params}]
-        if s.optimizer == "adamw8bit" and self.device_type == "cpu" and D.world_size() == 1:
+        if s.optimizer == "adamw8bit" and device_type == "cpu" and D.world_size() == 1:
             # torchao's state format stepped by one C pass per block (elsa.optim8bit): torchao's own step runs
             # as dozens of eager ops on a CPU
             from elsa.optim8bit import AdamW8bitCPU
@@ -219,7 +224,7 @@ class TrainEngine:
         """Train ``model`` in place; ``teacher`` (distillation) defaults to a frozen copy of ``model``."""
         m, s = self.method, self.s
         if s.tokens is not None:   # the budget in tokens fixes the steps for this run's global batch
-            per_step = s.batch_size * s.grad_accum * D.world_size() * ctx.seqlen
+            per_step = tokens_per_step(s, D.world_size(), ctx.seqlen)
             s.steps = max(1, math.ceil(s.tokens / per_step))
             m.config["steps"] = s.steps
             log.info("method.tokens=%d: %d steps of %d tokens", s.tokens, s.steps, per_step)
@@ -247,8 +252,7 @@ class TrainEngine:
         if s.eval_every:
             heldout = eval_windows(token_stream(ctx.tokenizer, ctx.dataset, s.eval_split), ctx.seqlen, bos,
                                    s.eval_tokens)
-        self.device_type = torch.device(ctx.device).type
-        opt = self.make_optimizer(trainable)
+        opt = self.make_optimizer(trainable, torch.device(ctx.device).type)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, m.lr_lambda())
         run = TrainRun(model, ctx, s, constrained, trainable, teacher, opt, sched, data, heldout)
         if self.autocast:
@@ -292,7 +296,7 @@ class TrainEngine:
         label, m_bytes = m.method_nbytes(run)
         if len(run.step_times) > 1:   # the first step allocates the optimizer state
             run.stats["step_time_s"] = statistics.median(run.step_times[1:])
-        tokens = s.steps * s.grad_accum * s.batch_size * run.world * ctx.seqlen
+        tokens = s.steps * tokens_per_step(s, run.world, ctx.seqlen)
         heldout_tokens = (s.steps // s.eval_every) * run.heldout.numel() if run.heldout is not None else 0
         run.stats["compute"] = compute.training(compute.matmul_params(model), tokens, m.distils, heldout_tokens,
                                                 run.stats.get("wall_s_before_resume", 0.0) +
@@ -346,7 +350,7 @@ class TrainEngine:
                 record["heldout_ppl"] = m.evaluate_sparse(
                     run, lambda mod: perplexity(mod, run.heldout, batch_size=4, device=run.device, desc="held-out ppl"))
             if record:
-                record.setdefault("tokens", done * s.batch_size * s.grad_accum * run.world * run.ctx.seqlen)
+                record.setdefault("tokens", done * tokens_per_step(s, run.world, run.ctx.seqlen))
                 run.stats["history"].append(record)
                 if tracker is not None and D.is_main():
                     tracker.log({f"{m.name}/{k}": v for k, v in record.items() if k != "step"}, step=done)
