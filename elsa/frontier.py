@@ -58,10 +58,10 @@ def tokens_to_pass(df: pd.DataFrame, corpus: str) -> pd.DataFrame:
     below the one-shot perplexity (its tokens), or None when the curve never passes it."""
     col = PPL + corpus
     rows = []
+    one_shot = _one_shot(df)
     for _, t in _training(df).iterrows():
         curve = json.loads(t["curve"])
-        same = _one_shot(df)
-        same = same[(same["model"] == t["model"]) & (same["sparsity"] == t["sparsity"]) & same[col].notna()]
+        same = one_shot[(same["model"] == t["model"]) & (same["sparsity"] == t["sparsity"]) & same[col].notna()]
         for _, o in same.iterrows():
             hit = next((tok for tok, ppl in curve if ppl < o[col]), None)
             rows.append({"model": t["model"], "sparsity": t["sparsity"], "training": t["method"],

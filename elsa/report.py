@@ -628,8 +628,8 @@ def write_report(root: Path | None, out: Path | None = None, table: pd.DataFrame
         if "nonzero_params" in ok and ok["nonzero_params"].notna().any():
             files[f"nonzero_{corpus}"] = plot_vs_nonzero(df, corpus, out / f"ppl_vs_nonzero_{corpus}.png")
     if "compute_tokens" in ok and ok["compute_tokens"].notna().any():
+        methods = _method_order(df)
         for corpus in corpora(df):
-            methods = _method_order(df)
             path = plot_frontier(df, corpus, out / f"ppl_vs_tokens_{corpus}.png", _plt(), _colors(methods),
                                  _markers(methods))
             if path is not None:
