@@ -61,7 +61,8 @@ def tokens_to_pass(df: pd.DataFrame, corpus: str) -> pd.DataFrame:
     one_shot = _one_shot(df)
     for _, t in _training(df).iterrows():
         curve = json.loads(t["curve"])
-        same = one_shot[(same["model"] == t["model"]) & (same["sparsity"] == t["sparsity"]) & same[col].notna()]
+        same = one_shot[(one_shot["model"] == t["model"]) & (one_shot["sparsity"] == t["sparsity"]) &
+                        one_shot[col].notna()]
         for _, o in same.iterrows():
             hit = next((tok for tok, ppl in curve if ppl < o[col]), None)
             rows.append({"model": t["model"], "sparsity": t["sparsity"], "training": t["method"],
