@@ -65,15 +65,17 @@ class SLoRB(nn.Module):
                 f"trainable_projection={self.proj is not None}")
 
 
-def _add_branch(module: nn.Module, args, output):
-    return output + module.slorb(args[0])
+def attach_branch(module: nn.Module, name: str, branch: nn.Module) -> nn.Module:
+    """``module`` (a Linear or Conv1D) holds ``branch`` as its child ``name`` and returns its output plus the
+    branch's from now on (SLoRB here, OATS's low-rank factors)."""
+    setattr(module, name, branch)
+    module.register_forward_hook(lambda mod, args, output: output + getattr(mod, name)(args[0]))
+    return branch
 
 
 def attach(module: nn.Module, branch: SLoRB) -> SLoRB:
     """``module`` (a Linear or Conv1D) returns its output plus ``branch``'s from now on."""
-    module.slorb = branch
-    module.register_forward_hook(_add_branch)
-    return branch
+    return attach_branch(module, PREFIX, branch)
 
 
 @torch.no_grad()

@@ -57,15 +57,11 @@ class LowRank(nn.Module):
         return f"in_features={self.down.shape[1]}, out_features={self.up.shape[0]}, rank={self.down.shape[0]}"
 
 
-def _add_branch(module: nn.Module, args, output):
-    return output + module.lowrank(args[0])
-
-
 def attach(module: nn.Module, branch: LowRank) -> LowRank:
     """``module`` (a Linear or Conv1D) returns its output plus ``branch``'s from now on."""
-    module.lowrank = branch
-    module.register_forward_hook(_add_branch)
-    return branch
+    from elsa.slorb import attach_branch
+
+    return attach_branch(module, PREFIX, branch)
 
 
 def budget(rows: int, cols: int, target: Sparsity, rank_ratio: float) -> tuple[int, Sparsity]:
