@@ -4,7 +4,7 @@
       time of an ELSA step (Adam + proximal term + the dual update amortised over `interval`) against a
       plain Adam step on the same batch and model, in one process.
   python bench/bench_elsa.py step [--method elsa[,elsa_l]] [--budget cpu] [--steps 4] [--rounds 2]
-                                  [--variants false,auto]
+                                  [--variants false,auto] [--profile N]
       the real training engine's step (TrainEngine.train on the default model, the method and budget composed
       from conf/) for each method x method.autocast_bf16 variant, run alternately in one process; the median
       step time of each (first step of every run excluded) and the ratio to the first.
@@ -111,7 +111,12 @@ def step(args):
                 ctx = PruneContext(model=model, tokenizer=tok, target=Sparsity.parse(args.sparsity), dataset=corpus,
                                    seqlen=args.seqlen, seed=0, device="cpu", output_dir=Path(tmp), extras={})
                 method.extend(model, ctx)
-                st = TrainEngine(method).train(model, ctx)
+                profiling = args.profile and r == args.rounds - 1
+                with _profiler(profiling) as prof:
+                    st = TrainEngine(method).train(model, ctx)
+                if profiling:
+                    print(f"== profile {name} autocast_bf16={v} ({args.steps} steps; self CPU time by op)")
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
             times[f"{name}/{v}"].append(st["step_time_s"])
             stats[f"{name}/{v}"] = {**st["autocast_bf16"], "optimizer": st.get("optimizer_impl")}
             print(f"round {r} {name} autocast_bf16={v}: {st['step_time_s']:.3f} s/step", flush=True)
@@ -122,6 +127,14 @@ def step(args):
            "step_time_s": med, "ratio_to_first": {k: med[k] / med[first] for k in med},
            "records": stats, "load_at_end": open("/proc/loadavg").read().split()[:3]}
     print(json.dumps(out, indent=2))
+
+
+def _profiler(on: bool):
+    import contextlib
+
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU]) if on else contextlib.nullcontext()
 
 
 def optim(args):
@@ -183,6 +196,8 @@ if __name__ == "__main__":
     ap.add_argument("--numel", type=int, default=5308416)
     ap.add_argument("--method", default="elsa")
     ap.add_argument("--budget", default="cpu")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="step: profile the last round of each variant and print its top N ops by self CPU time")
     ap.add_argument("--sparsity", default="0.7")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default="false,auto")

@@ -43,9 +43,7 @@ class Checkpointer:
 
         self.world = D.world_size()
         self.sharded = self.world > 1
-        self.model, self.optimizer = model, optimizer
-        if self.sharded and (model is None or optimizer is None):
-            raise ValueError("a sharded checkpoint needs the model and the optimizer")
+        self.model, self.optimizer = model, optimizer   # a sharded checkpoint needs both (save / load)
         self.signature = dict(signature, world_size=self.world) if self.sharded else signature
         suffix = "dcp" if self.sharded else "pt"
         self.path = Path(directory) / "checkpoints" / f"{name}.{suffix}" if directory else None
@@ -66,9 +64,14 @@ class Checkpointer:
             raise ElsaError(f"resume refused: the checkpoint {self.path} was written with a different config "
                             f"({diffs}); use another output dir or delete the checkpoint")
 
+    def _need_model(self) -> None:
+        if self.sharded and (self.model is None or self.optimizer is None):
+            raise ValueError("a sharded checkpoint needs the model and the optimizer")
+
     def save(self, state: dict) -> None:
         if self.path is None:
             return
+        self._need_model()
         if self.sharded:
             return self._save_sharded(state)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +86,7 @@ class Checkpointer:
         if self.path is None:
             return None
         self._refuse_other_layout()
+        self._need_model()
         if self.sharded:
             return self._load_sharded()
         if not self.path.exists():
@@ -118,6 +122,23 @@ class Checkpointer:
                 who = f"{n} processes (FSDP)"
             raise ElsaError(f"resume refused: the checkpoint {other} was written by {who}, this run has "
                             f"{self.world}; resume with the same hardware, or use another output dir or delete it")
+
+    def recorded(self, key: str):
+        """``stats[key]`` as the checkpoint holds it (None: no checkpoint, another config, or not recorded), read
+        without loading the weights (memory-mapped; under FSDP rank 0's small state file), so a decision taken
+        when the run started (bf16 or not) can be followed before the model and optimizer are set up."""
+        if self.path is None:
+            return None
+        path = (self.path / "rank0.pt") if self.sharded else self.path
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, weights_only=False, mmap=not self.sharded)
+        except Exception:  # noqa: BLE001 - an unreadable file is load()'s to refuse
+            return None
+        if state.get("signature") != self.signature:
+            return None
+        return (state.get("stats") or {}).get(key)
 
     # -- FSDP2: torch.distributed.checkpoint --------------------------------------------------------------
     @property

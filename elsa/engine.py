@@ -238,7 +238,11 @@ class TrainEngine:
         trainable = [p for p in model.parameters() if p.requires_grad]
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.autocast, autocast_record = precision.resolve(s.autocast_bf16, ctx.device)
+        signature = self.signature(ctx, trainable)
+        ckpt = Checkpointer(ctx.output_dir, m.name, signature, model=model)
+        # a resumed run keeps the precision it started with (auto can decide otherwise on another machine)
+        recorded = ckpt.recorded("autocast_bf16") if s.resume else None
+        self.autocast, autocast_record = precision.resolve(s.autocast_bf16, ctx.device, recorded)
         if m.distils:
             teacher = (teacher if teacher is not None else copy.deepcopy(model)).eval().requires_grad_(False)
             if self.autocast and not ctx.extras.get("fsdp"):
@@ -264,12 +268,7 @@ class TrainEngine:
         if heldout is not None:
             run.stats["heldout"] = {"split": s.eval_split, "windows": heldout.shape[0], "tokens": heldout.numel()}
 
-        signature = {"method": m.config, "target": str(ctx.target), "seed": ctx.seed, "seqlen": ctx.seqlen,
-                     "dataset": getattr(ctx.dataset, "name", None), "params": sum(p.numel() for p in trainable)}
-        if ctx.target.allocated:            # a resumed run must have the same per-matrix ratios
-            import hashlib
-            signature["allocation"] = hashlib.sha1(repr(sorted(ctx.target.per_matrix.items())).encode()).hexdigest()
-        ckpt = Checkpointer(ctx.output_dir, m.name, signature, model=model, optimizer=opt)
+        ckpt.optimizer = opt
         state = ckpt.load() if s.resume else None
         if state is not None:
             sched.load_state_dict(state["scheduler"])
@@ -308,6 +307,15 @@ class TrainEngine:
         if not s.keep_checkpoint:
             ckpt.remove()
         return run.stats
+
+    def signature(self, ctx, trainable) -> dict:
+        """What a checkpoint must have been written with to be resumed by this run."""
+        sig = {"method": self.method.config, "target": str(ctx.target), "seed": ctx.seed, "seqlen": ctx.seqlen,
+               "dataset": getattr(ctx.dataset, "name", None), "params": sum(p.numel() for p in trainable)}
+        if ctx.target.allocated:            # a resumed run must have the same per-matrix ratios
+            import hashlib
+            sig["allocation"] = hashlib.sha1(repr(sorted(ctx.target.per_matrix.items())).encode()).hexdigest()
+        return sig
 
     def loop(self, run: TrainRun, start: int, ckpt: Checkpointer) -> None:
         m, s = self.method, self.s

@@ -28,67 +28,108 @@ def squarehead_loss(hidden, teacher_hidden) -> torch.Tensor:
     return total
 
 
+def _row_chunks(logits: torch.Tensor, chunk: int):
+    """(batch row, first position, count) of the shifted positions 0..L-2 of every sequence, ``chunk`` at a time:
+    slices of the logits themselves, so the shifted [B, L-1, V] copy is never made."""
+    batch, length = logits.shape[:2]
+    for b in range(batch):
+        for i in range(0, length - 1, chunk):
+            yield b, i, min(chunk, length - 1 - i)
+
+
+class _Buffers:
+    """fp32 work buffers of ``chunk`` vocabulary-wide rows, allocated once per loss call and reused by every
+    chunk: a fresh 50 MB tensor per operation costs more in page faults than the operation itself on a CPU."""
+
+    def __init__(self, n: int, rows: int, vocab: int, device):
+        self.bufs = [torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in range(n)]
+
+    def take(self, rows: int):
+        return [b[:rows] for b in self.bufs]
+
+
+def _log_softmax_into(out: torch.Tensor, x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(x / T) in fp32 into ``out`` (x copied and converted in place; no temporaries)."""
+    out.copy_(x)
+    if temperature != 1.0:
+        out.div_(temperature)
+    return torch.log_softmax(out, -1, out=out)
+
+
 class _ChunkedKL(torch.autograd.Function):
-    """sum over rows of KL(softmax(t / T) || softmax(s / T)), computed ``chunk`` rows at a time in fp32 without
-    keeping the vocabulary-wide log-softmaxes for the backward pass (it recomputes them per chunk)."""
+    """sum over shifted positions of KL(softmax(t / T) || softmax(s / T)) for [B, L, V] logits, ``chunk`` rows at a
+    time in fp32 work buffers, without keeping the vocabulary-wide log-softmaxes for the backward pass (it
+    recomputes them per chunk)."""
 
     @staticmethod
     def forward(ctx, s, t, temperature, chunk):
-        total = torch.zeros((), dtype=torch.float32, device=s.device)
-        for i in range(0, s.shape[0], chunk):
-            ls = torch.log_softmax(s[i:i + chunk].float() / temperature, -1)
-            lt = torch.log_softmax(t[i:i + chunk].float() / temperature, -1)
-            total += (lt.exp() * (lt - ls)).sum()
+        total = torch.zeros((), dtype=torch.float64, device=s.device)
+        buf = _Buffers(2, chunk, s.shape[-1], s.device)
+        for b, i, n in _row_chunks(s, chunk):
+            ls, lt = buf.take(n)
+            _log_softmax_into(ls, s[b, i:i + n], temperature)
+            _log_softmax_into(lt, t[b, i:i + n], temperature)
+            ls.sub_(lt).neg_()                      # lt - ls
+            total += torch.dot(lt.exp_().view(-1), ls.view(-1))
         ctx.save_for_backward(s, t)
         ctx.temperature, ctx.chunk = temperature, chunk
-        return total
+        return total.float()
 
     @staticmethod
     def backward(ctx, grad):
         s, t = ctx.saved_tensors
         temp, chunk = ctx.temperature, ctx.chunk
         out = torch.empty_like(s)
-        for i in range(0, s.shape[0], chunk):
-            ps = torch.softmax(s[i:i + chunk].float() / temp, -1)
-            ps -= torch.softmax(t[i:i + chunk].float() / temp, -1)
-            out[i:i + chunk] = ps.mul_(grad / temp)
+        out[:, -1].zero_()                          # the last position predicts nothing
+        buf = _Buffers(2, chunk, s.shape[-1], s.device)
+        scale = grad / temp
+        for b, i, n in _row_chunks(s, chunk):
+            ps, pt = buf.take(n)
+            _log_softmax_into(ps, s[b, i:i + n], temp).exp_()
+            _log_softmax_into(pt, t[b, i:i + n], temp).exp_()
+            out[b, i:i + n] = ps.sub_(pt).mul_(scale)
         return out, None, None, None
 
 
 class _ChunkedCE(torch.autograd.Function):
-    """sum over rows of -log softmax(s)[target], ``chunk`` rows at a time in fp32 (recomputed in the backward)."""
+    """sum over shifted positions of -log softmax(s)[next id] for [B, L, V] logits, ``chunk`` rows at a time in
+    fp32 work buffers (recomputed in the backward)."""
 
     @staticmethod
-    def forward(ctx, s, target, chunk):
-        total = torch.zeros((), dtype=torch.float32, device=s.device)
-        for i in range(0, s.shape[0], chunk):
-            x = s[i:i + chunk].float()
-            total += (torch.logsumexp(x, -1) - x.gather(1, target[i:i + chunk, None]).squeeze(1)).sum()
-        ctx.save_for_backward(s, target)
+    def forward(ctx, s, ids, chunk):
+        total = torch.zeros((), dtype=torch.float64, device=s.device)
+        buf = _Buffers(1, chunk, s.shape[-1], s.device)
+        for b, i, n in _row_chunks(s, chunk):
+            x, = buf.take(n)
+            ls = _log_softmax_into(x, s[b, i:i + n], 1.0)
+            total -= ls.gather(1, ids[b, i + 1:i + 1 + n, None]).sum()
+        ctx.save_for_backward(s, ids)
         ctx.chunk = chunk
-        return total
+        return total.float()
 
     @staticmethod
     def backward(ctx, grad):
-        s, target = ctx.saved_tensors
+        s, ids = ctx.saved_tensors
         out = torch.empty_like(s)
-        for i in range(0, s.shape[0], ctx.chunk):
-            p = torch.softmax(s[i:i + ctx.chunk].float(), -1)
-            p.scatter_add_(1, target[i:i + ctx.chunk, None], torch.full_like(p[:, :1], -1.0))
-            out[i:i + ctx.chunk] = p.mul_(grad)
+        out[:, -1].zero_()
+        buf = _Buffers(1, ctx.chunk, s.shape[-1], s.device)
+        for b, i, n in _row_chunks(s, ctx.chunk):
+            p, = buf.take(n)
+            _log_softmax_into(p, s[b, i:i + n], 1.0).exp_()
+            p.scatter_add_(1, ids[b, i + 1:i + 1 + n, None], torch.full_like(p[:, :1], -1.0))
+            out[b, i:i + n] = p.mul_(grad)
         return out, None, None
 
 
 def lm_loss_chunked(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """:func:`lm_loss` in vocabulary chunks of ``chunk`` tokens: equal up to float summation order, without the
-    fp32 copy and the log-softmax of every logit held for the backward pass."""
-    s = logits[:, :-1].flatten(0, 1)
-    return _ChunkedCE.apply(s, ids[:, 1:].flatten(), chunk) / s.shape[0]
+    """:func:`lm_loss` in chunks of ``chunk`` positions: equal up to float summation order, without the fp32
+    copy, the shifted copy and the log-softmax of every logit held for the backward pass."""
+    return _ChunkedCE.apply(logits, ids, chunk) / (logits.shape[0] * (logits.shape[1] - 1))
 
 
 def kl_loss_chunked(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                     chunk: int = 256) -> torch.Tensor:
-    """:func:`kl_loss` in chunks of ``chunk`` tokens (equal up to float summation order)."""
-    s = logits[:, :-1].flatten(0, 1)
-    t = teacher_logits[:, :-1].flatten(0, 1)
-    return _ChunkedKL.apply(s, t.detach(), float(temperature), chunk) / s.shape[0] * temperature * temperature
+    """:func:`kl_loss` in chunks of ``chunk`` positions (equal up to float summation order)."""
+    rows = logits.shape[0] * (logits.shape[1] - 1)
+    return _ChunkedKL.apply(logits, teacher_logits.detach(), float(temperature), chunk) / rows \
+        * temperature * temperature

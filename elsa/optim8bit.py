@@ -22,47 +22,47 @@ BLOCK = 256
 MIN_NUMEL = 4096
 
 # one pass per block of 256: dequantise m and v through their maps, the AdamW update in fp32, re-quantise each
-# to the nearest code (a binary search over the 255 midpoints, padded with +inf to 256) with the block's new absmax
+# to the nearest code with the block's new absmax. Both loops are written for the compiler to vectorise (omp simd:
+# gathers from the maps, an order-free max): the nearest code is a 65536-entry table on the float's top 16 bits
+# (how many midpoints lie below its bucket) plus one compare, as no bucket holds more than one midpoint of either
+# map (_bucket_table checks it); the same codes as torch.bucketize, bit for bit
 _C_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
-/* the nearest code: a 65536-entry table on the float's top 16 bits gives how many midpoints lie below its
-   bucket, then a step up past the (at most few) midpoints inside it; mid[255] = +inf ends the walk */
-static inline uint8_t nearest(const uint8_t *lut, const float *mid, float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, 4);
-    int c = lut[bits >> 16];
-    while (mid[c] < x) c++;
-    return (uint8_t)c;
-}
 void adamw8(int64_t n, float *w, const float *g, uint8_t *mc, float *ms, uint8_t *vc, float *vs,
-            const float *qs, const float *qs_mid, const uint8_t *qs_lut, const float *qu, const float *qu_mid,
-            const uint8_t *qu_lut, float lr, float b1, float b2, float eps, float wd, float bc1, float bc2_sqrt,
+            const float *qs, const float *qs_mid, const int32_t *qs_lut, const float *qu, const float *qu_mid,
+            const int32_t *qu_lut, float lr, float b1, float b2, float eps, float wd, float bc1, float bc2_sqrt,
             int threads) {
     int64_t blocks = n / 256;
+    const float decay = wd != 0.f ? 1.f - lr * wd : 1.f;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         float m[256], v[256], am = 0.f, av = 0.f;
         const float sm = ms[b], sv = vs[b];
+        const int64_t o = b * 256;
+        #pragma omp simd reduction(max:am,av)
         for (int i = 0; i < 256; i++) {
-            int64_t k = b * 256 + i;
-            float gi = g[k];
-            float mi = qs[mc[k]] * sm, vi = qu[vc[k]] * sv;
+            float gi = g[o + i];
+            float mi = qs[mc[o + i]] * sm, vi = qu[vc[o + i]] * sv;
             mi = mi + (1.f - b1) * (gi - mi);
             vi = vi + (1.f - b2) * (gi * gi - vi);
-            float wi = w[k];
-            if (wd != 0.f) wi *= 1.f - lr * wd;
-            w[k] = wi - lr * (mi / bc1) / (sqrtf(vi) / bc2_sqrt + eps);
+            float wi = w[o + i] * decay;
+            w[o + i] = wi - lr * (mi / bc1) / (sqrtf(vi) / bc2_sqrt + eps);
             m[i] = mi; v[i] = vi;
-            am = fmaxf(am, fabsf(mi)); av = fmaxf(av, fabsf(vi));
+            float a = fabsf(mi), c = fabsf(vi);
+            am = am > a ? am : a; av = av > c ? av : c;
         }
         ms[b] = am; vs[b] = av;
         const float im = 1.f / fmaxf(am, 1e-12f), iv = 1.f / fmaxf(av, 1e-12f);
+        #pragma omp simd
         for (int i = 0; i < 256; i++) {
-            int64_t k = b * 256 + i;
-            mc[k] = nearest(qs_lut, qs_mid, m[i] * im);
-            vc[k] = nearest(qu_lut, qu_mid, v[i] * iv);
+            float x = m[i] * im, y = v[i] * iv;
+            uint32_t bx, by;
+            memcpy(&bx, &x, 4); memcpy(&by, &y, 4);
+            int cx = qs_lut[bx >> 16], cy = qu_lut[by >> 16];
+            cx += qs_mid[cx] < x; cy += qu_mid[cy] < y;
+            mc[o + i] = (uint8_t)cx; vc[o + i] = (uint8_t)cy;
         }
     }
 }
@@ -93,7 +93,13 @@ def _bucket_table(mid: Tensor) -> Tensor:
     low = torch.where(prefix >= 1 << 31, prefix | 0xFFFF, prefix)
     low = torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32).view(torch.float32)
     low = torch.nan_to_num(low, nan=math.inf)
-    return torch.bucketize(low, mid).clamp_max(255).to(torch.uint8)
+    below = torch.bucketize(low, mid).clamp_max(255)
+    high = torch.where(prefix >= 1 << 31, prefix, prefix | 0xFFFF)
+    high = torch.where(high >= 1 << 31, high - (1 << 32), high).to(torch.int32).view(torch.float32)
+    finite = ~(torch.isnan(low) | torch.isnan(high))
+    if int((torch.bucketize(high[finite], mid) - below[finite]).max()) > 1:   # the kernel's single compare
+        raise AssertionError("a quantization map with two midpoints in one float16-prefix bucket")
+    return below.to(torch.int32)
 
 
 class Quantized:

@@ -73,11 +73,28 @@ def _cpu_flags() -> str:
         return ""
 
 
-def resolve(setting, device) -> tuple[bool, dict]:
-    """(use bf16 autocast, the record for results.json) for ``method.autocast_bf16`` = auto / true / false."""
+def resolve(setting, device, recorded: dict | None = None) -> tuple[bool, dict]:
+    """(use bf16 autocast, the record for results.json) for ``method.autocast_bf16`` = auto / true / false.
+
+    ``recorded``: the record of the checkpoint this run resumes; under ``auto`` its decision is kept, so one run
+    does not change precision halfway because the machine it resumed on measures otherwise. Under FSDP rank 0
+    decides for every rank (each rank measuring for itself could disagree)."""
     device = torch.device(device)
     if setting != "auto":
         return bool(setting), {"setting": setting, "used": bool(setting)}
+    if recorded is not None and recorded.get("setting") == "auto" and "used" in recorded:
+        kept = {k: v for k, v in recorded.items() if k != "fast_path"}
+        return bool(recorded["used"]), dict(kept, rule=f"{recorded.get('rule', 'auto')}; kept from the checkpoint")
+    used, record = _decide(device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        box = [(used, record)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        used, record = box[0]
+    return used, record
+
+
+def _decide(device: torch.device) -> tuple[bool, dict]:
     if device.type == "cuda":
         used = torch.cuda.is_bf16_supported()
         return used, {"setting": "auto", "used": used, "rule": "CUDA device supports bf16"}

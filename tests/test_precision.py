@@ -80,3 +80,24 @@ def test_the_probe_leaves_the_random_stream_alone_and_is_decided_once_per_machin
     precision._CACHE.clear()                              # a new process: the disk cache gives the same decision
     monkeypatch.setattr(precision, "_rate", lambda *a, **k: pytest.fail("measured again"))
     assert precision.bf16_speedup("cpu") == first
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_with(tmp_path, monkeypatch):
+    """auto decided bf16 when the run started; resumed where the measurement says fp32 (another machine), the run
+    keeps bf16 (the checkpoint's record), so one run never changes precision halfway."""
+    from test_elsa import ELSA_FAST
+
+    args = [*ELSA_FAST, "method.autocast_bf16=auto", "method.checkpoint_every=2", "method.keep_checkpoint=true",
+            "save_model=false", "skip_done=false"]
+    decided = []
+    resolve = precision.resolve
+    monkeypatch.setattr(precision, "resolve", lambda *a: decided.append(resolve(*a)) or decided[-1])
+    monkeypatch.setattr(precision, "_decide", lambda device: (True, {"setting": "auto", "used": True, "rule": "x"}))
+    run_pipeline(tmp_path, *args)
+    monkeypatch.setattr(precision, "_decide", lambda device: (False, {"setting": "auto", "used": False, "rule": "y"}))
+    r = run_pipeline(tmp_path, *args)                       # resumes from the step-6 checkpoint it kept
+    assert [d[0] for d in decided] == [True, True]
+    assert "kept from the checkpoint" in decided[1][1]["rule"]
+    assert r["method_stats"]["autocast_bf16"]["used"] is True
+    fresh = run_pipeline(tmp_path / "other", *args)          # no checkpoint there: the measurement decides
+    assert decided[-1][0] is False and fresh["method_stats"]["autocast_bf16"]["used"] is False
