@@ -8,6 +8,10 @@
 #
 #   bench/elsa_claim.sh 90            # start or resume the 90% run (one thread, nice 19), log in $ROOT/s90.log
 #   bench/elsa_claim.sh 70
+#   bench/elsa_claim.sh 90 short      # the same tokens with ELSA's short-budget recipe (conf/method_budget/cpu/elsa.yaml:
+#                                     # decoupled pull lam 0.02, interval 8, KL from the dense model, the last quarter
+#                                     # on z's frozen support, lr 5e-4 with 10 warm-up steps), from the dense model:
+#                                     # the knob changed for a 135M model, beside the paper's recipe (docs/results.md)
 #   bench/elsa_claim.sh status        # where each run stands (last held-out points)
 #
 # Longer than a session (hours at one thread): it resumes from $ROOT/s<N>/checkpoints/elsa.pt (every 32 steps).
@@ -24,7 +28,13 @@ if [ "${1:-}" = status ]; then
   done
   exit 0
 fi
-S="${1:?usage: bench/elsa_claim.sh 70|90|status}"
+S="${1:?usage: bench/elsa_claim.sh 70|90|status [paper|short]}"
+RECIPE="${2:-paper}"
+case "$RECIPE" in
+  paper) RUN="s$S"; EXTRA=() ;;
+  short) RUN="s${S}_short"; EXTRA=(budget=cpu) ;;
+  *) echo "elsa: error: recipe=$RECIPE: paper or short" >&2; exit 2 ;;
+esac
 (
   flock 9   # two runs started together create the pinned worktree once
   [ -f "$ROOT/COMMIT" ] || git -C "$REPO" rev-parse HEAD > "$ROOT/COMMIT"
@@ -33,9 +43,9 @@ S="${1:?usage: bench/elsa_claim.sh 70|90|status}"
 COMMIT="$(cat "$ROOT/COMMIT")"
 PY="$REPO/.venv/bin/python"
 cd "$ROOT/code"
-echo "elsa_claim: sparsity 0.$S, code $COMMIT, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$ROOT/s$S.log"
+echo "elsa_claim: sparsity 0.$S, recipe $RECIPE, code $COMMIT, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$ROOT/$RUN.log"
 OMP_NUM_THREADS=1 WANDB_MODE=disabled PYTHONPATH="$ROOT/code" nice -n 19 "$PY" run.py \
-  method=elsa sparsity=0.$S seqlen=512 eval=quick logger=none hardware.threads=1 \
+  method=elsa "${EXTRA[@]}" sparsity=0.$S seqlen=512 eval=quick logger=none hardware.threads=1 \
   method.steps=2442 method.batch_size=2 method.grad_accum=4 method.autocast_bf16=true \
   method.eval_every=32 method.eval_split=test method.eval_tokens=8192 method.checkpoint_every=32 \
-  save_model=true output_dir="$ROOT/s$S" >> "$ROOT/s$S.log" 2>&1
+  save_model=true output_dir="$ROOT/$RUN" >> "$ROOT/$RUN.log" 2>&1
