@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from elsa.methods.base import PruneContext, Pruner
 from elsa.errors import ElsaError
+from elsa.memory import phase_window
 from elsa.models import (Matrix, Weight, block_matrices, block_weights, blocks_and_prefix, decoder_blocks,
                          expert_tensors, in_moe)
 from elsa.sparsity import Sparsity, mask_from_scores
@@ -262,23 +263,27 @@ class LayerwiseEngine:
             errors: dict[str, float] = {}
             prefix = blocks_and_prefix(self.model)[1]
             last = len(self.blocks) - 1
+            per_block: list[dict] = []
             for index, block in enumerate(tqdm(self.blocks, desc=f"{type(method).__name__.lower()} blocks",
                                                unit="block", leave=False)):
-                if self.offload:
-                    block.to(self.device)
-                batches = list(zip(hiddens, block_kwargs[index]))
-                stats = self._collect(method, block, batches)
-                dense = {name: w.param.detach().clone() for name, w in block_weights(block).items()}
-                per_layer.update(method.prune_block(f"{prefix}.{index}", block, stats, batches, target))
-                del stats
-                outputs, block_errors = self._rerun_measuring(block, batches, dense)
-                errors.update({f"{prefix}.{index}.{name}": e for name, e in block_errors.items()})
-                del dense
-                if index < last or keep_outputs:
-                    hiddens = outputs
-                block_kwargs[index] = None       # this block's arguments are no longer needed
-                if self.offload:
-                    block.to("cpu")
+                record = {"block": index, "tokens": sum(int(h.shape[:-1].numel()) for h in hiddens)}
+                with phase_window(str(self.device), record):
+                    if self.offload:
+                        block.to(self.device)
+                    batches = list(zip(hiddens, block_kwargs[index]))
+                    stats = self._collect(method, block, batches)
+                    dense = {name: w.param.detach().clone() for name, w in block_weights(block).items()}
+                    per_layer.update(method.prune_block(f"{prefix}.{index}", block, stats, batches, target))
+                    del stats
+                    outputs, block_errors = self._rerun_measuring(block, batches, dense)
+                    errors.update({f"{prefix}.{index}.{name}": e for name, e in block_errors.items()})
+                    del dense
+                    if index < last or keep_outputs:
+                        hiddens = outputs
+                    block_kwargs[index] = None       # this block's arguments are no longer needed
+                    if self.offload:
+                        block.to("cpu")
+                per_block.append(record)
             self.outputs = hiddens if keep_outputs else None
         finally:
             if self.offload:
@@ -288,6 +293,7 @@ class LayerwiseEngine:
                 self.model.set_experts_implementation(experts_impl)
         summary = method.summarize(per_layer)
         summary["engine_s"] = time.perf_counter() - t0
+        summary["per_block"] = per_block     # time, CPU time, peak memory and calibration tokens of each block
         summary["reconstruction"] = reconstruction_summary(errors)
         if method.without_tokens:
             log.warning("%d expert matrices received no calibration token; pruned by magnitude within the expert: %s",

@@ -161,3 +161,18 @@ def test_every_matrix_records_its_relative_output_error(tiny_model):
     want = float((x @ (w - wd).T).norm() / (x @ wd.T).norm())
     assert rec["per_matrix"]["model.layers.0.self_attn.q_proj"] == pytest.approx(want, rel=1e-6)
     assert job_row({"method_stats": summary}, Path("."), Path("."))["recon_error_mean"] == rec["mean"]
+
+
+def test_every_block_records_its_time_memory_and_tokens(tmp_path, tiny_model):
+    """Issue 27: per block, results.json holds the wall and CPU seconds, the block's own peak resident memory and
+    the calibration tokens it saw; the job's peak stays the whole job's (the per-block windows reset the kernel's
+    counter and carry the peak)."""
+    res = run_pipeline(tmp_path, "method=sparsegpt", "sparsity=0.5", "save_model=false")
+    blocks = res["method_stats"]["per_block"]
+    cfg_blocks = len(decoder_blocks(tiny_model[0]))
+    assert [b["block"] for b in blocks] == list(range(cfg_blocks))
+    assert all(b["tokens"] == 4 * 128 for b in blocks)            # nsamples x seqlen (TINY)
+    assert all(b["wall_s"] > 0 and b["cpu_s"] > 0 and b["peak_rss_mb"] > 0 for b in blocks)
+    assert res["peak_memory_mb"]["cpu_rss"] >= max(b["peak_rss_mb"] for b in blocks)
+    assert read_results(tmp_path)["method_stats"]["per_block"] == blocks
+
