@@ -145,6 +145,15 @@ def _order(base, start, budget, allocation="uniform") -> int:
             _rank(BUDGET_ORDER, budget)) * 10 + _rank(ALLOCATION_ORDER, allocation)
 
 
+def _count(n: float) -> str:
+    """287k, 1.3M, 10M: a token count for a row label."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            v = n / div
+            return f"{v:.1f}{unit}".replace(".0" + unit, unit) if v < 10 else f"{v:.0f}{unit}"
+    return str(int(n))
+
+
 def _rank(order: list[str], value) -> int:
     return order.index(value) if value in order else len(order)
 
@@ -175,6 +184,9 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
     none = rec.stats.get("experts_without_tokens")
     if method and isinstance(none, dict) and none.get("count"):   # experts no calibration token reached
         method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"
+    compute = compute_columns(rec.compute or {}, rec.stats)
+    if method and compute.get("training_tokens"):   # a training row says what it cost, not only its budget's name
+        method = f"{method} [{_count(compute['training_tokens'])} tokens]"
     model, rehearsal = rec.model, rec.rehearsal
     if model and isinstance(rehearsal, dict):     # model=shapes: random weights, its own row label
         model = f"{model} (shape rehearsal, random weights)"
@@ -196,7 +208,7 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
            "decode_speedup": (rec.inference or {}).get("decode_speedup"),
            "dir": str(job_dir.relative_to(root)) if job_dir != root else ".",
            "overrides": " ".join(rec.overrides or []), "error": rec.error, "git_sha": rec.git_sha,
-           **compute_columns(rec.compute or {}, rec.stats)}
+           **compute}
     for corpus, value in (rec.perplexity or {}).items():
         row[PPL + corpus] = value
     for corpus, value in (rec.dense_perplexity or {}).items():

@@ -48,6 +48,8 @@ def test_report_draws_the_frontier_and_the_tokens_to_pass(tmp_path):
     files = write_report(root)
     assert files["frontier_wiki"].exists() and files["frontier_wiki"].stat().st_size > 0
     elsa_row = df[df["method_name"] == "elsa"].iloc[0]
+    assert elsa_row["method"] == "elsa (demo) [1k tokens]"     # 8 steps x 128 tokens: the row says what it cost
+    assert df[df["method_name"] == "wanda"].iloc[0]["method"] == "wanda"
     curve = json.loads(elsa_row["curve"])
     assert [p[0] for p in curve] == [s * 128 for s in (2, 4, 6, 8)]
     md = files["markdown"].read_text()
