@@ -29,3 +29,10 @@ def positive(key: str, value, whole: bool = False, zero_ok: bool = False, paper:
         kind = "a whole number" if whole else "a number"
         raise config_error(key, value, f"{kind} {'>= 0' if zero_ok else '> 0'}" + (f" (the paper: {paper})" if paper else ""))
     return int(value) if whole else float(value)
+
+
+def nothing_to_prune(ignore, targets) -> ElsaError:
+    """The refusal of a run whose ignore / targets leave no weight to prune (it would report the dense model)."""
+    asked = " with ".join(f"{k}=[{','.join(v)}]" for k, v in (("ignore", ignore), ("targets", targets)) if v)
+    return ElsaError(f"{asked} leaves no weight to prune (every prunable matrix of the model is ignored or not "
+                     "targeted); narrow ignore or widen targets so that at least one matrix is pruned")

@@ -25,6 +25,7 @@ from elsa.logs import quiet_third_party_logs
 from elsa.memo import SolutionMemo, for_this_sweep
 # peak_memory_mb, dirname, zero_shot_lines: tests and bench/ import them from here
 from elsa.memory import peak_memory_mb, reset_peak_memory  # noqa: F401
+from elsa.errors import nothing_to_prune
 from elsa.methods.base import PruneContext
 from elsa.models import (apply_ignore, apply_targets, check_prunable, context_length, prunable_matrices,
                          weight_accounting)
@@ -63,13 +64,6 @@ def dataset_by_name(name: str):
         known = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
         raise config_error("eval.corpora", name, f"one of {', '.join(known)}")
     return build(OmegaConf.load(path), "dataset")
-
-
-def nothing_to_prune(ignore: list[str], targets: list[str]) -> ElsaError:
-    """The refusal of a run whose ignore / targets leave no weight to prune (it would report the dense model)."""
-    asked = " with ".join(f"{k}=[{','.join(v)}]" for k, v in (("ignore", ignore), ("targets", targets)) if v)
-    return ElsaError(f"{asked} leaves no weight to prune (every prunable matrix of the model is ignored or not "
-                     "targeted); narrow ignore or widen targets so that at least one matrix is pruned")
 
 
 def seed_everything(seed: int) -> None:

@@ -734,7 +734,7 @@ def check_run(run, quiet: bool = False) -> dict | None:
     cannot be read without loading it (a hub id offline, a GGUF not yet converted)."""
     import logging
 
-    from elsa.errors import ElsaError
+    from elsa.errors import ElsaError, nothing_to_prune
 
     if not hasattr(run.source, "hf_config"):
         return None
@@ -745,6 +745,8 @@ def check_run(run, quiet: bool = False) -> dict | None:
     except Exception as exc:     # noqa: BLE001 - a plan must never stop a run it cannot read
         logging.getLogger(__name__).info("no plan: %s: %s", type(exc).__name__, exc)
         return None
+    if plan.S.prunable == 0:     # ignore / targets leave nothing: refuse before any weight loads
+        raise nothing_to_prune(list(plan.st.ignore), list(plan.st.targets))
     if not quiet:
         print(plan.forecast(), flush=True)
     limit, what = limit_gb(run.cfg, plan.st.device)
