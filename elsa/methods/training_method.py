@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from elsa.engine import TrainEngine, TrainRun, TrainSettings
 from elsa.methods.base import PruneContext, Pruner
+from elsa.methods.registry import TRAINING
 from elsa.schedules import linear_schedule
 
 # keys added to TrainSettings after checkpoints existed: at their defaults they stay out of the signature
@@ -18,17 +19,17 @@ SIGNATURE_NEUTRAL = {"eval_split": "validation", "tokens": None}
 class TrainingMethod(Pruner):
     """A method that trains the whole model (the global family)."""
 
+    family = TRAINING     # takes_start (trains from the dense weights or a start stage's solution), has_budget, FSDP
     name = "trainer"
-    supports_fsdp = True
-    takes_start = True    # trains from whatever the model holds: the dense weights or a start stage's solution
-    has_budget = True
     nan_hint = "lower method.lr"
     shared_settings = TrainSettings   # where **shared goes: its fields are keys of every training method (elsa.spec)
+    train_defaults: dict = {}         # the method's own defaults for shared keys (its paper's recipe)
     trains_weights = True   # False: the prunable weights stay frozen (only the method's own modules train: MaskLLM)
 
     def __init__(self, **shared):
-        """``shared``: the keys of :class:`TrainSettings`; a method passes its own defaults for them and adds its
-        keys to ``self.config`` (the checkpoint signature)."""
+        """``shared``: the keys of :class:`TrainSettings` (the method's ``train_defaults`` where not given); a method
+        adds its own keys to ``self.config`` (the checkpoint signature)."""
+        shared = {**self.train_defaults, **shared}
         self.config = {**TrainSettings.defaults(), **shared}
         for key, default in SIGNATURE_NEUTRAL.items():   # later keys join the checkpoint signature only when set,
             if self.config.get(key) == default:           # so a checkpoint written before them still resumes
