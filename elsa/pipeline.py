@@ -25,6 +25,7 @@ from elsa.logs import quiet_third_party_logs
 from elsa.memo import SolutionMemo, for_this_sweep
 # peak_memory_mb, dirname, zero_shot_lines: tests and bench/ import them from here
 from elsa.memory import peak_memory_mb, reset_peak_memory  # noqa: F401
+from elsa.methods import registry
 from elsa.methods.base import PruneContext
 from elsa.models import (apply_ignore, apply_targets, check_prunable, context_length, prunable_matrices,
                          weight_accounting)
@@ -129,9 +130,10 @@ class Run:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise config_error("hardware.device", self.device, "cpu (no CUDA device is visible)")
         self.fsdp = hw.fsdp
-        if self.fsdp and not getattr(self.method, "supports_fsdp", False):
-            raise config_error("hardware", "fsdp", f"a global method (elsa, elsa_l, ast, maskllm, leap); method={cfg.method.name} is "
-                               "layer-wise and runs one block at a time on one device")
+        if self.fsdp and not self.method.supports_fsdp:
+            sharded = ", ".join(registry.names("supports_fsdp"))
+            raise config_error("hardware", "fsdp", f"a method that trains sharded ({sharded}); method="
+                               f"{cfg.method.name} is {self.method.family.name} and runs on one device")
         self.source.check()
         if self.needs_calibration:
             self.dataset.check()
@@ -165,9 +167,9 @@ class Run:
                      cfg.method.name)
             return None, {"name": "dense", "skipped": name}
         stage = build(node, "start")
-        if stage.takes_start:
-            raise config_error("start", name, "dense or a layer-wise method (magnitude, wanda, sparsegpt, ...); "
-                               f"{name} is a training method")
+        if not stage.start_eligible:
+            raise config_error("start", name, f"dense or one of {', '.join(registry.names('start_eligible'))}; "
+                               f"{name} is a {stage.family.name} method")
         return stage, {"name": name}
 
     def shares_solutions(self) -> bool:
