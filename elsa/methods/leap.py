@@ -33,13 +33,9 @@ class Leap(LearnedMask, name="leap", position=3):
                  prior_strength: Annotated[float, Number(ge=0)] = 3.0, init_std: Annotated[float, Number(gt=0)] = 0.014,
                  sparse_reg: Annotated[float, Number(ge=0)] = 7.0, weight_reg: Annotated[float, Number(ge=0)] = 10.0,
                  group: Annotated[str, GROUP] = "layer", **shared):
-        super().__init__(prior_strength=prior_strength, init_std=init_std, weight_reg=weight_reg, **shared)
-        self.gumbel_temperature = [float(v) for v in gumbel_temperature]
-        self.gumbel_scale = [float(v) for v in gumbel_scale]
-        self.sparse_reg = float(sparse_reg)
-        self.group = group
-        self.config.update(gumbel_temperature=self.gumbel_temperature, gumbel_scale=self.gumbel_scale,
-                           sparse_reg=sparse_reg, group=group)
+        super().__init__(gumbel_temperature, gumbel_scale, prior_strength, init_std, weight_reg, **shared)
+        self.sparse_reg, self.group = float(sparse_reg), group
+        self.config.update(sparse_reg=sparse_reg, group=group)
 
     def validate(self, model, target) -> None:
         if target.is_nm:

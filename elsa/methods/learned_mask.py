@@ -77,15 +77,20 @@ class LearnedMask(TrainingMethod):
     nan_hint = "lower method.lr"
     train_defaults = {"train_dense_params": False}
 
-    def __init__(self, prior_strength: Annotated[float, Number(ge=0)] = 3.0,
-                 init_std: Annotated[float, Number(gt=0)] = 0.01,
+    def __init__(self, gumbel_temperature: Annotated[list, RANGE], gumbel_scale: Annotated[list, RANGE],
+                 prior_strength: Annotated[float, Number(ge=0)] = 3.0, init_std: Annotated[float, Number(gt=0)] = 0.01,
                  weight_reg: Annotated[float, Number(ge=0)] = 0.0, **shared):
+        """The keys both methods have (a subclass declares its own defaults): the Gumbel temperature and logit
+        scale schedules, the prior's strength, the logits' initial spread, the weight regulariser."""
         super().__init__(**shared)
         if self.train.train_dense_params:
             raise config_error("method.train_dense_params", True, "false: the method learns a mask on frozen "
                                "weights (the embeddings, norms and head stay frozen too)")
         self.prior_strength, self.init_std, self.weight_reg = float(prior_strength), float(init_std), float(weight_reg)
-        self.config.update(prior_strength=prior_strength, init_std=init_std, weight_reg=weight_reg)
+        self.gumbel_temperature = [float(v) for v in gumbel_temperature]
+        self.gumbel_scale = [float(v) for v in gumbel_scale]
+        self.config.update(prior_strength=prior_strength, init_std=init_std, weight_reg=weight_reg,
+                           gumbel_temperature=self.gumbel_temperature, gumbel_scale=self.gumbel_scale)
 
     # -- what a subclass defines --------------------------------------------------------------------
     def init_logits(self, weight, prior: torch.Tensor, target) -> torch.Tensor:

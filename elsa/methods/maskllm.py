@@ -44,12 +44,9 @@ class MaskLLM(LearnedMask, name="maskllm", position=2):
                  weight_reg: Annotated[float, Number(ge=0)] = 1e-5,
                  hard_sampling: Annotated[bool, Flag("true (straight-through one-hot samples) or false (soft samples, "
                                                      "the reference's default)")] = False, **shared):
-        super().__init__(prior_strength=prior_strength, init_std=init_std, weight_reg=weight_reg, **shared)
-        self.gumbel_temperature = [float(v) for v in gumbel_temperature]
-        self.gumbel_scale = [float(v) for v in gumbel_scale]
+        super().__init__(gumbel_temperature, gumbel_scale, prior_strength, init_std, weight_reg, **shared)
         self.hard_sampling = hard_sampling
-        self.config.update(gumbel_temperature=self.gumbel_temperature, gumbel_scale=self.gumbel_scale,
-                           hard_sampling=hard_sampling)
+        self.config.update(hard_sampling=hard_sampling)
         self.options = None
 
     def validate(self, model, target) -> None:
