@@ -31,7 +31,6 @@ from dataclasses import dataclass, fields
 from typing import Annotated, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -42,7 +41,7 @@ from elsa.checkpoint import Checkpointer, rng_state, set_rng_state
 from elsa.data import TrainWindows, eval_windows, token_stream
 from elsa.errors import ElsaError
 from elsa.evaluation import perplexity
-from elsa.losses import kl_loss, kl_loss_chunked, lm_loss, lm_loss_chunked, squarehead_loss
+from elsa.losses import kl_loss, kl_loss_chunked, lm_loss, lm_loss_chunked
 from elsa.methods.base import PruneContext
 from elsa.methods.registry import Choice, Flag, Number, Numbers, check_fields
 from elsa.models import decoder_blocks, kept_dense, prunable_weights
@@ -66,6 +65,20 @@ def tensor_nbytes(t) -> int:
 def tokens_per_step(s, world: int, seqlen: int) -> int:
     """Tokens one optimizer step reads: the global batch (batch_size x ranks) x grad_accum x seqlen."""
     return s.batch_size * s.grad_accum * world * seqlen
+
+
+def make_teacher(model, kept=None, shard: bool = False, bf16: bool = False) -> nn.Module:
+    """The frozen dense model a distilling loss reads (elsa.losses.LossTerms.needs_teacher), made here only:
+    ``kept`` (the dense model the pipeline copied before a start stage pruned ``model``) or a copy of ``model`` as
+    it is now; sharded like the student under FSDP2; its Linear weights cast to bf16 once when the student trains
+    under bf16 autocast (the values autocast would cast to)."""
+    teacher = kept if kept is not None else copy.deepcopy(model)
+    if shard:
+        D.shard(teacher, decoder_blocks(teacher))
+    teacher.eval().requires_grad_(False)
+    if bf16:
+        precision.bf16_linear_weights(teacher)
+    return teacher
 
 
 @dataclass
@@ -173,27 +186,17 @@ class TrainEngine:
         return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, **fast)
 
     def compute_loss(self, model, teacher, ids):
-        m = self.method
-        # SquareHead (AST) reads every block's output, rem (ELSA) the final one, of student and teacher
-        hidden = bool(m.squarehead_weight or m.rem_weight)
+        terms = self.method.loss_terms
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-            logits = out.logits
+            out = model(input_ids=ids, use_cache=False, output_hidden_states=terms.hidden)
             # the bf16 fast path computes the vocabulary-wide losses in token chunks (no fp32 copy of the logits
             # kept for the backward pass); equal to the plain ones up to float summation order
             ce, kl = (lm_loss_chunked, kl_loss_chunked) if self.autocast else (lm_loss, kl_loss)
-            if not m.distils:
-                return ce(logits, ids)
+            if not terms.needs_teacher:
+                return ce(out.logits, ids)
             with torch.no_grad():
-                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-            loss = m.kl_weight * kl(logits, t_out.logits, self.s.temperature) if m.kl_weight else 0.0
-            if m.task_weight:
-                loss = loss + m.task_weight * ce(logits, ids)
-            if m.rem_weight:   # ELSA's rem: MSE of the final hidden states (what the LM head reads)
-                loss = loss + m.rem_weight * F.mse_loss(out.hidden_states[-1].float(), t_out.hidden_states[-1].float())
-            if m.squarehead_weight:
-                loss = loss + m.squarehead_weight * squarehead_loss(out.hidden_states[1:], t_out.hidden_states[1:])
-            return loss
+                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=terms.hidden)
+            return terms.combine(out, t_out, ids, ce, kl, self.s.temperature)
 
     def run(self, ctx: PruneContext, dense=None) -> dict:
         """Train ``ctx.model`` in place; ``dense`` is the teacher to keep (a start stage ran), else a frozen copy
@@ -204,10 +207,8 @@ class TrainEngine:
         # FSDP2: train a sharded copy, then bring the full weights back into the caller's model (rank 0)
         work = copy.deepcopy(ctx.model)
         D.shard(work, decoder_blocks(work))
-        teacher = None
-        if self.method.distils:  # a sharded module cannot be deep-copied: the teacher is its own sharded dense copy
-            teacher = dense if dense is not None else copy.deepcopy(ctx.model)
-            D.shard(teacher, decoder_blocks(teacher))
+        # a sharded module cannot be deep-copied: the teacher is its own sharded dense copy
+        teacher = make_teacher(ctx.model, dense, shard=True) if self.method.distils else None
         stats = self.train(work, ctx, teacher)
         full = D.full_state_dict(work)
         if D.is_main():
@@ -235,9 +236,7 @@ class TrainEngine:
             model.gradient_checkpointing_enable()
         self.autocast, autocast_record = precision.resolve(s.autocast_bf16, ctx.device)
         if m.distils:
-            teacher = (teacher if teacher is not None else copy.deepcopy(model)).eval().requires_grad_(False)
-            if self.autocast and not ctx.extras.get("fsdp"):
-                precision.bf16_linear_weights(teacher)   # the values autocast would cast to, cast once
+            teacher = make_teacher(model, teacher, bf16=self.autocast and not ctx.extras.get("fsdp"))
 
         bos = ctx.tokenizer.bos_token_id
         world = D.world_size()

@@ -1,7 +1,6 @@
 """One run: validate -> seed -> load -> calibration data -> prune -> measure -> evaluate -> save -> log."""
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import sys
@@ -19,6 +18,7 @@ from elsa import compute
 from elsa import distributed as D
 from elsa.allocation import Uniform
 from elsa.data import sample_starts, token_stream, windows
+from elsa.engine import make_teacher
 from elsa.errors import ElsaError, config_error
 from elsa.evaluation import PerplexityEval, bos_id, check_finite
 from elsa.logs import quiet_third_party_logs
@@ -308,7 +308,7 @@ class Run:
                            tracker=self.tracker,
                            extras={"fsdp": self.fsdp, "evaluate": lambda m: self.eval.run(m, tok, "start")})
         if self.start is not None:  # the start stage prunes first; the dense model stays the teacher
-            ctx.teacher = copy.deepcopy(model) if self.method.distils or self.method.keeps_dense else None
+            ctx.teacher = make_teacher(model) if self.method.distils or self.method.keeps_dense else None
             log.info("starting %s from %s's solution", cfg.method.name, self.start_info["name"])
             self.results["start"] = self.timed("start", self.run_start, ctx)
             ctx.start = self.start_info["name"]

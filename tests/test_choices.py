@@ -105,7 +105,7 @@ def _weights_the_old_way(tmp_path: Path, preset: str, short: list[str]) -> dict:
     if init == "dense":
         method.prune(ctx)
     else:
-        teacher = copy.deepcopy(model) if method.kl_weight else None
+        teacher = copy.deepcopy(model) if method.loss_terms.kl else None
         with torch.no_grad():
             {"wanda": Wanda, "sparsegpt": SparseGPT}[init]().prune(ctx)
         TrainEngine(method).run(ctx, teacher)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from elsa import distributed as D
 from elsa.errors import ElsaError, config_error
+from elsa.losses import LossTerms
 from elsa.methods.base import GROUP, Annotated, Choice, Flag, Number
 from elsa.methods.training_method import TrainingMethod
 from elsa.schedules import cosine_schedule, linear_schedule
@@ -294,12 +295,11 @@ class Ast(TrainingMethod, name="ast", variants=("ast_boosted",), position=0):
         self.srste_decay, self.increase_step, self.mask_interval = float(srste_decay), int(increase_step), \
             int(mask_interval)
         self.mask_metric, self.change_mask, self.group = mask_metric, change_mask, group
-        self.task_weight, self.kl_weight = float(task_weight), float(kl_weight)
-        if self.task_weight + self.kl_weight == 0:
+        if task_weight + kl_weight == 0:
             raise config_error("method.task_weight", task_weight, "> 0 when method.kl_weight is 0")
         self.slorb, self.slorb_init, self.trainable_projection = slorb, slorb_init, trainable_projection
         self.slorb_k = int(slorb_k)
-        self.squarehead_weight = float(squarehead_weight)
+        self.loss_terms = LossTerms(ntp=float(task_weight), kl=float(kl_weight), squarehead=float(squarehead_weight))
         self.config.update(own)
 
     def lr_lambda(self):

@@ -18,6 +18,7 @@ from elsa.models import prunable_weights
 from elsa.models import weight_layouts
 from elsa.engine import OPTIMIZERS
 from elsa.errors import config_error
+from elsa.losses import LossTerms
 from elsa.methods.base import GROUP, Annotated, Choice, Number
 from elsa.methods.training_method import TrainingMethod
 
@@ -96,9 +97,9 @@ class Elsa(TrainingMethod, name="elsa", position=4):
         self.finetune_fraction = finetune_fraction
         self.proximal, self.projection, self.group = proximal, projection, group
         self.sparsity_warmup, self.loss, self.distill_alpha = sparsity_warmup, loss, distill_alpha
-        self.task_weight, self.kl_weight = {"ntp": (1.0, 0.0), "kl": (0.0, 1.0),
-                                            "mix": (1 - distill_alpha, distill_alpha), "rem": (0.0, 0.0)}[loss]
-        self.rem_weight = 1.0 if loss == "rem" else 0.0
+        ntp, kl = {"ntp": (1.0, 0.0), "kl": (0.0, 1.0), "mix": (1 - distill_alpha, distill_alpha),
+                   "rem": (0.0, 0.0)}[loss]
+        self.loss_terms = LossTerms(ntp=ntp, kl=kl, rem=1.0 if loss == "rem" else 0.0)
         self.z_codec, self.u_codec = codec(z_dtype, "method.z_dtype"), codec(u_dtype, "method.u_dtype")
         self.config.update(own)
 

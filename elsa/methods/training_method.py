@@ -8,6 +8,7 @@ Per-run state is whatever ``setup`` returns: the engine keeps it as ``run.state`
 from __future__ import annotations
 
 from elsa.engine import TrainEngine, TrainRun, TrainSettings
+from elsa.losses import LossTerms
 from elsa.methods.base import PruneContext, Pruner
 from elsa.methods.registry import TRAINING
 from elsa.schedules import linear_schedule
@@ -36,15 +37,12 @@ class TrainingMethod(Pruner):
                 self.config.pop(key)
         self.train = TrainSettings(**shared)
         self.eval_initial = self.train.eval_initial
-        # loss = task_weight * next-token + kl_weight * KL(teacher || student); a teacher exists iff kl_weight
-        self.task_weight, self.kl_weight = 1.0, 0.0
-        self.squarehead_weight = 0.0   # weight of the SquareHead term (AST): the blocks' outputs against the teacher's
-        self.rem_weight = 0.0          # + rem_weight * MSE(final hidden states, the teacher's): ELSA's loss=rem
+        self.loss_terms = LossTerms()   # the next-token loss; a method sets its own terms (elsa.losses)
 
     @property
     def distils(self) -> bool:
         """The loss reads a teacher: after a start stage the pipeline keeps the dense model for it."""
-        return bool(self.kl_weight or self.squarehead_weight or self.rem_weight)
+        return self.loss_terms.needs_teacher
 
     def prune(self, ctx: PruneContext) -> dict:
         """Train from ``ctx.model`` as it is (dense, or a start stage's solution; the teacher is ``ctx.teacher``
