@@ -183,3 +183,21 @@ def test_a_toy_method_runs_through_the_cli_a_sweep_and_the_report(tmp_path):
     assert any("| toy |" in row and "| done |" in row for row in rows)    # know is listed after the known ones
     assert subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
                           text=True).stdout == tracked
+
+
+def test_rule_messages_and_a_name_taken_twice():
+    from elsa.methods.registry import Flag, Numbers
+
+    assert Number(ge=0, lt=1, paper="0.25").allowed() == "a number in [0, 1) (the paper: 0.25)"
+    assert Number(gt=0, le=1, also=("auto",)).allowed() == "a number in (0, 1] or auto"
+    assert Number(ge=0, whole=True, note="(0: no refinement)").allowed() == "a whole number >= 0 (0: no refinement)"
+    assert Number(gt=0, also=(None,)).allowed() == "a number > 0 or null"
+    assert not Number(gt=0).ok(True) and not Number(gt=0).ok(float("inf")) and not Number(whole=True).ok(2.5)
+    assert Choice((None, "sparsegpt")).allowed() == "one of null, sparsegpt" and not Choice((True,)).ok(1)
+    assert Flag().ok(False) and not Flag().ok("false")
+    assert Numbers(2, Number(gt=0), "two").ok((1, 2.0)) and not Numbers(2, Number(gt=0), "two").ok([1])
+    before = registry.get("magnitude")
+    with pytest.raises(TypeError, match="two methods named magnitude"):
+        class Impostor(Pruner, name="magnitude"):
+            pass
+    assert registry.get("magnitude") is before
