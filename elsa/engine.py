@@ -28,10 +28,9 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,15 +39,17 @@ from elsa import distributed as D
 from elsa import precision
 from elsa.checkpoint import Checkpointer, rng_state, set_rng_state
 from elsa.data import TrainWindows, eval_windows, token_stream
-from elsa.errors import ElsaError, config_error, positive
+from elsa.errors import ElsaError
 from elsa.evaluation import perplexity
-from elsa.losses import kl_loss, kl_loss_chunked, lm_loss, lm_loss_chunked, squarehead_loss
+from elsa.losses import kl_loss, kl_loss_chunked, lm_loss, lm_loss_chunked
 from elsa.methods.base import PruneContext
+from elsa.methods.registry import Choice, Flag, Number, Numbers, check_fields
 from elsa.models import decoder_blocks, kept_dense, prunable_weights
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adamw8bit")
+WHOLE, WHOLE_OR_ZERO = Number(gt=0, whole=True), Number(ge=0, whole=True)
 
 
 def tensor_nbytes(t) -> int:
@@ -66,53 +67,60 @@ def tokens_per_step(s, world: int, seqlen: int) -> int:
     return s.batch_size * s.grad_accum * world * seqlen
 
 
+def make_teacher(model, kept=None, shard: bool = False, bf16: bool = False) -> nn.Module:
+    """The frozen dense model a distilling loss reads (elsa.losses.LossTerms.needs_teacher), made here only:
+    ``kept`` (the dense model the pipeline copied before a start stage pruned ``model``) or a copy of ``model`` as
+    it is now; sharded like the student under FSDP2; its Linear weights cast to bf16 once when the student trains
+    under bf16 autocast (the values autocast would cast to)."""
+    teacher = kept if kept is not None else copy.deepcopy(model)
+    if shard:
+        D.shard(teacher, decoder_blocks(teacher))
+    teacher.eval().requires_grad_(False)
+    if bf16:
+        precision.bf16_linear_weights(teacher)
+    return teacher
+
+
 @dataclass
 class TrainSettings:
     """The keys every training method shares (defaults: ELSA's paper recipe), validated on construction."""
 
-    steps: int = 4096
-    tokens: Any = None                # a training budget in tokens: sets steps = tokens / (batch x accum x ranks x seqlen)
-    batch_size: int = 2
-    grad_accum: int = 4
-    lr: float = 2e-4
-    warmup_steps: int = 0
-    lr_final_ratio: float = 0.0
-    betas: Any = (0.9, 0.95)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    temperature: float = 1.0
-    autocast_bf16: Any = "auto"       # auto: where this device runs bf16 matmuls faster (elsa.precision)
-    gradient_checkpointing: bool = False
-    train_dense_params: bool = True
-    eval_every: int = 0
-    eval_tokens: int = 16384
-    eval_split: str = "validation"
-    eval_initial: bool = True
-    checkpoint_every: int = 0
-    resume: bool = True
-    keep_checkpoint: bool = False
-    optimizer: str = "adamw"
+    steps: Annotated[int, WHOLE] = 4096
+    # a training budget in tokens: sets steps = tokens / (batch x accum x ranks x seqlen)
+    tokens: Annotated[Any, Number(gt=0, also=(None,))] = None
+    batch_size: Annotated[int, WHOLE] = 2
+    grad_accum: Annotated[int, WHOLE] = 4
+    lr: Annotated[float, Number(gt=0)] = 2e-4
+    warmup_steps: Annotated[int, WHOLE_OR_ZERO] = 0
+    lr_final_ratio: Annotated[float, Number(ge=0)] = 0.0
+    betas: Annotated[Any, Numbers(2, Number(ge=0, lt=1), "two numbers in [0, 1)")] = (0.9, 0.95)
+    weight_decay: Annotated[float, Number(ge=0)] = 0.0
+    grad_clip: Annotated[float, Number(ge=0)] = 1.0
+    temperature: Annotated[float, Number(gt=0)] = 1.0
+    # auto: where this device runs bf16 matmuls faster (elsa.precision)
+    autocast_bf16: Annotated[Any, precision.AUTOCAST] = "auto"
+    gradient_checkpointing: Annotated[bool, Flag()] = False
+    train_dense_params: Annotated[bool, Flag()] = True
+    eval_every: Annotated[int, WHOLE_OR_ZERO] = 0
+    eval_tokens: Annotated[int, WHOLE] = 16384
+    eval_split: Annotated[str, Choice(("validation", "test"), "validation (held-out) or test (the run's evaluation "
+                                      "split, so the history is on the table's protocol)")] = "validation"
+    eval_initial: Annotated[bool, Flag()] = True
+    checkpoint_every: Annotated[int, WHOLE_OR_ZERO] = 0
+    resume: Annotated[bool, Flag()] = True
+    keep_checkpoint: Annotated[bool, Flag()] = False
+    optimizer: Annotated[str, Choice(OPTIMIZERS, " or ".join(OPTIMIZERS))] = "adamw"
 
     def __post_init__(self):
-        self.steps = positive("method.steps", self.steps, whole=True)
+        check_fields(self)     # the annotations: types, bounds, choices (elsa.methods.registry)
+        self.steps, self.batch_size, self.grad_accum = int(self.steps), int(self.batch_size), int(self.grad_accum)
         if self.tokens is not None:
-            self.tokens = int(positive("method.tokens", self.tokens))   # 2e6 from the command line is a float
-        self.batch_size = positive("method.batch_size", self.batch_size, whole=True)
-        self.grad_accum = positive("method.grad_accum", self.grad_accum, whole=True)
-        self.lr = positive("method.lr", self.lr)
-        self.warmup_steps = positive("method.warmup_steps", self.warmup_steps, whole=True, zero_ok=True)
-        self.lr_final_ratio = positive("method.lr_final_ratio", self.lr_final_ratio, zero_ok=True)
+            self.tokens = int(self.tokens)   # 2e6 from the command line is a float
+        self.lr, self.lr_final_ratio = float(self.lr), float(self.lr_final_ratio)
+        self.warmup_steps, self.eval_every = int(self.warmup_steps), int(self.eval_every)
         self.betas = tuple(float(b) for b in self.betas)
-        self.weight_decay = positive("method.weight_decay", self.weight_decay, zero_ok=True)
-        self.grad_clip = positive("method.grad_clip", self.grad_clip, zero_ok=True)
-        if self.optimizer not in OPTIMIZERS:
-            raise config_error("method.optimizer", self.optimizer, " or ".join(OPTIMIZERS))
-        self.autocast_bf16 = precision.check_setting(self.autocast_bf16)
-        self.eval_every = positive("method.eval_every", self.eval_every, whole=True, zero_ok=True)
-        if self.eval_split not in ("validation", "test"):
-            raise config_error("method.eval_split", self.eval_split, "validation (held-out) or test (the run's "
-                               "evaluation split, so the history is on the table's protocol)")
-        self.checkpoint_every = positive("method.checkpoint_every", self.checkpoint_every, whole=True, zero_ok=True)
+        self.weight_decay, self.grad_clip = float(self.weight_decay), float(self.grad_clip)
+        self.checkpoint_every = int(self.checkpoint_every)
 
     @classmethod
     def defaults(cls) -> dict:
@@ -178,27 +186,17 @@ class TrainEngine:
         return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, **fast)
 
     def compute_loss(self, model, teacher, ids):
-        m = self.method
-        # SquareHead (AST) reads every block's output, rem (ELSA) the final one, of student and teacher
-        hidden = bool(m.squarehead_weight or m.rem_weight)
+        terms = self.method.loss_terms
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-            logits = out.logits
+            out = model(input_ids=ids, use_cache=False, output_hidden_states=terms.hidden)
             # the bf16 fast path computes the vocabulary-wide losses in token chunks (no fp32 copy of the logits
             # kept for the backward pass); equal to the plain ones up to float summation order
             ce, kl = (lm_loss_chunked, kl_loss_chunked) if self.autocast else (lm_loss, kl_loss)
-            if not m.distils:
-                return ce(logits, ids)
+            if not terms.needs_teacher:
+                return ce(out.logits, ids)
             with torch.no_grad():
-                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-            loss = m.kl_weight * kl(logits, t_out.logits, self.s.temperature) if m.kl_weight else 0.0
-            if m.task_weight:
-                loss = loss + m.task_weight * ce(logits, ids)
-            if m.rem_weight:   # ELSA's rem: MSE of the final hidden states (what the LM head reads)
-                loss = loss + m.rem_weight * F.mse_loss(out.hidden_states[-1].float(), t_out.hidden_states[-1].float())
-            if m.squarehead_weight:
-                loss = loss + m.squarehead_weight * squarehead_loss(out.hidden_states[1:], t_out.hidden_states[1:])
-            return loss
+                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=terms.hidden)
+            return terms.combine(out, t_out, ids, ce, kl, self.s.temperature)
 
     def run(self, ctx: PruneContext, dense=None) -> dict:
         """Train ``ctx.model`` in place; ``dense`` is the teacher to keep (a start stage ran), else a frozen copy
@@ -209,10 +207,8 @@ class TrainEngine:
         # FSDP2: train a sharded copy, then bring the full weights back into the caller's model (rank 0)
         work = copy.deepcopy(ctx.model)
         D.shard(work, decoder_blocks(work))
-        teacher = None
-        if self.method.distils:  # a sharded module cannot be deep-copied: the teacher is its own sharded dense copy
-            teacher = dense if dense is not None else copy.deepcopy(ctx.model)
-            D.shard(teacher, decoder_blocks(teacher))
+        # a sharded module cannot be deep-copied: the teacher is its own sharded dense copy
+        teacher = make_teacher(ctx.model, dense, shard=True) if self.method.distils else None
         stats = self.train(work, ctx, teacher)
         full = D.full_state_dict(work)
         if D.is_main():
@@ -244,9 +240,7 @@ class TrainEngine:
         recorded = ckpt.recorded("autocast_bf16") if s.resume else None
         self.autocast, autocast_record = precision.resolve(s.autocast_bf16, ctx.device, recorded)
         if m.distils:
-            teacher = (teacher if teacher is not None else copy.deepcopy(model)).eval().requires_grad_(False)
-            if self.autocast and not ctx.extras.get("fsdp"):
-                precision.bf16_linear_weights(teacher)   # the values autocast would cast to, cast once
+            teacher = make_teacher(model, teacher, bf16=self.autocast and not ctx.extras.get("fsdp"))
 
         bos = ctx.tokenizer.bos_token_id
         world = D.world_size()

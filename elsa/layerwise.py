@@ -29,13 +29,14 @@ import logging
 import math
 import time
 from torch.overrides import TorchFunctionMode
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from elsa.methods.base import PruneContext, Pruner
+from elsa.methods.registry import LAYER_WISE, Number
 from elsa.errors import ElsaError
 from elsa.memory import phase_window
 from elsa.models import (Matrix, Weight, block_matrices, block_weights, blocks_and_prefix, decoder_blocks,
@@ -49,6 +50,7 @@ class _Captured(Exception):
     """Raised by the last block's pre-hook to stop the model's forward once every block's inputs are captured."""
 
 
+BATCH = Number(gt=0, whole=True, paper="8")   # calibration windows per block forward
 NO_TOKENS = object()      # the stats of a matrix that saw no calibration token (an expert nobody routed to)
 
 
@@ -69,10 +71,9 @@ class LayerwisePruner(Pruner):
     """A method driven by :class:`LayerwiseEngine`. Subclasses implement the three per-Linear hooks below
     (and may override the per-block ``prune_block``)."""
 
-    needs_calibration = True
-    offload = True          # the engine moves one block at a time to the device; the model stays on CPU
+    family = LAYER_WISE     # calibration; offload: the engine moves one block at a time to the device
 
-    def __init__(self, batch_size: int = 8):
+    def __init__(self, batch_size: Annotated[int, BATCH] = 8):
         self.batch_size = int(batch_size)
         self.without_tokens: list[str] = []      # the matrices the no-token rule pruned in the last run
 

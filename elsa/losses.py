@@ -1,9 +1,46 @@
 """The training losses of the global methods: next-token cross-entropy, distillation (KL to a teacher) and
-SquareHead (the blocks' outputs against the teacher's)."""
+SquareHead (the blocks' outputs against the teacher's), and :class:`LossTerms`, the weighted sum a method trains on."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """A training method's loss, term by term: ``ntp`` x next-token cross-entropy + ``kl`` x KL(teacher || student)
+    + ``rem`` x MSE of the final hidden states against the teacher's (ELSA's loss=rem) + ``squarehead`` x SquareHead
+    (every block's output against the teacher's: AST). A term at 0 is not computed; the teacher is needed iff kl,
+    rem or squarehead is set (without a teacher the loss is the next-token loss)."""
+
+    ntp: float = 1.0
+    kl: float = 0.0
+    rem: float = 0.0
+    squarehead: float = 0.0
+
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.kl or self.squarehead or self.rem)
+
+    @property
+    def hidden(self) -> bool:
+        """The forwards return hidden states: rem reads the last, SquareHead every block's."""
+        return bool(self.squarehead or self.rem)
+
+    def combine(self, out, teacher_out, ids, ce, kl, temperature: float):
+        """The weighted sum of the student's ``out`` against ``teacher_out`` (model outputs), with the cross-entropy
+        ``ce`` and the KL ``kl`` given (plain or token-chunked), summed in a fixed order: kl, ntp, rem, squarehead."""
+        logits = out.logits
+        loss = self.kl * kl(logits, teacher_out.logits, temperature) if self.kl else 0.0
+        if self.ntp:
+            loss = loss + self.ntp * ce(logits, ids)
+        if self.rem:
+            loss = loss + self.rem * F.mse_loss(out.hidden_states[-1].float(), teacher_out.hidden_states[-1].float())
+        if self.squarehead:
+            loss = loss + self.squarehead * squarehead_loss(out.hidden_states[1:], teacher_out.hidden_states[1:])
+        return loss
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """One run: validate -> seed -> load -> calibration data -> prune -> measure -> evaluate -> save -> log."""
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import sys
@@ -19,13 +18,14 @@ from elsa import compute
 from elsa import distributed as D
 from elsa.allocation import Uniform
 from elsa.data import sample_starts, token_stream, windows
-from elsa.errors import ElsaError, config_error
+from elsa.engine import make_teacher
+from elsa.errors import ElsaError, config_error, nothing_to_prune
 from elsa.evaluation import PerplexityEval, bos_id, check_finite
 from elsa.logs import quiet_third_party_logs
 from elsa.memo import SolutionMemo, for_this_sweep
 # peak_memory_mb, dirname, zero_shot_lines: tests and bench/ import them from here
 from elsa.memory import peak_memory_mb, reset_peak_memory  # noqa: F401
-from elsa.errors import nothing_to_prune
+from elsa.methods import registry
 from elsa.methods.base import PruneContext
 from elsa.models import (apply_ignore, apply_targets, check_prunable, context_length, prunable_matrices,
                          weight_accounting)
@@ -123,9 +123,10 @@ class Run:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise config_error("hardware.device", self.device, "cpu (no CUDA device is visible)")
         self.fsdp = hw.fsdp
-        if self.fsdp and not getattr(self.method, "supports_fsdp", False):
-            raise config_error("hardware", "fsdp", f"a global method (elsa, elsa_l, ast, maskllm, leap); method={cfg.method.name} is "
-                               "layer-wise and runs one block at a time on one device")
+        if self.fsdp and not self.method.supports_fsdp:
+            sharded = ", ".join(registry.names("supports_fsdp"))
+            raise config_error("hardware", "fsdp", f"a method that trains sharded ({sharded}); method="
+                               f"{cfg.method.name} is {self.method.family.name} and runs on one device")
         self.source.check()
         if self.needs_calibration:
             self.dataset.check()
@@ -159,9 +160,9 @@ class Run:
                      cfg.method.name)
             return None, {"name": "dense", "skipped": name}
         stage = build(node, "start")
-        if stage.takes_start:
-            raise config_error("start", name, "dense or a layer-wise method (magnitude, wanda, sparsegpt, ...); "
-                               f"{name} is a training method")
+        if not stage.start_eligible:
+            raise config_error("start", name, f"dense or one of {', '.join(registry.names('start_eligible'))}; "
+                               f"{name} is a {stage.family.name} method")
         return stage, {"name": name}
 
     def shares_solutions(self) -> bool:
@@ -300,7 +301,7 @@ class Run:
                            tracker=self.tracker,
                            extras={"fsdp": self.fsdp, "evaluate": lambda m: self.eval.run(m, tok, "start")})
         if self.start is not None:  # the start stage prunes first; the dense model stays the teacher
-            ctx.teacher = copy.deepcopy(model) if self.method.distils or self.method.keeps_dense else None
+            ctx.teacher = make_teacher(model) if self.method.distils or self.method.keeps_dense else None
             log.info("starting %s from %s's solution", cfg.method.name, self.start_info["name"])
             self.results["start"] = self.timed("start", self.run_start, ctx)
             ctx.start = self.start_info["name"]

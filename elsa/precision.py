@@ -12,16 +12,18 @@ import time
 
 import torch
 
-from elsa.errors import config_error
+from elsa.methods.registry import Choice
 
 MIN_SPEEDUP = 1.3
 _CACHE: dict = {}
 
 
+AUTOCAST = Choice((True, False, "auto"), "auto (bf16 where this device runs it faster), true or false")
+
+
 def check_setting(value):
-    if value in (True, False, "auto"):
-        return value
-    raise config_error("method.autocast_bf16", value, "auto (bf16 where this device runs it faster), true or false")
+    AUTOCAST.check("method.autocast_bf16", value)
+    return value
 
 
 def _rate(device: torch.device, bf16: bool, n: int = 512, k: int = 1024, reps: int = 6) -> float:

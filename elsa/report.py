@@ -46,14 +46,12 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from elsa.frontier import compute_columns, plot_frontier, tokens_to_pass, tokens_to_pass_markdown
+from elsa.methods import registry
 from elsa.renamed import OLD_METHODS
 from elsa.sparsity import Sparsity
 from elsa.results import RESULTS, RunRecord, read_record
 
 log = logging.getLogger(__name__)
-METHOD_ORDER = ["dense", "magnitude", "wanda", "ria", "dsnot", "sparsegpt", "oats", "sparsellm", "safe", "alps", "ladmm",
-                "ast", "ast_boosted", "maskllm", "leap", "elsa", "elsa_l"]
-START_ORDER = ["dense", "magnitude", "wanda", "ria", "dsnot", "sparsegpt", "sparsellm", "safe", "alps", "ladmm"]
 BUDGET_ORDER = ["paper", "cpu", "quick", "demo"]
 ALLOCATION_ORDER = ["uniform", "owl", "global", "profile"]
 PPL = "ppl/"          # column prefix: perplexity of the pruned model per corpus
@@ -104,7 +102,7 @@ def choices(data: dict) -> tuple[str | None, str, str | None]:
     if old is not None:
         method, budget, start = old
     else:
-        budget, start = ("paper" if method in ("elsa", "elsa_l", "ast", "safe") else None), "dense"
+        budget, start = ("paper" if method in registry.names("has_budget") else None), "dense"
     init = rec.stats.get("init")            # the old trainer's one-shot start
     if isinstance(init, dict) and init.get("method"):
         start = init["method"]
@@ -141,7 +139,7 @@ def label(method: str | None, start: str, budget: str | None, allocation: str = 
 
 def _order(base, start, budget, allocation="uniform") -> int:
     """Where a row goes: by method, then start, then budget, then allocation."""
-    return ((_rank(METHOD_ORDER, base) * 100 + _rank(START_ORDER, start)) * 100 +
+    return ((_rank(registry.names(), base) * 100 + _rank(["dense", *registry.names("start_eligible")], start)) * 100 +
             _rank(BUDGET_ORDER, budget)) * 10 + _rank(ALLOCATION_ORDER, allocation)
 
 
@@ -245,7 +243,7 @@ def from_csv(path: Path) -> pd.DataFrame:
             rows.append({"method": label(base, start, budget), "method_name": base, "start": start, "budget": budget})
         for col in ("method", "method_name", "start", "budget"):
             df[col] = [row[col] for row in rows]
-    # the order is derived: recomputed, so tables stored before a method joined METHOD_ORDER sort as new ones do
+    # the order is derived: recomputed, so tables stored before a method was registered sort as new ones do
     def cell(r, col, default=None):
         value = r.get(col, default)
         return default if pd.isna(value) else value

@@ -375,12 +375,13 @@ def test_rem_loss_is_the_final_hidden_state_mse(tiny_model):
     import copy
 
     from elsa.engine import TrainEngine
+    from elsa.losses import LossTerms
     from elsa.methods.elsa import Elsa
 
     model, _ = tiny_model
     teacher = copy.deepcopy(model)
     method = Elsa(loss="rem", steps=1)
-    assert method.distils and method.rem_weight == 1.0 and method.task_weight == method.kl_weight == 0.0
+    assert method.distils and method.loss_terms == LossTerms(ntp=0.0, kl=0.0, rem=1.0)
     eng = TrainEngine(method)
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     assert float(eng.compute_loss(model, teacher, ids)) == 0.0

@@ -30,9 +30,9 @@ import logging
 import torch
 from torch import nn
 
-from elsa.errors import config_error, positive
-
-from elsa.methods.sparsegpt import Hessian, HessianPruner
+from elsa.layerwise import BATCH
+from elsa.methods.base import Annotated, Number, Numbers
+from elsa.methods.sparsegpt import PERCDAMP, Hessian, HessianPruner
 from elsa.sparsity import Sparsity, mask_from_scores
 
 log = logging.getLogger(__name__)
@@ -146,31 +146,26 @@ def alps_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity, rho: flo
     return prob.to_weight(refined), info
 
 
-class ALPS(HessianPruner):
+class ALPS(HessianPruner, name="alps", position=7):
     def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
         """The Hessian, its eigendecomposition (~9 in^3) and at most max_iters ridge solves (4 out in^2 each):
         an upper bound, the loop stops when the support settles."""
         return 2.0 * in_features ** 2 * tokens + 9.0 * in_features ** 3 + \
             4.0 * out_features * in_features ** 2 * self.max_iters
 
-    def __init__(self, rho: float = 0.1, max_iters: int = 300, update_every: int = 3,
-                 change_thresholds=(0.1, 0.005), rho_growth=(1.3, 1.2, 1.1), pcg_iters: int = 50,
-                 percdamp: float = 0.01, batch_size: int = 8):
+    def __init__(self, rho: Annotated[float, Number(gt=0, paper="0.1")] = 0.1,
+                 max_iters: Annotated[int, Number(gt=0, whole=True, paper="300")] = 300,
+                 update_every: Annotated[int, Number(gt=0, whole=True, paper="3")] = 3,
+                 change_thresholds: Annotated[tuple, Numbers(2, Number(ge=0, le=1), "two fractions in [0, 1]")]
+                 = (0.1, 0.005),
+                 rho_growth: Annotated[tuple, Numbers(3, Number(ge=1), "three factors >= 1")] = (1.3, 1.2, 1.1),
+                 pcg_iters: Annotated[int, Number(ge=0, whole=True, note="(0: no refinement)")] = 50,
+                 percdamp: Annotated[float, PERCDAMP] = 0.01, batch_size: Annotated[int, BATCH] = 8):
         super().__init__(batch_size)
-        positive("method.rho", rho, paper="0.1")
-        positive("method.max_iters", max_iters, whole=True, paper="300")
-        positive("method.update_every", update_every, whole=True, paper="3")
-        positive("method.percdamp", percdamp, paper="0.01")
-        if not (isinstance(pcg_iters, int) and not isinstance(pcg_iters, bool) and pcg_iters >= 0):
-            raise config_error("method.pcg_iters", pcg_iters, "a whole number >= 0 (0: no refinement)")
         thresholds, growth = tuple(change_thresholds), tuple(rho_growth)
-        if len(thresholds) != 2 or not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in thresholds):
-            raise config_error("method.change_thresholds", list(thresholds), "two fractions in [0, 1]")
-        if len(growth) != 3 or not all(isinstance(g, (int, float)) and g >= 1 for g in growth):
-            raise config_error("method.rho_growth", list(growth), "three factors >= 1")
-        self.rho, self.max_iters, self.update_every = float(rho), max_iters, update_every
+        self.rho, self.max_iters, self.update_every = float(rho), int(max_iters), int(update_every)
         self.thresholds, self.growth = thresholds, growth
-        self.pcg_iters, self.percdamp = pcg_iters, float(percdamp)
+        self.pcg_iters, self.percdamp = int(pcg_iters), float(percdamp)
 
     @torch.no_grad()
     def prune_linear(self, name: str, linear: nn.Linear, stats: Hessian, target: Sparsity) -> dict:

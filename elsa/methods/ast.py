@@ -27,10 +27,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from elsa import distributed as D
-from elsa.errors import ElsaError, config_error, positive
-from elsa.methods.base import check_group
+from elsa.errors import ElsaError, config_error
+from elsa.losses import LossTerms
+from elsa.methods.base import GROUP, Annotated, Choice, Flag, Number
 from elsa.methods.training_method import TrainingMethod
 from elsa.schedules import cosine_schedule, linear_schedule
+from elsa.slorb import INITS
 from elsa.sparsity import Sparsity, mask_from_scores
 
 log = logging.getLogger(__name__)
@@ -237,11 +239,13 @@ class AstRun:
     decay: float = 0.0               # the SR-STE strength of the current step
 
 
-class Ast(TrainingMethod):
-    """Adaptive Sparse Trainer as hooks of the training engine (elsa/engine.py)."""
+class Ast(TrainingMethod, name="ast", variants=("ast_boosted",), position=0):
+    """Adaptive Sparse Trainer as hooks of the training engine (elsa/engine.py); ``ast_boosted`` is its
+    configuration with SLoRB (conf/method/ast_boosted.yaml)."""
 
-    name = "ast"
-    supports_fsdp = True
+    # the reference recipe's values of the engine's keys
+    train_defaults = {"steps": 40000, "batch_size": 8, "grad_accum": 16, "warmup_steps": 2000, "lr_final_ratio": 0.1,
+                      "temperature": 2.0, "checkpoint_every": 500}
 
     def validate(self, model, target) -> None:
         """mask_metric=wanda reads each Linear's inputs in its forward; a fused expert tensor's per-expert inputs
@@ -270,46 +274,32 @@ class Ast(TrainingMethod):
                             f"fused expert tensor(s) ({stacked[0]}{', ...' if len(stacked) > 1 else ''}); use "
                             "method.mask_metric=magnitude on this model, or ignore=[experts] (recorded in results.json)")
 
-    def __init__(self, lr_schedule: str = "cosine", srste_decay: float = 1e-4, increase_step: int = 10000,
-                 mask_interval: int = 10, mask_metric: str = "magnitude", change_mask: bool = True,
-                 group: str = "row", task_weight: float = 0.33, kl_weight: float = 0.67, slorb: bool = False,
-                 slorb_k: int = 16, slorb_init: str = "mean", trainable_projection: bool = True,
-                 squarehead_weight: float = 0.0, **shared):
+    def __init__(self, lr_schedule: Annotated[str, Choice(("cosine", "linear"), "cosine (the paper) or linear")]
+                 = "cosine", srste_decay: Annotated[float, Number(ge=0)] = 1e-4,
+                 increase_step: Annotated[int, Number(ge=0, whole=True)] = 10000,
+                 mask_interval: Annotated[int, Number(gt=0, whole=True)] = 10,
+                 mask_metric: Annotated[str, Choice(METRICS, " or ".join(METRICS))] = "magnitude",
+                 change_mask: Annotated[bool, Flag("true (masks follow the weights) or false")] = True,
+                 group: Annotated[str, GROUP] = "row", task_weight: Annotated[float, Number(ge=0)] = 0.33,
+                 kl_weight: Annotated[float, Number(ge=0)] = 0.67,
+                 slorb: Annotated[bool, Flag("true (AST-Boosted: the SLoRB bypass) or false (AST-Naive)")] = False,
+                 slorb_k: Annotated[int, Number(gt=0, whole=True)] = 16,
+                 slorb_init: Annotated[str, Choice(INITS, " or ".join(INITS))] = "mean",
+                 trainable_projection: Annotated[bool, Flag()] = True,
+                 squarehead_weight: Annotated[float, Number(ge=0)] = 0.0, **shared):
         """AST's own keys; ``shared`` are the engine's (elsa.engine.TrainSettings), with the reference recipe's
-        defaults below."""
+        defaults (``train_defaults``)."""
         own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
-        shared = {"steps": 40000, "batch_size": 8, "grad_accum": 16, "warmup_steps": 2000, "lr_final_ratio": 0.1,
-                  "temperature": 2.0, **shared}
         super().__init__(**shared)
-        temperature = self.train.temperature
-        if lr_schedule not in ("cosine", "linear"):
-            raise config_error("method.lr_schedule", lr_schedule, "cosine (the paper) or linear")
         self.lr_schedule = lr_schedule
-        self.srste_decay = positive("method.srste_decay", srste_decay, zero_ok=True)
-        self.increase_step = positive("method.increase_step", increase_step, whole=True, zero_ok=True)
-        self.mask_interval = positive("method.mask_interval", mask_interval, whole=True)
-        if mask_metric not in METRICS:
-            raise config_error("method.mask_metric", mask_metric, " or ".join(METRICS))
-        if not isinstance(change_mask, bool):
-            raise config_error("method.change_mask", change_mask, "true (masks follow the weights) or false")
-        check_group(group)
+        self.srste_decay, self.increase_step, self.mask_interval = float(srste_decay), int(increase_step), \
+            int(mask_interval)
         self.mask_metric, self.change_mask, self.group = mask_metric, change_mask, group
-        self.task_weight = positive("method.task_weight", task_weight, zero_ok=True)
-        self.kl_weight = positive("method.kl_weight", kl_weight, zero_ok=True)
-        if self.task_weight + self.kl_weight == 0:
+        if task_weight + kl_weight == 0:
             raise config_error("method.task_weight", task_weight, "> 0 when method.kl_weight is 0")
-        positive("method.temperature", temperature)
-        if not isinstance(slorb, bool):
-            raise config_error("method.slorb", slorb, "true (AST-Boosted: the SLoRB bypass) or false (AST-Naive)")
-        if not isinstance(trainable_projection, bool):
-            raise config_error("method.trainable_projection", trainable_projection, "true or false")
-        from elsa.slorb import INITS
-
-        if slorb_init not in INITS:
-            raise config_error("method.slorb_init", slorb_init, " or ".join(INITS))
         self.slorb, self.slorb_init, self.trainable_projection = slorb, slorb_init, trainable_projection
-        self.slorb_k = positive("method.slorb_k", slorb_k, whole=True)
-        self.squarehead_weight = positive("method.squarehead_weight", squarehead_weight, zero_ok=True)
+        self.slorb_k = int(slorb_k)
+        self.loss_terms = LossTerms(ntp=float(task_weight), kl=float(kl_weight), squarehead=float(squarehead_weight))
         self.config.update(own)
 
     def lr_lambda(self):

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any  # noqa: F401 - Annotated: the methods import it from here
 
 import torch
 from torch import nn
 
+from elsa.methods.registry import ONE_SHOT, Choice, Flag, Number, Numbers, declare  # noqa: F401 - for the methods
 from elsa.models import prunable_matrices
-from elsa.sparsity import Sparsity, check_group  # noqa: F401 - check_group: the methods import it from here
+from elsa.sparsity import GROUPS, Sparsity, check_group  # noqa: F401 - check_group: the methods import it from here
+
+GROUP = Choice(GROUPS)    # a ``group`` key: where a ratio's top-k is compared (elsa.sparsity.mask_from_scores)
 
 
 
@@ -35,20 +38,25 @@ class PruneContext:
 class Pruner:
     """Prune ``ctx.model`` in place to ``ctx.target``; return a dict of method statistics for results.json.
 
-    Subclasses set ``needs_calibration`` when they read ``ctx.calibration``, and ``offload`` when they move
-    the parts of the model they work on to ``ctx.device`` themselves (the pipeline then keeps the model on
-    the CPU while pruning, so a model larger than the accelerator's memory can be pruned block by block).
-    ``takes_start``: the method continues from whatever ``ctx.model`` holds, so a start stage (start=) may
-    prune it first; the others prune the dense model by definition and the pipeline does not run a start.
+    A method declares itself (elsa.methods.registry): its ``family`` sets the flags the pipeline reads
+    (``needs_calibration``, ``offload``, ``takes_start``, ``has_budget``, ``supports_fsdp``, ``start_eligible``,
+    ``distils``, ``keeps_dense``, ``eval_initial``: see the registry), ``class X(Pruner, name="x")`` registers it,
+    and its constructor's ``Annotated[type, rule]`` parameters are its keys, checked before the body runs.
+    ``offload``: the method moves the parts of the model it works on to ``ctx.device`` itself (the pipeline then
+    keeps the model on the CPU while pruning, so a model larger than the accelerator's memory can be pruned block
+    by block). ``takes_start``: the method continues from whatever ``ctx.model`` holds, so a start stage (start=)
+    may prune it first; the others prune the dense model by definition and the pipeline does not run a start.
     """
 
-    needs_calibration: bool = False
-    offload: bool = False
-    takes_start: bool = False     # continues from the model it is given (start=): the training methods
-    has_budget: bool = False      # has steps / epochs that budget= sets (conf/method_budget/<budget>/<name>.yaml)
-    distils: bool = False         # reads ctx.teacher (the dense model) when a start stage ran
-    keeps_dense: bool = False     # reads ctx.teacher too: learns a mask on the dense weights (MaskLLM, LEAP)
-    eval_initial: bool = False    # the pipeline reports the perplexity of the start stage's solution
+    family = ONE_SHOT
+    name: str = ""
+    names: tuple[str, ...] = ()     # the name and its variants (conf files that configure the same class)
+    position: float = 0             # where the report lists it within its family
+
+    def __init_subclass__(cls, name: str | None = None, variants: tuple[str, ...] = (), position: float | None = None,
+                          **kwargs):
+        super().__init_subclass__(**kwargs)
+        declare(cls, name, variants, position)
 
     def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
         """An estimate of this method's own work on one ``[out, in]`` matrix given ``tokens`` calibration tokens
@@ -62,3 +70,6 @@ class Pruner:
 
     def prune(self, ctx: PruneContext) -> dict:
         raise NotImplementedError
+
+
+declare(Pruner)   # the one-shot family's flags

@@ -2,7 +2,9 @@
 from elsa.methods.base import PruneContext, Pruner
 
 
-class Dense(Pruner):
+class Dense(Pruner, name="dense", position=0):
+    start_eligible = False   # start=dense is no stage: the method starts from the dense model (conf/start/dense.yaml)
+
     def validate(self, model, target) -> None:
         pass
 

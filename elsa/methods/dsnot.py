@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from elsa.errors import one_of, positive
-from elsa.layerwise import LayerwisePruner
-from elsa.methods.base import PruneContext
+from elsa.layerwise import BATCH, LayerwisePruner
+from elsa.methods.base import Annotated, Choice, Number, PruneContext
 from elsa.methods.sparsegpt import inverse_cholesky
 from elsa.models import block_matrices, in_moe
 from elsa.sparsity import Sparsity, mask_from_scores
@@ -184,16 +183,17 @@ def refine_nm(keep: torch.Tensor, expected: torch.Tensor, grow_key: torch.Tensor
     return keep, swaps
 
 
-class DSnoT(LayerwisePruner):
-    def __init__(self, base: str = "wanda", cycles: int = 50, update_threshold: float = 0.1,
-                 pow_of_var_regrowing: float = 1.0, skip: str = "mlp", percdamp: float = 0.01, batch_size: int = 8):
+class DSnoT(LayerwisePruner, name="dsnot", position=2):
+    def __init__(self, base: Annotated[str, Choice(BASES)] = "wanda",
+                 cycles: Annotated[int, Number(gt=0, whole=True, paper="50")] = 50,
+                 update_threshold: Annotated[float, Number(ge=0, paper="0.1")] = 0.1,
+                 pow_of_var_regrowing: Annotated[float, Number(ge=0, paper="1")] = 1.0,
+                 skip: Annotated[str, Choice(SKIPS)] = "mlp",
+                 percdamp: Annotated[float, Number(gt=0, paper="0.01 (SparseGPT's, for base=sparsegpt)")] = 0.01,
+                 batch_size: Annotated[int, BATCH] = 8):
         super().__init__(batch_size)
-        self.base = one_of("method.base", base, BASES)
-        self.cycles = positive("method.cycles", cycles, whole=True, paper="50")
-        self.threshold = positive("method.update_threshold", update_threshold, zero_ok=True, paper="0.1")
-        self.pow = positive("method.pow_of_var_regrowing", pow_of_var_regrowing, zero_ok=True, paper="1")
-        self.skip = one_of("method.skip", skip, SKIPS)
-        self.percdamp = positive("method.percdamp", percdamp, paper="0.01 (SparseGPT's, for base=sparsegpt)")
+        self.base, self.cycles, self.skip = base, int(cycles), skip
+        self.threshold, self.pow, self.percdamp = float(update_threshold), float(pow_of_var_regrowing), float(percdamp)
         self.window = 1                    # tokens per calibration window (L): set from the calibration in prune
         self._skipped: set[str] = set()
 

@@ -13,12 +13,14 @@ from typing import Any
 import torch
 
 from elsa import distributed as D
-from elsa.admm import SPARSITY_SCHEDULES, AdmmState, LambdaSchedule, Scorer, codec, sparsity_at
+from elsa.admm import CODECS, SCHEDULES, SPARSITY_SCHEDULES, AdmmState, LambdaSchedule, Scorer, codec, sparsity_at
 from elsa.models import prunable_weights
 from elsa.models import weight_layouts
-from elsa.errors import config_error, one_of, positive
+from elsa.engine import OPTIMIZERS
+from elsa.errors import config_error
+from elsa.losses import LossTerms
+from elsa.methods.base import GROUP, Annotated, Choice, Number
 from elsa.methods.training_method import TrainingMethod
-from elsa.sparsity import check_group
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +46,37 @@ NEW_DEFAULTS = {"sparsity_schedule": "cubic", "sparsity_initial": 0.0, "relaxati
                 "lam_scaling": "global"}
 DUAL_TIMINGS = ("interval", "reference")      # z/u after steps k*interval | after step 1 and 1 + k*interval
 LAM_SCALINGS = ("global", "per_process")      # lam as given | lam / ranks (the reference's optimizer)
+LOSSES = ("ntp", "kl", "mix", "rem")
+FRACTION_OF_STEPS = Number(ge=0, lt=1, note="(a fraction of the steps)")
 
 
-class Elsa(TrainingMethod):
+class Elsa(TrainingMethod, name="elsa", position=4):
     """Global ADMM on the training loss, as hooks of the training engine (elsa/engine.py)."""
 
-    name = "elsa"
-    supports_fsdp = True
     nan_hint = "lower method.lr or method.lam"
+    train_defaults = {"checkpoint_every": 256}   # the engine's defaults are ELSA's recipe; a checkpoint every 256 steps
 
-    def __init__(self, lam: float = 0.01, lam_final: float | None = None, lambda_schedule: str = "constant",
-                 adaptive_mu: float = 10.0, adaptive_tau: float = 2.0, interval: int = 32,
-                 dual_step: float | str = 1.0, proximal: str = "coupled", projection: str = "magnitude",
-                 group: str = "layer", sparsity_warmup: float = 0.0, finetune_fraction: float = 0.0,
-                 loss: str = "ntp", distill_alpha: float = 0.5, z_dtype: str = "fp32", u_dtype: str = "fp32",
-                 sparsity_schedule: str = "cubic", sparsity_initial: float = 0.0, relaxation: float = 1.0,
-                 dual_timing: str = "interval", lam_scaling: str = "global", **shared):
+    def __init__(self, lam: Annotated[float, Number(ge=0)] = 0.01,
+                 lam_final: Annotated[float | None, Number(ge=0, also=(None,))] = None,
+                 lambda_schedule: Annotated[str, Choice(SCHEDULES)] = "constant",
+                 adaptive_mu: Annotated[float, Number(gt=0)] = 10.0, adaptive_tau: Annotated[float, Number(gt=0)] = 2.0,
+                 interval: Annotated[int, Number(gt=0, whole=True)] = 32,
+                 dual_step: Annotated[float | str, Number(gt=0, le=1, also=("auto",))] = 1.0,
+                 proximal: Annotated[str, Choice(("coupled", "decoupled"), "coupled (in the gradient, the paper) "
+                                                 "or decoupled")] = "coupled",
+                 projection: Annotated[str, Choice(PROJECTIONS)] = "magnitude", group: Annotated[str, GROUP] = "layer",
+                 sparsity_warmup: Annotated[float, FRACTION_OF_STEPS] = 0.0,
+                 finetune_fraction: Annotated[float, FRACTION_OF_STEPS] = 0.0,
+                 loss: Annotated[str, Choice(LOSSES, "ntp (next-token), kl (distillation), mix or rem (MSE of the "
+                                             "final hidden states against the dense model's)")] = "ntp",
+                 distill_alpha: Annotated[float, Number(ge=0, le=1)] = 0.5,
+                 z_dtype: Annotated[str, Choice(tuple(CODECS))] = "fp32",
+                 u_dtype: Annotated[str, Choice(tuple(CODECS))] = "fp32",
+                 sparsity_schedule: Annotated[str, Choice(SPARSITY_SCHEDULES)] = "cubic",
+                 sparsity_initial: Annotated[float, Number(ge=0, lt=1, note="(a fraction of the target)")] = 0.0,
+                 relaxation: Annotated[float, Number(gt=0, lt=2, note="(1: standard ADMM)")] = 1.0,
+                 dual_timing: Annotated[str, Choice(DUAL_TIMINGS)] = "interval",
+                 lam_scaling: Annotated[str, Choice(LAM_SCALINGS)] = "global", **shared):
         """ELSA's own keys; ``shared`` are the engine's (steps, lr, ..., see elsa.engine.TrainSettings)."""
         own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
         # keys added by issue 15 join the checkpoint signature only when set, so older checkpoints still resume
@@ -67,44 +84,22 @@ class Elsa(TrainingMethod):
             if own.get(key) == default:
                 own.pop(key)
         super().__init__(**shared)
-        self.interval = positive("method.interval", interval, whole=True)
-        if not (isinstance(lam, (int, float)) and lam >= 0):
-            raise config_error("method.lam", lam, "a number >= 0")
+        self.interval = int(interval)
         self.lam, self.lam_final, self.lambda_schedule = float(lam), lam_final, lambda_schedule
         self.adaptive_mu, self.adaptive_tau = adaptive_mu, adaptive_tau
         LambdaSchedule(lambda_schedule, self.lam, lam_final, self.train.steps)  # validate early
-        if not (dual_step == "auto" or isinstance(dual_step, (int, float)) and 0 < dual_step <= 1):
-            raise config_error("method.dual_step", dual_step, "a number in (0, 1] or auto")
         self.dual_step = dual_step
-        if proximal not in ("coupled", "decoupled"):
-            raise config_error("method.proximal", proximal, "coupled (in the gradient, the paper) or decoupled")
         if proximal == "decoupled" and max(self.lam, lam_final or 0) > 1:
             raise config_error("method.lam", lam, "at most 1 with proximal=decoupled (a pull fraction per step)")
-        one_of("method.projection", projection, PROJECTIONS)
-        check_group(group)
-        one_of("method.sparsity_schedule", sparsity_schedule, SPARSITY_SCHEDULES)
-        if isinstance(sparsity_initial, bool) or not isinstance(sparsity_initial, (int, float)) or \
-                not 0 <= sparsity_initial < 1:
-            raise config_error("method.sparsity_initial", sparsity_initial, "a fraction of the target in [0, 1)")
-        if isinstance(relaxation, bool) or not isinstance(relaxation, (int, float)) or not 0 < relaxation < 2:
-            raise config_error("method.relaxation", relaxation, "a number in (0, 2) (1: standard ADMM)")
         self.sparsity_schedule, self.sparsity_initial = sparsity_schedule, float(sparsity_initial)
         self.relaxation = float(relaxation)
-        self.dual_timing = one_of("method.dual_timing", dual_timing, DUAL_TIMINGS)
-        self.lam_scaling = one_of("method.lam_scaling", lam_scaling, LAM_SCALINGS)
-        if not 0 <= sparsity_warmup < 1:
-            raise config_error("method.sparsity_warmup", sparsity_warmup, "a fraction of the steps in [0, 1)")
-        if not 0 <= finetune_fraction < 1:
-            raise config_error("method.finetune_fraction", finetune_fraction, "a fraction of the steps in [0, 1)")
+        self.dual_timing, self.lam_scaling = dual_timing, lam_scaling
         self.finetune_fraction = finetune_fraction
-        if loss not in ("ntp", "kl", "mix", "rem"):
-            raise config_error("method.loss", loss, "ntp (next-token), kl (distillation), mix or rem (MSE of the "
-                               "final hidden states against the dense model's)")
         self.proximal, self.projection, self.group = proximal, projection, group
         self.sparsity_warmup, self.loss, self.distill_alpha = sparsity_warmup, loss, distill_alpha
-        self.task_weight, self.kl_weight = {"ntp": (1.0, 0.0), "kl": (0.0, 1.0),
-                                            "mix": (1 - distill_alpha, distill_alpha), "rem": (0.0, 0.0)}[loss]
-        self.rem_weight = 1.0 if loss == "rem" else 0.0
+        ntp, kl = {"ntp": (1.0, 0.0), "kl": (0.0, 1.0), "mix": (1 - distill_alpha, distill_alpha),
+                   "rem": (0.0, 0.0)}[loss]
+        self.loss_terms = LossTerms(ntp=ntp, kl=kl, rem=1.0 if loss == "rem" else 0.0)
         self.z_codec, self.u_codec = codec(z_dtype, "method.z_dtype"), codec(u_dtype, "method.u_dtype")
         self.config.update(own)
 
@@ -269,10 +264,10 @@ class Elsa(TrainingMethod):
         return "admm", run.state.admm.nbytes()
 
 
-class ElsaL(Elsa):
+class ElsaL(Elsa, name="elsa_l", position=5):
     """ELSA-L: z in FP8 e4m3 (per-tensor scale), u in BF16, 8-bit AdamW (torchao); fp32 arithmetic."""
 
-    name = "elsa_l"
-
-    def __init__(self, optimizer: str = "adamw8bit", z_dtype: str = "fp8", u_dtype: str = "bf16", **kwargs):
+    def __init__(self, optimizer: Annotated[str, Choice(OPTIMIZERS, " or ".join(OPTIMIZERS))] = "adamw8bit",
+                 z_dtype: Annotated[str, Choice(tuple(CODECS))] = "fp8",
+                 u_dtype: Annotated[str, Choice(tuple(CODECS))] = "bf16", **kwargs):
         super().__init__(optimizer=optimizer, z_dtype=z_dtype, u_dtype=u_dtype, **kwargs)

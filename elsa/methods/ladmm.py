@@ -22,9 +22,11 @@ import logging
 import torch
 from torch import nn
 
-from elsa.errors import config_error, positive
+from elsa.errors import config_error
+from elsa.layerwise import BATCH
 from elsa.methods.alps import Reconstruction, project
-from elsa.methods.sparsegpt import Hessian, HessianPruner
+from elsa.methods.base import Annotated, Flag, Number
+from elsa.methods.sparsegpt import PERCDAMP, Hessian, HessianPruner
 from elsa.sparsity import Sparsity
 
 log = logging.getLogger(__name__)
@@ -59,27 +61,22 @@ def ladmm_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity, rho: fl
     return prob.to_weight(z), info
 
 
-class LADMM(HessianPruner):
+class LADMM(HessianPruner, name="ladmm", position=8):
     def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
         """The Hessian, one factorisation (~in^3) and iters + grow_iters ADMM solves (4 out in^2 each)."""
         return 2.0 * in_features ** 2 * tokens + in_features ** 3 + \
             4.0 * out_features * in_features ** 2 * (self.iters + self.grow_iters)
 
-    def __init__(self, rho: float = 1.0, iters: int = 30, grow_iters: int = 15, refit: bool = True,
-                 pcg_iters: int = 20, percdamp: float = 0.01, batch_size: int = 8):
+    def __init__(self, rho: Annotated[float, Number(gt=0, paper="1")] = 1.0,
+                 iters: Annotated[int, Number(gt=0, whole=True)] = 30,
+                 grow_iters: Annotated[int, Number(gt=0, whole=True)] = 15, refit: Annotated[bool, Flag()] = True,
+                 pcg_iters: Annotated[int, Number(ge=0, whole=True)] = 20,
+                 percdamp: Annotated[float, PERCDAMP] = 0.01, batch_size: Annotated[int, BATCH] = 8):
         super().__init__(batch_size)
-        positive("method.rho", rho, paper="1")
-        positive("method.iters", iters, whole=True)
-        positive("method.grow_iters", grow_iters, whole=True)
-        positive("method.percdamp", percdamp, paper="0.01")
         if grow_iters > iters:
             raise config_error("method.grow_iters", grow_iters, f"at most method.iters={iters}")
-        if not isinstance(refit, bool):
-            raise config_error("method.refit", refit, "true or false")
-        if not (isinstance(pcg_iters, int) and not isinstance(pcg_iters, bool) and pcg_iters >= 0):
-            raise config_error("method.pcg_iters", pcg_iters, "a whole number >= 0")
-        self.rho, self.iters, self.grow_iters = float(rho), iters, grow_iters
-        self.refit, self.pcg_iters, self.percdamp = refit, pcg_iters, float(percdamp)
+        self.rho, self.iters, self.grow_iters = float(rho), int(iters), int(grow_iters)
+        self.refit, self.pcg_iters, self.percdamp = refit, int(pcg_iters), float(percdamp)
 
     @torch.no_grad()
     def prune_linear(self, name: str, linear: nn.Linear, stats: Hessian, target: Sparsity) -> dict:

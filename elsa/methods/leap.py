@@ -16,28 +16,26 @@ from __future__ import annotations
 
 import torch
 
-from elsa.errors import ElsaError, positive
-from elsa.methods.learned_mask import LearnedMask, check_range, schedule
-from elsa.sparsity import check_group, mask_from_scores
+from elsa.errors import ElsaError
+from elsa.methods.base import GROUP, Annotated, Number
+from elsa.methods.learned_mask import RANGE, LearnedMask, schedule
+from elsa.sparsity import mask_from_scores
 
 
-class Leap(LearnedMask):
+class Leap(LearnedMask, name="leap", position=3):
     """Per-weight Gumbel-sigmoid masks under a density penalty, as hooks of the training engine."""
 
-    name = "leap"
+    train_defaults = {**LearnedMask.train_defaults, "steps": 2000, "batch_size": 8, "grad_accum": 16, "lr": 1e-3,
+                      "warmup_steps": 5, "lr_final_ratio": 0.0, "weight_decay": 0.0, "checkpoint_every": 100}
 
-    def __init__(self, gumbel_temperature=(4.0, 0.05), gumbel_scale=(25.0, 350.0), prior_strength: float = 3.0,
-                 init_std: float = 0.014, sparse_reg: float = 7.0, weight_reg: float = 10.0, group: str = "layer",
-                 **shared):
-        shared = {"steps": 2000, "batch_size": 8, "grad_accum": 16, "lr": 1e-3, "warmup_steps": 5,
-                  "lr_final_ratio": 0.0, "weight_decay": 0.0, **shared}
-        super().__init__(prior_strength=prior_strength, init_std=init_std, weight_reg=weight_reg, **shared)
-        self.gumbel_temperature = check_range("method.gumbel_temperature", gumbel_temperature)
-        self.gumbel_scale = check_range("method.gumbel_scale", gumbel_scale)
-        self.sparse_reg = positive("method.sparse_reg", sparse_reg, zero_ok=True)
-        self.group = check_group(group)
-        self.config.update(gumbel_temperature=self.gumbel_temperature, gumbel_scale=self.gumbel_scale,
-                           sparse_reg=sparse_reg, group=group)
+    def __init__(self, gumbel_temperature: Annotated[list, RANGE] = (4.0, 0.05),
+                 gumbel_scale: Annotated[list, RANGE] = (25.0, 350.0),
+                 prior_strength: Annotated[float, Number(ge=0)] = 3.0, init_std: Annotated[float, Number(gt=0)] = 0.014,
+                 sparse_reg: Annotated[float, Number(ge=0)] = 7.0, weight_reg: Annotated[float, Number(ge=0)] = 10.0,
+                 group: Annotated[str, GROUP] = "layer", **shared):
+        super().__init__(gumbel_temperature, gumbel_scale, prior_strength, init_std, weight_reg, **shared)
+        self.sparse_reg, self.group = float(sparse_reg), group
+        self.config.update(sparse_reg=sparse_reg, group=group)
 
     def validate(self, model, target) -> None:
         if target.is_nm:

@@ -21,8 +21,9 @@ from torch import nn
 
 from elsa import distributed as D
 from elsa.engine import tensor_nbytes
-from elsa.errors import ElsaError, config_error, positive
+from elsa.errors import ElsaError, config_error
 from elsa.methods.ast import SparseMasks
+from elsa.methods.base import Annotated, Number, Numbers
 from elsa.methods.training_method import TrainingMethod
 from elsa.models import prunable_weights
 from elsa.schedules import cosine_schedule
@@ -52,12 +53,8 @@ def schedule(bounds, step: int, steps: int) -> float:
     return float(bounds[0]) + (float(bounds[1]) - float(bounds[0])) * frac
 
 
-def check_range(key: str, value) -> list:
-    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
-    if not ok:
-        raise config_error(key, value, "[start, end], two numbers > 0 (linear from the first step to the last)")
-    return [float(v) for v in value]
+# a gumbel_temperature / gumbel_scale key: its value at the first step and at the last
+RANGE = Numbers(2, Number(gt=0), "[start, end], two numbers > 0 (linear from the first step to the last)")
 
 
 @dataclass
@@ -76,19 +73,24 @@ class LearnedMask(TrainingMethod):
     """Frozen weights times a mask learned from logits; a subclass defines the logits and the masks."""
 
     trains_weights = False
-    keeps_dense = True
+    keeps_dense = True        # the dense weights are what the mask multiplies
     nan_hint = "lower method.lr"
+    train_defaults = {"train_dense_params": False}
 
-    def __init__(self, prior_strength: float = 3.0, init_std: float = 0.01, weight_reg: float = 0.0, **shared):
-        shared = {"train_dense_params": False, **shared}
+    def __init__(self, gumbel_temperature: Annotated[list, RANGE], gumbel_scale: Annotated[list, RANGE],
+                 prior_strength: Annotated[float, Number(ge=0)] = 3.0, init_std: Annotated[float, Number(gt=0)] = 0.01,
+                 weight_reg: Annotated[float, Number(ge=0)] = 0.0, **shared):
+        """The keys both methods have (a subclass declares its own defaults): the Gumbel temperature and logit
+        scale schedules, the prior's strength, the logits' initial spread, the weight regulariser."""
         super().__init__(**shared)
         if self.train.train_dense_params:
             raise config_error("method.train_dense_params", True, "false: the method learns a mask on frozen "
                                "weights (the embeddings, norms and head stay frozen too)")
-        self.prior_strength = positive("method.prior_strength", prior_strength, zero_ok=True)
-        self.init_std = positive("method.init_std", init_std)
-        self.weight_reg = positive("method.weight_reg", weight_reg, zero_ok=True)
-        self.config.update(prior_strength=prior_strength, init_std=init_std, weight_reg=weight_reg)
+        self.prior_strength, self.init_std, self.weight_reg = float(prior_strength), float(init_std), float(weight_reg)
+        self.gumbel_temperature = [float(v) for v in gumbel_temperature]
+        self.gumbel_scale = [float(v) for v in gumbel_scale]
+        self.config.update(prior_strength=prior_strength, init_std=init_std, weight_reg=weight_reg,
+                           gumbel_temperature=self.gumbel_temperature, gumbel_scale=self.gumbel_scale)
 
     # -- what a subclass defines --------------------------------------------------------------------
     def init_logits(self, weight, prior: torch.Tensor, target) -> torch.Tensor:

@@ -2,14 +2,14 @@
 import torch
 from tqdm.auto import tqdm
 
-from elsa.methods.base import PruneContext, Pruner, check_group
+from elsa.methods.base import GROUP, Annotated, PruneContext, Pruner
 from elsa.models import prunable_weights
 from elsa.sparsity import mask_from_scores
 
 
-class Magnitude(Pruner):
-    def __init__(self, group: str = "layer"):
-        self.group = check_group(group)
+class Magnitude(Pruner, name="magnitude", position=1):
+    def __init__(self, group: Annotated[str, GROUP] = "layer"):
+        self.group = group
 
     @torch.no_grad()
     def prune(self, ctx: PruneContext) -> dict:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from elsa.errors import ElsaError
-from elsa.methods.learned_mask import LearnedMask, check_range, schedule
+from elsa.methods.base import Annotated, Flag, Number
+from elsa.methods.learned_mask import RANGE, LearnedMask, schedule
 
 MAX_CANDIDATES = 1000   # C(M, N) logits per group of M weights: 2:4 has 6, 4:8 70, 8:16 12870 (refused)
 
@@ -31,25 +32,21 @@ def candidates(n: int, m: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-class MaskLLM(LearnedMask):
+class MaskLLM(LearnedMask, name="maskllm", position=2):
     """N:M masks learned by Gumbel-softmax over each group's candidates, as hooks of the training engine."""
 
-    name = "maskllm"
+    train_defaults = {**LearnedMask.train_defaults, "steps": 2000, "batch_size": 8, "grad_accum": 32, "lr": 5e-4,
+                      "warmup_steps": 0, "lr_final_ratio": 0.1, "weight_decay": 0.1, "checkpoint_every": 500}
 
-    def __init__(self, gumbel_temperature=(4.0, 0.05), gumbel_scale=(100.0, 500.0), prior_strength: float = 3.0,
-                 init_std: float = 0.01, weight_reg: float = 1e-5, hard_sampling: bool = False, **shared):
-        shared = {"steps": 2000, "batch_size": 8, "grad_accum": 32, "lr": 5e-4, "warmup_steps": 0,
-                  "lr_final_ratio": 0.1, "weight_decay": 0.1, **shared}
-        super().__init__(prior_strength=prior_strength, init_std=init_std, weight_reg=weight_reg, **shared)
-        self.gumbel_temperature = check_range("method.gumbel_temperature", gumbel_temperature)
-        self.gumbel_scale = check_range("method.gumbel_scale", gumbel_scale)
-        if not isinstance(hard_sampling, bool):
-            from elsa.errors import config_error
-            raise config_error("method.hard_sampling", hard_sampling, "true (straight-through one-hot samples) or "
-                               "false (soft samples, the reference's default)")
+    def __init__(self, gumbel_temperature: Annotated[list, RANGE] = (4.0, 0.05),
+                 gumbel_scale: Annotated[list, RANGE] = (100.0, 500.0),
+                 prior_strength: Annotated[float, Number(ge=0)] = 3.0, init_std: Annotated[float, Number(gt=0)] = 0.01,
+                 weight_reg: Annotated[float, Number(ge=0)] = 1e-5,
+                 hard_sampling: Annotated[bool, Flag("true (straight-through one-hot samples) or false (soft samples, "
+                                                     "the reference's default)")] = False, **shared):
+        super().__init__(gumbel_temperature, gumbel_scale, prior_strength, init_std, weight_reg, **shared)
         self.hard_sampling = hard_sampling
-        self.config.update(gumbel_temperature=self.gumbel_temperature, gumbel_scale=self.gumbel_scale,
-                           hard_sampling=hard_sampling)
+        self.config.update(hard_sampling=hard_sampling)
         self.options = None
 
     def validate(self, model, target) -> None:

@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elsa.errors import ElsaError, config_error, one_of, positive
+from elsa.errors import ElsaError
+from elsa.layerwise import BATCH
+from elsa.methods.base import Annotated, Choice, Number
 from elsa.methods.wanda import InputNormPruner, InputNorms
 from elsa.models import expert_tensors
 from elsa.sparsity import Sparsity, mask_from_scores
@@ -121,14 +123,14 @@ def oats_decompose(weight: torch.Tensor, norms: torch.Tensor, rank: int, sparse:
     return s / d.reshape(1, -1), up, down / d.reshape(1, -1), errors
 
 
-class OATS(InputNormPruner):
-    def __init__(self, rank_ratio: float = 0.25, iters: int = 80, svd: str = "exact", batch_size: int = 8):
+class OATS(InputNormPruner, name="oats", position=4):
+    start_eligible = False   # its solution holds low-rank branches besides the sparse weights: no start stage
+
+    def __init__(self, rank_ratio: Annotated[float, Number(ge=0, lt=1, paper="0.25")] = 0.25,
+                 iters: Annotated[int, Number(gt=0, whole=True, paper="80")] = 80,
+                 svd: Annotated[str, Choice(SVDS)] = "exact", batch_size: Annotated[int, BATCH] = 8):
         super().__init__(batch_size)
-        self.svd = one_of("method.svd", svd, SVDS)
-        self.rank_ratio = positive("method.rank_ratio", rank_ratio, zero_ok=True, paper="0.25")
-        if self.rank_ratio >= 1:
-            raise config_error("method.rank_ratio", rank_ratio, "a number in [0, 1) (the paper: 0.25)")
-        self.iters = positive("method.iters", iters, whole=True, paper="80")
+        self.svd, self.rank_ratio, self.iters = svd, float(rank_ratio), int(iters)
 
     def validate(self, model: nn.Module, target: Sparsity) -> None:
         super().validate(model, target)

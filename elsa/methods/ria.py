@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from elsa.errors import config_error, positive
-from elsa.methods.base import PruneContext, check_group
+from elsa.errors import config_error
+from elsa.layerwise import BATCH
+from elsa.methods.base import GROUP, Annotated, Flag, Number, PruneContext
 from elsa.methods.wanda import InputNormPruner, InputNorms
 from elsa.sparsity import Sparsity, mask_from_scores
 
@@ -56,14 +57,12 @@ def retained(scores: torch.Tensor, keep: torch.Tensor) -> float:
     return float((scores * keep).sum())
 
 
-class RIA(InputNormPruner):
-    def __init__(self, a: float = 0.5, group: str = "layer", permute: bool = False, batch_size: int = 8):
+class RIA(InputNormPruner, name="ria", position=1):
+    def __init__(self, a: Annotated[float, Number(ge=0, paper="0.5")] = 0.5, group: Annotated[str, GROUP] = "layer",
+                 permute: Annotated[bool, Flag("true (channel reallocation for N:M) or false")] = False,
+                 batch_size: Annotated[int, BATCH] = 8):
         super().__init__(batch_size)
-        self.a = positive("method.a", a, zero_ok=True, paper="0.5")
-        self.group = check_group(group)
-        if not isinstance(permute, bool):
-            raise config_error("method.permute", permute, "true (channel reallocation for N:M) or false")
-        self.permute = permute
+        self.a, self.group, self.permute = float(a), group, permute
         self.permutations: dict[str, torch.Tensor] = {}
 
     def validate(self, model, target: Sparsity) -> None:

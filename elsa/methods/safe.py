@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from elsa.admm import AdmmState, Fp32Codec
-from elsa.errors import ElsaError, config_error, positive
-from elsa.layerwise import LayerwisePruner, _hidden
-from elsa.methods.base import PruneContext
+from elsa.errors import ElsaError, config_error
+from elsa.layerwise import BATCH, LayerwisePruner, _hidden
+from elsa.methods.base import Annotated, Flag, Number, Numbers, PruneContext
 from elsa.layerwise import NO_TOKENS
 from elsa.models import block_weights, kept_dense
 from elsa.sparsity import Sparsity
@@ -81,30 +81,25 @@ def _float(obj):
     return obj
 
 
-class SAFE(LayerwisePruner):
-    has_budget = True     # epochs / warmup_epochs / interval: budget=cpu and quick set them
+class SAFE(LayerwisePruner, name="safe", position=6):
+    has_budget = True     # layer-wise, but it trains each block: epochs / warmup_epochs / interval: budget= sets them
 
     def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
         """Training the block on its calibration inputs: 6 out in per token and epoch."""
         return 6.0 * out_features * in_features * tokens * self.epochs
 
-    def __init__(self, epochs: int = 30, warmup_epochs: float = 2, batch_size: int = 8, lr: float = 2e-4,
-                 betas=(0.9, 0.95), lam: float = 1e-3, rho: float = 2e-4, interval: int = 32,
-                 activation_weighted: bool = False):
-        positive("method.epochs", epochs, whole=True, paper="30")
-        positive("method.batch_size", batch_size, whole=True, paper="8")
-        positive("method.lr", lr, paper="2e-4")
-        positive("method.interval", interval, whole=True, paper="32")
-        positive("method.lam", lam, paper="1e-3", zero_ok=True)
-        positive("method.rho", rho, paper="2e-4", zero_ok=True)
-        positive("method.warmup_epochs", warmup_epochs, paper="2", zero_ok=True)
+    def __init__(self, epochs: Annotated[int, Number(gt=0, whole=True, paper="30")] = 30,
+                 warmup_epochs: Annotated[float, Number(ge=0, paper="2")] = 2,
+                 batch_size: Annotated[int, BATCH] = 8, lr: Annotated[float, Number(gt=0, paper="2e-4")] = 2e-4,
+                 betas: Annotated[tuple, Numbers(2, Number(ge=0, lt=1), "two numbers in [0, 1) (the paper: "
+                                                 "[0.9, 0.95])")] = (0.9, 0.95),
+                 lam: Annotated[float, Number(ge=0, paper="1e-3")] = 1e-3,
+                 rho: Annotated[float, Number(ge=0, paper="2e-4")] = 2e-4,
+                 interval: Annotated[int, Number(gt=0, whole=True, paper="32")] = 32,
+                 activation_weighted: Annotated[bool, Flag("true (SAFE+) or false (SAFE)")] = False):
         if warmup_epochs > epochs:
             raise config_error("method.warmup_epochs", warmup_epochs, f"at most method.epochs={epochs}")
         betas = tuple(betas)
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise config_error("method.betas", list(betas), "two numbers in [0, 1) (the paper: [0.9, 0.95])")
-        if not isinstance(activation_weighted, bool):
-            raise config_error("method.activation_weighted", activation_weighted, "true (SAFE+) or false (SAFE)")
         super().__init__(batch_size)
         self.epochs, self.warmup_epochs, self.lr, self.betas = epochs, float(warmup_epochs), float(lr), betas
         self.lam, self.rho, self.interval = float(lam), float(rho), interval

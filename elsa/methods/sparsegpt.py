@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from elsa.errors import ElsaError, config_error
-from elsa.layerwise import LayerwisePruner
+from elsa.layerwise import BATCH, LayerwisePruner
+from elsa.methods.base import Annotated, Number
 from elsa.sparsity import Sparsity, mask_from_scores
 
 log = logging.getLogger(__name__)
+PERCDAMP = Number(gt=0, paper="0.01")   # the Hessian's damping: a fraction of its mean diagonal
 
 
 class Hessian:
@@ -150,14 +152,12 @@ class HessianPruner(LayerwisePruner):
         return stats
 
 
-class SparseGPT(HessianPruner):
-    def __init__(self, percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8):
+class SparseGPT(HessianPruner, name="sparsegpt", position=3):
+    def __init__(self, percdamp: Annotated[float, PERCDAMP] = 0.01,
+                 blocksize: Annotated[int, Number(gt=0, whole=True, paper="128")] = 128,
+                 batch_size: Annotated[int, BATCH] = 8):
         super().__init__(batch_size)
-        if not (isinstance(percdamp, (int, float)) and percdamp > 0):
-            raise config_error("method.percdamp", percdamp, "a number > 0 (the paper: 0.01)")
-        if not (isinstance(blocksize, int) and blocksize > 0):
-            raise config_error("method.blocksize", blocksize, "a whole number > 0 (the paper: 128)")
-        self.percdamp, self.blocksize = float(percdamp), blocksize
+        self.percdamp, self.blocksize = float(percdamp), int(blocksize)
 
     def validate(self, model: nn.Module, target: Sparsity) -> None:
         super().validate(model, target)

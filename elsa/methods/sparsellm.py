@@ -61,9 +61,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from elsa.errors import ElsaError, config_error, positive
-from elsa.layerwise import LayerwisePruner
-from elsa.methods.sparsegpt import SparseGPT, sparsegpt_prune
+from elsa.errors import ElsaError
+from elsa.layerwise import BATCH, LayerwisePruner
+from elsa.methods.base import Annotated, Choice, Number
+from elsa.methods.sparsegpt import PERCDAMP, SparseGPT, sparsegpt_prune
 from elsa.models import block_matrices, blocks_and_prefix
 from elsa.sparsity import Sparsity
 
@@ -453,32 +454,33 @@ def mlp_io(block: nn.Module, first: nn.Module, down: nn.Module, inputs) -> tuple
     return torch.cat(xs), torch.cat(ys)
 
 
-class SparseLLM(SparseGPT):
+PENALTY = Number(gt=0, paper="0.1")   # alpha, beta, gamma: the weights of the auxiliary variables' penalties
+
+
+class SparseLLM(SparseGPT, name="sparsellm", position=5):
     def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
         """SparseGPT's count plus, per alternation, a re-fit and a pass over the tokens (4 out in per token)."""
         return super().matrix_flops(out_features, in_features, tokens) + \
             self.iterations * (4.0 * out_features * in_features * tokens + in_features ** 3)
 
-    def __init__(self, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, iterations: int = 4,
-                 percdamp: float = 0.01, blocksize: int = 128, batch_size: int = 8, select: str = "last",
-                 fallback: str | None = None, down_input: str = "pruned"):
+    def __init__(self, alpha: Annotated[float, PENALTY] = 0.1, beta: Annotated[float, PENALTY] = 0.1,
+                 gamma: Annotated[float, PENALTY] = 0.1,
+                 iterations: Annotated[int, Number(gt=0, whole=True, paper="4")] = 4,
+                 percdamp: Annotated[float, PERCDAMP] = 0.01,
+                 blocksize: Annotated[int, Number(gt=0, whole=True, paper="128")] = 128,
+                 batch_size: Annotated[int, BATCH] = 8,
+                 select: Annotated[str, Choice(SELECT, "last (the paper) or best (lowest real MLP error)")] = "last",
+                 fallback: Annotated[str | None, Choice(FALLBACKS, "null (refuse a block whose MLP SparseLLM does not "
+                                                        "model) or sparsegpt (prune such blocks by SparseGPT, "
+                                                        "recorded)")] = None,
+                 down_input: Annotated[str, Choice(DOWN_INPUTS, "pruned (the activations of the re-pruned first "
+                                                   "layer(s)) or auxiliary (the auxiliary P)")] = "pruned"):
         super().__init__(percdamp, blocksize, batch_size)
-        if fallback not in FALLBACKS:
-            raise config_error("method.fallback", fallback, "null (refuse a block whose MLP SparseLLM does not model) "
-                               "or sparsegpt (prune such blocks by SparseGPT, recorded)")
         self.fallback = fallback
         self.fallback_blocks: list[str] = []
         self.n_blocks = 0
-        if select not in SELECT:
-            raise config_error("method.select", select, "last (the paper) or best (lowest real MLP error)")
-        if down_input not in DOWN_INPUTS:
-            raise config_error("method.down_input", down_input, "pruned (the activations of the re-pruned first "
-                               "layer(s)) or auxiliary (the auxiliary P)")
         self.select, self.down_input = select, down_input
-        for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-            positive(f"method.{key}", value, paper="0.1")
-        positive("method.iterations", iterations, whole=True, paper="4")
-        self.alpha, self.beta, self.gamma, self.iterations = float(alpha), float(beta), float(gamma), iterations
+        self.alpha, self.beta, self.gamma, self.iterations = float(alpha), float(beta), float(gamma), int(iterations)
 
     def validate(self, model: nn.Module, target: Sparsity) -> None:
         """Right after load, before any calibration: every block's MLP must be one SparseLLM models (traced on

@@ -8,7 +8,9 @@ Per-run state is whatever ``setup`` returns: the engine keeps it as ``run.state`
 from __future__ import annotations
 
 from elsa.engine import TrainEngine, TrainRun, TrainSettings
+from elsa.losses import LossTerms
 from elsa.methods.base import PruneContext, Pruner
+from elsa.methods.registry import TRAINING
 from elsa.schedules import linear_schedule
 
 # keys added to TrainSettings after checkpoints existed: at their defaults they stay out of the signature
@@ -18,32 +20,29 @@ SIGNATURE_NEUTRAL = {"eval_split": "validation", "tokens": None}
 class TrainingMethod(Pruner):
     """A method that trains the whole model (the global family)."""
 
+    family = TRAINING     # takes_start (trains from the dense weights or a start stage's solution), has_budget, FSDP
     name = "trainer"
-    supports_fsdp = True
-    takes_start = True    # trains from whatever the model holds: the dense weights or a start stage's solution
-    has_budget = True
     nan_hint = "lower method.lr"
     shared_settings = TrainSettings   # where **shared goes: its fields are keys of every training method (elsa.spec)
+    train_defaults: dict = {}         # the method's own defaults for shared keys (its paper's recipe)
     trains_weights = True   # False: the prunable weights stay frozen (only the method's own modules train: MaskLLM)
 
     def __init__(self, **shared):
-        """``shared``: the keys of :class:`TrainSettings`; a method passes its own defaults for them and adds its
-        keys to ``self.config`` (the checkpoint signature)."""
+        """``shared``: the keys of :class:`TrainSettings` (the method's ``train_defaults`` where not given); a method
+        adds its own keys to ``self.config`` (the checkpoint signature)."""
+        shared = {**self.train_defaults, **shared}
         self.config = {**TrainSettings.defaults(), **shared}
         for key, default in SIGNATURE_NEUTRAL.items():   # later keys join the checkpoint signature only when set,
             if self.config.get(key) == default:           # so a checkpoint written before them still resumes
                 self.config.pop(key)
         self.train = TrainSettings(**shared)
         self.eval_initial = self.train.eval_initial
-        # loss = task_weight * next-token + kl_weight * KL(teacher || student); a teacher exists iff kl_weight
-        self.task_weight, self.kl_weight = 1.0, 0.0
-        self.squarehead_weight = 0.0   # weight of the SquareHead term (AST): the blocks' outputs against the teacher's
-        self.rem_weight = 0.0          # + rem_weight * MSE(final hidden states, the teacher's): ELSA's loss=rem
+        self.loss_terms = LossTerms()   # the next-token loss; a method sets its own terms (elsa.losses)
 
     @property
     def distils(self) -> bool:
         """The loss reads a teacher: after a start stage the pipeline keeps the dense model for it."""
-        return bool(self.kl_weight or self.squarehead_weight or self.rem_weight)
+        return self.loss_terms.needs_teacher
 
     def prune(self, ctx: PruneContext) -> dict:
         """Train from ``ctx.model`` as it is (dense, or a start stage's solution; the teacher is ``ctx.teacher``

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from elsa.layerwise import LayerwisePruner
-from elsa.methods.base import check_group
+from elsa.layerwise import BATCH, LayerwisePruner
+from elsa.methods.base import GROUP, Annotated
 from elsa.sparsity import Sparsity, mask_from_scores
 
 
@@ -44,10 +44,10 @@ class InputNormPruner(LayerwisePruner):
         return stats
 
 
-class Wanda(InputNormPruner):
-    def __init__(self, group: str = "row", batch_size: int = 8):
+class Wanda(InputNormPruner, name="wanda", position=0):
+    def __init__(self, group: Annotated[str, GROUP] = "row", batch_size: Annotated[int, BATCH] = 8):
         super().__init__(batch_size)
-        self.group = check_group(group)
+        self.group = group
 
     def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
         return 2.0 * in_features * tokens + 2.0 * out_features * in_features   # input norms, scores
