@@ -77,7 +77,7 @@ def test_scalar_loops_without_avx512(monkeypatch):
         pytest.skip(str(exc))
     assert lib.elsa_simd() == 0
     monkeypatch.setitem(SK._LIB, "lib", lib)
-    for layout in ("bitmask", "nm"):
+    for layout in ("bitmask", "nm", "csr"):
         for dtype in (torch.float32, torch.bfloat16):
             w = _matrix(20, 72, layout, dtype=dtype)
             x = torch.randn(3, 72).to(dtype)
