@@ -377,17 +377,21 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 ALT_GAIN = 1.5                         # decode: a kernel reading more bytes is chosen only this much faster
+VETO = 1.05                            # decode: the bytes model's kernel is out only when this much slower than dense
 
 
 def by_bytes(fns: dict[str, Callable], measure: Callable[[list[str]], dict[str, float]],
-             margin: float = BYTES_MARGIN, alt_gain: float = ALT_GAIN) -> tuple[str, dict]:
+             margin: float = BYTES_MARGIN, alt_gain: float = ALT_GAIN, veto: float = VETO) -> tuple[str, dict]:
     """The decode choice from a model of bytes moved, checked by measurement: the kernels of ``BYTES_KERNELS``
     that read ``margin`` times fewer bytes than dense (``fn.nbytes``), at most the two fewest, are timed with
-    dense in one interleaved run (``measure(names)`` -> {"dense": s, name: s, ...}, medians). A kernel slower
-    than dense is out; of the others the one with fewer bytes is chosen unless the other is ``alt_gain`` times
-    faster (where compute, not memory, bounds a kernel: gathers against mask expansion at high sparsity). The
-    choice can move only where a measured ratio sits at 1 (against dense) or at ``alt_gain`` (between kernels),
-    i.e. where the choices cost about the same: two runs give the same plan elsewhere."""
+    dense in one interleaved run (``measure(names)`` -> {"dense": s, name: s, ...}, medians). A kernel ``veto``
+    times slower than dense is out; of the others the one with fewer bytes is chosen unless the other is
+    ``alt_gain`` times faster (where compute, not memory, bounds a kernel: gathers against mask expansion at high
+    sparsity). The choice can move only where a measured ratio sits at ``veto`` (against dense) or at
+    ``alt_gain`` (between kernels). A strict 1.0 against dense flipped one class of 60 of the default model's
+    small matrices between two runs of the same command on a quiet machine (issue 30's 2-thread rerun at 90%),
+    where a kernel's call and dense's cost about the same: within ``veto`` the bytes model's choice stands; the
+    whole-model check (:func:`verify_in_model`) still sends a model slower with its kernels back to dense."""
     dense = fns["dense"].nbytes
     ranked = sorted((fns[k].nbytes, k) for k in BYTES_KERNELS if k in fns)
     rec = {"bytes": {"dense": dense, **{k: b for b, k in ranked}}, "checked": {}}
@@ -396,7 +400,7 @@ def by_bytes(fns: dict[str, Callable], measure: Callable[[list[str]], dict[str, 
         return "dense", rec
     t = measure(names)
     rec["checked"] = {k: round(t["dense"] / t[k], 3) for k in names}
-    ok = [k for k in names if t[k] <= t["dense"]]
+    ok = [k for k in names if t[k] <= veto * t["dense"]]
     if not ok:
         return "dense", rec
     faster = [k for k in ok[1:] if t[k] * alt_gain <= t[ok[0]]]

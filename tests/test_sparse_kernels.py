@@ -129,6 +129,10 @@ def test_bytes_model_gives_the_same_plan_under_noisy_timings():
     assert SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 0.5, "csr": 0.3})[0] == "csr"   # 1.67x faster
     assert SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 0.5, "csr": 0.4})[0] == "bitmask"   # 1.25x
     assert SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 1.1, "csr": 0.9})[0] == "csr"
+    near = [SL.by_bytes(fns, lambda names, r=r: {"dense": 1.0, "bitmask": r, "csr": r})[0]    # at parity
+            for r in (0.97, 1.0, 1.03)]
+    assert near == ["bitmask"] * 3                               # the bytes model's choice stands
+    assert SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 1.08, "csr": 1.08})[0] == "dense"
     nm_close = {"dense": _sized(4000), "nm": _sized(3500)}             # under the bytes margin: never timed
     assert SL.by_bytes(nm_close, lambda k: pytest.fail("timed"))[0] == "dense"
 
