@@ -42,6 +42,7 @@ C_SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <immintrin.h>
+#include <omp.h>
 #if defined(__AVX512F__) && defined(__AVX512VBMI2__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define ELSA512 1
 #endif
@@ -319,6 +320,22 @@ AI void store(void* y, int ybf, int64_t rows, int64_t r, int B, const float* acc
                  M(5, 0) M(5, 1) M(6, 0) M(6, 1) M(7, 0) M(7, 1) M(8, 0) M(8, 1)
 #endif
 
+/* where thread t of nt starts when rows are shared by cost(r) = r * per_row + prefix[r] * per_item (the bytes
+   before row r): magnitude pruning leaves rows unequal (the default model at 90%: a thread's half of a k or q
+   projection's non-zeros up to 1.44x the other's), so equal numbers of rows left one thread waiting */
+static int64_t split_at(const int64_t* prefix, int64_t rows, int64_t per_row, int64_t per_item, int t, int nt) {
+    if (t <= 0) return 0;
+    if (t >= nt) return rows;
+    const int64_t want = (rows * per_row + prefix[rows] * per_item) / nt * t;
+    int64_t lo = 0, hi = rows;                        /* the first row whose cost reaches want */
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (mid * per_row + prefix[mid] * per_item < want) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
 /* y [batch, rows] = x [batch, cols] times the bitmask matrix (rowoff[r]: where row r's values start) */
 int bm_mv(int64_t rows, int64_t cols, int64_t batch, const uint8_t* mask, const int64_t* rowoff, const void* val,
           int vbf, const void* x, int xbf, void* y, int ybf, int nthreads) {
@@ -330,8 +347,11 @@ int bm_mv(int64_t rows, int64_t cols, int64_t batch, const uint8_t* mask, const 
     for (int64_t b = 0; xd && b < batch; b++)     /* each 32 columns: the even ones, then the odd ones */
         for (int64_t i = b * cols; i + 32 <= (b + 1) * cols; i += 32)
             for (int j = 0; j < 16; j++) { xd[i + j] = xf[i + 2 * j]; xd[i + 16 + j] = xf[i + 2 * j + 1]; }
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t r = 0; r < rows; r++) {
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t r1 = split_at(rowoff, rows, cols / 8, vbf ? 2 : 4, t + 1, nt);
+    for (int64_t r = split_at(rowoff, rows, cols / 8, vbf ? 2 : 4, t, nt); r < r1; r++) {
         float acc[MAXB];
         const uint8_t* mr = mask + r * (cols / 8);
 #ifdef ELSA512
@@ -340,6 +360,7 @@ int bm_mv(int64_t rows, int64_t cols, int64_t batch, const uint8_t* mask, const 
         bm_row_scalar(mr, val, rowoff[r], cols, xf, B, vbf, acc);
 #endif
         store(y, ybf, rows, r, B, acc);
+    }
     }
     free(tmp);
     free(xd);
@@ -353,8 +374,11 @@ int csr_mv(int64_t rows, int64_t cols, int64_t batch, const int64_t* rowchunk, c
     float* tmp = NULL;
     const float* xf = widen(x, xbf, batch * cols, &tmp);
     const int B = (int)batch;
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t r = 0; r < rows; r++) {
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t r1 = split_at(rowchunk, rows, 0, 1, t + 1, nt);
+    for (int64_t r = split_at(rowchunk, rows, 0, 1, t, nt); r < r1; r++) {
         float acc[MAXB];
 #ifdef ELSA512
         switch (B * 2 + vbf) { CASES(C8_CASE) }
@@ -362,6 +386,7 @@ int csr_mv(int64_t rows, int64_t cols, int64_t batch, const int64_t* rowchunk, c
         c8_row_scalar(base, off, val, rowchunk[r], rowchunk[r + 1], xf, cols, B, vbf, acc);
 #endif
         store(y, ybf, rows, r, B, acc);
+    }
     }
     free(tmp);
     return 0;
