@@ -133,6 +133,12 @@ def test_bytes_model_gives_the_same_plan_under_noisy_timings():
             for r in (0.97, 1.0, 1.03)]
     assert near == ["bitmask"] * 3                               # the bytes model's choice stands
     assert SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 1.08, "csr": 1.08})[0] == "dense"
+    tied = {"dense": _sized(4000), "bitmask": _sized(520), "csr": _sized(560)}   # within BYTES_TIE: time decides
+    assert SL.by_bytes(tied, lambda names: {"dense": 1.0, "bitmask": 0.3, "csr": 0.2})[0] == "csr"
+    assert SL.by_bytes(tied, lambda names: {"dense": 1.0, "bitmask": 0.2, "csr": 0.3})[0] == "bitmask"
+    nm24 = {"dense": _sized(4000), "nm": _sized(2125), "bitmask": _sized(2126), "csr": _sized(2600)}
+    choice, rec = SL.by_bytes(nm24, lambda names: {"dense": 1.0, "nm": 0.6, "bitmask": 0.5, "csr": 0.55})
+    assert choice == "nm" and set(rec["checked"]) == {"nm", "csr"}         # bitmask is not offered an N:M matrix
     nm_close = {"dense": _sized(4000), "nm": _sized(3500)}             # under the bytes margin: never timed
     assert SL.by_bytes(nm_close, lambda k: pytest.fail("timed"))[0] == "dense"
 
