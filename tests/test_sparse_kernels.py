@@ -54,6 +54,31 @@ def test_every_layout_and_dtype_matches_dense(layout, nm, rows, cols, dtype):
 
 
 @needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_csr_chunks_close_at_256_columns_and_threads_split_unequal_rows(dtype):
+    """Chunked csr: a chunk closes at 16 values or at a column 256 past its base (gaps of 255, 256 and more, the
+    last column of a 65536-wide row); rows of very unequal length (all but one nearly empty) split between
+    threads by their bytes; each against dense."""
+    cols = 65536
+    w = torch.zeros(6, cols)
+    w[0, [0, 255, 256, 511, 767, 1000, 5000, cols - 1]] = torch.arange(1.0, 9.0)
+    w[1, torch.arange(0, cols, 300)] = 0.5                        # every value a new chunk
+    w[2, :40] = -1.0                                             # 40 adjacent: chunks of 16, 16, 8
+    w[4, torch.arange(3, cols, 7)] = 0.25                        # the long row
+    w = w.to(dtype)
+    k = SK.CompressedKernel(w, "csr")
+    assert int(k.rowptr[1]) == 5 and int(k.rowptr[2] - k.rowptr[1]) == len(range(0, cols, 300))
+    assert int(k.rowptr[3] - k.rowptr[2]) == 3 and int(k.rowptr[4] - k.rowptr[3]) == 0
+    g = torch.Generator().manual_seed(2)
+    for batch in (1, 2):
+        x = torch.randn(batch, cols, generator=g).to(dtype)
+        want = F.linear(x.float(), w.float())
+        for threads in (1, 2):
+            got = k(x, threads).float()
+            assert torch.allclose(got, want, atol=2e-2 * float(want.abs().max()), rtol=2e-2)
+
+
+@needs_lib
 @pytest.mark.parametrize("layout", ["bitmask", "nm"])
 def test_the_kernel_holds_the_checkpoints_own_bytes(layout):
     """What the kernel reads is what elsa.sparse.encode stores (values; bitmask or indices), nothing re-laid out."""
