@@ -5,7 +5,10 @@
   it is (the bytes are bit-reversed in registers: GFNI where present) plus one int64 offset per row (where each
   row's values start, so that threads can split the rows);
 - ``nm`` (2:4 vectorised; any N:M with M <= 256 through a scalar loop): ``N`` values per group of ``M`` and their
-  positions in ceil(log2 M) bits, little bit order: ``encode(..., encoding="nm")``'s values and indices.
+  positions in ceil(log2 M) bits, little bit order: ``encode(..., encoding="nm")``'s values and indices;
+- ``csr`` (not a checkpoint layout, built from the weight): each row's non-zeros in chunks of 16, a chunk holding
+  a uint16 base column and 16 uint8 offsets from it, 5 bytes per fp32 non-zero (3 bf16); per chunk one AVX-512
+  gather of the activations and one FMA. Where compute bounds (90%) it beats the mask expansion.
 
 For each row, 64 columns at a time: 64 mask bits, then per 16 columns an AVX-512 expand-load of the next values
 (``vexpandps`` / ``vpexpandw`` for bf16) into their column lanes and one FMA with the activations; 2:4 loads
@@ -16,7 +19,8 @@ activations' dtype (bf16 round-to-nearest-even). Decode is memory bound: at 90% 
 layouts run through scalar loops; without a C compiler the kernels are absent and the reason is recorded.
 
 The library is compiled once per source and CPU (``cc -O3 -march=native -fopenmp``) into ``$ELSA_CACHE/kernels``
-and called through ctypes; ``threads`` rows-split with OpenMP.
+and called through ctypes; ``threads`` share each matrix by its bytes (OpenMP); every loop prefetches its
+streams a few KB ahead.
 """
 from __future__ import annotations
 
