@@ -770,7 +770,7 @@ def _sparsify_experts(mod_name: str, mod: nn.Module, params: list[str], planner:
 
 # -- the plan saved with a model ---------------------------------------------------------------------------
 PLAN_FILE = "elsa_sparse_plan-{dtype}.json"     # one per dtype: a dir's fp32 and bf16 plans live side by side
-PLAN_VERSION = 2                 # 2: the decode choice with VETO and BYTES_TIE (a plan chosen by another rule is measured again)
+PLAN_VERSION = 2    # 2: decode chosen with VETO and BYTES_TIE (a plan chosen by another rule is measured again)
 
 
 def plan_path(directory: Path | str, model: nn.Module) -> Path:
