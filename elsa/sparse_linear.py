@@ -349,6 +349,8 @@ SCREEN = 3.0   # a candidate whose first timed call takes over 3x dense's is rec
 BYTES_MARGIN = 1.25                    # decode: a kernel must read this many times fewer bytes than dense
 BYTES_KERNELS = ("bitmask", "nm", "csr")   # ranked by bytes for decode (csr: csr16's layout, fp32 or bf16 values)
 CHECK_REPS = 31                        # interleaved calls per side when a bytes-model choice is checked
+CHECK_MAX_REPS = 301                   # ... up to this many where calls are short (CHECK_BUDGET_S per side)
+CHECK_BUDGET_S = 0.05
 
 
 def default_timer(fns: dict[str, Callable], x: torch.Tensor, tokens: int) -> dict[str, float]:
@@ -366,8 +368,15 @@ def one_thread_clock(device: torch.device | None = None) -> Callable[[], float]:
 
 def check_timer(fns: dict[str, Callable[[], object]], tokens: int,
                 device: torch.device | None = None) -> dict[str, float]:
-    """The clock of the bytes model's check: medians of CHECK_REPS interleaved calls per side."""
-    return interleaved_timer(fns, reps=CHECK_REPS, warmup=2, median=True, clock=one_thread_clock(device))
+    """The clock of the bytes model's check: medians of CHECK_REPS interleaved calls per side, more (up to
+    CHECK_MAX_REPS, about CHECK_BUDGET_S per side) where calls are short: the classes of small matrices, whose
+    kernel and dense calls cost about the same, are where a median of 31 moved between runs."""
+    t = time.perf_counter()
+    for fn in fns.values():
+        fn()
+    per_call = (time.perf_counter() - t) / max(len(fns), 1)
+    reps = min(CHECK_MAX_REPS, max(CHECK_REPS, int(CHECK_BUDGET_S / max(per_call, 1e-9))))
+    return interleaved_timer(fns, reps=reps, warmup=2, median=True, clock=one_thread_clock(device))
 
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
