@@ -119,6 +119,29 @@ def bench_decode_matrices(args) -> None:
                                    **_env()})
 
 
+class _Free(torch.nn.Module):
+    """A block matrix that costs nothing (its output's shape in zeros): a model of these decodes at the ceiling
+    that any kernel for the pruned matrices can reach (the lm_head, attention, norms and the per-token Python
+    of the HF code stay)."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def _free_matrices(model: torch.nn.Module) -> torch.nn.Module:
+    from elsa.sparse_linear import block_linears, matrix_view
+
+    free = copy.deepcopy(model)
+    for name, lin in block_linears(free).items():
+        parent, _, child = name.rpartition(".")
+        setattr(free.get_submodule(parent), child, _Free(matrix_view(lin).shape[0]))
+    return free
+
+
 def _per_matrix(plan: dict) -> dict:
     return {n: {r: p.get(r) for r in plan["regimes"]} for n, p in plan["matrices"].items()}
 
@@ -160,6 +183,9 @@ def bench_model(args) -> None:
             rec["kernels"][sname] = [p["chosen"] for p in plans]
             rec["verified_in_model"][sname] = plans[1]["verified_in_model"]
             models[sname] = sparse                   # the second plan's model runs
+        if args.ceiling:
+            models.update({n.replace("dense", "free"): _free_matrices(models[n]) for n in list(models)
+                           if n.startswith("dense")})
         r = compare(models, ids, args.new_tokens, args.rounds, args.prefill or None,
                     {k.replace("dense", "sparse"): k for k in models if k.startswith("dense")},
                     clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
@@ -167,6 +193,9 @@ def bench_model(args) -> None:
         tps = r["decode_tokens_per_s"]
         r["speedup"] = {k: tps[k] / tps[k.replace("sparse", "dense")] for k in tps if k.startswith("sparse")}
         r["speedup_vs_dense_fp32"] = {k: v / tps["dense"] for k, v in tps.items() if k != "dense"}
+        if args.ceiling:     # the most any kernel could give: every pruned matrix free, the rest as it is
+            r["ceiling"] = {k.replace("free", "sparse"): tps[k] / tps[k.replace("free", "dense")]
+                            for k in tps if k.startswith("free")}
         _append(args.out, {"bench": "decode_model", "model": "smollm2-135m", "sparsity": target, **r, **rec,
                            **_env()})
         del models, dense, sparse
@@ -187,8 +216,8 @@ def report_decode(rows: list[dict]) -> list[str]:
                      f"{r['us']['dense'] / r['us'][ch]:.2f}x | {r['us']['dense_fp32'] / r['us'][ch]:.2f}x | "
                      f"{r.get('clock', 'wall')} | {r['loadavg'][0]:.1f} |")
     lines += ["", "| sparsity | threads | tok/s dense fp32 | sparse fp32 | speedup | dense bf16 | sparse bf16 | speedup "
-              "| sparse bf16 vs dense fp32 | same tokens | same plan twice | decode kernels (fp32; bf16) | clock | load |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| sparse bf16 vs dense fp32 | ceiling fp32; bf16 | same tokens | same plan twice | decode kernels (fp32; bf16) "
+              "| clock | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["bench"] != "decode_model":
             continue
@@ -196,7 +225,8 @@ def report_decode(rows: list[dict]) -> list[str]:
         f = lambda d, k, fmt="{:.1f}": fmt.format(d[k]) if k in d else "-"  # noqa: E731
         lines.append(f"| {r['sparsity']} | {r['threads']} | {t['dense']:.1f} | {t['sparse']:.1f} | {sp['sparse']:.2f}x | "
                      f"{f(t, 'dense_bf16')} | {f(t, 'sparse_bf16')} | {f(sp, 'sparse_bf16', '{:.2f}x')} | "
-                     f"{f(r['speedup_vs_dense_fp32'], 'sparse_bf16', '{:.2f}x')} | {r['same_tokens_as']} | "
+                     f"{f(r['speedup_vs_dense_fp32'], 'sparse_bf16', '{:.2f}x')} | "
+                     f"{'; '.join(f'{v:.2f}x' for v in r.get('ceiling', {}).values()) or '-'} | {r['same_tokens_as']} | "
                      f"{r['same_plan']} | {'; '.join(str(k[-1]['decode']) for k in r['kernels'].values())} | "
                      f"{r.get('clock', 'wall')} | {r['loadavg'][0]:.1f} |")
     return lines
@@ -249,6 +279,9 @@ def main() -> int:
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="wall time, or this thread's CPU time (with --threads 1 only: the work without the waits "
                              "for a core on a shared machine; the plan's own check stays on wall time)")
+    parser.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                        help="model: also time each dense model with its pruned matrices free (zeros, no work): "
+                             "the speedup no kernel can pass, the rest of the token being the same")
     parser.add_argument("--bf16", default="auto", choices=["auto", "yes", "no"],
                         help="model: also dense bf16 against sparse with bf16 values (auto: where the CPU has bf16)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sparse.jsonl")

@@ -21,7 +21,7 @@ import torch
 from elsa.errors import ElsaError
 
 
-@torch.no_grad()
+@torch.inference_mode()    # not just no_grad: ~1 ms less HF code per token on this CPU, dense and sparse alike
 def greedy(model, ids: torch.Tensor, new_tokens: int, clock=time.perf_counter) -> tuple[torch.Tensor, float]:
     """Greedy decoding with the KV cache; returns (all token ids, seconds spent on the ``new_tokens`` decode
     steps after the prompt's forward pass). ``clock``: wall time, or ``time.thread_time`` (the CPU time of this
@@ -37,7 +37,7 @@ def greedy(model, ids: torch.Tensor, new_tokens: int, clock=time.perf_counter) -
     return torch.cat([ids, *tokens], dim=1), clock() - t
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def prefill_seconds(model, tokens: int, vocab: int, reps: int = 1) -> float:
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     times = []

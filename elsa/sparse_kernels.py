@@ -5,7 +5,10 @@
   it is (the bytes are bit-reversed in registers: GFNI where present) plus one int64 offset per row (where each
   row's values start, so that threads can split the rows);
 - ``nm`` (2:4 vectorised; any N:M with M <= 256 through a scalar loop): ``N`` values per group of ``M`` and their
-  positions in ceil(log2 M) bits, little bit order: ``encode(..., encoding="nm")``'s values and indices.
+  positions in ceil(log2 M) bits, little bit order: ``encode(..., encoding="nm")``'s values and indices;
+- ``csr`` (not a checkpoint layout, built from the weight): each row's non-zeros in chunks of 16, a chunk holding
+  a uint16 base column and 16 uint8 offsets from it, 5 bytes per fp32 non-zero (3 bf16); per chunk one AVX-512
+  gather of the activations and one FMA. Where compute bounds (90%) it beats the mask expansion.
 
 For each row, 64 columns at a time: 64 mask bits, then per 16 columns an AVX-512 expand-load of the next values
 (``vexpandps`` / ``vpexpandw`` for bf16) into their column lanes and one FMA with the activations; 2:4 loads
@@ -16,7 +19,8 @@ activations' dtype (bf16 round-to-nearest-even). Decode is memory bound: at 90% 
 layouts run through scalar loops; without a C compiler the kernels are absent and the reason is recorded.
 
 The library is compiled once per source and CPU (``cc -O3 -march=native -fopenmp``) into ``$ELSA_CACHE/kernels``
-and called through ctypes; ``threads`` rows-split with OpenMP.
+and called through ctypes; ``threads`` share each matrix by its bytes (OpenMP); every loop prefetches its
+streams a few KB ahead.
 """
 from __future__ import annotations
 
@@ -42,10 +46,15 @@ C_SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <immintrin.h>
+#include <omp.h>
 #if defined(__AVX512F__) && defined(__AVX512VBMI2__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define ELSA512 1
 #endif
 #define AI static inline __attribute__((always_inline))
+/* software prefetch, bytes ahead in each stream: decode streams every matrix once, and the hardware prefetcher
+   alone left the kernels ~25% under the memory's rate */
+#define PFB 4096
+#define PREF(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
 
 int elsa_simd(void) {
 #ifdef ELSA512
@@ -105,6 +114,8 @@ AI void bm_row(const uint8_t* m, const void* v, int64_t p, int64_t cols, const f
         const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
         for (; c + 32 <= cols; c += 32) {
             __mmask32 k = (__mmask32)bitrev_bytes(ld_n(m + c / 8, 4));
+            PREF(m + c / 8 + PFB / 8);
+            PREF((const char*)((const uint16_t*)v + p) + PFB);
             __m512i h = _mm512_maskz_expandloadu_epi16(k, (const uint16_t*)v + p);
             p += __builtin_popcount((unsigned)k);
             __m512 ev = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
@@ -119,6 +130,9 @@ AI void bm_row(const uint8_t* m, const void* v, int64_t p, int64_t cols, const f
     } else {
         for (; c + 64 <= cols; c += 64) {
             uint64_t bits = bitrev_bytes(ld64(m + c / 8));
+            PREF(m + c / 8 + PFB / 8);
+            PREF((const char*)((const float*)v + p) + PFB);
+            PREF((const char*)((const float*)v + p) + PFB + 64);
             __m512 w[4];
             for (int q = 0; q < 4; q++) w[q] = expand_vals(v, &p, (__mmask16)(bits >> (16 * q)), 0);
             for (int b = 0; b < B; b++)
@@ -154,6 +168,8 @@ AI void nm24_row(const uint8_t* idx, const void* v, int64_t p, int64_t cols, con
     for (int it = 0; c + 32 <= cols; c += 32, p += 16, it++) {
         uint32_t bits;
         memcpy(&bits, idx + c / 8, 4);
+        PREF(idx + c / 8 + PFB / 8);
+        PREF(vbf ? (const char*)((const uint16_t*)v + p) + PFB : (const char*)((const float*)v + p) + PFB);
         __m512i pos = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)bits), shifts),
                                                         three), base);
         __m512 w = vbf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
@@ -203,24 +219,85 @@ static void nm_row_scalar(const uint8_t* idx, const void* v, int64_t k0, int64_t
     }
 }
 
-/* CSR with uint16 columns (rows of <= 65536 columns): 16 positions widened, x gathered at them, one FMA */
-AI float csr_row(const uint16_t* c, const void* v, int vbf, int64_t n, const float* x) {
-    int64_t k = 0;
-    float s = 0.f;
+/* chunked CSR ("csr"): each row's non-zeros in chunks of 16 slots, a chunk holding a uint16 base column and 16
+   uint8 offsets from it (a chunk closes at 16 values or at a column >= base + 256; its free slots: value 0,
+   offset 0), so 4 + 1 (fp32) or 2 + 1 (bf16) bytes and 1/8 of a base per non-zero. Per chunk: 16 offsets
+   widened, x gathered at base + offset with one AVX-512 gather, one FMA; the offset and value streams are
+   prefetched PF non-zeros ahead (decode is memory bound: the hardware prefetcher alone left it ~25% slower). */
+#define PF 2048        /* non-zeros: 2048 offset bytes and 4096 (bf16) or 8192 (fp32) value bytes ahead */
 #ifdef ELSA512
-    __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();
-    for (; k + 16 <= n; k += 16) {
-        __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + k)));
-        __m512 w = vbf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                             _mm256_loadu_si256((const __m256i*)((const uint16_t*)v + k))), 16))
-                       : _mm512_loadu_ps((const float*)v + k);
-        if ((k / 16) & 1) z1 = _mm512_fmadd_ps(w, _mm512_i32gather_ps(i0, x, 4), z1);
-        else z0 = _mm512_fmadd_ps(w, _mm512_i32gather_ps(i0, x, 4), z0);
+AI __m512 c8_vals(const void* v, int64_t k, int vbf) {
+    return vbf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                     _mm256_loadu_si256((const __m256i*)((const uint16_t*)v + k))), 16))
+               : _mm512_loadu_ps((const float*)v + k);
+}
+AI void c8_prefetch(const uint8_t* off, const void* v, int64_t k, int vbf) {
+    _mm_prefetch((const char*)(off + k + PF), _MM_HINT_T0);
+    const char* pv = vbf ? (const char*)((const uint16_t*)v + k + PF) : (const char*)((const float*)v + k + PF);
+    _mm_prefetch(pv, _MM_HINT_T0);
+}
+/* chunks q0..q1 of one row: out[b] = its values times x[b] at their columns; B and vbf constants per call site */
+AI void c8_row(const uint16_t* base, const uint8_t* off, const void* v, int64_t q0, int64_t q1, const float* x,
+               int64_t cols, int B, int vbf, float* out) {
+    const int NA = B <= 2 ? 4 : (B <= 4 ? 2 : 1);
+    __m512 a[4][MAXB];
+    for (int q = 0; q < 4; q++)
+        for (int b = 0; b < B; b++) a[q][b] = _mm512_setzero_ps();
+    int64_t q = q0;
+    for (; q + 4 <= q1; q += 4) {
+        for (int u = 0; u < 4; u++) {
+            const int64_t k = (q + u) * 16;
+            if (!vbf || !(u & 1)) c8_prefetch(off, v, k, vbf);
+            __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(off + k)));
+            __m512 w = c8_vals(v, k, vbf);
+            const float* xb = x + base[q + u];
+            for (int b = 0; b < B; b++)
+                a[u % NA][b] = _mm512_fmadd_ps(w, _mm512_i32gather_ps(i, xb + b * cols, 4), a[u % NA][b]);
+        }
     }
-    s = _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
+    for (; q < q1; q++) {
+        const int64_t k = q * 16;
+        c8_prefetch(off, v, k, vbf);
+        __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(off + k)));
+        __m512 w = c8_vals(v, k, vbf);
+        for (int b = 0; b < B; b++)
+            a[0][b] = _mm512_fmadd_ps(w, _mm512_i32gather_ps(i, x + base[q] + b * cols, 4), a[0][b]);
+    }
+    for (int b = 0; b < B; b++) {
+        __m512 s = a[0][b];
+        for (int u = 1; u < NA; u++) s = _mm512_add_ps(s, a[u][b]);
+        out[b] = _mm512_reduce_add_ps(s);
+    }
+}
 #endif
-    for (; k < n; k++) s += (vbf ? bf2f(((const uint16_t*)v)[k]) : ((const float*)v)[k]) * x[c[k]];
-    return s;
+
+static void c8_row_scalar(const uint16_t* base, const uint8_t* off, const void* v, int64_t q0, int64_t q1,
+                          const float* x, int64_t cols, int B, int vbf, float* out) {
+    for (int b = 0; b < B; b++) out[b] = 0.f;
+    for (int64_t k = q0 * 16; k < q1 * 16; k++) {
+        float w = vbf ? bf2f(((const uint16_t*)v)[k]) : ((const float*)v)[k];
+        for (int b = 0; b < B; b++) out[b] += w * x[b * cols + base[k / 16] + off[k]];
+    }
+}
+
+/* the chunked layout from CSR (crow [rows + 1], col, values of vsize bytes): pass 1 (out == NULL) writes each
+   row's first chunk into rowchunk [rows + 1]; pass 2 fills base, off and out (zeroed by the caller) */
+void c8_build(int64_t rows, const int64_t* crow, const int64_t* col, const void* val, int vsize,
+              int64_t* rowchunk, uint16_t* base, uint8_t* off, void* out) {
+    int64_t q = 0;
+    rowchunk[0] = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t j = crow[r]; j < crow[r + 1]; q++) {
+            const int64_t b = col[j];
+            for (int i = 0; i < 16 && j < crow[r + 1] && col[j] - b < 256; i++, j++) {
+                if (!out) continue;
+                off[q * 16 + i] = (uint8_t)(col[j] - b);
+                memcpy((char*)out + (q * 16 + i) * vsize, (const char*)val + j * vsize, vsize);
+            }
+            if (out) base[q] = (uint16_t)b;
+        }
+        rowchunk[r + 1] = q;
+    }
 }
 
 /* x [batch, cols] fp32 or bf16 -> fp32 (a copy only for bf16) */
@@ -240,10 +317,28 @@ AI void store(void* y, int ybf, int64_t rows, int64_t r, int B, const float* acc
 
 #ifdef ELSA512
 #define BM_CASE(BB, VB) case BB * 2 + VB: bm_row(mr, val, rowoff[r], cols, xf, xd, BB, VB, acc); break;
+#define C8_CASE(BB, VB) case BB * 2 + VB: \
+    c8_row(base, off, val, rowchunk[r], rowchunk[r + 1], xf, cols, BB, VB, acc); break;
 #define NM_CASE(BB, VB) case BB * 2 + VB: nm24_row(ir, val, r * (cols / 2), cols, xf, BB, VB, acc, &done); break;
 #define CASES(M) M(1, 0) M(1, 1) M(2, 0) M(2, 1) M(3, 0) M(3, 1) M(4, 0) M(4, 1) \
                  M(5, 0) M(5, 1) M(6, 0) M(6, 1) M(7, 0) M(7, 1) M(8, 0) M(8, 1)
 #endif
+
+/* where thread t of nt starts when rows are shared by cost(r) = r * per_row + prefix[r] * per_item (the bytes
+   before row r): magnitude pruning leaves rows unequal (the default model at 90%: a thread's half of a k or q
+   projection's non-zeros up to 1.44x the other's), so equal numbers of rows left one thread waiting */
+static int64_t split_at(const int64_t* prefix, int64_t rows, int64_t per_row, int64_t per_item, int t, int nt) {
+    if (t <= 0) return 0;
+    if (t >= nt) return rows;
+    const int64_t want = (rows * per_row + prefix[rows] * per_item) / nt * t;
+    int64_t lo = 0, hi = rows;                        /* the first row whose cost reaches want */
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (mid * per_row + prefix[mid] * per_item < want) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
 
 /* y [batch, rows] = x [batch, cols] times the bitmask matrix (rowoff[r]: where row r's values start) */
 int bm_mv(int64_t rows, int64_t cols, int64_t batch, const uint8_t* mask, const int64_t* rowoff, const void* val,
@@ -256,8 +351,11 @@ int bm_mv(int64_t rows, int64_t cols, int64_t batch, const uint8_t* mask, const 
     for (int64_t b = 0; xd && b < batch; b++)     /* each 32 columns: the even ones, then the odd ones */
         for (int64_t i = b * cols; i + 32 <= (b + 1) * cols; i += 32)
             for (int j = 0; j < 16; j++) { xd[i + j] = xf[i + 2 * j]; xd[i + 16 + j] = xf[i + 2 * j + 1]; }
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t r = 0; r < rows; r++) {
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t r1 = split_at(rowoff, rows, cols / 8, vbf ? 2 : 4, t + 1, nt);
+    for (int64_t r = split_at(rowoff, rows, cols / 8, vbf ? 2 : 4, t, nt); r < r1; r++) {
         float acc[MAXB];
         const uint8_t* mr = mask + r * (cols / 8);
 #ifdef ELSA512
@@ -267,25 +365,32 @@ int bm_mv(int64_t rows, int64_t cols, int64_t batch, const uint8_t* mask, const 
 #endif
         store(y, ybf, rows, r, B, acc);
     }
+    }
     free(tmp);
     free(xd);
     return 0;
 }
 
-/* y [batch, rows] = x [batch, cols] times the CSR matrix (rowptr[r]..rowptr[r + 1]: row r's values) */
-int csr_mv(int64_t rows, int64_t cols, int64_t batch, const int64_t* rowptr, const uint16_t* col, const void* val,
-           int vbf, const void* x, int xbf, void* y, int ybf, int nthreads) {
+/* y [batch, rows] = x [batch, cols] times the chunked CSR matrix (rowchunk[r]..rowchunk[r + 1]: row r's chunks) */
+int csr_mv(int64_t rows, int64_t cols, int64_t batch, const int64_t* rowchunk, const uint16_t* base,
+           const uint8_t* off, const void* val, int vbf, const void* x, int xbf, void* y, int ybf, int nthreads) {
     if (batch < 1 || batch > MAXB || cols > 65536) return -1;
     float* tmp = NULL;
     const float* xf = widen(x, xbf, batch * cols, &tmp);
     const int B = (int)batch;
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t r = 0; r < rows; r++) {
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t r1 = split_at(rowchunk, rows, 0, 1, t + 1, nt);
+    for (int64_t r = split_at(rowchunk, rows, 0, 1, t, nt); r < r1; r++) {
         float acc[MAXB];
-        int64_t s = rowptr[r];
-        const void* vr = vbf ? (const void*)((const uint16_t*)val + s) : (const void*)((const float*)val + s);
-        for (int b = 0; b < B; b++) acc[b] = csr_row(col + s, vr, vbf, rowptr[r + 1] - s, xf + b * cols);
+#ifdef ELSA512
+        switch (B * 2 + vbf) { CASES(C8_CASE) }
+#else
+        c8_row_scalar(base, off, val, rowchunk[r], rowchunk[r + 1], xf, cols, B, vbf, acc);
+#endif
         store(y, ybf, rows, r, B, acc);
+    }
     }
     free(tmp);
     return 0;
@@ -367,7 +472,9 @@ def typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bm_mv.argtypes = [I, I, I, P, P, P, C, P, C, P, C, C]
     lib.nm_mv.argtypes = [I, I, I, C, C, C, P, P, C, P, C, P, C, C]
-    lib.csr_mv.argtypes = [I, I, I, P, P, P, C, P, C, P, C, C]
+    lib.csr_mv.argtypes = [I, I, I, P, P, P, P, C, P, C, P, C, C]
+    lib.c8_build.argtypes = [I, P, P, P, C, P, P, P, P]
+    lib.c8_build.restype = None
     lib.bm_mv.restype = lib.nm_mv.restype = lib.csr_mv.restype = lib.elsa_simd.restype = C
     return lib
 
@@ -431,14 +538,8 @@ class CompressedKernel:
         self.layout, self.threads, self.value_dtype = layout, threads, w.dtype
         self.nnz = int((w != 0).sum())
         self._bound = None
-        if layout == "csr":                          # not the checkpoint's layout: CSR, uint16 columns
-            with warnings.catch_warnings():          # "sparse CSR support is in beta": only its indices are used
-                warnings.simplefilter("ignore", UserWarning)
-                csr = w.to_sparse_csr()
-            self.rowptr = csr.crow_indices().to(torch.int64).contiguous()
-            cols = csr.col_indices().to(torch.int32)
-            self.col = torch.where(cols >= 32768, cols - 65536, cols).to(torch.int16).contiguous()
-            self.values = csr.values().contiguous()
+        if layout == "csr":                          # not the checkpoint's layout: chunked CSR, see the C source
+            self._build_chunked(w)
             return
         stored, meta = encode("w", w, nm if layout == "nm" else None, encoding=layout)
         self.values = stored["w::values"].contiguous()
@@ -451,13 +552,33 @@ class CompressedKernel:
             self.n, self.m, self.bits = meta["n"], meta["m"], meta["index_bits"]
             self.indices = torch.cat([stored["w::indices"], pad])
 
+    def _build_chunked(self, w: torch.Tensor) -> None:
+        """The chunked CSR of ``w`` (16 values per chunk, a uint16 base column, uint8 offsets), built in C."""
+        with warnings.catch_warnings():              # "sparse CSR support is in beta": only its indices are used
+            warnings.simplefilter("ignore", UserWarning)
+            csr = w.to_sparse_csr()
+        crow = csr.crow_indices().to(torch.int64).contiguous()
+        col = csr.col_indices().to(torch.int64).contiguous()
+        vals = csr.values().contiguous()
+        lib, size = library(), vals.element_size()
+        self.rowptr = torch.empty(self.rows + 1, dtype=torch.int64)
+        lib.c8_build(self.rows, crow.data_ptr(), col.data_ptr(), vals.data_ptr(), size, self.rowptr.data_ptr(),
+                     None, None, None)
+        chunks = int(self.rowptr[-1])
+        self.base = torch.zeros(chunks + 1, dtype=torch.int16)          # uint16 columns, read as such in C
+        self.offsets = torch.zeros(chunks * 16 + 64, dtype=torch.uint8)
+        self.values = torch.zeros(chunks * 16 + 32, dtype=w.dtype)
+        lib.c8_build(self.rows, crow.data_ptr(), col.data_ptr(), vals.data_ptr(), size, self.rowptr.data_ptr(),
+                     self.base.data_ptr(), self.offsets.data_ptr(), self.values.data_ptr())
+
     def nbytes(self) -> int:
         """What one product reads of the matrix (the bytes of its layout, the padding aside)."""
         if self.layout == "bitmask":
             return math.ceil(self.rows * self.cols / 8) + self.values.numel() * self.values.element_size() + \
                 self.rowoff.numel() * 8
         if self.layout == "csr":
-            return self.values.numel() * (self.values.element_size() + 2) + self.rowptr.numel() * 8
+            chunks = int(self.rowptr[-1])
+            return chunks * (16 * (self.values.element_size() + 1) + 2) + self.rowptr.numel() * 8
         return self.values.numel() * self.values.element_size() + math.ceil(self.values.numel() * self.bits / 8)
 
     def _bind(self):
@@ -466,7 +587,8 @@ class CompressedKernel:
         if self.layout == "bitmask":
             return lib.bm_mv, (self.mask.data_ptr(), self.rowoff.data_ptr(), self.values.data_ptr(), vbf)
         if self.layout == "csr":
-            return lib.csr_mv, (self.rowptr.data_ptr(), self.col.data_ptr(), self.values.data_ptr(), vbf)
+            return lib.csr_mv, (self.rowptr.data_ptr(), self.base.data_ptr(), self.offsets.data_ptr(),
+                                self.values.data_ptr(), vbf)
         return lib.nm_mv, (self.n, self.m, self.bits, self.indices.data_ptr(), self.values.data_ptr(), vbf)
 
     def __call__(self, x2d: torch.Tensor, threads: int | None = None) -> torch.Tensor:

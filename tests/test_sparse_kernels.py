@@ -54,6 +54,31 @@ def test_every_layout_and_dtype_matches_dense(layout, nm, rows, cols, dtype):
 
 
 @needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_csr_chunks_close_at_256_columns_and_threads_split_unequal_rows(dtype):
+    """Chunked csr: a chunk closes at 16 values or at a column 256 past its base (gaps of 255, 256 and more, the
+    last column of a 65536-wide row); rows of very unequal length (all but one nearly empty) split between
+    threads by their bytes; each against dense."""
+    cols = 65536
+    w = torch.zeros(6, cols)
+    w[0, [0, 255, 256, 511, 767, 1000, 5000, cols - 1]] = torch.arange(1.0, 9.0)
+    w[1, torch.arange(0, cols, 300)] = 0.5                        # every value a new chunk
+    w[2, :40] = -1.0                                             # 40 adjacent: chunks of 16, 16, 8
+    w[4, torch.arange(3, cols, 7)] = 0.25                        # the long row
+    w = w.to(dtype)
+    k = SK.CompressedKernel(w, "csr")
+    assert int(k.rowptr[1]) == 5 and int(k.rowptr[2] - k.rowptr[1]) == len(range(0, cols, 300))
+    assert int(k.rowptr[3] - k.rowptr[2]) == 3 and int(k.rowptr[4] - k.rowptr[3]) == 0
+    g = torch.Generator().manual_seed(2)
+    for batch in (1, 2):
+        x = torch.randn(batch, cols, generator=g).to(dtype)
+        want = F.linear(x.float(), w.float())
+        for threads in (1, 2):
+            got = k(x, threads).float()
+            assert torch.allclose(got, want, atol=2e-2 * float(want.abs().max()), rtol=2e-2)
+
+
+@needs_lib
 @pytest.mark.parametrize("layout", ["bitmask", "nm"])
 def test_the_kernel_holds_the_checkpoints_own_bytes(layout):
     """What the kernel reads is what elsa.sparse.encode stores (values; bitmask or indices), nothing re-laid out."""
@@ -77,7 +102,7 @@ def test_scalar_loops_without_avx512(monkeypatch):
         pytest.skip(str(exc))
     assert lib.elsa_simd() == 0
     monkeypatch.setitem(SK._LIB, "lib", lib)
-    for layout in ("bitmask", "nm"):
+    for layout in ("bitmask", "nm", "csr"):
         for dtype in (torch.float32, torch.bfloat16):
             w = _matrix(20, 72, layout, dtype=dtype)
             x = torch.randn(3, 72).to(dtype)
@@ -129,6 +154,16 @@ def test_bytes_model_gives_the_same_plan_under_noisy_timings():
     assert SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 0.5, "csr": 0.3})[0] == "csr"   # 1.67x faster
     assert SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 0.5, "csr": 0.4})[0] == "bitmask"   # 1.25x
     assert SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 1.1, "csr": 0.9})[0] == "csr"
+    near = [SL.by_bytes(fns, lambda names, r=r: {"dense": 1.0, "bitmask": r, "csr": r})[0]    # at parity
+            for r in (0.97, 1.0, 1.03)]
+    assert near == ["bitmask"] * 3                               # the bytes model's choice stands
+    assert SL.by_bytes(fns, lambda names: {"dense": 1.0, "bitmask": 1.08, "csr": 1.08})[0] == "dense"
+    tied = {"dense": _sized(4000), "bitmask": _sized(520), "csr": _sized(560)}   # within BYTES_TIE: time decides
+    assert SL.by_bytes(tied, lambda names: {"dense": 1.0, "bitmask": 0.3, "csr": 0.2})[0] == "csr"
+    assert SL.by_bytes(tied, lambda names: {"dense": 1.0, "bitmask": 0.2, "csr": 0.3})[0] == "bitmask"
+    nm24 = {"dense": _sized(4000), "nm": _sized(2125), "bitmask": _sized(2126), "csr": _sized(2600)}
+    choice, rec = SL.by_bytes(nm24, lambda names: {"dense": 1.0, "nm": 0.6, "bitmask": 0.5, "csr": 0.55})
+    assert choice == "nm" and set(rec["checked"]) == {"nm", "csr"}         # bitmask is not offered an N:M matrix
     nm_close = {"dense": _sized(4000), "nm": _sized(3500)}             # under the bytes margin: never timed
     assert SL.by_bytes(nm_close, lambda k: pytest.fail("timed"))[0] == "dense"
 
