@@ -93,7 +93,8 @@ class RunRecord:
         out = {k: v for k, v in out.items() if v is not None or k in ALWAYS or k in self.given}
         for holder in NOTE_HOLDERS:       # notes as made are written as dicts
             if isinstance(out.get(holder), dict) and out[holder].get("notes"):
-                out[holder] = {**out[holder], "notes": [N.as_note(n).to_dict() for n in out[holder]["notes"]]}
+                out[holder] = {**out[holder], "notes": [n.to_dict() if isinstance(n, Note) else n
+                                              for n in out[holder]["notes"]]}
         return {**out, **self.extra}
 
     # -- what the report and the summary read ---------------------------------------------------------
@@ -109,7 +110,8 @@ class RunRecord:
     def notes(self) -> list[Note]:
         """Every note of the run in the report label's order: the stored ones, then those of the old keys whose
         kind no stored note has."""
-        stored = [N.as_note(n) for h in NOTE_HOLDERS for n in (getattr(self, h) or {}).get("notes") or []]
+        stored = [N.as_note(n) for h in NOTE_HOLDERS for n in (getattr(self, h) or {}).get("notes") or []
+                  if isinstance(n, (dict, Note))]     # anything else (another version's form) is not read
         kinds = {n.kind for n in stored}
         return N.ordered(stored + [n for n in legacy_notes(self) if n.kind not in kinds])
 

@@ -171,6 +171,8 @@ def test_a_note_of_a_kind_nobody_knows_is_rendered_by_the_report_and_the_summary
     assert RunRecord.from_dict(written).notes == [toy, silent]
     assert _label(written) == "wanda (toy on 3/4)" and _summary(written) == lines
     assert _label(_with_notes(toy, holder="sparsity")) == "wanda (toy on 3/4)"
+    odd = _with_notes("a string", toy)                 # a form this version cannot read: kept, not rendered
+    assert _label(odd) == "wanda (toy on 3/4)" and record_dict(odd)["method_stats"]["notes"][0] == "a string"
 
 
 def test_a_stored_note_is_not_repeated_by_its_old_key():
