@@ -39,6 +39,7 @@ from elsa.methods.base import PruneContext, Pruner
 from elsa.methods.registry import LAYER_WISE, Number
 from elsa.errors import ElsaError
 from elsa.memory import phase_window
+from elsa import notes
 from elsa.models import (Matrix, Weight, block_matrices, block_weights, blocks_and_prefix, decoder_blocks,
                          expert_tensors, in_moe)
 from elsa.sparsity import Sparsity, mask_from_scores
@@ -299,9 +300,9 @@ class LayerwiseEngine:
         if method.without_tokens:
             log.warning("%d expert matrices received no calibration token; pruned by magnitude within the expert: %s",
                         len(method.without_tokens), ", ".join(method.without_tokens[:4]))
-            summary["experts_without_tokens"] = {"rule": "magnitude within the expert",
-                                                 "count": len(method.without_tokens),
-                                                 "names": list(method.without_tokens)}
+            note = notes.experts_without_tokens(list(method.without_tokens), "magnitude within the expert")
+            summary.setdefault("notes", []).append(note)
+            summary["experts_without_tokens"] = {k: note.data[k] for k in ("rule", "count", "names")}  # the old key
         return summary
 
     def _rerun_measuring(self, block: nn.Module, batches, dense: dict[str, torch.Tensor]):

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from elsa import compute
 from elsa import distributed as D
+from elsa import notes
 from elsa.allocation import Uniform
 from elsa.data import sample_starts, token_stream, windows
 from elsa.engine import make_teacher
@@ -324,13 +325,16 @@ class Run:
         # fewer non-zeros than asked (a projection that kept zeros): recorded, printed, labelled. A per-row (or
         # per-column) count rounds by at most half a weight of the shortest row or column
         extra = sum(p.numel() for m in model.modules() if getattr(m, "elsa_in_budget", False) for p in m.parameters())
+        sp = self.results["sparsity"]
         if extra:   # a method's dense parameters that count against the target (OATS's low-rank factors)
-            self.results["sparsity"].update(lowrank_params=extra,
-                                            effective=(report["zeros"] - extra) / report["pruned_params"])
-        over = self.results["sparsity"].get("effective", report["measured"]) - self.target.ratio
+            sp.update(lowrank_params=extra, effective=(report["zeros"] - extra) / report["pruned_params"])
+            sp.setdefault("notes", []).append(notes.lowrank(extra, sp["pruned_params"], sp["measured"],
+                                                            sp["effective"]))
+        over = sp.get("effective", report["measured"]) - self.target.ratio
         rounding = max((0.5 / min(w.shape[-2:]) for w in pruned.values()), default=0.0)
         if over > rounding + 1e-6:
-            self.results["sparsity"]["over_target"] = round(over, 6)
+            sp["over_target"] = round(over, 6)
+            sp.setdefault("notes", []).append(notes.over_target(sp["measured"], sp["over_target"], sp.get("target")))
         params = list(model.parameters())  # tied weights appear once
         acc = weight_accounting(model, self.ignore)
         self.results["params"] = {"total": sum(p.numel() for p in params),

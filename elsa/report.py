@@ -170,18 +170,9 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
     base, start, budget = choices(rec)
     allocation = allocation_of(rec)
     method = label(base, start, budget, allocation, method_options(rec))
-    fb = rec.stats.get("fallback")
-    if method and isinstance(fb, dict) and fb.get("blocks"):  # a fallback ran: the row must not pass for the method
-        method = f"{method} (fallback {fb.get('method')} on {len(fb['blocks'])}/{fb.get('of', '?')} MLPs)"
-    over = sparsity.get("over_target")
-    if method and over:                       # fewer non-zeros than the target: not the asked-for sparsity
-        method = f"{method} (over target: {sparsity.get('measured'):.3f})"
-    lowrank = sparsity.get("lowrank_params")
-    if method and lowrank and sparsity.get("pruned_params"):   # dense low-rank factors among the non-zeros (OATS)
-        method = f"{method} (low rank {lowrank / sparsity['pruned_params']:.1%} + sparse {1 - sparsity['measured']:.1%})"
-    none = rec.stats.get("experts_without_tokens")
-    if method and isinstance(none, dict) and none.get("count"):   # experts no calibration token reached
-        method = f"{method} ({none['count']} experts without tokens: {none.get('rule', 'magnitude')})"
+    for note in rec.notes:      # what did not go as asked (a fallback, over target, ...): the row must say so
+        if method and note.label:
+            method = f"{method} ({note.label})"
     compute = compute_columns(rec.compute or {}, rec.stats)
     if method and compute.get("training_tokens"):   # a training row says what it cost, not only its budget's name
         method = f"{method} [{_count(compute['training_tokens'])} tokens]"

@@ -6,6 +6,11 @@ results.json files written before carry no ``schema`` and read as version 0. Old
 budget / allocation choices existed, with keys since renamed such as ``method_stats.init``, or written by a
 later version with keys this one does not know) are accepted: a missing key reads as None, an unknown one is
 kept in ``extra`` and written back unchanged.
+
+:attr:`RunRecord.notes` are the run's notes (:mod:`elsa.notes`): those stored in the ``notes`` lists of
+``method_stats`` and ``sparsity``, and those older files (and methods that still write them) record under their
+own keys, converted here and nowhere else (:func:`legacy_notes`). The old keys are still written, for readers
+outside this repo.
 """
 from __future__ import annotations
 
@@ -14,11 +19,15 @@ import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from elsa import notes as N
+from elsa.notes import Note
+
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 SCHEMA_VERSION = 1
 STATUSES = ("running", "done", "failed")
+NOTE_HOLDERS = ("method_stats", "sparsity")   # the records whose ``notes`` list holds notes
 # what a job's results.json holds from its first write (before validation), also when it fails
 ALWAYS = ("schema", "status", "model", "method", "start", "budget", "allocation", "sparsity", "overrides",
           "job_name", "group", "output_dir")
@@ -82,6 +91,10 @@ class RunRecord:
         """What results.json holds: the keys set or read (and those every record has), then the extra ones."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "given")}
         out = {k: v for k, v in out.items() if v is not None or k in ALWAYS or k in self.given}
+        for holder in NOTE_HOLDERS:       # notes as made are written as dicts
+            if isinstance(out.get(holder), dict) and out[holder].get("notes"):
+                out[holder] = {**out[holder], "notes": [n.to_dict() if isinstance(n, Note) else n
+                                              for n in out[holder]["notes"]]}
         return {**out, **self.extra}
 
     # -- what the report and the summary read ---------------------------------------------------------
@@ -93,11 +106,37 @@ class RunRecord:
     def target(self) -> str | None:
         return (self.sparsity or {}).get("target")
 
+    @property
+    def notes(self) -> list[Note]:
+        """Every note of the run in the report label's order: the stored ones, then those of the old keys whose
+        kind no stored note has."""
+        stored = [N.as_note(n) for h in NOTE_HOLDERS for n in (getattr(self, h) or {}).get("notes") or []
+                  if isinstance(n, (dict, Note))]     # anything else (another version's form) is not read
+        kinds = {n.kind for n in stored}
+        return N.ordered(stored + [n for n in legacy_notes(self) if n.kind not in kinds])
+
     def phase_time(self, phase: str) -> float | None:
         return (self.time_s or {}).get(phase)
 
     def memory(self, key: str) -> float | None:
         return (self.peak_memory_mb or {}).get(key)
+
+
+def legacy_notes(rec: RunRecord) -> list[Note]:
+    """The notes results.json recorded under keys of their own before notes existed (SparseLLM still writes
+    ``method_stats.fallback`` only): the same notes, with the labels and lines the report and summary made."""
+    stats, sp, out = rec.stats, rec.sparsity or {}, []
+    fb = stats.get("fallback")
+    if isinstance(fb, dict) and fb.get("blocks"):
+        out.append(N.fallback(fb.get("method"), rec.method, fb["blocks"], fb.get("of")))
+    if sp.get("over_target"):
+        out.append(N.over_target(sp.get("measured"), sp["over_target"], sp.get("target")))
+    if sp.get("lowrank_params"):
+        out.append(N.lowrank(sp["lowrank_params"], sp.get("pruned_params"), sp.get("measured"), sp.get("effective")))
+    none = stats.get("experts_without_tokens")
+    if isinstance(none, dict) and none.get("count"):
+        out.append(N.experts_without_tokens(none.get("names") or [], none.get("rule", "magnitude"), none["count"]))
+    return out
 
 
 def read_record(out: Path) -> RunRecord | None:

@@ -11,7 +11,7 @@ def print_summary(record: RunRecord, path) -> None:
 
 def summary_lines(r: RunRecord, path) -> list[str]:
     """The summary a finished run prints: perplexity (dense, start, pruned), zero-shot accuracy, sparsity, the
-    weights left dense, and what did not go as asked (over target, a fallback, experts without tokens)."""
+    weights left dense, and the run's notes (elsa.notes: what did not go as asked, a fallback, over target...)."""
     stats, target, sp = r.stats, r.target, r.sparsity
     start, label = stats.get("initial_projection_perplexity"), "magnitude"  # ELSA's z0 = magnitude pruning
     if start is None and (r.start or {}).get("perplexity"):             # or a start stage's solution
@@ -31,23 +31,10 @@ def summary_lines(r: RunRecord, path) -> list[str]:
     if "dense_by_kind" in p:
         kinds = ", ".join(f"{k} {v:,}" for k, v in p["dense_by_kind"].items())
         lines.append(f"weights: {p['pruned']:,} pruned, {p['dense']:,} dense ({kinds})")
-    if sp.get("lowrank_params"):
-        lines.append(f"low-rank factors: {sp['lowrank_params']:,} dense parameters counted as non-zeros; "
-                     f"effective sparsity {sp['effective']:.4f}")
-    if sp.get("over_target"):
-        lines.append(f"OVER TARGET: {sp['measured']:.4f} of the pruned weights are zero, "
-                     f"{sp['over_target']:.4f} more than the target {target} asks")
     if r.rehearsal:
         lines.append(f"SHAPE REHEARSAL: {r.rehearsal['like']}'s shapes with {r.rehearsal['blocks']} random-weight "
                      "block(s); the perplexities above are not the model's")
-    fb = stats.get("fallback")
-    if fb:
-        lines.append(f"FALLBACK: {fb['method']} ran instead of {r.method} on {len(fb['blocks'])}/{fb['of']} "
-                     f"MLPs ({', '.join(fb['blocks'][:4])}{' ...' if len(fb['blocks']) > 4 else ''})")
-    none = stats.get("experts_without_tokens")
-    if none:
-        lines.append(f"NO TOKENS: {none['count']} expert matrices received no calibration token and were pruned "
-                     f"by {none['rule']} ({', '.join(none['names'][:3])}{' ...' if none['count'] > 3 else ''})")
+    lines += [note.text for note in r.notes]
     return lines
 
 

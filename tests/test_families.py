@@ -338,6 +338,8 @@ def test_experts_without_tokens_are_printed_and_labelled_in_the_report(tmp_path,
     assert none["count"] > 0 and none["rule"] == "magnitude within the expert"
     assert "NO TOKENS:" in capsys.readouterr().out
     assert f"{none['count']} experts without tokens" in job_row(out, tmp_path / "out", tmp_path)["method"]
+    note, = out["method_stats"]["notes"]     # the engine's note; the old key above stays for other readers
+    assert note["kind"] == "experts_without_tokens" and note["data"] == none
 
 
 def test_ast_masks_fused_experts_in_the_forward_and_refuses_the_wanda_metric(tmp_path):

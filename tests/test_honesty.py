@@ -216,4 +216,8 @@ def test_a_projection_that_keeps_too_few_weights_is_recorded_printed_and_labelle
     assert r["status"] == "done" and r["sparsity"]["measured"] > 0.52
     assert r["sparsity"]["over_target"] == pytest.approx(r["sparsity"]["measured"] - 0.5, abs=1e-6)
     assert "OVER TARGET:" in capsys.readouterr().out
+    assert r["sparsity"]["notes"] == [{"kind": "over_target", "label": f"over target: {r['sparsity']['measured']:.3f}",
+                                       "text": r["sparsity"]["notes"][0]["text"],
+                                       "data": {"measured": r["sparsity"]["measured"],
+                                                "over": r["sparsity"]["over_target"], "target": "0.5"}}]
     assert report.collect(tmp_path)["method"].tolist() == [f"magnitude (over target: {r['sparsity']['measured']:.3f})"]

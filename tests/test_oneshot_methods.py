@@ -149,6 +149,10 @@ def test_oats_run_saves_and_reloads_with_its_low_rank_branches(tmp_path, capsys)
     assert out["sparsity"]["effective"] == pytest.approx(0.5, abs=1e-9)
     assert out["sparsity"]["measured"] > 0.55
     assert "effective sparsity 0.5000" in capsys.readouterr().out
+    note, = out["sparsity"]["notes"]     # the note the pipeline made; the old keys above stay for other readers
+    assert note["kind"] == "lowrank" and note["data"]["params"] == lowrank
+    assert note["label"] == f"low rank {lowrank / out['sparsity']['pruned_params']:.1%} + sparse " \
+                            f"{1 - out['sparsity']['measured']:.1%}"
     back = from_pretrained(out["model_dir"])
     assert sum(isinstance(m, LowRank) for m in back.modules()) == len(prunable_matrices(back))
     from test_ast import _perplexity

@@ -8,7 +8,15 @@ tests/data/results/ holds
 - legacy_elsa_quick.json: the shape the first pipeline wrote (no start, budget or allocation; a preset name in
   its overrides and the old trainer's method_stats.init);
 - rows_e43c12b.json: the report rows e43c12b's elsa.report.job_row made of both; summary_e43c12b_wanda_tiny.txt:
-  the summary e43c12b's pipeline printed for the first.
+  the summary e43c12b's pipeline printed for the first;
+- oats_e43c12b.json (run.py model=tiny logger=none eval=quick eval.max_tokens=2048 seqlen=128 nsamples=4
+  method=oats sparsity=0.5 hardware.threads=1) and moe_rehearsal_e43c12b.json (model=shapes
+  model.like=mixtral-8x7b model.blocks=2 method=wanda nsamples=2 seqlen=64 ...: two experts got no token), both
+  written by e43c12b's pipeline: the notes under their old keys (sparsity.lowrank_params,
+  method_stats.experts_without_tokens); all_notes_e43c12b.json: the first file with all four old keys added
+  (method_stats.fallback and .experts_without_tokens, sparsity.over_target and .lowrank_params) in the shapes
+  0e21ae5 wrote them; notes_0e21ae5.json: the method label 0e21ae5's job_row and the lines its summary_lines made
+  of each file (before notes existed).
 """
 from __future__ import annotations
 
@@ -20,6 +28,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_pipeline
+from elsa import notes
+from elsa.notes import Note
 from elsa.results import RESULTS, SCHEMA_VERSION, RunRecord, read_record, record_dict
 
 DATA = REPO / "tests" / "data" / "results"
@@ -97,3 +107,96 @@ def test_a_failed_run_writes_a_record_too(tmp_path):
         run_pipeline(tmp_path, "sparsity=1.5")
     rec = read_record(tmp_path)
     assert rec.status == "failed" and rec.schema == SCHEMA_VERSION and rec.error.startswith("ElsaError: sparsity=")
+
+
+# -- notes -------------------------------------------------------------------------------------------------------
+NOTED = json.loads((DATA / "notes_0e21ae5.json").read_text())
+
+
+def _label(data: dict | RunRecord) -> str:
+    from elsa.report import job_row
+
+    return job_row(data, Path("job"), Path("."))["method"]
+
+
+def _summary(data: dict | RunRecord) -> list[str]:
+    from elsa.summary import summary_lines
+
+    rec = data if isinstance(data, RunRecord) else RunRecord.from_dict(data)
+    return summary_lines(rec, Path("job") / RESULTS)
+
+
+@pytest.mark.parametrize("name", sorted(NOTED))
+def test_old_keys_read_as_notes_with_the_labels_and_lines_of_before(name):
+    """Files written before notes existed: the row label is what 0e21ae5's report made, character for character;
+    the summary has the same lines (the notes' lines now come last, in the label's order)."""
+    expected = NOTED[name]
+    assert _label(stored(name)) == expected["method"]
+    if expected["summary"] is not None:
+        lines = _summary(stored(name))
+        assert sorted(lines) == sorted(expected["summary"])
+        kept = [line for line in expected["summary"] if line not in {n.text for n in RunRecord.from_dict(
+            stored(name)).notes}]
+        assert lines[:len(kept)] == kept
+
+
+def test_all_four_old_keys_become_four_typed_notes():
+    rec = RunRecord.from_dict(stored("all_notes_e43c12b"))
+    assert [n.kind for n in rec.notes] == ["fallback", "over_target", "lowrank", "experts_without_tokens"]
+    fb, over, low, none = rec.notes
+    assert fb.data == {"method": "sparsegpt", "blocks": rec.stats["fallback"]["blocks"], "of": 30}
+    assert over.data["over"] == 0.032117 and over.data["target"] == "0.5"
+    assert low.data["params"] == 12288 and none.data["count"] == 4
+    assert RunRecord.from_dict(stored("e43c12b_wanda_tiny")).notes == []
+
+
+def _with_notes(*made: Note, holder: str = "method_stats") -> dict:
+    data = stored("e43c12b_wanda_tiny")
+    data[holder]["notes"] = list(made)
+    return data
+
+
+def test_a_note_of_a_kind_nobody_knows_is_rendered_by_the_report_and_the_summary():
+    """A method's own note in its stats: the report appends its label, the summary prints its line, results.json
+    keeps it; neither knows the kind."""
+    toy = Note("toy_kind", text="TOY: 3 of 4 toys were left dense", label="toy on 3/4", data={"toys": [1, 2, 3]})
+    silent = Note("toy_silent", text="TOY SILENT: a line only")
+    data = _with_notes(toy, silent)
+    assert _label(data) == "wanda (toy on 3/4)"
+    lines = _summary(data)
+    assert lines[-2:] == [toy.text, silent.text]
+    written = json.loads(json.dumps(record_dict(data)))        # as results.json holds it
+    assert written["method_stats"]["notes"][0] == {"kind": "toy_kind", "label": "toy on 3/4",
+                                                   "text": toy.text, "data": {"toys": [1, 2, 3]}}
+    assert RunRecord.from_dict(written).notes == [toy, silent]
+    assert _label(written) == "wanda (toy on 3/4)" and _summary(written) == lines
+    assert _label(_with_notes(toy, holder="sparsity")) == "wanda (toy on 3/4)"
+    odd = _with_notes("a string", toy)                 # a form this version cannot read: kept, not rendered
+    assert _label(odd) == "wanda (toy on 3/4)" and record_dict(odd)["method_stats"]["notes"][0] == "a string"
+
+
+def test_a_stored_note_is_not_repeated_by_its_old_key():
+    """Today's files hold both the notes and the old keys (for other readers): each note is rendered once."""
+    data = stored("all_notes_e43c12b")
+    old = RunRecord.from_dict(data).notes
+    data["method_stats"]["notes"] = [n.to_dict() for n in old if n.kind in ("fallback", "experts_without_tokens")]
+    data["sparsity"]["notes"] = [n.to_dict() for n in old if n.kind in ("over_target", "lowrank")]
+    assert RunRecord.from_dict(data).notes == old
+    assert _label(data) == NOTED["all_notes_e43c12b"]["method"]
+    assert sorted(_summary(data)) == sorted(NOTED["all_notes_e43c12b"]["summary"])
+
+
+def test_thread_dependence_is_printed_and_leaves_the_label():
+    note = notes.thread_dependence("sparsellm", 2)
+    data = _with_notes(note)
+    assert _label(data) == "wanda" and _summary(data)[-1].startswith("THREADS: sparsellm's weights depend on")
+
+
+def test_the_report_and_the_summary_know_no_note_key():
+    """No old key is read by name in either (the report's ``lowrank_params`` column is a figure, not the label)."""
+    keys = {"report": ("fallback", "experts_without_tokens", "over_target"),
+            "summary": ("fallback", "experts_without_tokens", "over_target", "lowrank_params", "effective")}
+    for module, names in keys.items():
+        src = (REPO / "elsa" / f"{module}.py").read_text()
+        for key in names:
+            assert f'"{key}"' not in src and f"'{key}'" not in src, (module, key)
