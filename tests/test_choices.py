@@ -223,14 +223,14 @@ def test_one_budget_and_one_start_for_several_methods(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = report.collect(sweep)
     assert len(df) == 6 and set(df["status"]) == {"done"}
-    # ++method.steps=2 is a command-line method key: the labels name it
-    assert df["method"].tolist() == [f"{m} (from sparsegpt, quick, steps=2)" for m in ("ast", "elsa", "elsa_l")
-                                     for _ in (0.7, 0.9)]
+    # ++method.steps=2 is a command-line method key: the labels name it, and the tokens trained on (2 x 128)
+    assert df["method"].tolist() == [f"{m} (from sparsegpt, quick, steps=2) [256 tokens]"
+                                     for m in ("ast", "elsa", "elsa_l") for _ in (0.7, 0.9)]
     assert df["sparsity"].tolist() == ["0.7", "0.9"] * 3
     # per-row top-k (AST) on the tiny model's 64-wide rows rounds 0.7 x 64 up to 45
     assert all(abs(m - float(s)) < 1e-2 for m, s in zip(df["measured_sparsity"], df["sparsity"]))
     md = report.markdown(df)
-    assert md.count("(from sparsegpt, quick, steps=2) |") >= 6
+    assert md.count("(from sparsegpt, quick, steps=2) [256 tokens] |") >= 6
 
 
 # the grids as they were written with preset names (conf/experiment/ at 88f3a7c)
