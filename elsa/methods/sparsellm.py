@@ -77,6 +77,7 @@ from tqdm.auto import tqdm
 from elsa.errors import ElsaError, config_error
 from elsa.layerwise import BATCH, LayerwisePruner
 from elsa.methods.base import Annotated, Choice, Flag, Number
+from elsa.methods.registry import Rule
 from elsa.methods.sparsegpt import PERCDAMP, SparseGPT, sparsegpt_prune
 from elsa.models import block_matrices, blocks_and_prefix
 from elsa.sparsity import Sparsity
@@ -555,6 +556,19 @@ def mlp_io(block: nn.Module, first: nn.Module, down: nn.Module, inputs) -> tuple
     return torch.cat(xs), torch.cat(ys)
 
 
+@dataclass(frozen=True)
+class BlockList(Rule):
+    """method.skip: null or a list of block indices (whole numbers, negative ones from the end)."""
+
+    def ok(self, value) -> bool:
+        return value is None or isinstance(value, (list, tuple)) and \
+            all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+    def allowed(self) -> str:
+        return ("a list of block indices, negative ones from the end (e.g. [1,-2,-1], the reference's layers 1, 30, "
+                "31 of 32), [] for none, or null (the mode's)")
+
+
 PENALTY = Number(gt=0, also=(None,), paper="0.1; the reference code's Llama path: 5.0")   # alpha, beta, gamma:
 #   the weights of the auxiliary variables' penalties (null: the mode's, SparseLLM.weights)
 
@@ -589,7 +603,7 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
                  s_steps: Annotated[int, Number(gt=0, whole=True, paper="the reference code: 2")] = 2,
                  s_lr: Annotated[float, Number(gt=0, paper="the reference code: 0.01")] = 0.01,
                  half: Annotated[bool, Flag("true (round to fp16 where the reference holds fp16) or false")] = False,
-                 skip: list[int] | None = None):
+                 skip: Annotated[list[int] | None, BlockList()] = None):
         super().__init__(percdamp, blocksize, batch_size)
         self.fallback = fallback
         self.fallback_blocks: list[str] = []
@@ -602,19 +616,9 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
         self.recipe = Recipe(refit if refit is not None else ("reference" if ref else "ridge"),
                              s_update if s_update is not None else ("gradient" if ref else "exact"),
                              int(s_steps), float(s_lr), half, literal=ref)
-        self.skip = self._skip_list(skip)
+        self.skip = None if skip is None else [int(i) for i in skip]
         self.block_index: dict[str, int] = {}
         self.skipped_blocks: list[str] = []
-
-    @staticmethod
-    def _skip_list(skip) -> list[int] | None:
-        if skip is None:
-            return None
-        items = list(skip) if not isinstance(skip, (str, bytes, int)) and hasattr(skip, "__iter__") else None
-        if items is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-            raise config_error("method.skip", skip, "a list of block indices, negative ones from the end (e.g. "
-                               "[1,-2,-1], the reference's layers 1, 30, 31 of 32), [] for none, or null (the mode's)")
-        return items
 
     def weights(self, kind: str) -> tuple[float, float, float]:
         """α, β, γ for an MLP of ``kind``: as set, else the mode's (the reference: 5.0 on its gated Llama path,
