@@ -3,12 +3,14 @@ with the command that produced them).
 
     python bench/bench_sparsellm_blocks.py [--blocks 0,5,15,29] [--sparsities 0.5,0.7,0.9] [--nsamples 16]
                                            [--down-input pruned] [--iterations 4] [--threads 1]
+                                           [--set method.mode=reference ...]
 
 Loads SmolLM2-135M (model=smollm2-135m, the default) and ``nsamples`` calibration windows of 512 wiki-train
 tokens (seed 0, the pipeline's sampling), captures each chosen block's MLP input X and dense output Y in the
 dense model's forward, and prints, per block and sparsity, the real MLP error ||mlp(X) - Y||² / n of plain
 SparseGPT on that MLP (every Linear from its dense weights and dense inputs, what method=sparsegpt does) and
-of SparseLLM after each alternation (with the conf/method/sparsellm.yaml settings), and the seconds taken.
+of SparseLLM after each alternation (with the conf/method/sparsellm.yaml settings and the ``--set``
+overrides), and the seconds taken. A block the settings skip (``method.skip``) runs its alternations anyway here.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None, help="default: conf/method/sparsellm.yaml")
     parser.add_argument("--down-input", default=None, help="pruned or auxiliary (default: the config's)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. method.mode=reference")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -39,13 +42,14 @@ def main() -> None:
 
     from elsa.data import sample_starts, token_stream, windows
     from elsa.evaluation import bos_id
+    from elsa.pipeline import build as build_component
     from elsa.methods.sparsellm import model_mlp_structures, sparsellm_mlp
     from elsa.models import decoder_blocks
     from elsa.sparsity import Sparsity
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["logger=none", "method=sparsellm"])
-    m = cfg.method
+        cfg = compose(config_name="config", overrides=["logger=none", "method=sparsellm", *args.set])
+    m = build_component(cfg.method, "method")
     iterations = args.iterations or m.iterations
     down_input = args.down_input or m.down_input
     model, tok = instantiate(cfg.model).load()
@@ -71,7 +75,8 @@ def main() -> None:
     for h in handles:
         h.remove()
     print(f"{len(calib)} x {cfg.seqlen} tokens, {iterations} alternations, down_input={down_input}, "
-          f"alpha/beta/gamma {m.alpha}/{m.beta}/{m.gamma}, {args.threads} thread(s)", flush=True)
+          f"alpha/beta/gamma {m.weights(structures[chosen[0]].kind)}, {m.recipe}, {args.threads} thread(s)",
+          flush=True)
     print("| block | sparsity | SparseGPT | SparseLLM per alternation | SparseLLM / SparseGPT | s |")
     print("|---:|---:|---:|---|---:|---:|")
     for b in chosen:
@@ -83,8 +88,8 @@ def main() -> None:
             start = time.perf_counter()
             with torch.no_grad():
                 out = sparsellm_mlp(mods[s.first], mods.get(s.up), mods[s.down], s.act, x, y, Sparsity.parse(sp),
-                                    m.alpha, m.beta, m.gamma, iterations, m.blocksize, m.percdamp,
-                                    f"block {b}", m.select, s.relu, down_input)
+                                    *m.weights(s.kind), iterations, m.blocksize, m.percdamp,
+                                    f"block {b}", m.select, s.relu, down_input, recipe=m.recipe)
                 for n, w in dense.items():          # the next sparsity starts from the dense MLP again
                     mods[n].weight.copy_(w)
             took = time.perf_counter() - start

@@ -50,20 +50,34 @@ All Linears see the dense block's inputs (the engine's convention). A block whos
 (``validate``), before any calibration; with ``fallback: sparsegpt`` such blocks are pruned by SparseGPT alone,
 and the fallback is recorded in the method statistics (``fallback``), printed in the summary and carried into
 the report row's label.
+
+``mode: reference`` is the algorithm of the reference code (BaiTheBest/SparseLLM @27fe26a, read, not copied),
+each of its differences a knob of its own (null: the mode's value; README, SparseLLM, says why the project
+differs): α = β = γ = 5.0 on a gated MLP (its Llama path; 0.1 on a plain one, its OPT path); ``down_input:
+auxiliary``; ``refit: reference`` (the undamped pseudo-inverse for the first layer(s) and the gated down; a plain
+MLP's fc2 by 10 gradient steps of 0.01 on the mean squared error from the current weights); ``s_update:
+gradient`` (``s_steps`` = 2 gradient steps of ``s_lr`` = 0.01 on S's summed loss, for a non-ReLU activation);
+``skip`` = [1, -2, -1] on gated MLPs (its Llama path runs one alternation, i.e. plain SparseGPT, on its layers 1,
+30 and 31 of 32: generalised as the second and the last two blocks); and its bookkeeping (``Recipe.literal``):
+the first alternation is plain SparseGPT on the dense weights and inputs, the auxiliaries are updated after each
+prune, and gate/up's damping accumulates over the alternations as its in-place damping does. ``half: true``
+rounds to fp16 where it holds fp16 values. Not reproduced: its SparseGPT's ``<=`` threshold, which prunes at
+least one weight more per column block than asked (the counts here are exact).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from elsa.errors import ElsaError
+from elsa.errors import ElsaError, config_error
 from elsa.layerwise import BATCH, LayerwisePruner
-from elsa.methods.base import Annotated, Choice, Number
+from elsa.methods.base import Annotated, Choice, Flag, Number
+from elsa.methods.registry import Rule
 from elsa.methods.sparsegpt import PERCDAMP, SparseGPT, sparsegpt_prune
 from elsa.models import block_matrices, blocks_and_prefix
 from elsa.sparsity import Sparsity
@@ -242,6 +256,23 @@ def _affine(x, w, b):
 
 
 DOWN_INPUTS = ("pruned", "auxiliary")
+REFITS = ("ridge", "reference")
+S_UPDATES = ("exact", "gradient")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the alternations are carried out, beyond α, β, γ and ``down_input``: the project's (these defaults)
+    or the reference code's (``method.mode=reference``, :meth:`SparseLLM._recipe`; README, SparseLLM)."""
+    refit: str = "ridge"       # ridge: least squares damped per channel towards the dense weights; reference:
+    #                            the undamped pseudo-inverse (a plain MLP's fc2: 10 gradient steps, lr 0.01)
+    s_update: str = "exact"    # exact: S's elementwise minimiser; gradient: s_steps plain gradient steps of s_lr
+    s_steps: int = 2           # (ReLU takes the closed form either way: the reference's OPT path does too)
+    s_lr: float = 0.01
+    half: bool = False         # round what the reference holds in fp16 (X, Y, weights, auxiliaries, inverses)
+    literal: bool = False      # the reference's bookkeeping: the first alternation prunes the weights as they are
+    #                            (no re-fit, no auxiliary update before it), and gate/up's SparseGPT damping
+    #                            accumulates over the alternations (its in-place damping of one kept Hessian)
 
 
 class MLPProblem:
@@ -250,23 +281,32 @@ class MLPProblem:
 
     def __init__(self, first: nn.Linear, up: nn.Linear | None, down: nn.Linear, act, x: torch.Tensor,
                  y: torch.Tensor, alpha: float, beta: float, gamma: float, relu: bool = False, chunk: int = 512,
-                 down_input: str = "pruned"):
+                 down_input: str = "pruned", recipe: Recipe | None = None):
         self.act, self.relu = act, relu
-        self.x = x
+        self.recipe = recipe or Recipe()
+        self.x = self._half(x)
         self.wg, self.bg = _weights(first)
         self.wu, self.bu = _weights(up)
         self.wd, self.bd = _weights(down)
+        if self.recipe.half:
+            self.wg, self.wu, self.wd = (None if w is None else self._half(w) for w in (self.wg, self.wu, self.wd))
         self.dense = (self.wg, self.wu, self.wd)             # the least-squares re-fits' damping centre
-        self.y = y if self.bd is None else y - self.bd       # the target of P W_dᵀ
+        self.y = self._half(y if self.bd is None else y - self.bd)       # the target of P W_dᵀ
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.chunk = chunk
         self.down_input = down_input
         self.gated = self.wu is not None
         self._inputs_changed()
-        self.s = self.xg.clone()
-        self.u = self.xu.clone() if self.gated else None
-        self.p = self.activation(self.s, self.u)
-        self.hx = hessian(x)                               # X is fixed: its Gram matrix is computed once
+        self.s = self._half(self.xg.clone())
+        self.u = self._half(self.xu.clone()) if self.gated else None
+        self.p = self._half(self.activation(self.s, self.u))
+        self.hx = hessian(self.x)                          # X is fixed: its Gram matrix is computed once
+        self._xinv = None                                  # refit=reference: X's pseudo-inverse, computed once
+        self.name, self.alternation = "mlp", 0             # for the errors of the reference's re-fits
+
+    def _half(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` rounded to fp16 where the reference holds it in fp16 (``recipe.half``); else ``t`` itself."""
+        return t.half().float() if self.recipe.half else t
 
     def _inputs_changed(self) -> None:
         self.xg = _affine(self.x, self.wg, self.bg)
@@ -294,13 +334,14 @@ class MLPProblem:
         b, g = self.beta, self.gamma
         lhs = g * self.wd.t() @ self.wd + b * torch.eye(self.wd.shape[1], device=self.wd.device)
         rhs = g * self.y @ self.wd + b * self.activation(self.s, self.u)
-        self.p = rhs @ torch.cholesky_inverse(torch.linalg.cholesky(lhs))   # lhs is small and well conditioned
+        inv = torch.cholesky_inverse(torch.linalg.cholesky(lhs))   # lhs is small and well conditioned
+        self.p = self._half(self._half(rhs) @ self._half(inv))
 
     def update_u(self) -> None:
         if not self.gated:
             return
         sig = self.act(self.s)
-        self.u = (self.beta * sig * self.p + self.alpha * self.xu) / (self.beta * sig * sig + self.alpha)
+        self.u = self._half((self.beta * sig * self.p + self.alpha * self.xu) / (self.beta * sig * sig + self.alpha))
 
     def _s_loss(self, s, p, u, g):
         a = self.act(s)
@@ -313,6 +354,8 @@ class MLPProblem:
             u = self.u[rows] if self.gated else None
             if self.relu:
                 self.s[rows] = self._relu_s_rows(self.p[rows], u, self.xg[rows])
+            elif self.recipe.s_update == "gradient":
+                self.s[rows] = self._gradient_s_rows(self.s[rows], self.p[rows], u, self.xg[rows])
             else:
                 self.s[rows] = self._update_s_rows(self.s[rows], self.p[rows], u, self.xg[rows], steps,
                                                    halvings, rtol)
@@ -325,6 +368,20 @@ class MLPProblem:
         pos = ((b * uu * p + a * m) / (b * uu * uu + a)).clamp(min=0)
         neg = m.clamp(max=0)
         return torch.where(self._s_loss(pos, p, u, m) <= self._s_loss(neg, p, u, m), pos, neg)
+
+    def _gradient_s_rows(self, s, p, u, g) -> torch.Tensor:
+        """The reference's S update for a non-ReLU activation: ``recipe.s_steps`` plain gradient steps of size
+        ``recipe.s_lr`` on α (S - X W_1ᵀ)² + β (P - act(S)⊙U)² (summed, so the step scales with α and β), each
+        step's S rounded to fp16 with ``recipe.half``."""
+        uu = torch.ones_like(p) if u is None else u
+        for _ in range(self.recipe.s_steps):
+            with torch.enable_grad():
+                sv = s.detach().requires_grad_(True)
+                a = self.act(sv)
+                da, = torch.autograd.grad(a.sum(), sv)     # elementwise activation: its derivative
+            grad = -2 * self.beta * (p - a.detach() * uu) * uu * da + 2 * self.alpha * (s - g)
+            s = self._half(s - self.recipe.s_lr * grad)
+        return s
 
     def _update_s_rows(self, s, p, u, g, steps: int, halvings: int, rtol: float) -> torch.Tensor:
         """Safeguarded Gauss-Newton on each element; a step is halved only where it raised that element's loss,
@@ -363,26 +420,66 @@ class MLPProblem:
         return s
 
     # -- weight updates: least squares, then SparseGPT --------------------------------------------------
-    def update_weights(self, target, blocksize: int, percdamp: float, name: str) -> None:
+    def update_weights(self, target, blocksize: int, percdamp: float, name: str, alternation: int = 0) -> None:
         """``target``: one Sparsity for the MLP's matrices, or {first, up, down: Sparsity} (an allocation's
-        per-matrix ratios)."""
+        per-matrix ratios). ``alternation`` (from 0) matters only to ``recipe.literal``."""
         n = len(self.x)
         gx = self.hx * (n / 2)
+        self.name, self.alternation = name, alternation
+        literal = self.recipe.literal
+        fit = not (literal and alternation == 0)     # the reference's first alternation: SparseGPT as it is
+        # the reference damps gate/up's one kept Hessian in place at every prune: after k + 1 prunes its diagonal
+        # carries d (1 + (1 + d) + ... + (1 + d)^k) of the original mean diagonal (d itself at the first)
+        damp_first = percdamp * sum((1 + percdamp) ** j for j in range(alternation + 1)) if literal else percdamp
 
-        def refit(t, b, label, part, prior):
+        def refit(t, b, label, part, prior, w):
             t = t if b is None else t - b
-            w, _ = sparsegpt_prune(least_squares(self.x, t, percdamp, gx, prior=prior), self.hx, _part(target, part),
-                                   blocksize, percdamp, label)
-            return w
+            if fit:
+                w = self._xfit(t, percdamp, gx, prior)
+            w, _ = sparsegpt_prune(w, self.hx, _part(target, part), blocksize, damp_first, label)
+            return self._half(w)
 
-        self.wg = refit(self.s, self.bg, f"{name}.first", "first", self.dense[0])
+        self.wg = refit(self.s, self.bg, f"{name}.first", "first", self.dense[0], self.wg)
         if self.gated:
-            self.wu = refit(self.u, self.bu, f"{name}.up", "up", self.dense[1])
+            self.wu = refit(self.u, self.bu, f"{name}.up", "up", self.dense[1], self.wu)
         self._inputs_changed()
         a = self.p if self.down_input == "auxiliary" else self.activation(self.xg, self.xu)
         ha = hessian(a)
-        self.wd, _ = sparsegpt_prune(least_squares(a, self.y, percdamp, ha * (n / 2), prior=self.dense[2]), ha,
-                                     _part(target, "down"), blocksize, percdamp, f"{name}.down")
+        w = self._down_fit(a, percdamp, ha * (n / 2)) if fit else self.wd
+        self.wd, _ = sparsegpt_prune(w, ha, _part(target, "down"), blocksize, percdamp, f"{name}.down")
+        self.wd = self._half(self.wd)
+
+    def _xfit(self, t, percdamp: float, gx, prior) -> torch.Tensor:
+        """A first-layer re-fit onto ``t`` from X: the project's damped least squares, or the reference's
+        pseudo-inverse of X (computed once per MLP, held in fp16 with ``recipe.half``)."""
+        if self.recipe.refit == "ridge":
+            return least_squares(self.x, t, percdamp, gx, prior=prior)
+        if self._xinv is None:
+            self._xinv = self._half(torch.pinverse(self._finite(self.x, "the MLP input X")))
+        return self._half(self._xinv @ t).t()
+
+    def _down_fit(self, a, percdamp: float, gram) -> torch.Tensor:
+        """The down projection's re-fit onto Y from ``a``: the project's damped least squares; the reference's
+        pseudo-inverse of ``a`` (gated, its Llama path), or 10 gradient steps of 0.01 on the mean squared error
+        from the current weights (plain, its OPT path)."""
+        if self.recipe.refit == "ridge":
+            return least_squares(a, self.y, percdamp, gram, prior=self.dense[2])
+        a = self._finite(a, "the down projection's input")
+        if self.gated:
+            return self._half(self._half(torch.pinverse(a)) @ self.y).t()
+        w = self.wd.clone()
+        for _ in range(10):
+            w -= 0.01 * (2.0 / self.y.numel()) * ((a @ w.t() - self.y).t() @ a)
+        return self._half(w)
+
+    def _finite(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """``t`` if finite; else the one-line error (the reference's pseudo-inverse fails on such values)."""
+        if not bool(torch.isfinite(t).all()):
+            raise ElsaError(f"{self.name}: {what} has non-finite values at alternation {self.alternation + 1} "
+                            f"(method.refit=reference{', method.half=true' if self.recipe.half else ''}); the "
+                            "reference's pseudo-inverse fails on them too; run with method.half=false or "
+                            "method.refit=ridge")
+        return t
 
     def update_activations(self) -> None:
         self.update_p()
@@ -406,24 +503,29 @@ def _part(target, key: str) -> Sparsity:
 
 SELECT = ("last", "best")
 FALLBACKS = (None, "sparsegpt")
+MODES = ("project", "reference")
+REFERENCE_SKIP = (1, -2, -1)   # the reference's Llama path runs one alternation on its layers 1, 30 and 31 of 32
 
 
 @torch.no_grad()
 def sparsellm_mlp(first: nn.Linear, up: nn.Linear | None, down: nn.Linear, act, x: torch.Tensor, y: torch.Tensor,
                   target: Sparsity, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, iterations: int = 4,
                   blocksize: int = 128, percdamp: float = 0.01, name: str = "mlp", select: str = "last",
-                  relu: bool = False, down_input: str = "pruned", baseline: bool = True) -> dict:
+                  relu: bool = False, down_input: str = "pruned", baseline: bool = True,
+                  recipe: Recipe | None = None) -> dict:
     """Prune the MLP ``down(act(first x) [* up x])`` in place so that it maps X to Y; returns the objective and
     the real MLP error per alternation (and plain SparseGPT's error on the same MLP, ``baseline``).
 
     ``select="last"`` keeps the last alternation's weights (the paper); ``"best"`` the alternation with the
-    lowest real MLP error."""
-    prob = MLPProblem(first, up, down, act, x, y, alpha, beta, gamma, relu=relu, down_input=down_input)
+    lowest real MLP error. ``recipe``: how the steps are carried out (:class:`Recipe`; None: the project's)."""
+    prob = MLPProblem(first, up, down, act, x, y, alpha, beta, gamma, relu=relu, down_input=down_input,
+                      recipe=recipe)
     sgpt = prob.sparsegpt_error(target, blocksize, percdamp) if baseline else None
     objective, error, best = [], [], None
-    for _ in tqdm(range(iterations), desc=f"sparsellm {name}", unit="alt", leave=False):
-        prob.update_activations()
-        prob.update_weights(target, blocksize, percdamp, name)
+    for k in tqdm(range(iterations), desc=f"sparsellm {name}", unit="alt", leave=False):
+        if k > 0 or not prob.recipe.literal:     # the reference prunes first, then updates the auxiliaries
+            prob.update_activations()
+        prob.update_weights(target, blocksize, percdamp, name, k)
         objective.append(prob.objective())
         error.append(prob.mlp_error())
         if select == "best" and error[-1] <= min(error):   # the update methods rebind the weights: no copy
@@ -454,7 +556,21 @@ def mlp_io(block: nn.Module, first: nn.Module, down: nn.Module, inputs) -> tuple
     return torch.cat(xs), torch.cat(ys)
 
 
-PENALTY = Number(gt=0, paper="0.1")   # alpha, beta, gamma: the weights of the auxiliary variables' penalties
+@dataclass(frozen=True)
+class BlockList(Rule):
+    """method.skip: null or a list of block indices (whole numbers, negative ones from the end)."""
+
+    def ok(self, value) -> bool:
+        return value is None or isinstance(value, (list, tuple)) and \
+            all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+    def allowed(self) -> str:
+        return ("a list of block indices, negative ones from the end (e.g. [1,-2,-1], the reference's layers 1, 30, "
+                "31 of 32), [] for none, or null (the mode's)")
+
+
+PENALTY = Number(gt=0, also=(None,), paper="0.1; the reference code's Llama path: 5.0")   # alpha, beta, gamma:
+#   the weights of the auxiliary variables' penalties (null: the mode's, SparseLLM.weights)
 
 
 class SparseLLM(SparseGPT, name="sparsellm", position=5):
@@ -463,8 +579,8 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
         return super().matrix_flops(out_features, in_features, tokens) + \
             self.iterations * (4.0 * out_features * in_features * tokens + in_features ** 3)
 
-    def __init__(self, alpha: Annotated[float, PENALTY] = 0.1, beta: Annotated[float, PENALTY] = 0.1,
-                 gamma: Annotated[float, PENALTY] = 0.1,
+    def __init__(self, alpha: Annotated[float | None, PENALTY] = None, beta: Annotated[float | None, PENALTY] = None,
+                 gamma: Annotated[float | None, PENALTY] = None,
                  iterations: Annotated[int, Number(gt=0, whole=True, paper="4")] = 4,
                  percdamp: Annotated[float, PERCDAMP] = 0.01,
                  blocksize: Annotated[int, Number(gt=0, whole=True, paper="128")] = 128,
@@ -473,14 +589,52 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
                  fallback: Annotated[str | None, Choice(FALLBACKS, "null (refuse a block whose MLP SparseLLM does not "
                                                         "model) or sparsegpt (prune such blocks by SparseGPT, "
                                                         "recorded)")] = None,
-                 down_input: Annotated[str, Choice(DOWN_INPUTS, "pruned (the activations of the re-pruned first "
-                                                   "layer(s)) or auxiliary (the auxiliary P)")] = "pruned"):
+                 down_input: Annotated[str | None, Choice((None, *DOWN_INPUTS), "pruned (the activations of the "
+                                                          "re-pruned first layer(s)) or auxiliary (the auxiliary P) "
+                                                          "or null (the mode's)")] = None,
+                 mode: Annotated[str, Choice(MODES, "project (this project's SparseLLM) or reference (the algorithm "
+                                             "of BaiTheBest/SparseLLM's code; README, SparseLLM)")] = "project",
+                 refit: Annotated[str | None, Choice((None, *REFITS), "ridge (least squares damped per channel "
+                                                     "towards the dense weights) or reference (the reference's "
+                                                     "undamped pseudo-inverse) or null (the mode's)")] = None,
+                 s_update: Annotated[str | None, Choice((None, *S_UPDATES), "exact (S's elementwise minimiser) or "
+                                                        "gradient (the reference's method.s_steps gradient steps of "
+                                                        "method.s_lr) or null (the mode's)")] = None,
+                 s_steps: Annotated[int, Number(gt=0, whole=True, paper="the reference code: 2")] = 2,
+                 s_lr: Annotated[float, Number(gt=0, paper="the reference code: 0.01")] = 0.01,
+                 half: Annotated[bool, Flag("true (round to fp16 where the reference holds fp16) or false")] = False,
+                 skip: Annotated[list[int] | None, BlockList()] = None):
         super().__init__(percdamp, blocksize, batch_size)
         self.fallback = fallback
         self.fallback_blocks: list[str] = []
         self.n_blocks = 0
-        self.select, self.down_input = select, down_input
-        self.alpha, self.beta, self.gamma, self.iterations = float(alpha), float(beta), float(gamma), int(iterations)
+        self.mode = mode
+        ref = mode == "reference"
+        self.select = select
+        self.down_input = down_input if down_input is not None else ("auxiliary" if ref else "pruned")
+        self.alpha, self.beta, self.gamma, self.iterations = alpha, beta, gamma, int(iterations)
+        self.recipe = Recipe(refit if refit is not None else ("reference" if ref else "ridge"),
+                             s_update if s_update is not None else ("gradient" if ref else "exact"),
+                             int(s_steps), float(s_lr), half, literal=ref)
+        self.skip = None if skip is None else [int(i) for i in skip]
+        self.block_index: dict[str, int] = {}
+        self.skipped_blocks: list[str] = []
+
+    def weights(self, kind: str) -> tuple[float, float, float]:
+        """α, β, γ for an MLP of ``kind``: as set, else the mode's (the reference: 5.0 on its gated Llama path,
+        0.1 on its plain OPT path; the project: 0.1, only their ratios enter its updates)."""
+        default = 5.0 if self.mode == "reference" and kind == "gated" else 0.1
+        return tuple(default if v is None else float(v) for v in (self.alpha, self.beta, self.gamma))
+
+    def skipped(self, kind: str) -> set[int]:
+        """Indices of the blocks whose MLP gets no alternation beyond the first (plain SparseGPT): method.skip,
+        else the mode's (the reference: the second and the last two blocks on its gated Llama path)."""
+        skip = self.skip if self.skip is not None else \
+            (REFERENCE_SKIP if self.mode == "reference" and kind == "gated" else ())
+        n = self.n_blocks
+        if skip and not n:
+            raise ElsaError("method=sparsellm: method.skip needs the model's blocks (validate() first)")
+        return {i % n for i in skip if -n <= i < n}
 
     def validate(self, model: nn.Module, target: Sparsity) -> None:
         """Right after load, before any calibration: every block's MLP must be one SparseLLM models (traced on
@@ -488,9 +642,20 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
         super().validate(model, target)
         blocks, prefix = blocks_and_prefix(model)
         self.n_blocks = len(blocks)
+        self.block_index = {f"{prefix}.{i}": i for i in range(len(blocks))}
+        bad_skip = [i for i in self.skip or () if not -len(blocks) <= i < len(blocks)]
+        if bad_skip:
+            raise config_error("method.skip", list(self.skip), f"block indices of this model's {len(blocks)} blocks "
+                               f"(0 to {len(blocks) - 1}, or -{len(blocks)} to -1 from the end)")
         found = model_mlp_structures(model, blocks)
         bad = [i for i, s in enumerate(found) if s is None]
         self.fallback_blocks = [f"{prefix}.{i}" for i in bad]
+        self.skipped_blocks = []
+        skip = sorted({i for st in found if st is not None for i in self.skipped(st.kind)})
+        if skip:
+            log.warning("sparsellm: one alternation (plain SparseGPT) on the MLP of block(s) %s of %d (method.skip%s)",
+                        ", ".join(map(str, skip)), len(blocks), "" if self.skip is not None else
+                        ": the reference's second and last two blocks")
         if bad and self.fallback is None:
             lins = ", ".join(f"{n} {list(lin.weight.shape)}" for n, lin in block_matrices(blocks[bad[0]]).items())
             raise ElsaError(f"method=sparsellm cannot model the MLP of block {prefix}.{bad[0]} ({len(bad)}/"
@@ -512,6 +677,12 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
             if prefix not in self.fallback_blocks:
                 self.fallback_blocks.append(prefix)
             return LayerwisePruner.prune_block(self, prefix, block, stats, inputs, target)
+        skip = self.skipped(structure.kind)
+        if skip and prefix not in self.block_index:
+            raise ElsaError(f"method=sparsellm: block {prefix} is not one of the blocks validate() found")
+        if self.block_index.get(prefix) in skip:   # one alternation only: the reference's opt_epochs = 1
+            self.skipped_blocks.append(prefix)
+            return LayerwisePruner.prune_block(self, prefix, block, stats, inputs, target)
         mods = {n: block.get_submodule(n) for n in structure.names()}
         first, up, down = mods[structure.first], mods.get(structure.up), mods[structure.down]
         x, y = mlp_io(block, first, down, inputs)            # before any pruning: the dense block's view
@@ -523,9 +694,9 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
         mlp_target = target if not target.allocated else \
             {"first": local.at(structure.first), "up": local.at(structure.up) if structure.up else None,
              "down": local.at(structure.down)}
-        out = sparsellm_mlp(first, up, down, structure.act, x, y, mlp_target, self.alpha, self.beta, self.gamma,
+        out = sparsellm_mlp(first, up, down, structure.act, x, y, mlp_target, *self.weights(structure.kind),
                             self.iterations, self.blocksize, self.percdamp, f"{prefix}.{structure.down}",
-                            self.select, structure.relu, self.down_input)
+                            self.select, structure.relu, self.down_input, recipe=self.recipe)
         out["structure"] = {"kind": structure.kind, "first": structure.first, "up": structure.up,
                             "down": structure.down, "activation": type(structure.act).__name__}
         parents = {n.rpartition(".")[0] for n in structure.names()}
@@ -554,4 +725,11 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
         if self.fallback_blocks:
             out["fallback"] = {"method": self.fallback, "blocks": list(self.fallback_blocks),
                                "of": max(self.n_blocks, len(self.fallback_blocks))}
+        if self.mode != "project" or self.recipe != Recipe() or self.skip:
+            out["recipe"] = {"mode": self.mode, "down_input": self.down_input, **asdict(self.recipe),
+                             "alpha_beta_gamma": {k: self.weights(k) for k in ("gated", "plain")}}
+        if self.skipped_blocks:
+            out["skipped"] = {"blocks": list(self.skipped_blocks), "of": self.n_blocks,
+                              "what": "one alternation, i.e. plain SparseGPT on the MLP (method.skip; the "
+                                      "reference's opt_epochs = 1)"}
         return out
