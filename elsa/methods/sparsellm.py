@@ -74,6 +74,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from elsa import notes
 from elsa.errors import ElsaError, config_error
 from elsa.layerwise import BATCH, LayerwisePruner
 from elsa.methods.base import Annotated, Choice, Flag, Number
@@ -722,9 +723,12 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
                            "alternation / plain SparseGPT on the same MLP",
                 "ratio": {k: v["mlp_error"][v["kept"]] / v["mlp_error_sparsegpt"] if v["mlp_error_sparsegpt"]
                           else None for k, v in mlps.items()}}
+        of = max(self.n_blocks, len(self.fallback_blocks))
         if self.fallback_blocks:
-            out["fallback"] = {"method": self.fallback, "blocks": list(self.fallback_blocks),
-                               "of": max(self.n_blocks, len(self.fallback_blocks))}
+            out["fallback"] = {"method": self.fallback, "blocks": list(self.fallback_blocks), "of": of}
+            out.setdefault("notes", []).append(notes.fallback(self.fallback, "sparsellm", list(self.fallback_blocks), of))
+        if mlps:     # its alternations' solves round differently with the thread count (docs/results.md)
+            out.setdefault("notes", []).append(notes.thread_dependence("sparsellm", torch.get_num_threads()))
         if self.mode != "project" or self.recipe != Recipe() or self.skip:
             out["recipe"] = {"mode": self.mode, "down_input": self.down_input, **asdict(self.recipe),
                              "alpha_beta_gamma": {k: self.weights(k) for k in ("gated", "plain")}}
