@@ -64,7 +64,8 @@ def main() -> None:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
             for method, level in lv.get(ratio, {}).items():
                 ax.axhline(level, ls="--", lw=0.8, color="grey")
-                ax.annotate(method, (ax.get_xlim()[0], level), fontsize=7, va="bottom")
+                ax.text(0.01, level, f"{method} {level:,.0f}", transform=ax.get_yaxis_transform(), fontsize=7,
+                        va="bottom", color="grey")
             ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="held-out perplexity (wiki, 8,192 tokens)",
                    title=f"ELSA from the dense model, {ratio:.0%}")
             ax.legend(fontsize=7)
