@@ -90,16 +90,19 @@ def _bucket_table(mid: Tensor) -> Tensor:
     """For each top-16-bit prefix of a float32, how many midpoints lie below every float with that prefix (the
     bucket's lowest value: the prefix with zeros below for a positive float, with ones for a negative one)."""
     prefix = torch.arange(65536, dtype=torch.int64) << 16
-    low = torch.where(prefix >= 1 << 31, prefix | 0xFFFF, prefix)
-    low = torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32).view(torch.float32)
-    low = torch.nan_to_num(low, nan=math.inf)
-    below = torch.bucketize(low, mid).clamp_max(255)
-    high = torch.where(prefix >= 1 << 31, prefix, prefix | 0xFFFF)
-    high = torch.where(high >= 1 << 31, high - (1 << 32), high).to(torch.int32).view(torch.float32)
+    negative = prefix >= 1 << 31
+    low = _as_float(torch.where(negative, prefix | 0xFFFF, prefix))
+    high = _as_float(torch.where(negative, prefix, prefix | 0xFFFF))
     finite = ~(torch.isnan(low) | torch.isnan(high))
+    below = torch.bucketize(torch.nan_to_num(low, nan=math.inf), mid).clamp_max(255)
     if int((torch.bucketize(high[finite], mid) - below[finite]).max()) > 1:   # the kernel's single compare
-        raise AssertionError("a quantization map with two midpoints in one float16-prefix bucket")
+        raise AssertionError("a quantization map with two midpoints in one top-16-bit bucket")
     return below.to(torch.int32)
+
+
+def _as_float(bits: Tensor) -> Tensor:
+    """float32 values of unsigned 32-bit patterns held in int64."""
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
 
 
 class Quantized:
