@@ -219,19 +219,8 @@ class TrainEngine:
     def train(self, model, ctx: PruneContext, teacher=None) -> dict:
         """Train ``model`` in place; ``teacher`` (distillation) defaults to a frozen copy of ``model``."""
         m, s = self.method, self.s
-        if s.tokens is not None:   # the budget in tokens fixes the steps for this run's global batch
-            per_step = tokens_per_step(s, D.world_size(), ctx.seqlen)
-            s.steps = max(1, math.ceil(s.tokens / per_step))
-            m.config["steps"] = s.steps
-            log.info("method.tokens=%d: %d steps of %d tokens", s.tokens, s.steps, per_step)
-        constrained = {n: w.param for n, w in prunable_weights(model).items()}
-        ids_c = {id(p) for p in constrained.values()}
-        frozen = kept_dense(model)           # routers and ignored / untargeted weights stay bit-identical
-        own = {id(p) for mod in model.modules() if getattr(mod, "elsa_trains", False) for p in mod.parameters()}
-        for p in model.parameters():         # a method's own modules (extend: AST's SLoRB) always train
-            p.requires_grad_((s.train_dense_params and id(p) not in frozen) or (id(p) in ids_c and m.trains_weights)
-                             or id(p) in own)
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.apply_token_budget(ctx)
+        constrained, trainable = self.select_trainable(model)
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         signature = self.signature(ctx, trainable)
@@ -263,18 +252,7 @@ class TrainEngine:
             run.stats["heldout"] = {"split": s.eval_split, "windows": heldout.shape[0], "tokens": heldout.numel()}
 
         ckpt.optimizer = opt
-        state = ckpt.load() if s.resume else None
-        if state is not None:
-            sched.load_state_dict(state["scheduler"])
-            m.load_method_state(run, state)
-            set_rng_state(state["rng"])
-            run.stats, start = state["stats"], state["step"]
-            log.info("resumed %s from %s at step %d", m.name, ckpt.path, start)
-            run.stats["resumed_from_step"] = start
-            run.stats["wall_s_before_resume"] = run.stats.get("wall_s_at_checkpoint", 0.0)  # earlier sessions
-        else:
-            start = 0
-            m.start(run)
+        start = self.resume_or_start(run, ckpt, sched)
         try:
             self.loop(run, start, ckpt)
             m.finish(run)
@@ -283,6 +261,55 @@ class TrainEngine:
         if s.gradient_checkpointing:
             model.gradient_checkpointing_disable()
         model.requires_grad_(False).eval()
+        self.final_stats(run, opt)
+        if not s.keep_checkpoint:
+            ckpt.remove()
+        return run.stats
+
+    def apply_token_budget(self, ctx: PruneContext) -> None:
+        """``method.tokens``: the budget in tokens fixes the steps for this run's global batch."""
+        s = self.s
+        if s.tokens is None:
+            return
+        per_step = tokens_per_step(s, D.world_size(), ctx.seqlen)
+        s.steps = max(1, math.ceil(s.tokens / per_step))
+        self.method.config["steps"] = s.steps
+        log.info("method.tokens=%d: %d steps of %d tokens", s.tokens, s.steps, per_step)
+
+    def select_trainable(self, model) -> tuple[dict, list]:
+        """The constrained (pruned) weights by name and every parameter that trains: the constrained ones when
+        the method trains weights, the dense ones when ``train_dense_params`` (except routers and ignored /
+        untargeted weights, which stay bit-identical), and a method's own modules (AST's SLoRB) always."""
+        s, m = self.s, self.method
+        constrained = {n: w.param for n, w in prunable_weights(model).items()}
+        ids_c = {id(p) for p in constrained.values()}
+        frozen = kept_dense(model)
+        own = {id(p) for mod in model.modules() if getattr(mod, "elsa_trains", False) for p in mod.parameters()}
+        for p in model.parameters():
+            p.requires_grad_((s.train_dense_params and id(p) not in frozen) or (id(p) in ids_c and m.trains_weights)
+                             or id(p) in own)
+        return constrained, [p for p in model.parameters() if p.requires_grad]
+
+    def resume_or_start(self, run: TrainRun, ckpt: Checkpointer, sched) -> int:
+        """The step to start from: a checkpoint's (its scheduler, method state, RNG and stats restored), or 0
+        after the method's own start."""
+        m = self.method
+        state = ckpt.load() if self.s.resume else None
+        if state is None:
+            m.start(run)
+            return 0
+        sched.load_state_dict(state["scheduler"])
+        m.load_method_state(run, state)
+        set_rng_state(state["rng"])
+        run.stats, start = state["stats"], state["step"]
+        log.info("resumed %s from %s at step %d", m.name, ckpt.path, start)
+        run.stats["resumed_from_step"] = start
+        run.stats["wall_s_before_resume"] = run.stats.get("wall_s_at_checkpoint", 0.0)  # earlier sessions
+        return start
+
+    def final_stats(self, run: TrainRun, opt) -> None:
+        """What the run cost: step time, tokens, compute, and the state bytes per constrained weight."""
+        m, s, ctx, model, constrained = self.method, self.s, run.ctx, run.model, run.constrained
         n_c = sum(D.local(p).numel() for p in constrained.values())
         opt_bytes = sum(tensor_nbytes(D.local(v)) for p in constrained.values() for v in opt.state.get(p, {}).values()
                         if hasattr(v, "codes") or isinstance(v, torch.Tensor) and v.numel() > 1)
@@ -298,9 +325,6 @@ class TrainEngine:
                          tokens_seen=tokens,
                          state_bytes_per_param={"optimizer": opt_bytes / n_c, label: m_bytes / n_c,
                                                 "total": (opt_bytes + m_bytes) / n_c})
-        if not s.keep_checkpoint:
-            ckpt.remove()
-        return run.stats
 
     def signature(self, ctx, trainable) -> dict:
         """What a checkpoint must have been written with to be resumed by this run."""

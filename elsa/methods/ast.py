@@ -30,6 +30,7 @@ from elsa import distributed as D
 from elsa.errors import ElsaError, config_error
 from elsa.losses import LossTerms
 from elsa.methods.base import GROUP, Annotated, Choice, Flag, Number
+from elsa.methods.registry import own_arguments
 from elsa.methods.training_method import TrainingMethod
 from elsa.schedules import cosine_schedule, linear_schedule
 from elsa.slorb import INITS
@@ -289,7 +290,7 @@ class Ast(TrainingMethod, name="ast", variants=("ast_boosted",), position=0):
                  squarehead_weight: Annotated[float, Number(ge=0)] = 0.0, **shared):
         """AST's own keys; ``shared`` are the engine's (elsa.engine.TrainSettings), with the reference recipe's
         defaults (``train_defaults``)."""
-        own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
+        own = own_arguments(self, Ast)
         super().__init__(**shared)
         self.lr_schedule = lr_schedule
         self.srste_decay, self.increase_step, self.mask_interval = float(srste_decay), int(increase_step), \

@@ -20,6 +20,7 @@ from elsa.engine import OPTIMIZERS
 from elsa.errors import config_error
 from elsa.losses import LossTerms
 from elsa.methods.base import GROUP, Annotated, Choice, Number
+from elsa.methods.registry import own_arguments
 from elsa.methods.training_method import TrainingMethod
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class Elsa(TrainingMethod, name="elsa", position=4):
                  dual_timing: Annotated[str, Choice(DUAL_TIMINGS)] = "interval",
                  lam_scaling: Annotated[str, Choice(LAM_SCALINGS)] = "global", **shared):
         """ELSA's own keys; ``shared`` are the engine's (steps, lr, ..., see elsa.engine.TrainSettings)."""
-        own = {k: v for k, v in locals().items() if k not in ("self", "__class__", "shared")}
+        own = own_arguments(self, Elsa)
         # keys added by issue 15 join the checkpoint signature only when set, so older checkpoints still resume
         for key, default in NEW_DEFAULTS.items():
             if own.get(key) == default:

@@ -238,12 +238,24 @@ def checked(init):
         return init
     signature = inspect.signature(init)
 
+    named = [p.name for p in list(signature.parameters.values())[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                    p.KEYWORD_ONLY)]
+
     @functools.wraps(init)
     def wrapper(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         check_keys(init, {k: v for k, v in bound.arguments.items() if k != "self"})
+        bound.apply_defaults()
+        recorded = args[0].__dict__.setdefault("_init_arguments", {})
+        recorded[init.__qualname__] = {k: bound.arguments[k] for k in named}
         return init(*args, **kwargs)
     return wrapper
+
+
+def own_arguments(obj, cls) -> dict:
+    """The named arguments (defaults applied) that ``cls``'s own constructor received for ``obj``, as recorded by
+    :func:`checked`: a training method's own keys for its checkpoint signature, without ``**shared``."""
+    return dict(obj.__dict__["_init_arguments"][cls.__init__.__qualname__])
 
 
 def check_fields(obj) -> None:
