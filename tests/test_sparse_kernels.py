@@ -80,6 +80,30 @@ def test_csr_chunks_close_at_256_columns_and_threads_split_unequal_rows(dtype):
 
 
 @needs_lib
+@pytest.mark.parametrize("layout", ["csr", "bitmask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_linear_decode_path_takes_any_shape_and_adds_the_bias(layout, dtype):
+    """SparseLinear's decode path (CompressedKernel.forward_nd: no reshape, the bias added in place) on 3-D inputs
+    of 1 and 6 tokens against nn.Linear with its bias; an input of the wrong width is refused, not read past."""
+    w = _matrix(24, 64, layout, dtype=dtype)
+    lin = torch.nn.Linear(64, 24).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    fns, _ = SL.candidates(lin.weight, lin.bias, only={layout})
+    sl = SL.SparseLinear(lin, {"sparsity": 0.8, "decode": layout, "prefill": "dense"}, fns)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    g = torch.Generator().manual_seed(3)
+    for shape in ((1, 1, 64), (2, 3, 64)):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        with torch.no_grad():
+            want, got = lin(x), sl(x)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert torch.allclose(got.float(), want.float(), atol=tol * float(want.abs().max()), rtol=tol)
+    with pytest.raises(ValueError, match="features"):
+        sl(torch.randn(1, 1, 72).to(dtype))
+
+
+@needs_lib
 @pytest.mark.parametrize("layout", ["bitmask", "nm"])
 def test_the_kernel_holds_the_checkpoints_own_bytes(layout):
     """What the kernel reads is what elsa.sparse.encode stores (values; bitmask or indices), nothing re-laid out."""
