@@ -246,3 +246,22 @@ def test_nm_model_runs_the_nm_kernel_with_dense_tokens():
     ids = torch.randint(0, 500, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(greedy(dense, ids, 10)[0], greedy(sparse, ids, 10)[0])
+
+
+def test_acceptance_table_marks_each_figure_against_its_target():
+    """bench_sparse.py accept (bench/accept30.sh): a figure under its target says NOT met, plans hashed
+    differently across runs say DIFFER, the matrices' figure is the chosen kernel against dense in its dtype."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_sparse", Path(__file__).parent.parent / "bench" / "bench_sparse.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = lambda sha, fp32: {"bench": "decode_model", "sparsity": "0.9", "threads": 2, "loadavg": [2.0],  # noqa: E731
+                               "decode_tokens_per_s": {"dense": 40.0, "dense_bf16": 36.0},
+                               "speedup": {"sparse": fp32, "sparse_bf16": 2.5}, "plan_sha": {"sparse": [sha, sha]}}
+    matrix = {"bench": "decode_matrix", "sparsity": "0.9", "shape": [4096, 11008], "dtype": "float32",
+              "us": {"dense": 2900.0, "csr": 700.0, "bitmask": 900.0}, "chosen": "csr", "loadavg": [2.0]}
+    text = "\n".join(bench.accept_report([model("a", 2.5), model("b", 2.1), matrix]))
+    assert "2.50x (met: >= 2.4x)" in text and "2.10x (NOT met: >= 2.4x)" in text
+    assert "0.9 sparse: DIFFER a, b" in text and "4.14x (NOT met: >= 5.0x)" in text
