@@ -232,6 +232,42 @@ def report_decode(rows: list[dict]) -> list[str]:
     return lines
 
 
+MODEL_TARGETS = {"0.9": {"sparse": 2.4, "sparse_bf16": 1.6}, "0.7": {"sparse": 1.2, "sparse_bf16": 1.2},
+                 "2:4": {"sparse": 1.2, "sparse_bf16": 1.2}, "0.5": {"sparse": 1.0, "sparse_bf16": 1.0}}
+MATRIX_TARGET = 5.0      # issue 30: 7B-shaped matrices at 90%, batch 1, against dense in the same dtype
+
+
+def accept_report(rows: list[dict]) -> list[str]:
+    """Issue 30's acceptance figures from one file (bench/accept30.sh): per sparsity and run, sparse fp32 against
+    dense fp32 and sparse with bf16 values against dense bf16, each with its target; whether every plan of a
+    sparsity and dtype (two per run) hashed the same; the 7B-shaped matrices at 90% against dense in the same
+    dtype. ``met`` compares a figure with its target and nothing else."""
+    mark = lambda v, t: f"{v:.2f}x ({'met' if v >= t else 'NOT met'}: >= {t}x)"  # noqa: E731
+    lines = ["| sparsity | run | threads | dense fp32 tok/s | sparse fp32 vs dense fp32 | dense bf16 tok/s | "
+             "sparse bf16 vs dense bf16 | ceiling fp32; bf16 | load |", "|---|---|---|---|---|---|---|---|---|"]
+    model = [r for r in rows if r["bench"] == "decode_model"]
+    shas: dict = {}
+    for sp in MODEL_TARGETS:
+        for i, r in enumerate(x for x in model if x["sparsity"] == sp):
+            t, s, tg = r["decode_tokens_per_s"], r["speedup"], MODEL_TARGETS[sp]
+            for k, v in r.get("plan_sha", {}).items():
+                shas.setdefault((sp, k), set()).update(v)
+            bf = (f"{t['dense_bf16']:.1f} | {mark(s['sparse_bf16'], tg['sparse_bf16'])}" if "sparse_bf16" in s
+                  else "- | -")
+            ceil = "; ".join(f"{v:.2f}x" for v in r.get("ceiling", {}).values()) or "-"
+            lines.append(f"| {sp} | {i + 1} | {r['threads']} | {t['dense']:.1f} | {mark(s['sparse'], tg['sparse'])} | "
+                         f"{bf} | {ceil} | {r['loadavg'][0]:.1f} |")
+    lines += ["", "Plans (every plan of a sparsity and dtype, two per run, hashed): " + "; ".join(
+        f"{sp} {k}: {'the same' if len(v) == 1 else 'DIFFER ' + ', '.join(sorted(v))}" for (sp, k), v in shas.items())]
+    lines += ["", "| shape | dtype | dense (us) | chosen | chosen vs dense, same dtype | load |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["bench"] == "decode_matrix" and r["sparsity"] == "0.9":
+            us = r["us"]
+            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['dtype']} | {us['dense']:.0f} | {r['chosen']} | "
+                         f"{mark(us['dense'] / us[r['chosen']], MATRIX_TARGET)} | {r['loadavg'][0]:.1f} |")
+    return lines
+
+
 def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if any(r["bench"].startswith("decode_") for r in rows):
@@ -262,8 +298,8 @@ def report(path: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["matrices", "model", "report"])
-    parser.add_argument("path", nargs="?", type=Path, help="report: the JSONL file")
+    parser.add_argument("what", choices=["matrices", "model", "report", "accept"])
+    parser.add_argument("path", nargs="?", type=Path, help="report, accept: the JSONL file")
     parser.add_argument("--sparsities", default="0.5,0.7,0.9,2:4", type=lambda s: s.split(","))
     parser.add_argument("--prefill", type=int, default=0,
                         help="also plan and time a forward of this many tokens (0: decode only; cuda matrices: 512)")
@@ -286,8 +322,12 @@ def main() -> int:
                         help="model: also dense bf16 against sparse with bf16 values (auto: where the CPU has bf16)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sparse.jsonl")
     args = parser.parse_args()
-    if args.what == "report":
-        print(report(args.path or args.out))
+    if args.what in ("report", "accept"):
+        path = args.path or args.out
+        if args.what == "accept":
+            print("\n".join(accept_report([json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()])))
+        else:
+            print(report(path))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -283,14 +283,15 @@ def candidates(weight: torch.Tensor, bias: torch.Tensor | None,
             out["csr16"] = _sized(lambda x: add_bias(k(x, threads)), k.nbytes())
         if threads > 1 and want("csr16_1t"):
             out["csr16_1t"] = _sized(lambda x: add_bias(k(x, 1)), k.nbytes())
-    out.update(_compressed_candidates(w, add_bias, want, skipped))
+    out.update(_compressed_candidates(w, bias, add_bias, want, skipped))
     return out, skipped
 
 
 DECODE_ONLY = ("bitmask", "nm", "csr")     # elsa.sparse_kernels: 1..DECODE_MAX tokens
 
 
-def _compressed_candidates(w: torch.Tensor, add_bias: Callable, want: Callable, skipped: dict) -> dict:
+def _compressed_candidates(w: torch.Tensor, bias: torch.Tensor | None, add_bias: Callable, want: Callable,
+                           skipped: dict) -> dict:
     """The kernels that read the checkpoint's own layouts (elsa.sparse_kernels), on all torch threads."""
     from elsa import sparse_kernels as SK
 
@@ -300,8 +301,9 @@ def _compressed_candidates(w: torch.Tensor, add_bias: Callable, want: Callable, 
         if why:
             skipped[layout] = why
         elif want(layout):
-            k = SK.CompressedKernel(w, layout, threads=torch.get_num_threads())
+            k = SK.CompressedKernel(w, layout, threads=torch.get_num_threads(), bias=bias)
             out[layout] = _sized(lambda x, k=k: add_bias(k(x)), k.nbytes())
+            out[layout].nd = k.forward_nd          # SparseLinear's decode path: any shape, the bias added
     return out
 
 
@@ -501,8 +503,11 @@ class SparseLinear(nn.Module):
         self.weight = linear.weight if "dense" in chosen.values() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = self.kernels["decode" if x.numel() <= DECODE_MAX * self.in_features else "prefill"]
+        nd = getattr(fn, "nd", None)              # the compiled kernels take [..., in] as it is
+        if nd is not None:
+            return nd(x)
         x2d = x.reshape(-1, self.in_features)
-        fn = self.kernels["decode" if x2d.shape[0] <= DECODE_MAX else "prefill"]
         return fn(x2d).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

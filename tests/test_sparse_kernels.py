@@ -67,8 +67,9 @@ def test_csr_chunks_close_at_256_columns_and_threads_split_unequal_rows(dtype):
     w[4, torch.arange(3, cols, 7)] = 0.25                        # the long row
     w = w.to(dtype)
     k = SK.CompressedKernel(w, "csr")
-    assert int(k.rowptr[1]) == 5 and int(k.rowptr[2] - k.rowptr[1]) == len(range(0, cols, 300))
-    assert int(k.rowptr[3] - k.rowptr[2]) == 3 and int(k.rowptr[4] - k.rowptr[3]) == 0
+    counts = k.row_chunks()
+    assert counts[:4].tolist() == [5, len(range(0, cols, 300)), 3, 0]
+    assert k.rowptr.diff().tolist() == sorted(counts.tolist())       # stored by chunk count
     g = torch.Generator().manual_seed(2)
     for batch in (1, 2):
         x = torch.randn(batch, cols, generator=g).to(dtype)
@@ -76,6 +77,30 @@ def test_csr_chunks_close_at_256_columns_and_threads_split_unequal_rows(dtype):
         for threads in (1, 2):
             got = k(x, threads).float()
             assert torch.allclose(got, want, atol=2e-2 * float(want.abs().max()), rtol=2e-2)
+
+
+@needs_lib
+@pytest.mark.parametrize("layout", ["csr", "bitmask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_linear_decode_path_takes_any_shape_and_adds_the_bias(layout, dtype):
+    """SparseLinear's decode path (CompressedKernel.forward_nd: no reshape, the bias added in place) on 3-D inputs
+    of 1 and 6 tokens against nn.Linear with its bias; an input of the wrong width is refused, not read past."""
+    w = _matrix(24, 64, layout, dtype=dtype)
+    lin = torch.nn.Linear(64, 24).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    fns, _ = SL.candidates(lin.weight, lin.bias, only={layout})
+    sl = SL.SparseLinear(lin, {"sparsity": 0.8, "decode": layout, "prefill": "dense"}, fns)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    g = torch.Generator().manual_seed(3)
+    for shape in ((1, 1, 64), (2, 3, 64)):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        with torch.no_grad():
+            want, got = lin(x), sl(x)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert torch.allclose(got.float(), want.float(), atol=tol * float(want.abs().max()), rtol=tol)
+    with pytest.raises(ValueError, match="features"):
+        sl(torch.randn(1, 1, 72).to(dtype))
 
 
 @needs_lib
@@ -221,3 +246,22 @@ def test_nm_model_runs_the_nm_kernel_with_dense_tokens():
     ids = torch.randint(0, 500, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(greedy(dense, ids, 10)[0], greedy(sparse, ids, 10)[0])
+
+
+def test_acceptance_table_marks_each_figure_against_its_target():
+    """bench_sparse.py accept (bench/accept30.sh): a figure under its target says NOT met, plans hashed
+    differently across runs say DIFFER, the matrices' figure is the chosen kernel against dense in its dtype."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_sparse", Path(__file__).parent.parent / "bench" / "bench_sparse.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = lambda sha, fp32: {"bench": "decode_model", "sparsity": "0.9", "threads": 2, "loadavg": [2.0],  # noqa: E731
+                               "decode_tokens_per_s": {"dense": 40.0, "dense_bf16": 36.0},
+                               "speedup": {"sparse": fp32, "sparse_bf16": 2.5}, "plan_sha": {"sparse": [sha, sha]}}
+    matrix = {"bench": "decode_matrix", "sparsity": "0.9", "shape": [4096, 11008], "dtype": "float32",
+              "us": {"dense": 2900.0, "csr": 700.0, "bitmask": 900.0}, "chosen": "csr", "loadavg": [2.0]}
+    text = "\n".join(bench.accept_report([model("a", 2.5), model("b", 2.1), matrix]))
+    assert "2.50x (met: >= 2.4x)" in text and "2.10x (NOT met: >= 2.4x)" in text
+    assert "0.9 sparse: DIFFER a, b" in text and "4.14x (NOT met: >= 5.0x)" in text
