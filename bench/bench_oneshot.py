@@ -76,6 +76,7 @@ def speed(out: Path, methods, sparsity: str) -> None:
     from elsa.data import sample_starts, token_stream, windows
     from elsa.evaluation import bos_id
     from elsa.methods.base import PruneContext
+    from elsa.pruning_plan import PruningPlan
     from elsa.pipeline import Run, build
     from elsa.sparsity import Sparsity
 
@@ -98,7 +99,7 @@ def speed(out: Path, methods, sparsity: str) -> None:
         model.load_state_dict(dense)
         method = build(compose([*BASE, f"method={name}"]).method, "method")
         target = Sparsity.parse(sparsity)
-        method.validate(model, target)
+        method.validate(PruningPlan.build(model, target))
         ctx = PruneContext(model=model, tokenizer=tok, target=target, calibration=calib, seqlen=cfg.seqlen,
                            device="cpu")
         with PeakRSS() as mem:

@@ -55,6 +55,7 @@ def main() -> None:
     from elsa.layerwise import LayerwiseEngine, _hidden
     from elsa.models import blocks_and_prefix
     from elsa.pipeline import build
+    from elsa.pruning_plan import PruningPlan
     from elsa.sparsity import Sparsity
 
     def config(method: str):
@@ -86,6 +87,7 @@ def main() -> None:
     batch = int(methods.get("safe", cfg.method).batch_size)
 
     engine = LayerwiseEngine(model, "cpu", batch)
+    plan = PruningPlan.build(model, target)
     blocks, prefix = blocks_and_prefix(model)
     with torch.no_grad():
         hiddens, kwargs = engine.capture(calib)
@@ -102,8 +104,9 @@ def main() -> None:
                     method.without_tokens = []
                     pruned = copy.deepcopy(block)
                     t0 = time.perf_counter()
-                    stats = engine._collect(method, pruned, batches)
-                    info = method.prune_block(f"{prefix}.{index}", pruned, stats, batches, target)
+                    view = plan.block(index).on(pruned)
+                    stats = engine._collect(method, view, batches)
+                    info = method.prune_block(view, stats, batches)
                     seconds = time.perf_counter() - t0
                     total, count = 0.0, 0
                     for (h, kw), y in zip(batches, dense_out):

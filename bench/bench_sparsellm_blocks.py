@@ -45,6 +45,7 @@ def main() -> None:
     from elsa.pipeline import build as build_component
     from elsa.methods.sparsellm import model_mlp_structures, sparsellm_mlp
     from elsa.models import decoder_blocks
+    from elsa.pruning_plan import PruningPlan
     from elsa.sparsity import Sparsity
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -59,7 +60,7 @@ def main() -> None:
                     sample_starts(len(train), args.nsamples, cfg.seqlen, cfg.seed))
     blocks = decoder_blocks(model)
     chosen = [int(b) for b in args.blocks.split(",")]
-    structures = model_mlp_structures(model, blocks)
+    structures = model_mlp_structures(PruningPlan.build(model, Sparsity(0.5)))   # the MLPs, whatever the ratio
     io: dict[int, tuple[list, list]] = {b: ([], []) for b in chosen}
     handles = []
     for b in chosen:

@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
     from conftest import compose
 
     from elsa.data import sample_starts, token_stream, windows
+    from elsa.pruning_plan import PruningPlan
     from elsa.evaluation import bos_id
     from elsa.pipeline import build, seed_everything
     from elsa.sparsity import Sparsity
@@ -38,7 +39,8 @@ def main(argv: list[str]) -> int:
     owl = build(cfg.allocation, "allocation")
     for s in sparsities:
         t0 = time.perf_counter()
-        _, record = owl.allocate(model, Sparsity.parse(s), calib, str(cfg.hardware.device))
+        plan = PruningPlan.build(model, Sparsity.parse(s))
+        _, record = owl.allocate(plan, calib, str(cfg.hardware.device))
         print(json.dumps({"model": cfg.model.name, "sparsity": s, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen,
                           "time_s": round(time.perf_counter() - t0, 1), **record}), flush=True)
     return 0

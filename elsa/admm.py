@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from elsa.distributed import gather, local, scatter
 from elsa.errors import config_error
-from elsa.sparsity import Sparsity, mask_from_scores
+from elsa.pruning_plan import mask_of
+from elsa.sparsity import Sparsity
 
 SCHEDULES = ("constant", "linear", "cosine", "exponential", "adaptive")
 
@@ -247,8 +248,10 @@ class AdmmState:
     and a projection gathers one layer's scores at a time so the top-k is exact over the whole layer.
     """
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], target: Sparsity, group: str, z_codec, u_codec,
+    def __init__(self, params: dict[str, torch.nn.Parameter], target, group: str, z_codec, u_codec,
                  transposed: dict[str, bool] | None = None):
+        """``target``, here and in every projection: the run's plan (elsa.pruning_plan; ``params`` by full
+        name), one block's part of it (by path within the block), or one Sparsity for plain matrices."""
         self.params, self.target, self.group = params, target, group
         self.transposed = transposed or {}        # {name: stored [in, out]} (Conv1D); 3-D expert stacks per expert
         self.zc, self.uc = z_codec, u_codec
@@ -265,7 +268,7 @@ class AdmmState:
         else:
             v = second_moment(name) if second_moment is not None else None
             scores = x.abs() if v is None else v * x.square()
-        return scatter(p, mask_from_scores(gather(p, scores), target.at(name), self.group, self.transposed.get(name, False)))
+        return scatter(p, mask_of(target, name, gather(p, scores), self.group, self.transposed.get(name, False)))
 
     @torch.no_grad()
     def init(self, target: Sparsity, second_moment=None):

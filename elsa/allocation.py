@@ -18,7 +18,8 @@ method runs.
 Every non-uniform allocation is then made exact: the ratios are shifted by one common constant (clipped to
 [0, ``max_ratio``]) until they prune the requested fraction of the targeted weights, and the per-matrix counts
 are rounded by largest remainder, so the overall count is round(target * targeted weights) exactly. The
-result is a :class:`elsa.sparsity.Sparsity` whose ``per_matrix`` every method reads through ``target.at(name)``.
+result is the run's :class:`elsa.pruning_plan.PruningPlan` with each matrix at its own ratio, which every method
+reads.
 An N:M target has one pattern for every matrix: a non-uniform allocation refuses it.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from elsa.errors import ElsaError, config_error, positive
 from elsa.layerwise import NO_TOKENS, LayerwiseEngine, LayerwisePruner
-from elsa.models import block_matrices, blocks_and_prefix, prunable_matrices, prunable_weights
+from elsa.pruning_plan import MatrixId, PruningPlan
 from elsa.sparsity import Sparsity
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,12 @@ class Allocation:
             raise config_error("allocation", self.name, f"uniform with an N:M target (sparsity={target} sets the "
                                "same pattern in every matrix); a non-uniform allocation needs a ratio target")
 
-    def prepare(self, model, target: Sparsity) -> None:
+    def prepare(self, plan: PruningPlan) -> None:
         """After the model is loaded and targets / ignore applied, before calibration (cheap checks)."""
 
-    def allocate(self, model, target: Sparsity, calibration=None, device: str = "cpu") -> tuple[Sparsity, dict]:
-        return target, {"name": self.name}
+    def allocate(self, plan: PruningPlan, calibration=None, device: str = "cpu") -> tuple[PruningPlan, dict]:
+        """The plan with each matrix's ratio set, and the allocation's record for results.json."""
+        return plan, {"name": self.name}
 
 
 class Uniform(Allocation):
@@ -70,12 +72,12 @@ class Uniform(Allocation):
         if self.exact and target.is_nm:
             raise config_error("allocation.exact", True, "false with an N:M target (its count is fixed by N:M)")
 
-    def allocate(self, model, target, calibration=None, device="cpu"):
+    def allocate(self, plan, calibration=None, device="cpu"):
         if not self.exact:
-            return target, {"name": self.name}
-        numels = _numels(model)
+            return plan, {"name": self.name}
+        target, numels = plan.target, _numels(plan)
         counts = exact_counts({n: target.ratio for n in numels}, numels, target.ratio, 1.0 - 1e-12)
-        return allocated_target(target, counts, numels), {
+        return allocated_target(plan, counts, numels), {
             "name": self.name, "exact": True, "overall": sum(counts.values()) / sum(numels.values())}
 
 
@@ -87,8 +89,8 @@ def _clipped_total(ratios: dict[str, float], numels: dict[str, int], shift: floa
     return sum(min(max(r + shift, 0.0), hi) * numels[n] for n, r in ratios.items())
 
 
-def exact_counts(ratios: dict[str, float], numels: dict[str, int], target_ratio: float, max_ratio: float = 0.99,
-                 key: str = "allocation") -> dict[str, int]:
+def exact_counts(ratios: dict, numels: dict, target_ratio: float, max_ratio: float = 0.99,
+                 key: str = "allocation") -> dict:
     """Per-matrix prune counts close to ``ratios`` (shifted by one common constant, clipped to [0, max_ratio])
     whose sum is exactly round(target_ratio * total)."""
     total = sum(numels.values())
@@ -108,7 +110,7 @@ def exact_counts(ratios: dict[str, float], numels: dict[str, int], target_ratio:
     exact = {n: min(max(r + hi, 0.0), max_ratio) * numels[n] for n, r in ratios.items()}
     counts = {n: min(int(math.floor(v)), caps[n]) for n, v in exact.items()}
     short = want - sum(counts.values())
-    # largest remainder first (ties by name order, so the result is deterministic)
+    # largest remainder first (ties in the plan's order, so the result is deterministic)
     order = sorted(exact, key=lambda n: -(exact[n] - math.floor(exact[n])))
     i = 0
     while short > 0:
@@ -126,25 +128,23 @@ def exact_counts(ratios: dict[str, float], numels: dict[str, int], target_ratio:
     return counts
 
 
-def _numels(model) -> dict[str, int]:
-    return {n: m.weight.numel() for n, m in prunable_matrices(model).items()}
+def _numels(plan: PruningPlan) -> dict[MatrixId, int]:
+    return {mid: m.weight.numel() for mid, m, _t in plan.matrices()}
 
 
-def allocated_target(target: Sparsity, counts: dict[str, int], numels: dict[str, int]) -> Sparsity:
-    return Sparsity(ratio=target.ratio, per_matrix={n: counts[n] / numels[n] for n in counts})
+def allocated_target(plan: PruningPlan, counts: dict[MatrixId, int], numels: dict[MatrixId, int]) -> PruningPlan:
+    return plan.with_ratios({n: counts[n] / numels[n] for n in counts})
 
 
-def layer_of(model) -> dict[str, str]:
-    """{matrix name: the name of its decoder block} (structural: elsa.models' block prefix)."""
-    _, prefix = blocks_and_prefix(model)
-    head = prefix + "."
-    return {n: head + n[len(head):].split(".", 1)[0] for n in prunable_matrices(model)}
+def layer_of(plan: PruningPlan) -> dict[MatrixId, str]:
+    """{matrix: the name of its decoder block}."""
+    return {mid: f"{plan.prefix}.{mid.block}" for mid in plan.targets}
 
 
-def per_layer_ratios(model, counts: dict[str, int], numels: dict[str, int]) -> dict[str, float]:
+def per_layer_ratios(plan: PruningPlan, counts: dict[MatrixId, int], numels: dict[MatrixId, int]) -> dict[str, float]:
     """The allocated ratio of every decoder layer (its matrices together), in block order."""
     zeros, sizes = {}, {}
-    for n, layer in layer_of(model).items():
+    for n, layer in layer_of(plan).items():
         zeros[layer] = zeros.get(layer, 0) + counts[n]
         sizes[layer] = sizes.get(layer, 0) + numels[n]
     return {layer: zeros[layer] / sizes[layer] for layer in zeros}
@@ -174,12 +174,12 @@ class Owl(Allocation):
         self.max_ratio = _max_ratio(max_ratio)
         self.batch_size = positive("allocation.batch_size", batch_size, whole=True)
 
-    def outlier_ratios(self, model, calibration, device: str = "cpu") -> dict[str, float]:
+    def outlier_ratios(self, plan: PruningPlan, calibration, device: str = "cpu") -> dict[str, float]:
         """{block name: fraction of its scores above M x its mean score}, from the dense model's walk."""
         scan = OutlierScan(self.M, self.batch_size)
-        where = next(model.parameters()).device
-        LayerwiseEngine(model, device, self.batch_size).run(scan, calibration, Sparsity(ratio=0.0))
-        model.to(where)
+        where = next(plan.model.parameters()).device
+        LayerwiseEngine(plan.model, device, self.batch_size).run(scan, calibration, plan)
+        plan.model.to(where)
         return scan.ratios
 
     @staticmethod
@@ -192,19 +192,20 @@ class Owl(Allocation):
         mean = sum(spread) / len(spread)
         return [target - (s - mean) for s in spread]
 
-    def allocate(self, model, target, calibration=None, device="cpu"):
+    def allocate(self, plan, calibration=None, device="cpu"):
         if calibration is None:
             raise ElsaError("allocation=owl needs calibration windows (nsamples)")
-        outliers = self.outlier_ratios(model, calibration, device)
+        target = plan.target
+        outliers = self.outlier_ratios(plan, calibration, device)
         layers = list(outliers)
         sparsity = dict(zip(layers, self.layer_sparsity([outliers[l] for l in layers], target.ratio, self.lam)))
-        numels = _numels(model)
-        owner = layer_of(model)
+        numels = _numels(plan)
+        owner = layer_of(plan)
         counts = exact_counts({n: sparsity[owner[n]] for n in numels}, numels, target.ratio, self.max_ratio)
-        per_layer = per_layer_ratios(model, counts, numels)
+        per_layer = per_layer_ratios(plan, counts, numels)
         log.info("owl: outlier ratios %s -> layer sparsities %s", [round(outliers[l], 5) for l in layers],
                  [round(v, 4) for v in per_layer.values()])
-        return allocated_target(target, counts, numels), {
+        return allocated_target(plan, counts, numels), {
             "name": self.name, "M": self.M, "lambda": self.lam, "outlier_ratios": outliers,
             "per_layer": per_layer, "overall": sum(counts.values()) / sum(numels.values())}
 
@@ -226,17 +227,17 @@ class OutlierScan(LayerwisePruner):
         return stats
 
     @torch.no_grad()
-    def prune_block(self, prefix, block, stats, inputs, target):
+    def prune_block(self, block, stats, inputs):
         from elsa.methods.wanda import wanda_scores
 
-        seen = {n: m for n, m in block_matrices(block).items() if stats[n] is not NO_TOKENS}
+        seen = {n: m for n, m in block.matrices().items() if stats[n] is not NO_TOKENS}
         total, count = 0.0, 0
         for n, m in seen.items():          # the layer's mean score over all its matrices together
             total += float(wanda_scores(m.weight, stats[n].norms()).double().sum())
             count += m.weight.numel()
         mean = total / max(count, 1)
         above = sum(int((wanda_scores(m.weight, stats[n].norms()) > self.M * mean).sum()) for n, m in seen.items())
-        self.ratios[prefix] = above / max(count, 1)
+        self.ratios[block.prefix] = above / max(count, 1)
         return {}
 
 
@@ -253,13 +254,13 @@ class GlobalMagnitude(Allocation):
         self.max_ratio = _max_ratio(max_ratio)
 
     @torch.no_grad()
-    def ratios(self, model, target: Sparsity) -> dict[str, float]:
+    def ratios(self, plan: PruningPlan) -> dict[MatrixId, float]:
         """{matrix: fraction of its |w| below the global threshold} (the k-th smallest |w| of all targeted
         weights, k = round(target * total), found by a histogram over float32 bit patterns, so no copy of all
         the weights is held at once)."""
-        matrices = prunable_matrices(model)
+        matrices = {mid: m for mid, m, _t in plan.matrices()}
         total = sum(m.weight.numel() for m in matrices.values())
-        k = int(round(target.ratio * total))
+        k = int(round(plan.target.ratio * total))
         if k == 0:
             return {n: 0.0 for n in matrices}
         # |w| as float32 bits is monotone in |w|: bisect the threshold on the bit pattern
@@ -276,11 +277,11 @@ class GlobalMagnitude(Allocation):
         thr = torch.tensor(hi, dtype=torch.int32).view(torch.float32)
         return {n: float((m.weight.detach().abs().float() < thr).sum()) / m.weight.numel() for n, m in matrices.items()}
 
-    def allocate(self, model, target, calibration=None, device="cpu"):
-        numels = _numels(model)
-        counts = exact_counts(self.ratios(model, target), numels, target.ratio, self.max_ratio)
-        return allocated_target(target, counts, numels), {
-            "name": self.name, "score": "magnitude", "per_layer": per_layer_ratios(model, counts, numels),
+    def allocate(self, plan, calibration=None, device="cpu"):
+        numels = _numels(plan)
+        counts = exact_counts(self.ratios(plan), numels, plan.target.ratio, self.max_ratio)
+        return allocated_target(plan, counts, numels), {
+            "name": self.name, "score": "magnitude", "per_layer": per_layer_ratios(plan, counts, numels),
             "overall": sum(counts.values()) / sum(numels.values())}
 
 
@@ -340,30 +341,30 @@ class Profile(Allocation):
         self.kind = fmt
         return {str(k)[:-len(".weight")] if str(k).endswith(".weight") else str(k): v for k, v in data.items()}
 
-    def _resolve(self, model) -> dict[str, list[str]]:
-        """{profile name: the matrix names it sets}; an unknown name is an error."""
-        matrices = set(prunable_matrices(model))
-        weights = prunable_weights(model)
+    def _resolve(self, plan: PruningPlan) -> dict[str, list[MatrixId]]:
+        """{profile name: the matrices it sets}; an unknown name is an error."""
         out = {}
         for name in self.entries:
-            if name in matrices:
-                out[name] = [name]
-            elif name in weights and weights[name].experts is not None:
-                out[name] = [f"{name}[{e}]" for e in range(weights[name].experts)]
+            mid = plan.id_of(name)
+            if mid in plan.targets:
+                out[name] = [mid]
+            elif mid is not None and plan.weights[mid].experts is not None:
+                out[name] = [m for m in plan.targets if m.weight == mid]
             else:
+                matrices = plan.named_matrices()
                 example = next(iter(sorted(matrices)), "none")
                 raise config_error(f"allocation.path {self.path}: name", name,
                                    f"a targeted matrix of the model (e.g. {example}; {len(matrices)} in all)")
         return out
 
-    def prepare(self, model, target):
-        self._resolve(model)
+    def prepare(self, plan):
+        self._resolve(plan)
 
-    def allocate(self, model, target, calibration=None, device="cpu"):
-        numels = _numels(model)
+    def allocate(self, plan, calibration=None, device="cpu"):
+        target, numels = plan.target, _numels(plan)
         base = target.ratio if self.base is None else float(self.base)
         ratios = {n: target.ratio for n in numels}
-        for name, matrices in self._resolve(model).items():
+        for name, matrices in self._resolve(plan).items():
             value = self.entries[name]
             for n in matrices:
                 ratios[n] = min(max(base + value * 1e6 / numels[n], 0.0), 0.99) if self.kind == "evopress" else value
@@ -374,7 +375,7 @@ class Profile(Allocation):
                 raise config_error("allocation.path", self.path, f"a profile whose ratios prune sparsity={target} "
                                    f"of the targeted weights (it prunes {got / total:.4f}); or allocation.renormalise=true")
         counts = exact_counts(ratios, numels, target.ratio, self.max_ratio)
-        return allocated_target(target, counts, numels), {
+        return allocated_target(plan, counts, numels), {
             "name": self.name, "path": str(self.path), "format": self.kind, "renormalise": self.renormalise,
-            "per_layer": per_layer_ratios(model, counts, numels),
+            "per_layer": per_layer_ratios(plan, counts, numels),
             "overall": sum(counts.values()) / sum(numels.values())}

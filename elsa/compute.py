@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from elsa.models import decoder_blocks, prunable_matrices
+from elsa.models import decoder_blocks
 
 
 def block_matmul_params(model: nn.Module) -> int:
@@ -58,14 +58,15 @@ def evaluation(n: int, tokens: int, wall_s: float | None) -> dict:
     return phase(tokens, 2 * n * tokens, wall_s, "2N per token")
 
 
-def pruning(model: nn.Module, method, calib_tokens: int, stats: dict, wall_s: float | None) -> tuple[str, dict]:
-    """(phase name, record) of a method's own work: a training method's steps (its engine's record), a layer-wise
-    method's calibration walk, or a data-free method's selection."""
+def pruning(plan, method, calib_tokens: int, stats: dict, wall_s: float | None) -> tuple[str, dict]:
+    """(phase name, record) of a method's own work on the matrices of ``plan`` (elsa.pruning_plan): a training
+    method's steps (its engine's record), a layer-wise method's calibration walk, or a data-free method's
+    selection."""
     if isinstance(stats.get("compute"), dict):
         return "training", stats["compute"]
-    matrices = prunable_matrices(model)
+    matrices = plan.named_matrices()
     if getattr(method, "needs_calibration", False):
-        return "calibration", layerwise(model, method, calib_tokens, matrices, wall_s)
+        return "calibration", layerwise(plan.model, method, calib_tokens, matrices, wall_s)
     own = sum(method.matrix_flops(m.out_features, m.in_features, 0) for m in matrices.values())
     return "selection", phase(0, own, wall_s, f"{type(method).__name__}'s per-matrix work, no data")
 

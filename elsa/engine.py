@@ -44,7 +44,7 @@ from elsa.evaluation import perplexity
 from elsa.losses import kl_loss, kl_loss_chunked, lm_loss, lm_loss_chunked
 from elsa.methods.base import PruneContext
 from elsa.methods.registry import Choice, Flag, Number, Numbers, check_fields
-from elsa.models import decoder_blocks, kept_dense, prunable_weights
+from elsa.models import decoder_blocks
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ class TrainRun:
 
     def __init__(self, model, ctx: PruneContext, settings: TrainSettings, constrained: dict, trainable: list,
                  teacher, opt, sched, data, heldout):
-        self.model, self.ctx, self.target, self.device = model, ctx, ctx.target, torch.device(ctx.device)
+        self.model, self.ctx, self.device = model, ctx, torch.device(ctx.device)
+        self.plan = ctx.plan.on(model)       # the plan over the model trained (a sharded copy with FSDP)
         self.settings = settings
         self.constrained, self.trainable, self.teacher = constrained, trainable, teacher
         self.opt, self.sched, self.data, self.heldout = opt, sched, data, heldout
@@ -220,7 +221,7 @@ class TrainEngine:
         """Train ``model`` in place; ``teacher`` (distillation) defaults to a frozen copy of ``model``."""
         m, s = self.method, self.s
         self.apply_token_budget(ctx)
-        constrained, trainable = self.select_trainable(model)
+        constrained, trainable = self.select_trainable(model, ctx.plan)
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         signature = self.signature(ctx, trainable)
@@ -276,14 +277,16 @@ class TrainEngine:
         self.method.config["steps"] = s.steps
         log.info("method.tokens=%d: %d steps of %d tokens", s.tokens, s.steps, per_step)
 
-    def select_trainable(self, model) -> tuple[dict, list]:
+    def select_trainable(self, model, plan) -> tuple[dict, list]:
         """The constrained (pruned) weights by name and every parameter that trains: the constrained ones when
         the method trains weights, the dense ones when ``train_dense_params`` (except routers and ignored /
-        untargeted weights, which stay bit-identical), and a method's own modules (AST's SLoRB) always."""
+        untargeted weights, which stay bit-identical), and a method's own modules (AST's SLoRB) always.
+        ``plan``: the run's (elsa.pruning_plan), of which ``model`` is the planned model or a copy (FSDP)."""
         s, m = self.s, self.method
-        constrained = {n: w.param for n, w in prunable_weights(model).items()}
+        plan = plan.on(model)
+        constrained = {n: w.param for n, w in plan.named_weights().items()}
         ids_c = {id(p) for p in constrained.values()}
-        frozen = kept_dense(model)
+        frozen = plan.kept_dense()
         own = {id(p) for mod in model.modules() if getattr(mod, "elsa_trains", False) for p in mod.parameters()}
         for p in model.parameters():
             p.requires_grad_((s.train_dense_params and id(p) not in frozen) or (id(p) in ids_c and m.trains_weights)
@@ -330,9 +333,10 @@ class TrainEngine:
         """What a checkpoint must have been written with to be resumed by this run."""
         sig = {"method": self.method.config, "target": str(ctx.target), "seed": ctx.seed, "seqlen": ctx.seqlen,
                "dataset": getattr(ctx.dataset, "name", None), "params": sum(p.numel() for p in trainable)}
-        if ctx.target.allocated:            # a resumed run must have the same per-matrix ratios
+        ratios = ctx.plan.allocated_ratios()
+        if ratios is not None:              # a resumed run must have the same per-matrix ratios
             import hashlib
-            sig["allocation"] = hashlib.sha1(repr(sorted(ctx.target.per_matrix.items())).encode()).hexdigest()
+            sig["allocation"] = hashlib.sha1(repr(sorted(ratios.items())).encode()).hexdigest()
         return sig
 
     def loop(self, run: TrainRun, start: int, ckpt: Checkpointer) -> None:

@@ -40,8 +40,8 @@ from elsa.methods.registry import LAYER_WISE, Number
 from elsa.errors import ElsaError
 from elsa.memory import phase_window
 from elsa import notes
-from elsa.models import (Matrix, Weight, block_matrices, block_weights, blocks_and_prefix, decoder_blocks,
-                         expert_tensors, in_moe)
+from elsa.models import Matrix, Weight, decoder_blocks, expert_tensors, in_moe
+from elsa.pruning_plan import BlockPlan, MatrixId, PruningPlan
 from elsa.sparsity import Sparsity, mask_from_scores
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ class LayerwisePruner(Pruner):
         self.batch_size = int(batch_size)
         self.without_tokens: list[str] = []      # the matrices the no-token rule pruned in the last run
 
-    def stats_init(self, name: str, linear: nn.Linear) -> Any:
-        """A fresh statistics object for one Linear (or a group of Linears sharing one input)."""
+    def stats_init(self, name: MatrixId, linear: nn.Linear) -> Any:
+        """A fresh statistics object for one matrix ``name`` (or a group of matrices sharing one input)."""
         return None
 
     def accumulate(self, stats: Any, x: torch.Tensor) -> Any:
@@ -90,23 +90,24 @@ class LayerwisePruner(Pruner):
         """Prune ``linear`` in place to ``target``; optional per-layer statistics for results.json."""
         raise NotImplementedError
 
-    def prune_block(self, prefix: str, block: nn.Module, stats: dict[str, Any], inputs: list[tuple[torch.Tensor, dict]],
-                    target: Sparsity) -> dict[str, dict]:
-        """Prune every Linear of ``block`` (named ``prefix.<name>``); by default one :meth:`prune_linear` each.
+    def prune_block(self, block: BlockPlan, stats: dict[MatrixId, Any],
+                    inputs: list[tuple[torch.Tensor, dict]]) -> dict[str, dict]:
+        """Prune every planned matrix of ``block`` (each to its target in the plan); by default one
+        :meth:`prune_linear` each, named by its full name.
 
         ``inputs`` are the (hidden states, kwargs) batches the block receives, for methods that need more than
         per-Linear statistics (SparseLLM re-runs the block to read its MLP's input and dense output).
         Returns the per-layer dicts for :meth:`summarize`."""
         per_layer = {}
-        local = target.within(prefix)          # each matrix's own ratio when an allocation set them
-        for name, lin in block_matrices(block).items():
-            if stats[name] is NO_TOKENS:
-                prune_by_magnitude(lin, local.at(name))
-                self.without_tokens.append(f"{prefix}.{name}")
+        for mid, lin in block.matrices().items():
+            name = block.name(mid)
+            if stats[mid] is NO_TOKENS:
+                prune_by_magnitude(lin, block.target(mid))
+                self.without_tokens.append(name)
                 continue
-            out = self.prune_linear(f"{prefix}.{name}", lin, stats[name], local.at(name))
+            out = self.prune_linear(name, lin, stats[mid], block.target(mid))
             if out:
-                per_layer[f"{prefix}.{name}"] = out
+                per_layer[name] = out
         return per_layer
 
     def summarize(self, per_layer: dict[str, dict]) -> dict:
@@ -115,7 +116,7 @@ class LayerwisePruner(Pruner):
 
     def prune(self, ctx: PruneContext) -> dict:
         engine = LayerwiseEngine(ctx.model, ctx.device, self.batch_size)
-        return engine.run(self, ctx.calibration, ctx.target)
+        return engine.run(self, ctx.calibration, ctx.plan)
 
 
 _LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
@@ -245,11 +246,14 @@ class LayerwiseEngine:
 
     # -- the walk --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, method: LayerwisePruner, calibration: torch.Tensor, target: Sparsity,
+    def run(self, method: LayerwisePruner, calibration: torch.Tensor, plan: PruningPlan | Sparsity,
             keep_outputs: bool = False) -> dict:
-        """Prune every block with ``method``. With ``keep_outputs`` the last block's (pruned) outputs are kept
-        in ``self.outputs`` (the tests compare them with a plain forward)."""
+        """Prune every block with ``method`` as ``plan`` says (a target alone: every matrix of the model at it).
+        With ``keep_outputs`` the last block's (pruned) outputs are kept in ``self.outputs`` (the tests compare
+        them with a plain forward)."""
         t0 = time.perf_counter()
+        if isinstance(plan, Sparsity):
+            plan = PruningPlan.build(self.model, plan)
         was_training = self.model.training
         self.model.eval()
         method.without_tokens = []
@@ -263,7 +267,6 @@ class LayerwiseEngine:
                 _move_outside_blocks(self.model, self.blocks, "cpu")
             per_layer: dict[str, dict] = {}
             errors: dict[str, float] = {}
-            prefix = blocks_and_prefix(self.model)[1]
             last = len(self.blocks) - 1
             per_block: list[dict] = []
             for index, block in enumerate(tqdm(self.blocks, desc=f"{type(method).__name__.lower()} blocks",
@@ -273,12 +276,13 @@ class LayerwiseEngine:
                     if self.offload:
                         block.to(self.device)
                     batches = list(zip(hiddens, block_kwargs[index]))
-                    stats = self._collect(method, block, batches)
-                    dense = {name: w.param.detach().clone() for name, w in block_weights(block).items()}
-                    per_layer.update(method.prune_block(f"{prefix}.{index}", block, stats, batches, target))
+                    view = plan.block(index)
+                    stats = self._collect(method, view, batches)
+                    dense = {path: w.param.detach().clone() for path, w in view.weights.items()}
+                    per_layer.update(method.prune_block(view, stats, batches))
                     del stats
-                    outputs, block_errors = self._rerun_measuring(block, batches, dense)
-                    errors.update({f"{prefix}.{index}.{name}": e for name, e in block_errors.items()})
+                    outputs, block_errors = self._rerun_measuring(view, batches, dense)
+                    errors.update({view.name(mid): e for mid, e in block_errors.items()})
                     del dense
                     if index < last or keep_outputs:
                         hiddens = outputs
@@ -305,14 +309,14 @@ class LayerwiseEngine:
             summary["experts_without_tokens"] = {k: note.data[k] for k in ("rule", "count", "names")}  # the old key
         return summary
 
-    def _rerun_measuring(self, block: nn.Module, batches, dense: dict[str, torch.Tensor]):
+    def _rerun_measuring(self, view: BlockPlan, batches, dense: dict[str, torch.Tensor]):
         """Re-run the pruned block (its outputs feed the next block) and measure, for every matrix and expert,
         the relative output error ||x (W - W_dense)^T|| / ||x W_dense^T|| over the tokens it receives in the
         pruned model: the common yardstick of every layer-wise method (llm-compressor reports one per layer)."""
-        weights = block_weights(block)
+        block, weights = view.module, view.weights
         hooked = {name: w for name, w in weights.items() if w.experts is None}
         stacked = {name: w for name, w in weights.items() if w.experts is not None}
-        sums: dict[str, list[float]] = {}
+        sums: dict[MatrixId, list[float]] = {}
 
         def add(name, x, y, delta_w, branch=None):
             delta = torch.nn.functional.linear(x, delta_w)          # x (W - W_dense)^T
@@ -329,13 +333,14 @@ class LayerwiseEngine:
                 bias = getattr(module, "bias", None)
                 if bias is not None:
                     y = y - bias
-                add(name, x, y, w.view(w.param) - w.view(dense[name]), getattr(module, "lowrank", None))
+                add(MatrixId(view.index, name), x, y, w.view(w.param) - w.view(dense[name]),
+                    getattr(module, "lowrank", None))
             return fn
 
         def expert_call(name, expert, x, out):
             w = stacked[name]
             if x.shape[0]:
-                add(f"{name}[{expert}]", x, out, w.view(w.param, expert) - w.view(dense[name], expert))
+                add(MatrixId(view.index, name, expert), x, out, w.view(w.param, expert) - w.view(dense[name], expert))
 
         handles = [w.module.register_forward_hook(hook(name, w)) for name, w in hooked.items()]
         try:
@@ -361,17 +366,16 @@ class LayerwiseEngine:
         self.model.set_experts_implementation("eager")
         return before
 
-    def _collect(self, method: LayerwisePruner, block: nn.Module, batches) -> dict[str, Any]:
-        """Run ``block`` over every batch with hooks on its matrices; Linears fed the same tensor share stats.
+    def _collect(self, method: LayerwisePruner, view: BlockPlan, batches) -> dict[MatrixId, Any]:
+        """Run the block over every batch with hooks on its matrices; Linears fed the same tensor share stats.
         Expert matrices of fused tensors get their routed tokens from :class:`_ExpertInputs`; a matrix inside
         an MoE layer that no token reached gets ``NO_TOKENS``."""
-        weights = block_weights(block)
-        matrices = block_matrices(block)
+        block, weights, matrices = view.module, view.weights, view.matrices()
         hooked = {name: w for name, w in weights.items() if w.experts is None}
         stacked = {name: w for name, w in weights.items() if w.experts is not None}
-        stats: dict[str, Any] = {}
-        leader: dict[str, str] = {}          # name -> the matrix whose stats it shares (decided on batch 0)
-        seen: list[tuple[torch.Tensor, str]] = []
+        stats: dict[MatrixId, Any] = {}
+        leader: dict[MatrixId, MatrixId] = {}   # matrix -> the matrix whose stats it shares (decided on batch 0)
+        seen: list[tuple[torch.Tensor, MatrixId]] = []
         first = [True]
 
         def hook(name):
@@ -391,14 +395,14 @@ class LayerwiseEngine:
             return fn
 
         def expert_input(weight_name, expert, x, _out):
-            name = f"{weight_name}[{expert}]"
+            name = MatrixId(view.index, weight_name, expert)
             if name not in leader:
                 leader[name] = name
                 stats[name] = method.stats_init(name, matrices[name])
             if x.shape[0]:
                 stats[name] = method.accumulate(stats[name], x)
 
-        handles = [w.module.register_forward_hook(hook(name)) for name, w in hooked.items()]
+        handles = [w.module.register_forward_hook(hook(MatrixId(view.index, name))) for name, w in hooked.items()]
         try:
             for h, kw in batches:
                 if stacked:
@@ -412,11 +416,11 @@ class LayerwiseEngine:
             for handle in handles:
                 handle.remove()
         for name, w in stacked.items():
-            if not any(f"{name}[{e}]" in leader for e in range(w.experts)):
+            if not any(MatrixId(view.index, name, e) in leader for e in range(w.experts)):
                 raise ElsaError(f"no expert of {name} {list(w.param.shape)} was seen applied to the tokens (elsa "
                                 "reads w[e] followed by F.linear or @); this model computes its experts another way")
         missing = [n for n in matrices if n not in leader]
-        unrouted = [n for n in missing if in_moe(block, n)]
+        unrouted = [n for n in missing if in_moe(block, n.path, n.expert)]
         if len(unrouted) < len(missing):
             raise RuntimeError(f"weight matrices {[n for n in missing if n not in unrouted]} were not called by "
                                "the block's forward")

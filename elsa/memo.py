@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from elsa.models import prunable_matrices
 from elsa.spec import METADATA
 
 _sweep: "SolutionMemo | None" = None   # the memo of the sweep running in this process, if any
@@ -38,24 +37,26 @@ class SolutionMemo:
         dropped = spec.budget_not_applicable if spec is not None else {}
         keys = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
                 if k not in METADATA and k not in dropped}
-        allocated = sorted(run.target.per_matrix.items()) if run.target.allocated else None   # owl / profile ratios
+        ratios = run.plan.allocated_ratios()
+        allocated = sorted(ratios.items()) if ratios is not None else None   # owl / profile ratios
         ident = [run.source.fingerprint(), run.dataset.fingerprint("train"), keys, str(run.target), allocated,
-                 run.target.exact, run.seqlen, run.seed, run.ignore, run.targets, run.device, torch.get_num_threads(),
+                 ratios is not None, run.seqlen, run.seed, run.ignore, run.targets, run.device, torch.get_num_threads(),
                  hashlib.sha256(calib.numpy().tobytes()).hexdigest() if calib is not None else None]
         return json.dumps(ident, sort_keys=True, default=str)
 
-    def store(self, key: str, model, stats: dict, out: Path) -> None:
-        weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in prunable_matrices(model).items()}
+    def store(self, key: str, plan, stats: dict, out: Path) -> None:
+        """Keep the solution of the planned matrices of ``plan`` (elsa.pruning_plan), its statistics and dir."""
+        weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in plan.named_matrices().items()}
         self.entry = (key, weights, copy.deepcopy(stats), str(out))
 
-    def restore(self, key: str, model) -> tuple[dict, str] | None:
-        """Write the stored solution into ``model`` and return (its statistics, the dir that computed it), or
+    def restore(self, key: str, plan) -> tuple[dict, str] | None:
+        """Write the stored solution into the planned matrices of ``plan`` and return (its statistics, the dir that computed it), or
         None when the stored one is not this solution."""
         if self.entry is None or self.entry[0] != key:
             return None
         _, weights, stats, out = self.entry
         with torch.no_grad():
-            for name, m in prunable_matrices(model).items():
+            for name, m in plan.named_matrices().items():
                 m.weight.copy_(weights[name])
         return copy.deepcopy(stats), out
 

@@ -2,9 +2,9 @@
 
 Every model config builds a *source* (``hydra.utils.instantiate``) whose ``load()`` returns
 ``(model, tokenizer)``. The decoder blocks are found structurally (the longest ``nn.ModuleList`` of
-identical blocks), never by model-name strings; the pruned weights (:class:`Weight`) are every ``nn.Linear``,
-transformers ``Conv1D`` and fused 3-D expert tensor inside them, except MoE routers and what ``targets`` /
-``ignore`` leave dense.
+identical blocks), never by model-name strings; the prunable weights (:class:`Weight`) are every ``nn.Linear``,
+transformers ``Conv1D`` and fused 3-D expert tensor inside them, except MoE routers; what a run prunes, after
+``targets`` / ``ignore`` and the allocation, is its plan's (elsa.pruning_plan).
 """
 from __future__ import annotations
 
@@ -335,31 +335,6 @@ class Matrix:
         return self.weight.shape[0]
 
 
-DENSE = "_elsa_dense"   # set on a module by apply_ignore / apply_targets: {attr or "*": reason}
-
-
-def _mark_dense(module: nn.Module, attr: str, reason: str) -> None:
-    marks = dict(getattr(module, DENSE, {}))
-    marks.setdefault(attr, reason)
-    object.__setattr__(module, DENSE, marks)
-
-
-def _dense_marks(root: nn.Module) -> dict[str, dict[str, str]]:
-    """{module name: {attr or "*": reason}} under ``root``, a whole-module mark inherited by its descendants."""
-    out: dict[str, dict[str, str]] = {}
-
-    def walk(mod, name, inherited):
-        marks = dict(getattr(mod, DENSE, {}))
-        if inherited and "*" not in marks:
-            marks["*"] = inherited
-        if marks:
-            out[name] = marks
-        for child_name, child in mod.named_children():
-            walk(child, f"{name}.{child_name}" if name else child_name, marks.get("*"))
-    walk(root, "", None)
-    return out
-
-
 def _expert_counts(module: nn.Module) -> set[int]:
     """How many experts ``module`` (an MoE layer) holds, found structurally: the leading dim of its fused
     expert tensors (>= 3-D parameters) and the length of its ModuleLists."""
@@ -384,12 +359,13 @@ def routers(block: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def in_moe(block: nn.Module, name: str) -> bool:
-    """Whether matrix ``name`` of ``block`` belongs to an MoE layer's experts (a fused expert tensor, or a
-    module inside a ModuleList of an MoE layer): such a matrix may receive no calibration token."""
-    if name.endswith("]"):
+def in_moe(block: nn.Module, path: str, expert: int | None = None) -> bool:
+    """Whether the matrix at ``path`` of ``block`` (``expert``: a slice of a fused expert tensor) belongs to an
+    MoE layer's experts (a fused expert tensor, or a module inside a ModuleList of an MoE layer): such a matrix
+    may receive no calibration token."""
+    if expert is not None:
         return True
-    parts = name.split(".")
+    parts = path.split(".")
     for i in range(len(parts) - 1):
         parent = block.get_submodule(".".join(parts[:i])) if i else block
         child = getattr(parent, parts[i], None)
@@ -399,125 +375,59 @@ def in_moe(block: nn.Module, name: str) -> bool:
 
 
 def block_weights(block: nn.Module) -> dict[str, Weight]:
-    """The weights of one block the engine prunes, by module name within the block (a fused expert tensor by
-    ``<module>.<parameter>``): every Linear, Conv1D and 3-D expert tensor except MoE routers and the modules
-    and tensors that ``ignore`` / ``targets`` leave dense."""
+    """The weights of one block that elsa can prune, by module name within the block (a fused expert tensor by
+    ``<module>.<parameter>``): every Linear, Conv1D and 3-D expert tensor except MoE routers. What a run prunes
+    is its plan's (elsa.pruning_plan: these less what ``ignore`` / ``targets`` leave dense)."""
     skip = {id(m) for m in routers(block).values()}
-    marks = _dense_marks(block)
     out: dict[str, Weight] = {}
     for name, mod in block.named_modules():
-        dense = marks.get(name, {})
-        if id(mod) in skip or "*" in dense:
+        if id(mod) in skip:
             continue
         if isinstance(mod, (nn.Linear, _conv1d_class())):
-            if "weight" not in dense:
-                out[name] = Weight(mod, "weight", _stored_transposed(mod))
+            out[name] = Weight(mod, "weight", _stored_transposed(mod))
             continue
         for attr, p in expert_tensors(mod):
-            if attr not in dense:
-                out[f"{name}.{attr}" if name else attr] = Weight(mod, attr, bool(getattr(mod, "is_transposed", False)))
+            out[f"{name}.{attr}" if name else attr] = Weight(mod, attr, bool(getattr(mod, "is_transposed", False)))
     return out
 
 
 def block_matrices(block: nn.Module) -> dict[str, Matrix]:
-    """Every matrix the engine prunes in one block (one per expert of a fused expert tensor: ``name[e]``)."""
+    """Every matrix of one block that elsa can prune (one per expert of a fused expert tensor: ``name[e]``)."""
     return {k: m for name, w in block_weights(block).items() for k, m in w.matrices(name).items()}
 
 
 def prunable_weights(model: nn.Module) -> dict[str, Weight]:
-    """Every prunable weight inside the decoder blocks, by full name. Embeddings, norms, lm_head stay dense."""
+    """Every prunable weight inside the decoder blocks, by full name (before ``ignore`` / ``targets``: a run's
+    plan, elsa.pruning_plan, holds what it prunes). Embeddings, norms, lm_head stay dense."""
     blocks, prefix = blocks_and_prefix(model)
     return {f"{prefix}.{i}.{name}": w for i, block in enumerate(blocks) for name, w in block_weights(block).items()}
 
 
 def prunable_matrices(model: nn.Module) -> dict[str, Matrix]:
-    """Every prunable matrix inside the decoder blocks, by full name (experts as ``<name>[e]``)."""
+    """Every prunable matrix inside the decoder blocks, by full name (experts as ``<name>[e]``), before
+    ``ignore`` / ``targets``."""
     return {k: m for name, w in prunable_weights(model).items() for k, m in w.matrices(name).items()}
-
-
-def kept_dense(root: nn.Module) -> set[int]:
-    """ids of the parameters under ``root`` (a model or one block) that must stay bit-identical to the dense
-    model whatever a method trains: MoE routers, and everything that ``ignore`` / ``targets`` leave dense."""
-    ids = {id(p) for r in routers(root).values() for p in r.parameters()}
-    marks = _dense_marks(root)
-    for name, mod in root.named_modules():
-        dense = marks.get(name, {})
-        ids |= {id(p) for attr, p in mod.named_parameters(recurse=False) if "*" in dense or attr in dense}
-    return ids
-
-
-def weight_layouts(model: nn.Module) -> dict[str, bool]:
-    """{full weight name: stored transposed} for the projections of the global methods."""
-    return {n: w.transposed for n, w in prunable_weights(model).items()}
 
 
 def context_length(model: nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def _match(rx, name: str) -> bool:
-    return rx.search(name) is not None
-
-
-def apply_ignore(model: nn.Module, patterns) -> dict[str, list[str]]:
-    """Mark every module whose full name matches one of the ``ignore`` regexes (``re.search``; llm-compressor's
-    convention) so that the engine leaves it, and everything inside it, dense. A parameter whose full name
-    matches (a fused expert tensor) is marked alone. Returns {pattern: [matched names]}; a pattern that matches
-    nothing is an error."""
-    matched = {}
-    for pat in patterns or []:
-        rx = re.compile(pat)
-        names = [n for n, m in model.named_modules() if n and _match(rx, n)]
-        for n in names:     # the module and everything inside it (so a block-level view sees the mark too)
-            for mod in model.get_submodule(n).modules():
-                _mark_dense(mod, "*", "ignored")
-        params = [n for n, _p in model.named_parameters() if _match(rx, n) and
-                  not any(n.startswith(m + ".") for m in names)]
-        for n in params:
-            owner, _, attr = n.rpartition(".")
-            _mark_dense(model.get_submodule(owner), attr, "ignored")
-        names += params
-        if not names:
-            raise config_error("ignore", pat, "a regex that matches a module or parameter name of the model (it "
-                               f"matches none; e.g. {next(iter(prunable_weights(model)), 'model.layers.0.mlp')})")
-        matched[pat] = names
-    return matched
-
-
-def apply_targets(model: nn.Module, patterns) -> dict[str, list[str]]:
-    """Restrict pruning to the weights whose full name (``model.layers.0.mlp.down_proj``, a fused expert tensor
-    ``model.layers.0.mlp.experts.gate_up_proj``) matches one of the ``targets`` regexes (``re.search``); the
-    others are marked dense as ``not_targeted``. Empty: every prunable weight. Returns {pattern: [names]}; a
-    pattern that matches no prunable weight (only weights inside the decoder blocks can be) is an error."""
-    if not patterns:
-        return {}
-    weights = prunable_weights(model)
-    rxs = {pat: re.compile(pat) for pat in patterns}
-    matched = {pat: [n for n in weights if _match(rx, n)] for pat, rx in rxs.items()}
-    for pat, names in matched.items():
-        if not names:
-            raise config_error("targets", pat, "a regex that matches a prunable weight inside the decoder blocks "
-                               f"(it matches none; e.g. {next(iter(weights), 'model.layers.0.mlp')})")
-    hit = {n for names in matched.values() for n in names}
-    for name, w in weights.items():
-        if name not in hit:
-            _mark_dense(w.module, w.attr, "not_targeted")
-    return matched
-
-
-def weight_accounting(model: nn.Module, patterns=()) -> dict:
+def weight_accounting(model: nn.Module, plan=None) -> dict:
     """Every parameter of the model, once (tied weights once), as pruned or dense, by kind:
     {pruned, dense, dense_by_kind: {kind: params}, dense_names: {kind: [names]}, unsupported: [(name, shape)]}.
     ``unsupported``: weight tensors (>= 2-D) inside the decoder blocks that the engine does not prune and that
     are neither routers, biases of expert tensors, nor ignored / untargeted: a run that would leave them dense
-    without being asked refuses. (``patterns``: the ``ignore`` regexes, also applied to parameter names.)"""
+    without being asked refuses. ``plan``: the run's elsa.pruning_plan.PruningPlan (what it prunes, and what
+    ``ignore`` / ``targets`` leave dense and why); None: every prunable weight, nothing ignored."""
     blocks, prefix = blocks_and_prefix(model)
-    pruned_ids = {id(w.param) for w in prunable_weights(model).values()}
+    weights = plan.weights.values() if plan is not None else prunable_weights(model).values()
+    pruned_ids = {id(w.param) for w in weights}
+    patterns = list(plan.matched["ignore"]) if plan is not None else []
     router_ids = {id(p) for b in blocks for r in routers(b).values() for p in r.parameters()}
     emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_ids = {id(out_emb.weight)} if out_emb is not None else set()
-    marks = _dense_marks(model)
     seen, pruned, by_kind, names, unsupported = set(), 0, {}, {}, []
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
@@ -527,15 +437,14 @@ def weight_accounting(model: nn.Module, patterns=()) -> dict:
             pruned += p.numel()
             continue
         owner_name, _, attr = name.rpartition(".")
-        owner_marks = marks.get(owner_name, {})
-        reason = owner_marks.get(attr) or owner_marks.get("*")
+        reason = plan.dense_reason(name) if plan is not None else None
         owner = model.get_submodule(owner_name) if owner_name else model
         experts = {q.shape[0] for _a, q in expert_tensors(owner)}
         if reason:
             kind = reason
         elif getattr(owner, "elsa_kind", None):      # a method's own dense modules (AST's SLoRB branches)
             kind = owner.elsa_kind
-        elif any(re.search(pat, name) for pat in patterns or []):
+        elif any(re.search(pat, name) for pat in patterns):
             kind = "ignored"
         elif id(p) in router_ids:
             kind = "routers"
@@ -557,9 +466,10 @@ def weight_accounting(model: nn.Module, patterns=()) -> dict:
             "unsupported": unsupported}
 
 
-def check_prunable(model: nn.Module, patterns=()) -> dict:
-    """Refuse (one line) when weight tensors inside the decoder blocks would stay dense unasked."""
-    acc = weight_accounting(model, patterns)
+def check_prunable(model: nn.Module, plan=None) -> dict:
+    """Refuse (one line) when weight tensors inside the decoder blocks would stay dense unasked (``plan``: as
+    :func:`weight_accounting`)."""
+    acc = weight_accounting(model, plan)
     bad = acc["unsupported"]
     if bad:
         shown = ", ".join(f"{n} {list(s)}" for n, s in bad[:2]) + (f" and {len(bad) - 2} more" if len(bad) > 2 else "")

@@ -20,7 +20,7 @@ from elsa import notes
 from elsa.allocation import Uniform
 from elsa.data import sample_starts, token_stream, windows
 from elsa.engine import make_teacher
-from elsa.errors import ElsaError, config_error, nothing_to_prune
+from elsa.errors import ElsaError, config_error
 from elsa.evaluation import PerplexityEval, bos_id, check_finite
 from elsa.logs import quiet_third_party_logs
 from elsa.memo import SolutionMemo, for_this_sweep
@@ -28,8 +28,8 @@ from elsa.memo import SolutionMemo, for_this_sweep
 from elsa.memory import peak_memory_mb, reset_peak_memory  # noqa: F401
 from elsa.methods import registry
 from elsa.methods.base import PruneContext
-from elsa.models import (apply_ignore, apply_targets, check_prunable, context_length, prunable_matrices,
-                         weight_accounting)
+from elsa.models import check_prunable, context_length, weight_accounting
+from elsa.pruning_plan import PruningPlan
 from elsa.results import RESULTS, RunRecord, record_dict
 from elsa.rundir import REPO, dirname, git_sha, hydra_info, in_multirun  # noqa: F401
 from elsa.sparse import save_model
@@ -175,7 +175,7 @@ class Run:
         starting point) perplexity with the run's protocol."""
         t0 = time.perf_counter()
         key = SolutionMemo.key(self, self.cfg.start, ctx.calibration) if self.shares_solutions() else None
-        reused = self.memo.restore(key, ctx.model) if key else None
+        reused = self.memo.restore(key, ctx.plan) if key else None
         if reused is not None:
             stats, source = reused
             log.info("start=%s: the solution computed by %s in this process (same model, data, keys and target) "
@@ -184,7 +184,7 @@ class Run:
             with torch.no_grad():
                 stats = self.start.prune(ctx) or {}
             if key:
-                self.memo.store(key, ctx.model, stats, self.out)
+                self.memo.store(key, ctx.plan, stats, self.out)
         info = {**self.start_info, "time_s": time.perf_counter() - t0, "method_stats": stats}
         if reused is not None:
             info["reused_from"] = reused[1]
@@ -208,8 +208,8 @@ class Run:
         model, tok = self.load()
         calib = self.calibrate(tok)
         # each targeted matrix's ratio, fixed before the start and the method (OWL reads the calibration walk)
-        self.target, self.results["allocation"] = self.timed("allocation", self.allocation.allocate, model,
-                                                             self.target, calib, self.device)
+        self.plan, self.results["allocation"] = self.timed("allocation", self.allocation.allocate, self.plan, calib,
+                                                           self.device)
         self.evaluate_dense(model, tok)
         self.prune(model, tok, calib)
         if not self.main_rank:  # the other FSDP ranks are done: rank 0 evaluates, saves and writes
@@ -259,14 +259,14 @@ class Run:
         if ctx_len and self.seqlen > ctx_len:
             raise config_error("seqlen", self.seqlen, f"at most the model's context length {ctx_len}")
         # what stays dense must be asked for: before any data or calibration work
-        self.results["ignore"] = apply_ignore(model, self.ignore)
-        self.results["targets"] = apply_targets(model, self.targets)
-        if check_prunable(model, self.ignore)["pruned"] == 0:
-            raise nothing_to_prune(self.ignore, self.targets)
-        self.method.validate(model, self.target)
+        self.plan = PruningPlan.build(model, self.target, self.ignore, self.targets)
+        self.results["ignore"], self.results["targets"] = self.plan.matched["ignore"], self.plan.matched["targets"]
+        check_prunable(model, self.plan)
+        self.plan.refuse_if_empty(self.ignore, self.targets)
+        self.method.validate(self.plan)
         if self.start is not None:
-            self.start.validate(model, self.target)
-        self.allocation.prepare(model, self.target)     # a profile's names, before any calibration work
+            self.start.validate(self.plan)
+        self.allocation.prepare(self.plan)     # a profile's names, before any calibration work
         return model, tok
 
     def calibrate(self, tok) -> torch.Tensor | None:
@@ -297,7 +297,8 @@ class Run:
     def prune(self, model, tok, calib) -> None:
         """The start stage (when the method takes one), then the method."""
         cfg = self.cfg
-        ctx = PruneContext(model=model, tokenizer=tok, target=self.target, calibration=calib, dataset=self.dataset,
+        ctx = PruneContext(model=model, tokenizer=tok, target=self.target, plan=self.plan, calibration=calib,
+                           dataset=self.dataset,
                            seqlen=self.seqlen, seed=self.seed, device=self.device, output_dir=self.out,
                            tracker=self.tracker,
                            extras={"fsdp": self.fsdp, "evaluate": lambda m: self.eval.run(m, tok, "start")})
@@ -310,13 +311,14 @@ class Run:
         self.results["method_stats"] = self.timed("prune", self.method.prune, ctx) or {}
         if self.method.needs_calibration and not self.method.takes_start and self.shares_solutions():
             # a layer-wise solution: a later job of this sweep may start from it (elsa.memo)
-            self.memo.store(SolutionMemo.key(self, cfg.method, calib), model, self.results["method_stats"], self.out)
+            self.memo.store(SolutionMemo.key(self, cfg.method, calib), self.plan, self.results["method_stats"],
+                            self.out)
         ctx.teacher = None
         self.results["compute"] = self.compute_record(model, calib)
 
     def measure(self, model) -> float:
         """The measured sparsity per matrix, the weights pruned and left dense; returns the overall sparsity."""
-        pruned = {n: m.weight.detach() for n, m in prunable_matrices(model).items()}
+        pruned = {n: m.weight.detach() for n, m in self.plan.on(model).named_matrices().items()}
         report = layer_report(pruned.items())
         self.results["sparsity"].update(measured=report["measured"], per_layer=report["per_layer"],
                                         pruned_params=report["pruned_params"],
@@ -336,7 +338,7 @@ class Run:
             sp["over_target"] = round(over, 6)
             sp.setdefault("notes", []).append(notes.over_target(sp["measured"], sp["over_target"], sp.get("target")))
         params = list(model.parameters())  # tied weights appear once
-        acc = weight_accounting(model, self.ignore)
+        acc = weight_accounting(model, self.plan)
         self.results["params"] = {"total": sum(p.numel() for p in params),
                                   "nonzero": sum(int(torch.count_nonzero(p)) for p in params),
                                   "pruned": acc["pruned"], "dense": acc["dense"],
@@ -378,8 +380,8 @@ class Run:
         tokens = calib.numel() if calib is not None else 0
         out = {}
         if self.start is not None:
-            _, out["start"] = compute.pruning(model, self.start, tokens, {}, self.times.get("start"))
-        name, out[name] = compute.pruning(model, self.method, tokens, self.results["method_stats"],
+            _, out["start"] = compute.pruning(self.plan, self.start, tokens, {}, self.times.get("start"))
+        name, out[name] = compute.pruning(self.plan, self.method, tokens, self.results["method_stats"],
                                           self.times.get("prune"))
         return out
 

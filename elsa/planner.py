@@ -165,7 +165,7 @@ def _shares(block, matrices) -> dict[str, float]:
     out = {}
     for name, m in matrices.items():
         experts = m.source.experts
-        if in_moe(block, name) and cfg_k:
+        if in_moe(block, name.path, name.expert) and cfg_k:
             n = experts or max(len(x) for x in block.modules() if isinstance(x, torch.nn.ModuleList))
             out[name] = cfg_k / n
         else:
@@ -200,14 +200,14 @@ def _groups(model, block, matrices) -> list[int]:
 
 
 def model_shapes(source, ignore=(), targets=()) -> Shapes:
-    from elsa.models import apply_ignore, apply_targets, block_matrices, decoder_blocks, prunable_matrices
+    from elsa.pruning_plan import PruningPlan
+    from elsa.sparsity import Sparsity
 
     model, cfg = _meta_model(source)
-    apply_ignore(model, ignore)
-    apply_targets(model, targets)
-    blocks = decoder_blocks(model)
+    plan = PruningPlan.build(model, Sparsity(ratio=0.5), ignore, targets)   # the shapes do not depend on the ratio
+    blocks = plan.blocks
     block = blocks[0]
-    mats = block_matrices(block)
+    mats = plan.block(0).matrices()
     shares = _shares(block, mats)
     seen, total = set(), 0
     for p in model.parameters():
@@ -225,11 +225,11 @@ def model_shapes(source, ignore=(), targets=()) -> Shapes:
                   outside=total - block_params * len(blocks), block_params=block_params, blocks=len(blocks),
                   layers=int(getattr(source, "layers", len(blocks))), hidden=hidden, heads=heads, head_dim=head_dim,
                   vocab=int(getattr(cfg, "vocab_size", 0)),
-                  matrices=[(n, m.out_features, m.in_features, shares[n]) for n, m in mats.items()],
+                  matrices=[(n.local, m.out_features, m.in_features, shares[n]) for n, m in mats.items()],
                   groups=_groups(model, block, mats), mlp=max(mlp_in.values(), default=hidden),
                   mlp_token=sum(i * shares[n] for n, i in mlp_in.items()) or hidden,
                   eager=getattr(cfg, "_attn_implementation", None) == "eager",
-                  prunable=sum(m.out_features * m.in_features for m in prunable_matrices(model).values()))
+                  prunable=sum(m.out_features * m.in_features for _i, m, _t in plan.matrices()))
 
 
 # ---------------------------------------------------------------------------------------------------------

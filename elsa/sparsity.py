@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
-from typing import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,50 +33,20 @@ class Sparsity:
     ratio: float
     n: int | None = None
     m: int | None = None
-    # the ratio of every targeted matrix by full name (experts as ``name[e]``) when an allocation other than
-    # uniform fixed them (elsa.allocation); None: every matrix at ``ratio``. ``at(name)`` reads it.
-    per_matrix: Mapping[str, float] | None = field(default=None, compare=False, repr=False)
-    # a matrix's own allocated target: its count round(ratio * numel) is exact also with group=row (the rows
-    # share it, the first ``count % rows`` rows prune one more), so the allocation's overall count is exact
+    # a matrix's own allocated target (elsa.pruning_plan): its count round(ratio * numel) is exact also with
+    # group=row (the rows share it, the first ``count % rows`` rows prune one more), so the allocation's overall
+    # count is exact
     exact: bool = field(default=False, compare=False, repr=False)
 
     @property
     def is_nm(self) -> bool:
         return self.m is not None
 
-    @property
-    def allocated(self) -> bool:
-        return self.per_matrix is not None
-
-    def within(self, prefix: str) -> "Sparsity":
-        """The same target with the per-matrix names under ``prefix`` made relative to it (a block's view)."""
-        if self.per_matrix is None or not prefix:
-            return self
-        head = prefix + "."
-        return replace(self, per_matrix={k[len(head):]: v for k, v in self.per_matrix.items() if k.startswith(head)})
-
-    def at(self, name: str):
-        """The target of matrix ``name``: this target (uniform), or its allocated ratio. A fused expert tensor's
-        name gives one target per expert (a list), in expert order."""
-        if self.per_matrix is None:
-            return self
-        if name in self.per_matrix:
-            return Sparsity(ratio=self.per_matrix[name], exact=True)
-        experts, e = [], 0
-        while f"{name}[{e}]" in self.per_matrix:
-            experts.append(Sparsity(ratio=self.per_matrix[f"{name}[{e}]"], exact=True))
-            e += 1
-        if not experts:
-            raise KeyError(f"internal: the allocation has no ratio for {name}")
-        return experts
-
     def scaled(self, fraction: float) -> "Sparsity":
-        """Every ratio times ``fraction`` (a schedule's ramp towards the target; N:M: the target itself)."""
+        """The ratio times ``fraction`` (a schedule's ramp towards the target; N:M: the target itself)."""
         if self.is_nm:
             return self
-        if self.per_matrix is None:
-            return Sparsity(ratio=self.ratio * fraction)
-        return Sparsity(ratio=self.ratio * fraction, per_matrix={k: v * fraction for k, v in self.per_matrix.items()})
+        return Sparsity(ratio=self.ratio * fraction, exact=self.exact)
 
     def __str__(self) -> str:  # the spelling a user typed: "0.9" or "2:4"
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.ratio:g}"
@@ -139,7 +108,8 @@ def mask_from_scores(scores: torch.Tensor, target: Sparsity, group: str = "layer
     """Boolean keep-mask (True = kept) of a weight's scores, shaped like the weight.
 
     The weight is a matrix ``[out, in]``, stored ``[in, out]`` when ``transposed`` (Conv1D), or a stack of
-    expert matrices ``[experts, ...]`` (each expert its own matrix: its own count, rows and N:M groups).
+    expert matrices ``[experts, ...]`` (each expert its own matrix at this target: its own count, rows and N:M
+    groups; a plan's experts each at their own target: elsa.pruning_plan.weight_mask).
     group='layer': the ratio of the whole matrix; 'row': the ratio within every output row; 'column': within
     every input column.
     N:M ignores group: within every M consecutive inputs of a row keep the N highest scores.
@@ -147,10 +117,7 @@ def mask_from_scores(scores: torch.Tensor, target: Sparsity, group: str = "layer
     if transposed:
         return mask_from_scores(scores.transpose(-1, -2), target, group).transpose(-1, -2).contiguous()
     if scores.dim() == 3:
-        targets = target if isinstance(target, (list, tuple)) else [target] * scores.shape[0]
-        return torch.stack([mask_from_scores(s, t, group) for s, t in zip(scores, targets)])
-    if isinstance(target, (list, tuple)):
-        raise ValueError("per-expert targets need a 3-D expert stack")
+        return torch.stack([mask_from_scores(s, target, group) for s in scores])
     scores = scores.detach().float()
     rows, cols = scores.shape
     if target.is_nm:

@@ -15,6 +15,7 @@ from conftest import TINY, read_results, run_cli, run_pipeline
 
 from elsa.allocation import GlobalMagnitude, Owl, Profile, exact_counts
 from elsa.models import TinyLlamaSource, prunable_matrices
+from elsa.pruning_plan import PruningPlan
 from elsa.sparsity import Sparsity, mask_from_scores
 
 STEPS = ["method.steps=3", "method.eval_initial=false"]
@@ -93,17 +94,17 @@ def test_evopress_levels(tmp_path):
     entries = {"model.layers.0.self_attn.q_proj": 0, "model.layers.0.self_attn.k_proj": -1,
                "model.layers.0.self_attn.v_proj.weight": 1}            # a trailing .weight is accepted
     prof = Profile(path=_profile(tmp_path, entries), base=0.5, renormalise=False, format="evopress")
-    target = Sparsity.parse(0.5)
-    prof.prepare(model, target)
+    plan = PruningPlan.build(model, Sparsity.parse(0.5))
+    prof.prepare(plan)
     # level l: ratio = base + l * 1e6 / numel, clipped to [0, 0.99]: -1 -> 0, +1 -> 0.99 (1e6 / 4096 > 1);
     # the rest at the target. Without renormalising the total must already match: here it does not
     assert 0.5 - 1e6 / numel < 0 and 0.5 + 1e6 / numel > 0.99
     with pytest.raises(Exception, match="a profile whose ratios prune sparsity=0.5"):
-        prof.allocate(model, target)
+        prof.allocate(plan)
     prof = Profile(path=_profile(tmp_path, entries), base=0.5, format="auto")
     assert prof.kind == "evopress"
-    t, record = prof.allocate(model, target)
-    pm = t.per_matrix
+    t, record = prof.allocate(plan)
+    pm = {t.name(m): s.ratio for m, s in t.targets.items()}
     assert pm["model.layers.0.self_attn.v_proj"] > pm["model.layers.0.self_attn.q_proj"] > pm["model.layers.0.self_attn.k_proj"]
     sizes = {n: m.weight.numel() for n, m in prunable_matrices(model).items()}
     assert round(sum(pm[n] * sizes[n] for n in sizes)) == round(0.5 * sum(sizes.values()))
@@ -183,7 +184,7 @@ def test_owl_outlier_ratios_and_layer_ratios():
     ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
     owl = Owl(M=5.0, lam=0.08, batch_size=4)
     expect = _independent_outlier_ratios(model, ids, 5.0)
-    target, record = owl.allocate(model, Sparsity.parse(0.7), ids)
+    _plan, record = owl.allocate(PruningPlan.build(model, Sparsity.parse(0.7)), ids)
     got = list(record["outlier_ratios"].values())
     assert got == pytest.approx(expect, rel=1e-6)
     assert got[1] > 3 * got[0]                      # the planted outliers are found where they were planted
@@ -231,16 +232,19 @@ def test_global_magnitude_ranks_all_targeted_weights_together():
         for n in big:
             matrices[n].weight.mul_(10)
     alloc = GlobalMagnitude()
-    ratios = alloc.ratios(model, Sparsity.parse(0.6))
+    plan = PruningPlan.build(model, Sparsity.parse(0.6))
+    ratios = {plan.name(m): r for m, r in alloc.ratios(plan).items()}
     flat = torch.cat([m.weight.detach().abs().flatten() for m in matrices.values()])
     thr = flat.sort().values[round(0.6 * flat.numel())]
     for n, m in matrices.items():
         assert ratios[n] == pytest.approx(float((m.weight.abs() < thr).float().mean()), abs=1e-9), n
-    target, record = alloc.allocate(model, Sparsity.parse(0.6))
+    allocated, record = alloc.allocate(plan)
     per = record["per_layer"]
     assert per["model.layers.0"] > 0.9 and per["model.layers.1"] < 0.35
     numels = {n: m.weight.numel() for n, m in matrices.items()}
-    assert sum(round(target.at(n).ratio * numels[n]) for n in numels) == round(0.6 * sum(numels.values()))
+    targets = {allocated.name(m): t for m, t in allocated.targets.items()}
+    assert all(t.exact for t in targets.values())
+    assert sum(round(targets[n].ratio * numels[n]) for n in numels) == round(0.6 * sum(numels.values()))
 
 
 def test_the_issue_grid_runs_and_its_report_names_the_allocation(tmp_path):

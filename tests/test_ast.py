@@ -48,11 +48,11 @@ class CheckedAst(Ast):
         x = torch.randn(3, next(iter(masks.linears.values())).in_features)
         for name, lin in masks.linears.items():
             keep = masks.keep[name]
-            _check_mask(keep, run.target)
+            _check_mask(keep, run.plan.target)
             w = lin.weight.detach()
             effective = w * keep
-            if run.target.is_nm:
-                assert nm_violations(effective, run.target.n, run.target.m) == 0
+            if run.plan.target.is_nm:
+                assert nm_violations(effective, run.plan.target.n, run.plan.target.m) == 0
             if lin.in_features == x.shape[1]:
                 with torch.no_grad():
                     torch.testing.assert_close(lin(x), F.linear(x, effective, lin.bias))

@@ -350,10 +350,13 @@ def test_a_stored_solution_is_not_reused_under_another_allocation():
             return "same"
 
     node = OmegaConf.create({"_target_": "x", "name": "sparsegpt", "blocksize": 128})
-    run = SimpleNamespace(source=Fp(), dataset=Fp(), target=Sparsity(0.7), seqlen=8, seed=0, ignore=[], targets=[],
-                          device="cpu")
+    def plan(ratios):
+        return SimpleNamespace(allocated_ratios=lambda: ratios)
+
+    run = SimpleNamespace(source=Fp(), dataset=Fp(), target=Sparsity(0.7), plan=plan(None), seqlen=8, seed=0,
+                          ignore=[], targets=[], device="cpu")
     uniform = SolutionMemo.key(run, node, None)
-    run.target = Sparsity(0.7, per_matrix={"a": 0.6, "b": 0.8}, exact=True)
+    run.plan = plan({"a": 0.6, "b": 0.8})
     owl = SolutionMemo.key(run, node, None)
-    run.target = Sparsity(0.7, per_matrix={"a": 0.65, "b": 0.75}, exact=True)
+    run.plan = plan({"a": 0.65, "b": 0.75})
     assert len({uniform, owl, SolutionMemo.key(run, node, None)}) == 3

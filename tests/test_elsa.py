@@ -283,9 +283,15 @@ def test_sparsity_schedules_at_given_steps():
     for step in (1, 7, 33, 99):
         assert sparsity_at(t, step, 100).ratio == 0.8 * (1.0 - (1.0 - step / 100) ** 3)
     # an allocation's ratios all follow the ramp
-    alloc = Sparsity(0.8, per_matrix={"a": 0.9, "b": 0.7})
+    from elsa.models import TinyLlamaSource
+    from elsa.pruning_plan import PruningPlan
+
+    plan = PruningPlan.build(TinyLlamaSource().load()[0], Sparsity(0.8))
+    ids = list(plan.targets)
+    alloc = plan.with_ratios({m: 0.9 if i % 2 else 0.7 for i, m in enumerate(ids)})
     half = sparsity_at(alloc, 50, 100, "linear")
-    assert half.per_matrix == pytest.approx({"a": 0.45, "b": 0.35})
+    assert [half.targets[m].ratio for m in ids] == pytest.approx([0.45 if i % 2 else 0.35 for i in range(len(ids))])
+    assert all(half.targets[m].exact for m in ids) and half.ratio == pytest.approx(0.4)
 
 
 class _FakeOpt:

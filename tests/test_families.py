@@ -6,6 +6,7 @@ prunes nothing must reproduce the model's own forward at the last block; familie
 arguments (measured before the fix: Gemma-2/Gemma-3 with a 16-token window and Qwen2 with sliding layers).
 """
 import pytest
+from elsa.pruning_plan import PruningPlan
 from elsa.errors import ElsaError
 import torch
 import transformers
@@ -83,7 +84,7 @@ from elsa.pipeline import build as build_component  # noqa: E402
 
 from conftest import compose, run_pipeline  # noqa: E402
 from elsa.methods.base import PruneContext  # noqa: E402
-from elsa.models import (TinyLlamaSource, Weight, blocks_and_prefix, kept_dense,  # noqa: E402
+from elsa.models import (TinyLlamaSource, blocks_and_prefix,  # noqa: E402
                          prunable_matrices, prunable_weights)
 from elsa.sparsity import nm_violations  # noqa: E402
 
@@ -136,7 +137,7 @@ def check_pruned(model, dense, target, trains_block=False):
             assert int((w == 0).sum()) == round(w.numel() * target.ratio), name
     pruned = {id(w.param) for w in prunable_weights(model).values()}
     blocks, prefix = blocks_and_prefix(model)
-    frozen = kept_dense(model)
+    frozen = PruningPlan.build(model, target).kept_dense()
     for name, p in model.named_parameters():
         if id(p) in pruned or (trains_block and name.startswith(prefix + ".") and id(p) not in frozen):
             continue
@@ -160,7 +161,7 @@ def test_layerwise_methods_prune_every_family(family, method, tmp_path):
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     pruner = build_component(compose([f"method={method}", *FAST[method]]).method, "method")
     target = Sparsity(0.5)
-    pruner.validate(model, target)
+    pruner.validate(PruningPlan.build(model, target))
     pruner.prune(PruneContext(model=model, tokenizer=tok, target=target, calibration=calibration(tok)))
     matrices = check_pruned(model, dense, target, trains_block=method == "safe")
     if family in MOE_FAMILIES:
@@ -208,7 +209,7 @@ def test_global_methods_train_every_family(family, method, tmp_path):
     assert out["status"] == "done" and out["sparsity"]["measured"] == pytest.approx(0.5)
     dense = {n: p for n, p in transformers.AutoModelForCausalLM.from_pretrained(ckpt).named_parameters()}
     back = transformers.AutoModelForCausalLM.from_pretrained(out["model_dir"])
-    frozen = kept_dense(back)
+    frozen = PruningPlan.build(back, Sparsity(0.5)).kept_dense()
     for name, m in prunable_matrices(back).items():
         assert int((m.weight == 0).sum()) == round(m.weight.numel() * 0.5), name
     for name, p in back.named_parameters():
@@ -282,10 +283,10 @@ def test_sparsellm_prunes_plain_and_gated_mlps_and_refuses_the_rest(family):
     target = Sparsity(0.5)
     if family not in SPARSELLM:
         with pytest.raises(ElsaError, match="method=sparsellm cannot model the MLP.*method.fallback=sparsegpt"):
-            pruner.validate(model, target)
+            pruner.validate(PruningPlan.build(model, target))
         return
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
-    pruner.validate(model, target)
+    pruner.validate(PruningPlan.build(model, target))
     stats = pruner.prune(PruneContext(model=model, tokenizer=tok, target=target, calibration=calibration(tok)))
     check_pruned(model, dense, target)
     assert len(stats["mlp_objective"]) == 2 and "fallback" not in stats
@@ -350,8 +351,10 @@ def test_ast_masks_fused_experts_in_the_forward_and_refuses_the_wanda_metric(tmp
 
     model, tok = build("mixtral")
     experts = decoder_blocks(model)[0].mlp.experts
-    weights = {"e": Weight(experts, "gate_up_proj")}
-    masks = SparseMasks(weights, Sparsity(0.5), "magnitude", "row")
+    plan = PruningPlan.build(model, Sparsity(0.5))
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert plan.weights[plan.id_of(name)].module is experts
+    masks = SparseMasks({name: plan.weights[plan.id_of(name)]}, plan, "magnitude", "row")
     masks.install()
     masks.update()
     ids = calibration(tok, 2, 16)
@@ -363,10 +366,10 @@ def test_ast_masks_fused_experts_in_the_forward_and_refuses_the_wanda_metric(tmp
     masks.remove()
     with torch.no_grad():
         dense_out = model(ids).logits
-        experts.gate_up_proj.mul_(masks.keep["e"])
+        experts.gate_up_proj.mul_(masks.keep[name])
         pruned_out = model(ids).logits
     assert not torch.allclose(dense_out, pruned_out)
     torch.testing.assert_close(sparse_out.detach(), pruned_out)
     pruner = build_component(compose(["method=ast", "method.mask_metric=wanda"]).method, "method")
     with pytest.raises(ElsaError, match="mask_metric=wanda.*fused expert"):
-        pruner.validate(model, Sparsity(0.5))
+        pruner.validate(PruningPlan.build(model, Sparsity(0.5)))

@@ -51,14 +51,15 @@ def _one_error(res):
 def test_weights_nothing_prunes_are_refused_before_calibration(tmp_path):
     """A 2-D weight inside a block that is no Linear, Conv1D or expert tensor (here one added by hand) stays
     dense unasked: refused, naming it; ignore= names it and the run may go on."""
-    from elsa.models import apply_ignore, check_prunable
+    from elsa.models import check_prunable
+    from elsa.pruning_plan import PruningPlan
+    from elsa.sparsity import Sparsity
 
     model, _tok = TinyLlamaSource().load()
     model.model.layers[1].mlp.extra = torch.nn.Parameter(torch.ones(8, 8))
     with pytest.raises(ElsaError, match=r"model\.layers\.1\.mlp\.extra \[8, 8\].*ignore="):
-        check_prunable(model)
-    apply_ignore(model, [r"mlp\.extra"])
-    acc = check_prunable(model, [r"mlp\.extra"])
+        check_prunable(model, PruningPlan.build(model, Sparsity(0.5)))
+    acc = check_prunable(model, PruningPlan.build(model, Sparsity(0.5), ignore=[r"mlp\.extra"]))
     assert acc["dense_by_kind"]["ignored"] == 64 and acc["dense_names"]["ignored"] == ["model.layers.1.mlp.extra"]
 
 
@@ -154,11 +155,13 @@ def test_target_that_matches_no_prunable_weight_is_refused(tmp_path, pattern):
 
 def test_ignoring_a_container_leaves_everything_inside_it_dense():
     """ignore=[layers$] names only the ModuleList of blocks: every block inside it stays dense too."""
-    from elsa.models import apply_ignore, prunable_weights
+    from elsa.pruning_plan import PruningPlan
+    from elsa.sparsity import Sparsity
 
     model, _tok = TinyLlamaSource().load()
-    apply_ignore(model, [r"layers$"])
-    assert prunable_weights(model) == {}
+    plan = PruningPlan.build(model, Sparsity(0.5), ignore=[r"layers$"])
+    assert plan.weights == {} and plan.targets == {}
+    assert plan.kept_dense() >= {id(p) for p in model.model.layers.parameters()}
 
 
 @pytest.fixture

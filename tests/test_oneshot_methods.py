@@ -5,8 +5,9 @@ import torch
 import transformers
 
 from conftest import compose, read_results, run_cli, run_pipeline, TINY
+from elsa.pruning_plan import PruningPlan
 from elsa.errors import ElsaError
-from elsa.methods.dsnot import DSnoT, mlp_names
+from elsa.methods.dsnot import DSnoT, mlp_matrices
 from elsa.methods.oats import OATS, LowRank, budget, from_pretrained, oats_decompose
 from elsa.methods.ria import RIA, reallocation, ria_scores
 from elsa.methods.wanda import Wanda
@@ -16,7 +17,7 @@ from test_families import PRUNED, MOE_FAMILIES, build, calibration, _checkpoint
 from test_wanda_sparsegpt import correlated_inputs, layer, prune_with, recon_error
 
 from elsa.methods.base import PruneContext
-from elsa.models import decoder_blocks, kept_dense, prunable_matrices
+from elsa.models import decoder_blocks, prunable_matrices
 
 
 def shifted_inputs():
@@ -85,10 +86,10 @@ def test_dsnot_nm_swaps_inside_groups_and_sparsegpt_base_keeps_dense_weights():
 
 def test_dsnot_skips_the_mlp_found_structurally():
     model, tok = build("llama")
-    names = mlp_names(decoder_blocks(model)[0])
+    names = {m.local for m in mlp_matrices(PruningPlan.build(model, Sparsity(0.6)).block(0))}
     assert names == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     opt, _ = build("opt")
-    assert mlp_names(decoder_blocks(opt)[0]) == {"fc1", "fc2"}
+    assert {m.local for m in mlp_matrices(PruningPlan.build(opt, Sparsity(0.6)).block(0))} == {"fc1", "fc2"}
     wanda_model, _ = build("llama")
     ctx = dict(tokenizer=tok, target=Sparsity(0.6), calibration=calibration(tok))
     stats = DSnoT(batch_size=2).prune(PruneContext(model=model, **ctx))
@@ -179,7 +180,7 @@ def test_ria_dsnot_nm_and_ratio_on_every_family(family, method, sparsity):
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     target = Sparsity.parse(sparsity)
     pruner = build_component(compose([f"method={method}"]).method, "method")
-    pruner.validate(model, target)
+    pruner.validate(PruningPlan.build(model, target))
     pruner.prune(PruneContext(model=model, tokenizer=tok, target=target, calibration=calibration(tok)))
     for name, m in prunable_matrices(model).items():
         if target.is_nm:
@@ -197,10 +198,10 @@ def test_oats_on_every_family_or_its_refusal(family, tmp_path):
     target = Sparsity(0.5)
     if family in MOE_FAMILIES:
         with pytest.raises(ElsaError, match=r"^method=oats adds a low-rank branch .* fused expert tensors"):
-            pruner.validate(model, target)
+            pruner.validate(PruningPlan.build(model, target))
         return
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
-    pruner.validate(model, target)
+    pruner.validate(PruningPlan.build(model, target))
     pruner.prune(PruneContext(model=model, tokenizer=tok, target=target, calibration=calibration(tok)))
     for name, m in prunable_matrices(model).items():
         branch = m.source.module.lowrank
@@ -212,7 +213,7 @@ def test_oats_on_every_family_or_its_refusal(family, tmp_path):
     ids = calibration(tok, 2, 16)
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
-    frozen = kept_dense(back)
+    frozen = PruningPlan.build(back, target).kept_dense()
     assert all(torch.equal(p, dense[n]) for n, p in back.named_parameters() if id(p) in frozen)
 
 

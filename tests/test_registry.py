@@ -20,8 +20,6 @@ from omegaconf import OmegaConf
 from elsa.errors import ElsaError
 from elsa.methods import registry
 from elsa.methods.base import Annotated, Choice, Number, PruneContext, Pruner
-from elsa.models import prunable_weights
-from elsa.sparsity import mask_from_scores
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -36,9 +34,8 @@ class Toy(Pruner, name="toy", position=99):
 
     @torch.no_grad()
     def prune(self, ctx: PruneContext) -> dict:
-        for name, w in prunable_weights(ctx.model).items():
-            scores = w.param.abs().float().pow(self.power)
-            w.param.mul_(mask_from_scores(scores, ctx.target.at(name), self.group, w.transposed))
+        for wid, w in ctx.plan.weights.items():      # each weight to its target(s) in the run's plan
+            w.param.mul_(ctx.plan.mask(wid, w.param.abs().float().pow(self.power), self.group))
         return {"power": self.power}
 
 

@@ -11,6 +11,7 @@ from elsa.errors import ElsaError
 from elsa.layerwise import LayerwiseEngine, _hidden
 from elsa.methods.safe import SAFE
 from elsa.models import TinyLlamaSource, block_matrices
+from elsa.pruning_plan import MatrixId, PruningPlan
 from elsa.sparsity import Sparsity, mask_from_scores, nm_violations, project
 
 FAST = ["method=safe", "method.epochs=2", "method.warmup_epochs=1", "method.batch_size=2", "method.interval=2"]
@@ -52,12 +53,25 @@ def input_norms(block, batches):
     return sums
 
 
+def block_plan(block, target):
+    """A plan over ``block`` alone, which it names ``layers.0`` (SAFE's seed and messages read the name)."""
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.ModuleList([block])
+    return PruningPlan.build(holder, target).block(0)
+
+
+def block_stats(block, batches, weighted):
+    """What the engine hands SAFE: per matrix id, ||X_j||² (SAFE+) or None."""
+    norms = input_norms(block, batches) if weighted else {}
+    return {MatrixId(0, n): norms.get(n) for n in block_matrices(block)}
+
+
 def run_safe(block, batches, target, **kw):
     pruned = copy.deepcopy(block)
     method = SAFE(batch_size=2, **kw)
-    stats = input_norms(pruned, batches) if method.activation_weighted else {n: None for n in block_matrices(pruned)}
+    stats = block_stats(pruned, batches, method.activation_weighted)
     with torch.no_grad():                                   # the engine's context
-        info = method.prune_block("layers.0", pruned, stats, batches, target)["layers.0"]
+        info = method.prune_block(block_plan(pruned, target), stats, batches)["layers.0"]
     return pruned, info
 
 
@@ -153,7 +167,7 @@ def test_non_finite_loss_names_the_block_and_step(block_and_inputs):
     b = copy.deepcopy(block)
     method = SAFE(batch_size=2, epochs=1, warmup_epochs=0, lr=1e30, rho=0.0)      # diverges in a step or two
     with pytest.raises(ElsaError, match=r"block layers\.0 is (nan|inf|-inf) at step [0-9]+"), torch.no_grad():
-        method.prune_block("layers.0", b, {n: None for n in block_matrices(b)}, batches, Sparsity(0.5))
+        method.prune_block(block_plan(b, Sparsity(0.5)), block_stats(b, batches, False), batches)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from conftest import compose, run_cli, run_pipeline
+from elsa.pruning_plan import PruningPlan
 from elsa.errors import ElsaError
 from elsa.methods.base import PruneContext
 from elsa.methods.sparsellm import MLPProblem, Recipe, SparseLLM, sparsellm_mlp
@@ -23,7 +24,7 @@ REFERENCE = Recipe(refit="reference", s_update="gradient", literal=True)
 def _pruned(model, tok, *overrides, target=Sparsity(0.5)):
     """``model`` pruned in place by the composed method; returns the method's statistics."""
     pruner = build(compose(list(overrides)).method, "method")
-    pruner.validate(model, target)
+    pruner.validate(PruningPlan.build(model, target))
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(3, len(tok), (4, 32), generator=g)
     return pruner.prune(PruneContext(model=model, tokenizer=tok, target=target, calibration=calib))
@@ -161,7 +162,7 @@ def test_bad_knobs_are_one_line(kw, match):
 def test_a_skip_index_outside_the_model_is_one_line_before_calibration(tmp_path):
     model, _tok = TinyLlamaSource().load()
     with pytest.raises(ElsaError, match=r"^method.skip=\[5\] is not allowed: block indices of this model's 2 blocks"):
-        SparseLLM(skip=[5]).validate(model, Sparsity(0.5))
+        SparseLLM(skip=[5]).validate(PruningPlan.build(model, Sparsity(0.5)))
     res = run_cli("model=tiny", "logger=none", "method=sparsellm", "method.skip=[-3]", f"output_dir={tmp_path}")
     errors = [line for line in res.stderr.splitlines() if line.startswith("elsa: error:")]
     assert res.returncode == 2 and len(errors) == 1 and "method.skip=[-3] is not allowed" in errors[0], \

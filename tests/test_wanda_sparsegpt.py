@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from elsa.pruning_plan import PruningPlan
 from elsa.errors import ElsaError
 from elsa.methods.sparsegpt import Hessian, SparseGPT, inverse_cholesky, sparsegpt_prune
 from elsa.methods.wanda import InputNorms, Wanda
@@ -101,7 +102,8 @@ def test_sparsegpt_exact_sparsity_and_nm(sparsity, blocksize, request):
     target = Sparsity.parse(sparsity)
     if target.is_nm and blocksize % target.m:   # blocksize 6 with M = 4 or 8: refused before any pruning
         with pytest.raises(ElsaError, match=rf"^method.blocksize={blocksize} is not allowed: a multiple of M="):
-            SparseGPT(blocksize=blocksize).validate(request.getfixturevalue("tiny_model")[0], target)
+            model = request.getfixturevalue("tiny_model")[0]
+            SparseGPT(blocksize=blocksize).validate(PruningPlan.build(model, target))
         return
     x, lin = correlated_inputs(features=96), layer(features=96)
     pruned = prune_with(SparseGPT(blocksize=blocksize), lin, x, target)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from elsa import distributed as D
 from elsa.errors import ElsaError, config_error
@@ -32,9 +33,9 @@ from elsa.losses import LossTerms
 from elsa.methods.base import GROUP, Annotated, Choice, Flag, Number
 from elsa.methods.registry import own_arguments
 from elsa.methods.training_method import TrainingMethod
+from elsa.pruning_plan import mask_of
 from elsa.schedules import cosine_schedule, linear_schedule
 from elsa.slorb import INITS
-from elsa.sparsity import Sparsity, mask_from_scores
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,26 @@ def annealed_decay(step: int, decay: float, increase_step: int) -> float:
     return decay * step / increase_step
 
 
+def swap_hooks(module: nn.Module, attr: str, masked) -> list:
+    """Hooks that, for each forward of ``module``, put ``masked(p)`` in place of its parameter ``attr`` (a fused
+    expert tensor has no Linear forward to replace) and put the parameter back after the forward; ``masked``
+    returning None leaves the parameter in place. Returns the two hook handles."""
+    held: dict[str, nn.Parameter] = {}        # the dense parameter while the masked tensor stands in for it
+
+    def pre(mod, _args):
+        tensor = masked(mod._parameters[attr])
+        if tensor is not None:
+            held["p"] = mod._parameters.pop(attr)
+            mod.__dict__[attr] = tensor
+
+    def post(mod, _args, _out):
+        p = held.pop("p", None)
+        if p is not None:
+            del mod.__dict__[attr]
+            mod._parameters[attr] = p
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
 class SparseMasks:
     """The keep-masks of the prunable Linears, the masked forward they run, and the mask statistics.
 
@@ -67,9 +88,10 @@ class SparseMasks:
     unsharded during its forward); weight and gradient edits use this rank's rows of them.
     """
 
-    def __init__(self, weights: dict, target: Sparsity, metric: str, group: str):
+    def __init__(self, weights: dict, target, metric: str, group: str):
         """``weights``: {name: :class:`elsa.models.Weight`}: Linear and Conv1D modules (their forward is replaced
-        by a masked one) and fused expert tensors (masked for the duration of their module's forward)."""
+        by a masked one) and fused expert tensors (masked for the duration of their module's forward);
+        ``target``: the plan (elsa.pruning_plan) whose full names they are, or one Sparsity for plain matrices."""
         self.weights, self.target, self.metric, self.group = weights, target, metric, group
         self.linears = {n: w.module for n, w in weights.items() if w.experts is None}
         self._hooks: list = []
@@ -89,8 +111,7 @@ class SparseMasks:
             lin.forward = self._forward_fn(name, lin)
         for name, w in self.weights.items():
             if w.experts is not None:
-                self._hooks += [w.module.register_forward_pre_hook(self._mask_tensor(name, w.attr)),
-                                w.module.register_forward_hook(self._restore_tensor(w.attr))]
+                self._hooks += swap_hooks(w.module, w.attr, self._masked_tensor(name))
         self._patched = True
 
     def remove(self) -> None:
@@ -102,26 +123,12 @@ class SparseMasks:
             self._hooks = []
             self._patched = False
 
-    def _mask_tensor(self, name: str, attr: str):
-        """A fused expert tensor has no Linear forward to replace: for its module's forward the parameter is
-        swapped for the masked tensor (straight-through gradient to the dense parameter), then put back."""
-        def pre(module, _args):
-            if self.keep.get(name) is None:
-                return
-            p = module._parameters.pop(attr)
-            module.__dict__[attr] = _MaskedWeight.apply(p, self._as(name, p))
-            module.__dict__[f"_elsa_dense_{attr}"] = p
-        return pre
-
-    @staticmethod
-    def _restore_tensor(attr: str):
-        """The forward hook that puts the dense parameter back after a masked forward (see ``_mask_tensor``)."""
-        def post(module, _args, _out):
-            p = module.__dict__.pop(f"_elsa_dense_{attr}", None)
-            if p is not None:
-                del module.__dict__[attr]
-                module._parameters[attr] = p
-        return post
+    def _masked_tensor(self, name: str):
+        """A fused expert tensor's masked stand-in for its module's forward (straight-through gradient to the
+        dense parameter; :func:`swap_hooks`); none before the first mask."""
+        def masked(p):
+            return None if self.keep.get(name) is None else _MaskedWeight.apply(p, self._as(name, p))
+        return masked
 
     def _forward_fn(self, name: str, lin):
         transposed = self.weights[name].transposed
@@ -186,7 +193,7 @@ class SparseMasks:
         norms = self._input_norms()
         flips_prev = flips_init = inter = union = numel = 0.0
         for name in self.weights:
-            mask = mask_from_scores(self.scores(name, norms), self.target.at(name), self.group, self.weights[name].transposed)
+            mask = mask_of(self.target, name, self.scores(name, norms), self.group, self.weights[name].transposed)
             prev, first = self.keep.get(name), self.initial.get(name)
             if first is None:
                 self.initial[name] = first = mask
@@ -248,15 +255,13 @@ class Ast(TrainingMethod, name="ast", variants=("ast_boosted",), position=0):
     train_defaults = {"steps": 40000, "batch_size": 8, "grad_accum": 16, "warmup_steps": 2000, "lr_final_ratio": 0.1,
                       "temperature": 2.0, "checkpoint_every": 500}
 
-    def validate(self, model, target) -> None:
+    def validate(self, plan) -> None:
         """mask_metric=wanda reads each Linear's inputs in its forward; a fused expert tensor's per-expert inputs
         are not observed there: refused before any work (the magnitude metric, the default, masks experts). SLoRB
         needs Linear / Conv1D matrices whose inputs split into groups of slorb_k, and the first mask from the
         weights alone (magnitude)."""
-        from elsa.models import prunable_weights
-
-        super().validate(model, target)
-        weights = prunable_weights(model)
+        super().validate(plan)
+        weights = plan.named_weights()
         stacked = [n for n, w in weights.items() if w.experts is not None]
         if self.slorb:
             if stacked:
@@ -315,24 +320,22 @@ class Ast(TrainingMethod, name="ast", variants=("ast_boosted",), position=0):
         start() computes next: magnitude scores of the same weights)."""
         if not self.slorb:
             return
-        from elsa.models import prunable_weights
         from elsa.slorb import SLoRB, attach, init_from_pruned
 
-        for name, w in prunable_weights(model).items():
+        plan = ctx.plan.on(model)
+        for name, w in plan.named_weights().items():
             if hasattr(w.module, "slorb"):
                 continue                                    # already extended (a resumed or repeated call)
             matrix = w.view(w.param.detach())               # [out, in]
-            keep = w.view(mask_from_scores(w.param.detach().abs().float(), ctx.target.at(name), self.group,
-                                           w.transposed))   # the first mask of SparseMasks.update, [out, in]
+            # the first mask of SparseMasks.update, [out, in]
+            keep = w.view(plan.mask(name, w.param.detach().abs().float(), self.group))
             branch = SLoRB(matrix.shape[1], matrix.shape[0], self.slorb_k, self.trainable_projection,
                            dtype=w.param.dtype, device=w.param.device)
             init_from_pruned(branch, matrix, keep, self.slorb_init)
             attach(w.module, branch)
 
     def setup(self, run):
-        from elsa.models import prunable_weights
-
-        masks = SparseMasks(prunable_weights(run.model), run.target, self.mask_metric, self.group)
+        masks = SparseMasks(run.plan.named_weights(), run.plan, self.mask_metric, self.group)
         masks.install()
         return AstRun(masks)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from elsa.methods.registry import ONE_SHOT, Choice, Flag, Number, Numbers, declare  # noqa: F401 - for the methods
-from elsa.models import prunable_matrices
+from elsa.pruning_plan import PruningPlan
 from elsa.sparsity import GROUPS, Sparsity, check_group  # noqa: F401 - check_group: the methods import it from here
 
 GROUP = Choice(GROUPS)    # a ``group`` key: where a ratio's top-k is compared (elsa.sparsity.mask_from_scores)
@@ -33,6 +33,12 @@ class PruneContext:
     extras: dict = field(default_factory=dict)
     start: str | None = None                     # the start stage that pruned ``model`` first (None: dense)
     teacher: nn.Module | None = None             # the dense model, kept when a start stage ran (distillation)
+    # what to prune, each matrix to what target (elsa.pruning_plan); None: every matrix of ``model`` at ``target``
+    plan: PruningPlan | None = None
+
+    def __post_init__(self):
+        if self.plan is None:
+            self.plan = PruningPlan.build(self.model, self.target)
 
 
 class Pruner:
@@ -63,10 +69,10 @@ class Pruner:
         (beyond the forward passes; elsa.compute): selection only, for a method that reads no data."""
         return float(out_features * in_features)
 
-    def validate(self, model: nn.Module, target: Sparsity) -> None:
-        """Cheap checks after the model is loaded and before any expensive work."""
-        for name, lin in prunable_matrices(model).items():
-            target.check_shape(name, lin.weight.shape)
+    def validate(self, plan: PruningPlan) -> None:
+        """Cheap checks after the model is loaded and ``plan`` made, before any expensive work."""
+        for mid, lin, target in plan.matrices():
+            target.check_shape(plan.name(mid), lin.weight.shape)
 
     def prune(self, ctx: PruneContext) -> dict:
         raise NotImplementedError

@@ -26,7 +26,8 @@ import torch
 from elsa.layerwise import BATCH, LayerwisePruner
 from elsa.methods.base import Annotated, Choice, Number, PruneContext
 from elsa.methods.sparsegpt import inverse_cholesky
-from elsa.models import block_matrices, in_moe
+from elsa.models import in_moe
+from elsa.pruning_plan import BlockPlan, MatrixId
 from elsa.sparsity import Sparsity, mask_from_scores
 
 BASES = ("wanda", "sparsegpt")
@@ -69,17 +70,17 @@ def sparsegpt_scores(weight: torch.Tensor, xtx: torch.Tensor, tokens: int, percd
     return w.square() / torch.diagonal(u).square().reshape(1, -1)
 
 
-def mlp_names(block) -> set[str]:
+def mlp_matrices(view: BlockPlan) -> set[MatrixId]:
     """The block's MLP matrices, structurally: owned by a module with an activation module among its children
     (Llama's mlp.act_fn, OPT's block-level activation_fn, GPT-2's mlp.act), or expert matrices."""
     from elsa.methods.sparsellm import _activations
 
-    out = set()
-    for name, matrix in block_matrices(block).items():
-        if in_moe(block, name):
+    block, out = view.module, set()
+    for name in view.ids:
+        if in_moe(block, name.path, name.expert):
             out.add(name)
             continue
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        owner = name.path.rsplit(".", 1)[0] if "." in name.path else ""
         parent = block.get_submodule(owner) if owner else block
         children = {id(c) for c in parent.children()}
         if any(id(a) in children for a in _activations(parent)):
@@ -197,7 +198,7 @@ class DSnoT(LayerwisePruner, name="dsnot", position=2):
         self.window = 1                    # tokens per calibration window (L): set from the calibration in prune
         self._skipped: set[str] = set()
 
-    def stats_init(self, name: str, linear) -> InputMoments:
+    def stats_init(self, name, linear) -> InputMoments:
         return InputMoments(linear.in_features, linear.weight.device, self.base == "sparsegpt")
 
     def accumulate(self, stats: InputMoments, x: torch.Tensor) -> InputMoments:
@@ -208,9 +209,9 @@ class DSnoT(LayerwisePruner, name="dsnot", position=2):
         self.window = int(ctx.calibration.shape[1])
         return super().prune(ctx)
 
-    def prune_block(self, prefix, block, stats, inputs, target):
-        self._skipped = {f"{prefix}.{n}" for n in mlp_names(block)} if self.skip == "mlp" else set()
-        return super().prune_block(prefix, block, stats, inputs, target)
+    def prune_block(self, view, stats, inputs):
+        self._skipped = {view.name(m) for m in mlp_matrices(view)} if self.skip == "mlp" else set()
+        return super().prune_block(view, stats, inputs)
 
     @torch.no_grad()
     def prune_linear(self, name: str, linear, stats: InputMoments, target: Sparsity) -> dict:

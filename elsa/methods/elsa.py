@@ -14,8 +14,6 @@ import torch
 
 from elsa import distributed as D
 from elsa.admm import CODECS, SCHEDULES, SPARSITY_SCHEDULES, AdmmState, LambdaSchedule, Scorer, codec, sparsity_at
-from elsa.models import prunable_weights
-from elsa.models import weight_layouts
 from elsa.engine import OPTIMIZERS
 from elsa.errors import config_error
 from elsa.losses import LossTerms
@@ -104,9 +102,9 @@ class Elsa(TrainingMethod, name="elsa", position=4):
         self.z_codec, self.u_codec = codec(z_dtype, "method.z_dtype"), codec(u_dtype, "method.u_dtype")
         self.config.update(own)
 
-    def validate(self, model, target) -> None:
-        super().validate(model, target)
-        if self.projection == "activation" and any(w.experts for w in prunable_weights(model).values()):
+    def validate(self, plan) -> None:
+        super().validate(plan)
+        if self.projection == "activation" and any(w.experts for w in plan.weights.values()):
             raise config_error("method.projection", "activation", "magnitude, objective, objective_corrected, "
                                "gradient or taylor for a model with fused expert tensors (their per-expert inputs "
                                "are not observed in training)")
@@ -155,14 +153,14 @@ class Elsa(TrainingMethod, name="elsa", position=4):
     # -- hooks of the training engine -----------------------------------------------------------------
     def setup(self, run):
         steps = self.train.steps
-        layouts = weight_layouts(run.model)
+        layouts = {n: w.transposed for n, w in run.plan.named_weights().items()}
         scorer = self.second_moment_fn(run.opt, run.constrained, layouts)
         hooks = None
         if self.projection == "activation":
             if D.world_size() > 1:
                 raise config_error("method.projection", "activation", "a single-process run (not yet under FSDP)")
             hooks = []
-            for name, w in prunable_weights(run.model).items():
+            for name, w in run.plan.named_weights().items():
                 def hook(module, args, name=name):
                     if module.training and torch.is_grad_enabled():
                         scorer.add_inputs(name, args[0])
@@ -170,7 +168,7 @@ class Elsa(TrainingMethod, name="elsa", position=4):
         return ElsaRun(
             lam=LambdaSchedule(self.lambda_schedule, self.lam, self.lam_final, steps, self.adaptive_mu,
                                self.adaptive_tau),
-            admm=AdmmState(run.constrained, run.target, self.group, self.z_codec, self.u_codec, layouts),
+            admm=AdmmState(run.constrained, run.plan, self.group, self.z_codec, self.u_codec, layouts),
             second_moment=scorer, hooks=hooks,
             warm=int(self.sparsity_warmup * steps),
             # the last finetune_fraction of the steps train on the frozen support of z (no dual updates)
@@ -178,18 +176,18 @@ class Elsa(TrainingMethod, name="elsa", position=4):
 
     def start(self, run):
         st = run.state
-        st.admm.init(self.ramp(run.target, 0, st.warm))
+        st.admm.init(self.ramp(run.plan, 0, st.warm))
         st.lam_prev = st.lam.at(0)
         ctx = run.ctx
         if self.eval_initial and ctx.start is None and "evaluate" in ctx.extras and D.world_size() == 1:
             # z0 = Proj(w0) is the magnitude-pruned dense model, the baseline ELSA starts from: report its
             # perplexity with the run's own protocol, so the table shows dense, magnitude and ELSA
-            run.stats["initial_projection_perplexity"] = self.on_projection(run.model, st.admm, run.target, None,
+            run.stats["initial_projection_perplexity"] = self.on_projection(run.model, st.admm, run.plan, None,
                                                                             ctx.extras["evaluate"])
             log.info("perplexity of the initial projection (magnitude): %s", run.stats["initial_projection_perplexity"])
 
     def before_optimizer(self, run, step):
-        st, target = run.state, run.target
+        st, target = run.state, run.plan
         admm = st.admm
         if isinstance(st.second_moment, Scorer) and self.projection == "gradient":
             st.second_moment.add_gradients()     # the loss gradient (clipped), before the proximal term
@@ -220,7 +218,7 @@ class Elsa(TrainingMethod, name="elsa", position=4):
         phase = 1 if self.dual_timing == "reference" else 0   # the reference's first z/u update follows step 1
         if st.frozen or not ((done - phase) % self.interval == 0 or done == self.train.steps):
             return None
-        admm, lam, target, warm = st.admm, st.lam, run.target, st.warm
+        admm, lam, target, warm = st.admm, st.lam, run.plan, st.warm
         lam_now, lam_prev = lam.at(done), st.lam_prev
         metrics = admm.dual_update(self.ramp(target, done, warm),
                                    lam_prev / lam_now if lam_now and lam_prev else 1.0, st.second_moment,
@@ -237,7 +235,7 @@ class Elsa(TrainingMethod, name="elsa", position=4):
 
     def evaluate_sparse(self, run, evaluate):
         st = run.state
-        return self.on_projection(run.model, st.admm, run.target, st.second_moment, evaluate)
+        return self.on_projection(run.model, st.admm, run.plan, st.second_moment, evaluate)
 
     def method_state(self, run):
         st = run.state
@@ -255,7 +253,7 @@ class Elsa(TrainingMethod, name="elsa", position=4):
             st.second_moment.load_state_dict(state.get("scores", {}))
 
     def finish(self, run):
-        run.state.admm.final_projection(run.target, run.state.second_moment)
+        run.state.admm.final_projection(run.plan, run.state.second_moment)
 
     def teardown(self, run):
         for handle in (getattr(run.state, "hooks", None) or []):

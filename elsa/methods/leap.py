@@ -19,7 +19,6 @@ import torch
 from elsa.errors import ElsaError
 from elsa.methods.base import GROUP, Annotated, Number
 from elsa.methods.learned_mask import RANGE, LearnedMask, schedule
-from elsa.sparsity import mask_from_scores
 
 
 class Leap(LearnedMask, name="leap", position=3):
@@ -37,14 +36,15 @@ class Leap(LearnedMask, name="leap", position=3):
         self.sparse_reg, self.group = float(sparse_reg), group
         self.config.update(sparse_reg=sparse_reg, group=group)
 
-    def validate(self, model, target) -> None:
+    def validate(self, plan) -> None:
+        target = plan.target
         if target.is_nm:
             raise ElsaError(f"method=leap learns unstructured masks; sparsity={target} is an N:M pattern (use a "
                             "ratio such as sparsity=0.5, or method=maskllm for N:M masks learned end to end)")
-        super().validate(model, target)
+        super().validate(plan)
 
     # -- the logits: one per weight, the parameter's storage as [-1, last dim] ----------------------------
-    def init_logits(self, w, prior, target):
+    def init_logits(self, w, prior):
         sign = prior.float() * 2.0 - 1.0                     # +1 kept, -1 pruned by the prior
         return self.prior_logits(sign.shape, sign).reshape(-1, sign.shape[-1])
 
@@ -55,9 +55,8 @@ class Leap(LearnedMask, name="leap", position=3):
         noise = torch.log(u) - torch.log1p(-u)               # logistic = the difference of two Gumbels
         return torch.sigmoid((logits.float() * scale + noise) / tau).reshape(w.param.shape)
 
-    def hard(self, name, w, logits, target):
-        scores = logits.float().reshape(w.param.shape)
-        return mask_from_scores(scores, target.at(name), self.group, w.transposed)
+    def hard(self, name, w, logits):
+        return self.plan.mask(name, logits.float().reshape(w.param.shape), self.group)
 
     # -- the regularisers -----------------------------------------------------------------------------
     def record(self, st, name, weight, mask):
@@ -72,7 +71,7 @@ class Leap(LearnedMask, name="leap", position=3):
         if not terms:
             return None
         density = sum(t["kept"] for t in terms) / sum(t["numel"] for t in terms)
-        loss = self.sparse_reg * (density - (1.0 - run.target.ratio)).abs()
+        loss = self.sparse_reg * (density - (1.0 - run.plan.ratio)).abs()
         if self.weight_reg:
             ratio = sum(t["norm"] for t in terms) / sum(t["dense_norm"] for t in terms)
             loss = loss - self.weight_reg * (1.0 - step / self.train.steps) * ratio

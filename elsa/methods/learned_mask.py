@@ -22,12 +22,10 @@ from torch import nn
 from elsa import distributed as D
 from elsa.engine import tensor_nbytes
 from elsa.errors import ElsaError, config_error
-from elsa.methods.ast import SparseMasks
+from elsa.methods.ast import swap_hooks
 from elsa.methods.base import Annotated, Number, Numbers
 from elsa.methods.training_method import TrainingMethod
-from elsa.models import prunable_weights
 from elsa.schedules import cosine_schedule
-from elsa.sparsity import mask_from_scores
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +91,7 @@ class LearnedMask(TrainingMethod):
                            gumbel_temperature=self.gumbel_temperature, gumbel_scale=self.gumbel_scale)
 
     # -- what a subclass defines --------------------------------------------------------------------
-    def init_logits(self, weight, prior: torch.Tensor, target) -> torch.Tensor:
+    def init_logits(self, weight, prior: torch.Tensor) -> torch.Tensor:
         """2-D logits of one weight from its prior keep-mask (storage layout, bool)."""
         raise NotImplementedError
 
@@ -101,8 +99,9 @@ class LearnedMask(TrainingMethod):
         """The relaxed mask (storage layout) sampled in a training forward."""
         raise NotImplementedError
 
-    def hard(self, name: str, weight, logits: torch.Tensor, target) -> torch.Tensor:
-        """The exact keep-mask (storage layout, bool) of the logits."""
+    def hard(self, name: str, weight, logits: torch.Tensor) -> torch.Tensor:
+        """The exact keep-mask (storage layout, bool) of the logits, to the target of weight ``name`` (its full
+        name) in ``self.plan``."""
         raise NotImplementedError
 
     def record(self, st: MaskRun, name: str, weight: torch.Tensor, mask: torch.Tensor) -> None:
@@ -128,12 +127,13 @@ class LearnedMask(TrainingMethod):
     # -- the prior and the logits (before the optimizer and the sharding) --------------------------------
     @torch.no_grad()
     def extend(self, model, ctx) -> None:
-        weights = prunable_weights(model)
+        plan = ctx.plan.on(model)
+        weights = plan.named_weights()
         if ctx.start is not None:
             if ctx.teacher is None:
                 raise ElsaError(f"internal: method={self.name} after start={ctx.start} needs the dense model "
                                 "(ctx.teacher)")
-            dense = prunable_weights(ctx.teacher)
+            dense = ctx.plan.on(ctx.teacher).named_weights()
         self.prior = "magnitude" if ctx.start is None else ctx.start
         self.priors = {}
         for name, w in weights.items():
@@ -142,12 +142,11 @@ class LearnedMask(TrainingMethod):
                 prior = p.detach() != 0
                 p.copy_(dense[name].param.detach())
             else:
-                prior = mask_from_scores(p.detach().abs().float(), ctx.target.at(name), getattr(self, "group", "layer"),
-                                         w.transposed)
+                prior = plan.mask(name, p.detach().abs().float(), getattr(self, "group", "layer"))
             self.priors[name] = prior
             if not hasattr(w.module, "elsa_mask"):
                 w.module.elsa_mask = MaskLogits()
-            w.module.elsa_mask.logits[w.attr] = nn.Parameter(self.init_logits(w, prior, ctx.target.at(name)))
+            w.module.elsa_mask.logits[w.attr] = nn.Parameter(self.init_logits(w, prior))
         ctx.teacher = None     # the dense weights are back in the model: the copy is freed (no distillation)
 
     def prior_logits(self, shape, agreement: torch.Tensor) -> torch.Tensor:
@@ -162,13 +161,12 @@ class LearnedMask(TrainingMethod):
         # 500), which CPUs compute slowly: flushed to zero while the method trains (a sample + backward of those
         # groups: 1.05-1.2 s flushed, 1.22-1.35 s not, one thread under load), numerically nothing
         torch.set_flush_denormal(True)
-        st = MaskRun(prunable_weights(run.model))
+        st = MaskRun(run.plan.named_weights())
         for name, w in st.weights.items():
             if w.experts is None:
                 w.module.forward = self._forward_fn(st, name, w)
             else:
-                st.hooks += [w.module.register_forward_pre_hook(self._mask_tensor(st, name, w)),
-                             w.module.register_forward_hook(self._restore_tensor(w.attr))]
+                st.hooks += swap_hooks(w.module, w.attr, self._masked_tensor(st, name, w))
         return st
 
     def teardown(self, run):
@@ -188,7 +186,7 @@ class LearnedMask(TrainingMethod):
             self.record(st, name, weight, mask)
             return mask.to(weight.dtype)
         if name not in st.hard:
-            st.hard[name] = self.hard(name, w, logits.detach(), self.target)
+            st.hard[name] = self.hard(name, w, logits.detach())
         return st.hard[name].to(weight.dtype)
 
     def _forward_fn(self, st, name, w):
@@ -199,18 +197,12 @@ class LearnedMask(TrainingMethod):
             return F.linear(x, weight.t() if w.transposed else weight, lin.bias)
         return forward
 
-    def _mask_tensor(self, st, name, w):
-        """A fused expert tensor: for its module's forward the parameter is swapped for the masked tensor."""
-        attr = w.attr
-
-        def pre(module, _args):
-            mask = self.mask_of(st, name, w, module._parameters[attr])
-            p = module._parameters.pop(attr)
-            module.__dict__[attr] = p * mask
-            module.__dict__[f"_elsa_dense_{attr}"] = p
-        return pre
-
-    _restore_tensor = staticmethod(SparseMasks._restore_tensor)   # AST's: the dense parameter back after a forward
+    def _masked_tensor(self, st, name, w):
+        """A fused expert tensor: for its module's forward the parameter is swapped for the masked tensor
+        (elsa.methods.ast.swap_hooks)."""
+        def masked(p):
+            return p * self.mask_of(st, name, w, p)
+        return masked
 
     # -- hooks of the training engine -----------------------------------------------------------------
     def start(self, run):
@@ -254,7 +246,7 @@ class LearnedMask(TrainingMethod):
         st, kept, total, same = run.state, 0, 0, 0
         for name, w in st.weights.items():
             logits = attached(w)
-            full = self.hard(name, w, D.gather(logits, D.local(logits).detach()), self.target)
+            full = self.hard(name, w, D.gather(logits, D.local(logits).detach()))
             local = D.local(w.param)
             local.mul_(D.scatter(w.param, full).to(local.dtype))
             kept += int(full.sum())
@@ -275,10 +267,10 @@ class LearnedMask(TrainingMethod):
         """Train the logits in the engine, then detach them: the model is a plain sparse model again."""
         from elsa.engine import TrainEngine
 
-        self.target = ctx.target
+        self.plan = ctx.plan                  # each matrix's target (hard masks)
         try:
             return TrainEngine(self).run(ctx, None)   # no teacher: the loss is the next-token loss
         finally:
-            for w in prunable_weights(ctx.model).values():
+            for w in ctx.plan.weights.values():
                 if hasattr(w.module, "elsa_mask"):
                     del w.module.elsa_mask

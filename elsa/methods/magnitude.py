@@ -3,8 +3,6 @@ import torch
 from tqdm.auto import tqdm
 
 from elsa.methods.base import GROUP, Annotated, PruneContext, Pruner
-from elsa.models import prunable_weights
-from elsa.sparsity import mask_from_scores
 
 
 class Magnitude(Pruner, name="magnitude", position=1):
@@ -13,6 +11,7 @@ class Magnitude(Pruner, name="magnitude", position=1):
 
     @torch.no_grad()
     def prune(self, ctx: PruneContext) -> dict:
-        for name, w in tqdm(prunable_weights(ctx.model).items(), desc="magnitude", unit="layer", leave=False):
-            w.param.mul_(mask_from_scores(w.param.abs(), ctx.target.at(name), self.group, w.transposed))
+        plan = ctx.plan
+        for wid, w in tqdm(plan.weights.items(), desc="magnitude", unit="layer", leave=False):
+            w.param.mul_(plan.mask(wid, w.param.abs(), self.group))
         return {}

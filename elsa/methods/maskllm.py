@@ -49,7 +49,8 @@ class MaskLLM(LearnedMask, name="maskllm", position=2):
         self.config.update(hard_sampling=hard_sampling)
         self.options = None
 
-    def validate(self, model, target) -> None:
+    def validate(self, plan) -> None:
+        target = plan.target
         if not target.is_nm:
             raise ElsaError(f"method=maskllm learns N:M masks; sparsity={target} is a ratio (use sparsity=2:4, or "
                             "method=leap for an unstructured mask learned the same way)")
@@ -58,7 +59,7 @@ class MaskLLM(LearnedMask, name="maskllm", position=2):
             raise ElsaError(f"method=maskllm: sparsity={target} has C({target.m},{target.n}) = {count} candidate "
                             f"masks per group of {target.m} weights, one logit each (at most {MAX_CANDIDATES}); "
                             "use a smaller M such as 2:4 or 4:8")
-        super().validate(model, target)
+        super().validate(plan)
 
     # -- the logits: [groups, C] over the matrix view's groups of M inputs ---------------------------------
     def _options(self, target, device=None) -> torch.Tensor:
@@ -81,18 +82,19 @@ class MaskLLM(LearnedMask, name="maskllm", position=2):
         t = groups.reshape(view)
         return t.transpose(-1, -2) if w.transposed else t
 
-    def init_logits(self, w, prior, target):
+    def init_logits(self, w, prior):
+        target = self.plan.target
         options = self._options(target)
         overlap = self._groups(w, prior.float(), target.m) @ options.t()      # [groups, C]: kept in common
         return self.prior_logits(overlap.shape, overlap - 1.0)
 
     def soft(self, w, logits, step):
-        t = self.target
+        t = self.plan.target
         tau = schedule(self.gumbel_temperature, step, self.train.steps)
         scale = schedule(self.gumbel_scale, step, self.train.steps)
         probs = F.gumbel_softmax(logits.float() * scale, tau=tau, hard=self.hard_sampling, dim=-1)
         return self._storage(w, probs @ self._options(t, logits.device), w.param.shape)
 
-    def hard(self, name, w, logits, target):
-        options = self._options(self.target, logits.device)
+    def hard(self, name, w, logits):
+        options = self._options(self.plan.target, logits.device)
         return self._storage(w, options[logits.argmax(-1)], w.param.shape).bool()

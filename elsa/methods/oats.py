@@ -132,8 +132,9 @@ class OATS(InputNormPruner, name="oats", position=4):
         super().__init__(batch_size)
         self.svd, self.rank_ratio, self.iters = svd, float(rank_ratio), int(iters)
 
-    def validate(self, model: nn.Module, target: Sparsity) -> None:
-        super().validate(model, target)
+    def validate(self, plan) -> None:
+        model = plan.model
+        super().validate(plan)
         fused = [n for n, m in model.named_modules() if expert_tensors(m)]
         if fused:
             raise ElsaError(f"method=oats adds a low-rank branch to every pruned Linear / Conv1D, not to fused "

@@ -65,8 +65,9 @@ class RIA(InputNormPruner, name="ria", position=1):
         self.a, self.group, self.permute = float(a), group, permute
         self.permutations: dict[str, torch.Tensor] = {}
 
-    def validate(self, model, target: Sparsity) -> None:
-        super().validate(model, target)
+    def validate(self, plan) -> None:
+        target = plan.target
+        super().validate(plan)
         if self.permute and not target.is_nm:
             raise config_error("method.permute", self.permute, f"false for sparsity={target} (channel "
                                "permutation is for N:M targets such as 2:4)")

@@ -46,14 +46,13 @@ from elsa.errors import ElsaError, config_error
 from elsa.layerwise import BATCH, LayerwisePruner, _hidden
 from elsa.methods.base import Annotated, Flag, Number, Numbers, PruneContext
 from elsa.layerwise import NO_TOKENS
-from elsa.models import block_weights, kept_dense
-from elsa.sparsity import Sparsity
+from elsa.pruning_plan import BlockPlan, MatrixId
 from elsa.schedules import linear_schedule
 
 log = logging.getLogger(__name__)
 
 
-def _input_weights(name: str, weight, stats) -> torch.Tensor:
+def _input_weights(block: int, name: str, weight, stats) -> torch.Tensor:
     """SAFE+'s ||X_j||² laid out like the parameter (per expert for fused expert tensors, [in, 1] for Conv1D
     storage); an expert that received no calibration token gets ones (magnitude within that expert)."""
     def one(key, cols):
@@ -62,10 +61,10 @@ def _input_weights(name: str, weight, stats) -> torch.Tensor:
     p = weight.param
     if weight.experts is None:
         cols = weight.view(p).shape[1]
-        v = one(name, cols).reshape(1, -1)
+        v = one(MatrixId(block, name), cols).reshape(1, -1)
     else:
         cols = weight.view(p, 0).shape[1]
-        v = torch.stack([one(f"{name}[{e}]", cols) for e in range(weight.experts)]).unsqueeze(1)
+        v = torch.stack([one(MatrixId(block, name, e), cols) for e in range(weight.experts)]).unsqueeze(1)
     v = v.transpose(-1, -2) if weight.transposed else v
     return v.to(p.device)
 
@@ -110,7 +109,7 @@ class SAFE(LayerwisePruner, name="safe", position=6):
         return super().prune(ctx)
 
     # -- SAFE+: squared input norms ||X_j||² per Linear, from the engine's hooks on the block's current inputs --
-    def stats_init(self, name: str, linear: nn.Linear) -> Any:
+    def stats_init(self, name, linear: nn.Linear) -> Any:
         if not self.activation_weighted:
             return None
         return torch.zeros(linear.in_features, dtype=torch.float64, device=linear.weight.device)
@@ -121,20 +120,21 @@ class SAFE(LayerwisePruner, name="safe", position=6):
         return stats + x.double().square().sum(0)
 
     # -- the block -----------------------------------------------------------------------------------------
-    def prune_block(self, prefix: str, block: nn.Module, stats: dict[str, Any], inputs, target: Sparsity) -> dict:
+    def prune_block(self, view: BlockPlan, stats: dict[MatrixId, Any], inputs) -> dict:
+        block = view.module
         dtype = next(block.parameters()).dtype
         flags = {n: p.requires_grad for n, p in block.named_parameters()}
         if dtype != torch.float32:
             block.float()
         batches = [(h.float(), _float(kw)) for h, kw in inputs]
         try:
-            info = self._train_block(prefix, block, stats, batches, target.within(prefix))
+            info = self._train_block(view, stats, batches)
         finally:
             for n, p in block.named_parameters():
                 p.requires_grad_(flags[n])
             if dtype != torch.float32:
                 block.to(dtype)
-        return {prefix: info}
+        return {view.prefix: info}
 
     @torch.no_grad()
     def block_mse(self, block: nn.Module, batches, targets) -> float:
@@ -146,14 +146,16 @@ class SAFE(LayerwisePruner, name="safe", position=6):
             count += y.numel()
         return total / max(count, 1)
 
-    def _train_block(self, prefix: str, block: nn.Module, stats, batches, target: Sparsity) -> dict:
+    def _train_block(self, target: BlockPlan, stats, batches) -> dict:
+        """Train one block (``target``: its part of the plan) to reconstruct its dense output, ADMM-projected."""
+        block, prefix = target.module, target.prefix
         with torch.no_grad():
             targets = [_hidden(block(h, **kw)).float().detach() for h, kw in batches]   # the dense block's output
-        found = block_weights(block)
+        found = target.weights
         weights = {name: w.param for name, w in found.items()}
         second_moment = None
         if self.activation_weighted:
-            norms = {name: _input_weights(name, w, stats) for name, w in found.items()}
+            norms = {name: _input_weights(target.index, name, w, stats) for name, w in found.items()}
             second_moment = norms.__getitem__
         admm = AdmmState(weights, target, "layer", Fp32Codec(), Fp32Codec(),
                          {name: w.transposed for name, w in found.items()})
@@ -169,7 +171,7 @@ class SAFE(LayerwisePruner, name="safe", position=6):
                 w.copy_(saved[name])
         del saved
 
-        frozen = kept_dense(block)            # routers and ignored / untargeted weights stay as they are
+        frozen = target.kept_dense()   # routers and ignored / untargeted weights stay as they are
         params = [p for p in block.parameters() if id(p) not in frozen]
         for p in params:
             p.requires_grad_(True)

@@ -144,7 +144,7 @@ class HessianPruner(LayerwisePruner):
         """The Hessian (2 in^2 per token), its inverse (~in^3) and the column-wise updates (2 out in^2)."""
         return 2.0 * in_features ** 2 * tokens + in_features ** 3 + 2.0 * out_features * in_features ** 2
 
-    def stats_init(self, name: str, linear: nn.Linear) -> Hessian:
+    def stats_init(self, name, linear: nn.Linear) -> Hessian:
         return Hessian(linear.in_features, linear.weight.device)
 
     def accumulate(self, stats: Hessian, x: torch.Tensor) -> Hessian:
@@ -159,8 +159,9 @@ class SparseGPT(HessianPruner, name="sparsegpt", position=3):
         super().__init__(batch_size)
         self.percdamp, self.blocksize = float(percdamp), int(blocksize)
 
-    def validate(self, model: nn.Module, target: Sparsity) -> None:
-        super().validate(model, target)
+    def validate(self, plan) -> None:
+        target = plan.target
+        super().validate(plan)
         if target.is_nm and self.blocksize % target.m:
             raise config_error("method.blocksize", self.blocksize,
                                f"a multiple of M={target.m} for sparsity={target}")

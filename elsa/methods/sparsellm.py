@@ -80,7 +80,8 @@ from elsa.layerwise import BATCH, LayerwisePruner
 from elsa.methods.base import Annotated, Choice, Flag, Number
 from elsa.methods.registry import Rule
 from elsa.methods.sparsegpt import PERCDAMP, SparseGPT, sparsegpt_prune
-from elsa.models import block_matrices, blocks_and_prefix
+from elsa.models import block_weights, blocks_and_prefix
+from elsa.pruning_plan import BlockPlan, MatrixId, PruningPlan
 from elsa.sparsity import Sparsity
 
 log = logging.getLogger(__name__)
@@ -129,9 +130,15 @@ def _is_relu(act: nn.Module) -> bool:
 
 
 def _linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The block's prunable plain Linears (not ignored, not experts) by block-relative name."""
-    return {n: m.source.module for n, m in block_matrices(block).items()
-            if m.expert is None and isinstance(m.source.module, nn.Linear)}
+    """The block's plain Linears that elsa prunes (not routers, not experts) by block-relative name."""
+    return {n: w.module for n, w in block_weights(block).items()
+            if w.experts is None and isinstance(w.module, nn.Linear)}
+
+
+def _planned_linears(view: BlockPlan) -> dict[str, nn.Linear]:
+    """The plain Linears of one block that the plan prunes (not ignored, not experts) by block-relative name:
+    the only ones traced, so the MLP is found among them."""
+    return {n: w.module for n, w in view.weights.items() if w.experts is None and isinstance(w.module, nn.Linear)}
 
 
 def trace_calls(modules: dict[str, nn.Module], run: Callable[[], Any]) -> dict[str, tuple]:
@@ -191,9 +198,11 @@ def mlp_structure(block: nn.Module, calls: dict[str, tuple]) -> MLPStructure | N
     return gated or plain
 
 
-def model_mlp_structures(model: nn.Module, blocks: nn.ModuleList) -> list[MLPStructure | None]:
-    """Every block's MLP, from one forward of ``model`` on a few tokens (hooks on every block's Linears)."""
-    per_block = [{f"{i}.{n}": m for n, m in _linears(b).items()} for i, b in enumerate(blocks)]
+def model_mlp_structures(plan: PruningPlan) -> list[MLPStructure | None]:
+    """Every block's MLP, from one forward of the model on a few tokens (hooks on every planned Linear)."""
+    model, blocks = plan.model, plan.blocks
+    planned = [_planned_linears(plan.block(i)) for i in range(len(blocks))]
+    per_block = [{f"{i}.{n}": m for n, m in linears.items()} for i, linears in enumerate(planned)]
     modules = {k: m for d in per_block for k, m in d.items()}
     device = next(model.parameters()).device
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 16
@@ -209,7 +218,7 @@ def model_mlp_structures(model: nn.Module, blocks: nn.ModuleList) -> list[MLPStr
         model.train(was_training)
     out = []
     for i, b in enumerate(blocks):
-        mine = {n: calls[f"{i}.{n}"] for n in _linears(b) if f"{i}.{n}" in calls}
+        mine = {n: calls[f"{i}.{n}"] for n in planned[i] if f"{i}.{n}" in calls}
         out.append(mlp_structure(b, mine))
     return out
 
@@ -637,10 +646,11 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
             raise ElsaError("method=sparsellm: method.skip needs the model's blocks (validate() first)")
         return {i % n for i in skip if -n <= i < n}
 
-    def validate(self, model: nn.Module, target: Sparsity) -> None:
+    def validate(self, plan) -> None:
         """Right after load, before any calibration: every block's MLP must be one SparseLLM models (traced on
         a few tokens), or the user asked for the SparseGPT fallback."""
-        super().validate(model, target)
+        model = plan.model
+        super().validate(plan)
         blocks, prefix = blocks_and_prefix(model)
         self.n_blocks = len(blocks)
         self.block_index = {f"{prefix}.{i}": i for i in range(len(blocks))}
@@ -648,7 +658,7 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
         if bad_skip:
             raise config_error("method.skip", list(self.skip), f"block indices of this model's {len(blocks)} blocks "
                                f"(0 to {len(blocks) - 1}, or -{len(blocks)} to -1 from the end)")
-        found = model_mlp_structures(model, blocks)
+        found = model_mlp_structures(plan)
         bad = [i for i, s in enumerate(found) if s is None]
         self.fallback_blocks = [f"{prefix}.{i}" for i in bad]
         self.skipped_blocks = []
@@ -658,7 +668,7 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
                         ", ".join(map(str, skip)), len(blocks), "" if self.skip is not None else
                         ": the reference's second and last two blocks")
         if bad and self.fallback is None:
-            lins = ", ".join(f"{n} {list(lin.weight.shape)}" for n, lin in block_matrices(blocks[bad[0]]).items())
+            lins = ", ".join(f"{m.local} {list(lin.weight.shape)}" for m, lin in plan.block(bad[0]).matrices().items())
             raise ElsaError(f"method=sparsellm cannot model the MLP of block {prefix}.{bad[0]} ({len(bad)}/"
                             f"{len(blocks)} blocks): its weight matrices are {lins or 'none'}; SparseLLM here "
                             "supports fc2(act(fc1 x)) and the gated down(act(gate x) * up x) with separate Linears "
@@ -668,33 +678,33 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
             log.warning("sparsellm: SparseGPT fallback on %d/%d blocks (method.fallback=sparsegpt): %s",
                         len(bad), len(blocks), ", ".join(self.fallback_blocks))
 
-    def prune_block(self, prefix: str, block: nn.Module, stats: dict[str, Any], inputs, target: Sparsity) -> dict:
+    def prune_block(self, view: BlockPlan, stats: dict[MatrixId, Any], inputs) -> dict:
+        block, prefix = view.module, view.prefix
         h0, kw0 = inputs[0]
-        structure = mlp_structure(block, trace_calls(_linears(block), lambda: block(h0, **kw0)))
+        structure = mlp_structure(block, trace_calls(_planned_linears(view), lambda: block(h0, **kw0)))
         if structure is None:
             if self.fallback != "sparsegpt":   # validate() refuses this before any model work
                 raise ElsaError(f"method=sparsellm cannot model the MLP of block {prefix} "
                                 "(set method.fallback=sparsegpt)")
             if prefix not in self.fallback_blocks:
                 self.fallback_blocks.append(prefix)
-            return LayerwisePruner.prune_block(self, prefix, block, stats, inputs, target)
+            return LayerwisePruner.prune_block(self, view, stats, inputs)
         skip = self.skipped(structure.kind)
         if skip and prefix not in self.block_index:
             raise ElsaError(f"method=sparsellm: block {prefix} is not one of the blocks validate() found")
         if self.block_index.get(prefix) in skip:   # one alternation only: the reference's opt_epochs = 1
             self.skipped_blocks.append(prefix)
-            return LayerwisePruner.prune_block(self, prefix, block, stats, inputs, target)
+            return LayerwisePruner.prune_block(self, view, stats, inputs)
         mods = {n: block.get_submodule(n) for n in structure.names()}
         first, up, down = mods[structure.first], mods.get(structure.up), mods[structure.down]
         x, y = mlp_io(block, first, down, inputs)            # before any pruning: the dense block's view
         per_layer = {}
-        local = target.within(prefix)           # each matrix's own ratio when an allocation set them
-        for name, lin in block_matrices(block).items():
-            if name not in mods:
-                per_layer[f"{prefix}.{name}"] = self.prune_linear(f"{prefix}.{name}", lin, stats[name], local.at(name))
-        mlp_target = target if not target.allocated else \
-            {"first": local.at(structure.first), "up": local.at(structure.up) if structure.up else None,
-             "down": local.at(structure.down)}
+        for mid, lin in view.matrices().items():
+            if mid.local not in mods:
+                per_layer[view.name(mid)] = self.prune_linear(view.name(mid), lin, stats[mid], view.target(mid))
+        # each of the MLP's matrices to its own target in the plan (an allocation's ratios)
+        mlp_target = {part: view.target(MatrixId(view.index, path)) if path else None
+                      for part, path in (("first", structure.first), ("up", structure.up), ("down", structure.down))}
         out = sparsellm_mlp(first, up, down, structure.act, x, y, mlp_target, *self.weights(structure.kind),
                             self.iterations, self.blocksize, self.percdamp, f"{prefix}.{structure.down}",
                             self.select, structure.relu, self.down_input, recipe=self.recipe)

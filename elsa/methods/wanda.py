@@ -36,7 +36,7 @@ def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 class InputNormPruner(LayerwisePruner):
     """A layer-wise method whose statistics are the inputs' feature norms ||X_j||_2 (Wanda, RIA, OATS)."""
 
-    def stats_init(self, name: str, linear: nn.Linear) -> InputNorms:
+    def stats_init(self, name, linear: nn.Linear) -> InputNorms:
         return InputNorms(linear.in_features, linear.weight.device)
 
     def accumulate(self, stats: InputNorms, x: torch.Tensor) -> InputNorms:
