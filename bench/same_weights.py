@@ -1,0 +1,94 @@
+"""Are the pruned weights of a run bit-identical between two checkouts? (issue 28: behaviour unchanged)
+
+    python bench/same_weights.py --base /work/wt/base -- method=wanda sparsity=0.5
+    python bench/same_weights.py --base /work/wt/base --cells default     # the issue's default-model cells
+
+Runs ``run.py <overrides> save_model=true`` once with the code of this checkout and once with the code of
+``--base`` (a git worktree of another commit; the same Python environment), each in its own output dir under
+``--out``, then compares every tensor of the two saved models with ``torch.equal``. Prints one line per cell and
+appends it to ``<out>/same_weights.jsonl``; a cell whose two saved models already exist is only compared again.
+One thread, so the two runs do the same float operations in the same order.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["eval=quick", "eval.dense=false", "logger=none", "hardware.threads=1", "save_model=true"]
+CELLS = {"default": [["method=magnitude", "sparsity=0.5"], ["method=wanda", "sparsity=0.5"],
+                     ["method=sparsegpt", "sparsity=0.5"], ["method=elsa", "budget=demo", "sparsity=0.5"]]}
+
+
+def run(code: Path, overrides: list[str], out: Path) -> None:
+    if (out / "model").is_dir():
+        return
+    env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled")
+    cmd = [sys.executable, "run.py", *overrides, *QUICK, f"output_dir={out}"]
+    with open(out.with_suffix(".log"), "w") as log:
+        subprocess.run(cmd, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def tensors(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def compare(a: Path, b: Path) -> dict:
+    import torch
+    ta, tb = tensors(a / "model"), tensors(b / "model")
+    differ = sorted(k for k in ta.keys() & tb.keys() if not torch.equal(ta[k], tb[k]))
+    return {"tensors": len(ta), "only_one_side": sorted(ta.keys() ^ tb.keys()), "differ": differ,
+            "identical": not differ and ta.keys() == tb.keys()}
+
+
+def commit(code: Path) -> str:
+    return subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() + ("+dirty" if subprocess.run(
+                              ["git", "-C", str(code), "status", "--porcelain", "--untracked-files=no"],
+                              capture_output=True, text=True).stdout.strip() else "")
+
+
+def cell(overrides: list[str], base: Path, out: Path) -> dict:
+    key = hashlib.sha1(" ".join(overrides).encode()).hexdigest()[:10]
+    here, there = out / f"{key}_head", out / f"{key}_base"
+    t0 = time.time()
+    for code, d in ((REPO, here), (base, there)):
+        d.parent.mkdir(parents=True, exist_ok=True)
+        run(code, overrides, d)
+    row = {"overrides": overrides, "head": commit(REPO), "base": commit(base), **compare(here, there),
+           "wall_s": round(time.time() - t0, 1)}
+    with open(out / "same_weights.jsonl", "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, required=True, help="a worktree of the commit to compare with")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "runs" / "same_weights")
+    ap.add_argument("--cells", choices=sorted(CELLS), help="a named set of cells instead of overrides")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cells = CELLS[args.cells] if args.cells else [args.overrides]
+    ok = True
+    for overrides in cells:
+        row = cell(overrides, args.base.resolve(), args.out.resolve())
+        ok &= row["identical"]
+        print(f"{' '.join(overrides)}: {'identical' if row['identical'] else 'DIFFERENT'} "
+              f"({row['tensors']} tensors, {len(row['differ'])} differ; {row['head']} vs {row['base']}, "
+              f"{row['wall_s']} s)", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
