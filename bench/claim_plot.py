@@ -12,6 +12,7 @@ from pathlib import Path
 
 POINT = re.compile(r"step (\d+): .*?target_ratio=([\d.]+),.*?heldout_ppl=([\d.e+]+), tokens=([\d.e+]+)")
 LEVELS = ("sparsegpt", "alps", "sparsellm")
+RECIPES = {False: "the paper's recipe", True: "short-budget recipe (decoupled pull, KL)"}
 
 
 def curves(root: Path) -> dict[str, list[tuple[int, float, int]]]:
@@ -61,7 +62,7 @@ def main() -> None:
         for ax, ratio in zip(axes, (0.7, 0.9)):
             for name, pts in runs.items():
                 if abs(pts[0][3] - ratio) < 1e-9:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{name}: {RECIPES[name.endswith('_short')]}")
             for method, level in lv.get(ratio, {}).items():
                 ax.axhline(level, ls="--", lw=0.8, color="grey")
                 ax.text(0.01, level, f"{method} {level:,.0f}", transform=ax.get_yaxis_transform(), fontsize=7,
