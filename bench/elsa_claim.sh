@@ -12,6 +12,8 @@
 #                                     # decoupled pull lam 0.02, interval 8, KL from the dense model, the last quarter
 #                                     # on z's frozen support, lr 5e-4 with 10 warm-up steps), from the dense model:
 #                                     # the knob changed for a 135M model, beside the paper's recipe (docs/results.md)
+#   bench/elsa_claim.sh 90 short elsa_l   # ELSA-L (8-bit state) with the same recipe and tokens, for its figure
+#                                     # at ELSA's crossing budget (issue 26: within 2% of ELSA there)
 #   bench/elsa_claim.sh status        # where each run stands (last held-out points)
 #
 # Longer than a session (hours at one thread): it resumes from $ROOT/s<N>/checkpoints/elsa.pt (every 32 steps).
@@ -28,12 +30,18 @@ if [ "${1:-}" = status ]; then
   done
   exit 0
 fi
-S="${1:?usage: bench/elsa_claim.sh 70|90|status [paper|short]}"
+S="${1:?usage: bench/elsa_claim.sh 70|90|status [paper|short] [elsa|elsa_l]}"
 RECIPE="${2:-paper}"
+METHOD="${3:-elsa}"
 case "$RECIPE" in
   paper) RUN="s$S"; EXTRA=() ;;
   short) RUN="s${S}_short"; EXTRA=(budget=cpu) ;;
   *) echo "elsa: error: recipe=$RECIPE: paper or short" >&2; exit 2 ;;
+esac
+case "$METHOD" in
+  elsa) ;;
+  elsa_l) RUN="${RUN}_elsa_l" ;;
+  *) echo "elsa: error: method=$METHOD: elsa or elsa_l" >&2; exit 2 ;;
 esac
 (
   flock 9   # two runs started together create the pinned worktree once
@@ -45,7 +53,7 @@ PY="$REPO/.venv/bin/python"
 cd "$ROOT/code"
 echo "elsa_claim: sparsity 0.$S, recipe $RECIPE, code $COMMIT, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$ROOT/$RUN.log"
 OMP_NUM_THREADS=1 WANDB_MODE=disabled PYTHONPATH="$ROOT/code" nice -n 19 "$PY" run.py \
-  method=elsa "${EXTRA[@]}" sparsity=0.$S seqlen=512 eval=quick logger=none hardware.threads=1 \
+  method=$METHOD "${EXTRA[@]}" sparsity=0.$S seqlen=512 eval=quick logger=none hardware.threads=1 \
   method.steps=2442 method.batch_size=2 method.grad_accum=4 method.autocast_bf16=true \
   method.eval_every=32 method.eval_split=test method.eval_tokens=8192 method.checkpoint_every=32 \
   save_model=true output_dir="$ROOT/$RUN" >> "$ROOT/$RUN.log" 2>&1
