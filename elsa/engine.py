@@ -160,7 +160,9 @@ class TrainEngine:
         self.autocast = bool(self.s.autocast_bf16 is True)   # resolved per run in train()
         self.optimizer_impl = None
 
-    def make_optimizer(self, params, device_type: str = "cpu"):
+    def make_optimizer(self, params, device_type: str = "cpu", low_memory: bool = False):
+        """``low_memory`` (hardware.low_memory): the fp32 AdamW steps one tensor at a time (foreach=False: no
+        temporaries the size of every trainable weight; the same update)."""
         s = self.s
         groups = [{"params": params}]
         if s.optimizer == "adamw8bit" and device_type == "cpu" and D.world_size() == 1:
@@ -181,8 +183,8 @@ class TrainEngine:
             return AdamW8bit(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
         # the bf16 fast path also fuses AdamW's update into one kernel (equal up to float rounding); the fp32 path
         # keeps the foreach implementation, so autocast_bf16=false reproduces earlier runs bit for bit
-        fast = {"fused": True} if self.autocast and D.world_size() == 1 else {"foreach": True}
-        self.optimizer_impl = f"torch.optim.AdamW ({next(iter(fast))})"
+        fast = {"fused": True} if self.autocast and D.world_size() == 1 else {"foreach": not low_memory}
+        self.optimizer_impl = f"torch.optim.AdamW ({next(iter(fast)) if any(fast.values()) else 'per tensor'})"
         return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, **fast)
 
     def compute_loss(self, model, teacher, ids):
@@ -250,7 +252,7 @@ class TrainEngine:
         if s.eval_every:
             heldout = eval_windows(token_stream(ctx.tokenizer, ctx.dataset, s.eval_split), ctx.seqlen, bos,
                                    s.eval_tokens)
-        opt = self.make_optimizer(trainable, torch.device(ctx.device).type)
+        opt = self.make_optimizer(trainable, torch.device(ctx.device).type, ctx.extras.get("low_memory", False))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, m.lr_lambda())
         run = TrainRun(model, ctx, s, constrained, trainable, teacher, opt, sched, data, heldout)
         if self.autocast:
@@ -258,6 +260,8 @@ class TrainEngine:
                                            "stored in bf16 (and AdamW fused: optimizer_impl)"
         run.stats["autocast_bf16"] = autocast_record
         run.stats["optimizer_impl"] = self.optimizer_impl
+        run.stats["trained_params"] = {"count": sum(D.local(p).numel() for p in trainable),
+                                       "train_dense_params": s.train_dense_params}
         run.state = m.setup(run)
         if heldout is not None:
             run.stats["heldout"] = {"split": s.eval_split, "windows": heldout.shape[0], "tokens": heldout.numel()}

@@ -27,6 +27,8 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
+import tempfile
 import time
 from torch.overrides import TorchFunctionMode
 from typing import Annotated, Any
@@ -91,15 +93,19 @@ class LayerwisePruner(Pruner):
         raise NotImplementedError
 
     def prune_block(self, prefix: str, block: nn.Module, stats: dict[str, Any], inputs: list[tuple[torch.Tensor, dict]],
-                    target: Sparsity) -> dict[str, dict]:
+                    target: Sparsity, only: set[str] | None = None) -> dict[str, dict]:
         """Prune every Linear of ``block`` (named ``prefix.<name>``); by default one :meth:`prune_linear` each.
 
         ``inputs`` are the (hidden states, kwargs) batches the block receives, for methods that need more than
         per-Linear statistics (SparseLLM re-runs the block to read its MLP's input and dense output).
+        ``only``: the matrices to prune this call (``hardware.low_memory`` prunes a block in groups; a method
+        that overrides this walks as usual, see :func:`walks_lean`).
         Returns the per-layer dicts for :meth:`summarize`."""
         per_layer = {}
         local = target.within(prefix)          # each matrix's own ratio when an allocation set them
         for name, lin in block_matrices(block).items():
+            if only is not None and name not in only:
+                continue
             if stats[name] is NO_TOKENS:
                 prune_by_magnitude(lin, local.at(name))
                 self.without_tokens.append(f"{prefix}.{name}")
@@ -113,9 +119,41 @@ class LayerwisePruner(Pruner):
         """Method statistics for results.json from the per-layer dicts ``prune_linear`` returned."""
         return {}
 
+    def separable(self, prefix: str, block: nn.Module, inputs) -> bool:
+        """Whether ``block``'s matrices are each pruned from their own statistics alone (the base
+        ``prune_block``), so that ``hardware.low_memory`` may collect and prune them in groups with the same
+        result; a method that couples a block's matrices (SparseLLM's MLP, OATS) says no and walks as usual."""
+        return type(self).prune_block is LayerwisePruner.prune_block
+
     def prune(self, ctx: PruneContext) -> dict:
-        engine = LayerwiseEngine(ctx.model, ctx.device, self.batch_size)
+        engine = LayerwiseEngine(ctx.model, ctx.device, self.batch_size, ctx.extras.get("low_memory", False))
         return engine.run(self, ctx.calibration, ctx.target)
+
+
+class _DenseCopy:
+    """A block's dense weights before pruning, for the re-run's error measure: in memory, or on disk under
+    ``spill`` (``hardware.low_memory``: one file per matrix, each expert's its own, read back when used)."""
+
+    def __init__(self, weights: dict[str, Weight], spill: str | None = None):
+        self.spill, self.tensors, self.files = spill, {}, {}
+        for name, w in weights.items():
+            if spill is None:
+                self.tensors[name] = w.param.detach().clone()
+                continue
+            for e in (range(w.experts) if w.experts is not None else [None]):
+                self.files[name, e] = os.path.join(spill, f"{len(self.files)}.pt")
+                torch.save(w.view(w.param.detach(), e).clone(), self.files[name, e])
+
+    def matrix(self, name: str, w: Weight, expert: int | None = None) -> torch.Tensor:
+        """The dense ``[out, in]`` matrix (an expert's) of weight ``name``."""
+        if self.spill is None:
+            return w.view(self.tensors[name], expert)
+        return torch.load(self.files[name, expert], weights_only=True)
+
+    def close(self) -> None:
+        for path in self.files.values():
+            os.remove(path)
+        self.tensors, self.files = {}, {}
 
 
 _LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
@@ -154,6 +192,14 @@ class _ExpertInputs(TorchFunctionMode):
             x = args[0]
             self.on_call(name, expert, x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1]))
         return out
+
+
+def _check_experts_seen(weights: dict[str, Weight], seen: set[str]) -> None:
+    """Refuse a fused expert tensor none of whose experts was seen applied to tokens."""
+    for name, w in weights.items():
+        if w.experts is not None and not any(f"{name}[{e}]" in seen for e in range(w.experts)):
+            raise ElsaError(f"no expert of {name} {list(w.param.shape)} was seen applied to the tokens (elsa "
+                            "reads w[e] followed by F.linear or @); this model computes its experts another way")
 
 
 def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> None:
@@ -197,8 +243,12 @@ def _hidden(out):
 class LayerwiseEngine:
     """Walks the decoder blocks of ``model`` once; see the module docstring."""
 
-    def __init__(self, model: nn.Module, device: str = "cpu", batch_size: int = 8):
+    def __init__(self, model: nn.Module, device: str = "cpu", batch_size: int = 8, low_memory: bool = False):
+        """``low_memory`` (hardware.low_memory): a block's fused experts are collected and pruned one at a time
+        (one forward over the calibration batches each; the same statistics, so the same pruned weights) and
+        its dense copy waits on disk, in the blocks the method calls separable (:meth:`LayerwisePruner.separable`)."""
         self.model, self.device, self.batch_size = model, torch.device(device), max(1, int(batch_size))
+        self.low_memory = bool(low_memory)
         self.blocks = decoder_blocks(model)
         self.offload = self.device.type != "cpu"
 
@@ -254,6 +304,8 @@ class LayerwiseEngine:
         self.model.eval()
         method.without_tokens = []
         experts_impl = self._eager_experts()
+        spill = tempfile.TemporaryDirectory(prefix="elsa-dense-") if self.low_memory else None
+        lean_blocks = 0
         if self.offload:
             self.model.to("cpu")
             _move_outside_blocks(self.model, self.blocks, self.device)
@@ -273,12 +325,18 @@ class LayerwiseEngine:
                     if self.offload:
                         block.to(self.device)
                     batches = list(zip(hiddens, block_kwargs[index]))
-                    stats = self._collect(method, block, batches)
-                    dense = {name: w.param.detach().clone() for name, w in block_weights(block).items()}
-                    per_layer.update(method.prune_block(f"{prefix}.{index}", block, stats, batches, target))
-                    del stats
+                    if self.low_memory and method.separable(f"{prefix}.{index}", block, batches):
+                        lean_blocks += 1
+                        dense = _DenseCopy(block_weights(block), spill.name)
+                        per_layer.update(self._prune_lean(method, f"{prefix}.{index}", block, batches, target))
+                    else:
+                        stats = self._collect(method, block, batches)
+                        dense = _DenseCopy(block_weights(block))
+                        per_layer.update(method.prune_block(f"{prefix}.{index}", block, stats, batches, target))
+                        del stats
                     outputs, block_errors = self._rerun_measuring(block, batches, dense)
                     errors.update({f"{prefix}.{index}.{name}": e for name, e in block_errors.items()})
+                    dense.close()
                     del dense
                     if index < last or keep_outputs:
                         hiddens = outputs
@@ -293,9 +351,15 @@ class LayerwiseEngine:
             self.model.train(was_training)
             if experts_impl is not None:
                 self.model.set_experts_implementation(experts_impl)
+            if spill is not None:
+                spill.cleanup()
         summary = method.summarize(per_layer)
         summary["engine_s"] = time.perf_counter() - t0
         summary["per_block"] = per_block     # time, CPU time, peak memory and calibration tokens of each block
+        if self.low_memory:
+            summary["low_memory"] = {"blocks": lean_blocks, "of": len(self.blocks), "what": (
+                "fused experts collected and pruned one at a time (one forward each), the dense copy on disk; "
+                f"the other blocks walked as usual ({type(method).__name__} couples their matrices)")}
         summary["reconstruction"] = reconstruction_summary(errors)
         if method.without_tokens:
             log.warning("%d expert matrices received no calibration token; pruned by magnitude within the expert: %s",
@@ -305,7 +369,7 @@ class LayerwiseEngine:
             summary["experts_without_tokens"] = {k: note.data[k] for k in ("rule", "count", "names")}  # the old key
         return summary
 
-    def _rerun_measuring(self, block: nn.Module, batches, dense: dict[str, torch.Tensor]):
+    def _rerun_measuring(self, block: nn.Module, batches, dense: _DenseCopy):
         """Re-run the pruned block (its outputs feed the next block) and measure, for every matrix and expert,
         the relative output error ||x (W - W_dense)^T|| / ||x W_dense^T|| over the tokens it receives in the
         pruned model: the common yardstick of every layer-wise method (llm-compressor reports one per layer)."""
@@ -329,13 +393,13 @@ class LayerwiseEngine:
                 bias = getattr(module, "bias", None)
                 if bias is not None:
                     y = y - bias
-                add(name, x, y, w.view(w.param) - w.view(dense[name]), getattr(module, "lowrank", None))
+                add(name, x, y, w.view(w.param) - dense.matrix(name, w), getattr(module, "lowrank", None))
             return fn
 
         def expert_call(name, expert, x, out):
             w = stacked[name]
             if x.shape[0]:
-                add(f"{name}[{expert}]", x, out, w.view(w.param, expert) - w.view(dense[name], expert))
+                add(f"{name}[{expert}]", x, out, w.view(w.param, expert) - dense.matrix(name, w, expert))
 
         handles = [w.module.register_forward_hook(hook(name, w)) for name, w in hooked.items()]
         try:
@@ -361,13 +425,38 @@ class LayerwiseEngine:
         self.model.set_experts_implementation("eager")
         return before
 
-    def _collect(self, method: LayerwisePruner, block: nn.Module, batches) -> dict[str, Any]:
+    def _prune_lean(self, method: LayerwisePruner, prefix: str, block: nn.Module, batches, target) -> dict:
+        """``low_memory``: one forward per fused expert collects that expert's statistics (the first also the
+        rest's), then prunes that expert; the matrices outside the experts are pruned last. An expert's inputs
+        depend on the matrices before its MoE layer and the router, never on another expert's weights, so every
+        matrix sees the statistics of the usual walk (the dense block's inputs)."""
+        matrices = block_matrices(block)
+        experts = sorted({m.expert for m in matrices.values() if m.expert is not None})
+        rest = {n for n, m in matrices.items() if m.expert is None}
+        if not experts:
+            return method.prune_block(prefix, block, self._collect(method, block, batches), batches, target)
+        per_layer, kept, seen = {}, {}, set()
+        for e in experts:
+            own = {n for n, m in matrices.items() if m.expert == e}
+            stats = self._collect(method, block, batches, only=own | rest if e == experts[0] else own)
+            if e == experts[0]:
+                kept = {n: stats.pop(n) for n in rest}
+            seen |= {n for n, st in stats.items() if st is not NO_TOKENS}
+            per_layer.update(method.prune_block(prefix, block, stats, batches, target, only=own))
+            del stats
+        _check_experts_seen(block_weights(block), seen)
+        per_layer.update(method.prune_block(prefix, block, kept, batches, target, only=rest))
+        return per_layer
+
+    def _collect(self, method: LayerwisePruner, block: nn.Module, batches, only: set[str] | None = None) -> dict[str, Any]:
         """Run ``block`` over every batch with hooks on its matrices; Linears fed the same tensor share stats.
         Expert matrices of fused tensors get their routed tokens from :class:`_ExpertInputs`; a matrix inside
-        an MoE layer that no token reached gets ``NO_TOKENS``."""
+        an MoE layer that no token reached gets ``NO_TOKENS``. ``only``: the matrices to collect (all)."""
         weights = block_weights(block)
         matrices = block_matrices(block)
-        hooked = {name: w for name, w in weights.items() if w.experts is None}
+        if only is not None:
+            matrices = {n: m for n, m in matrices.items() if n in only}
+        hooked = {name: w for name, w in weights.items() if w.experts is None and name in matrices}
         stacked = {name: w for name, w in weights.items() if w.experts is not None}
         stats: dict[str, Any] = {}
         leader: dict[str, str] = {}          # name -> the matrix whose stats it shares (decided on batch 0)
@@ -392,6 +481,8 @@ class LayerwiseEngine:
 
         def expert_input(weight_name, expert, x, _out):
             name = f"{weight_name}[{expert}]"
+            if name not in matrices:
+                return
             if name not in leader:
                 leader[name] = name
                 stats[name] = method.stats_init(name, matrices[name])
@@ -411,10 +502,8 @@ class LayerwiseEngine:
         finally:
             for handle in handles:
                 handle.remove()
-        for name, w in stacked.items():
-            if not any(f"{name}[{e}]" in leader for e in range(w.experts)):
-                raise ElsaError(f"no expert of {name} {list(w.param.shape)} was seen applied to the tokens (elsa "
-                                "reads w[e] followed by F.linear or @); this model computes its experts another way")
+        if only is None:
+            _check_experts_seen(stacked, set(leader))
         missing = [n for n in matrices if n not in leader]
         unrouted = [n for n in missing if in_moe(block, n)]
         if len(unrouted) < len(missing):

@@ -668,16 +668,26 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
             log.warning("sparsellm: SparseGPT fallback on %d/%d blocks (method.fallback=sparsegpt): %s",
                         len(bad), len(blocks), ", ".join(self.fallback_blocks))
 
-    def prune_block(self, prefix: str, block: nn.Module, stats: dict[str, Any], inputs, target: Sparsity) -> dict:
+    def separable(self, prefix: str, block: nn.Module, inputs) -> bool:
+        """The SparseGPT fallback's blocks (no MLP SparseLLM models, e.g. an MoE's): every matrix from its own
+        Hessian, so hardware.low_memory may prune them in groups."""
+        h0, kw0 = inputs[0]
+        return self.fallback == "sparsegpt" and \
+            mlp_structure(block, trace_calls(_linears(block), lambda: block(h0, **kw0))) is None
+
+    def prune_block(self, prefix: str, block: nn.Module, stats: dict[str, Any], inputs, target: Sparsity,
+                    only: set[str] | None = None) -> dict:
         h0, kw0 = inputs[0]
         structure = mlp_structure(block, trace_calls(_linears(block), lambda: block(h0, **kw0)))
+        if only is not None and structure is not None:
+            raise RuntimeError(f"sparsellm: block {prefix} couples its MLP; it cannot be pruned in groups")
         if structure is None:
             if self.fallback != "sparsegpt":   # validate() refuses this before any model work
                 raise ElsaError(f"method=sparsellm cannot model the MLP of block {prefix} "
                                 "(set method.fallback=sparsegpt)")
             if prefix not in self.fallback_blocks:
                 self.fallback_blocks.append(prefix)
-            return LayerwisePruner.prune_block(self, prefix, block, stats, inputs, target)
+            return LayerwisePruner.prune_block(self, prefix, block, stats, inputs, target, only)
         skip = self.skipped(structure.kind)
         if skip and prefix not in self.block_index:
             raise ElsaError(f"method=sparsellm: block {prefix} is not one of the blocks validate() found")
