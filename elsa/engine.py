@@ -67,12 +67,18 @@ def tokens_per_step(s, world: int, seqlen: int) -> int:
     return s.batch_size * s.grad_accum * world * seqlen
 
 
-def make_teacher(model, kept=None, shard: bool = False, bf16: bool = False) -> nn.Module:
+def make_teacher(model, kept=None, shard: bool = False, bf16: bool = False, share_frozen: bool = False) -> nn.Module:
     """The frozen dense model a distilling loss reads (elsa.losses.LossTerms.needs_teacher), made here only:
     ``kept`` (the dense model the pipeline copied before a start stage pruned ``model``) or a copy of ``model`` as
     it is now; sharded like the student under FSDP2; its Linear weights cast to bf16 once when the student trains
-    under bf16 autocast (the values autocast would cast to)."""
-    teacher = kept if kept is not None else copy.deepcopy(model)
+    under bf16 autocast (the values autocast would cast to). ``share_frozen`` (hardware.low_memory): the copy
+    shares the student's frozen weights outside the pruned matrices (embeddings, head, norms and routers when
+    they do not train: the same values for the whole run) instead of copying them."""
+    memo = {}
+    if share_frozen and kept is None and not shard:
+        pruned = {id(w.param) for w in prunable_weights(model).values()}
+        memo = {id(p): p for p in model.parameters() if not p.requires_grad and id(p) not in pruned}
+    teacher = kept if kept is not None else copy.deepcopy(model, memo)
     if shard:
         D.shard(teacher, decoder_blocks(teacher))
     teacher.eval().requires_grad_(False)
@@ -242,7 +248,8 @@ class TrainEngine:
         recorded = ckpt.recorded("autocast_bf16") if s.resume else None
         self.autocast, autocast_record = precision.resolve(s.autocast_bf16, ctx.device, recorded)
         if m.distils:
-            teacher = make_teacher(model, teacher, bf16=self.autocast and not ctx.extras.get("fsdp"))
+            teacher = make_teacher(model, teacher, bf16=self.autocast and not ctx.extras.get("fsdp"),
+                                   share_frozen=ctx.extras.get("low_memory", False))
 
         bos = ctx.tokenizer.bos_token_id
         world = D.world_size()
@@ -261,7 +268,8 @@ class TrainEngine:
         run.stats["autocast_bf16"] = autocast_record
         run.stats["optimizer_impl"] = self.optimizer_impl
         run.stats["trained_params"] = {"count": sum(D.local(p).numel() for p in trainable),
-                                       "train_dense_params": s.train_dense_params}
+                                       "train_dense_params": s.train_dense_params,
+                                       "teacher_shares_frozen": bool(m.distils and ctx.extras.get("low_memory"))}
         run.state = m.setup(run)
         if heldout is not None:
             run.stats["heldout"] = {"split": s.eval_split, "windows": heldout.shape[0], "tokens": heldout.numel()}

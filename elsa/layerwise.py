@@ -75,6 +75,8 @@ class LayerwisePruner(Pruner):
     (and may override the per-block ``prune_block``)."""
 
     family = LAYER_WISE     # calibration; offload: the engine moves one block at a time to the device
+    square_stats = False    # statistics of in_features² per matrix (a Hessian): hardware.low_memory collects
+                            # them one fused expert at a time; per-feature ones (Wanda's norms) all at once
 
     def __init__(self, batch_size: Annotated[int, BATCH] = 8):
         self.batch_size = int(batch_size)
@@ -427,13 +429,13 @@ class LayerwiseEngine:
 
     def _prune_lean(self, method: LayerwisePruner, prefix: str, block: nn.Module, batches, target) -> dict:
         """``low_memory``: one forward per fused expert collects that expert's statistics (the first also the
-        rest's), then prunes that expert; the matrices outside the experts are pruned last. An expert's inputs
+        rest's; a method whose statistics are small collects all at once), then prunes that expert; the matrices outside the experts are pruned last. An expert's inputs
         depend on the matrices before its MoE layer and the router, never on another expert's weights, so every
         matrix sees the statistics of the usual walk (the dense block's inputs)."""
         matrices = block_matrices(block)
         experts = sorted({m.expert for m in matrices.values() if m.expert is not None})
         rest = {n for n, m in matrices.items() if m.expert is None}
-        if not experts:
+        if not experts or not method.square_stats:
             return method.prune_block(prefix, block, self._collect(method, block, batches), batches, target)
         per_layer, kept, seen = {}, {}, set()
         for e in experts:

@@ -526,7 +526,7 @@ class Plan:
         if st.low_memory and _separable(method, S):
             # one fused expert's statistics at a time (+ the rest's), one forward per expert; the dense copy
             # on disk, one matrix read back at a time
-            if S.expert_count:
+            if S.expert_count and method.square_stats:
                 lean = declared(method)(method, S.one_expert(), T)
                 cost = BlockCost(lean.held, lean.work, cost.flops, cost.note)
                 passes += S.expert_count - 1
@@ -562,8 +562,8 @@ class Plan:
         largest = max([o * i for _n, o, i, _s in S.matrices] + [S.vocab * S.hidden] * t.train_dense_params)
         transient = optimizer["transient"] * (largest if st.low_memory and t.optimizer == "adamw" else trained)
         fixed = S.params * S.dtype_bytes + trained * (4 + opt) + transient + S.prunable * state
-        if method.distils:
-            fixed += S.params * S.dtype_bytes
+        if method.distils:    # the teacher; with hardware.low_memory it shares the student's frozen weights
+            fixed += (S.prunable if st.low_memory and not t.train_dense_params else S.params) * S.dtype_bytes
         tokens = t.batch_size * st.seqlen
         per_layer = 4.0 * tokens * ((S.hidden if t.gradient_checkpointing else 8 * S.hidden + 5 * S.mlp_token))
         acts = S.blocks * per_layer + 3 * 4.0 * tokens * S.vocab + self.forward_transient(tokens)

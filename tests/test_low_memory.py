@@ -81,7 +81,9 @@ def test_low_memory_plan_holds_one_experts_statistics_and_no_dense_copy():
 
 def test_train_dense_params_false_plan_drops_the_outside_weights_state():
     """method.train_dense_params=false: no gradient, AdamW state or step temporaries for the embeddings, norms
-    and head; hardware.low_memory: AdamW steps one tensor at a time (no temporaries over every weight)."""
+    and head; hardware.low_memory: AdamW steps one tensor at a time (no temporaries over every weight) and the
+    KL teacher of budget=demo shares those frozen weights with the student (no copy of the 128k vocabulary's
+    embedding and head)."""
     from elsa.plan import Plan, setting
     from elsa.pipeline import build
 
@@ -98,12 +100,13 @@ def test_train_dense_params_false_plan_drops_the_outside_weights_state():
     assert full - frozen == pytest.approx((S.params - S.prunable) * (4 + 8 + 12), rel=1e-6)
     lean, _ = peak("method.train_dense_params=false", "hardware.low_memory=true")
     largest = max(o * i for _n, o, i, _s in S.matrices)
-    assert frozen - lean == pytest.approx(12 * (S.prunable - largest), rel=1e-6)
+    assert frozen - lean == pytest.approx(12 * (S.prunable - largest) + 4 * (S.params - S.prunable), rel=1e-6)
 
 
 def test_train_dense_params_false_trains_only_the_pruned_matrices(tmp_path):
     """ELSA with the embeddings, norms and head frozen: they stay bit-identical to the dense model, the pruned
-    matrices trained; per-tensor AdamW (hardware.low_memory) gives the weights of the foreach one."""
+    matrices trained; hardware.low_memory (per-tensor AdamW, a teacher sharing the frozen weights) gives the
+    weights of the usual run bit for bit."""
     from elsa.models import prunable_weights
 
     base = [*TINY, "method=elsa", "budget=demo", "method.steps=3", "method.eval_initial=false",
@@ -114,6 +117,9 @@ def test_train_dense_params_false_trains_only_the_pruned_matrices(tmp_path):
     assert r["method_stats"]["optimizer_impl"] == "torch.optim.AdamW (foreach)"
     r_lean = run_pipeline(tmp_path / "b", *base, "hardware.low_memory=true")
     assert r_lean["method_stats"]["optimizer_impl"] == "torch.optim.AdamW (per tensor)"
+    # budget=demo distils (loss=kl): the lean teacher shares the frozen embeddings and norms, the same values
+    assert r_lean["method_stats"]["trained_params"]["teacher_shares_frozen"] is True
+    assert r["method_stats"]["trained_params"]["teacher_shares_frozen"] is False
     from safetensors.torch import load_file
 
     from elsa.models import TinyLlamaSource
@@ -128,3 +134,19 @@ def test_train_dense_params_false_trains_only_the_pruned_matrices(tmp_path):
         if n in dense and n not in pruned:
             assert torch.equal(t, dense[n]), f"{n} trained with train_dense_params=false"
     assert any(not torch.equal(a[n], dense[n]) for n in pruned if n in a)
+
+
+def test_lean_teacher_shares_only_frozen_weights_outside_the_pruned_matrices():
+    from elsa.engine import make_teacher
+    from elsa.models import TinyLlamaSource, prunable_weights
+
+    model = TinyLlamaSource().load()[0]
+    pruned = {id(w.param) for w in prunable_weights(model).values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in pruned)       # method.train_dense_params=false
+    teacher = make_teacher(model, share_frozen=True)
+    shared = {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}
+    outside = {id(p) for p in model.parameters() if id(p) not in pruned}
+    assert shared == outside and shared
+    assert not {id(p) for p in make_teacher(model).parameters()} & {id(p) for p in model.parameters()}
+    assert all(p.requires_grad for p in model.parameters() if id(p) in pruned)
