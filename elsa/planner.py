@@ -705,11 +705,40 @@ def _low_memory(method):
     return low
 
 
+def _frozen_outside(method):
+    """The same training with only the pruned matrices trained (method.train_dense_params=false)."""
+    import copy
+
+    lean = copy.copy(method)
+    lean.train = copy.copy(method.train)
+    lean.train.train_dense_params = False
+    return lean
+
+
+def _lean(plan: Plan, peak) -> tuple[str, Plan] | None:
+    """hardware.low_memory (and, for a training method, method.train_dense_params=false), when it lowers the
+    peak: the same pruned weights (layer-wise) or the same method on the pruned matrices only (training)."""
+    st, method = plan.st, plan.st.method
+    tries = [] if st.low_memory else [("hardware.low_memory=true", {"low_memory": True})]
+    if hasattr(method, "train") and method.train.train_dense_params:
+        tries.append(("hardware.low_memory=true method.train_dense_params=false",
+                      {"low_memory": True, "method": _frozen_outside(method)}))
+    best = None
+    for text, changes in tries:
+        p = _variant(plan, **changes)
+        if peak(p) < peak(plan) - 0.05 and (best is None or peak(p) < peak(best[1])):
+            best = (text, p)
+    return best
+
+
 def alternatives(plan: Plan, limit_gb: float) -> list[str]:
     """Changes of the run that the plan says fit under ``limit_gb`` (per device)."""
     st, out = plan.st, []
     peak = (lambda p: p.peak_gpu_gb) if plan.gpu else (lambda p: p.peak_cpu_gb)
     method = st.method
+    lean = _lean(plan, peak)
+    if lean is not None and peak(lean[1]) <= limit_gb:
+        out.append(f"{lean[0]} ({peak(lean[1]):.1f} GB)")
     if hasattr(method, "train"):
         low = _variant(plan, method=_low_memory(method))
         if peak(low) <= limit_gb and type(method).__name__ == "Elsa":

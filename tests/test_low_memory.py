@@ -150,3 +150,20 @@ def test_lean_teacher_shares_only_frozen_weights_outside_the_pruned_matrices():
     assert shared == outside and shared
     assert not {id(p) for p in make_teacher(model).parameters()} & {id(p) for p in model.parameters()}
     assert all(p.requires_grad for p in model.parameters() if id(p) in pruned)
+
+
+@pytest.mark.parametrize("like,method,limit,named", [
+    ("mixtral-8x7b", ["method=sparsegpt", "method.batch_size=2"], 16, "hardware.low_memory=true ("),
+    ("llama2-7b", ["method=elsa", "budget=demo"], 12,
+     "hardware.low_memory=true method.train_dense_params=false ("),
+])
+def test_refusal_names_the_lean_setting_that_fits(tmp_path, like, method, limit, named):
+    """A run whose plan exceeds hardware.memory_gb refuses before loading and names hardware.low_memory (with
+    method.train_dense_params=false for a training method) when that fits."""
+    from elsa.errors import ElsaError
+
+    with pytest.raises(ElsaError) as err:
+        run_pipeline(tmp_path, "model=shapes", f"model.like={like}", "model.blocks=1", "nsamples=16",
+                     "seqlen=2048", "hardware.threads=1", f"hardware.memory_gb={limit}", *method)
+    msg = str(err.value)
+    assert f"what fits: {named}" in msg, msg
