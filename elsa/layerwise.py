@@ -359,9 +359,11 @@ class LayerwiseEngine:
         summary["engine_s"] = time.perf_counter() - t0
         summary["per_block"] = per_block     # time, CPU time, peak memory and calibration tokens of each block
         if self.low_memory:
-            summary["low_memory"] = {"blocks": lean_blocks, "of": len(self.blocks), "what": (
-                "fused experts collected and pruned one at a time (one forward each), the dense copy on disk; "
-                f"the other blocks walked as usual ({type(method).__name__} couples their matrices)")}
+            what = "Hessians of fused experts collected one expert at a time (one forward each), the dense copy " \
+                   "on disk"
+            if lean_blocks < len(self.blocks):
+                what += f"; the other blocks walked as usual ({type(method).__name__} couples their matrices)"
+            summary["low_memory"] = {"blocks": lean_blocks, "of": len(self.blocks), "what": what}
         summary["reconstruction"] = reconstruction_summary(errors)
         if method.without_tokens:
             log.warning("%d expert matrices received no calibration token; pruned by magnitude within the expert: %s",
