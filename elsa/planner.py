@@ -556,11 +556,11 @@ class Plan:
         optimizer = OPTIMIZERS[t.optimizer]
         opt = optimizer["state"]
         # method.train_dense_params=false: only the pruned matrices train (no gradient or optimizer state for
-        # the embeddings, norms and head); hardware.low_memory: AdamW steps one tensor at a time (no foreach
-        # temporaries over every trainable weight)
+        # the embeddings, norms and head); hardware.low_memory: the optimizer's step temporaries are one tensor's
+        # (AdamW per tensor or fused; the CPU AdamW8bit's C kernel steps tensor by tensor), not every weight's
         trained = S.params if t.train_dense_params else S.prunable
         largest = max([o * i for _n, o, i, _s in S.matrices] + [S.vocab * S.hidden] * t.train_dense_params)
-        transient = optimizer["transient"] * (largest if st.low_memory and t.optimizer == "adamw" else trained)
+        transient = optimizer["transient"] * (largest if st.low_memory else trained)
         fixed = S.params * S.dtype_bytes + trained * (4 + opt) + transient + S.prunable * state
         if method.distils:    # the teacher; with hardware.low_memory it shares the student's frozen weights
             fixed += (S.prunable if st.low_memory and not t.train_dense_params else S.params) * S.dtype_bytes
