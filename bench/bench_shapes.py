@@ -35,14 +35,14 @@ LAYERWISE_BATCH = ["method.batch_size=2"]
 # pruned weights; AdamW steps one tensor at a time) and, for the training methods, only the pruned matrices
 # train (method.train_dense_params=false: the 32k-128k vocabulary's embedding and head and the norms stay
 # frozen; results.json records it under method_stats.trained_params)
-LEAN = {"mixtral-8x7b": ["hardware.low_memory=true"]}
+LEAN = {"mixtral-8x7b": ["hardware.low_memory=true"], ("llama3-8b", "sparsegpt"): ["hardware.low_memory=true"]}
 LEAN_TRAINING = ["hardware.low_memory=true", "method.train_dense_params=false"]
 # SparseLLM models no expert MLP: on Mixtral it is SparseGPT on every matrix, said in results.json and the report
 FALLBACK = {("mixtral-8x7b", "sparsellm"): ["method.fallback=sparsegpt"]}
 
 
 def overrides(like: str, method: str) -> list[str]:
-    lean = LEAN_TRAINING if method in EXTRA else LEAN.get(like, [])
+    lean = LEAN_TRAINING if method in EXTRA else LEAN.get((like, method), LEAN.get(like, []))
     return [*COMMON, f"model.like={like}", f"method={method}", *EXTRA.get(method, LAYERWISE_BATCH), *lean,
             *FALLBACK.get((like, method), [])]
 
