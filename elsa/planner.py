@@ -521,7 +521,7 @@ class Plan:
         T, b = st.nsamples * st.seqlen, getattr(method, "batch_size", 8) * st.seqlen
         cost = declared(method)(method, S, T)
         hidden = 2 * 4.0 * T * S.hidden
-        block = S.block_params * S.dtype_bytes       # the dense copy of the block (the re-run's error measure)
+        block = copy = S.block_params * S.dtype_bytes   # the block, and its dense copy (the re-run's error measure)
         passes, spill = 2, 0.0                       # the statistics' forward and the re-run
         if st.low_memory and _separable(method, S):
             # one fused expert's statistics at a time (+ the rest's), one forward per expert; the dense copy
@@ -531,16 +531,16 @@ class Plan:
                 cost = BlockCost(lean.held, lean.work, cost.flops, cost.note)
                 passes += S.expert_count - 1
             spill = block * (1 + -(-T // b)) / GB / self.SPILL_GBPS
-            block = 4.0 * max(o * i for _n, o, i, _s in S.matrices)
+            copy = 4.0 * max(o * i for _n, o, i, _s in S.matrices)
         # the re-run measures every matrix's error in float64: x (W - W_dense)^T and y - delta, each doubled
         extra = self.forward_transient(min(b, T)) + 24.0 * min(b, T) * max(o * s for _n, o, _i, s in S.matrices)
-        resident = self.base + self.weights_gb + (hidden + block + cost.held + max(extra, cost.work)) / GB
+        resident = self.base + self.weights_gb + (hidden + copy + cost.held + max(extra, cost.work)) / GB
         per_block = self.seconds(self.forward_work(T, passes) + Work(mm=2.0 * T * sum(
             o * i * s for _n, o, i, s in S.matrices)) + cost.flops) + spill
         capture = self.seconds(self.forward_work(T, S.blocks - 1))
         gpu = None
         if self.gpu:    # one block at a time on the device; the model stays on the CPU
-            gpu = GPU_REFERENCE["context_gb"] + (hidden + 2 * block + cost.held + max(extra, cost.work)) / GB
+            gpu = GPU_REFERENCE["context_gb"] + (hidden + block + copy + cost.held + max(extra, cost.work)) / GB
             resident = self.base + self.weights_gb
         tag = f"{T:,} tokens ({st.nsamples} x {st.seqlen})"
         return [Phase(f"{label}: calibration", capture, self.base + self.weights_gb + hidden / 2 / GB,

@@ -77,6 +77,11 @@ def test_low_memory_plan_holds_one_experts_statistics_and_no_dense_copy():
     saved = (usual_block.cpu_gb - lean_block.cpu_gb) * 1024 ** 3
     assert saved == pytest.approx(7 * expert + block - 4.0 * 2 * 14336 * 4096, rel=1e-6)
     assert lean_block.seconds > usual_block.seconds
+    # on a GPU the block itself is still on the device; only the copy and seven experts' Hessians leave it
+    gpu, gpu_lean = (next(p for p in x.phases if "block(s)" in p.name).gpu_gb
+                     for x in (plan("hardware=gpu"), plan("hardware=gpu", "hardware.low_memory=true")))
+    assert (gpu - gpu_lean) * 1024 ** 3 == pytest.approx(saved, rel=1e-6)
+    assert gpu_lean * 1024 ** 3 > block
 
 
 def test_train_dense_params_false_plan_drops_the_outside_weights_state():
