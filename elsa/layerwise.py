@@ -158,6 +158,27 @@ class _DenseCopy:
         self.tensors, self.files = {}, {}
 
 
+class _Outside:
+    """``hardware.low_memory``: the parameters outside the decoder blocks (embeddings, head, final norm) wait on
+    disk while the walk prunes the blocks (it reads only the captured hidden states and arguments); restored bit
+    for bit after the walk, errors included."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, spill: str):
+        inside = {id(p) for b in blocks for p in b.parameters()}
+        self.saved: list[tuple[nn.Parameter, str]] = []
+        for p in {id(p): p for p in model.parameters() if id(p) not in inside}.values():   # tied: once
+            path = os.path.join(spill, f"outside-{len(self.saved)}.pt")
+            torch.save(p.data, path)
+            self.saved.append((p, path))
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def restore(self) -> None:
+        for p, path in self.saved:
+            p.data = torch.load(path, weights_only=True)
+            os.remove(path)
+        self.saved = []
+
+
 _LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
 
@@ -307,7 +328,7 @@ class LayerwiseEngine:
         method.without_tokens = []
         experts_impl = self._eager_experts()
         spill = tempfile.TemporaryDirectory(prefix="elsa-dense-") if self.low_memory else None
-        lean_blocks = 0
+        lean_blocks, outside = 0, None
         if self.offload:
             self.model.to("cpu")
             _move_outside_blocks(self.model, self.blocks, self.device)
@@ -315,6 +336,8 @@ class LayerwiseEngine:
             hiddens, block_kwargs = self.capture(calibration)
             if self.offload:
                 _move_outside_blocks(self.model, self.blocks, "cpu")
+            if spill is not None:
+                outside = _Outside(self.model, self.blocks, spill.name)
             per_layer: dict[str, dict] = {}
             errors: dict[str, float] = {}
             prefix = blocks_and_prefix(self.model)[1]
@@ -348,6 +371,8 @@ class LayerwiseEngine:
                 per_block.append(record)
             self.outputs = hiddens if keep_outputs else None
         finally:
+            if outside is not None:
+                outside.restore()
             if self.offload:
                 self.model.to("cpu")
             self.model.train(was_training)
@@ -359,8 +384,8 @@ class LayerwiseEngine:
         summary["engine_s"] = time.perf_counter() - t0
         summary["per_block"] = per_block     # time, CPU time, peak memory and calibration tokens of each block
         if self.low_memory:
-            what = "Hessians of fused experts collected one expert at a time (one forward each), the dense copy " \
-                   "on disk"
+            what = "the weights outside the blocks on disk during the walk; in the lean blocks the Hessians of " \
+                   "fused experts collected one expert at a time (one forward each) and the dense copy on disk"
             if lean_blocks < len(self.blocks):
                 what += f"; the other blocks walked as usual ({type(method).__name__} couples their matrices)"
             summary["low_memory"] = {"blocks": lean_blocks, "of": len(self.blocks), "what": what}

@@ -534,19 +534,21 @@ class Plan:
             copy = 4.0 * max(o * i for _n, o, i, _s in S.matrices)
         # the re-run measures every matrix's error in float64: x (W - W_dense)^T and y - delta, each doubled
         extra = self.forward_transient(min(b, T)) + 24.0 * min(b, T) * max(o * s for _n, o, _i, s in S.matrices)
-        resident = self.base + self.weights_gb + (hidden + copy + cost.held + max(extra, cost.work)) / GB
+        waiting = S.outside * S.dtype_bytes if st.low_memory else 0.0   # low_memory: on disk during the walk
+        resident = self.base + self.weights_gb + (hidden + copy - waiting + cost.held + max(extra, cost.work)) / GB
         per_block = self.seconds(self.forward_work(T, passes) + Work(mm=2.0 * T * sum(
             o * i * s for _n, o, i, s in S.matrices)) + cost.flops) + spill
         capture = self.seconds(self.forward_work(T, S.blocks - 1))
         gpu = None
         if self.gpu:    # one block at a time on the device; the model stays on the CPU
             gpu = GPU_REFERENCE["context_gb"] + (hidden + block + copy + cost.held + max(extra, cost.work)) / GB
-            resident = self.base + self.weights_gb
+            resident = self.base + self.weights_gb - waiting / GB
         tag = f"{T:,} tokens ({st.nsamples} x {st.seqlen})"
         return [Phase(f"{label}: calibration", capture, self.base + self.weights_gb + hidden / 2 / GB,
                       gpu and GPU_REFERENCE["context_gb"] + hidden / 2 / GB + S.outside * 4 / GB,
                       f"the dense forward over {tag}"),
-                Phase(f"{label}: {S.blocks} block(s)", per_block * S.blocks, resident, gpu,
+                Phase(f"{label}: {S.blocks} block(s)", per_block * S.blocks + 2 * waiting / GB / self.SPILL_GBPS,
+                      resident, gpu,
                       f"{per_block:,.0f} s per block; holds {cost.held / GB:.2f} GB of statistics" +
                       (f"; {cost.note}" if cost.note else ""))]
 
