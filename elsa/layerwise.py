@@ -125,7 +125,7 @@ class LayerwisePruner(Pruner):
     def separable(self, block: BlockPlan, inputs) -> bool:
         """Whether ``block``'s matrices are each pruned from their own statistics alone (the base
         ``prune_block``), so that ``hardware.low_memory`` may collect and prune them in groups with the same
-        result; a method that couples a block's matrices (SparseLLM's MLP, OATS) says no and walks as usual."""
+        result; a method that overrides it (SparseLLM's coupled MLP, SAFE, DSnoT) says no and walks as usual."""
         return type(self).prune_block is LayerwisePruner.prune_block
 
     def prune(self, ctx: PruneContext) -> dict:
