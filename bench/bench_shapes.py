@@ -30,10 +30,23 @@ COMMON = ["model=shapes", "model.blocks=1", "nsamples=16", "seqlen=2048", "hardw
 # activations at 7B widths, more than this shared machine has free); ELSA: budget=demo (30 steps of 1 x seqlen)
 EXTRA = {"elsa": ["budget=demo"], "elsa_l": ["budget=demo"]}
 LAYERWISE_BATCH = ["method.batch_size=2"]
+# what makes a cell fit beside the machine's other jobs (~10-12 GB free): hardware.low_memory (the layer-wise
+# walk keeps the embeddings and head on disk, collects and prunes Mixtral's 8 experts' Hessians one expert at a
+# time and keeps the block's dense copy on disk: the same pruned weights; AdamW steps one tensor at a time, the
+# teacher shares the frozen weights) and, for the training methods, only the pruned matrices
+# train (method.train_dense_params=false: the 32k-128k vocabulary's embedding and head and the norms stay
+# frozen; results.json records it under method_stats.trained_params)
+LEAN = {"mixtral-8x7b": ["hardware.low_memory=true"], ("llama3-8b", "sparsegpt"): ["hardware.low_memory=true"],
+        ("llama2-7b", "sparsellm"): ["hardware.low_memory=true"], ("llama3-8b", "sparsellm"): ["hardware.low_memory=true"]}
+LEAN_TRAINING = ["hardware.low_memory=true", "method.train_dense_params=false"]
+# SparseLLM models no expert MLP: on Mixtral it is SparseGPT on every matrix, said in results.json and the report
+FALLBACK = {("mixtral-8x7b", "sparsellm"): ["method.fallback=sparsegpt"]}
 
 
 def overrides(like: str, method: str) -> list[str]:
-    return [*COMMON, f"model.like={like}", f"method={method}", *EXTRA.get(method, LAYERWISE_BATCH)]
+    lean = LEAN_TRAINING if method in EXTRA else LEAN.get((like, method), LEAN.get(like, []))
+    return [*COMMON, f"model.like={like}", f"method={method}", *EXTRA.get(method, LAYERWISE_BATCH), *lean,
+            *FALLBACK.get((like, method), [])]
 
 
 def log(root: Path, line: str) -> None:

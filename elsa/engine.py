@@ -44,7 +44,7 @@ from elsa.evaluation import perplexity
 from elsa.losses import kl_loss, kl_loss_chunked, lm_loss, lm_loss_chunked
 from elsa.methods.base import PruneContext
 from elsa.methods.registry import Choice, Flag, Number, Numbers, check_fields
-from elsa.models import decoder_blocks
+from elsa.models import decoder_blocks, prunable_weights
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,18 @@ def tokens_per_step(s, world: int, seqlen: int) -> int:
     return s.batch_size * s.grad_accum * world * seqlen
 
 
-def make_teacher(model, kept=None, shard: bool = False, bf16: bool = False) -> nn.Module:
+def make_teacher(model, kept=None, shard: bool = False, bf16: bool = False, share_frozen: bool = False) -> nn.Module:
     """The frozen dense model a distilling loss reads (elsa.losses.LossTerms.needs_teacher), made here only:
     ``kept`` (the dense model the pipeline copied before a start stage pruned ``model``) or a copy of ``model`` as
     it is now; sharded like the student under FSDP2; its Linear weights cast to bf16 once when the student trains
-    under bf16 autocast (the values autocast would cast to)."""
-    teacher = kept if kept is not None else copy.deepcopy(model)
+    under bf16 autocast (the values autocast would cast to). ``share_frozen`` (hardware.low_memory): the copy
+    shares the student's frozen weights outside the pruned matrices (embeddings, head, norms and routers when
+    they do not train: the same values for the whole run) instead of copying them."""
+    memo = {}
+    if share_frozen and kept is None and not shard:
+        pruned = {id(w.param) for w in prunable_weights(model).values()}
+        memo = {id(p): p for p in model.parameters() if not p.requires_grad and id(p) not in pruned}
+    teacher = kept if kept is not None else copy.deepcopy(model, memo)
     if shard:
         D.shard(teacher, decoder_blocks(teacher))
     teacher.eval().requires_grad_(False)
@@ -161,7 +167,9 @@ class TrainEngine:
         self.autocast = bool(self.s.autocast_bf16 is True)   # resolved per run in train()
         self.optimizer_impl = None
 
-    def make_optimizer(self, params, device_type: str = "cpu"):
+    def make_optimizer(self, params, device_type: str = "cpu", low_memory: bool = False):
+        """``low_memory`` (hardware.low_memory): the fp32 AdamW steps one tensor at a time (foreach=False: no
+        temporaries the size of every trainable weight; the same update)."""
         s = self.s
         groups = [{"params": params}]
         if s.optimizer == "adamw8bit" and device_type == "cpu" and D.world_size() == 1:
@@ -182,8 +190,8 @@ class TrainEngine:
             return AdamW8bit(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
         # the bf16 fast path also fuses AdamW's update into one kernel (equal up to float rounding); the fp32 path
         # keeps the foreach implementation, so autocast_bf16=false reproduces earlier runs bit for bit
-        fast = {"fused": True} if self.autocast and D.world_size() == 1 else {"foreach": True}
-        self.optimizer_impl = f"torch.optim.AdamW ({next(iter(fast))})"
+        fast = {"fused": True} if self.autocast and D.world_size() == 1 else {"foreach": not low_memory}
+        self.optimizer_impl = f"torch.optim.AdamW ({next(iter(fast)) if any(fast.values()) else 'per tensor'})"
         return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, **fast)
 
     def compute_loss(self, model, teacher, ids):
@@ -230,7 +238,8 @@ class TrainEngine:
         recorded = ckpt.recorded("autocast_bf16") if s.resume else None
         self.autocast, autocast_record = precision.resolve(s.autocast_bf16, ctx.device, recorded)
         if m.distils:
-            teacher = make_teacher(model, teacher, bf16=self.autocast and not ctx.extras.get("fsdp"))
+            teacher = make_teacher(model, teacher, bf16=self.autocast and not ctx.extras.get("fsdp"),
+                                   share_frozen=ctx.extras.get("low_memory", False))
 
         bos = ctx.tokenizer.bos_token_id
         world = D.world_size()
@@ -240,7 +249,7 @@ class TrainEngine:
         if s.eval_every:
             heldout = eval_windows(token_stream(ctx.tokenizer, ctx.dataset, s.eval_split), ctx.seqlen, bos,
                                    s.eval_tokens)
-        opt = self.make_optimizer(trainable, torch.device(ctx.device).type)
+        opt = self.make_optimizer(trainable, torch.device(ctx.device).type, ctx.extras.get("low_memory", False))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, m.lr_lambda())
         run = TrainRun(model, ctx, s, constrained, trainable, teacher, opt, sched, data, heldout)
         if self.autocast:
@@ -248,6 +257,9 @@ class TrainEngine:
                                            "stored in bf16 (and AdamW fused: optimizer_impl)"
         run.stats["autocast_bf16"] = autocast_record
         run.stats["optimizer_impl"] = self.optimizer_impl
+        run.stats["trained_params"] = {"count": sum(D.local(p).numel() for p in trainable),
+                                       "train_dense_params": s.train_dense_params,
+                                       "teacher_shares_frozen": bool(m.distils and ctx.extras.get("low_memory"))}
         run.state = m.setup(run)
         if heldout is not None:
             run.stats["heldout"] = {"split": s.eval_split, "windows": heldout.shape[0], "tokens": heldout.numel()}

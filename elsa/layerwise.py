@@ -27,6 +27,8 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
+import tempfile
 import time
 from torch.overrides import TorchFunctionMode
 from typing import Annotated, Any
@@ -73,6 +75,8 @@ class LayerwisePruner(Pruner):
     (and may override the per-block ``prune_block``)."""
 
     family = LAYER_WISE     # calibration; offload: the engine moves one block at a time to the device
+    square_stats = False    # statistics of in_features² per matrix (a Hessian): hardware.low_memory collects
+                            # them one fused expert at a time; per-feature ones (Wanda's norms) all at once
 
     def __init__(self, batch_size: Annotated[int, BATCH] = 8):
         self.batch_size = int(batch_size)
@@ -91,15 +95,19 @@ class LayerwisePruner(Pruner):
         raise NotImplementedError
 
     def prune_block(self, block: BlockPlan, stats: dict[MatrixId, Any],
-                    inputs: list[tuple[torch.Tensor, dict]]) -> dict[str, dict]:
+                    inputs: list[tuple[torch.Tensor, dict]], only: set[MatrixId] | None = None) -> dict[str, dict]:
         """Prune every planned matrix of ``block`` (each to its target in the plan); by default one
         :meth:`prune_linear` each, named by its full name.
 
         ``inputs`` are the (hidden states, kwargs) batches the block receives, for methods that need more than
         per-Linear statistics (SparseLLM re-runs the block to read its MLP's input and dense output).
+        ``only``: the matrices to prune this call (``hardware.low_memory`` prunes a block in groups; a method
+        that overrides this walks as usual, see :meth:`separable`).
         Returns the per-layer dicts for :meth:`summarize`."""
         per_layer = {}
         for mid, lin in block.matrices().items():
+            if only is not None and mid not in only:
+                continue
             name = block.name(mid)
             if stats[mid] is NO_TOKENS:
                 prune_by_magnitude(lin, block.target(mid))
@@ -114,9 +122,63 @@ class LayerwisePruner(Pruner):
         """Method statistics for results.json from the per-layer dicts ``prune_linear`` returned."""
         return {}
 
+    def separable(self, block: BlockPlan, inputs) -> bool:
+        """Whether ``block``'s matrices are each pruned from their own statistics alone (the base
+        ``prune_block``), so that ``hardware.low_memory`` may collect and prune them in groups with the same
+        result; a method that overrides it (SparseLLM's coupled MLP, SAFE, DSnoT) says no and walks as usual."""
+        return type(self).prune_block is LayerwisePruner.prune_block
+
     def prune(self, ctx: PruneContext) -> dict:
-        engine = LayerwiseEngine(ctx.model, ctx.device, self.batch_size)
+        engine = LayerwiseEngine(ctx.model, ctx.device, self.batch_size, ctx.extras.get("low_memory", False))
         return engine.run(self, ctx.calibration, ctx.plan)
+
+
+class _DenseCopy:
+    """A block's dense weights before pruning, for the re-run's error measure, by the path of each weight of
+    the block's plan and expert: in memory, or on disk under ``spill`` (``hardware.low_memory``: one file per
+    matrix, each expert's its own, read back when used)."""
+
+    def __init__(self, weights: dict[str, Weight], spill: str | None = None):
+        self.weights, self.spill, self.tensors, self.files = weights, spill, {}, {}
+        for path, w in weights.items():
+            if spill is None:
+                self.tensors[path] = w.param.detach().clone()
+                continue
+            for e in (range(w.experts) if w.experts is not None else [None]):
+                self.files[path, e] = os.path.join(spill, f"{len(self.files)}.pt")
+                torch.save(w.view(w.param.detach(), e).clone(), self.files[path, e])
+
+    def matrix(self, path: str, expert: int | None = None) -> torch.Tensor:
+        """The dense ``[out, in]`` matrix (an expert's) of the weight at ``path``."""
+        if self.spill is None:
+            return self.weights[path].view(self.tensors[path], expert)
+        return torch.load(self.files[path, expert], weights_only=True)
+
+    def close(self) -> None:
+        for path in self.files.values():
+            os.remove(path)
+        self.tensors, self.files = {}, {}
+
+
+class _Outside:
+    """``hardware.low_memory``: the parameters outside the decoder blocks (embeddings, head, final norm) wait on
+    disk while the walk prunes the blocks (it reads only the captured hidden states and arguments); restored bit
+    for bit after the walk, errors included."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, spill: str):
+        inside = {id(p) for b in blocks for p in b.parameters()}
+        self.saved: list[tuple[nn.Parameter, str]] = []
+        for p in {id(p): p for p in model.parameters() if id(p) not in inside}.values():   # tied: once
+            path = os.path.join(spill, f"outside-{len(self.saved)}.pt")
+            torch.save(p.data, path)
+            self.saved.append((p, path))
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def restore(self) -> None:
+        for p, path in self.saved:
+            p.data = torch.load(path, weights_only=True)
+            os.remove(path)
+        self.saved = []
 
 
 _LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
@@ -155,6 +217,14 @@ class _ExpertInputs(TorchFunctionMode):
             x = args[0]
             self.on_call(name, expert, x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1]))
         return out
+
+
+def _check_experts_seen(view: BlockPlan, seen: set[MatrixId]) -> None:
+    """Refuse a fused expert tensor none of whose experts was seen applied to tokens."""
+    for path, w in view.weights.items():
+        if w.experts is not None and not any(MatrixId(view.index, path, e) in seen for e in range(w.experts)):
+            raise ElsaError(f"no expert of {path} {list(w.param.shape)} was seen applied to the tokens (elsa "
+                            "reads w[e] followed by F.linear or @); this model computes its experts another way")
 
 
 def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> None:
@@ -198,8 +268,12 @@ def _hidden(out):
 class LayerwiseEngine:
     """Walks the decoder blocks of ``model`` once; see the module docstring."""
 
-    def __init__(self, model: nn.Module, device: str = "cpu", batch_size: int = 8):
+    def __init__(self, model: nn.Module, device: str = "cpu", batch_size: int = 8, low_memory: bool = False):
+        """``low_memory`` (hardware.low_memory): a block's fused experts are collected and pruned one at a time
+        (one forward over the calibration batches each; the same statistics, so the same pruned weights) and
+        its dense copy waits on disk, in the blocks the method calls separable (:meth:`LayerwisePruner.separable`)."""
         self.model, self.device, self.batch_size = model, torch.device(device), max(1, int(batch_size))
+        self.low_memory = bool(low_memory)
         self.blocks = decoder_blocks(model)
         self.offload = self.device.type != "cpu"
 
@@ -258,6 +332,8 @@ class LayerwiseEngine:
         self.model.eval()
         method.without_tokens = []
         experts_impl = self._eager_experts()
+        spill = tempfile.TemporaryDirectory(prefix="elsa-dense-") if self.low_memory else None
+        outside = None
         if self.offload:
             self.model.to("cpu")
             _move_outside_blocks(self.model, self.blocks, self.device)
@@ -265,8 +341,9 @@ class LayerwiseEngine:
             hiddens, block_kwargs = self.capture(calibration)
             if self.offload:
                 _move_outside_blocks(self.model, self.blocks, "cpu")
-            per_layer: dict[str, dict] = {}
-            errors: dict[str, float] = {}
+            if spill is not None:
+                outside = _Outside(self.model, self.blocks, spill.name)
+            found = {"per_layer": {}, "errors": {}, "lean": 0}
             last = len(self.blocks) - 1
             per_block: list[dict] = []
             for index, block in enumerate(tqdm(self.blocks, desc=f"{type(method).__name__.lower()} blocks",
@@ -276,14 +353,7 @@ class LayerwiseEngine:
                     if self.offload:
                         block.to(self.device)
                     batches = list(zip(hiddens, block_kwargs[index]))
-                    view = plan.block(index)
-                    stats = self._collect(method, view, batches)
-                    dense = {path: w.param.detach().clone() for path, w in view.weights.items()}
-                    per_layer.update(method.prune_block(view, stats, batches))
-                    del stats
-                    outputs, block_errors = self._rerun_measuring(view, batches, dense)
-                    errors.update({view.name(mid): e for mid, e in block_errors.items()})
-                    del dense
+                    outputs = self._prune_one(method, plan.block(index), batches, spill and spill.name, found)
                     if index < last or keep_outputs:
                         hiddens = outputs
                     block_kwargs[index] = None       # this block's arguments are no longer needed
@@ -292,15 +362,47 @@ class LayerwiseEngine:
                 per_block.append(record)
             self.outputs = hiddens if keep_outputs else None
         finally:
+            if outside is not None:
+                outside.restore()
             if self.offload:
                 self.model.to("cpu")
             self.model.train(was_training)
             if experts_impl is not None:
                 self.model.set_experts_implementation(experts_impl)
-        summary = method.summarize(per_layer)
-        summary["engine_s"] = time.perf_counter() - t0
+            if spill is not None:
+                spill.cleanup()
+        return self._summary(method, found, per_block, time.perf_counter() - t0)
+
+    def _prune_one(self, method: LayerwisePruner, view: BlockPlan, batches, spill: str | None, found: dict):
+        """Prune one block (collect its statistics, prune, re-run measuring each matrix's error); its per-layer
+        dicts, errors and whether it walked lean go into ``found``. Returns the block's outputs. With ``spill``
+        (hardware.low_memory) and a block the method calls separable: the lean walk, dense copy on disk."""
+        if spill is not None and method.separable(view, batches):
+            found["lean"] += 1
+            dense = _DenseCopy(view.weights, spill)
+            found["per_layer"].update(self._prune_lean(method, view, batches))
+        else:
+            stats = self._collect(method, view, batches)
+            dense = _DenseCopy(view.weights)
+            found["per_layer"].update(method.prune_block(view, stats, batches))
+            del stats
+        outputs, block_errors = self._rerun_measuring(view, batches, dense)
+        found["errors"].update({view.name(mid): e for mid, e in block_errors.items()})
+        dense.close()
+        return outputs
+
+    def _summary(self, method: LayerwisePruner, found: dict, per_block: list[dict], seconds: float) -> dict:
+        """results.json's method_stats of the walk: the method's summary and the engine's records."""
+        summary = method.summarize(found["per_layer"])
+        summary["engine_s"] = seconds
         summary["per_block"] = per_block     # time, CPU time, peak memory and calibration tokens of each block
-        summary["reconstruction"] = reconstruction_summary(errors)
+        if self.low_memory:
+            what = "the weights outside the blocks on disk during the walk; in the lean blocks the Hessians of " \
+                   "fused experts collected one expert at a time (one forward each) and the dense copy on disk"
+            if found["lean"] < len(self.blocks):
+                what += f"; the other blocks walked as usual ({type(method).__name__} couples their matrices)"
+            summary["low_memory"] = {"blocks": found["lean"], "of": len(self.blocks), "what": what}
+        summary["reconstruction"] = reconstruction_summary(found["errors"])
         if method.without_tokens:
             log.warning("%d expert matrices received no calibration token; pruned by magnitude within the expert: %s",
                         len(method.without_tokens), ", ".join(method.without_tokens[:4]))
@@ -309,7 +411,7 @@ class LayerwiseEngine:
             summary["experts_without_tokens"] = {k: note.data[k] for k in ("rule", "count", "names")}  # the old key
         return summary
 
-    def _rerun_measuring(self, view: BlockPlan, batches, dense: dict[str, torch.Tensor]):
+    def _rerun_measuring(self, view: BlockPlan, batches, dense: _DenseCopy):
         """Re-run the pruned block (its outputs feed the next block) and measure, for every matrix and expert,
         the relative output error ||x (W - W_dense)^T|| / ||x W_dense^T|| over the tokens it receives in the
         pruned model: the common yardstick of every layer-wise method (llm-compressor reports one per layer)."""
@@ -333,14 +435,14 @@ class LayerwiseEngine:
                 bias = getattr(module, "bias", None)
                 if bias is not None:
                     y = y - bias
-                add(MatrixId(view.index, name), x, y, w.view(w.param) - w.view(dense[name]),
+                add(MatrixId(view.index, name), x, y, w.view(w.param) - dense.matrix(name),
                     getattr(module, "lowrank", None))
             return fn
 
         def expert_call(name, expert, x, out):
             w = stacked[name]
             if x.shape[0]:
-                add(MatrixId(view.index, name, expert), x, out, w.view(w.param, expert) - w.view(dense[name], expert))
+                add(MatrixId(view.index, name, expert), x, out, w.view(w.param, expert) - dense.matrix(name, expert))
 
         handles = [w.module.register_forward_hook(hook(name, w)) for name, w in hooked.items()]
         try:
@@ -366,12 +468,40 @@ class LayerwiseEngine:
         self.model.set_experts_implementation("eager")
         return before
 
-    def _collect(self, method: LayerwisePruner, view: BlockPlan, batches) -> dict[MatrixId, Any]:
+    def _prune_lean(self, method: LayerwisePruner, view: BlockPlan, batches) -> dict:
+        """``low_memory``: one forward per fused expert collects that expert's statistics (the first also the
+        rest's; a method whose statistics are small collects all at once), then prunes that expert; the
+        matrices outside the experts are pruned last. An expert's inputs depend on the matrices before its MoE
+        layer and the router, never on another expert's weights, so every matrix sees the statistics of the
+        usual walk (the dense block's inputs)."""
+        matrices = view.matrices()
+        experts = sorted({mid.expert for mid in matrices if mid.expert is not None})
+        rest = {mid for mid in matrices if mid.expert is None}
+        if not experts or not method.square_stats:
+            return method.prune_block(view, self._collect(method, view, batches), batches)
+        per_layer, kept, seen = {}, {}, set()
+        for e in experts:
+            own = {mid for mid in matrices if mid.expert == e}
+            stats = self._collect(method, view, batches, only=own | rest if e == experts[0] else own)
+            if e == experts[0]:
+                kept = {mid: stats.pop(mid) for mid in rest}
+            seen |= {mid for mid, st in stats.items() if st is not NO_TOKENS}
+            per_layer.update(method.prune_block(view, stats, batches, only=own))
+            del stats
+        _check_experts_seen(view, seen)
+        per_layer.update(method.prune_block(view, kept, batches, only=rest))
+        return per_layer
+
+    def _collect(self, method: LayerwisePruner, view: BlockPlan, batches,
+                 only: set[MatrixId] | None = None) -> dict[MatrixId, Any]:
         """Run the block over every batch with hooks on its matrices; Linears fed the same tensor share stats.
         Expert matrices of fused tensors get their routed tokens from :class:`_ExpertInputs`; a matrix inside
-        an MoE layer that no token reached gets ``NO_TOKENS``."""
+        an MoE layer that no token reached gets ``NO_TOKENS``. ``only``: the matrices to collect (all)."""
         block, weights, matrices = view.module, view.weights, view.matrices()
-        hooked = {name: w for name, w in weights.items() if w.experts is None}
+        if only is not None:
+            matrices = {mid: m for mid, m in matrices.items() if mid in only}
+        hooked = {name: w for name, w in weights.items()
+                  if w.experts is None and MatrixId(view.index, name) in matrices}
         stacked = {name: w for name, w in weights.items() if w.experts is not None}
         stats: dict[MatrixId, Any] = {}
         leader: dict[MatrixId, MatrixId] = {}   # matrix -> the matrix whose stats it shares (decided on batch 0)
@@ -396,6 +526,8 @@ class LayerwiseEngine:
 
         def expert_input(weight_name, expert, x, _out):
             name = MatrixId(view.index, weight_name, expert)
+            if name not in matrices:
+                return
             if name not in leader:
                 leader[name] = name
                 stats[name] = method.stats_init(name, matrices[name])
@@ -415,10 +547,8 @@ class LayerwiseEngine:
         finally:
             for handle in handles:
                 handle.remove()
-        for name, w in stacked.items():
-            if not any(MatrixId(view.index, name, e) in leader for e in range(w.experts)):
-                raise ElsaError(f"no expert of {name} {list(w.param.shape)} was seen applied to the tokens (elsa "
-                                "reads w[e] followed by F.linear or @); this model computes its experts another way")
+        if only is None:
+            _check_experts_seen(view, set(leader))
         missing = [n for n in matrices if n not in leader]
         unrouted = [n for n in missing if in_moe(block, n.path, n.expert)]
         if len(unrouted) < len(missing):

@@ -301,7 +301,8 @@ class Run:
                            dataset=self.dataset,
                            seqlen=self.seqlen, seed=self.seed, device=self.device, output_dir=self.out,
                            tracker=self.tracker,
-                           extras={"fsdp": self.fsdp, "evaluate": lambda m: self.eval.run(m, tok, "start")})
+                           extras={"fsdp": self.fsdp, "evaluate": lambda m: self.eval.run(m, tok, "start"),
+                                   "low_memory": self.spec.hardware.low_memory})
         if self.start is not None:  # the start stage prunes first; the dense model stays the teacher
             ctx.teacher = make_teacher(model) if self.method.distils or self.method.keeps_dense else None
             log.info("starting %s from %s's solution", cfg.method.name, self.start_info["name"])

@@ -131,6 +131,23 @@ class Shapes:
     mlp_token: float = 0.0            # MLP intermediate features per token (MoE: top-k x the expert's)
     eager: bool = False               # eager attention (scores materialised)
     prunable: int = 0                 # prunable weights of the whole built model
+    group_experts: list = field(default_factory=list)   # the expert of each statistics group (None: not an expert)
+    experts: dict = field(default_factory=dict)          # matrix name -> its expert index (fused experts) or None
+
+    def one_expert(self) -> "Shapes":
+        """Block 0 as ``hardware.low_memory`` walks it at its peak: the matrices outside the fused experts and
+        one expert's (the walk collects and prunes the experts one at a time)."""
+        from dataclasses import replace
+
+        keep = [e is None or e == 0 for e in self.group_experts]
+        return replace(self, matrices=[m for m in self.matrices if self.experts.get(m[0]) in (None, 0)],
+                       groups=[g for g, k in zip(self.groups, keep) if k],
+                       group_experts=[e for e, k in zip(self.group_experts, keep) if k])
+
+    @property
+    def expert_count(self) -> int:
+        """The fused experts of block 0 (0: none)."""
+        return len({e for e in self.group_experts if e is not None})
 
     def block_flops(self, tokens: int, seqlen: int) -> float:
         """Forward FLOPs of one block over ``tokens`` tokens in windows of ``seqlen``."""
@@ -173,10 +190,11 @@ def _shares(block, matrices) -> dict[str, float]:
     return out
 
 
-def _groups(model, block, matrices) -> list[int]:
+def _groups(model, block, matrices) -> list[tuple[int, int | None]]:
     """Statistics groups as the engine forms them: one per input tensor the block's Linears are fed (q/k/v share
     one, gate/up one), found by a forward on the meta device with hooks; a matrix the meta forward did not reach
-    (fused experts: their routing reads data) and every expert matrix has its own."""
+    (fused experts: their routing reads data) and every expert matrix has its own. (in_features, expert index
+    of a fused expert tensor's matrix or None) per group."""
     linears = {n: m.source.module for n, m in matrices.items()
                if m.expert is None and isinstance(m.source.module, torch.nn.Linear)}
     seen: dict[str, int] = {}
@@ -193,9 +211,9 @@ def _groups(model, block, matrices) -> list[int]:
     finally:
         for h in handles:
             h.remove()
-    groups: dict[object, int] = {}
+    groups: dict[object, tuple[int, int | None]] = {}
     for name, m in matrices.items():
-        groups.setdefault(seen.get(name, name), m.in_features)
+        groups.setdefault(seen.get(name, name), (m.in_features, m.expert))
     return list(groups.values())
 
 
@@ -221,12 +239,14 @@ def model_shapes(source, ignore=(), targets=()) -> Shapes:
     head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
     # the MLP's inputs: matrix inputs that are neither the hidden size nor the heads' output (o_proj's input)
     mlp_in = {n: m.in_features for n, m in mats.items() if m.in_features not in (hidden, heads * head_dim)}
+    groups = _groups(model, block, mats)
     return Shapes(dtype_bytes=getattr(source, "dtype", torch.float32).itemsize, params=total,
                   outside=total - block_params * len(blocks), block_params=block_params, blocks=len(blocks),
                   layers=int(getattr(source, "layers", len(blocks))), hidden=hidden, heads=heads, head_dim=head_dim,
                   vocab=int(getattr(cfg, "vocab_size", 0)),
                   matrices=[(n.local, m.out_features, m.in_features, shares[n]) for n, m in mats.items()],
-                  groups=_groups(model, block, mats), mlp=max(mlp_in.values(), default=hidden),
+                  groups=[g for g, _e in groups], group_experts=[e for _g, e in groups],
+                  experts={n.local: n.expert for n in mats}, mlp=max(mlp_in.values(), default=hidden),
                   mlp_token=sum(i * shares[n] for n, i in mlp_in.items()) or hidden,
                   eager=getattr(cfg, "_attn_implementation", None) == "eager",
                   prunable=sum(m.out_features * m.in_features for _i, m, _t in plan.matrices()))
@@ -388,6 +408,17 @@ def _costs() -> dict:
             HessianPruner: hessian_cost, LayerwisePruner: walk_cost}
 
 
+def _separable(method, S: Shapes) -> bool:
+    """Whether hardware.low_memory's lean walk applies (elsa.layerwise, ``LayerwisePruner.separable``): the base
+    ``prune_block``, or SparseLLM's SparseGPT fallback on the MoE blocks it cannot model."""
+    from elsa.layerwise import LayerwisePruner
+
+    if not isinstance(method, LayerwisePruner):
+        return False
+    return type(method).prune_block is LayerwisePruner.prune_block or \
+        bool(S.expert_count and getattr(method, "fallback", None) == "sparsegpt")
+
+
 def declared(method):
     """The cost declaration of ``method``'s class, the nearest along its MRO (ELSA-L: ELSA's; L-ADMM: ALPS's)."""
     costs = _costs()
@@ -429,12 +460,14 @@ class Setting:
     ignore: tuple = ()
     targets: tuple = ()
     load: float | None = None       # the CPU's load average to plan for (None: the current one)
+    low_memory: bool = False        # hardware.low_memory: experts one at a time, the walk's dense copy on disk
 
 
 class Plan:
     """Predicted time and peak memory per phase for one :class:`Setting` on this machine (or the reference GPU)."""
 
     LOAD_GBPS = 0.5                 # reading a checkpoint (assumed)
+    SPILL_GBPS = 1.0                # hardware.low_memory's dense copy: written once, read back per batch (assumed)
     SAVE_GBPS = 0.3                 # writing safetensors (assumed)
 
     def __init__(self, st: Setting, shapes: Shapes | None = None, base_gb: float | None = None,
@@ -488,22 +521,34 @@ class Plan:
         T, b = st.nsamples * st.seqlen, getattr(method, "batch_size", 8) * st.seqlen
         cost = declared(method)(method, S, T)
         hidden = 2 * 4.0 * T * S.hidden
-        block = S.block_params * S.dtype_bytes
+        block = copy = S.block_params * S.dtype_bytes   # the block, and its dense copy (the re-run's error measure)
+        passes, spill = 2, 0.0                       # the statistics' forward and the re-run
+        if st.low_memory and _separable(method, S):
+            # one fused expert's statistics at a time (+ the rest's), one forward per expert; the dense copy
+            # on disk, one matrix read back at a time
+            if S.expert_count and method.square_stats:
+                lean = declared(method)(method, S.one_expert(), T)
+                cost = BlockCost(lean.held, lean.work, cost.flops, cost.note)
+                passes += S.expert_count - 1
+            spill = block * (1 + -(-T // b)) / GB / self.SPILL_GBPS
+            copy = 4.0 * max(o * i for _n, o, i, _s in S.matrices)
         # the re-run measures every matrix's error in float64: x (W - W_dense)^T and y - delta, each doubled
         extra = self.forward_transient(min(b, T)) + 24.0 * min(b, T) * max(o * s for _n, o, _i, s in S.matrices)
-        resident = self.base + self.weights_gb + (hidden + block + cost.held + max(extra, cost.work)) / GB
-        per_block = self.seconds(self.forward_work(T, 2) + Work(mm=2.0 * T * sum(
-            o * i * s for _n, o, i, s in S.matrices)) + cost.flops)
+        waiting = S.outside * S.dtype_bytes if st.low_memory else 0.0   # low_memory: on disk during the walk
+        resident = self.base + self.weights_gb + (hidden + copy - waiting + cost.held + max(extra, cost.work)) / GB
+        per_block = self.seconds(self.forward_work(T, passes) + Work(mm=2.0 * T * sum(
+            o * i * s for _n, o, i, s in S.matrices)) + cost.flops) + spill
         capture = self.seconds(self.forward_work(T, S.blocks - 1))
         gpu = None
         if self.gpu:    # one block at a time on the device; the model stays on the CPU
-            gpu = GPU_REFERENCE["context_gb"] + (hidden + 2 * block + cost.held + max(extra, cost.work)) / GB
-            resident = self.base + self.weights_gb
+            gpu = GPU_REFERENCE["context_gb"] + (hidden + block + copy + cost.held + max(extra, cost.work)) / GB
+            resident = self.base + self.weights_gb - waiting / GB
         tag = f"{T:,} tokens ({st.nsamples} x {st.seqlen})"
         return [Phase(f"{label}: calibration", capture, self.base + self.weights_gb + hidden / 2 / GB,
                       gpu and GPU_REFERENCE["context_gb"] + hidden / 2 / GB + S.outside * 4 / GB,
                       f"the dense forward over {tag}"),
-                Phase(f"{label}: {S.blocks} block(s)", per_block * S.blocks, resident, gpu,
+                Phase(f"{label}: {S.blocks} block(s)", per_block * S.blocks + 2 * waiting / GB / self.SPILL_GBPS,
+                      resident, gpu,
                       f"{per_block:,.0f} s per block; holds {cost.held / GB:.2f} GB of statistics" +
                       (f"; {cost.note}" if cost.note else ""))]
 
@@ -512,16 +557,22 @@ class Plan:
         state = declared(method)(method)
         optimizer = OPTIMIZERS[t.optimizer]
         opt = optimizer["state"]
-        fixed = S.params * (S.dtype_bytes + 4 + opt + optimizer["transient"]) + S.prunable * state
-        if method.distils:
-            fixed += S.params * S.dtype_bytes
+        # method.train_dense_params=false: only the pruned matrices train (no gradient or optimizer state for
+        # the embeddings, norms and head); hardware.low_memory: the optimizer's step temporaries are one tensor's
+        # (AdamW per tensor or fused; the CPU AdamW8bit's C kernel steps tensor by tensor), not every weight's
+        trained = S.params if t.train_dense_params else S.prunable
+        largest = max([o * i for _n, o, i, _s in S.matrices] + [S.vocab * S.hidden] * t.train_dense_params)
+        transient = optimizer["transient"] * (largest if st.low_memory else trained)
+        fixed = S.params * S.dtype_bytes + trained * (4 + opt) + transient + S.prunable * state
+        if method.distils:    # the teacher; with hardware.low_memory it shares the student's frozen weights
+            fixed += (S.prunable if st.low_memory and not t.train_dense_params else S.params) * S.dtype_bytes
         tokens = t.batch_size * st.seqlen
         per_layer = 4.0 * tokens * ((S.hidden if t.gradient_checkpointing else 8 * S.hidden + 5 * S.mlp_token))
         acts = S.blocks * per_layer + 3 * 4.0 * tokens * S.vocab + self.forward_transient(tokens)
         step = self.forward_work(tokens * t.grad_accum, S.blocks, head=True) * 3 + \
-            Work(vec=optimizer["flops"] * S.params + 30.0 * S.prunable / max(getattr(method, "interval", 1), 1))
+            Work(vec=optimizer["flops"] * trained + 30.0 * S.prunable / max(getattr(method, "interval", 1), 1))
         checkpoints = t.steps // t.checkpoint_every if t.checkpoint_every else 0
-        secs = self.seconds(step) * t.steps + optimizer["setup_cpu_s"] / self.share + checkpoints * (S.params * (S.dtype_bytes + opt) + S.prunable * state) \
+        secs = self.seconds(step) * t.steps + optimizer["setup_cpu_s"] / self.share + checkpoints * (S.params * S.dtype_bytes + trained * opt + S.prunable * state) \
             / GB / self.SAVE_GBPS
         self.hour_steps = int(3600 / max(self.seconds(step), 1e-9))
         per_rank = fixed / st.ranks + acts + 2 * 4.0 * S.block_params
@@ -656,11 +707,40 @@ def _low_memory(method):
     return low
 
 
+def _frozen_outside(method):
+    """The same training with only the pruned matrices trained (method.train_dense_params=false)."""
+    import copy
+
+    lean = copy.copy(method)
+    lean.train = copy.copy(method.train)
+    lean.train.train_dense_params = False
+    return lean
+
+
+def _lean(plan: Plan, peak) -> tuple[str, Plan] | None:
+    """hardware.low_memory (and, for a training method, method.train_dense_params=false), when it lowers the
+    peak: the same pruned weights (layer-wise) or the same method on the pruned matrices only (training)."""
+    st, method = plan.st, plan.st.method
+    tries = [] if st.low_memory else [("hardware.low_memory=true", {"low_memory": True})]
+    if hasattr(method, "train") and method.train.train_dense_params:
+        tries.append(("hardware.low_memory=true method.train_dense_params=false",
+                      {"low_memory": True, "method": _frozen_outside(method)}))
+    best = None
+    for text, changes in tries:
+        p = _variant(plan, **changes)
+        if peak(p) < peak(plan) - 0.05 and (best is None or peak(p) < peak(best[1])):
+            best = (text, p)
+    return best
+
+
 def alternatives(plan: Plan, limit_gb: float) -> list[str]:
     """Changes of the run that the plan says fit under ``limit_gb`` (per device)."""
     st, out = plan.st, []
     peak = (lambda p: p.peak_gpu_gb) if plan.gpu else (lambda p: p.peak_cpu_gb)
     method = st.method
+    lean = _lean(plan, peak)
+    if lean is not None and peak(lean[1]) <= limit_gb:
+        out.append(f"{lean[0]} ({peak(lean[1]):.1f} GB)")
     if hasattr(method, "train"):
         low = _variant(plan, method=_low_memory(method))
         if peak(low) <= limit_gb and type(method).__name__ == "Elsa":
@@ -711,7 +791,8 @@ def setting(cfg, source, method, start, ranks: int | None = None) -> Setting:
                    nsamples=int(cfg.nsamples) if needs else 0, seqlen=int(cfg.seqlen),
                    eval_tokens=cfg.eval.get("max_tokens"), eval_batch=int(cfg.eval.get("batch_size", 4)),
                    eval_passes=passes, save=bool(cfg.get("save_model", True)),
-                   ignore=tuple(cfg.get("ignore") or ()), targets=tuple(cfg.get("targets") or ()))
+                   ignore=tuple(cfg.get("ignore") or ()), targets=tuple(cfg.get("targets") or ()),
+                   low_memory=bool(hw.get("low_memory", False)))
 
 
 def limit_gb(cfg, device: str) -> tuple[float, str]:

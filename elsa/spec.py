@@ -115,6 +115,7 @@ class HardwareSpec:
     fsdp: bool = False
     backend: str | None = None
     memory_gb: float | None = None     # the memory the plan must fit (None: the machine's / the GPU's)
+    low_memory: bool = False           # fused experts one at a time, the walk's dense copy on disk, AdamW per tensor
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "HardwareSpec":
@@ -130,7 +131,8 @@ class HardwareSpec:
             raise config_error("hardware.memory_gb", memory, "a number of GB > 0, or null (the machine's memory)")
         return cls(device=device, threads=_whole_or_none("hardware.threads", node.get("threads")),
                    fsdp=_flag("hardware.fsdp", node.get("fsdp", False)), backend=backend,
-                   memory_gb=None if memory is None else float(memory))
+                   memory_gb=None if memory is None else float(memory),
+                   low_memory=_flag("hardware.low_memory", node.get("low_memory", False)))
 
 
 @dataclass(frozen=True)

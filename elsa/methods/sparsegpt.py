@@ -140,6 +140,8 @@ def _sparsegpt(weight, h, target, blocksize, percdamp, name):
 class HessianPruner(LayerwisePruner):
     """A layer-wise method whose statistics are the input Hessian H = 2/n XXᵀ (SparseGPT, ALPS, L-ADMM)."""
 
+    square_stats = True     # hardware.low_memory: the Hessians one fused expert at a time
+
     def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
         """The Hessian (2 in^2 per token), its inverse (~in^3) and the column-wise updates (2 out in^2)."""
         return 2.0 * in_features ** 2 * tokens + in_features ** 3 + 2.0 * out_features * in_features ** 2

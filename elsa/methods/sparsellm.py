@@ -678,17 +678,29 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
             log.warning("sparsellm: SparseGPT fallback on %d/%d blocks (method.fallback=sparsegpt): %s",
                         len(bad), len(blocks), ", ".join(self.fallback_blocks))
 
-    def prune_block(self, view: BlockPlan, stats: dict[MatrixId, Any], inputs) -> dict:
+    def _structure(self, view: BlockPlan, inputs):
+        """The MLP SparseLLM models in the block (traced on its first batch), or None."""
+        block, (h0, kw0) = view.module, inputs[0]
+        return mlp_structure(block, trace_calls(_planned_linears(view), lambda: block(h0, **kw0)))
+
+    def separable(self, view: BlockPlan, inputs) -> bool:
+        """The SparseGPT fallback's blocks (no MLP SparseLLM models, e.g. an MoE's): every matrix from its own
+        Hessian, so hardware.low_memory may prune them in groups."""
+        return self.fallback == "sparsegpt" and self._structure(view, inputs) is None
+
+    def prune_block(self, view: BlockPlan, stats: dict[MatrixId, Any], inputs,
+                    only: set[MatrixId] | None = None) -> dict:
         block, prefix = view.module, view.prefix
-        h0, kw0 = inputs[0]
-        structure = mlp_structure(block, trace_calls(_planned_linears(view), lambda: block(h0, **kw0)))
+        structure = self._structure(view, inputs)
+        if only is not None and structure is not None:
+            raise RuntimeError(f"sparsellm: block {prefix} couples its MLP; it cannot be pruned in groups")
         if structure is None:
             if self.fallback != "sparsegpt":   # validate() refuses this before any model work
                 raise ElsaError(f"method=sparsellm cannot model the MLP of block {prefix} "
                                 "(set method.fallback=sparsegpt)")
             if prefix not in self.fallback_blocks:
                 self.fallback_blocks.append(prefix)
-            return LayerwisePruner.prune_block(self, view, stats, inputs)
+            return LayerwisePruner.prune_block(self, view, stats, inputs, only)
         skip = self.skipped(structure.kind)
         if skip and prefix not in self.block_index:
             raise ElsaError(f"method=sparsellm: block {prefix} is not one of the blocks validate() found")
