@@ -7,7 +7,8 @@ Runs ``run.py <overrides> save_model=true`` once with the code of this checkout 
 ``--base`` (a git worktree of another commit; the same Python environment), each in its own output dir under
 ``--out``, then compares every tensor of the two saved models with ``torch.equal``. Prints one line per cell and
 appends it to ``<out>/same_weights.jsonl``; a cell whose two saved models already exist is only compared again.
-One thread, so the two runs do the same float operations in the same order.
+One thread, so the two runs do the same float operations in the same order. Each side's run dir is named
+by the cell and its checkout's commit (a dirty tree reruns every time it is asked: its dir says +dirty).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ CELLS = {"default": [["method=magnitude", "sparsity=0.5"], ["method=wanda", "spa
 
 
 def run(code: Path, overrides: list[str], out: Path) -> None:
-    if (out / "model").is_dir():
+    if (out / "model").is_dir() and not out.name.endswith("+dirty"):   # a clean commit's run is done once
         return
     env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled")
     cmd = [sys.executable, "run.py", *overrides, *QUICK, f"output_dir={out}"]
@@ -60,7 +61,8 @@ def commit(code: Path) -> str:
 
 def cell(overrides: list[str], base: Path, out: Path) -> dict:
     key = hashlib.sha1(" ".join(overrides).encode()).hexdigest()[:10]
-    here, there = out / f"{key}_head", out / f"{key}_base"
+    # each side's output dir is named by its commit, so a rerun after a new commit runs again
+    here, there = out / f"{key}_{commit(REPO)}", out / f"{key}_{commit(base)}"
     t0 = time.time()
     for code, d in ((REPO, here), (base, there)):
         d.parent.mkdir(parents=True, exist_ok=True)
