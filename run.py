@@ -3,7 +3,7 @@ import sys
 
 import hydra
 
-from elsa.pipeline import main, refuse_old_spellings
+from elsa.run.recipe import main, refuse_old_spellings
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -10,7 +10,7 @@
       step time of each (first step of every run excluded) and the ratio to the first.
   python bench/bench_elsa.py optim [--numel 5308416]
       one optimizer step on fp32 parameters of the default model's MLP shape (576 x 1536) with the same gradients:
-      torch's fused and foreach AdamW, torchao's AdamW8bit and elsa.optim8bit.AdamW8bitCPU (ELSA-L's optimizer on
+      torch's fused and foreach AdamW, torchao's AdamW8bit and elsa.engines.optim8bit.AdamW8bitCPU (ELSA-L's optimizer on
       a CPU); the fastest of 5 steps after the first, and the 8-bit weights' largest difference from torchao's.
   python bench/bench_elsa.py memory
       optimiser + ADMM state bytes per pruned parameter for elsa and elsa_l, measured from the tensors
@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))
 def load_default():
     from conftest import compose
 
-    from elsa.pipeline import build
+    from elsa.run.recipe import build
 
     cfg = compose(["logger=none"])
     model, tok = build(cfg.model, "model").load()
@@ -44,11 +44,11 @@ def load_default():
 
 
 def overhead(args):
-    from elsa.admm import AdmmState, Fp32Codec
-    from elsa.data import TrainWindows, token_stream
-    from elsa.losses import lm_loss
-    from elsa.models import prunable_weights
-    from elsa.sparsity import Sparsity
+    from elsa.engines.admm import AdmmState, Fp32Codec
+    from elsa.data.corpora import TrainWindows, token_stream
+    from elsa.engines.losses import lm_loss
+    from elsa.model.structure import prunable_weights
+    from elsa.sparsity.patterns import Sparsity
 
     torch.manual_seed(0)
     model, tok, corpus = load_default()
@@ -90,10 +90,10 @@ def step(args):
 
     from conftest import compose
 
-    from elsa.engine import TrainEngine
+    from elsa.engines.training import TrainEngine
     from elsa.methods.base import PruneContext
-    from elsa.pipeline import build
-    from elsa.sparsity import Sparsity
+    from elsa.run.recipe import build
+    from elsa.sparsity.patterns import Sparsity
 
     torch.manual_seed(0)
     model0, tok, corpus = load_default()
@@ -140,7 +140,7 @@ def _profiler(on: bool):
 def optim(args):
     from torchao.optim import AdamW8bit
 
-    from elsa.optim8bit import AdamW8bitCPU
+    from elsa.engines.optim8bit import AdamW8bitCPU
 
     torch.manual_seed(0)
     shape = (576, 1536)

@@ -73,12 +73,12 @@ def append(out: Path, record: dict) -> None:
 @torch.no_grad()
 def speed(out: Path, methods, sparsity: str) -> None:
     """Time one plain forward over the calibration tokens, then each method's pruning, same process."""
-    from elsa.data import sample_starts, token_stream, windows
-    from elsa.evaluation import bos_id
+    from elsa.data.corpora import sample_starts, token_stream, windows
+    from elsa.eval.perplexity import bos_id
     from elsa.methods.base import PruneContext
-    from elsa.pruning_plan import PruningPlan
-    from elsa.pipeline import Run, build
-    from elsa.sparsity import Sparsity
+    from elsa.sparsity.plan import PruningPlan
+    from elsa.run.recipe import Run, build
+    from elsa.sparsity.patterns import Sparsity
 
     cfg = compose([*BASE, "method=wanda", f"sparsity={sparsity}", "output_dir=/tmp/elsa-bench-speed"])
     job = Run(cfg)
@@ -112,7 +112,7 @@ def speed(out: Path, methods, sparsity: str) -> None:
 
 
 def quality(out: Path, methods, sparsities) -> None:
-    from elsa.pipeline import run
+    from elsa.run.recipe import run
 
     root = Path("/tmp/elsa-bench-quality")
     # No separate method=dense run: every run reports the dense perplexity (computed once, then cached).

@@ -50,13 +50,13 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from elsa.data import sample_starts, token_stream, windows
-    from elsa.evaluation import bos_id
-    from elsa.layerwise import LayerwiseEngine, _hidden
-    from elsa.models import blocks_and_prefix
-    from elsa.pipeline import build
-    from elsa.pruning_plan import PruningPlan
-    from elsa.sparsity import Sparsity
+    from elsa.data.corpora import sample_starts, token_stream, windows
+    from elsa.eval.perplexity import bos_id
+    from elsa.engines.layerwise import LayerwiseEngine, _hidden
+    from elsa.model.structure import blocks_and_prefix
+    from elsa.run.recipe import build
+    from elsa.sparsity.plan import PruningPlan
+    from elsa.sparsity.patterns import Sparsity
 
     def config(method: str):
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -7,10 +7,10 @@
 ``matrices`` (CPU, issue 30): single matrices of a 7B model's shapes (4096x4096, 11008x4096, 4096x11008; random
 weights, magnitude-pruned per matrix) at batch 1: dense in each dtype, dense fp32 and each decode kernel
 (``bitmask``, ``nm``: the compressed layouts; ``csr16``) timed in interleaved rounds (medians of ``--reps``),
-and the kernel the plan chooses (elsa.sparse_linear.plan_matrix: the bytes model checked by measurement).
+and the kernel the plan chooses (elsa.artifacts.linear.plan_matrix: the bytes model checked by measurement).
 ``--device cuda``: issue 16's bench (every kernel through plan_matrix's timed choice, batch 1 and ``--prefill``).
 ``model``: the default model (SmolLM2-135M fp32), magnitude-pruned at each target, as dense fp32, sparse fp32
-(elsa.sparse_linear.sparsify, planned twice to check that the plan repeats) and, where the CPU has bf16
+(elsa.artifacts.linear.sparsify, planned twice to check that the plan repeats) and, where the CPU has bf16
 arithmetic, dense bf16 and sparse with bf16 values: batch-1 greedy decode tokens/s (KV cache, ``--new-tokens``
 after a short prompt), all four alternating in rounds in one process (``--prefill N``: also an N-token forward).
 Each measurement is appended to the JSONL file with the machine's load average (``os.getloadavg``): other jobs
@@ -52,7 +52,7 @@ def _append(out: Path, rec: dict) -> None:
 
 
 def _prune(weight: torch.Tensor, target: str) -> None:
-    from elsa.sparsity import Sparsity, mask_from_scores
+    from elsa.sparsity.patterns import Sparsity, mask_from_scores
 
     weight.mul_(mask_from_scores(weight.abs(), Sparsity.parse(target if ":" in target else float(target))))
     weight.masked_fill_(weight == 0, 0.0)      # -0.0 -> +0.0
@@ -60,9 +60,9 @@ def _prune(weight: torch.Tensor, target: str) -> None:
 
 @torch.no_grad()
 def bench_matrices(args) -> None:
-    """Each matrix through the selection itself (elsa.sparse_linear.plan_matrix): every kernel's time per regime
+    """Each matrix through the selection itself (elsa.artifacts.linear.plan_matrix): every kernel's time per regime
     and the kernel chosen, so the figures are what sparsify sees."""
-    from elsa.sparse_linear import plan_matrix
+    from elsa.artifacts.linear import plan_matrix
 
     dtype = getattr(torch, args.dtype)
     for rows, cols in SHAPES:
@@ -90,7 +90,7 @@ def bench_decode_matrices(args) -> None:
     """CPU, batch 1 (issue 30): each 7B-shaped matrix pruned per target, every decode kernel in each dtype timed
     side by side with dense in the same dtype and with dense fp32 (medians of ``--reps`` interleaved calls), and
     the kernel the plan (the bytes model, checked by measurement) chooses."""
-    from elsa.sparse_linear import candidates, interleaved_timer, plan_matrix
+    from elsa.artifacts.linear import candidates, interleaved_timer, plan_matrix
 
     for rows, cols in SHAPES:
         g = torch.Generator().manual_seed(0)
@@ -133,7 +133,7 @@ class _Free(torch.nn.Module):
 
 
 def _free_matrices(model: torch.nn.Module) -> torch.nn.Module:
-    from elsa.sparse_linear import block_linears, matrix_view
+    from elsa.artifacts.linear import block_linears, matrix_view
 
     free = copy.deepcopy(model)
     for name, lin in block_linears(free).items():
@@ -155,8 +155,8 @@ def bench_model(args) -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from elsa.generate import compare, cpu_has_bf16
-    from elsa.sparse_linear import block_linears, sparsify
+    from elsa.artifacts.generate import compare, cpu_has_bf16
+    from elsa.artifacts.linear import block_linears, sparsify
 
     regimes = {"decode": 1, **({"prefill": args.prefill} if args.prefill else {})}
     bf16 = cpu_has_bf16() if args.bf16 == "auto" else args.bf16 == "yes"
@@ -335,7 +335,7 @@ def main() -> int:
         print(f"elsa: error: --clock=cpu is not allowed with {torch.get_num_threads()} threads: it needs --threads 1 "
               "(one thread's CPU time)", file=sys.stderr)
         return 2
-    from elsa.pipeline import quiet_third_party_logs
+    from elsa.run.recipe import quiet_third_party_logs
 
     quiet_third_party_logs()
     if args.what == "matrices" and args.device == "cpu":

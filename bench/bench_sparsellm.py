@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from elsa.methods import sparsellm  # noqa: E402
-from elsa.sparsity import Sparsity  # noqa: E402
+from elsa.sparsity.patterns import Sparsity  # noqa: E402
 
 
 class GatedMLP(nn.Module):

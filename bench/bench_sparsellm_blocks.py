@@ -40,13 +40,13 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from elsa.data import sample_starts, token_stream, windows
-    from elsa.evaluation import bos_id
-    from elsa.pipeline import build as build_component
+    from elsa.data.corpora import sample_starts, token_stream, windows
+    from elsa.eval.perplexity import bos_id
+    from elsa.run.recipe import build as build_component
     from elsa.methods.sparsellm import model_mlp_structures, sparsellm_mlp
-    from elsa.models import decoder_blocks
-    from elsa.pruning_plan import PruningPlan
-    from elsa.sparsity import Sparsity
+    from elsa.model.structure import decoder_blocks
+    from elsa.sparsity.plan import PruningPlan
+    from elsa.sparsity.patterns import Sparsity
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["logger=none", "method=sparsellm", *args.set])

@@ -5,7 +5,7 @@
 
 ``family``: ``tiny`` (conf/model/tiny.yaml) or one of tests/test_families.py's FAMILIES (built here with the
 tiny model's tokenizer, so the same calibration data feeds every family). The run goes through the pipeline
-(elsa.pipeline.run) with tests/conftest.py's TINY overrides, no dense evaluation and no save; the model is taken
+(elsa.run.recipe.run) with tests/conftest.py's TINY overrides, no dense evaluation and no save; the model is taken
 at the pipeline's measure step, after the method. Used to check that a refactor leaves pruned weights
 bit-identical (torch.equal on every tensor of the state dict)."""
 from __future__ import annotations
@@ -33,7 +33,7 @@ class FamilySource:
         import transformers
 
         import elsa
-        from elsa.models import TinyLlamaSource
+        from elsa.model.structure import TinyLlamaSource
 
         sys.path.insert(0, str(Path(elsa.__file__).resolve().parent.parent / "tests"))   # that tree's families
         from test_families import FAMILIES
@@ -52,7 +52,7 @@ class FamilySource:
 def run(out: str, family: str, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
-    import elsa.pipeline as P
+    import elsa.run.recipe as P
 
     captured = {}
     measure = P.Run.measure

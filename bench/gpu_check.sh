@@ -34,8 +34,8 @@ if [ "$what" = prepare ]; then
   $PY -m pip wheel -q --no-deps -w .gpu/wheels "hydra-core>=1.3,<1.4" "omegaconf>=2.3,<2.4" \
       "antlr4-python3-runtime==4.9.3"      # antlr4 4.9.3 is an sdist: built into a wheel here
   ELSA_CACHE=$PWD/.gpu/cache $PY -c "
-from elsa.data import EmbeddedCorpus
-from elsa.models import TinyLlamaSource
+from elsa.data.corpora import EmbeddedCorpus
+from elsa.model.structure import TinyLlamaSource
 EmbeddedCorpus(name='wiki', source='wiki').documents('train')   # the corpus there has no gensim to read
 TinyLlamaSource().tokenizer()"                                  # model=shapes' offline tokenizer
   du -sh .gpu

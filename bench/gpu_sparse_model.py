@@ -1,6 +1,6 @@
 """The sparse replacement on a whole 2:4 model (bench/gpu_check.sh step 4a): the project's random Llama at the
 size given (``model.hidden_size=1024 ...``), magnitude-pruned 2:4, every pruned Linear through
-elsa.sparse_linear.sparsify on the device (bf16 on CUDA, where the semi-structured kernel applies), and the
+elsa.artifacts.linear.sparsify on the device (bf16 on CUDA, where the semi-structured kernel applies), and the
 logits of a 512-token forward against the dense model's.
 
     python bench/gpu_sparse_model.py gpu|cpu [model.<key>=<int> ...]
@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from elsa.models import TinyLlamaSource  # noqa: E402
-from elsa.sparse_linear import block_linears, sparsify  # noqa: E402
-from elsa.sparsity import Sparsity, mask_from_scores  # noqa: E402
+from elsa.model.structure import TinyLlamaSource  # noqa: E402
+from elsa.artifacts.linear import block_linears, sparsify  # noqa: E402
+from elsa.sparsity.patterns import Sparsity, mask_from_scores  # noqa: E402
 
 
 def main(hw: str, sizes: list[str]) -> None:

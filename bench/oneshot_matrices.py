@@ -22,12 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from conftest import compose  # noqa: E402
-from elsa.data import sample_starts, token_stream, windows  # noqa: E402
+from elsa.data.corpora import sample_starts, token_stream, windows  # noqa: E402
 from elsa.methods.dsnot import DSnoT  # noqa: E402
 from elsa.methods.oats import budget, oats_decompose  # noqa: E402
 from elsa.methods.wanda import Wanda  # noqa: E402
-from elsa.pipeline import build  # noqa: E402
-from elsa.sparsity import Sparsity  # noqa: E402
+from elsa.run.recipe import build  # noqa: E402
+from elsa.sparsity.patterns import Sparsity  # noqa: E402
 
 SEQLEN = 512
 

@@ -3,7 +3,7 @@
     python bench/owl_outliers.py [overrides...]    # default: the bench protocol's model and calibration
 
 Composes the real config (model, dataset, nsamples, seqlen, seed), samples the calibration windows as the
-pipeline does and runs elsa.allocation.Owl.allocate for each --sparsity; prints one JSON line per target.
+pipeline does and runs elsa.sparsity.allocation.Owl.allocate for each --sparsity; prints one JSON line per target.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 def main(argv: list[str]) -> int:
     from conftest import compose
 
-    from elsa.data import sample_starts, token_stream, windows
-    from elsa.pruning_plan import PruningPlan
-    from elsa.evaluation import bos_id
-    from elsa.pipeline import build, seed_everything
-    from elsa.sparsity import Sparsity
+    from elsa.data.corpora import sample_starts, token_stream, windows
+    from elsa.sparsity.plan import PruningPlan
+    from elsa.eval.perplexity import bos_id
+    from elsa.run.recipe import build, seed_everything
+    from elsa.sparsity.patterns import Sparsity
 
     sparsities = [a.split("=", 1)[1] for a in argv if a.startswith("--sparsity=")] or ["0.7", "0.8"]
     overrides = [a for a in argv if not a.startswith("--sparsity=")]

@@ -10,9 +10,9 @@ import torch
 torch.set_num_threads(1)
 import elsa
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from elsa.data import EmbeddedCorpus, token_stream, windows, sample_starts
-from elsa.layerwise import LayerwiseEngine
-from elsa.sparsity import Sparsity
+from elsa.data.corpora import EmbeddedCorpus, token_stream, windows, sample_starts
+from elsa.engines.layerwise import LayerwiseEngine
+from elsa.sparsity.patterns import Sparsity
 from test_layerwise import NoOp, last_block_outputs
 print("elsa from", elsa.__file__, flush=True)
 tok = AutoTokenizer.from_pretrained(ckpt)
@@ -27,8 +27,8 @@ with torch.no_grad():
     want = torch.cat([last_block_outputs(model, ids[i:i + 2]) for i in range(0, n, 2)])
 rel = float((got - want).norm() / want.norm())
 import hashlib
-from elsa.data import eval_windows
-from elsa.evaluation import perplexity
+from elsa.data.corpora import eval_windows
+from elsa.eval.perplexity import perplexity
 test = token_stream(tok, EmbeddedCorpus("wiki", "wiki"), "test")
 full = eval_windows(test, seqlen, tok.bos_token_id, 65536)
 first = full[:4]

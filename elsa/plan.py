@@ -1,4 +1,4 @@
-"""``python -m elsa.plan <the same overrides as run.py>``: the plan of a run (elsa/planner.py), printed per phase.
+"""``python -m elsa.plan <the same overrides as run.py>``: the plan of a run (elsa/run/forecast.py), printed per phase.
 
 The command line lives apart from the planner so that the pipeline, which runs the same plan before every run,
 imports the planner without the planner importing the pipeline (no import cycle).
@@ -8,15 +8,15 @@ from __future__ import annotations
 import json
 import sys
 
-from elsa.planner import *  # noqa: F401,F403 - the planner's names, as elsa.plan gave them
-from elsa.planner import Plan, full_model, rates, setting
+from elsa.run.forecast import *  # noqa: F401,F403 - the planner's names, as elsa.plan gave them
+from elsa.run.forecast import Plan, full_model, rates, setting
 
 
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from elsa.pipeline import CONF
+    from elsa.run.recipe import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from elsa.errors import ElsaError
-    from elsa.pipeline import build, quiet_third_party_logs, refuse_old_spellings
+    from elsa.run.recipe import build, quiet_third_party_logs, refuse_old_spellings
 
     ap = argparse.ArgumentParser(prog="python -m elsa.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -54,8 +54,8 @@ def compose(overrides=()):
 
 
 def run_pipeline(tmp_path: Path, *overrides: str) -> dict:
-    """Compose with the tiny defaults plus ``overrides`` and run elsa.pipeline.run in-process."""
-    from elsa.pipeline import run
+    """Compose with the tiny defaults plus ``overrides`` and run elsa.run.recipe.run in-process."""
+    from elsa.run.recipe import run
 
     cfg = compose([*TINY, f"output_dir={tmp_path}", *overrides])
     return run(cfg)
@@ -73,6 +73,6 @@ def read_results(path: Path) -> dict:
 
 @pytest.fixture
 def tiny_model():
-    from elsa.models import TinyLlamaSource
+    from elsa.model.structure import TinyLlamaSource
 
     return TinyLlamaSource().load()

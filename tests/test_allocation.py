@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import TINY, read_results, run_cli, run_pipeline
 
-from elsa.allocation import GlobalMagnitude, Owl, Profile, exact_counts
-from elsa.models import TinyLlamaSource, prunable_matrices
-from elsa.pruning_plan import PruningPlan
-from elsa.sparsity import Sparsity, mask_from_scores
+from elsa.sparsity.allocation import GlobalMagnitude, Owl, Profile, exact_counts
+from elsa.model.structure import TinyLlamaSource, prunable_matrices
+from elsa.sparsity.plan import PruningPlan
+from elsa.sparsity.patterns import Sparsity, mask_from_scores
 
 STEPS = ["method.steps=3", "method.eval_initial=false"]
 
@@ -251,8 +251,7 @@ def test_the_issue_grid_runs_and_its_report_names_the_allocation(tmp_path):
     """python run.py -m method=wanda,sparsegpt allocation=uniform,owl sparsity=0.7, on the tiny model: four jobs
     done, each at 0.7 of the targeted weights (uniform Wanda to its per-row rounding), and the report labels the
     OWL rows by their allocation."""
-    from elsa import report
-
+    from elsa.report import tables as report
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", "method=wanda,sparsegpt", "allocation=uniform,owl", "sparsity=0.7", *TINY,
                    "save_model=false", "eval.dense=false", "hardware.threads=1", f"hydra.sweep.dir={sweep}",

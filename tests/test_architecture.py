@@ -72,8 +72,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_walk_sees_the_imports_it_should():
     """The walker itself: module-level, function-level and relative imports are edges."""
     graph = import_graph()
-    assert "elsa.sparsity" in graph["elsa.pipeline"]          # module level
-    assert "elsa.report" in graph["elsa.sweep"]               # inside on_multirun_end
+    assert "elsa.sparsity.patterns" in graph["elsa.run.recipe"]          # module level
+    assert "elsa.report.tables" in graph["elsa.run.sweep"]               # inside on_multirun_end
     assert "elsa.methods.base" in graph["elsa.methods.wanda"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -85,9 +85,9 @@ def test_no_import_cycle_in_elsa():
 
 def test_report_and_sweep_no_longer_import_each_other():
     graph = import_graph()
-    assert "elsa.sweep" not in graph["elsa.report"]
-    assert "elsa.pipeline" not in graph["elsa.generate"]
-    assert {"elsa.results"} <= graph["elsa.report"] & graph["elsa.sweep"] & graph["elsa.pipeline"]
+    assert "elsa.run.sweep" not in graph["elsa.report.tables"]
+    assert "elsa.run.recipe" not in graph["elsa.artifacts.generate"]
+    assert {"elsa.report.results"} <= graph["elsa.report.tables"] & graph["elsa.run.sweep"] & graph["elsa.run.recipe"]
 
 
 def test_the_slow_marker_says_what_it_marks():
@@ -109,9 +109,9 @@ def test_the_solution_memo_belongs_to_the_sweep(tmp_path):
     from omegaconf import OmegaConf
 
     from conftest import TINY, compose
-    from elsa.memo import SolutionMemo, for_this_sweep
-    from elsa.pipeline import run
-    from elsa.sweep import SweepCallback
+    from elsa.run.memo import SolutionMemo, for_this_sweep
+    from elsa.run.recipe import run
+    from elsa.run.sweep import SweepCallback
 
     assert not hasattr(SolutionMemo, "entry") and for_this_sweep() is None
     memo = SolutionMemo()

@@ -7,7 +7,7 @@ from conftest import compose
 
 from elsa import assets
 from elsa.errors import ElsaError
-from elsa.pipeline import build
+from elsa.run.recipe import build
 
 
 def fake_parts(tmp_path, monkeypatch, chunks):

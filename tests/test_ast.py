@@ -6,10 +6,10 @@ from conftest import TINY, read_results, run_cli, run_pipeline
 
 from elsa.errors import ElsaError
 from elsa.methods.ast import Ast, SparseMasks, annealed_decay
-from elsa.models import Weight
+from elsa.model.structure import Weight
 from elsa.methods.base import PruneContext
-from elsa.models import prunable_matrices
-from elsa.sparsity import Sparsity, nm_violations
+from elsa.model.structure import prunable_matrices
+from elsa.sparsity.patterns import Sparsity, nm_violations
 
 AST_FAST = ["method=ast", "method.steps=6", "method.batch_size=1", "method.grad_accum=2", "method.mask_interval=2",
             "method.warmup_steps=1", "method.increase_step=3", "method.lr=1e-3", "method.srste_decay=1e-2",
@@ -19,7 +19,7 @@ FAST_KW = dict(steps=6, batch_size=1, grad_accum=2, mask_interval=2, warmup_step
 
 
 def _context(tmp_path, tiny_model, target: str) -> PruneContext:
-    from elsa.data import EmbeddedCorpus
+    from elsa.data.corpora import EmbeddedCorpus
 
     model, tok = tiny_model
     return PruneContext(model=model, tokenizer=tok, target=Sparsity.parse(target), dataset=EmbeddedCorpus("wiki", "wiki"),
@@ -217,7 +217,7 @@ def test_bad_hyperparameters_fail_before_training(tmp_path, override, needle):
 
 # -- AST-Boosted: SLoRB and SquareHead ------------------------------------------------------------------------
 def test_slorb_branch_is_the_group_sum_bypass_initialised_from_the_pruned_weights():
-    from elsa.slorb import SLoRB, init_from_pruned
+    from elsa.methods.slorb import SLoRB, init_from_pruned
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 8, generator=g)
@@ -238,7 +238,7 @@ def test_slorb_branch_is_the_group_sum_bypass_initialised_from_the_pruned_weight
 
 
 def test_squarehead_is_zero_on_the_teacher_and_normalised_per_block():
-    from elsa.losses import squarehead_loss
+    from elsa.engines.losses import squarehead_loss
 
     t = [torch.full((1, 2, 3), 2.0), torch.full((1, 2, 3), 4.0)]
     assert float(squarehead_loss(t, t)) == 0.0
@@ -248,8 +248,8 @@ def test_squarehead_is_zero_on_the_teacher_and_normalised_per_block():
 
 
 def _perplexity(model, tok, seqlen=128, max_tokens=2048):
-    from elsa.evaluation import PerplexityEval
-    from elsa.pipeline import dataset_by_name
+    from elsa.eval.perplexity import PerplexityEval
+    from elsa.run.recipe import dataset_by_name
 
     return PerplexityEval({"wiki": dataset_by_name("wiki")}, seqlen, max_tokens, 4, True, "cpu").run(model, tok, "x")
 
@@ -265,12 +265,12 @@ def _slorb_count(model_dir, k=16):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_ast_boosted_trains_counts_saves_and_reloads_its_bypass(tmp_path, family):
     """method=ast_boosted on a tiny Llama and a tiny GPT-2 (Conv1D, the paper's model): exact 2:4 masks, the SLoRB
-    parameters counted as their own dense kind, the saved dir reloaded by elsa.slorb.from_pretrained computes the
+    parameters counted as their own dense kind, the saved dir reloaded by elsa.methods.slorb.from_pretrained computes the
     perplexity the run measured (plain from_pretrained, which drops the branches, does not)."""
     from test_families import _checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from elsa.slorb import SLoRB, from_pretrained
+    from elsa.methods.slorb import SLoRB, from_pretrained
 
     model_args = ["model=tiny"]
     if family == "gpt2":

@@ -16,7 +16,7 @@ import torch
 from conftest import CONF, TINY, compose, run_cli, run_pipeline
 from omegaconf import OmegaConf
 
-from elsa.renamed import OLD_METHODS, refuse_old_spellings, spelling
+from elsa.run.renamed import OLD_METHODS, refuse_old_spellings, spelling
 
 OLD = Path(__file__).parent / "data" / "old_presets"
 PRESETS = ["elsa_cpu", "elsa_quick", "elsa_quick_sgpt", "elsa_l_quick", "ast_cpu", "ast_quick", "safe_cpu"]
@@ -77,14 +77,14 @@ def _weights_the_old_way(tmp_path: Path, preset: str, short: list[str]) -> dict:
     the method's prune, the dense model kept as the teacher when the loss distils."""
     from hydra.utils import get_class
 
-    from elsa.data import sample_starts, token_stream, windows
-    from elsa.engine import TrainEngine
-    from elsa.evaluation import bos_id
+    from elsa.data.corpora import sample_starts, token_stream, windows
+    from elsa.engines.training import TrainEngine
+    from elsa.eval.perplexity import bos_id
     from elsa.methods.base import PruneContext
     from elsa.methods.sparsegpt import SparseGPT
     from elsa.methods.wanda import Wanda
-    from elsa.pipeline import build, seed_everything
-    from elsa.sparsity import Sparsity
+    from elsa.run.recipe import build, seed_everything
+    from elsa.sparsity.patterns import Sparsity
 
     keys = old_preset(preset)
     init = keys.get("init", "dense")
@@ -151,7 +151,7 @@ def test_conf_method_holds_one_file_per_method():
 
 
 def test_every_budget_has_a_part_for_every_method_with_steps():
-    from elsa.pipeline import build
+    from elsa.run.recipe import build
 
     budgets = sorted(p.stem for p in (CONF / "budget").glob("*.yaml"))
     assert budgets == ["cpu", "demo", "paper", "quick"]
@@ -202,7 +202,7 @@ def test_start_runs_before_the_method_and_the_dense_model_stays_the_teacher(tmp_
 def test_training_engine_imports_no_method():
     import ast as pyast
 
-    for path in ("elsa/engine.py", "elsa/methods/training_method.py"):
+    for path in ("elsa/engines/training.py", "elsa/methods/training_method.py"):
         src = (Path(__file__).parent.parent / path).read_text()
         imported = {n.module for n in pyast.walk(pyast.parse(src)) if isinstance(n, pyast.ImportFrom)}
         imported |= {a.name for n in pyast.walk(pyast.parse(src)) if isinstance(n, pyast.Import) for a in n.names}
@@ -214,8 +214,7 @@ def test_training_engine_imports_no_method():
 def test_one_budget_and_one_start_for_several_methods(tmp_path):
     """The issue's acceptance grid on the tiny model: three training methods x two sparsities at budget=quick
     from SparseGPT's solution (steps cut to 2 for speed), and a report with six rows labelled from the choices."""
-    from elsa import report
-
+    from elsa.report import tables as report
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", "method=elsa,elsa_l,ast", "budget=quick", "start=sparsegpt", "sparsity=0.7,0.9", *TINY,
                    "++method.steps=2", "save_model=false", "hardware.threads=1", f"hydra.sweep.dir={sweep}",
@@ -245,7 +244,7 @@ ADDED_CELLS = {"field": [["method=ast_boosted"], ["method=ria"], ["method=dsnot"
 
 def _effective(cfg) -> tuple[dict, str]:
     """(method keys without metadata, the start that runs) of a composed config."""
-    from elsa.pipeline import build
+    from elsa.run.recipe import build
 
     keys = {k: v for k, v in without_added(OmegaConf.to_container(cfg.method)).items() if k not in ("name", "budget")}
     takes = build(cfg.method, "method").takes_start
@@ -342,8 +341,8 @@ def test_a_stored_solution_is_not_reused_under_another_allocation():
     """The reuse key holds the allocated per-matrix ratios: a uniform SparseGPT solution is not an OWL start."""
     from types import SimpleNamespace
 
-    from elsa.pipeline import SolutionMemo
-    from elsa.sparsity import Sparsity
+    from elsa.run.recipe import SolutionMemo
+    from elsa.sparsity.patterns import Sparsity
 
     class Fp:
         def fingerprint(self, *_):

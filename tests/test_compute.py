@@ -8,7 +8,7 @@ import pandas as pd
 
 from conftest import run_pipeline
 
-from elsa.report import collect, write_report
+from elsa.report.tables import collect, write_report
 
 ELSA = ["method=elsa", "budget=demo", "method.eval_every=2", "method.eval_split=test", "method.eval_tokens=2048",
         "method.eval_initial=false"]

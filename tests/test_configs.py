@@ -4,8 +4,8 @@ from conftest import CONF, compose
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from elsa.pipeline import build
-from elsa.spec import constructor_keys
+from elsa.run.recipe import build
+from elsa.run.spec import constructor_keys
 
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "method", "dataset", "logger")}
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import REPO, TINY, read_results, run_cli, run_pipeline
 
-from elsa.admm import AdmmState, Bf16Codec, Fp8Codec, Fp32Codec, LambdaSchedule, sparsity_at
+from elsa.engines.admm import AdmmState, Bf16Codec, Fp8Codec, Fp32Codec, LambdaSchedule, sparsity_at
 from elsa.errors import ElsaError
-from elsa.sparsity import Sparsity, nm_violations
+from elsa.sparsity.patterns import Sparsity, nm_violations
 
 ELSA_FAST = ["method=elsa", "method.steps=6", "method.batch_size=1", "method.grad_accum=2", "method.interval=2",
              "method.eval_every=0", "method.eval_initial=false", "method.lr=1e-3"]
@@ -132,7 +132,7 @@ def test_elsa_exact_sparsity_on_tiny(tmp_path, method, sparsity):
 def test_elsa_nm_mask_valid_in_saved_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from elsa.models import prunable_matrices
+    from elsa.model.structure import prunable_matrices
 
     run_pipeline(tmp_path, *ELSA_FAST, "sparsity=2:4", "method.projection=objective", "method.group=row")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
@@ -283,8 +283,8 @@ def test_sparsity_schedules_at_given_steps():
     for step in (1, 7, 33, 99):
         assert sparsity_at(t, step, 100).ratio == 0.8 * (1.0 - (1.0 - step / 100) ** 3)
     # an allocation's ratios all follow the ramp
-    from elsa.models import TinyLlamaSource
-    from elsa.pruning_plan import PruningPlan
+    from elsa.model.structure import TinyLlamaSource
+    from elsa.sparsity.plan import PruningPlan
 
     plan = PruningPlan.build(TinyLlamaSource().load()[0], Sparsity(0.8))
     ids = list(plan.targets)
@@ -300,7 +300,7 @@ class _FakeOpt:
 
 
 def test_projection_scores_order_a_constructed_tensor():
-    from elsa.admm import Scorer
+    from elsa.engines.admm import Scorer
 
     p = torch.nn.Parameter(torch.ones(1, 4))
     x = torch.tensor([[1.0, -1.0, 2.0, 0.5]])
@@ -342,13 +342,13 @@ def test_projection_scores_order_a_constructed_tensor():
 
 
 def mask_keep(scores, ratio):
-    from elsa.sparsity import mask_from_scores
+    from elsa.sparsity.patterns import mask_from_scores
 
     return mask_from_scores(scores, Sparsity(ratio), "row")
 
 
 def test_column_group_prunes_every_column_alike():
-    from elsa.sparsity import mask_from_scores
+    from elsa.sparsity.patterns import mask_from_scores
 
     scores = torch.rand(8, 6, generator=torch.Generator().manual_seed(0))
     keep = mask_from_scores(scores, Sparsity(0.75), "column")
@@ -381,8 +381,8 @@ def test_over_relaxation():
 def test_rem_loss_is_the_final_hidden_state_mse(tiny_model):
     import copy
 
-    from elsa.engine import TrainEngine
-    from elsa.losses import LossTerms
+    from elsa.engines.training import TrainEngine
+    from elsa.engines.losses import LossTerms
     from elsa.methods.elsa import Elsa
 
     model, _ = tiny_model

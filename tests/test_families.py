@@ -6,13 +6,13 @@ prunes nothing must reproduce the model's own forward at the last block; familie
 arguments (measured before the fix: Gemma-2/Gemma-3 with a 16-token window and Qwen2 with sliding layers).
 """
 import pytest
-from elsa.pruning_plan import PruningPlan
+from elsa.sparsity.plan import PruningPlan
 from elsa.errors import ElsaError
 import torch
 import transformers
 
-from elsa.layerwise import LayerwiseEngine
-from elsa.sparsity import Sparsity
+from elsa.engines.layerwise import LayerwiseEngine
+from elsa.sparsity.patterns import Sparsity
 
 from test_layerwise import NoOp, last_block_outputs
 
@@ -80,13 +80,13 @@ def test_mixed_layer_types_get_their_own_arguments():
 
 from pathlib import Path  # noqa: E402
 
-from elsa.pipeline import build as build_component  # noqa: E402
+from elsa.run.recipe import build as build_component  # noqa: E402
 
 from conftest import compose, run_pipeline  # noqa: E402
 from elsa.methods.base import PruneContext  # noqa: E402
-from elsa.models import (TinyLlamaSource, blocks_and_prefix,  # noqa: E402
+from elsa.model.structure import (TinyLlamaSource, blocks_and_prefix,  # noqa: E402
                          prunable_matrices, prunable_weights)
-from elsa.sparsity import nm_violations  # noqa: E402
+from elsa.sparsity.patterns import nm_violations  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
 MOE = dict(num_key_value_heads=2, intermediate_size=96)
@@ -221,9 +221,9 @@ def test_expert_statistics_come_from_that_experts_routed_tokens():
     """Every token routed to expert 0 (the router patched to say so): expert 0's Wanda statistics are the norms
     of every token's MLP input; experts 1-3 receive none, get the documented rule (magnitude within the
     expert) and are counted."""
-    from elsa.layerwise import LayerwiseEngine
+    from elsa.engines.layerwise import LayerwiseEngine
     from elsa.methods.wanda import Wanda
-    from elsa.models import decoder_blocks
+    from elsa.model.structure import decoder_blocks
 
     model, tok = build("mixtral")
     for block in decoder_blocks(model):
@@ -264,7 +264,7 @@ def test_expert_statistics_come_from_that_experts_routed_tokens():
 
 
 def _magnitude_keep(w):
-    from elsa.sparsity import mask_from_scores
+    from elsa.sparsity.patterns import mask_from_scores
     return mask_from_scores(w.abs(), Sparsity(0.5), "layer")
 
 
@@ -325,7 +325,7 @@ def test_sparsellm_through_the_pipeline_objective_and_real_mlp_error_fall(family
 def test_experts_without_tokens_are_printed_and_labelled_in_the_report(tmp_path, capsys):
     """A tiny Mixtral with 8 experts, top-1, and 2 calibration windows of 8 tokens: some experts get no token;
     the run says so, and the report row does not pass for plain Wanda."""
-    from elsa.report import job_row
+    from elsa.report.tables import job_row
 
     tok = TinyLlamaSource().tokenizer()
     cfg = transformers.MixtralConfig(vocab_size=len(tok), num_local_experts=8, num_experts_per_tok=1, **MOE, **SMALL)
@@ -347,7 +347,7 @@ def test_ast_masks_fused_experts_in_the_forward_and_refuses_the_wanda_metric(tmp
     """AST's forward sees each expert tensor masked (its loss is the sparse model's), the dense tensor gets
     the straight-through gradient, and the parameter is back in place after every forward."""
     from elsa.methods.ast import SparseMasks
-    from elsa.models import decoder_blocks
+    from elsa.model.structure import decoder_blocks
 
     model, tok = build("mixtral")
     experts = decoder_blocks(model)[0].mlp.experts

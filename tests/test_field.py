@@ -9,7 +9,7 @@ from elsa.methods.ladmm import LADMM, cubic_sparsity, ladmm_prune
 from elsa.methods.sparsegpt import sparsegpt_prune
 from elsa.methods import sparsellm
 from elsa.methods.sparsellm import MLPProblem, SparseLLM, mlp_structure, sparsellm_mlp, trace_calls
-from elsa.sparsity import Sparsity, nm_violations
+from elsa.sparsity.patterns import Sparsity, nm_violations
 
 from conftest import run_pipeline
 from test_wanda_sparsegpt import correlated_inputs, layer, prune_with, recon_error

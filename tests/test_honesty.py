@@ -7,7 +7,7 @@ import torch
 
 from conftest import read_results, run_cli, run_pipeline
 from elsa.errors import ElsaError
-from elsa.models import TinyLlamaSource
+from elsa.model.structure import TinyLlamaSource
 
 
 def _save(tmp_path, cfg_cls, model_cls, **kw):
@@ -51,9 +51,9 @@ def _one_error(res):
 def test_weights_nothing_prunes_are_refused_before_calibration(tmp_path):
     """A 2-D weight inside a block that is no Linear, Conv1D or expert tensor (here one added by hand) stays
     dense unasked: refused, naming it; ignore= names it and the run may go on."""
-    from elsa.models import check_prunable
-    from elsa.pruning_plan import PruningPlan
-    from elsa.sparsity import Sparsity
+    from elsa.model.structure import check_prunable
+    from elsa.sparsity.plan import PruningPlan
+    from elsa.sparsity.patterns import Sparsity
 
     model, _tok = TinyLlamaSource().load()
     model.model.layers[1].mlp.extra = torch.nn.Parameter(torch.ones(8, 8))
@@ -116,7 +116,7 @@ def test_sparsellm_on_a_fused_mlp_refuses_before_calibration(phi3, tmp_path):
 
 
 def test_sparsellm_fallback_is_recorded_printed_and_labelled(phi3, tmp_path, capsys):
-    from elsa.report import job_row
+    from elsa.report.tables import job_row
 
     out = run_pipeline(tmp_path / "out", "model=hf", f"model.path={phi3}", "method=sparsellm", "seqlen=64",
                        "nsamples=2", "save_model=false", "method.fallback=sparsegpt", "method.iterations=1")
@@ -155,8 +155,8 @@ def test_target_that_matches_no_prunable_weight_is_refused(tmp_path, pattern):
 
 def test_ignoring_a_container_leaves_everything_inside_it_dense():
     """ignore=[layers$] names only the ModuleList of blocks: every block inside it stays dense too."""
-    from elsa.pruning_plan import PruningPlan
-    from elsa.sparsity import Sparsity
+    from elsa.sparsity.plan import PruningPlan
+    from elsa.sparsity.patterns import Sparsity
 
     model, _tok = TinyLlamaSource().load()
     plan = PruningPlan.build(model, Sparsity(0.5), ignore=[r"layers$"])
@@ -181,7 +181,7 @@ def test_a_convolution_kernel_is_not_taken_for_experts(falcon_h1, tmp_path):
     the kernel dense and recorded."""
     from transformers import AutoModelForCausalLM
 
-    from elsa.models import prunable_weights
+    from elsa.model.structure import prunable_weights
 
     model = AutoModelForCausalLM.from_pretrained(falcon_h1)
     names = prunable_weights(model)
@@ -201,9 +201,9 @@ def test_a_convolution_kernel_is_not_taken_for_experts(falcon_h1, tmp_path):
 def test_a_projection_that_keeps_too_few_weights_is_recorded_printed_and_labelled(tmp_path, monkeypatch, capsys):
     """Fewer non-zeros than the target asks (a projection that kept exact zeros, as the Taylor score once did):
     the run records by how much, prints an OVER TARGET line, and the report row says so."""
-    from elsa import report
+    from elsa.report import tables as report
     from elsa.methods.magnitude import Magnitude
-    from elsa.models import prunable_matrices
+    from elsa.model.structure import prunable_matrices
 
     prune = Magnitude.prune
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from elsa.errors import ElsaError
-from elsa.layerwise import LayerwiseEngine, LayerwisePruner
-from elsa.models import block_matrices, decoder_blocks, prunable_matrices
-from elsa.sparsity import Sparsity, nm_violations
+from elsa.engines.layerwise import LayerwiseEngine, LayerwisePruner
+from elsa.model.structure import block_matrices, decoder_blocks, prunable_matrices
+from elsa.sparsity.patterns import Sparsity, nm_violations
 
 from conftest import read_results, run_pipeline
 
@@ -141,7 +141,7 @@ def test_every_matrix_records_its_relative_output_error(tiny_model):
     import copy
 
     from elsa.methods.wanda import Wanda
-    from elsa.report import job_row
+    from elsa.report.tables import job_row
 
     model, ids = tiny_model[0], torch.randint(0, 500, (4, 64), generator=torch.Generator().manual_seed(3))
     dense = copy.deepcopy(model)

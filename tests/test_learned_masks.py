@@ -13,7 +13,7 @@ FAST = ["method.steps=4", "method.batch_size=1", "method.grad_accum=1", "method.
 
 
 def _dense():
-    from elsa.models import TinyLlamaSource
+    from elsa.model.structure import TinyLlamaSource
 
     model, _tok = TinyLlamaSource().load()
     return {n: p.detach() for n, p in model.named_parameters()}
@@ -119,7 +119,7 @@ def test_candidates_are_every_n_of_m_mask():
 def test_gumbel_sigmoid_gate_is_open_with_probability_sigmoid_of_the_scaled_logit():
     """The relaxed gate sigmoid((theta s + L) / tau) exceeds 1/2 with probability sigmoid(theta s): the
     reference's two-way Gumbel-softmax over (0, theta s)."""
-    from elsa.models import Weight
+    from elsa.model.structure import Weight
 
     torch.manual_seed(0)
     leap = Leap(steps=10, gumbel_temperature=[0.5, 0.5], gumbel_scale=[2.0, 2.0])

@@ -9,9 +9,9 @@ import torch
 from conftest import TINY, compose, run_pipeline
 from test_families import tiny
 
-from elsa.layerwise import LayerwiseEngine
-from elsa.pruning_plan import PruningPlan
-from elsa.sparsity import Sparsity
+from elsa.engines.layerwise import LayerwiseEngine
+from elsa.sparsity.plan import PruningPlan
+from elsa.sparsity.patterns import Sparsity
 
 
 def _walk(family, method, low_memory):
@@ -83,7 +83,7 @@ def test_low_memory_plan_holds_one_experts_statistics_and_no_dense_copy():
     and ONE expert's (gate_up 4096^2, down 14336^2) instead of eight's, no 5.6 GB dense copy of the block, and
     seven more forwards of the block."""
     from elsa.plan import Plan, setting
-    from elsa.pipeline import build
+    from elsa.run.recipe import build
 
     def plan(*extra):
         cfg = compose(["model=shapes", "model.like=mixtral-8x7b", "model.blocks=1", "nsamples=16", "seqlen=2048",
@@ -113,7 +113,7 @@ def test_train_dense_params_false_plan_drops_the_outside_weights_state():
     KL teacher of budget=demo shares those frozen weights with the student (no copy of the 128k vocabulary's
     embedding and head)."""
     from elsa.plan import Plan, setting
-    from elsa.pipeline import build
+    from elsa.run.recipe import build
 
     def peak(*extra):
         cfg = compose(["model=shapes", "model.like=llama3-8b", "model.blocks=1", "seqlen=2048", "method=elsa",
@@ -135,7 +135,7 @@ def test_train_dense_params_false_trains_only_the_pruned_matrices(tmp_path):
     """ELSA with the embeddings, norms and head frozen: they stay bit-identical to the dense model, the pruned
     matrices trained; hardware.low_memory (per-tensor AdamW, a teacher sharing the frozen weights) gives the
     weights of the usual run bit for bit."""
-    from elsa.models import prunable_weights
+    from elsa.model.structure import prunable_weights
 
     base = [*TINY, "method=elsa", "budget=demo", "method.steps=3", "method.eval_initial=false",
             "method.train_dense_params=false", "hardware.threads=1", "save_model=true",
@@ -150,7 +150,7 @@ def test_train_dense_params_false_trains_only_the_pruned_matrices(tmp_path):
     assert r["method_stats"]["trained_params"]["teacher_shares_frozen"] is False
     from safetensors.torch import load_file
 
-    from elsa.models import TinyLlamaSource
+    from elsa.model.structure import TinyLlamaSource
 
     a, b = (load_file(next((tmp_path / d).rglob("*.safetensors"))) for d in ("a", "b"))
     model = TinyLlamaSource().load()[0]
@@ -165,8 +165,8 @@ def test_train_dense_params_false_trains_only_the_pruned_matrices(tmp_path):
 
 
 def test_lean_teacher_shares_only_frozen_weights_outside_the_pruned_matrices():
-    from elsa.engine import make_teacher
-    from elsa.models import TinyLlamaSource, prunable_weights
+    from elsa.engines.training import make_teacher
+    from elsa.model.structure import TinyLlamaSource, prunable_weights
 
     model = TinyLlamaSource().load()[0]
     pruned = {id(w.param) for w in prunable_weights(model).values()}

@@ -5,19 +5,19 @@ import torch
 import transformers
 
 from conftest import compose, read_results, run_cli, run_pipeline, TINY
-from elsa.pruning_plan import PruningPlan
+from elsa.sparsity.plan import PruningPlan
 from elsa.errors import ElsaError
 from elsa.methods.dsnot import DSnoT, mlp_matrices
 from elsa.methods.oats import OATS, LowRank, budget, from_pretrained, oats_decompose
 from elsa.methods.ria import RIA, reallocation, ria_scores
 from elsa.methods.wanda import Wanda
-from elsa.pipeline import build as build_component
-from elsa.sparsity import Sparsity, mask_from_scores, nm_violations
+from elsa.run.recipe import build as build_component
+from elsa.sparsity.patterns import Sparsity, mask_from_scores, nm_violations
 from test_families import PRUNED, MOE_FAMILIES, build, calibration, _checkpoint
 from test_wanda_sparsegpt import correlated_inputs, layer, prune_with, recon_error
 
 from elsa.methods.base import PruneContext
-from elsa.models import decoder_blocks, prunable_matrices
+from elsa.model.structure import decoder_blocks, prunable_matrices
 
 
 def shifted_inputs():

@@ -1,4 +1,4 @@
-"""elsa.optim8bit: torchao's 8-bit AdamW state format stepped by one C pass per block on the CPU (ELSA-L's
+"""elsa.engines.optim8bit: torchao's 8-bit AdamW state format stepped by one C pass per block on the CPU (ELSA-L's
 optimizer there): the same weights and moments as torchao's AdamW8bit to float rounding, the torch path equal to
 the kernel, a checkpoint round trip that continues identically, and ELSA-L running on it."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_pipeline
 
-from elsa.optim8bit import AdamW8bitCPU, Quantized
+from elsa.engines.optim8bit import AdamW8bitCPU, Quantized
 
 
 def _run(opt_cls, w0, grads, kernel=True, **kw):
@@ -69,6 +69,6 @@ def test_checkpoint_round_trip_continues_identically():
 def test_elsa_l_trains_with_it(tmp_path):
     r = run_pipeline(tmp_path, "method=elsa_l", "budget=demo", "method.steps=4", "method.eval_initial=false",
                      "sparsity=0.7")
-    assert r["method_stats"]["optimizer_impl"].startswith("elsa.optim8bit.AdamW8bitCPU")
+    assert r["method_stats"]["optimizer_impl"].startswith("elsa.engines.optim8bit.AdamW8bitCPU")
     assert abs(r["sparsity"]["measured"] - 0.7) < 1e-3
     assert r["method_stats"]["state_bytes_per_param"]["optimizer"] < 3.0   # 2 x (1 byte + scale), not 8

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import TINY, read_results, run_cli, run_pipeline
 
-from elsa.models import prunable_matrices
-from elsa.sparsity import nm_violations
+from elsa.model.structure import prunable_matrices
+from elsa.sparsity.patterns import nm_violations
 
 
 @pytest.mark.parametrize("method,sparsity", [("dense", "0.5"), ("magnitude", "0.5"), ("magnitude", "2:4"),
@@ -48,7 +48,7 @@ def test_saved_model_round_trip_keeps_zeros(tmp_path):
 
 
 def test_dense_perplexity_is_cached(tmp_path, monkeypatch):
-    import elsa.evaluation as E
+    import elsa.eval.perplexity as E
 
     a = run_pipeline(tmp_path / "a", "method=magnitude")
     computed, real = [], E.perplexity   # the second run must not compute the dense perplexity again
@@ -140,7 +140,7 @@ def test_wandb_offline_run_lands_in_output_dir(tmp_path, monkeypatch):
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux peak-RSS reset")
 def test_peak_memory_is_the_jobs_own():
     """Jobs of one sweep share a process: each reports the peak since its own start, not the process's."""
-    from elsa.pipeline import peak_memory_mb, reset_peak_memory
+    from elsa.run.recipe import peak_memory_mb, reset_peak_memory
 
     big = torch.ones(64 * 2**20)          # 256 MB, touched
     before = peak_memory_mb("cpu")["cpu_rss"]
@@ -154,7 +154,7 @@ def test_peak_memory_is_the_jobs_own():
 def test_a_long_command_line_gets_a_run_dir_name_a_file_system_takes(tmp_path):
     """outputs/<overrides>: a command line of many overrides made a name over 255 characters (OSError before any
     work); a long name keeps its start and a hash of the whole, distinct per command line."""
-    from elsa.pipeline import dirname
+    from elsa.run.recipe import dirname
 
     long = ",".join(f"model.key_{i}={i}" for i in range(40))
     other = long.replace("key_39=39", "key_39=40")

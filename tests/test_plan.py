@@ -15,7 +15,7 @@ NARROW = ["model=shapes", "model.like=llama2-7b",
 
 
 def test_shapes_config_is_the_published_one():
-    from elsa.shapes import ARCHITECTURES, ShapesSource
+    from elsa.model.shapes import ARCHITECTURES, ShapesSource
 
     cfg = ShapesSource(like="llama2-7b", blocks=2).hf_config()
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
@@ -28,7 +28,7 @@ def test_shapes_config_is_the_published_one():
 
 def test_plan_reads_shapes_on_meta_without_weights():
     from elsa.plan import model_shapes
-    from elsa.shapes import ShapesSource
+    from elsa.model.shapes import ShapesSource
 
     S = model_shapes(ShapesSource(like="mixtral-8x7b", blocks=1))
     assert S.hidden == 4096 and S.mlp == 14336 and S.layers == 32
@@ -44,7 +44,7 @@ def test_shape_rehearsal_is_labelled(tmp_path):
                      "save_model=false", "hardware.threads=1")
     assert r["status"] == "done" and r["rehearsal"]["like"] == "llama2-7b" and r["rehearsal"]["blocks"] == 2
     assert r["plan"]["peak_cpu_gb"] > 0
-    from elsa.report import collect
+    from elsa.report.tables import collect
 
     assert "shape rehearsal" in collect(tmp_path)["model"].iloc[0]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import REPO, run_pipeline
 
-from elsa import precision
+from elsa.engines import precision
 from elsa.errors import ElsaError
-from elsa.losses import kl_loss, kl_loss_chunked, lm_loss, lm_loss_chunked
+from elsa.engines.losses import kl_loss, kl_loss_chunked, lm_loss, lm_loss_chunked
 
 STORED = json.loads((REPO / "tests" / "data" / "fp32_training_e43c12b.json").read_text())
 

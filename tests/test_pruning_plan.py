@@ -5,9 +5,9 @@ import torch
 import transformers
 
 from elsa.errors import ElsaError
-from elsa.models import TinyLlamaSource, prunable_matrices
-from elsa.pruning_plan import MatrixId, PruningPlan
-from elsa.sparsity import Sparsity, mask_from_scores
+from elsa.model.structure import TinyLlamaSource, prunable_matrices
+from elsa.sparsity.plan import MatrixId, PruningPlan
+from elsa.sparsity.patterns import Sparsity, mask_from_scores
 
 
 @pytest.fixture(scope="module")

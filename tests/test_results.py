@@ -1,4 +1,4 @@
-"""The run record (elsa.results): stored results.json files of earlier versions read as they did.
+"""The run record (elsa.report.results): stored results.json files of earlier versions read as they did.
 
 tests/data/results/ holds
 - e43c12b_wanda_tiny.json: written by commit e43c12b's pipeline (run.py model=tiny logger=none eval=quick
@@ -7,7 +7,7 @@ tests/data/results/ holds
   report reads (zero-shot, compressed size, decode speedup, reconstruction error, memory, times);
 - legacy_elsa_quick.json: the shape the first pipeline wrote (no start, budget or allocation; a preset name in
   its overrides and the old trainer's method_stats.init);
-- rows_e43c12b.json: the report rows e43c12b's elsa.report.job_row made of both; summary_e43c12b_wanda_tiny.txt:
+- rows_e43c12b.json: the report rows e43c12b's elsa.report.tables.job_row made of both; summary_e43c12b_wanda_tiny.txt:
   the summary e43c12b's pipeline printed for the first;
 - oats_e43c12b.json (run.py model=tiny logger=none eval=quick eval.max_tokens=2048 seqlen=128 nsamples=4
   method=oats sparsity=0.5 hardware.threads=1) and moe_rehearsal_e43c12b.json (model=shapes
@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_pipeline
-from elsa import notes
-from elsa.notes import Note
-from elsa.results import RESULTS, SCHEMA_VERSION, RunRecord, read_record, record_dict
+from elsa.methods import notes
+from elsa.methods.notes import Note
+from elsa.report.results import RESULTS, SCHEMA_VERSION, RunRecord, read_record, record_dict
 
 DATA = REPO / "tests" / "data" / "results"
 STORED = ["e43c12b_wanda_tiny", "legacy_elsa_quick"]
@@ -43,7 +43,7 @@ def stored(name: str) -> dict:
 @pytest.mark.parametrize("name", STORED)
 def test_report_rows_of_stored_results_are_unchanged(name):
     """Every field of the row e43c12b's report made, from the record the current reader makes."""
-    from elsa.report import job_row
+    from elsa.report.tables import job_row
 
     expected = json.loads((DATA / "rows_e43c12b.json").read_text())[name]
     row = json.loads(json.dumps(job_row(read_record_of(name), Path("job"), Path("."))))
@@ -78,7 +78,7 @@ def test_legacy_record_keeps_keys_it_does_not_name():
 
 
 def test_summary_of_the_stored_record_is_unchanged():
-    from elsa.pipeline import Run
+    from elsa.run.recipe import Run
 
     run = Run.__new__(Run)
     run.results, run.out = stored("e43c12b_wanda_tiny"), Path("job")
@@ -114,13 +114,13 @@ NOTED = json.loads((DATA / "notes_0e21ae5.json").read_text())
 
 
 def _label(data: dict | RunRecord) -> str:
-    from elsa.report import job_row
+    from elsa.report.tables import job_row
 
     return job_row(data, Path("job"), Path("."))["method"]
 
 
 def _summary(data: dict | RunRecord) -> list[str]:
-    from elsa.summary import summary_lines
+    from elsa.report.summary import summary_lines
 
     rec = data if isinstance(data, RunRecord) else RunRecord.from_dict(data)
     return summary_lines(rec, Path("job") / RESULTS)

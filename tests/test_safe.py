@@ -8,11 +8,11 @@ import torch
 from conftest import TINY, run_cli, run_pipeline
 
 from elsa.errors import ElsaError
-from elsa.layerwise import LayerwiseEngine, _hidden
+from elsa.engines.layerwise import LayerwiseEngine, _hidden
 from elsa.methods.safe import SAFE
-from elsa.models import TinyLlamaSource, block_matrices
-from elsa.pruning_plan import MatrixId, PruningPlan
-from elsa.sparsity import Sparsity, mask_from_scores, nm_violations, project
+from elsa.model.structure import TinyLlamaSource, block_matrices
+from elsa.sparsity.plan import MatrixId, PruningPlan
+from elsa.sparsity.patterns import Sparsity, mask_from_scores, nm_violations, project
 
 FAST = ["method=safe", "method.epochs=2", "method.warmup_epochs=1", "method.batch_size=2", "method.interval=2"]
 
@@ -142,7 +142,7 @@ def test_rho_changes_the_trained_block(block_and_inputs):
 
 def test_proximal_term_is_lambda_times_w_minus_z_plus_u(block_and_inputs):
     block, batches, dense = block_and_inputs
-    from elsa.admm import AdmmState, Fp32Codec
+    from elsa.engines.admm import AdmmState, Fp32Codec
 
     b = copy.deepcopy(block)
     params = list(b.parameters())

@@ -1,4 +1,4 @@
-"""The compressed checkpoint (elsa.sparse) and sparse inference (elsa.sparse_linear) on tiny models."""
+"""The compressed checkpoint (elsa.artifacts.compressed) and sparse inference (elsa.artifacts.linear) on tiny models."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import torch
 import transformers
 from conftest import REPO, read_results, run_pipeline
 
-from elsa import sparse as S
+from elsa.artifacts import compressed as S
 from elsa.errors import ElsaError
 
 SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -20,7 +20,7 @@ SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_
 
 def _tiny(family: str):
     if family == "llama":
-        from elsa.models import TinyLlamaSource
+        from elsa.model.structure import TinyLlamaSource
 
         return TinyLlamaSource().load()[0]
     cfg = {"mixtral": lambda: transformers.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2),
@@ -132,7 +132,7 @@ def compressed(tmp_path):
 
 
 def _expand_cli(src: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "elsa.sparse", "expand", str(src), str(out)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "elsa.artifacts.compressed", "expand", str(src), str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -253,7 +253,7 @@ def test_plan_follows_the_timer_per_regime_and_rejects_wrong_kernels(monkeypatch
 
 
 def _pruned_tiny(ratio=0.9):
-    from elsa.models import TinyLlamaSource
+    from elsa.model.structure import TinyLlamaSource
 
     model, tok = TinyLlamaSource().load()
     with torch.no_grad():
@@ -284,7 +284,7 @@ def test_sparse_logits_equal_dense(kernel):
     with torch.no_grad():
         want, got = dense(ids).logits, sparse(ids).logits
         assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
-        from elsa.generate import greedy
+        from elsa.artifacts.generate import greedy
 
         a, _ = greedy(dense, ids[:1, :6], 12)                                  # decode regime, batch 1
         b, _ = greedy(sparse, ids[:1, :6], 12)
@@ -392,10 +392,10 @@ def test_semi_structured_selection_on_any_device():
 def test_generate_cli_on_a_compressed_dir(compressed, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from elsa.models import TinyLlamaSource
+    from elsa.model.structure import TinyLlamaSource
 
     TinyLlamaSource().tokenizer().save_pretrained(compressed)
-    cmd = [sys.executable, "-m", "elsa.generate", str(compressed), "--prompt", "The city", "--max-new-tokens", "6",
+    cmd = [sys.executable, "-m", "elsa.artifacts.generate", str(compressed), "--prompt", "The city", "--max-new-tokens", "6",
            "--compare"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -403,15 +403,15 @@ def test_generate_cli_on_a_compressed_dir(compressed, tmp_path):
     again = subprocess.run(cmd[:-1] + ["--sparse"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "plan: saved plan" in again.stderr, again.stderr[-2000:]   # not measured again
     assert isinstance(PreTrainedTokenizerFast.from_pretrained(compressed), PreTrainedTokenizerFast)
-    bad = subprocess.run([sys.executable, "-m", "elsa.generate", str(tmp_path / "nowhere")], cwd=REPO,
+    bad = subprocess.run([sys.executable, "-m", "elsa.artifacts.generate", str(tmp_path / "nowhere")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     _one_error_line(bad, "not a directory")
 
 
 def test_measure_speed_through_the_pipeline(tmp_path):
     """measure_speed: dense against sparse side by side, and against dense bf16 (sparse with bf16 values) where
-    the CPU has bf16 arithmetic; the plans are saved with the compressed model for elsa.generate."""
-    from elsa.generate import cpu_has_bf16
+    the CPU has bf16 arithmetic; the plans are saved with the compressed model for elsa.artifacts.generate."""
+    from elsa.artifacts.generate import cpu_has_bf16
 
     r = run_pipeline(tmp_path, "method=magnitude", "sparsity=0.9", "save_format=compressed", "measure_speed=true")
     inf = read_results(tmp_path)["inference"]
@@ -460,7 +460,7 @@ def test_conv1d_matrices_of_gpt2_run_sparse_with_dense_logits(kernel):
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])     # [experts, out, in] and [experts, in, out] + biases
 def test_fused_expert_tensors_run_sparse_with_dense_logits(family):
     """Every expert of a fused 3-D expert tensor is a matrix with its own kernel; the experts module then runs
-    the routed loop over those kernels (elsa.sparse_linear.sparse_experts_forward), and the logits, prefill and
+    the routed loop over those kernels (elsa.artifacts.linear.sparse_experts_forward), and the logits, prefill and
     greedy decode, equal the dense model's."""
     import copy
 
@@ -487,7 +487,7 @@ def test_fused_expert_tensors_run_sparse_with_dense_logits(family):
     with torch.no_grad():
         want, got = dense(ids).logits, sparse(ids).logits
         assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
-        from elsa.generate import greedy
+        from elsa.artifacts.generate import greedy
 
         a, _ = greedy(dense, ids[:1, :6], 12)
         b, _ = greedy(sparse, ids[:1, :6], 12)

@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from elsa import sparse as S
-from elsa import sparse_kernels as SK
-from elsa import sparse_linear as SL
-
+from elsa.artifacts import compressed as S
+from elsa.artifacts import kernels as SK
+from elsa.artifacts import linear as SL
 needs_lib = pytest.mark.skipif(SK.library() is None, reason=f"no compressed kernels: {SK._LIB.get('reason')}")
 
 
@@ -106,7 +105,7 @@ def test_sparse_linear_decode_path_takes_any_shape_and_adds_the_bias(layout, dty
 @needs_lib
 @pytest.mark.parametrize("layout", ["bitmask", "nm"])
 def test_the_kernel_holds_the_checkpoints_own_bytes(layout):
-    """What the kernel reads is what elsa.sparse.encode stores (values; bitmask or indices), nothing re-laid out."""
+    """What the kernel reads is what elsa.artifacts.compressed.encode stores (values; bitmask or indices), nothing re-laid out."""
     w = _matrix(16, 64, layout)
     stored, _meta = S.encode("w", w, (2, 4) if layout == "nm" else None, encoding=layout)
     k = SK.CompressedKernel(w, layout)
@@ -150,7 +149,7 @@ def test_no_compiler_is_explicit(monkeypatch, tmp_path):
     assert all("no C compiler" in skipped[k] for k in ("bitmask", "nm", "csr", "csr16"))
     plan, _ = SL.plan_matrix(w, None, {"decode": 1}, lambda f, t: {k: 1.0 for k in f})
     assert plan["decode"] == "dense" and "no C compiler" in plan["skipped"]["bitmask"]
-    from elsa.generate import c_kernels_note                   # what measure_speed and elsa.generate say
+    from elsa.artifacts.generate import c_kernels_note                   # what measure_speed and elsa.artifacts.generate say
 
     assert c_kernels_note().startswith("unavailable: not compiled: no C compiler")
 
@@ -194,7 +193,7 @@ def test_bytes_model_gives_the_same_plan_under_noisy_timings():
 
 
 def _pruned_tiny(ratio=0.9):
-    from elsa.models import TinyLlamaSource
+    from elsa.model.structure import TinyLlamaSource
 
     model, _tok = TinyLlamaSource().load()
     with torch.no_grad():
@@ -232,8 +231,8 @@ def test_saved_plan_is_reloaded_and_used_without_measuring(tmp_path):
 def test_nm_model_runs_the_nm_kernel_with_dense_tokens():
     """A 2:4 model: the N:M kernel (values + 2-bit positions) reads half the values and a bit per weight; greedy
     tokens equal dense's."""
-    from elsa.generate import greedy
-    from elsa.models import TinyLlamaSource
+    from elsa.artifacts.generate import greedy
+    from elsa.model.structure import TinyLlamaSource
 
     dense, _tok = TinyLlamaSource().load()
     with torch.no_grad():

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from conftest import compose, run_cli, run_pipeline
-from elsa.pruning_plan import PruningPlan
+from elsa.sparsity.plan import PruningPlan
 from elsa.errors import ElsaError
 from elsa.methods.base import PruneContext
 from elsa.methods.sparsellm import MLPProblem, Recipe, SparseLLM, sparsellm_mlp
-from elsa.models import TinyLlamaSource, blocks_and_prefix
-from elsa.pipeline import build
-from elsa.sparsity import Sparsity
+from elsa.model.structure import TinyLlamaSource, blocks_and_prefix
+from elsa.run.recipe import build
+from elsa.sparsity.patterns import Sparsity
 
 REFERENCE = Recipe(refit="reference", s_update="gradient", literal=True)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from elsa.errors import ElsaError
-from elsa.sparsity import Sparsity, mask_from_scores, nm_violations, project
+from elsa.sparsity.patterns import Sparsity, mask_from_scores, nm_violations, project
 
 
 @pytest.mark.parametrize("value,ratio,nm", [(0.9, 0.9, None), ("0.5", 0.5, None), (0, 0.0, None),

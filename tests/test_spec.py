@@ -1,5 +1,5 @@
 """Bad input, tried as a new user would, through the CLI: one `elsa: error:` line, exit 2, before any expensive
-work, and no results.json claiming done (issue 28). And the keys of a run: elsa.spec.RunSpec and the methods'
+work, and no results.json claiming done (issue 28). And the keys of a run: elsa.run.spec.RunSpec and the methods'
 keys read from their constructors."""
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_checkpoint_dir_without_weights_or_tokenizer(tmp_path):
 
 def test_every_top_level_key_is_checked_whatever_the_method(tmp_path):
     """nsamples is checked also for magnitude (which does not calibrate); an unknown top-level key is refused."""
-    from elsa.spec import RunSpec
+    from elsa.run.spec import RunSpec
 
     for bad, match in ((["nsamples=abc"], r"^nsamples=abc is not allowed"),
                        (["save_model=3"], r"^save_model=3 is not allowed: true or false"),
@@ -92,11 +92,11 @@ def test_every_top_level_key_is_checked_whatever_the_method(tmp_path):
 
 
 def test_constructor_keys_follow_the_signatures():
-    from elsa.engine import TrainSettings
+    from elsa.engines.training import TrainSettings
     from elsa.methods.dense import Dense
     from elsa.methods.elsa import ElsaL
     from elsa.methods.wanda import Wanda
-    from elsa.spec import budget_keys, constructor_keys
+    from elsa.run.spec import budget_keys, constructor_keys
 
     assert constructor_keys(Wanda) == {"group", "batch_size"}
     assert constructor_keys(Dense) == set()

@@ -13,7 +13,7 @@ from hydra import initialize_config_dir
 
 from conftest import CONF, TINY, read_results, run_cli
 from elsa.errors import ElsaError
-from elsa.sweep import finished_result
+from elsa.run.sweep import finished_result
 
 FAST = [*TINY, "save_model=false", "hardware.threads=1"]
 
@@ -107,7 +107,7 @@ def test_experiment_configs_compose():
 
 
 def test_finished_result_refuses_another_jobs_results(tmp_path):
-    from elsa.tracking import write_json_atomic
+    from elsa.run.tracking import write_json_atomic
 
     write_json_atomic(tmp_path / "results.json", {"status": "done", "overrides": ["method=dense", "sparsity=0.5"]})
     assert finished_result(tmp_path, ["sparsity=0.5", "method=dense"])["status"] == "done"

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from elsa.pruning_plan import PruningPlan
+from elsa.sparsity.plan import PruningPlan
 from elsa.errors import ElsaError
 from elsa.methods.sparsegpt import Hessian, SparseGPT, inverse_cholesky, sparsegpt_prune
 from elsa.methods.wanda import InputNorms, Wanda
-from elsa.sparsity import Sparsity, mask_from_scores, nm_violations
+from elsa.sparsity.patterns import Sparsity, mask_from_scores, nm_violations
 
 
 def correlated_inputs(tokens=2048, features=64, seed=0):

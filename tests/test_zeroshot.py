@@ -19,7 +19,7 @@ LIMIT, BATCH = 12, 4
 
 
 def test_local_tasks_load_offline_with_valid_targets():
-    from elsa.tasks import TAG, task_manager
+    from elsa.eval.tasks import TAG, task_manager
 
     by_name = task_manager([TAG]).load([TAG])["tasks"]
     assert set(by_name) == set(SIZES)
@@ -34,7 +34,7 @@ def test_local_tasks_load_offline_with_valid_targets():
 
 
 def test_boolq_local_targets_follow_the_answer():
-    from elsa.tasks import task_manager
+    from elsa.eval.tasks import task_manager
 
     task = task_manager(["boolq_local"]).load(["boolq_local"])["tasks"]["boolq_local"]
     for doc in list(task.eval_docs)[:50]:
@@ -63,7 +63,7 @@ def test_empty_zero_shot_skips_cleanly(tmp_path):
 
 
 def test_dense_zero_shot_is_cached(monkeypatch, tmp_path):
-    from elsa.zeroshot import ZeroShotEval
+    from elsa.eval.zeroshot import ZeroShotEval
 
     monkeypatch.setenv("ELSA_CACHE", str(tmp_path))
 
@@ -84,7 +84,7 @@ def test_zero_shot_leaves_the_random_streams_alone(tiny_model):
     import numpy as np
     import torch
 
-    from elsa.zeroshot import ZeroShotEval
+    from elsa.eval.zeroshot import ZeroShotEval
 
     torch.manual_seed(7), random.seed(7), np.random.seed(7)
     expected = torch.rand(3), random.random(), np.random.rand()
@@ -105,7 +105,7 @@ def _lm_eval_cli(model_dir, include_dir, out_dir) -> dict:
 
 
 def test_pipeline_matches_lm_eval_cli_on_the_saved_model(tmp_path):
-    from elsa.tasks import include_dir
+    from elsa.eval.tasks import include_dir
 
     res = run_pipeline(tmp_path, "method=magnitude", "sparsity=0.5", f"eval.zero_shot=[{','.join(PARITY_TASKS)}]",
                        f"eval.zero_shot_limit={LIMIT}", f"eval.zero_shot_batch_size={BATCH}")

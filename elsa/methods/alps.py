@@ -12,7 +12,7 @@ preconditioner of the final conjugate gradient is exactly this rescaling.
 ADMM on  min f(Ŵ) s.t. Z ∈ S (sparsity set), Ŵ = Z, with the unscaled dual Λ:
     Ŵ ← (H + ρI)⁻¹ (H W + ρ Z - Λ)          the ridge solve; with H = Q diag(λ) Qᵀ computed once,
                                              (H + ρI)⁻¹ = Q diag(1/(λ + ρ)) Qᵀ costs two matmuls per ρ
-    Z ← Proj_S(Ŵ + Λ/ρ)                      exact top-k of the layer, or N:M (elsa.sparsity.mask_from_scores)
+    Z ← Proj_S(Ŵ + Λ/ρ)                      exact top-k of the layer, or N:M (elsa.sparsity.patterns.mask_from_scores)
     Λ ← Λ + ρ (Ŵ - Z)
 Every ``update_every`` iterations the support of Z is compared with the previous check: ρ grows by
 ``rho_growth[0]`` (1.3) when more than ``change_thresholds[0]`` (10%) of the kept weights moved, by
@@ -30,10 +30,10 @@ import logging
 import torch
 from torch import nn
 
-from elsa.layerwise import BATCH
+from elsa.engines.layerwise import BATCH
 from elsa.methods.base import Annotated, Number, Numbers
 from elsa.methods.sparsegpt import PERCDAMP, Hessian, HessianPruner
-from elsa.sparsity import Sparsity, mask_from_scores
+from elsa.sparsity.patterns import Sparsity, mask_from_scores
 
 log = logging.getLogger(__name__)
 

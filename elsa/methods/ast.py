@@ -10,11 +10,11 @@ The loss mixes next-token prediction and KL distillation from the dense model (1
 the end the weights are w * m, exactly on the target.
 
 AST-Boosted (``method=ast_boosted``, or ``method.slorb=true``): every pruned Linear / Conv1D also gets SLoRB, the
-semi-structured low-rank bypass (elsa/slorb.py): a dense branch ``S (P x)`` over groups of ``slorb_k`` inputs,
+semi-structured low-rank bypass (elsa/methods/slorb.py): a dense branch ``S (P x)`` over groups of ``slorb_k`` inputs,
 S initialised from the weights the first mask removes (``slorb_init``), P the group-sum matrix, trainable with
 ``trainable_projection``; trained with the model, counted in results.json (``params.dense_by_kind.slorb``),
-saved with it and reloaded by ``elsa.slorb.from_pretrained``. The loss may add SquareHead
-(``squarehead_weight``: every block's output against the dense teacher's, elsa.losses.squarehead_loss); the
+saved with it and reloaded by ``elsa.methods.slorb.from_pretrained``. The loss may add SquareHead
+(``squarehead_weight``: every block's output against the dense teacher's, elsa.engines.losses.squarehead_loss); the
 paper's GPT-2 command sets it to 0.
 """
 from __future__ import annotations
@@ -27,15 +27,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from elsa import distributed as D
+from elsa.engines import distributed as D
 from elsa.errors import ElsaError, config_error
-from elsa.losses import LossTerms
+from elsa.engines.losses import LossTerms
 from elsa.methods.base import GROUP, Annotated, Choice, Flag, Number
 from elsa.methods.registry import own_arguments
 from elsa.methods.training_method import TrainingMethod
-from elsa.pruning_plan import mask_of
-from elsa.schedules import cosine_schedule, linear_schedule
-from elsa.slorb import INITS
+from elsa.sparsity.plan import mask_of
+from elsa.engines.schedules import cosine_schedule, linear_schedule
+from elsa.methods.slorb import INITS
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ class SparseMasks:
     """
 
     def __init__(self, weights: dict, target, metric: str, group: str):
-        """``weights``: {name: :class:`elsa.models.Weight`}: Linear and Conv1D modules (their forward is replaced
+        """``weights``: {name: :class:`elsa.model.structure.Weight`}: Linear and Conv1D modules (their forward is replaced
         by a masked one) and fused expert tensors (masked for the duration of their module's forward);
-        ``target``: the plan (elsa.pruning_plan) whose full names they are, or one Sparsity for plain matrices."""
+        ``target``: the plan (elsa.sparsity.plan) whose full names they are, or one Sparsity for plain matrices."""
         self.weights, self.target, self.metric, self.group = weights, target, metric, group
         self.linears = {n: w.module for n, w in weights.items() if w.experts is None}
         self._hooks: list = []
@@ -248,7 +248,7 @@ class AstRun:
 
 
 class Ast(TrainingMethod, name="ast", variants=("ast_boosted",), position=0):
-    """Adaptive Sparse Trainer as hooks of the training engine (elsa/engine.py); ``ast_boosted`` is its
+    """Adaptive Sparse Trainer as hooks of the training engine (elsa/engines/training.py); ``ast_boosted`` is its
     configuration with SLoRB (conf/method/ast_boosted.yaml)."""
 
     # the reference recipe's values of the engine's keys
@@ -293,7 +293,7 @@ class Ast(TrainingMethod, name="ast", variants=("ast_boosted",), position=0):
                  slorb_init: Annotated[str, Choice(INITS, " or ".join(INITS))] = "mean",
                  trainable_projection: Annotated[bool, Flag()] = True,
                  squarehead_weight: Annotated[float, Number(ge=0)] = 0.0, **shared):
-        """AST's own keys; ``shared`` are the engine's (elsa.engine.TrainSettings), with the reference recipe's
+        """AST's own keys; ``shared`` are the engine's (elsa.engines.training.TrainSettings), with the reference recipe's
         defaults (``train_defaults``)."""
         own = own_arguments(self, Ast)
         super().__init__(**shared)
@@ -320,7 +320,7 @@ class Ast(TrainingMethod, name="ast", variants=("ast_boosted",), position=0):
         start() computes next: magnitude scores of the same weights)."""
         if not self.slorb:
             return
-        from elsa.slorb import SLoRB, attach, init_from_pruned
+        from elsa.methods.slorb import SLoRB, attach, init_from_pruned
 
         plan = ctx.plan.on(model)
         for name, w in plan.named_weights().items():
@@ -350,7 +350,7 @@ class Ast(TrainingMethod, name="ast", variants=("ast_boosted",), position=0):
                     run.model(input_ids=run.micro_batch(0, micro), use_cache=False)
         masks.update()
         if self.slorb:
-            from elsa.slorb import summary
+            from elsa.methods.slorb import summary
 
             run.stats["slorb"] = summary(run.model)
         ctx = run.ctx

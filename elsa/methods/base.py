@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from elsa.methods.registry import ONE_SHOT, Choice, Flag, Number, Numbers, declare  # noqa: F401 - for the methods
-from elsa.pruning_plan import PruningPlan
-from elsa.sparsity import GROUPS, Sparsity, check_group  # noqa: F401 - check_group: the methods import it from here
+from elsa.sparsity.plan import PruningPlan
+from elsa.sparsity.patterns import GROUPS, Sparsity, check_group  # noqa: F401 - check_group: the methods import it from here
 
-GROUP = Choice(GROUPS)    # a ``group`` key: where a ratio's top-k is compared (elsa.sparsity.mask_from_scores)
+GROUP = Choice(GROUPS)    # a ``group`` key: where a ratio's top-k is compared (elsa.sparsity.patterns.mask_from_scores)
 
 
 
@@ -24,7 +24,7 @@ class PruneContext:
     tokenizer: Any
     target: Sparsity
     calibration: torch.Tensor | None = None      # (nsamples, seqlen) input ids
-    dataset: Any = None                          # elsa.data.Corpus for methods that train
+    dataset: Any = None                          # elsa.data.corpora.Corpus for methods that train
     seqlen: int = 512
     seed: int = 0
     device: str = "cpu"
@@ -33,7 +33,7 @@ class PruneContext:
     extras: dict = field(default_factory=dict)
     start: str | None = None                     # the start stage that pruned ``model`` first (None: dense)
     teacher: nn.Module | None = None             # the dense model, kept when a start stage ran (distillation)
-    # what to prune, each matrix to what target (elsa.pruning_plan); None: every matrix of ``model`` at ``target``
+    # what to prune, each matrix to what target (elsa.sparsity.plan); None: every matrix of ``model`` at ``target``
     plan: PruningPlan | None = None
 
     def __post_init__(self):
@@ -66,7 +66,7 @@ class Pruner:
 
     def matrix_flops(self, out_features: int, in_features: int, tokens: int) -> float:
         """An estimate of this method's own work on one ``[out, in]`` matrix given ``tokens`` calibration tokens
-        (beyond the forward passes; elsa.compute): selection only, for a method that reads no data."""
+        (beyond the forward passes; elsa.eval.compute): selection only, for a method that reads no data."""
         return float(out_features * in_features)
 
     def validate(self, plan: PruningPlan) -> None:

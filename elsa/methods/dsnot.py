@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from elsa.layerwise import BATCH, LayerwisePruner
+from elsa.engines.layerwise import BATCH, LayerwisePruner
 from elsa.methods.base import Annotated, Choice, Number, PruneContext
 from elsa.methods.sparsegpt import inverse_cholesky
-from elsa.models import in_moe
-from elsa.pruning_plan import BlockPlan, MatrixId
-from elsa.sparsity import Sparsity, mask_from_scores
+from elsa.model.structure import in_moe
+from elsa.sparsity.plan import BlockPlan, MatrixId
+from elsa.sparsity.patterns import Sparsity, mask_from_scores
 
 BASES = ("wanda", "sparsegpt")
 SKIPS = ("mlp", "none")

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from elsa import distributed as D
-from elsa.admm import CODECS, SCHEDULES, SPARSITY_SCHEDULES, AdmmState, LambdaSchedule, Scorer, codec, sparsity_at
-from elsa.engine import OPTIMIZERS
+from elsa.engines import distributed as D
+from elsa.engines.admm import CODECS, SCHEDULES, SPARSITY_SCHEDULES, AdmmState, LambdaSchedule, Scorer, codec, sparsity_at
+from elsa.engines.training import OPTIMIZERS
 from elsa.errors import config_error
-from elsa.losses import LossTerms
+from elsa.engines.losses import LossTerms
 from elsa.methods.base import GROUP, Annotated, Choice, Number
 from elsa.methods.registry import own_arguments
 from elsa.methods.training_method import TrainingMethod
@@ -39,7 +39,7 @@ class ElsaRun:
     hooks: list | None = None        # projection=activation: the input hooks
 
 
-# projection scores: |x|, Adam's v * x^2 (objective), and those of elsa.admm.Scorer
+# projection scores: |x|, Adam's v * x^2 (objective), and those of elsa.engines.admm.Scorer
 PROJECTIONS = ("magnitude", "objective") + Scorer.KINDS
 NEW_DEFAULTS = {"sparsity_schedule": "cubic", "sparsity_initial": 0.0, "relaxation": 1.0, "dual_timing": "interval",
                 "lam_scaling": "global"}
@@ -50,7 +50,7 @@ FRACTION_OF_STEPS = Number(ge=0, lt=1, note="(a fraction of the steps)")
 
 
 class Elsa(TrainingMethod, name="elsa", position=4):
-    """Global ADMM on the training loss, as hooks of the training engine (elsa/engine.py)."""
+    """Global ADMM on the training loss, as hooks of the training engine (elsa/engines/training.py)."""
 
     nan_hint = "lower method.lr or method.lam"
     train_defaults = {"checkpoint_every": 256}   # the engine's defaults are ELSA's recipe; a checkpoint every 256 steps
@@ -76,7 +76,7 @@ class Elsa(TrainingMethod, name="elsa", position=4):
                  relaxation: Annotated[float, Number(gt=0, lt=2, note="(1: standard ADMM)")] = 1.0,
                  dual_timing: Annotated[str, Choice(DUAL_TIMINGS)] = "interval",
                  lam_scaling: Annotated[str, Choice(LAM_SCALINGS)] = "global", **shared):
-        """ELSA's own keys; ``shared`` are the engine's (steps, lr, ..., see elsa.engine.TrainSettings)."""
+        """ELSA's own keys; ``shared`` are the engine's (steps, lr, ..., see elsa.engines.training.TrainSettings)."""
         own = own_arguments(self, Elsa)
         # keys added by issue 15 join the checkpoint signature only when set, so older checkpoints still resume
         for key, default in NEW_DEFAULTS.items():

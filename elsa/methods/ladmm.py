@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from elsa.errors import config_error
-from elsa.layerwise import BATCH
+from elsa.engines.layerwise import BATCH
 from elsa.methods.alps import Reconstruction, project
 from elsa.methods.base import Annotated, Flag, Number
 from elsa.methods.sparsegpt import PERCDAMP, Hessian, HessianPruner
-from elsa.sparsity import Sparsity
+from elsa.sparsity.patterns import Sparsity
 
 log = logging.getLogger(__name__)
 

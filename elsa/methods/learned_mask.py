@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elsa import distributed as D
-from elsa.engine import tensor_nbytes
+from elsa.engines import distributed as D
+from elsa.engines.training import tensor_nbytes
 from elsa.errors import ElsaError, config_error
 from elsa.methods.ast import swap_hooks
 from elsa.methods.base import Annotated, Number, Numbers
 from elsa.methods.training_method import TrainingMethod
-from elsa.schedules import cosine_schedule
+from elsa.engines.schedules import cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class MaskLogits(nn.Module):
     """The mask logits of one module's prunable tensors, by attribute name (2-D tensors: a 3-D one would read as
     a fused expert tensor)."""
 
-    elsa_trains = True    # elsa.engine: trained whatever train_dense_params says
+    elsa_trains = True    # elsa.engines.training: trained whatever train_dense_params says
 
     def __init__(self):
         super().__init__()
@@ -59,7 +59,7 @@ RANGE = Numbers(2, Number(gt=0), "[start, end], two numbers > 0 (linear from the
 class MaskRun:
     """A learned-mask method's state during one training run (``run.state``)."""
 
-    weights: dict                    # name -> elsa.models.Weight of run.model
+    weights: dict                    # name -> elsa.model.structure.Weight of run.model
     step: int = 0                    # the step whose forward runs next (the schedules read it)
     terms: dict = field(default_factory=dict)   # name -> this forward's regulariser parts, per matrix
     hooks: list = field(default_factory=list)
@@ -265,7 +265,7 @@ class LearnedMask(TrainingMethod):
 
     def prune(self, ctx):
         """Train the logits in the engine, then detach them: the model is a plain sparse model again."""
-        from elsa.engine import TrainEngine
+        from elsa.engines.training import TrainEngine
 
         self.plan = ctx.plan                  # each matrix's target (hard masks)
         try:

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from elsa.errors import ElsaError
-from elsa.layerwise import BATCH
+from elsa.engines.layerwise import BATCH
 from elsa.methods.base import Annotated, Choice, Number
 from elsa.methods.wanda import InputNormPruner, InputNorms
-from elsa.models import expert_tensors
-from elsa.sparsity import Sparsity, mask_from_scores
+from elsa.model.structure import expert_tensors
+from elsa.sparsity.patterns import Sparsity, mask_from_scores
 
 PREFIX = "lowrank"
 
@@ -44,8 +44,8 @@ PREFIX = "lowrank"
 class LowRank(nn.Module):
     """The dense rank-r part of one matrix: ``up @ (down @ x)``, added to its module's output."""
 
-    elsa_kind = "lowrank"       # elsa.models.weight_accounting: dense parameters of this kind
-    elsa_in_budget = True       # its parameters count against the sparsity target (elsa.pipeline)
+    elsa_kind = "lowrank"       # elsa.model.structure.weight_accounting: dense parameters of this kind
+    elsa_in_budget = True       # its parameters count against the sparsity target (elsa.run.recipe)
 
     def __init__(self, in_features: int, out_features: int, rank: int, dtype=torch.float32, device=None):
         super().__init__()
@@ -61,7 +61,7 @@ class LowRank(nn.Module):
 
 def attach(module: nn.Module, branch: LowRank) -> LowRank:
     """``module`` (a Linear or Conv1D) returns its output plus ``branch``'s from now on."""
-    from elsa.slorb import attach_branch
+    from elsa.methods.slorb import attach_branch
 
     return attach_branch(module, PREFIX, branch)
 
@@ -173,7 +173,7 @@ def from_pretrained(path, **kwargs):
     """A saved OATS model, an HF dir (``<run dir>/model``) or a compressed dir (``<run dir>/model_compressed``):
     the HF model with every low-rank branch re-attached from the saved ``.lowrank.`` tensors, so it computes
     what the pruned model computed when it was saved. A dir without branches loads as the plain model."""
-    from elsa.slorb import _owner, load_with_branches
+    from elsa.methods.slorb import _owner, load_with_branches
 
     model, tensors = load_with_branches(Path(path), PREFIX, **kwargs)
     params = dict(model.named_parameters())

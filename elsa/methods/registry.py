@@ -10,7 +10,7 @@ support and the CLI's messages read :func:`methods` / :func:`names` instead of l
 A key of a method is a constructor parameter annotated ``Annotated[type, rule]`` with its default; the rule
 (:class:`Number`, :class:`Choice`, :class:`Flag`, :class:`Numbers`) is the validation and the one-line
 ``elsa: error:`` message, checked before the constructor's body runs (so before any model loads). The keys every
-training method shares are the fields of :class:`elsa.engine.TrainSettings`, annotated the same way.
+training method shares are the fields of :class:`elsa.engines.training.TrainSettings`, annotated the same way.
 """
 from __future__ import annotations
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 
 from elsa.errors import config_error
-from elsa.layerwise import BATCH
+from elsa.engines.layerwise import BATCH
 from elsa.methods.base import GROUP, Annotated, Flag, Number, PruneContext
 from elsa.methods.wanda import InputNormPruner, InputNorms
-from elsa.sparsity import Sparsity, mask_from_scores
+from elsa.sparsity.patterns import Sparsity, mask_from_scores
 
 
 def ria_scores(weight: torch.Tensor, norms: torch.Tensor, a: float) -> torch.Tensor:

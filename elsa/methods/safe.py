@@ -18,7 +18,7 @@ projection of the dense weights and u at zero.
 Proj_S is the exact top-k of each Linear (``sparsity`` as a ratio) or N:M per group of M inputs. SAFE ranks by
 |w|; SAFE+ (``activation_weighted``) ranks by |w_ij|·||X_j|| with X the Linear's inputs on the calibration
 tokens (the Wanda score, a generalised projection with P = diag(XᵀX)). The ADMM state is
-:class:`elsa.admm.AdmmState` (ELSA's); SAFE+ hands it v = ||X_j||² as its ``second_moment`` so that its
+:class:`elsa.engines.admm.AdmmState` (ELSA's); SAFE+ hands it v = ||X_j||² as its ``second_moment`` so that its
 objective-aware score v·x² orders weights exactly as |x|·||X_j||.
 
 Differences from the reference setup, forced by the engine: the training batches are the engine's capture
@@ -41,13 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elsa.admm import AdmmState, Fp32Codec
+from elsa.engines.admm import AdmmState, Fp32Codec
 from elsa.errors import ElsaError, config_error
-from elsa.layerwise import BATCH, LayerwisePruner, _hidden
+from elsa.engines.layerwise import BATCH, LayerwisePruner, _hidden
 from elsa.methods.base import Annotated, Flag, Number, Numbers, PruneContext
-from elsa.layerwise import NO_TOKENS
-from elsa.pruning_plan import BlockPlan, MatrixId
-from elsa.schedules import linear_schedule
+from elsa.engines.layerwise import NO_TOKENS
+from elsa.sparsity.plan import BlockPlan, MatrixId
+from elsa.engines.schedules import linear_schedule
 
 log = logging.getLogger(__name__)
 

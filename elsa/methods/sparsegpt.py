@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from elsa.errors import ElsaError, config_error
-from elsa.layerwise import BATCH, LayerwisePruner
+from elsa.engines.layerwise import BATCH, LayerwisePruner
 from elsa.methods.base import Annotated, Number
-from elsa.sparsity import Sparsity, mask_from_scores
+from elsa.sparsity.patterns import Sparsity, mask_from_scores
 
 log = logging.getLogger(__name__)
 PERCDAMP = Number(gt=0, paper="0.01")   # the Hessian's damping: a fraction of its mean diagonal

@@ -74,15 +74,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from elsa import notes
+from elsa.methods import notes
 from elsa.errors import ElsaError, config_error
-from elsa.layerwise import BATCH, LayerwisePruner
+from elsa.engines.layerwise import BATCH, LayerwisePruner
 from elsa.methods.base import Annotated, Choice, Flag, Number
 from elsa.methods.registry import Rule
 from elsa.methods.sparsegpt import PERCDAMP, SparseGPT, sparsegpt_prune
-from elsa.models import block_weights, blocks_and_prefix
-from elsa.pruning_plan import BlockPlan, MatrixId, PruningPlan
-from elsa.sparsity import Sparsity
+from elsa.model.structure import block_weights, blocks_and_prefix
+from elsa.sparsity.plan import BlockPlan, MatrixId, PruningPlan
+from elsa.sparsity.patterns import Sparsity
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,17 @@
 """What a training method (ELSA, ELSA-L, AST) is to the pipeline and to the training engine.
 
-A :class:`TrainingMethod` is a Pruner whose ``prune`` hands itself to :class:`elsa.engine.TrainEngine`; it owns
-its own keys (validated in its constructor) and the hooks the engine calls (elsa/engine.py lists them in
-order). The keys every training method shares are an :class:`elsa.engine.TrainSettings` in ``self.train``.
+A :class:`TrainingMethod` is a Pruner whose ``prune`` hands itself to :class:`elsa.engines.training.TrainEngine`; it owns
+its own keys (validated in its constructor) and the hooks the engine calls (elsa/engines/training.py lists them in
+order). The keys every training method shares are an :class:`elsa.engines.training.TrainSettings` in ``self.train``.
 Per-run state is whatever ``setup`` returns: the engine keeps it as ``run.state``.
 """
 from __future__ import annotations
 
-from elsa.engine import TrainEngine, TrainRun, TrainSettings
-from elsa.losses import LossTerms
+from elsa.engines.training import TrainEngine, TrainRun, TrainSettings
+from elsa.engines.losses import LossTerms
 from elsa.methods.base import PruneContext, Pruner
 from elsa.methods.registry import TRAINING
-from elsa.schedules import linear_schedule
+from elsa.engines.schedules import linear_schedule
 
 # keys added to TrainSettings after checkpoints existed: at their defaults they stay out of the signature
 SIGNATURE_NEUTRAL = {"eval_split": "validation", "tokens": None}
@@ -23,7 +23,7 @@ class TrainingMethod(Pruner):
     family = TRAINING     # takes_start (trains from the dense weights or a start stage's solution), has_budget, FSDP
     name = "trainer"
     nan_hint = "lower method.lr"
-    shared_settings = TrainSettings   # where **shared goes: its fields are keys of every training method (elsa.spec)
+    shared_settings = TrainSettings   # where **shared goes: its fields are keys of every training method (elsa.run.spec)
     train_defaults: dict = {}         # the method's own defaults for shared keys (its paper's recipe)
     trains_weights = True   # False: the prunable weights stay frozen (only the method's own modules train: MaskLLM)
 
@@ -37,7 +37,7 @@ class TrainingMethod(Pruner):
                 self.config.pop(key)
         self.train = TrainSettings(**shared)
         self.eval_initial = self.train.eval_initial
-        self.loss_terms = LossTerms()   # the next-token loss; a method sets its own terms (elsa.losses)
+        self.loss_terms = LossTerms()   # the next-token loss; a method sets its own terms (elsa.engines.losses)
 
     @property
     def distils(self) -> bool:

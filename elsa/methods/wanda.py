@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from elsa.layerwise import BATCH, LayerwisePruner
+from elsa.engines.layerwise import BATCH, LayerwisePruner
 from elsa.methods.base import GROUP, Annotated
-from elsa.sparsity import Sparsity, mask_from_scores
+from elsa.sparsity.patterns import Sparsity, mask_from_scores
 
 
 class InputNorms:

@@ -1,0 +1,1 @@
+"""The saved pruned model: the compressed format, the sparse kernels that read it, generation."""

@@ -1,0 +1,208 @@
+"""Greedy generation from a saved model (an HF dir or a compressed dir), dense or with the sparse kernels.
+
+    python -m elsa.generate outputs/<run>/model_compressed --prompt "The capital of France" --max-new-tokens 32 --sparse
+
+Prints the text, the decode speed (tokens/s after the prompt) and, with ``--sparse``, which kernel each pruned
+matrix runs. ``--compare`` runs dense and sparse side by side on the same prompt: the same tokens, both speeds.
+The kernel plan is read from ``<dir>/elsa_sparse_plan-<dtype>.json`` when it was made for this CPU, kernel
+source, thread count and dtype (nothing is re-measured), else measured and saved there (``--remeasure``: always).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from elsa.errors import ElsaError
+
+
+@torch.inference_mode()    # not just no_grad: ~1 ms less HF code per token on this CPU, dense and sparse alike
+def greedy(model, ids: torch.Tensor, new_tokens: int, clock=time.perf_counter) -> tuple[torch.Tensor, float]:
+    """Greedy decoding with the KV cache; returns (all token ids, seconds spent on the ``new_tokens`` decode
+    steps after the prompt's forward pass). ``clock``: wall time, or ``time.thread_time`` (the CPU time of this
+    thread: with one torch thread, the work without the waits for a core that other jobs cause)."""
+    out = model(ids, use_cache=True)
+    past, nxt = out.cache, out.logits[:, -1:].argmax(-1)     # transformers 5 names the KV cache ``cache``
+    tokens = [nxt]
+    t = clock()
+    for _ in range(new_tokens - 1):
+        out = model(nxt, cache=past, use_cache=True)
+        past, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+        tokens.append(nxt)
+    return torch.cat([ids, *tokens], dim=1), clock() - t
+
+
+@torch.inference_mode()
+def prefill_seconds(model, tokens: int, vocab: int, reps: int = 1) -> float:
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        model(ids, use_cache=False)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def compare(models: dict, ids: torch.Tensor, new_tokens: int, rounds: int = 3,
+            prefill_tokens: int | None = None, same_as: dict[str, str] | None = None,
+            clock=time.perf_counter) -> dict:
+    """Decode tokens/s (and prefill seconds) of several models, measured in alternating rounds in this process
+    (a change of load hits each alike): medians over ``rounds``; ``same_as``: {model: reference model} whose
+    greedy tokens it must reproduce (recorded per model, all rounds)."""
+    dec = {k: [] for k in models}
+    pre = {k: [] for k in models}
+    outs, same = {}, {k: True for k in (same_as or {})}
+    vocab = int(next(iter(models.values())).config.vocab_size)
+    for _ in range(rounds):
+        for name, model in models.items():
+            out, secs = greedy(model, ids, new_tokens, clock)
+            dec[name].append((new_tokens - 1) / secs)
+            outs[name] = out
+            if prefill_tokens:
+                pre[name].append(prefill_seconds(model, prefill_tokens, vocab))
+        for name, ref in (same_as or {}).items():
+            same[name] = same[name] and torch.equal(outs[name], outs[ref])
+    res = {"decode_tokens_per_s": {k: statistics.median(v) for k, v in dec.items()}, "same_tokens_as": same,
+           "new_tokens": new_tokens, "rounds": rounds, "threads": torch.get_num_threads()}
+    if prefill_tokens:
+        res.update(prefill_s={k: statistics.median(v) for k, v in pre.items()}, prefill_tokens=prefill_tokens)
+    return res
+
+
+def side_by_side(dense, sparse, ids: torch.Tensor, new_tokens: int, rounds: int = 3,
+                 prefill_tokens: int | None = None) -> dict:
+    """Decode tokens/s (and prefill seconds) of two models measured in alternating rounds in this process."""
+    r = compare({"dense": dense, "sparse": sparse}, ids, new_tokens, rounds, prefill_tokens, {"sparse": "dense"})
+    dec = r["decode_tokens_per_s"]
+    out = {"decode_tokens_per_s": dec, "decode_speedup": dec["sparse"] / dec["dense"],
+           "same_tokens": r["same_tokens_as"]["sparse"], "new_tokens": new_tokens, "rounds": rounds,
+           "threads": r["threads"]}
+    if prefill_tokens:
+        pre = r["prefill_s"]
+        out.update(prefill_s=pre, prefill_speedup=pre["dense"] / pre["sparse"], prefill_tokens=prefill_tokens)
+    return out
+
+
+def c_kernels_note() -> str:
+    """Whether the compiled decode kernels run here, and on which path; printed when they do not (a fallback to
+    torch's kernels is said, not silent)."""
+    from elsa.artifacts import kernels as SK
+    why = SK.unavailable()
+    if why:
+        print(f"elsa: the compiled sparse kernels are not available ({why}); torch's kernels only", file=sys.stderr)
+        return f"unavailable: {why}"
+    return f"available ({SK.simd()})"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX-512 BF16 or AMX): where a dense bf16 model is the baseline to beat."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def speed_table(model, new_tokens: int = 32, rounds: int = 3, ids: torch.Tensor | None = None,
+                plan_dir: Path | None = None, bf16: bool | None = None, prefill_tokens: int | None = None) -> dict:
+    """The model as it is (dense kernels, its dtype) against the sparse kernels in the same dtype and, where the
+    CPU has bf16 arithmetic (or ``bf16``), against dense bf16 and sparse with bf16 values, all side by side:
+    tokens/s of each, the speedups against dense in the same dtype and against the faster dense, the kernels
+    chosen and whether greedy tokens equal the dense model's of the same dtype."""
+    from elsa.artifacts.linear import sparsify_with_plan
+
+    if bf16 is None:
+        bf16 = cpu_has_bf16() and next(model.parameters()).device.type == "cpu"
+    models = {"dense": model}
+    if bf16 and next(model.parameters()).dtype != torch.bfloat16:
+        models["dense_bf16"] = copy.deepcopy(model).to(torch.bfloat16)
+    plans = {}
+    for name in list(models):
+        sparse = copy.deepcopy(models[name])
+        plans[name] = sparsify_with_plan(sparse, plan_dir)
+        models[name.replace("dense", "sparse")] = sparse
+    same = {k.replace("dense", "sparse"): k for k in plans}
+    r = compare(models, ids, new_tokens, rounds, prefill_tokens, same)
+    tps = r["decode_tokens_per_s"]
+    best = max(v for k, v in tps.items() if k.startswith("dense"))
+    r["decode_speedup"] = tps["sparse"] / tps["dense"]
+    r["decode_speedup_vs_best_dense"] = {k: v / best for k, v in tps.items() if k.startswith("sparse")}
+    if "dense_bf16" in tps:
+        r["decode_speedup_bf16"] = tps["sparse_bf16"] / tps["dense_bf16"]
+        r["dense_bf16_over_fp32"] = tps["dense_bf16"] / tps["dense"]
+    r["same_tokens"] = r["same_tokens_as"]["sparse"]
+    r["kernels"] = plans["dense"]["chosen"]
+    r["c_kernels"] = c_kernels_note()
+    r["plans"] = {k.replace("dense", "sparse"): {"chosen": p["chosen"], "source": p["source"],
+                                                 "note": p.get("plan_note"), "verified_in_model": p["verified_in_model"]}
+                  for k, p in plans.items()}
+    return r
+
+
+def measure(model, tok, new_tokens: int = 32, rounds: int = 3, prompt: str = "The history of the city",
+            plan_dir: Path | None = None) -> dict:
+    """What a run records with measure_speed=true (:func:`speed_table`): dense against the sparse kernels side by
+    side, in the model's dtype and (CPU with bf16 arithmetic) in bf16, plus which kernels were chosen. With
+    ``plan_dir`` (the run's compressed model dir) the plans are saved there for elsa.artifacts.generate."""
+    ids = tok(prompt, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
+    return speed_table(model, new_tokens, rounds, ids, plan_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m elsa.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", type=Path, help="an HF dir (<run>/model) or a compressed dir (<run>/model_compressed)")
+    parser.add_argument("--prompt", default="The history of the city")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--sparse", action="store_true", help="run the pruned matrices with the sparse kernels of "
+                        "the plan saved in the dir (measured and saved there when there is none for this setting)")
+    parser.add_argument("--compare", action="store_true", help="dense and sparse side by side (implies --sparse)")
+    parser.add_argument("--remeasure", action="store_true", help="measure the plan again (and save it)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="load the weights in this dtype (bfloat16: bf16 values and activations)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.max_new_tokens < 2:
+            raise ElsaError(f"--max-new-tokens={args.max_new_tokens} is not allowed: a whole number >= 2")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ElsaError(f"--threads={args.threads} is not allowed: a whole number >= 1")
+            torch.set_num_threads(args.threads)
+        from elsa.logs import quiet_third_party_logs
+        from elsa.artifacts.compressed import load_any
+
+        quiet_third_party_logs()
+        model, tok = load_any(args.model_dir, getattr(torch, args.dtype) if args.dtype else None)
+        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+        if args.compare or args.sparse:
+            from elsa.artifacts.linear import sparsify_with_plan
+
+            sparse = copy.deepcopy(model) if args.compare else model
+            plan = sparsify_with_plan(sparse, args.model_dir, progress=True, remeasure=args.remeasure)
+            print(f"kernels {plan['chosen']}; plan: {plan['plan_note']}; compiled kernels: {c_kernels_note()}",
+                  file=sys.stderr)
+        if args.compare:
+            r = side_by_side(model, sparse, ids, args.max_new_tokens)
+            out, _ = greedy(sparse, ids, args.max_new_tokens)
+            print(tok.decode(out[0], skip_special_tokens=True))
+            print(f"kernels {plan['chosen']}; decode {r['decode_tokens_per_s']['dense']:.1f} tokens/s dense, "
+                  f"{r['decode_tokens_per_s']['sparse']:.1f} sparse ({r['decode_speedup']:.2f}x); "
+                  f"same tokens: {r['same_tokens']}")
+            return 0
+        out, secs = greedy(model, ids, args.max_new_tokens)
+        print(tok.decode(out[0], skip_special_tokens=True))
+        print(f"decode: {(args.max_new_tokens - 1) / secs:.1f} tokens/s ({'sparse' if args.sparse else 'dense'}, "
+              f"{torch.get_num_threads()} threads)", file=sys.stderr)
+    except ElsaError as exc:
+        print(f"elsa: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Corpora, token streams and calibration windows."""

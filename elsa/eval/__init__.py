@@ -1,0 +1,1 @@
+"""What a run measures: perplexity, zero-shot accuracy, compute and memory."""

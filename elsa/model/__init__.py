@@ -1,0 +1,1 @@
+"""Loading a causal LM and finding its structure from its modules."""

@@ -1,0 +1,1 @@
+"""The run record, the summary a run prints, and the sweep report."""

@@ -1,0 +1,842 @@
+"""The plan of a run before any weight loads: predicted time and peak memory per phase.
+
+    python -m elsa.plan <the same overrides as run.py>      # e.g. model=shapes model.like=llama2-7b method=sparsegpt
+
+The model is built on the meta device from its config (no weight is read); the targets and ignores are applied
+as the run would; every phase (load, calibration, the method's per-block work or training steps, evaluation,
+save) gets a predicted time on this machine and a peak memory: resident on the CPU, and per GPU for
+``hardware=gpu`` and ``hardware=fsdp`` (``--ranks N``).
+
+Time: FLOPs (and bytes for memory-bound loops) over rates measured once on this machine at the run's thread
+count (a matmul, a rank-1 update, a Cholesky and a random fill, ~2 s; cached under the elsa cache dir). Memory:
+the shapes, the walk's held activations, and each method's declared state (:data:`COSTS`, keyed by the method's
+class, looked up along its MRO). run.py runs the same plan first (:func:`check_run`), prints its one-line forecast
+and refuses a run whose peak exceeds the machine's memory or ``hardware.memory_gb``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+GB = 1024 ** 3
+GPU_REFERENCE = {"name": "one 80 GB GPU (reference: fp32 matmul at 15 TFLOP/s sustained, A100-class without TF32)",
+                 "memory_gb": 80.0, "rates": {"mm": 15e12, "rank1": 2e11, "chol": 5e12, "fill": 5e10},
+                 "context_gb": 0.5}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rates of this machine
+
+
+def _rss_gb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024 ** 2
+    except OSError:
+        pass
+    return 0.5
+
+
+def machine_memory_gb() -> float:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 1024 ** 2
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _time(fn, repeat: int = 3, threads: int = 1) -> float:
+    """The best of ``repeat`` calls in CPU seconds of this process per thread: on a shared machine the wall
+    clock counts the other jobs' time slices; the plan applies the load's share separately (Plan.share)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.process_time()
+        fn()
+        best = min(best, (time.process_time() - t) / threads)
+    return max(best, 1e-9)
+
+
+def probe(threads: int) -> dict:
+    """FLOP/s of a 1024 matmul and a 1024 Cholesky at ``threads`` threads; of SparseGPT's rank-1 column update
+    (128 x 4096, one thread: the loop runs single-threaded) and elements/s of a normal fill (a random init).
+    Rates of an unshared machine: measured in CPU time (see :func:`_time`)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        mm = 2 * 1024 ** 3 / _time(lambda: a @ b, 3, threads)
+        spd = a @ a.t() + 1024 * torch.eye(1024)
+        chol = 1024 ** 3 / 3 / _time(lambda: torch.linalg.cholesky(spd), 3, threads)
+        buf = torch.empty(16 * 2 ** 20)
+        fill = buf.numel() / _time(lambda: buf.normal_(0, 0.02), 2)
+        torch.set_num_threads(1)
+        w, u, e = torch.randn(128, 4096), torch.randn(128), torch.randn(4096)
+        rank1 = 2 * w.numel() / _time(lambda: w.addr_(u, e, alpha=-1.0), 20)
+    finally:
+        torch.set_num_threads(before)
+    return {"mm": mm, "chol": chol, "rank1": rank1, "fill": fill}
+
+
+def rates(threads: int, refresh: bool = False) -> dict:
+    """This machine's rates at ``threads`` (cached per CPU model and thread count: ``<cache>/plan/rates.json``)."""
+    from elsa.assets import cache_dir
+
+    path = cache_dir() / "plan" / "rates.json"
+    key = f"cputime-{platform.processor() or platform.machine()}-{os.cpu_count()}cpu-{threads}t"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if key in cached and not refresh:
+        return cached[key]
+    cached[key] = probe(threads) | {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                    "load": round(os.getloadavg()[0], 2)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")      # FSDP ranks may probe at once
+    tmp.write_text(json.dumps(cached, indent=1))
+    tmp.replace(path)
+    return cached[key]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model's shapes, from the meta device
+
+
+@dataclass
+class Shapes:
+    """What the plan knows of the model: counts in elements, sizes in features."""
+
+    dtype_bytes: int
+    params: int                       # every parameter of the built model (tied once)
+    outside: int                      # embeddings, final norm, lm_head
+    block_params: int                 # one decoder block (block 0)
+    blocks: int                       # built
+    layers: int                       # the full model's depth (a rehearsal's extrapolation; = blocks otherwise)
+    hidden: int
+    heads: int
+    head_dim: int
+    vocab: int
+    matrices: list = field(default_factory=list)   # block 0: (name, out, in, share of tokens it sees)
+    groups: list = field(default_factory=list)     # in_features of each statistics group (shared inputs: one)
+    mlp: int = 0                      # the widest matrix input of the block's MLP (intermediate size)
+    mlp_token: float = 0.0            # MLP intermediate features per token (MoE: top-k x the expert's)
+    eager: bool = False               # eager attention (scores materialised)
+    prunable: int = 0                 # prunable weights of the whole built model
+    group_experts: list = field(default_factory=list)   # the expert of each statistics group (None: not an expert)
+    experts: dict = field(default_factory=dict)          # matrix name -> its expert index (fused experts) or None
+
+    def one_expert(self) -> "Shapes":
+        """Block 0 as ``hardware.low_memory`` walks it at its peak: the matrices outside the fused experts and
+        one expert's (the walk collects and prunes the experts one at a time)."""
+        from dataclasses import replace
+
+        keep = [e is None or e == 0 for e in self.group_experts]
+        return replace(self, matrices=[m for m in self.matrices if self.experts.get(m[0]) in (None, 0)],
+                       groups=[g for g, k in zip(self.groups, keep) if k],
+                       group_experts=[e for e, k in zip(self.group_experts, keep) if k])
+
+    @property
+    def expert_count(self) -> int:
+        """The fused experts of block 0 (0: none)."""
+        return len({e for e in self.group_experts if e is not None})
+
+    def block_flops(self, tokens: int, seqlen: int) -> float:
+        """Forward FLOPs of one block over ``tokens`` tokens in windows of ``seqlen``."""
+        matmul = 2 * tokens * sum(o * i * share for _n, o, i, share in self.matrices)
+        attention = 2 * tokens * seqlen * self.heads * self.head_dim     # QK^T and AV, causal half
+        return matmul + attention
+
+    def activation_bytes(self, tokens: int) -> float:
+        """A block forward's transient activations for ``tokens`` tokens (float32): attention's q/k/v/out and
+        the MLP's widest intermediates (gate, up, act, product for the routed share)."""
+        return 4 * tokens * (6 * self.hidden + 4 * self.mlp_token)
+
+
+def _meta_model(source):
+    from transformers import AutoModelForCausalLM
+
+    cfg = source.hf_config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model, cfg
+
+
+def _shares(block, matrices) -> dict[str, float]:
+    """The share of tokens each matrix sees: 1, or top-k / experts for the experts of an MoE layer."""
+    from elsa.model.structure import in_moe
+
+    cfg_k = None
+    for mod in block.modules():
+        k = getattr(mod, "top_k", None) or getattr(mod, "num_experts_per_tok", None)
+        if isinstance(k, int):
+            cfg_k = k
+    out = {}
+    for name, m in matrices.items():
+        experts = m.source.experts
+        if in_moe(block, name.path, name.expert) and cfg_k:
+            n = experts or max(len(x) for x in block.modules() if isinstance(x, torch.nn.ModuleList))
+            out[name] = cfg_k / n
+        else:
+            out[name] = 1.0
+    return out
+
+
+def _groups(model, block, matrices) -> list[tuple[int, int | None]]:
+    """Statistics groups as the engine forms them: one per input tensor the block's Linears are fed (q/k/v share
+    one, gate/up one), found by a forward on the meta device with hooks; a matrix the meta forward did not reach
+    (fused experts: their routing reads data) and every expert matrix has its own. (in_features, expert index
+    of a fused expert tensor's matrix or None) per group."""
+    linears = {n: m.source.module for n, m in matrices.items()
+               if m.expert is None and isinstance(m.source.module, torch.nn.Linear)}
+    seen: dict[str, int] = {}
+
+    def hook(name):
+        def fn(_m, args, _o):          # returns None: a forward hook's return value would replace the output
+            seen.setdefault(name, id(args[0]))
+        return fn
+    handles = [mod.register_forward_hook(hook(n)) for n, mod in linears.items()]
+    try:
+        model(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta"))
+    except Exception:               # noqa: BLE001 - data-dependent routing on meta: the experts stay unseen
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[object, tuple[int, int | None]] = {}
+    for name, m in matrices.items():
+        groups.setdefault(seen.get(name, name), (m.in_features, m.expert))
+    return list(groups.values())
+
+
+def model_shapes(source, ignore=(), targets=()) -> Shapes:
+    from elsa.sparsity.plan import PruningPlan
+    from elsa.sparsity.patterns import Sparsity
+
+    model, cfg = _meta_model(source)
+    plan = PruningPlan.build(model, Sparsity(ratio=0.5), ignore, targets)   # the shapes do not depend on the ratio
+    blocks = plan.blocks
+    block = blocks[0]
+    mats = plan.block(0).matrices()
+    shares = _shares(block, mats)
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    block_params = sum(p.numel() for p in block.parameters())
+    first = next(iter(model.parameters()))
+    hidden = int(getattr(cfg, "hidden_size", 0) or first.shape[-1])
+    heads = int(getattr(cfg, "num_attention_heads", 1))
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+    # the MLP's inputs: matrix inputs that are neither the hidden size nor the heads' output (o_proj's input)
+    mlp_in = {n: m.in_features for n, m in mats.items() if m.in_features not in (hidden, heads * head_dim)}
+    groups = _groups(model, block, mats)
+    return Shapes(dtype_bytes=getattr(source, "dtype", torch.float32).itemsize, params=total,
+                  outside=total - block_params * len(blocks), block_params=block_params, blocks=len(blocks),
+                  layers=int(getattr(source, "layers", len(blocks))), hidden=hidden, heads=heads, head_dim=head_dim,
+                  vocab=int(getattr(cfg, "vocab_size", 0)),
+                  matrices=[(n.local, m.out_features, m.in_features, shares[n]) for n, m in mats.items()],
+                  groups=[g for g, _e in groups], group_experts=[e for _g, e in groups],
+                  experts={n.local: n.expert for n in mats}, mlp=max(mlp_in.values(), default=hidden),
+                  mlp_token=sum(i * shares[n] for n, i in mlp_in.items()) or hidden,
+                  eager=getattr(cfg, "_attn_implementation", None) == "eager",
+                  prunable=sum(m.out_features * m.in_features for _i, m, _t in plan.matrices()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# work and the methods' declarations
+
+
+@dataclass
+class Work:
+    """FLOPs by the rate that runs them: ``mm`` matmuls at the run's threads, ``mm1`` / ``chol1`` matmuls and
+    factorisations inside single-threaded loops (SparseGPT's), ``chol`` factorisations at the run's threads,
+    ``vec`` vector / elementwise / sort work (the rank-1 update's rate)."""
+
+    mm: float = 0.0
+    mm1: float = 0.0
+    chol: float = 0.0
+    chol1: float = 0.0
+    vec: float = 0.0
+
+    def __add__(self, o: "Work") -> "Work":
+        return Work(*(a + b for a, b in zip(vars(self).values(), vars(o).values())))
+
+    def __mul__(self, k: float) -> "Work":
+        return Work(*(a * k for a in vars(self).values()))
+
+    def seconds(self, r: dict, r1: dict) -> float:
+        return (self.mm / r["mm"] + self.chol / r["chol"] + self.mm1 / r1["mm"] + self.chol1 / r1["chol"]
+                + self.vec / r1["rank1"])
+
+
+@dataclass
+class BlockCost:
+    """A layer-wise method's declaration for one block: bytes held through the block (statistics), bytes of
+    its largest transient work, and its FLOPs beyond the engine's walk."""
+
+    held: float
+    work: float
+    flops: Work
+    note: str = ""
+
+
+def _hessians(S: Shapes) -> float:
+    return 4.0 * sum(g * g for g in S.groups)
+
+
+def _accumulate(S: Shapes, T: int) -> Work:
+    """H += x^T x over T tokens for every statistics group (an expert's group: its routed share)."""
+    share = {i: s for _n, _o, i, s in S.matrices}
+    return Work(mm=sum(2.0 * T * share.get(g, 1.0) * g * g for g in S.groups))
+
+
+def _sparsegpt_matrix(rows: int, cols: int, blocksize: int = 128) -> Work:
+    """SparseGPT on one matrix (one thread): chol + inverse + chol (4/3 n^3), the lazy batch updates
+    (rows x cols^2) and the in-block rank-1 updates (blocksize x rows x cols)."""
+    return Work(chol1=4.0 / 3 * cols ** 3, mm1=float(rows) * cols * cols, vec=float(blocksize) * rows * cols)
+
+
+def _sparsegpt_work(S: Shapes, names=None) -> tuple[Work, float]:
+    mats = [(o, i) for n, o, i, _s in S.matrices if names is None or n in names]
+    work = sum((_sparsegpt_matrix(o, i) for o, i in mats), Work())
+    peak = max((4.0 * (4 * i * i + 3 * o * i) for o, i in mats), default=0.0)
+    return work, peak
+
+
+def wanda_cost(m, S: Shapes, T: int) -> BlockCost:
+    biggest = max(o * i for _n, o, i, _s in S.matrices)
+    return BlockCost(held=4.0 * sum(S.groups), work=4.0 * 4 * biggest,
+                     flops=Work(vec=sum(3.0 * T * s * i for _n, _o, i, s in S.matrices) +
+                                sum(30.0 * o * i for _n, o, i, _s in S.matrices)))
+
+
+def magnitude_cost(m, S: Shapes, T: int) -> BlockCost:
+    biggest = max(o * i for _n, o, i, _s in S.matrices)
+    return BlockCost(held=0.0, work=4.0 * 4 * biggest, flops=Work(vec=sum(30.0 * o * i for _n, o, i, _s in S.matrices)))
+
+
+def sparsegpt_cost(m, S: Shapes, T: int) -> BlockCost:
+    work, peak = _sparsegpt_work(S)
+    return BlockCost(held=_hessians(S), work=peak, flops=_accumulate(S, T) + work)
+
+
+def sparsellm_cost(m, S: Shapes, T: int) -> BlockCost:
+    """SparseGPT on attention; the MLP's auxiliary problem holds X, Y (T x d) and S, U, P, XW_1, XW_u (T x I)
+    for every calibration token, with ~3 more T x I and ~6 I x I during an alternation."""
+    d, I, k = S.hidden, S.mlp, m.iterations
+    if any(share < 1 for *_x, share in S.matrices):   # MoE: no MLP it models (refused, or SparseGPT's fallback)
+        return sparsegpt_cost(m, S, T)
+    mlp = {n for n, _o, i, _s in S.matrices if i == I} | \
+          {n for n, o, _i, _s in S.matrices if o == I}
+    attn_work, attn_peak = _sparsegpt_work(S, {n for n, *_ in S.matrices} - mlp)
+    refit = _sparsegpt_matrix(I, d) * 2 + _sparsegpt_matrix(d, I)
+    per_alt = Work(mm=2 * I * I * d + 2 * T * d * I * 9 + 2 * T * I * I * 2 + 4 * I * I * d,
+                   chol=2 * I ** 3 + d ** 3, vec=200.0 * T * I) + refit
+    once = Work(mm=2 * T * d * d + 2 * T * I * I + 6 * T * d * I) + refit
+    held = _hessians(S) + 4.0 * T * (2 * d + 7 * I) + 4.0 * 6 * I * d
+    return BlockCost(held=held, work=max(attn_peak, 4.0 * 6 * I * I),
+                     flops=_accumulate(S, T) + attn_work + per_alt * k + once,
+                     note=f"{k} alternations over all {T:,} tokens")
+
+
+def alps_cost(m, S: Shapes, T: int) -> BlockCost:
+    """Per matrix: eigendecomposition of H (~9 n^3), then up to max_iters ADMM iterations of two matmuls with
+    the eigenvectors (4 rows n^2) and a top-k, then PCG (2 rows n^2 per iteration). The time is an upper bound
+    (it stops when the support settles)."""
+    work = Work()
+    for _n, o, i, _s in S.matrices:
+        work += Work(chol=27.0 * i ** 3, mm=(4.0 * m.max_iters + 2.0 * m.pcg_iters) * o * i * i,
+                     vec=30.0 * m.max_iters * o * i)
+    peak = max(4.0 * (5 * i * i + 10 * o * i) for _n, o, i, _s in S.matrices)
+    return BlockCost(held=_hessians(S), work=peak, flops=_accumulate(S, T) + work,
+                     note=f"time: up to {m.max_iters} ADMM iterations per matrix")
+
+
+CODEC_BYTES = {"Fp32Codec": 4, "Bf16Codec": 2, "Fp8Codec": 1}
+# the optimizers: state bytes per trainable weight, vector FLOPs per weight and step (at the rank-1 rate), the
+# step's transient bytes per weight and a one-time setup (CPU s). Fitted to measured runs (docs/results.md, issue
+# 27): on a 51 M-parameter llama2-7b-shaped rehearsal (4 narrow blocks, 10 steps) both held ~12 B per weight
+# more than their state at the peak (AdamW's foreach temporaries; AdamW8bit's de-quantised moments); torchao's
+# AdamW8bit cost ~30 CPU-s once (its compiled step) and, on the default model's field runs (ELSA-L against
+# ELSA, 60 steps), ~300 vector FLOPs per weight and step more than AdamW.
+OPTIMIZERS = {"adamw": {"state": 8.0, "flops": 30.0, "transient": 12.0, "setup_cpu_s": 0.0},
+              "adamw8bit": {"state": 2.0, "flops": 330.0, "transient": 12.0, "setup_cpu_s": 30.0}}
+
+
+def elsa_state_bytes(m) -> float:
+    """ELSA's bytes per constrained weight beyond the weight, its gradient and the optimizer: z and u in their
+    codecs and two masks (mask0, mask_prev)."""
+    return CODEC_BYTES.get(type(m.z_codec).__name__, 4) + CODEC_BYTES.get(type(m.u_codec).__name__, 4) + 2
+
+
+def training_state_bytes(m) -> float:
+    return 0.0
+
+
+def hessian_cost(m, S: Shapes, T: int) -> BlockCost:
+    return BlockCost(held=_hessians(S), work=0.0, flops=_accumulate(S, T),
+                     note=f"{type(m).__name__} declares no work of its own: statistics and the walk only")
+
+
+def walk_cost(m, S: Shapes, T: int) -> BlockCost:
+    return BlockCost(held=0.0, work=0.0, flops=Work(),
+                     note=f"{type(m).__name__} declares no cost: the walk only")
+
+
+def _costs() -> dict:
+    from elsa.engines.layerwise import LayerwisePruner
+    from elsa.methods.alps import ALPS
+    from elsa.methods.sparsegpt import HessianPruner
+    from elsa.methods.elsa import Elsa
+    from elsa.methods.magnitude import Magnitude
+    from elsa.methods.sparsegpt import SparseGPT
+    from elsa.methods.sparsellm import SparseLLM
+    from elsa.methods.training_method import TrainingMethod
+    from elsa.methods.wanda import Wanda
+    return {Wanda: wanda_cost, SparseGPT: sparsegpt_cost, SparseLLM: sparsellm_cost, ALPS: alps_cost,
+            Magnitude: magnitude_cost, Elsa: elsa_state_bytes, TrainingMethod: training_state_bytes,
+            HessianPruner: hessian_cost, LayerwisePruner: walk_cost}
+
+
+def _separable(method, S: Shapes) -> bool:
+    """Whether hardware.low_memory's lean walk applies (elsa.engines.layerwise, ``LayerwisePruner.separable``): the base
+    ``prune_block``, or SparseLLM's SparseGPT fallback on the MoE blocks it cannot model."""
+    from elsa.engines.layerwise import LayerwisePruner
+
+    if not isinstance(method, LayerwisePruner):
+        return False
+    return type(method).prune_block is LayerwisePruner.prune_block or \
+        bool(S.expert_count and getattr(method, "fallback", None) == "sparsegpt")
+
+
+def declared(method):
+    """The cost declaration of ``method``'s class, the nearest along its MRO (ELSA-L: ELSA's; L-ADMM: ALPS's)."""
+    costs = _costs()
+    for cls in type(method).__mro__:
+        if cls in costs:
+            return costs[cls]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    cpu_gb: float                   # peak resident memory of the process during the phase
+    gpu_gb: float | None = None     # peak per GPU (hardware=gpu / fsdp)
+    note: str = ""
+
+
+@dataclass
+class Setting:
+    """What the plan reads of a run: built components and the run's sizes."""
+
+    source: object
+    method: object
+    start: object | None
+    device: str = "cpu"
+    ranks: int = 1                  # FSDP processes (one GPU each)
+    threads: int = 1
+    nsamples: int = 0
+    seqlen: int = 512
+    eval_tokens: int | None = 65536
+    eval_batch: int = 4
+    eval_passes: int = 1            # the pruned model's; +1 for a dense one not yet cached, +1 for a start's
+    save: bool = True
+    ignore: tuple = ()
+    targets: tuple = ()
+    load: float | None = None       # the CPU's load average to plan for (None: the current one)
+    low_memory: bool = False        # hardware.low_memory: experts one at a time, the walk's dense copy on disk
+
+
+class Plan:
+    """Predicted time and peak memory per phase for one :class:`Setting` on this machine (or the reference GPU)."""
+
+    LOAD_GBPS = 0.5                 # reading a checkpoint (assumed)
+    SPILL_GBPS = 1.0                # hardware.low_memory's dense copy: written once, read back per batch (assumed)
+    SAVE_GBPS = 0.3                 # writing safetensors (assumed)
+
+    def __init__(self, st: Setting, shapes: Shapes | None = None, base_gb: float | None = None,
+                 rates_cpu: dict | None = None):
+        self.st = st
+        self.S = shapes or model_shapes(st.source, st.ignore, st.targets)
+        self.base = _rss_gb() if base_gb is None else base_gb
+        self.gpu = st.device.startswith("cuda")
+        self.share = 1.0    # the share of the probed rate this run gets: the CPU is shared with the load
+        if self.gpu:
+            self.r = self.r1 = GPU_REFERENCE["rates"]
+        else:
+            self.r = rates_cpu or rates(st.threads)
+            self.r1 = self.r if st.threads == 1 else rates(1)
+            self.load_avg = os.getloadavg()[0] if st.load is None else st.load
+            self.share = min(1.0, (os.cpu_count() or 1) / (self.load_avg + st.threads))
+        self.phases: list[Phase] = []
+        self.notes: list[str] = []
+
+    # -- sizes ------------------------------------------------------------------------------------------
+    @property
+    def weights_gb(self) -> float:
+        return self.S.params * self.S.dtype_bytes / GB
+
+    def forward_transient(self, tokens: int) -> float:
+        S = self.S
+        out = S.activation_bytes(tokens) + 4.0 * max(o * i for _n, o, i, _s in S.matrices)
+        if S.eager:            # scores, softmax and their float copies
+            out += 3 * 4.0 * (tokens // self.st.seqlen or 1) * S.heads * self.st.seqlen ** 2
+        return out
+
+    def seconds(self, work: Work) -> float:
+        return work.seconds(self.r, self.r1) / self.share
+
+    def forward_work(self, tokens: int, blocks: int, head: bool = False) -> Work:
+        S = self.S
+        return Work(mm=blocks * S.block_flops(tokens, self.st.seqlen) + (2.0 * tokens * S.vocab * S.hidden if head else 0))
+
+    # -- phases -----------------------------------------------------------------------------------------
+    def load(self) -> Phase:
+        S, src = self.S, self.st.source
+        if getattr(src, "rehearsal", None) is not None or not hasattr(src, "path"):   # built from a config
+            secs = 1.5 * S.params / rates(1)["fill"] / (1.0 if self.gpu else self.share)   # built on the CPU
+        else:
+            secs = self.weights_gb / self.LOAD_GBPS
+        return Phase("load", secs, self.base + self.weights_gb, note=f"{S.params / 1e9:.2f} B parameters")
+
+    def walk(self, method, label: str) -> list[Phase]:
+        """The layer-wise engine: capture (the dense forward up to the last block), then every block."""
+        S, st = self.S, self.st
+        T, b = st.nsamples * st.seqlen, getattr(method, "batch_size", 8) * st.seqlen
+        cost = declared(method)(method, S, T)
+        hidden = 2 * 4.0 * T * S.hidden
+        block = copy = S.block_params * S.dtype_bytes   # the block, and its dense copy (the re-run's error measure)
+        passes, spill = 2, 0.0                       # the statistics' forward and the re-run
+        if st.low_memory and _separable(method, S):
+            # one fused expert's statistics at a time (+ the rest's), one forward per expert; the dense copy
+            # on disk, one matrix read back at a time
+            if S.expert_count and method.square_stats:
+                lean = declared(method)(method, S.one_expert(), T)
+                cost = BlockCost(lean.held, lean.work, cost.flops, cost.note)
+                passes += S.expert_count - 1
+            spill = block * (1 + -(-T // b)) / GB / self.SPILL_GBPS
+            copy = 4.0 * max(o * i for _n, o, i, _s in S.matrices)
+        # the re-run measures every matrix's error in float64: x (W - W_dense)^T and y - delta, each doubled
+        extra = self.forward_transient(min(b, T)) + 24.0 * min(b, T) * max(o * s for _n, o, _i, s in S.matrices)
+        waiting = S.outside * S.dtype_bytes if st.low_memory else 0.0   # low_memory: on disk during the walk
+        resident = self.base + self.weights_gb + (hidden + copy - waiting + cost.held + max(extra, cost.work)) / GB
+        per_block = self.seconds(self.forward_work(T, passes) + Work(mm=2.0 * T * sum(
+            o * i * s for _n, o, i, s in S.matrices)) + cost.flops) + spill
+        capture = self.seconds(self.forward_work(T, S.blocks - 1))
+        gpu = None
+        if self.gpu:    # one block at a time on the device; the model stays on the CPU
+            gpu = GPU_REFERENCE["context_gb"] + (hidden + block + copy + cost.held + max(extra, cost.work)) / GB
+            resident = self.base + self.weights_gb - waiting / GB
+        tag = f"{T:,} tokens ({st.nsamples} x {st.seqlen})"
+        return [Phase(f"{label}: calibration", capture, self.base + self.weights_gb + hidden / 2 / GB,
+                      gpu and GPU_REFERENCE["context_gb"] + hidden / 2 / GB + S.outside * 4 / GB,
+                      f"the dense forward over {tag}"),
+                Phase(f"{label}: {S.blocks} block(s)", per_block * S.blocks + 2 * waiting / GB / self.SPILL_GBPS,
+                      resident, gpu,
+                      f"{per_block:,.0f} s per block; holds {cost.held / GB:.2f} GB of statistics" +
+                      (f"; {cost.note}" if cost.note else ""))]
+
+    def train(self, method) -> Phase:
+        S, st, t = self.S, self.st, method.train
+        state = declared(method)(method)
+        optimizer = OPTIMIZERS[t.optimizer]
+        opt = optimizer["state"]
+        # method.train_dense_params=false: only the pruned matrices train (no gradient or optimizer state for
+        # the embeddings, norms and head); hardware.low_memory: the optimizer's step temporaries are one tensor's
+        # (AdamW per tensor or fused; the CPU AdamW8bit's C kernel steps tensor by tensor), not every weight's
+        trained = S.params if t.train_dense_params else S.prunable
+        largest = max([o * i for _n, o, i, _s in S.matrices] + [S.vocab * S.hidden] * t.train_dense_params)
+        transient = optimizer["transient"] * (largest if st.low_memory else trained)
+        fixed = S.params * S.dtype_bytes + trained * (4 + opt) + transient + S.prunable * state
+        if method.distils:    # the teacher; with hardware.low_memory it shares the student's frozen weights
+            fixed += (S.prunable if st.low_memory and not t.train_dense_params else S.params) * S.dtype_bytes
+        tokens = t.batch_size * st.seqlen
+        per_layer = 4.0 * tokens * ((S.hidden if t.gradient_checkpointing else 8 * S.hidden + 5 * S.mlp_token))
+        acts = S.blocks * per_layer + 3 * 4.0 * tokens * S.vocab + self.forward_transient(tokens)
+        step = self.forward_work(tokens * t.grad_accum, S.blocks, head=True) * 3 + \
+            Work(vec=optimizer["flops"] * trained + 30.0 * S.prunable / max(getattr(method, "interval", 1), 1))
+        checkpoints = t.steps // t.checkpoint_every if t.checkpoint_every else 0
+        secs = self.seconds(step) * t.steps + optimizer["setup_cpu_s"] / self.share + checkpoints * (S.params * S.dtype_bytes + trained * opt + S.prunable * state) \
+            / GB / self.SAVE_GBPS
+        self.hour_steps = int(3600 / max(self.seconds(step), 1e-9))
+        per_rank = fixed / st.ranks + acts + 2 * 4.0 * S.block_params
+        gpu = GPU_REFERENCE["context_gb"] + per_rank / GB if self.gpu else None
+        cpu = self.base + (self.weights_gb if self.gpu else (fixed + acts) / GB)
+        note = (f"{t.steps} steps x {t.batch_size} x {t.grad_accum} windows of {st.seqlen}; "
+                f"{S.dtype_bytes + 4 + opt + state:.0f} B per pruned weight (weight, gradient, optimizer, method) + "
+                f"{optimizer['transient']:.0f} B in the optimizer's step")
+        return Phase("training", secs, cpu, gpu, note + (f"; {st.ranks} ranks" if st.ranks > 1 else ""))
+
+    def evaluate(self) -> Phase:
+        S, st = self.S, self.st
+        tokens = st.eval_tokens or 300_000
+        batch = st.eval_batch * st.seqlen
+        secs = self.seconds(self.forward_work(tokens, S.blocks, head=True)) * st.eval_passes
+        extra = (self.forward_transient(batch) + 3 * 4.0 * batch * S.vocab) / GB
+        gpu = GPU_REFERENCE["context_gb"] + self.weights_gb + extra if self.gpu else None
+        return Phase("evaluation", secs, self.base + self.weights_gb + (0 if self.gpu else extra), gpu,
+                     f"{st.eval_passes} pass(es) over {tokens:,} tokens" +
+                     ("" if st.eval_tokens else " (eval.max_tokens=null: the whole split, ~300k assumed)"))
+
+    def save(self) -> Phase:
+        return Phase("save", self.weights_gb / self.SAVE_GBPS, self.base + self.weights_gb)
+
+    def build(self) -> "Plan":
+        st = self.st
+        self.phases = [self.load()]
+        for stage, label in ((st.start, "start"), (st.method, "method")):
+            if stage is None:
+                continue
+            if getattr(stage, "needs_calibration", False) and not hasattr(stage, "train"):
+                self.phases += self.walk(stage, f"{label} {type(stage).__name__}")
+            elif hasattr(stage, "train"):
+                self.phases.append(self.train(stage))
+            else:      # magnitude and other calibration-free methods: one pass over the weights
+                work = declared(stage)(stage, self.S, 0).flops * self.S.blocks if declared(stage) else Work()
+                self.phases.append(Phase(f"{label} {type(stage).__name__}", self.seconds(work),
+                                         self.base + self.weights_gb))
+        self.phases.append(self.evaluate())
+        if st.save:
+            self.phases.append(self.save())
+        return self
+
+    # -- summaries --------------------------------------------------------------------------------------
+    @property
+    def peak_cpu_gb(self) -> float:
+        return max(p.cpu_gb for p in self.phases)
+
+    @property
+    def peak_gpu_gb(self) -> float | None:
+        gpus = [p.gpu_gb for p in self.phases if p.gpu_gb is not None]
+        return max(gpus) if gpus else None
+
+    @property
+    def total_s(self) -> float:
+        return sum(p.seconds for p in self.phases)
+
+    def prune_s(self) -> float:
+        return sum(p.seconds for p in self.phases if p.name.startswith(("method", "start", "training")))
+
+    def where(self) -> str:
+        st = self.st
+        if self.gpu:
+            return GPU_REFERENCE["name"] + (f" x {st.ranks} ranks" if st.ranks > 1 else "")
+        return (f"this CPU at {st.threads} thread(s) ({self.r['mm'] / 1e9:.0f} GFLOP/s matmul measured; load "
+                f"{self.load_avg:.1f} on {os.cpu_count()} cores leaves it {self.share:.0%} of that)")
+
+    def forecast(self) -> str:
+        gpu = f", {self.peak_gpu_gb:.1f} GB per GPU" if self.peak_gpu_gb is not None else ""
+        parts = ", ".join(f"{p.name} {duration(p.seconds)}" for p in self.phases)
+        hour = ""
+        if any(p.name == "training" and p.seconds > 3600 for p in self.phases):
+            hour = f"; one hour of training here is method.steps={self.hour_steps}"
+        return (f"plan: {duration(self.total_s)} on {self.where()}; peak {self.peak_cpu_gb:.1f} GB resident{gpu} "
+                f"({parts}){hour}")
+
+    def table(self) -> str:
+        rows = [f"{'phase':<40} {'time':>10} {'CPU GB':>8} {'GPU GB':>8}  note"]
+        for p in self.phases:
+            gpu = "-" if p.gpu_gb is None else f"{p.gpu_gb:.2f}"
+            rows.append(f"{p.name:<40} {duration(p.seconds):>10} {p.cpu_gb:>8.2f} {gpu:>8}  {p.note}")
+        rows.append(f"{'total / peak':<40} {duration(self.total_s):>10} {self.peak_cpu_gb:>8.2f} "
+                    f"{'-' if self.peak_gpu_gb is None else f'{self.peak_gpu_gb:.2f}':>8}")
+        return "\n".join(rows)
+
+    def as_dict(self) -> dict:
+        return {"forecast": self.forecast(), "total_s": self.total_s, "prune_s": self.prune_s(),
+                "peak_cpu_gb": self.peak_cpu_gb, "peak_gpu_gb": self.peak_gpu_gb, "base_gb": self.base,
+                "where": self.where(), "rates": {k: v for k, v in self.r.items()}, "share": self.share,
+                "phases": [vars(p) for p in self.phases]}
+
+
+def duration(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    if s < 2 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def full_model(shapes: Shapes) -> Shapes:
+    """A rehearsal's shapes extrapolated to the architecture's full depth."""
+    from dataclasses import replace
+
+    scale = shapes.layers / shapes.blocks
+    return replace(shapes, blocks=shapes.layers, params=int(shapes.outside + shapes.layers * shapes.block_params),
+                   prunable=int(shapes.prunable * scale))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what would fit
+
+
+def _variant(plan: Plan, **changes) -> Plan:
+    from dataclasses import replace
+
+    return Plan(replace(plan.st, **changes), plan.S, plan.base, plan.r if not plan.gpu else None).build()
+
+
+def _low_memory(method):
+    """ELSA-L's state on the same recipe: z fp8, u bf16, 8-bit AdamW."""
+    import copy
+
+    from elsa.engines.admm import Bf16Codec, Fp8Codec
+
+    low = copy.copy(method)
+    low.z_codec, low.u_codec = Fp8Codec(), Bf16Codec()
+    low.train = copy.copy(method.train)
+    low.train.optimizer = "adamw8bit"
+    return low
+
+
+def _frozen_outside(method):
+    """The same training with only the pruned matrices trained (method.train_dense_params=false)."""
+    import copy
+
+    lean = copy.copy(method)
+    lean.train = copy.copy(method.train)
+    lean.train.train_dense_params = False
+    return lean
+
+
+def _lean(plan: Plan, peak) -> tuple[str, Plan] | None:
+    """hardware.low_memory (and, for a training method, method.train_dense_params=false), when it lowers the
+    peak: the same pruned weights (layer-wise) or the same method on the pruned matrices only (training)."""
+    st, method = plan.st, plan.st.method
+    tries = [] if st.low_memory else [("hardware.low_memory=true", {"low_memory": True})]
+    if hasattr(method, "train") and method.train.train_dense_params:
+        tries.append(("hardware.low_memory=true method.train_dense_params=false",
+                      {"low_memory": True, "method": _frozen_outside(method)}))
+    best = None
+    for text, changes in tries:
+        p = _variant(plan, **changes)
+        if peak(p) < peak(plan) - 0.05 and (best is None or peak(p) < peak(best[1])):
+            best = (text, p)
+    return best
+
+
+def alternatives(plan: Plan, limit_gb: float) -> list[str]:
+    """Changes of the run that the plan says fit under ``limit_gb`` (per device)."""
+    st, out = plan.st, []
+    peak = (lambda p: p.peak_gpu_gb) if plan.gpu else (lambda p: p.peak_cpu_gb)
+    method = st.method
+    lean = _lean(plan, peak)
+    if lean is not None and peak(lean[1]) <= limit_gb:
+        out.append(f"{lean[0]} ({peak(lean[1]):.1f} GB)")
+    if hasattr(method, "train"):
+        low = _variant(plan, method=_low_memory(method))
+        if peak(low) <= limit_gb and type(method).__name__ == "Elsa":
+            out.append(f"method=elsa_l ({peak(low):.1f} GB)")
+        for ranks in (2, 4, 8, 16, 32, 64):
+            fsdp = _variant(plan, device="cuda", ranks=ranks)
+            if fsdp.peak_gpu_gb <= GPU_REFERENCE["memory_gb"]:
+                out.append(f"hardware=fsdp with {ranks} ranks ({fsdp.peak_gpu_gb:.1f} GB per 80 GB GPU)")
+                break
+    elif getattr(method, "needs_calibration", False):
+        n = st.nsamples
+        while n > 1:
+            n //= 2
+            if peak(_variant(plan, nsamples=n)) <= limit_gb:
+                out.append(f"nsamples={n} ({n * st.seqlen:,} calibration tokens, "
+                           f"{peak(_variant(plan, nsamples=n)):.1f} GB)")
+                break
+        from elsa.methods.sparsegpt import SparseGPT
+
+        if isinstance(method, SparseGPT) and type(method) is not SparseGPT:
+            plain = _variant(plan, method=SparseGPT(method.percdamp, method.blocksize, method.batch_size))
+            if peak(plain) <= limit_gb:
+                out.append(f"method=sparsegpt ({peak(plain):.1f} GB)")
+        off = _variant(plan, device="cuda") if not plan.gpu else None
+        if off is not None and off.peak_gpu_gb <= GPU_REFERENCE["memory_gb"]:
+            out.append(f"hardware=gpu: one block at a time on an 80 GB GPU ({off.peak_gpu_gb:.1f} GB on it, "
+                       f"{off.peak_cpu_gb:.1f} GB resident)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# from a run's config
+
+
+def setting(cfg, source, method, start, ranks: int | None = None) -> Setting:
+    """The plan's view of a composed run config and its built components."""
+    hw = cfg.hardware
+    threads = int(hw.get("threads") or torch.get_num_threads())
+    device = str(hw.get("device", "cpu"))
+    fsdp = bool(hw.get("fsdp", False))
+    ranks = ranks or (int(os.environ.get("WORLD_SIZE", "1")) if fsdp else 1)
+    needs = method.needs_calibration or bool(start is not None and start.needs_calibration)
+    passes = 1 + bool(getattr(method, "eval_initial", False) or start is not None and
+                      getattr(method, "eval_initial", False))
+    if cfg.eval.get("dense", True):
+        passes += 1
+    return Setting(source=source, method=method, start=start, device=device, ranks=ranks, threads=threads,
+                   nsamples=int(cfg.nsamples) if needs else 0, seqlen=int(cfg.seqlen),
+                   eval_tokens=cfg.eval.get("max_tokens"), eval_batch=int(cfg.eval.get("batch_size", 4)),
+                   eval_passes=passes, save=bool(cfg.get("save_model", True)),
+                   ignore=tuple(cfg.get("ignore") or ()), targets=tuple(cfg.get("targets") or ()),
+                   low_memory=bool(hw.get("low_memory", False)))
+
+
+def limit_gb(cfg, device: str) -> tuple[float, str]:
+    """The memory a run may use on its device: ``hardware.memory_gb``, else the machine's (the GPU's)."""
+    asked = cfg.hardware.get("memory_gb")
+    if asked is not None:
+        from elsa.errors import positive
+
+        return positive("hardware.memory_gb", asked), "hardware.memory_gb"
+    if device.startswith("cuda"):
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / GB, "the GPU's memory"
+        return GPU_REFERENCE["memory_gb"], "the reference GPU's memory"
+    return machine_memory_gb(), "this machine's memory"
+
+
+def check_run(run, quiet: bool = False) -> dict | None:
+    """run.py's plan (elsa.run.recipe.Run.execute, after validate, before any weight loads): print the forecast;
+    refuse with one line when the predicted peak exceeds the device's memory. None when the model's config
+    cannot be read without loading it (a hub id offline, a GGUF not yet converted)."""
+    import logging
+
+    from elsa.errors import ElsaError, nothing_to_prune
+
+    if not hasattr(run.source, "hf_config"):
+        return None
+    try:
+        plan = Plan(setting(run.cfg, run.source, run.method, run.start)).build()
+    except ElsaError:
+        raise
+    except Exception as exc:     # noqa: BLE001 - a plan must never stop a run it cannot read
+        logging.getLogger(__name__).info("no plan: %s: %s", type(exc).__name__, exc)
+        return None
+    if plan.S.prunable == 0:     # ignore / targets leave nothing: refuse before any weight loads
+        raise nothing_to_prune(list(plan.st.ignore), list(plan.st.targets))
+    if not quiet:
+        print(plan.forecast(), flush=True)
+    limit, what = limit_gb(run.cfg, plan.st.device)
+    of = (lambda p: p.gpu_gb or 0.0) if plan.gpu else (lambda p: p.cpu_gb)
+    peak = max(of(p) for p in plan.phases)
+    if peak > limit:
+        alts = alternatives(plan, limit)
+        raise ElsaError(f"the plan needs {peak:.1f} GB {'per GPU' if plan.gpu else 'resident'} at its peak "
+                        f"({max(plan.phases, key=of).name}), more than "
+                        f"{what} ({limit:.1f} GB); what fits: {'; '.join(alts) or 'nothing the plan knows'} "
+                        "(python -m elsa.plan <overrides> prints every phase)")
+    return plan.as_dict()

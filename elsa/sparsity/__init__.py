@@ -1,0 +1,1 @@
+"""Targets, allocation and masks: what to prune and to what ratio."""
