@@ -173,7 +173,7 @@ def test_a_toy_method_runs_through_the_cli_a_sweep_and_the_report(tmp_path):
     assert abs(r["sparsity"]["measured"] - 0.6) < 0.01
     sweep = _run(env, run, "-m", *common, "method=toy,magnitude", "sparsity=0.5", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert sweep.returncode == 0, sweep.stderr[-3000:]
-    rep = _run(env, "-m", "elsa.report.tables", str(tmp_path / "sweep"))
+    rep = _run(env, "-m", "elsa.report", str(tmp_path / "sweep"))
     assert rep.returncode == 0, rep.stderr[-3000:]
     rows = [line for line in rep.stdout.splitlines() if "| toy |" in line or "| magnitude |" in line]
     assert len(rows) >= 2 and "| magnitude |" in rows[0], rep.stdout   # a method the report's process does not

@@ -130,14 +130,14 @@ def test_failed_jobs_are_left_out_of_plots(sweep_dir):
 
 def test_cli(sweep_dir, tmp_path):
     out = tmp_path / "cli_report"
-    proc = subprocess.run([sys.executable, "-m", "elsa.report.tables", str(sweep_dir), "--out", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "elsa.report", str(sweep_dir), "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| other | dense | 0.5 | 0 | done | 12.500 |" in proc.stdout
     assert (out / "ppl_vs_sparsity_wiki.png").read_bytes()[:8] == PNG_MAGIC
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "elsa.report.tables", str(empty)], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "elsa.report", str(empty)], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "no results.json" in proc.stderr
 
@@ -203,7 +203,7 @@ def test_a_stored_table_is_redrawn_with_the_three_choices(tmp_path):
     recorded = {"elsa_quick": "elsa", "elsa_quick_sgpt": "elsa_from_sparsegpt", "wanda": "wanda", "safe_cpu": "safe"}
     old["method"] = [recorded[o.split()[0].split("=")[1]] for o in old["overrides"]]   # what old tables held
     old.to_csv(tmp_path / "results.csv", index=False)
-    proc = subprocess.run([sys.executable, "-m", "elsa.report.tables", str(tmp_path / "results.csv"), "--out",
+    proc = subprocess.run([sys.executable, "-m", "elsa.report", str(tmp_path / "results.csv"), "--out",
                            str(tmp_path / "new")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     new = pd.read_csv(tmp_path / "new" / "results.csv")
@@ -253,7 +253,7 @@ def test_several_sources_merge_and_a_later_cell_replaces_an_earlier(sweep_dir, t
     _write(rerun, "0", _job("tiny", "wanda", "0.7", 0.7, 55.0, 20.0, 0.7, 1300, 2000))   # a re-run cell
     _write(rerun, "1", _job("tiny", "wanda", "2:4", 0.5, 70.0, 20.0, 0.5, 1500, 2000))   # a new cell
     out = tmp_path / "merged"
-    proc = subprocess.run([sys.executable, "-m", "elsa.report.tables", str(stored / "results.csv"), str(rerun), "--out",
+    proc = subprocess.run([sys.executable, "-m", "elsa.report", str(stored / "results.csv"), str(rerun), "--out",
                            str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "replaced tiny / wanda / 0.7 / seed 0" in proc.stdout
@@ -279,7 +279,7 @@ def test_several_sources_merge_and_a_later_cell_replaces_an_earlier(sweep_dir, t
 
 
 def test_several_sources_need_out(sweep_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "elsa.report.tables", str(sweep_dir), str(sweep_dir)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "elsa.report", str(sweep_dir), str(sweep_dir)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("elsa.report.tables: error: --out is required")

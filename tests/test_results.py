@@ -194,8 +194,8 @@ def test_thread_dependence_is_printed_and_leaves_the_label():
 
 def test_the_report_and_the_summary_know_no_note_key():
     """No old key is read by name in either (the report's ``lowrank_params`` column is a figure, not the label)."""
-    keys = {"report": ("fallback", "experts_without_tokens", "over_target"),
-            "summary": ("fallback", "experts_without_tokens", "over_target", "lowrank_params", "effective")}
+    keys = {"report/tables": ("fallback", "experts_without_tokens", "over_target"),
+            "report/summary": ("fallback", "experts_without_tokens", "over_target", "lowrank_params", "effective")}
     for module, names in keys.items():
         src = (REPO / "elsa" / f"{module}.py").read_text()
         for key in names:

@@ -132,7 +132,7 @@ def compressed(tmp_path):
 
 
 def _expand_cli(src: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "elsa.artifacts.compressed", "expand", str(src), str(out)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "elsa.sparse", "expand", str(src), str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -206,8 +206,8 @@ def test_save_format_compressed_only_and_bad_value(tmp_path):
 
 
 # -- sparse inference ------------------------------------------------------------------------------------------
-from elsa import sparse_kernels as SK  # noqa: E402
-from elsa import sparse_linear as SL  # noqa: E402
+from elsa.artifacts import kernels as SK  # noqa: E402
+from elsa.artifacts import linear as SL  # noqa: E402
 
 
 def _fake_timer(table):
@@ -395,7 +395,7 @@ def test_generate_cli_on_a_compressed_dir(compressed, tmp_path):
     from elsa.model.structure import TinyLlamaSource
 
     TinyLlamaSource().tokenizer().save_pretrained(compressed)
-    cmd = [sys.executable, "-m", "elsa.artifacts.generate", str(compressed), "--prompt", "The city", "--max-new-tokens", "6",
+    cmd = [sys.executable, "-m", "elsa.generate", str(compressed), "--prompt", "The city", "--max-new-tokens", "6",
            "--compare"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -403,7 +403,7 @@ def test_generate_cli_on_a_compressed_dir(compressed, tmp_path):
     again = subprocess.run(cmd[:-1] + ["--sparse"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "plan: saved plan" in again.stderr, again.stderr[-2000:]   # not measured again
     assert isinstance(PreTrainedTokenizerFast.from_pretrained(compressed), PreTrainedTokenizerFast)
-    bad = subprocess.run([sys.executable, "-m", "elsa.artifacts.generate", str(tmp_path / "nowhere")], cwd=REPO,
+    bad = subprocess.run([sys.executable, "-m", "elsa.generate", str(tmp_path / "nowhere")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     _one_error_line(bad, "not a directory")
 
