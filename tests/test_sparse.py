@@ -206,8 +206,8 @@ def test_save_format_compressed_only_and_bad_value(tmp_path):
 
 
 # -- sparse inference ------------------------------------------------------------------------------------------
-from elsa import sparse_kernels as SK  # noqa: E402
-from elsa import sparse_linear as SL  # noqa: E402
+from elsa.artifacts import kernels as SK  # noqa: E402
+from elsa.artifacts import linear as SL  # noqa: E402
 
 
 def _fake_timer(table):
