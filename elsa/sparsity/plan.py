@@ -232,6 +232,12 @@ class PruningPlan:
                     ids.add(id(p))
         return ids
 
+    def parameters(self) -> dict[str, tuple[MatrixId, Weight]]:
+        """{full parameter name: (weight id, view)} of every prunable parameter of the blocks, planned or left
+        dense (a planned one's id is a key of :attr:`weights`)."""
+        return {name if w.experts is not None else f"{name}.{w.attr}": (mid, w)
+                for name, (mid, w) in _weight_names(self.model).items()}
+
     def dense_reason(self, param_name: str) -> str | None:
         """Why a parameter (by full name) stays dense: "ignored", "not_targeted", or None."""
         parts = param_name.split(".")
