@@ -388,7 +388,7 @@ class Run:
 
     def save(self, model, tok):
         nm = (self.target.n, self.target.m) if self.target.is_nm else None
-        self.results.update(save_model(model, tok, self.out, self.save_format, nm))
+        self.results.update(save_model(model, tok, self.out, self.save_format, nm, plan=self.plan))
         write_json_atomic(self.out / "sparsity_per_layer.json", self.results["sparsity"]["per_layer"])
 
     def fail(self, exc: BaseException):
