@@ -224,7 +224,8 @@ class Run:
 
             plan_dir = self.out / "model_compressed"       # the kernel plans saved with the compressed model
             self.results["inference"] = self.timed("speed", measure, model, tok,
-                                                   plan_dir=plan_dir if plan_dir.is_dir() else None)
+                                                   plan_dir=plan_dir if plan_dir.is_dir() else None,
+                                                   pruning_plan=self.plan)
         self.times["total"] = time.perf_counter() - t0
         return self.finish(measured)
 
