@@ -185,3 +185,34 @@ def test_fused_experts_are_recorded_per_saved_expert_tensor():
     assert sum(e == {"target": 0.25} for e in saved.values()) == 1
     dense = [e for k, e in rec["tensors"].items() if "layers.1" in k and "experts" in k]
     assert len(dense) == 12 and all(e == {"dense": "ignored"} for e in dense)
+
+
+@needs_lib
+def test_generate_on_a_saved_dir_passes_its_plan(nm_run, monkeypatch, capsys):
+    """python -m elsa.generate --sparse on a compressed dir hands the dir's plan record to sparsify."""
+    from elsa.artifacts import generate
+
+    out, _r = nm_run
+    seen = {}
+    real = SL.sparsify_with_plan
+
+    def spy(model, directory, progress=False, remeasure=False, **kw):
+        seen.update(kw)
+        return real(model, None, regimes={"decode": 1}, timer=_no_clock, verify=False, **kw)
+
+    monkeypatch.setattr(SL, "sparsify_with_plan", spy)
+    assert generate.main([str(out / "model_compressed"), "--sparse", "--max-new-tokens", "2"]) == 0
+    assert seen["pruning_plan"] == S.read_index(out / "model_compressed")["plan"]
+    assert "kernels {'decode': {'nm': 13, 'dense': 1}}" in capsys.readouterr().err   # the ignored one: none
+
+
+@needs_lib
+def test_min_sparsity_compares_the_planned_ratio():
+    """A matrix planned at 10% stays as it is even where its zeros reach 50% (2:4 here); one planned at 50% gets
+    kernels."""
+    model = _two_to_four(TinyLlamaSource().load()[0])
+    plan = PruningPlan.build(model, Sparsity.parse(0.5))
+    low = "model.layers.0.self_attn.q_proj"
+    plan = plan.with_ratios({m: 0.1 if plan.name(m) == low else 0.5 for m in plan.targets})
+    rec = SL.sparsify(model, regimes={"decode": 1}, timer=_no_clock, kernels={"bitmask"}, pruning_plan=plan)
+    assert rec["matrices"][low]["note"] == "left as it is" and rec["chosen"]["decode"] == {"dense": 1, "bitmask": 13}

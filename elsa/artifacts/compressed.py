@@ -19,6 +19,12 @@ Zeros whose sign bit is set (-0.0, what ``w * mask`` leaves) are recorded aside 
 whichever is smaller), so decoding is bit-identical for any input. The pipeline stores pruned zeros as +0.0
 (:func:`save_model`; equal values), so its checkpoints carry no such record.
 
+With the run's pruning plan (elsa.artifacts.plan_record: the index's ``plan`` entry, an HF dir's
+pruning_plan.json, which ``compress`` reads) each tensor is encoded by its planned target instead: an N:M target in
+its own ``nm`` layout, a ratio as ``bitmask``, a tensor the plan leaves dense or does not list ``dense``; a
+planned tensor that does not hold its target takes the smallest encoding and is listed in the index's
+``plan_fallback`` with the reason.
+
 The dir holds the compressed shards (``model-0000i-of-0000n.safetensors``), ``elsa_compressed.json`` (format name,
 version, per-tensor encoding, the original file layout, shard sizes and SHA-256) and every other file of the HF
 dir (config.json, tokenizer files, the HF shard index) as they are, so the dir describes itself.

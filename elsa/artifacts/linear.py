@@ -28,6 +28,11 @@ with its own kernel choice, and the experts module runs :func:`sparse_experts_fo
 experts its tokens chose, with the flags transformers' experts interface sets on the module (``has_gate``,
 ``is_transposed``, ``has_bias``, ``_apply_gate``). An experts module without those flags keeps its own forward and
 stays dense (recorded in the plan). lm_head and embeddings stay dense.
+
+With a pruning plan (``sparsify(model, pruning_plan=...)``: the run's PruningPlan, or the record saved beside the
+weights, elsa.artifacts.plan_record) the plan says which matrices are pruned and to what target: only planned
+matrices get kernels, the N:M kernels are offered where the target is N:M, and a matrix the plan leaves dense
+stays as it is with the plan's reason. Without one the zeros decide (2:4 kernels where the zeros hold 2:4).
 """
 from __future__ import annotations
 
@@ -697,14 +702,15 @@ class _Planner:
 
     def __call__(self, name: str, weight: torch.Tensor, bias, param: str) -> tuple[dict, dict[str, Callable]]:
         """One matrix's plan and kernels: left dense where a pruning plan does not plan it (``param``: its
-        parameter's name, for the plan's reason) and as it is under ``min_sparsity``; from the saved plan; reused
+        parameter's name, for the plan's reason) and as it is under ``min_sparsity`` (its planned ratio, else its
+        measured zeros); from the saved plan; reused
         from the matrix of its class (shape, dtype, bias, sparsity to 1%, planned N:M) measured first; or measured."""
         sparsity = float((weight == 0).float().mean())
         target = self.targets.target(name) if self.targets is not None else None
         nm = DETECT if self.targets is None else ((target.n, target.m) if target and target.is_nm else None)
         key = (tuple(weight.shape), weight.dtype, bias is not None, round(sparsity, 2), nm)
         unplanned = self.targets is not None and target is None
-        if unplanned or sparsity < self.min_sparsity:
+        if unplanned or (target.ratio if target is not None else sparsity) < self.min_sparsity:
             note = f"left dense: {self.targets.dense_reason(param)}" if unplanned else "left as it is"
             plan = {"sparsity": sparsity, **{r: "dense" for r in self.regimes}, "note": note}
             fns = {"dense": (lambda x, w=weight, b=bias: F.linear(x, w, b))}
@@ -734,8 +740,9 @@ def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: floa
 
     ``pruning_plan``: the run's PruningPlan, or the record saved with the model (elsa.artifacts.compressed.read_plan):
     only its planned matrices become candidates (the others stay as they are, the plan's reason in their
-    ``note``), and the N:M kernel is offered where a matrix's target is N:M, not where its zeros happen to hold
-    2:4. Without one every matrix of the blocks is a candidate, its kernels offered by its zeros.
+    ``note``; ``min_sparsity`` compares the planned ratio), and the N:M kernel is offered where a matrix's target
+    is N:M, not where its zeros happen to hold 2:4. Without one every matrix of the blocks is a candidate, its
+    kernels offered by its zeros.
 
     With ``verify`` (default: when the real clock times the matrices and no plan is given) the choices are then
     checked in the whole model (:func:`verify_in_model`): a regime whose kernels do not make the model faster
