@@ -150,6 +150,9 @@ def test_a_mixed_plan_encodes_each_tensor_by_its_own_target(tmp_path, capsys):
     assert enc[f"{violated}.weight"] == ("bitmask", None, None)     # what the size-based choice takes at 70%
     _same_weights(model, S.load_compressed(tmp_path / "c"))
     assert S.read_plan(tmp_path / "c")["tensors"][f"{violated}.weight"] == {"target": "2:4"}
+    assert S.main(["info", str(tmp_path / "c")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["pruning_plan"] is True and list(info["plan_fallback"]) == [f"{violated}.weight"]
 
 
 def test_an_index_without_a_plan_still_loads(tmp_path):
@@ -216,3 +219,34 @@ def test_min_sparsity_compares_the_planned_ratio():
     plan = plan.with_ratios({m: 0.1 if plan.name(m) == low else 0.5 for m in plan.targets})
     rec = SL.sparsify(model, regimes={"decode": 1}, timer=_no_clock, kernels={"bitmask"}, pruning_plan=plan)
     assert rec["matrices"][low]["note"] == "left as it is" and rec["chosen"]["decode"] == {"dense": 1, "bitmask": 13}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt2"])
+def test_a_2_4_plan_of_fused_experts_and_conv1d_saves_and_loads(tmp_path, family):
+    """save_model with the plan: Mixtral's experts, saved per expert, each in the nm layout; GPT-2's Conv1D,
+    stored [in, out] (its 2:4 groups across the stored rows), stored by size with that reason in plan_fallback.
+    Both load bit-identical."""
+    if family == "mixtral":
+        cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=96, num_local_experts=4,
+                                         num_experts_per_tok=2)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4, n_positions=64,
+                                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    plan = PruningPlan.build(model, Sparsity.parse("2:4"))
+    with torch.no_grad():
+        for wid, w in plan.weights.items():
+            w.param.copy_(w.param * plan.mask(wid, w.param.abs()))
+    tok = TinyLlamaSource().load()[1]
+    rec = S.save_model(model, tok, tmp_path, "compressed", (2, 4), plan=plan)
+    index = S.read_index(tmp_path / "model_compressed")
+    planned = [k for k, e in index["plan"]["tensors"].items() if "target" in e]
+    if family == "mixtral":
+        assert len(planned) == 4 + 12 and "plan_fallback" not in rec["compressed"]     # q k v o, 4 x (w1 w2 w3)
+        assert all(index["tensors"][k]["encoding"] == "nm" for k in planned)
+    else:
+        assert len(planned) == 4 and set(rec["compressed"]["plan_fallback"]) == set(planned)
+        assert all("stored [in, out]" in why for why in rec["compressed"]["plan_fallback"].values())
+    _same_weights(model, S.load_compressed(tmp_path / "model_compressed"))

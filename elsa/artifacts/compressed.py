@@ -495,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
             fl = floor_bytes(index)
             print(json.dumps({"dense_bytes": index["dense_bytes"], "compressed_bytes": index["compressed_bytes"],
                               "floor_bytes": fl, "over_floor": index["compressed_bytes"] / fl - 1,
-                              "dir_bytes": dir_bytes(args.src), "encodings": index["encodings"]}, indent=1))
+                              "dir_bytes": dir_bytes(args.src), "encodings": index["encodings"],
+                              "pruning_plan": index.get("plan") is not None,
+                              "plan_fallback": index.get("plan_fallback")}, indent=1))
     except ElsaError as exc:
         print(f"elsa: error: {exc}", file=sys.stderr)
         return 2
