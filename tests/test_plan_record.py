@@ -246,7 +246,24 @@ def test_a_2_4_plan_of_fused_experts_and_conv1d_saves_and_loads(tmp_path, family
     if family == "mixtral":
         assert len(planned) == 4 + 12 and "plan_fallback" not in rec["compressed"]     # q k v o, 4 x (w1 w2 w3)
         assert all(index["tensors"][k]["encoding"] == "nm" for k in planned)
+        loaded = S.load_compressed(tmp_path / "model_compressed")       # every expert matrix is planned
+        kernels = SL.sparsify(loaded, regimes={"decode": 1}, timer=_no_clock, kernels={"nm"}, verify=False,
+                              pruning_plan=S.read_plan(tmp_path / "model_compressed"))
+        assert len(kernels["matrices"]) == 4 + 8 and not any("note" in k for k in kernels["matrices"].values())
     else:
         assert len(planned) == 4 and set(rec["compressed"]["plan_fallback"]) == set(planned)
         assert all("stored [in, out]" in why for why in rec["compressed"]["plan_fallback"].values())
     _same_weights(model, S.load_compressed(tmp_path / "model_compressed"))
+
+
+def test_an_allocated_run_records_each_matrix_ratio(tmp_path):
+    """allocation=owl: each matrix's own ratio in the record (matrices and saved tensors alike), stored as
+    bitmask."""
+    r = run_pipeline(tmp_path, "method=magnitude", "sparsity=0.7", "allocation=owl", "save_format=compressed",
+                     "hardware.threads=1")
+    index = S.read_index(tmp_path / "model_compressed")
+    plan = index["plan"]
+    ratios = {plan["tensors"][f"{n}.weight"]["target"] for n in plan["matrices"]}
+    assert r["status"] == "done" and len(ratios) > 1 and ratios == set(plan["matrices"].values())
+    assert all(0.0 < t < 1.0 for t in ratios) and "plan_fallback" not in r["compressed"]
+    assert all(index["tensors"][f"{n}.weight"]["encoding"] == "bitmask" for n in plan["matrices"])
