@@ -703,8 +703,8 @@ class _Planner:
     def __call__(self, name: str, weight: torch.Tensor, bias, param: str) -> tuple[dict, dict[str, Callable]]:
         """One matrix's plan and kernels: left dense where a pruning plan does not plan it (``param``: its
         parameter's name, for the plan's reason) and as it is under ``min_sparsity`` (its planned ratio, else its
-        measured zeros); from the saved plan; reused
-        from the matrix of its class (shape, dtype, bias, sparsity to 1%, planned N:M) measured first; or measured."""
+        measured zeros); from the saved plan; reused from the matrix of its class (shape, dtype, bias, sparsity to
+        1%, planned N:M) measured first; or measured."""
         sparsity = float((weight == 0).float().mean())
         target = self.targets.target(name) if self.targets is not None else None
         nm = DETECT if self.targets is None else ((target.n, target.m) if target and target.is_nm else None)
