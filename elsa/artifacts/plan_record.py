@@ -25,6 +25,7 @@ import torch
 
 from elsa.errors import ElsaError
 from elsa.sparsity.patterns import Sparsity
+from elsa.sparsity.plan import dense_reason_in
 
 FILE = "pruning_plan.json"
 VERSION = 1
@@ -117,12 +118,11 @@ def record(plan, model) -> dict:
 
 def check(data, where: str) -> dict:
     """A read-back record, checked: one ElsaError line for anything that is not one."""
-    if not isinstance(data, dict) or data.get("version") != VERSION:
-        raise ElsaError(f"{where}: not a pruning plan record of version {VERSION} "
-                        f"(version={data.get('version') if isinstance(data, dict) else None!r})")
-    for key in ("matrices", "dense", "tensors"):
-        if not isinstance(data.get(key), dict):
-            raise ElsaError(f"{where}: the pruning plan record is corrupt: no {key!r} table")
+    version = data.get("version") if isinstance(data, dict) else None
+    missing = [k for k in ("matrices", "dense", "tensors") if version == VERSION and not isinstance(data.get(k), dict)]
+    if version != VERSION or missing:
+        why = f"no {missing[0]!r} table" if missing else f"version={version!r}"
+        raise ElsaError(f"{where}: not a pruning plan record of version {VERSION} ({why})")
     return data
 
 
@@ -163,6 +163,4 @@ class PlanTargets:
 
     def dense_reason(self, param_name: str) -> str:
         """Why a parameter (by full name) is not a planned matrix: the plan's reason, or that it is not in it."""
-        parts = param_name.split(".")
-        return next((self.dense[".".join(parts[:k])] for k in range(len(parts), 0, -1)
-                     if ".".join(parts[:k]) in self.dense), "not in the pruning plan")
+        return dense_reason_in(self.dense, param_name) or "not in the pruning plan"
