@@ -267,3 +267,26 @@ def test_an_allocated_run_records_each_matrix_ratio(tmp_path):
     assert r["status"] == "done" and len(ratios) > 1 and ratios == set(plan["matrices"].values())
     assert all(0.0 < t < 1.0 for t in ratios) and "plan_fallback" not in r["compressed"]
     assert all(index["tensors"][f"{n}.weight"]["encoding"] == "bitmask" for n in plan["matrices"])
+
+
+def test_a_parameter_whose_saved_key_is_not_found_is_said(tmp_path, monkeypatch, capsys):
+    """When transformers' reverse conversion fails for a parameter, the record lists it as unmapped, results.json
+    and stderr say so, and its saved tensor, unlisted, is stored dense."""
+    import transformers.core_model_loading as CML
+
+    real = CML.revert_weight_conversion
+    lost = "model.layers.1.mlp.up_proj.weight"
+
+    def failing(model, state_dict):
+        if list(state_dict) == [lost]:     # the record's own call (save_pretrained passes them all)
+            raise ValueError("needs its siblings")
+        return real(model, state_dict)
+
+    monkeypatch.setattr(CML, "revert_weight_conversion", failing)
+    model, tok = TinyLlamaSource().load()
+    plan = PruningPlan.build(_two_to_four(model), Sparsity.parse("2:4"))
+    rec = S.save_model(model, tok, tmp_path, "compressed", (2, 4), plan=plan)
+    assert rec["plan_unmapped"] == [lost] and "were not found" in capsys.readouterr().err
+    index = S.read_index(tmp_path / "model_compressed")
+    assert lost not in index["plan"]["tensors"] and index["tensors"][lost]["encoding"] == "dense"
+    _same_weights(model, S.load_compressed(tmp_path / "model_compressed"))

@@ -537,6 +537,10 @@ def save_model(model, tok, out: Path, fmt: str, nm: tuple[int, int] | None = Non
         if record is not None:
             plan_record.write_file(hf, record)
         rec = {"save_format": fmt}
+        if record is not None and record.get("unmapped"):   # their saved keys are unknown: stored as unlisted
+            rec["plan_unmapped"] = record["unmapped"]
+            print(f"elsa: the saved keys of {len(record['unmapped'])} planned parameters were not found "
+                  f"(e.g. {record['unmapped'][0]}): the pruning plan does not list them", file=sys.stderr)
         if fmt in ("hf", "both"):
             rec["model_dir"] = str(hf)
         if fmt in ("compressed", "both"):
