@@ -19,6 +19,12 @@ Zeros whose sign bit is set (-0.0, what ``w * mask`` leaves) are recorded aside 
 whichever is smaller), so decoding is bit-identical for any input. The pipeline stores pruned zeros as +0.0
 (:func:`save_model`; equal values), so its checkpoints carry no such record.
 
+With the run's pruning plan (elsa.artifacts.plan_record: the index's ``plan`` entry, an HF dir's
+pruning_plan.json, which ``compress`` reads) each tensor is encoded by its planned target instead: an N:M target in
+its own ``nm`` layout, a ratio as ``bitmask``, a tensor the plan leaves dense or does not list ``dense``; a
+planned tensor that does not hold its target takes the smallest encoding and is listed in the index's
+``plan_fallback`` with the reason.
+
 The dir holds the compressed shards (``model-0000i-of-0000n.safetensors``), ``elsa_compressed.json`` (format name,
 version, per-tensor encoding, the original file layout, shard sizes and SHA-256) and every other file of the HF
 dir (config.json, tokenizer files, the HF shard index) as they are, so the dir describes itself.
@@ -37,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from elsa.artifacts import plan_record
 from elsa.assets import atomic_dir
 from elsa.errors import ElsaError
 
@@ -186,9 +193,51 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def compress_dir(src: Path, out: Path, nm: tuple[int, int] | None = None, shard_bytes: int = SHARD_BYTES) -> dict:
+def planned_encoding(t: torch.Tensor, entry: dict | None) -> tuple[tuple[int, int] | None, str | None, str | None]:
+    """(N:M, encoding, why it is not the planned one) of a tensor under its entry of a pruning plan record
+    (elsa.artifacts.plan_record; None: not listed): an N:M target's own nm layout, a ratio's bitmask, dense where
+    the plan leaves it dense or does not list it. A planned tensor that does not hold its target gets encoding
+    None (the size-based choice) and the reason, which the index records."""
+    if entry is None or ("target" not in entry and "targets" not in entry) or not t.is_floating_point():
+        return None, "dense", None
+    parse = plan_record.parse_target
+    targets = [None if v is None else parse(v) for v in entry.get("targets", [entry.get("target")])]
+    if None in targets or (len(set(targets)) > 1 and any(s.is_nm for s in targets)):
+        return None, None, "its parts have different targets (" + ", ".join(map(str, targets)) + ")"
+    s = targets[0]
+    if not s.is_nm:
+        return None, "bitmask", None
+    if entry.get("transposed"):
+        return None, None, (f"planned {s}, stored [in, out]: its {s} groups run along the first dim, the nm "
+                            "layout's along the last")
+    if t.dim() < 1 or t.shape[-1] % s.m:
+        return None, None, f"planned {s}, but its last dim {t.shape[-1] if t.dim() else 0} is not a multiple of {s.m}"
+    bad = int((nonzero_mask(t).reshape(-1, s.m).sum(1) > s.n).sum())
+    if bad:
+        return None, None, f"planned {s}, but {bad} groups of {s.m} hold more than {s.n} non-zeros"
+    return (s.n, s.m), "nm", None
+
+
+def _encode_planned(key: str, t: torch.Tensor, nm, plan: dict | None, fallback: dict) -> tuple[dict, dict]:
+    """encode() of one tensor: by its plan entry where there is a plan (a target it does not hold: the size-based
+    choice, recorded in ``fallback``), else the smallest encoding."""
+    if plan is None:
+        return encode(key, t, nm)
+    tnm, encoding, why = planned_encoding(t, plan["tensors"].get(key))
+    if why is not None:
+        fallback[key] = why
+        return encode(key, t, nm)
+    return encode(key, t, tnm, encoding)
+
+
+def compress_dir(src: Path, out: Path, nm: tuple[int, int] | None = None, shard_bytes: int = SHARD_BYTES,
+                 plan: dict | None = None) -> dict:
     """Write the compressed form of the HF dir ``src`` (what save_pretrained wrote) into ``out``; returns the
-    index. ``nm``: the N:M target, which lets the values+indices encoding compete where the pattern holds."""
+    index. ``plan``: the pruning plan record (elsa.artifacts.plan_record; default: ``src``'s pruning_plan.json
+    if it has one), which sets each tensor's encoding (:func:`planned_encoding`) and is kept in the index's
+    ``plan`` entry, the tensors that do not hold their target in ``plan_fallback``. Without a plan every tensor
+    takes its smallest encoding; ``nm``: the N:M target, which lets the values+indices encoding compete where
+    the pattern holds."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -196,9 +245,12 @@ def compress_dir(src: Path, out: Path, nm: tuple[int, int] | None = None, shard_
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise ElsaError(f"{src} holds no *.safetensors files (a dir written by save_pretrained is expected)")
+    plan = plan_record.read_file(src) if plan is None else plan
     with atomic_dir(out, replace=True) as tmp:
         index = {"format": FORMAT, "version": VERSION, "nm": list(nm) if nm else None, "source_files": {},
                  "tensors": {}, "shards": {}}
+        if plan is not None:
+            index["plan"], index["plan_fallback"] = plan, {}
         pending, pending_bytes = {}, 0
 
         def flush():
@@ -217,7 +269,7 @@ def compress_dir(src: Path, out: Path, nm: tuple[int, int] | None = None, shard_
                 names = list(fh.keys())
                 index["source_files"][f.name] = {"tensors": names, "metadata": fh.metadata() or {}}
                 for key in names:
-                    stored, meta = encode(key, fh.get_tensor(key), nm)
+                    stored, meta = _encode_planned(key, fh.get_tensor(key), nm, plan, index.get("plan_fallback"))
                     size = sum(v.numel() * v.element_size() for v in stored.values())
                     if pending and pending_bytes + size > shard_bytes:
                         flush()
@@ -331,7 +383,19 @@ def expand(path: Path, out: Path, verify: bool = True) -> Path:
         for p in path.iterdir():
             if p.is_file() and p.name != INDEX and p.name not in index["shards"]:
                 shutil.copy2(p, tmp / p.name)
+        if index.get("plan") is not None and not (tmp / plan_record.FILE).exists():
+            plan_record.write_file(tmp, index["plan"])
     return out
+
+
+def read_plan(path: Path) -> dict | None:
+    """The pruning plan record saved with a model (elsa.artifacts.plan_record): a compressed dir's index ``plan``
+    entry, or an HF dir's pruning_plan.json; None for a dir saved without one (an older dir, a plain HF dir)."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        data = read_index(path).get("plan")
+        return None if data is None else plan_record.check(data, str(path / INDEX))
+    return plan_record.read_file(path)
 
 
 def load_compressed(path: Path, dtype: torch.dtype | str | None = None, verify: bool = True, **kwargs):
@@ -383,6 +447,14 @@ def floor_bytes(index: dict) -> int:
     return total
 
 
+def _say_fallback(out: Path, fallback: dict) -> None:
+    """The tensors a plan's encoding could not take, said on stderr (the index keeps them all)."""
+    key, why = next(iter(fallback.items()))
+    more = f" (and {len(fallback) - 1} more)" if len(fallback) > 1 else ""
+    print(f"elsa: {out}: {len(fallback)} tensors not in their planned encoding, stored by size instead (the "
+          f"index's plan_fallback); {key}: {why}{more}", file=sys.stderr)
+
+
 def _parse_nm(value: str | None):
     if not value:
         return None
@@ -410,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             index = compress_dir(args.src, args.out, _parse_nm(args.nm))
             print(f"{args.out}: {index['compressed_bytes'] / 1e6:.1f} MB of shards for {index['dense_bytes'] / 1e6:.1f} "
                   f"MB dense; encodings {index['encodings']}")
+            if index.get("plan_fallback"):
+                _say_fallback(args.out, index["plan_fallback"])
         elif args.cmd == "expand":
             if args.out.exists() and any(args.out.iterdir()):
                 raise ElsaError(f"{args.out} exists and is not empty (expand writes a new dir)")
@@ -421,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
             fl = floor_bytes(index)
             print(json.dumps({"dense_bytes": index["dense_bytes"], "compressed_bytes": index["compressed_bytes"],
                               "floor_bytes": fl, "over_floor": index["compressed_bytes"] / fl - 1,
-                              "dir_bytes": dir_bytes(args.src), "encodings": index["encodings"]}, indent=1))
+                              "dir_bytes": dir_bytes(args.src), "encodings": index["encodings"],
+                              "pruning_plan": index.get("plan") is not None,
+                              "plan_fallback": index.get("plan_fallback")}, indent=1))
     except ElsaError as exc:
         print(f"elsa: error: {exc}", file=sys.stderr)
         return 2
@@ -444,8 +520,10 @@ def check_save_format(value) -> str:
     return value
 
 
-def save_model(model, tok, out: Path, fmt: str, nm: tuple[int, int] | None = None) -> dict:
-    """Save a run's model as ``fmt`` (hf, compressed, both) under ``out``; returns what results.json records."""
+def save_model(model, tok, out: Path, fmt: str, nm: tuple[int, int] | None = None, plan=None) -> dict:
+    """Save a run's model as ``fmt`` (hf, compressed, both) under ``out``; returns what results.json records.
+    ``plan``: the run's PruningPlan, recorded beside the weights (the HF dir's pruning_plan.json, the compressed
+    index's ``plan``: elsa.artifacts.plan_record), which sets each tensor's compressed encoding."""
     out = Path(out)
     with torch.no_grad():   # -0.0 (w * mask) -> +0.0: the same values, and no sign-of-zero record to store
         for p in model.parameters():
@@ -455,15 +533,25 @@ def save_model(model, tok, out: Path, fmt: str, nm: tuple[int, int] | None = Non
     try:
         model.save_pretrained(hf)
         tok.save_pretrained(hf)
+        record = plan_record.record(plan, model) if plan is not None else None
+        if record is not None:
+            plan_record.write_file(hf, record)
         rec = {"save_format": fmt}
+        if record is not None and record.get("unmapped"):   # their saved keys are unknown: stored as unlisted
+            rec["plan_unmapped"] = record["unmapped"]
+            print(f"elsa: the saved keys of {len(record['unmapped'])} planned parameters were not found "
+                  f"(e.g. {record['unmapped'][0]}): the pruning plan does not list them", file=sys.stderr)
         if fmt in ("hf", "both"):
             rec["model_dir"] = str(hf)
         if fmt in ("compressed", "both"):
-            index = compress_dir(hf, out / "model_compressed", nm)
+            index = compress_dir(hf, out / "model_compressed", nm, plan=record)
             rec["compressed"] = {"dir": str(out / "model_compressed"), "mb": dir_bytes(out / "model_compressed") / 1e6,
                                  "hf_mb": dir_bytes(hf) / 1e6, "shards_mb": index["compressed_bytes"] / 1e6,
                                  "dense_shards_mb": index["dense_bytes"] / 1e6, "floor_mb": floor_bytes(index) / 1e6,
                                  "encodings": index["encodings"]}
+            if index.get("plan_fallback"):
+                rec["compressed"]["plan_fallback"] = index["plan_fallback"]
+                _say_fallback(out / "model_compressed", index["plan_fallback"])
     finally:
         if fmt == "compressed":
             shutil.rmtree(hf, ignore_errors=True)

@@ -6,6 +6,9 @@ Prints the text, the decode speed (tokens/s after the prompt) and, with ``--spar
 matrix runs. ``--compare`` runs dense and sparse side by side on the same prompt: the same tokens, both speeds.
 The kernel plan is read from ``<dir>/elsa_sparse_plan-<dtype>.json`` when it was made for this CPU, kernel
 source, thread count and dtype (nothing is re-measured), else measured and saved there (``--remeasure``: always).
+The pruning plan saved with the model (the compressed index's ``plan``, an HF dir's pruning_plan.json) picks the
+matrices that get kernels and offers the N:M kernel where a matrix's target is N:M; a dir without one is read
+from its zeros as before.
 """
 from __future__ import annotations
 
@@ -109,11 +112,13 @@ def cpu_has_bf16() -> bool:
 
 
 def speed_table(model, new_tokens: int = 32, rounds: int = 3, ids: torch.Tensor | None = None,
-                plan_dir: Path | None = None, bf16: bool | None = None, prefill_tokens: int | None = None) -> dict:
+                plan_dir: Path | None = None, bf16: bool | None = None, prefill_tokens: int | None = None,
+                pruning_plan=None) -> dict:
     """The model as it is (dense kernels, its dtype) against the sparse kernels in the same dtype and, where the
     CPU has bf16 arithmetic (or ``bf16``), against dense bf16 and sparse with bf16 values, all side by side:
     tokens/s of each, the speedups against dense in the same dtype and against the faster dense, the kernels
-    chosen and whether greedy tokens equal the dense model's of the same dtype."""
+    chosen and whether greedy tokens equal the dense model's of the same dtype. ``pruning_plan``: the run's
+    plan (or a saved one's record), which picks the matrices and offers the N:M kernel (sparsify)."""
     from elsa.artifacts.linear import sparsify_with_plan
 
     if bf16 is None:
@@ -124,7 +129,7 @@ def speed_table(model, new_tokens: int = 32, rounds: int = 3, ids: torch.Tensor 
     plans = {}
     for name in list(models):
         sparse = copy.deepcopy(models[name])
-        plans[name] = sparsify_with_plan(sparse, plan_dir)
+        plans[name] = sparsify_with_plan(sparse, plan_dir, pruning_plan=pruning_plan)
         models[name.replace("dense", "sparse")] = sparse
     same = {k.replace("dense", "sparse"): k for k in plans}
     r = compare(models, ids, new_tokens, rounds, prefill_tokens, same)
@@ -145,12 +150,13 @@ def speed_table(model, new_tokens: int = 32, rounds: int = 3, ids: torch.Tensor 
 
 
 def measure(model, tok, new_tokens: int = 32, rounds: int = 3, prompt: str = "The history of the city",
-            plan_dir: Path | None = None) -> dict:
+            plan_dir: Path | None = None, pruning_plan=None) -> dict:
     """What a run records with measure_speed=true (:func:`speed_table`): dense against the sparse kernels side by
     side, in the model's dtype and (CPU with bf16 arithmetic) in bf16, plus which kernels were chosen. With
-    ``plan_dir`` (the run's compressed model dir) the plans are saved there for elsa.artifacts.generate."""
+    ``plan_dir`` (the run's compressed model dir) the plans are saved there for elsa.artifacts.generate;
+    ``pruning_plan``: the run's PruningPlan."""
     ids = tok(prompt, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
-    return speed_table(model, new_tokens, rounds, ids, plan_dir)
+    return speed_table(model, new_tokens, rounds, ids, plan_dir, pruning_plan=pruning_plan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ElsaError(f"--threads={args.threads} is not allowed: a whole number >= 1")
             torch.set_num_threads(args.threads)
         from elsa.logs import quiet_third_party_logs
-        from elsa.artifacts.compressed import load_any
+        from elsa.artifacts.compressed import load_any, read_plan
 
         quiet_third_party_logs()
         model, tok = load_any(args.model_dir, getattr(torch, args.dtype) if args.dtype else None)
@@ -183,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             from elsa.artifacts.linear import sparsify_with_plan
 
             sparse = copy.deepcopy(model) if args.compare else model
-            plan = sparsify_with_plan(sparse, args.model_dir, progress=True, remeasure=args.remeasure)
+            plan = sparsify_with_plan(sparse, args.model_dir, progress=True, remeasure=args.remeasure,
+                                      pruning_plan=read_plan(args.model_dir))
             print(f"kernels {plan['chosen']}; plan: {plan['plan_note']}; compiled kernels: {c_kernels_note()}",
                   file=sys.stderr)
         if args.compare:

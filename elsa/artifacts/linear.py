@@ -28,6 +28,11 @@ with its own kernel choice, and the experts module runs :func:`sparse_experts_fo
 experts its tokens chose, with the flags transformers' experts interface sets on the module (``has_gate``,
 ``is_transposed``, ``has_bias``, ``_apply_gate``). An experts module without those flags keeps its own forward and
 stays dense (recorded in the plan). lm_head and embeddings stay dense.
+
+With a pruning plan (``sparsify(model, pruning_plan=...)``: the run's PruningPlan, or the record saved beside the
+weights, elsa.artifacts.plan_record) the plan says which matrices are pruned and to what target: only planned
+matrices get kernels, the N:M kernels are offered where the target is N:M, and a matrix the plan leaves dense
+stays as it is with the plan's reason. Without one the zeros decide (2:4 kernels where the zeros hold 2:4).
 """
 from __future__ import annotations
 
@@ -240,10 +245,15 @@ def _sized(fn: Callable, nbytes: int) -> Callable:
     return fn
 
 
-def candidates(weight: torch.Tensor, bias: torch.Tensor | None,
-               only: set[str] | None = None) -> tuple[dict[str, Callable], dict[str, str]]:
+DETECT = "detect"      # no pruning plan: the N:M kernels are offered where the weight's zeros hold 2:4
+
+
+def candidates(weight: torch.Tensor, bias: torch.Tensor | None, only: set[str] | None = None,
+               nm: tuple[int, int] | None | str = DETECT) -> tuple[dict[str, Callable], dict[str, str]]:
     """{kernel name: fn(x2d) -> y2d} for this weight on its device, and {kernel: why not} for those left out.
-    Each fn carries ``nbytes``, the bytes of the matrix it reads. ``only``: build just these (and dense)."""
+    Each fn carries ``nbytes``, the bytes of the matrix it reads. ``only``: build just these (and dense).
+    ``nm``: the matrix's planned N:M pattern, or None (a ratio target: no N:M kernel), or DETECT (no plan: 2:4
+    where the zeros hold it)."""
     w = weight.detach()
     want = (lambda k: only is None or k in only)
     out: dict[str, Callable] = {"dense": _sized(lambda x: F.linear(x, w, bias), w.numel() * w.element_size())}
@@ -261,7 +271,7 @@ def candidates(weight: torch.Tensor, bias: torch.Tensor | None,
         except (RuntimeError, NotImplementedError) as exc:
             skipped["torch_csr"] = str(exc).splitlines()[0][:200]
     if w.is_cuda:
-        ok, why = semi_structured_support(w)
+        ok, why = _semi_structured(w, nm)
         if ok and want("semi_structured"):
             from torch.sparse import to_sparse_semi_structured
 
@@ -271,7 +281,7 @@ def candidates(weight: torch.Tensor, bias: torch.Tensor | None,
             skipped["semi_structured"] = why
         skipped["csr16"] = skipped["bitmask"] = skipped["nm"] = "the C kernels run on CPU"
         return out, skipped
-    skipped["semi_structured"] = semi_structured_support(w)[1]
+    skipped["semi_structured"] = _semi_structured(w, nm)[1]
     if w.dtype != torch.float32:
         skipped["csr16"] = f"the C kernel takes fp32 weights, not {str(w.dtype).removeprefix('torch.')}"
     elif kernel_library() is None:
@@ -283,24 +293,37 @@ def candidates(weight: torch.Tensor, bias: torch.Tensor | None,
             out["csr16"] = _sized(lambda x: add_bias(k(x, threads)), k.nbytes())
         if threads > 1 and want("csr16_1t"):
             out["csr16_1t"] = _sized(lambda x: add_bias(k(x, 1)), k.nbytes())
-    out.update(_compressed_candidates(w, bias, add_bias, want, skipped))
+    out.update(_compressed_candidates(w, bias, add_bias, want, skipped, nm))
     return out, skipped
+
+
+def _semi_structured(w: torch.Tensor, nm) -> tuple[bool, str]:
+    """semi_structured_support, where a plan (``nm`` not DETECT) offers the 2:4 kernels only to a 2:4 target."""
+    if nm != DETECT and nm != (2, 4):
+        return False, f"the pruning plan's target is {'a ratio' if nm is None else '%d:%d' % nm}, not 2:4"
+    return semi_structured_support(w)
 
 
 DECODE_ONLY = ("bitmask", "nm", "csr")     # elsa.artifacts.kernels: 1..DECODE_MAX tokens
 
 
 def _compressed_candidates(w: torch.Tensor, bias: torch.Tensor | None, add_bias: Callable, want: Callable,
-                           skipped: dict) -> dict:
-    """The kernels that read the checkpoint's own layouts (elsa.artifacts.kernels), on all torch threads."""
+                           skipped: dict, nm=DETECT) -> dict:
+    """The kernels that read the checkpoint's own layouts (elsa.artifacts.kernels), on all torch threads; the
+    ``nm`` layout in the planned N:M (``nm``: see :func:`candidates`)."""
     from elsa.artifacts import kernels as SK
     out = {}
+    pattern = (2, 4) if nm == DETECT else nm
     for layout in DECODE_ONLY:
-        why = SK.unavailable() or SK.layout_support(w, layout)
+        if layout == "nm" and pattern is None:
+            skipped[layout] = "the pruning plan's target for this matrix is a ratio"
+            continue
+        why = SK.unavailable() or SK.layout_support(w, layout, *([pattern] if layout == "nm" else []))
         if why:
             skipped[layout] = why
         elif want(layout):
-            k = SK.CompressedKernel(w, layout, threads=torch.get_num_threads(), bias=bias)
+            k = SK.CompressedKernel(w, layout, threads=torch.get_num_threads(), bias=bias,
+                                    **({"nm": pattern} if layout == "nm" else {}))
             out[layout] = _sized(lambda x, k=k: add_bias(k(x)), k.nbytes())
             out[layout].nd = k.forward_nd          # SparseLinear's decode path: any shape, the bias added
     return out
@@ -427,15 +450,16 @@ def by_bytes(fns: dict[str, Callable], measure: Callable[[list[str]], dict[str, 
 
 def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[str, int] = REGIMES,
                 timer: Callable | None = None, min_gain: float = MIN_GAIN, atol: float | None = None,
-                rtol: float | None = None, kernels: set[str] | None = None) -> tuple[dict, dict[str, Callable]]:
+                rtol: float | None = None, kernels: set[str] | None = None,
+                nm: tuple[int, int] | None | str = DETECT) -> tuple[dict, dict[str, Callable]]:
     """Every candidate kernel of one matrix in every regime; returns the plan (chosen kernel per regime, times in
     microseconds, rejections) and the candidate fns. A candidate whose output differs from dense (``tolerance``)
     is rejected. Decode (<= DECODE_MAX tokens), where a kernel of ``BYTES_KERNELS`` is a candidate: chosen by
     :func:`by_bytes`. Otherwise by timing every candidate (:func:`choose`); with the default timer, one whose
     first call takes over ``SCREEN`` times dense's is not timed further and keeps that call's time.
     ``timer(fns, tokens) -> {name: seconds}`` replaces the clock of both (tests); ``kernels``: the candidates
-    to consider (dense always)."""
-    fns, skipped = candidates(weight, bias, only=kernels)
+    to consider (dense always); ``nm``: the planned N:M (:func:`candidates`)."""
+    fns, skipped = candidates(weight, bias, only=kernels, nm=nm)
     d_atol, d_rtol = tolerance(weight.dtype)
     atol, rtol = atol or d_atol, rtol or d_rtol
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -600,10 +624,10 @@ def sparse_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
     return out.to(hidden_states.dtype)
 
 
-def _reuse(plan: dict, weight: torch.Tensor, bias, regimes: dict[str, int], measured_on: str):
+def _reuse(plan: dict, weight: torch.Tensor, bias, regimes: dict[str, int], measured_on: str, nm=DETECT):
     """The kernels a measured (or saved) plan chose, built for this matrix, each checked against dense on it (a
     mismatch falls back to dense). Only the chosen kernels are built."""
-    fns, _skipped = candidates(weight, bias, only={plan.get(r, "dense") for r in regimes})
+    fns, _skipped = candidates(weight, bias, only={plan.get(r, "dense") for r in regimes}, nm=nm)
     out = {"sparsity": float((weight == 0).float().mean()), "measured_on": measured_on, "rejected": {}}
     atol, rtol = tolerance(weight.dtype)
     g = torch.Generator().manual_seed(0)
@@ -669,26 +693,33 @@ def verify_in_model(model: nn.Module, modules: dict[str, "SparseLinear"], dense_
 class _Planner:
     """What sparsify shares between matrices: the settings, the measured classes, and a saved plan if any."""
 
-    def __init__(self, regimes, min_gain, timer, min_sparsity, share, saved, kernels):
+    def __init__(self, regimes, min_gain, timer, min_sparsity, share, saved, kernels, targets=None):
         self.regimes, self.min_gain, self.timer = regimes, min_gain, timer
         self.min_sparsity, self.share, self.saved, self.kernels = min_sparsity, share, saved, kernels
+        self.targets = targets          # elsa.artifacts.plan_record.PlanTargets, or None (no pruning plan)
         self.measured: dict = {}
         self.plans: dict = {}
 
-    def __call__(self, name: str, weight: torch.Tensor, bias) -> tuple[dict, dict[str, Callable]]:
-        """One matrix's plan and kernels: left as it is under ``min_sparsity``; from the saved plan; reused from
-        the matrix of its class (shape, dtype, bias, sparsity to 1%) measured first; or measured."""
+    def __call__(self, name: str, weight: torch.Tensor, bias, param: str) -> tuple[dict, dict[str, Callable]]:
+        """One matrix's plan and kernels: left dense where a pruning plan does not plan it (``param``: its
+        parameter's name, for the plan's reason) and as it is under ``min_sparsity`` (its planned ratio, else its
+        measured zeros); from the saved plan; reused from the matrix of its class (shape, dtype, bias, sparsity to
+        1%, planned N:M) measured first; or measured."""
         sparsity = float((weight == 0).float().mean())
-        key = (tuple(weight.shape), weight.dtype, bias is not None, round(sparsity, 2))
-        if sparsity < self.min_sparsity:
-            plan = {"sparsity": sparsity, **{r: "dense" for r in self.regimes}, "note": "left as it is"}
+        target = self.targets.target(name) if self.targets is not None else None
+        nm = DETECT if self.targets is None else ((target.n, target.m) if target and target.is_nm else None)
+        key = (tuple(weight.shape), weight.dtype, bias is not None, round(sparsity, 2), nm)
+        unplanned = self.targets is not None and target is None
+        if unplanned or (target.ratio if target is not None else sparsity) < self.min_sparsity:
+            note = f"left dense: {self.targets.dense_reason(param)}" if unplanned else "left as it is"
+            plan = {"sparsity": sparsity, **{r: "dense" for r in self.regimes}, "note": note}
             fns = {"dense": (lambda x, w=weight, b=bias: F.linear(x, w, b))}
         elif self.saved is not None:
-            plan, fns = _reuse(self.saved.get(name, {}), weight, bias, self.regimes, "saved plan")
+            plan, fns = _reuse(self.saved.get(name, {}), weight, bias, self.regimes, "saved plan", nm)
         elif self.share and key in self.measured:
-            plan, fns = _reuse(self.plans[self.measured[key]], weight, bias, self.regimes, self.measured[key])
+            plan, fns = _reuse(self.plans[self.measured[key]], weight, bias, self.regimes, self.measured[key], nm)
         else:
-            plan, fns = plan_matrix(weight, bias, self.regimes, self.timer, self.min_gain, kernels=self.kernels)
+            plan, fns = plan_matrix(weight, bias, self.regimes, self.timer, self.min_gain, kernels=self.kernels, nm=nm)
             self.measured[key] = name
         self.plans[name] = plan
         return plan, fns
@@ -697,7 +728,7 @@ class _Planner:
 def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: float = MIN_GAIN,
              timer: Callable | None = None, min_sparsity: float = 0.25, progress: bool = False,
              share: bool = True, verify: bool | None = None, whole_model_timer: Callable = model_timer,
-             saved: dict | None = None, kernels: set[str] | None = None) -> dict:
+             saved: dict | None = None, kernels: set[str] | None = None, pruning_plan=None) -> dict:
     """Replace, in place, each pruned Linear of the decoder blocks by a SparseLinear running the kernel chosen per
     regime (decode: the bytes model checked by measurement, :func:`by_bytes`; prefill: measured fastest, dense
     unless a sparse kernel wins by ``min_gain``). Matrices under ``min_sparsity`` are left as they are. With
@@ -707,10 +738,18 @@ def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: floa
     the candidates to consider (dense always). Returns the plan: per matrix, the kernels and times (or the matrix
     they were measured on), and a summary of what was chosen.
 
+    ``pruning_plan``: the run's PruningPlan, or the record saved with the model (elsa.artifacts.compressed.read_plan):
+    only its planned matrices become candidates (the others stay as they are, the plan's reason in their
+    ``note``; ``min_sparsity`` compares the planned ratio), and the N:M kernel is offered where a matrix's target
+    is N:M, not where its zeros happen to hold 2:4. Without one every matrix of the blocks is a candidate, its
+    kernels offered by its zeros.
+
     With ``verify`` (default: when the real clock times the matrices and no plan is given) the choices are then
     checked in the whole model (:func:`verify_in_model`): a regime whose kernels do not make the model faster
     runs dense."""
-    planner = _Planner(regimes, min_gain, timer, min_sparsity, share, saved, kernels)
+    from elsa.artifacts.plan_record import PlanTargets
+
+    planner = _Planner(regimes, min_gain, timer, min_sparsity, share, saved, kernels, PlanTargets.of(pruning_plan))
     replaced, dense_fns, dense_weights = {}, {}, {}
     items = list(block_linears(model).items())
     expert_modules = block_experts(model)     # found before any Linear is replaced (the blocks are found by them)
@@ -722,8 +761,8 @@ def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: floa
             weight = matrix_view(lin)
             if weight is not lin.weight:       # Conv1D: the kernels take the [out, in] matrix, laid out as such
                 weight = weight.contiguous()
-            plan, fns = planner(name, weight, lin.bias)
-            if plan.get("note") != "left as it is":
+            plan, fns = planner(name, weight, lin.bias, f"{name}.weight")
+            if "note" not in plan:
                 parent, _, child = name.rpartition(".")
                 replaced[name] = SparseLinear(lin, plan, fns)
                 dense_fns[name], dense_weights[name] = fns["dense"], lin.weight
@@ -751,7 +790,7 @@ def sparsify(model: nn.Module, regimes: dict[str, int] = REGIMES, min_gain: floa
             counts[r][p[r]] = counts[r].get(p[r], 0) + 1
     return {"matrices": planner.plans, "chosen": counts, "min_gain": min_gain, "regimes": dict(regimes),
             "measured": len(planner.measured), "verified_in_model": verified,
-            "source": "saved" if saved is not None else "measured"}
+            "source": "saved" if saved is not None else "measured", "pruning_plan": pruning_plan is not None}
 
 
 def _sparsify_experts(mod_name: str, mod: nn.Module, params: list[str], planner: _Planner, replaced: dict,
@@ -773,9 +812,9 @@ def _sparsify_experts(mod_name: str, mod: nn.Module, params: list[str], planner:
         for e in range(getattr(mod, attr).shape[0]):
             name = f"{mod_name}.{attr}[{e}]"
             weight, bias = _expert_matrix(mod, attr, e)
-            plan, fns = planner(name, weight, bias)
+            plan, fns = planner(name, weight, bias, f"{mod_name}.{attr}")
             table[attr].append(ExpertKernel(plan, fns, weight.shape[1]))
-            if plan.get("note") != "left as it is":
+            if "note" not in plan:
                 replaced[name], dense_fns[name] = table[attr][-1], fns["dense"]
     mod._elsa_kernels = table
     mod.forward = types.MethodType(sparse_experts_forward, mod)

@@ -224,7 +224,8 @@ class Run:
 
             plan_dir = self.out / "model_compressed"       # the kernel plans saved with the compressed model
             self.results["inference"] = self.timed("speed", measure, model, tok,
-                                                   plan_dir=plan_dir if plan_dir.is_dir() else None)
+                                                   plan_dir=plan_dir if plan_dir.is_dir() else None,
+                                                   pruning_plan=self.plan)
         self.times["total"] = time.perf_counter() - t0
         return self.finish(measured)
 
@@ -388,7 +389,7 @@ class Run:
 
     def save(self, model, tok):
         nm = (self.target.n, self.target.m) if self.target.is_nm else None
-        self.results.update(save_model(model, tok, self.out, self.save_format, nm))
+        self.results.update(save_model(model, tok, self.out, self.save_format, nm, plan=self.plan))
         write_json_atomic(self.out / "sparsity_per_layer.json", self.results["sparsity"]["per_layer"])
 
     def fail(self, exc: BaseException):

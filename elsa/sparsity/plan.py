@@ -232,11 +232,22 @@ class PruningPlan:
                     ids.add(id(p))
         return ids
 
+    def parameters(self) -> dict[str, tuple[MatrixId, Weight]]:
+        """{full parameter name: (weight id, view)} of every prunable parameter of the blocks, planned or left
+        dense (a planned one's id is a key of :attr:`weights`)."""
+        return {name if w.experts is not None else f"{name}.{w.attr}": (mid, w)
+                for name, (mid, w) in _weight_names(self.model).items()}
+
     def dense_reason(self, param_name: str) -> str | None:
         """Why a parameter (by full name) stays dense: "ignored", "not_targeted", or None."""
-        parts = param_name.split(".")
-        return next((self.dense[".".join(parts[:k])] for k in range(len(parts), 0, -1)
-                     if ".".join(parts[:k]) in self.dense), None)
+        return dense_reason_in(self.dense, param_name)
+
+
+def dense_reason_in(dense: dict[str, str], param_name: str) -> str | None:
+    """The reason ``dense`` ({module or parameter name: reason}) gives for a parameter, by its full name: its own,
+    or that of the innermost module holding it; None: not dense."""
+    parts = param_name.split(".")
+    return next((dense[".".join(parts[:k])] for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in dense), None)
 
 
 def mask_of(target, name: str, scores: torch.Tensor, group: str = "layer", transposed: bool = False) -> torch.Tensor:
