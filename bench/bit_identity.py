@@ -5,8 +5,9 @@
 
 ``family``: ``tiny`` (conf/model/tiny.yaml) or one of tests/test_families.py's FAMILIES (built here with the
 tiny model's tokenizer, so the same calibration data feeds every family). The run goes through the pipeline
-(elsa.run.recipe.run) with tests/conftest.py's TINY overrides, no dense evaluation and no save; the model is taken
-at the pipeline's measure step, after the method. Used to check that a refactor leaves pruned weights
+(elsa.run.recipe.run, or elsa.pipeline.run in a tree from before the folder layout) with tests/conftest.py's TINY
+overrides, no dense evaluation and no save; the model is taken where the run evaluates it, after the method (the
+"eval" phase of ``Run.timed``, in both layouts). Used to check that a refactor leaves pruned weights
 bit-identical (torch.equal on every tensor of the state dict)."""
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class FamilySource:
         import transformers
 
         import elsa
-        from elsa.model.structure import TinyLlamaSource
+
+        TinyLlamaSource = _module("elsa.model.structure", "elsa.models").TinyLlamaSource
 
         sys.path.insert(0, str(Path(elsa.__file__).resolve().parent.parent / "tests"))   # that tree's families
         from test_families import FAMILIES
@@ -49,27 +51,41 @@ class FamilySource:
         return f"family-{self.family}"
 
 
+def _module(name: str, before_layout: str):
+    """The tree's module ``name``, or its path before the folder layout (a tree of an older commit)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        return importlib.import_module(before_layout)
+
+
 def run(out: str, family: str, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
-    import elsa.run.recipe as P
+    import elsa
 
+    P = _module("elsa.run.recipe", "elsa.pipeline")
     captured = {}
-    measure = P.Run.measure
+    timed = P.Run.timed
 
-    def capture(self, model):
-        captured.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return measure(self, model)
+    def capture(self, phase, fn, *args, **kwargs):
+        if phase == "eval":
+            captured.update({k: v.detach().clone() for k, v in args[0].state_dict().items()})
+        return timed(self, phase, fn, *args, **kwargs)
 
-    P.Run.measure = capture
+    P.Run.timed = capture
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(Path(P.__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+    conf = Path(elsa.__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*TINY, f"output_dir={out}.dir", *overrides])
     if family != "tiny":
         cfg.model = OmegaConf.create({"_target_": "__main__.FamilySource", "name": family, "family": family})
     result = P.run(cfg)
     assert result.get("status") == "done", result.get("status")
+    assert captured, "the run never evaluated its model"
     torch.save(captured, out)
 
 
