@@ -52,13 +52,15 @@ class FamilySource:
 
 
 def _module(name: str, before_layout: str):
-    """The tree's module ``name``, or its path before the folder layout (a tree of an older commit)."""
+    """The tree's module ``name``, or its path before the folder layout (a tree of an older commit). Decided by
+    the tree's own files: an editable install of another checkout would otherwise answer an import of a module
+    this tree lacks."""
     import importlib
 
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError:
-        return importlib.import_module(before_layout)
+    import elsa
+
+    own = Path(elsa.__file__).resolve().parent.joinpath(*name.split(".")[1:]).with_suffix(".py")
+    return importlib.import_module(name if own.is_file() else before_layout)
 
 
 def run(out: str, family: str, overrides: list[str]) -> None:
