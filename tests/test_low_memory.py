@@ -195,3 +195,68 @@ def test_refusal_names_the_lean_setting_that_fits(tmp_path, like, method, limit,
                      "seqlen=2048", "hardware.threads=1", f"hardware.memory_gb={limit}", *method)
     msg = str(err.value)
     assert f"what fits: {named}" in msg, msg
+
+
+SPARSELLM_MODES = {"project": {}, "auxiliary": {"down_input": "auxiliary"},
+                   "reference": {"mode": "reference", "skip": []},
+                   "reference-half": {"mode": "reference", "skip": [], "half": True}}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-moe", "opt"])
+@pytest.mark.parametrize("mode", list(SPARSELLM_MODES))
+def test_low_memory_streams_sparsellm_variables_with_the_same_weights(monkeypatch, family, mode):
+    """SparseLLM's MLP problem with its per-token variables on disk, one chunk of 48 tokens resident (128
+    calibration tokens: chunks of 48, 48, 32): every parameter bit-identical to the variables held in memory
+    (the same chunks, the same order of the sums), the same objective, MLP errors and reconstruction errors;
+    results.json's low_memory entry says what streamed and its bytes on disk. Llama: gated SiLU; qwen2-moe: the
+    shared expert (routed experts by the SparseGPT fallback); OPT: plain ReLU with biases."""
+    import os
+
+    from elsa.methods import sparsellm
+    from elsa.methods.sparsellm import SparseLLM
+
+    monkeypatch.setattr(sparsellm, "TOKEN_CHUNK", 48)
+    folders = []
+    real = sparsellm.sparsellm_mlp
+
+    def watched(*args, folder=None, **kw):
+        if folder is not None:           # the previous block's folder is gone, this one holds the chunks
+            assert all(not os.path.exists(f) for f in folders) and os.listdir(folder)
+            folders.append(folder)
+        return real(*args, folder=folder, **kw)
+
+    monkeypatch.setattr(sparsellm, "sparsellm_mlp", watched)
+    make = lambda: SparseLLM(batch_size=2, iterations=2, fallback="sparsegpt", **SPARSELLM_MODES[mode])  # noqa: E731
+    usual, s_usual = _walk(family, make(), False)
+    lean, s_lean = _walk(family, make(), True)
+    for (n, a), (_m, b) in zip(usual.state_dict().items(), lean.state_dict().items()):
+        assert torch.equal(a, b), n
+    for key in ("mlp_objective", "mlp_error", "mlp_error_sparsegpt"):
+        assert s_usual[key] == s_lean[key] and s_usual[key], key
+    assert s_usual["reconstruction"] == s_lean["reconstruction"]
+    streamed = s_lean["low_memory"]["streamed"]
+    assert streamed["blocks"] == len(s_lean["mlp_error"]) == len(folders) == 4 and streamed["chunk_tokens"] == 48
+    assert all(b > 4 * 128 * 64 * 2 for b in streamed["disk_bytes"].values())      # at least X and Y
+    assert not any(os.path.exists(f) for f in folders)
+    assert "low_memory" not in s_usual
+
+
+def test_sparsellm_chunks_move_only_the_rounding(monkeypatch):
+    """The usual path walks the same chunks: above TOKEN_CHUNK tokens its sums add chunk by chunk, which moves
+    only float rounding (at or below it, one chunk: the whole tensors as before)."""
+    from torch import nn
+
+    from elsa.methods import sparsellm
+    from elsa.methods.sparsellm import sparsellm_mlp
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 16)
+    out = {}
+    for chunk in (128, 48):
+        torch.manual_seed(1)
+        gate, up, down = nn.Linear(16, 32, bias=False), nn.Linear(16, 32, bias=False), nn.Linear(32, 16)
+        with torch.no_grad():
+            y = down(nn.functional.silu(gate(x)) * up(x))
+        monkeypatch.setattr(sparsellm, "TOKEN_CHUNK", chunk)
+        out[chunk] = sparsellm_mlp(gate, up, down, nn.SiLU(), x, y, Sparsity(0.5), iterations=3)
+    assert out[48]["mlp_error"] == pytest.approx(out[128]["mlp_error"], rel=1e-4)
