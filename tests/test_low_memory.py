@@ -260,3 +260,31 @@ def test_sparsellm_chunks_move_only_the_rounding(monkeypatch):
         monkeypatch.setattr(sparsellm, "TOKEN_CHUNK", chunk)
         out[chunk] = sparsellm_mlp(gate, up, down, nn.SiLU(), x, y, Sparsity(0.5), iterations=3)
     assert out[48]["mlp_error"] == pytest.approx(out[128]["mlp_error"], rel=1e-4)
+
+
+@pytest.mark.parametrize("like,d,I", [("llama3-8b", 4096, 14336), ("llama2-7b", 4096, 11008)])
+def test_low_memory_plan_holds_one_chunk_of_sparsellm_variables(like, d, I):
+    """The plan follows SparseLLM's streaming: at 16 x 2048 tokens hardware.low_memory holds one TOKEN_CHUNK of
+    the MLP problem's per-token variables (X, Y and 5 T x I, with a chunk's new values and temporaries) instead
+    of all 32,768 tokens' (and the embeddings and head on disk), the block well under 20 GB, and the reading
+    and writing of the rest in the block's time."""
+    from elsa.methods.sparsellm import TOKEN_CHUNK
+    from elsa.plan import Plan, setting
+    from elsa.run.recipe import build
+
+    def plan(*extra):
+        cfg = compose(["model=shapes", f"model.like={like}", "model.blocks=1", "nsamples=16", "seqlen=2048",
+                       "method=sparsellm", "hardware.threads=1", *extra])
+        st = setting(cfg, build(cfg.model, "model"), build(cfg.method, "method"), None)
+        st.load = 0.0
+        return Plan(st, base_gb=0.5).build()
+
+    usual, lean = plan(), plan("hardware.low_memory=true")
+    usual_block, lean_block = (next(p for p in x.phases if "block(s)" in p.name) for x in (usual, lean))
+    T = 16 * 2048
+    saved = (usual_block.cpu_gb - lean_block.cpu_gb) * 1024 ** 3 - 4.0 * lean.S.outside
+    assert saved == pytest.approx(4.0 * T * (2 * d + 7 * I) - 4.0 * TOKEN_CHUNK * (2 * d + 10 * I), rel=1e-6)
+    assert lean_block.cpu_gb < 18 < 20 < usual_block.cpu_gb and lean_block.seconds > usual_block.seconds
+    assert "per-token variables on disk" in lean_block.note
+    ref = next(p for p in plan("hardware.low_memory=true", "method.mode=reference").phases if "block(s)" in p.name)
+    assert (ref.cpu_gb - lean_block.cpu_gb) * 1024 ** 3 == pytest.approx(4.0 * T * (2 * d + 3 * I), rel=1e-6)
