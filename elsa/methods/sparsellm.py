@@ -45,6 +45,10 @@ recorded after every alternation, with the error of
 plain SparseGPT on the same MLP (``mlp_error_sparsegpt``: every Linear pruned from its dense weights and dense
 inputs, what method=sparsegpt does) as the yardstick.
 
+The per-token variables (X, Y, S, U, P and the first layers' outputs, for every calibration token) are held in
+chunks of :data:`TOKEN_CHUNK` tokens and every update runs chunk by chunk; ``hardware.low_memory`` keeps the chunks
+on disk, one of each resident, with the same pruned weights (:class:`MLPProblem`).
+
 All Linears see the dense block's inputs (the engine's convention). A block whose MLP has neither shape
 (fused gate_up_proj, MoE experts, GPT-2's Conv1D) makes the run refuse right after the model loads
 (``validate``), before any calibration; with ``fallback: sparsegpt`` such blocks are pruned by SparseGPT alone,

@@ -334,7 +334,7 @@ def sparsegpt_cost(m, S: Shapes, T: int) -> BlockCost:
 
 def sparsellm_cost(m, S: Shapes, T: int) -> BlockCost:
     """SparseGPT on attention; the MLP's auxiliary problem holds X, Y (T x d) and S, U, P, XW_1, XW_u (T x I)
-    for every calibration token, with ~2 more T x I and ~6 I x I during an alternation. With
+    for every calibration token, with ~3 more T x I and ~6 I x I during an alternation. With
     hardware.low_memory (``lean``) those per-token variables wait on disk in chunks of TOKEN_CHUNK tokens, one
     chunk of each (and a chunk's new values and temporaries: 2 d + 10 I per token) resident, read and written
     ~(5 d + 20 I) x 4 B per token and alternation."""
