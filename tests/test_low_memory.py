@@ -288,3 +288,31 @@ def test_low_memory_plan_holds_one_chunk_of_sparsellm_variables(like, d, I):
     assert "per-token variables on disk" in lean_block.note
     ref = next(p for p in plan("hardware.low_memory=true", "method.mode=reference").phases if "block(s)" in p.name)
     assert (ref.cpu_gb - lean_block.cpu_gb) * 1024 ** 3 == pytest.approx(4.0 * T * (2 * d + 3 * I), rel=1e-6)
+
+
+def test_sparsellm_streamed_variables_are_removed_on_error(monkeypatch, tmp_path):
+    """A block that fails mid-problem leaves no chunk behind: SparseLLM removes its own folder (the walk's
+    folder kept here, to see that)."""
+    from elsa.engines import layerwise
+    from elsa.errors import ElsaError
+    from elsa.methods import sparsellm
+
+    class Kept:                       # the walk's folder, not cleaned up by the engine
+        def __init__(self, prefix=""):
+            self.name = str(tmp_path)
+
+        def cleanup(self):
+            pass
+
+    seen = []
+
+    def failing(*args, folder=None, **kw):
+        seen.append(sorted(p.name for p in (tmp_path / folder).iterdir()))
+        raise ElsaError("stop")
+
+    monkeypatch.setattr(layerwise.tempfile, "TemporaryDirectory", Kept)
+    monkeypatch.setattr(sparsellm, "sparsellm_mlp", failing)
+    with pytest.raises(ElsaError, match="stop"):
+        _walk("llama", sparsellm.SparseLLM(batch_size=2, iterations=1), True)
+    assert seen and "x_in.0.pt" in seen[0] and "y_in.0.pt" in seen[0]
+    assert list(tmp_path.iterdir()) == []
