@@ -111,11 +111,12 @@ def test_sparsellm_objective_and_mlp_error_decrease(sparsity):
             assert nm_violations(lin.weight, target.n, target.m) == 0
 
 
-def zero_centred_least_squares(x, t, percdamp, gram=None, prior=None):
-    """The re-fit before the damping fix: one λ = percdamp · mean diag(XᵀX), centred on zero (``prior`` unused)."""
-    g = (x.t() @ x) if gram is None else gram.clone()
+def zero_centred_ridge(gram, xt, percdamp, prior=None):
+    """The re-fit before the damping fix: one λ = percdamp · mean diag(XᵀX), centred on zero (``prior`` unused),
+    from the sums over tokens the MLP problem adds (XᵀX, XᵀT)."""
+    g = gram.clone()
     g += percdamp * float(torch.diagonal(g).mean()) * torch.eye(g.shape[0])
-    return torch.cholesky_solve(x.t() @ t, torch.linalg.cholesky(g)).t()
+    return torch.cholesky_solve(xt, torch.linalg.cholesky(g)).t()
 
 
 def test_sparsellm_down_fitted_to_the_pruned_activations_beats_the_auxiliary(monkeypatch):
@@ -137,7 +138,7 @@ def test_sparsellm_down_fitted_to_the_pruned_activations_beats_the_auxiliary(mon
     assert err[-1] < good["mlp_error_sparsegpt"]
     assert aux["objective"][-1] < 0.01 * aux["objective"][0]
 
-    monkeypatch.setattr(sparsellm, "least_squares", zero_centred_least_squares)
+    monkeypatch.setattr(sparsellm, "ridge", zero_centred_ridge)
     old = run("auxiliary")["mlp_error"]
     assert any(b > a for a, b in zip(old, old[1:])), old
 
@@ -164,7 +165,7 @@ def test_sparsellm_least_squares_damping_is_centred_on_the_dense_weights(monkeyp
     far = sparsellm.least_squares(x[:4], torch.zeros(4, 8), 1e6, prior=w0)
     assert torch.allclose(far, w0, rtol=1e-3, atol=1e-3)
 
-    monkeypatch.setattr(sparsellm, "least_squares", zero_centred_least_squares)
+    monkeypatch.setattr(sparsellm, "ridge", zero_centred_ridge)
     with torch.no_grad():
         bad = massive().run(x, target, iterations=4)
     assert min(bad["mlp_error"]) > 3 * sgpt, (bad["mlp_error"], sgpt)

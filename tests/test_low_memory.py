@@ -195,3 +195,124 @@ def test_refusal_names_the_lean_setting_that_fits(tmp_path, like, method, limit,
                      "seqlen=2048", "hardware.threads=1", f"hardware.memory_gb={limit}", *method)
     msg = str(err.value)
     assert f"what fits: {named}" in msg, msg
+
+
+SPARSELLM_MODES = {"project": {}, "auxiliary": {"down_input": "auxiliary"},
+                   "reference": {"mode": "reference", "skip": []},
+                   "reference-half": {"mode": "reference", "skip": [], "half": True}}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-moe", "opt"])
+@pytest.mark.parametrize("mode", list(SPARSELLM_MODES))
+def test_low_memory_streams_sparsellm_variables_with_the_same_weights(monkeypatch, family, mode):
+    """SparseLLM's MLP problem with its per-token variables on disk, one chunk of 48 tokens resident (128
+    calibration tokens: chunks of 48, 48, 32): every parameter bit-identical to the variables held in memory
+    (the same chunks, the same order of the sums), the same objective, MLP errors and reconstruction errors;
+    results.json's low_memory entry says what streamed and its bytes on disk. Llama: gated SiLU; qwen2-moe: the
+    shared expert (routed experts by the SparseGPT fallback); OPT: plain ReLU with biases."""
+    import os
+
+    from elsa.methods import sparsellm
+    from elsa.methods.sparsellm import SparseLLM
+
+    monkeypatch.setattr(sparsellm, "TOKEN_CHUNK", 48)
+    folders = []
+    real = sparsellm.sparsellm_mlp
+
+    def watched(*args, folder=None, **kw):
+        if folder is not None:           # the previous block's folder is gone, this one holds the chunks
+            assert all(not os.path.exists(f) for f in folders) and os.listdir(folder)
+            folders.append(folder)
+        return real(*args, folder=folder, **kw)
+
+    monkeypatch.setattr(sparsellm, "sparsellm_mlp", watched)
+    make = lambda: SparseLLM(batch_size=2, iterations=2, fallback="sparsegpt", **SPARSELLM_MODES[mode])  # noqa: E731
+    usual, s_usual = _walk(family, make(), False)
+    lean, s_lean = _walk(family, make(), True)
+    for (n, a), (_m, b) in zip(usual.state_dict().items(), lean.state_dict().items()):
+        assert torch.equal(a, b), n
+    for key in ("mlp_objective", "mlp_error", "mlp_error_sparsegpt"):
+        assert s_usual[key] == s_lean[key] and s_usual[key], key
+    assert s_usual["reconstruction"] == s_lean["reconstruction"]
+    streamed = s_lean["low_memory"]["streamed"]
+    assert streamed["blocks"] == len(s_lean["mlp_error"]) == len(folders) == 4 and streamed["chunk_tokens"] == 48
+    assert all(b > 4 * 128 * 64 * 2 for b in streamed["disk_bytes"].values())      # at least X and Y
+    assert not any(os.path.exists(f) for f in folders)
+    assert "low_memory" not in s_usual
+
+
+def test_sparsellm_chunks_move_only_the_rounding(monkeypatch):
+    """The usual path walks the same chunks: above TOKEN_CHUNK tokens its sums add chunk by chunk, which moves
+    only float rounding (at or below it, one chunk: the whole tensors as before)."""
+    from torch import nn
+
+    from elsa.methods import sparsellm
+    from elsa.methods.sparsellm import sparsellm_mlp
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 16)
+    out = {}
+    for chunk in (128, 48):
+        torch.manual_seed(1)
+        gate, up, down = nn.Linear(16, 32, bias=False), nn.Linear(16, 32, bias=False), nn.Linear(32, 16)
+        with torch.no_grad():
+            y = down(nn.functional.silu(gate(x)) * up(x))
+        monkeypatch.setattr(sparsellm, "TOKEN_CHUNK", chunk)
+        out[chunk] = sparsellm_mlp(gate, up, down, nn.SiLU(), x, y, Sparsity(0.5), iterations=3)
+    assert out[48]["mlp_error"] == pytest.approx(out[128]["mlp_error"], rel=1e-4)
+
+
+@pytest.mark.parametrize("like,d,I", [("llama3-8b", 4096, 14336), ("llama2-7b", 4096, 11008)])
+def test_low_memory_plan_holds_one_chunk_of_sparsellm_variables(like, d, I):
+    """The plan follows SparseLLM's streaming: at 16 x 2048 tokens hardware.low_memory holds one TOKEN_CHUNK of
+    the MLP problem's per-token variables (X, Y and 5 T x I, with a chunk's new values and temporaries) instead
+    of all 32,768 tokens' (and the embeddings and head on disk), the block well under 20 GB, and the reading
+    and writing of the rest in the block's time."""
+    from elsa.methods.sparsellm import TOKEN_CHUNK
+    from elsa.plan import Plan, setting
+    from elsa.run.recipe import build
+
+    def plan(*extra):
+        cfg = compose(["model=shapes", f"model.like={like}", "model.blocks=1", "nsamples=16", "seqlen=2048",
+                       "method=sparsellm", "hardware.threads=1", *extra])
+        st = setting(cfg, build(cfg.model, "model"), build(cfg.method, "method"), None)
+        st.load = 0.0
+        return Plan(st, base_gb=0.5).build()
+
+    usual, lean = plan(), plan("hardware.low_memory=true")
+    usual_block, lean_block = (next(p for p in x.phases if "block(s)" in p.name) for x in (usual, lean))
+    T = 16 * 2048
+    saved = (usual_block.cpu_gb - lean_block.cpu_gb) * 1024 ** 3 - 4.0 * lean.S.outside
+    assert saved == pytest.approx(4.0 * T * (2 * d + 7 * I) - 4.0 * TOKEN_CHUNK * (2 * d + 10 * I), rel=1e-6)
+    assert lean_block.cpu_gb < 18 < 20 < usual_block.cpu_gb and lean_block.seconds > usual_block.seconds
+    assert "per-token variables on disk" in lean_block.note
+    ref = next(p for p in plan("hardware.low_memory=true", "method.mode=reference").phases if "block(s)" in p.name)
+    assert (ref.cpu_gb - lean_block.cpu_gb) * 1024 ** 3 == pytest.approx(4.0 * T * (2 * d + 3 * I), rel=1e-6)
+
+
+def test_sparsellm_streamed_variables_are_removed_on_error(monkeypatch, tmp_path):
+    """A block that fails mid-problem leaves no chunk behind: SparseLLM removes its own folder (the walk's
+    folder kept here, to see that)."""
+    from elsa.engines import layerwise
+    from elsa.errors import ElsaError
+    from elsa.methods import sparsellm
+
+    class Kept:                       # the walk's folder, not cleaned up by the engine
+        def __init__(self, prefix=""):
+            self.name = str(tmp_path)
+
+        def cleanup(self):
+            pass
+
+    seen = []
+
+    def failing(*args, folder=None, **kw):
+        seen.append(sorted(p.name for p in (tmp_path / folder).iterdir()))
+        raise ElsaError("stop")
+
+    monkeypatch.setattr(layerwise.tempfile, "TemporaryDirectory", Kept)
+    monkeypatch.setattr(sparsellm, "sparsellm_mlp", failing)
+    with pytest.raises(ElsaError, match="stop"):
+        _walk("llama", sparsellm.SparseLLM(batch_size=2, iterations=1), True)
+    assert seen and "x_in.0.pt" in seen[0] and "y_in.0.pt" in seen[0]
+    assert list(tmp_path.iterdir()) == []

@@ -75,6 +75,7 @@ class LayerwisePruner(Pruner):
     (and may override the per-block ``prune_block``)."""
 
     family = LAYER_WISE     # calibration; offload: the engine moves one block at a time to the device
+    spill: str | None = None   # hardware.low_memory: the walk's folder on disk, for what a method streams itself
     square_stats = False    # statistics of in_features² per matrix (a Hessian): hardware.low_memory collects
                             # them one fused expert at a time; per-feature ones (Wanda's norms) all at once
 
@@ -333,6 +334,7 @@ class LayerwiseEngine:
         method.without_tokens = []
         experts_impl = self._eager_experts()
         spill = tempfile.TemporaryDirectory(prefix="elsa-dense-") if self.low_memory else None
+        method.spill = spill and spill.name
         outside = None
         if self.offload:
             self.model.to("cpu")
@@ -371,6 +373,7 @@ class LayerwiseEngine:
                 self.model.set_experts_implementation(experts_impl)
             if spill is not None:
                 spill.cleanup()
+            method.spill = None
         return self._summary(method, found, per_block, time.perf_counter() - t0)
 
     def _prune_one(self, method: LayerwisePruner, view: BlockPlan, batches, spill: str | None, found: dict):
@@ -394,6 +397,7 @@ class LayerwiseEngine:
     def _summary(self, method: LayerwisePruner, found: dict, per_block: list[dict], seconds: float) -> dict:
         """results.json's method_stats of the walk: the method's summary and the engine's records."""
         summary = method.summarize(found["per_layer"])
+        own = summary.pop("low_memory", {})     # what the method streamed itself (SparseLLM's MLP variables)
         summary["engine_s"] = seconds
         summary["per_block"] = per_block     # time, CPU time, peak memory and calibration tokens of each block
         if self.low_memory:
@@ -401,7 +405,7 @@ class LayerwiseEngine:
                    "fused experts collected one expert at a time (one forward each) and the dense copy on disk"
             if found["lean"] < len(self.blocks):
                 what += f"; the other blocks walked as usual ({type(method).__name__} couples their matrices)"
-            summary["low_memory"] = {"blocks": found["lean"], "of": len(self.blocks), "what": what}
+            summary["low_memory"] = {"blocks": found["lean"], "of": len(self.blocks), "what": what, **own}
         summary["reconstruction"] = reconstruction_summary(found["errors"])
         if method.without_tokens:
             log.warning("%d expert matrices received no calibration token; pruned by magnitude within the expert: %s",

@@ -45,6 +45,10 @@ recorded after every alternation, with the error of
 plain SparseGPT on the same MLP (``mlp_error_sparsegpt``: every Linear pruned from its dense weights and dense
 inputs, what method=sparsegpt does) as the yardstick.
 
+The per-token variables (X, Y, S, U, P and the first layers' outputs, for every calibration token) are held in
+chunks of :data:`TOKEN_CHUNK` tokens and every update runs chunk by chunk; ``hardware.low_memory`` keeps the chunks
+on disk, one of each resident, with the same pruned weights (:class:`MLPProblem`).
+
 All Linears see the dense block's inputs (the engine's convention). A block whose MLP has neither shape
 (fused gate_up_proj, MoE experts, GPT-2's Conv1D) makes the run refuse right after the model loads
 (``validate``), before any calibration; with ``fallback: sparsegpt`` such blocks are pruned by SparseGPT alone,
@@ -67,6 +71,10 @@ least one weight more per column block than asked (the counts here are exact).
 from __future__ import annotations
 
 import logging
+import math
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -240,12 +248,18 @@ def least_squares(x: torch.Tensor, t: torch.Tensor, percdamp: float, gram: torch
     SmolLM2-135M the down projection's inputs have one channel of mean square 18,347 against a median of 0.022,
     λ is ~6x the typical channel's own energy, and the re-fit of down was 4.8x worse than plain SparseGPT on that
     MLP (536 vs 113 at 50%); in block 29 at 2:4 the real error rose over the alternations (docs/results.md)."""
-    g = (x.t() @ x) if gram is None else gram.clone()
+    return ridge(x.t() @ x if gram is None else gram, x.t() @ t, percdamp, prior)
+
+
+def ridge(gram: torch.Tensor, xt: torch.Tensor, percdamp: float, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`least_squares`'s W from the sums over tokens alone: ``gram`` = XᵀX and ``xt`` = XᵀT (the MLP
+    problem adds them chunk by chunk)."""
+    g = gram.clone()
     diag = torch.diagonal(g)
     lam = percdamp * diag.clamp_min(1e-6 * float(diag.mean().clamp_min(1e-12)))
     g += torch.diag(lam)
     chol = torch.linalg.cholesky(g)
-    rhs = x.t() @ t if prior is None else x.t() @ t + lam[:, None] * prior.t()
+    rhs = xt if prior is None else xt + lam[:, None] * prior.t()
     return torch.cholesky_solve(rhs, chol).t()
 
 
@@ -285,90 +299,284 @@ class Recipe:
     #                            accumulates over the alternations (its in-place damping of one kept Hessian)
 
 
+TOKEN_CHUNK = 2048   # token rows per chunk of the MLP problem's per-token variables, on both paths: the sums over
+#                      tokens (Gram matrices, XᵀT) add chunk by chunk in this order whether the chunks are in
+#                      memory or on disk (hardware.low_memory), so both prune the same bits (a multiple of the S
+#                      update's 512-row chunks, so those fall where they did)
+
+
+class Chunks:
+    """One per-token variable of the MLP problem as chunks of token rows, each a contiguous float32 tensor: in
+    memory, or with ``folder`` (``hardware.low_memory``) one file per chunk, read back when used."""
+
+    def __init__(self, folder: str | None = None, name: str = "v"):
+        self.folder, self.name = folder, name
+        self.mem: dict[int, torch.Tensor] = {}
+        self.shapes: dict[int, tuple] = {}
+
+    @classmethod
+    def of(cls, t: torch.Tensor, rows: int, folder: str | None = None, name: str = "v") -> "Chunks":
+        """``t``'s rows in chunks of ``rows`` (in memory: views of ``t``, no copy)."""
+        out = cls(folder, name)
+        for i, lo in enumerate(range(0, len(t), rows)):
+            out.put(i, t[lo:lo + rows])
+        return out
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def _path(self, i: int) -> str:
+        return os.path.join(self.folder, f"{self.name}.{i}.pt")
+
+    def put(self, i: int, t: torch.Tensor) -> None:
+        t = t.detach().contiguous()
+        self.shapes[i] = tuple(t.shape)
+        if self.folder is None:
+            self.mem[i] = t
+        else:       # a view saves its whole storage: a copy of the chunk alone
+            torch.save(t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone(),
+                       self._path(i))
+
+    def get(self, i: int) -> torch.Tensor:
+        return self.mem[i] if self.folder is None else torch.load(self._path(i), weights_only=True)
+
+    def full(self) -> torch.Tensor:
+        parts = [self.get(i) for i in range(len(self))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @property
+    def rows(self) -> int:
+        return sum(s[0] for s in self.shapes.values())
+
+    @property
+    def disk_bytes(self) -> int:
+        return 0 if self.folder is None else sum(4 * math.prod(s) for s in self.shapes.values())
+
+    def drop(self) -> None:
+        if self.folder is not None:
+            for i in self.shapes:
+                os.remove(self._path(i))
+        self.mem, self.shapes = {}, {}
+
+
+class _Rows:
+    """Token rows appended batch by batch into ``out``'s chunks of ``rows`` rows (:func:`mlp_io` on disk)."""
+
+    def __init__(self, out: Chunks, rows: int):
+        self.out, self.rows, self.buf, self.n = out, rows, [], 0
+
+    def add(self, t: torch.Tensor) -> None:
+        self.buf.append(t)
+        self.n += len(t)
+        while self.n >= self.rows:
+            self._flush(self.rows)
+
+    def _flush(self, k: int) -> None:
+        rows = torch.cat(self.buf) if len(self.buf) > 1 else self.buf[0]
+        self.out.put(len(self.out), rows[:k])
+        rest = rows[k:]
+        self.buf, self.n = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> Chunks:
+        if self.n:
+            self._flush(self.n)
+        return self.out
+
+
+class _Mapped:
+    """``chunks`` read through ``fn`` (a target less its fixed bias)."""
+
+    def __init__(self, chunks: Chunks, fn):
+        self.chunks, self.fn = chunks, fn
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def get(self, i: int) -> torch.Tensor:
+        return self.fn(self.chunks.get(i))
+
+
+def _variable(name: str) -> property:
+    def get(self):
+        return self.v[name].full() if name in self.v else None
+
+    def put(self, t):          # a whole variable set at once (tests, benches)
+        self.v[name] = Chunks.of(t, self.token_chunk, self.folder, name)
+    return property(get, put, doc=f"the per-token variable {name}, whole (rows: tokens)")
+
+
+def _add(total, t):
+    return t if total is None else total + t
+
+
 class MLPProblem:
     """The auxiliary-variable problem of one MLP (plain when ``up`` is None); weights are float32 (out, in)
-    copies, biases stay fixed. ``xg`` = X W_1ᵀ + b_1 and ``xu`` = X W_uᵀ + b_u are kept for the current weights."""
+    copies, biases stay fixed. ``xg`` = X W_1ᵀ + b_1 and ``xu`` = X W_uᵀ + b_u are kept for the current weights.
 
-    def __init__(self, first: nn.Linear, up: nn.Linear | None, down: nn.Linear, act, x: torch.Tensor,
-                 y: torch.Tensor, alpha: float, beta: float, gamma: float, relu: bool = False, chunk: int = 512,
-                 down_input: str = "pruned", recipe: Recipe | None = None):
+    The per-token variables (X, Y, xg, xu, S, U, P; :data:`TOKEN_CHUNK` token rows a chunk, :class:`Chunks`) are
+    in memory, or with ``folder`` (``hardware.low_memory``) on disk, one chunk of each read at a time: every
+    update is row by row or a sum over tokens, done chunk by chunk in the same order either way. What is not
+    token-separable is formed whole as before: ``refit: reference``'s pseudo-inverses of X and of the down
+    projection's input."""
+
+    x, y, xg, xu, s, u, p = (_variable(n) for n in ("x", "y", "xg", "xu", "s", "u", "p"))
+
+    def __init__(self, first: nn.Linear, up: nn.Linear | None, down: nn.Linear, act, x, y, alpha: float,
+                 beta: float, gamma: float, relu: bool = False, chunk: int = 512, down_input: str = "pruned",
+                 recipe: Recipe | None = None, token_chunk: int | None = None, folder: str | None = None):
         self.act, self.relu = act, relu
         self.recipe = recipe or Recipe()
-        self.x = self._half(x)
+        self.token_chunk, self.folder = int(token_chunk or TOKEN_CHUNK), folder
         self.wg, self.bg = _weights(first)
         self.wu, self.bu = _weights(up)
         self.wd, self.bd = _weights(down)
         if self.recipe.half:
             self.wg, self.wu, self.wd = (None if w is None else self._half(w) for w in (self.wg, self.wu, self.wd))
         self.dense = (self.wg, self.wu, self.wd)             # the least-squares re-fits' damping centre
-        self.y = self._half(y if self.bd is None else y - self.bd)       # the target of P W_dᵀ
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.chunk = chunk
         self.down_input = down_input
         self.gated = self.wu is not None
-        self._inputs_changed()
-        self.s = self._half(self.xg.clone())
-        self.u = self._half(self.xu.clone()) if self.gated else None
-        self.p = self._half(self.activation(self.s, self.u))
-        self.hx = hessian(self.x)                          # X is fixed: its Gram matrix is computed once
+        self.v: dict[str, Chunks] = {}
+        self.hx = self._start(x, y)                        # X is fixed: its Gram matrix is computed once
         self._xinv = None                                  # refit=reference: X's pseudo-inverse, computed once
         self.name, self.alternation = "mlp", 0             # for the errors of the reference's re-fits
+
+    def _start(self, x, y) -> torch.Tensor:
+        """The variables at the dense values (S = X W_1ᵀ, U = X W_uᵀ, P = act(S) ⊙ U, Y less down's bias; so
+        L = 0), a chunk at a time; returns H = 2/n XᵀX."""
+        xs = x if isinstance(x, Chunks) else Chunks.of(x, self.token_chunk)
+        ys = y if isinstance(y, Chunks) else Chunks.of(y, self.token_chunk)
+        keep_x = not self.recipe.half                      # X and Y as given unless they change
+        keep_y = keep_x and self.bd is None
+        names = ("xg", "s", "p", "xu", "u") if self.gated else ("xg", "s", "p")
+        self.v = {"x": xs if keep_x else Chunks(self.folder, "x"), "y": ys if keep_y else Chunks(self.folder, "y"),
+                  **{n: Chunks(self.folder, n) for n in names}}
+        gram = None
+        for i in range(len(xs)):
+            xc, yc = self._half(xs.get(i)), ys.get(i)
+            if not keep_x:
+                self.v["x"].put(i, xc)
+            if not keep_y:
+                self.v["y"].put(i, self._half(yc if self.bd is None else yc - self.bd))
+            xg, xu = self._affines(xc)
+            s = self._half(xg.clone())
+            u = self._half(xu.clone()) if self.gated else None
+            self._put(i, xg=xg, xu=xu, s=s, u=u, p=self._half(self.activation(s, u)))
+            gram = _add(gram, xc.t() @ xc)
+        for given, kept in ((xs, keep_x), (ys, keep_y)):
+            if not kept and given.folder is not None:       # the MLP's inputs as read, now copied
+                given.drop()
+        self.n = self.v["x"].rows
+        return gram * (2.0 / self.n)
+
+    @property
+    def chunks(self) -> range:
+        return range(len(self.v["x"]))
+
+    def _get(self, i: int, *names: str) -> list:
+        return [self.v[n].get(i) if n in self.v else None for n in names]
+
+    def _put(self, i: int, **values) -> None:
+        for n, t in values.items():
+            if t is not None:
+                self.v[n].put(i, t)
+
+    def _affines(self, xc: torch.Tensor):
+        return _affine(xc, self.wg, self.bg), (_affine(xc, self.wu, self.bu) if self.gated else None)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the variables on disk (``folder``; 0 in memory)."""
+        return sum(c.disk_bytes for c in self.v.values()) + (self._xinv.disk_bytes if self._xinv else 0)
 
     def _half(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` rounded to fp16 where the reference holds it in fp16 (``recipe.half``); else ``t`` itself."""
         return t.half().float() if self.recipe.half else t
 
     def _inputs_changed(self) -> None:
-        self.xg = _affine(self.x, self.wg, self.bg)
-        self.xu = _affine(self.x, self.wu, self.bu) if self.gated else None
+        for i in self.chunks:
+            xg, xu = self._affines(self.v["x"].get(i))
+            self._put(i, xg=xg, xu=xu)
 
     def activation(self, s, u):
         a = self.act(s)
         return a if u is None else a * u
 
-    def objective(self) -> float:
+    def measures(self) -> tuple[float, float]:
+        """(L, the real MLP error ||mlp(X) - Y||² / n with the current weights) in one pass over the chunks."""
         a, b, g = self.alpha, self.beta, self.gamma
-        total = (g * (self.p @ self.wd.t() - self.y).pow(2).sum()
-                 + b * (self.p - self.activation(self.s, self.u)).pow(2).sum()
-                 + a * (self.s - self.xg).pow(2).sum())
-        if self.gated:
-            total = total + a * (self.u - self.xu).pow(2).sum()
-        return float(total) / len(self.x)
+        objective = error = None
+        for i in self.chunks:
+            y, xg, xu, s, u, p = self._get(i, "y", "xg", "xu", "s", "u", "p")
+            total = (g * (p @ self.wd.t() - y).pow(2).sum()
+                     + b * (p - self.activation(s, u)).pow(2).sum()
+                     + a * (s - xg).pow(2).sum())
+            if self.gated:
+                total = total + a * (u - xu).pow(2).sum()
+            objective = _add(objective, total)
+            error = _add(error, (self.activation(xg, xu) @ self.wd.t() - y).pow(2).sum())
+        return float(objective) / self.n, float(error) / self.n
+
+    def objective(self) -> float:
+        return self.measures()[0]
 
     def mlp_error(self) -> float:
-        out = self.activation(self.xg, self.xu) @ self.wd.t()
-        return float((out - self.y).pow(2).sum()) / len(self.x)
+        return self.measures()[1]
 
-    # -- activation updates (closed form / elementwise) -------------------------------------------------
+    # -- activation updates (closed form / elementwise), row by row: a chunk of tokens at a time ------------
+    def update_activations(self, which: tuple = ("p", "u", "s"), **s_options) -> None:
+        """P, then U, then S (those in ``which``), each from the others' newest values, in one pass."""
+        inv = self._p_inverse() if "p" in which else None
+        for i in self.chunks:
+            y, xg, xu, s, u, p = self._get(i, "y", "xg", "xu", "s", "u", "p")
+            if "p" in which:
+                p = self._p_rows(y, s, u, inv)
+            if "u" in which and self.gated:
+                u = self._u_rows(s, p, xu)
+            if "s" in which:
+                s = self._s_rows(s, p, u, xg, **s_options)
+            self._put(i, **{n: t for n, t in (("p", p), ("u", u), ("s", s)) if n in which})
+
     def update_p(self) -> None:
-        b, g = self.beta, self.gamma
-        lhs = g * self.wd.t() @ self.wd + b * torch.eye(self.wd.shape[1], device=self.wd.device)
-        rhs = g * self.y @ self.wd + b * self.activation(self.s, self.u)
-        inv = torch.cholesky_inverse(torch.linalg.cholesky(lhs))   # lhs is small and well conditioned
-        self.p = self._half(self._half(rhs) @ self._half(inv))
+        self.update_activations(("p",))
 
     def update_u(self) -> None:
-        if not self.gated:
-            return
-        sig = self.act(self.s)
-        self.u = self._half((self.beta * sig * self.p + self.alpha * self.xu) / (self.beta * sig * sig + self.alpha))
+        self.update_activations(("u",))
+
+    def update_s(self, steps: int = 5, halvings: int = 6, rtol: float = 1e-5) -> None:
+        self.update_activations(("s",), steps=steps, halvings=halvings, rtol=rtol)
+
+    def _p_inverse(self) -> torch.Tensor:
+        b, g = self.beta, self.gamma
+        lhs = g * self.wd.t() @ self.wd + b * torch.eye(self.wd.shape[1], device=self.wd.device)
+        return self._half(torch.cholesky_inverse(torch.linalg.cholesky(lhs)))   # small and well conditioned
+
+    def _p_rows(self, y, s, u, inv) -> torch.Tensor:
+        """P ← (γ Y W_d + β act(S)⊙U) (γ W_dᵀ W_d + β I)⁻¹ on these rows."""
+        rhs = self.gamma * y @ self.wd + self.beta * self.activation(s, u)
+        return self._half(self._half(rhs) @ inv)
+
+    def _u_rows(self, s, p, xu) -> torch.Tensor:
+        sig = self.act(s)
+        return self._half((self.beta * sig * p + self.alpha * xu) / (self.beta * sig * sig + self.alpha))
 
     def _s_loss(self, s, p, u, g):
         a = self.act(s)
         return self.beta * (p - (a if u is None else a * u)).pow(2) + self.alpha * (s - g).pow(2)
 
-    def update_s(self, steps: int = 5, halvings: int = 6, rtol: float = 1e-5) -> None:
-        """Each element of S, a chunk of token rows at a time (the tensors of one chunk stay in cache)."""
-        for lo in range(0, len(self.s), self.chunk):
+    def _s_rows(self, s, p, u, xg, steps: int = 5, halvings: int = 6, rtol: float = 1e-5) -> torch.Tensor:
+        """Each element of S on these rows, ``chunk`` rows at a time (the tensors of one stay in cache)."""
+        out = torch.empty_like(s)
+        for lo in range(0, len(s), self.chunk):
             rows = slice(lo, lo + self.chunk)
-            u = self.u[rows] if self.gated else None
+            ur = u[rows] if self.gated else None
             if self.relu:
-                self.s[rows] = self._relu_s_rows(self.p[rows], u, self.xg[rows])
+                out[rows] = self._relu_s_rows(p[rows], ur, xg[rows])
             elif self.recipe.s_update == "gradient":
-                self.s[rows] = self._gradient_s_rows(self.s[rows], self.p[rows], u, self.xg[rows])
+                out[rows] = self._gradient_s_rows(s[rows], p[rows], ur, xg[rows])
             else:
-                self.s[rows] = self._update_s_rows(self.s[rows], self.p[rows], u, self.xg[rows], steps,
-                                                   halvings, rtol)
+                out[rows] = self._update_s_rows(s[rows], p[rows], ur, xg[rows], steps, halvings, rtol)
+        return out
 
     def _relu_s_rows(self, p, u, m) -> torch.Tensor:
         """The exact minimiser for ReLU (the paper's closed form): on S >= 0 the quadratic's minimiser clipped at
@@ -433,7 +641,7 @@ class MLPProblem:
     def update_weights(self, target, blocksize: int, percdamp: float, name: str, alternation: int = 0) -> None:
         """``target``: one Sparsity for the MLP's matrices, or {first, up, down: Sparsity} (an allocation's
         per-matrix ratios). ``alternation`` (from 0) matters only to ``recipe.literal``."""
-        n = len(self.x)
+        n = self.n
         gx = self.hx * (n / 2)
         self.name, self.alternation = name, alternation
         literal = self.recipe.literal
@@ -442,44 +650,95 @@ class MLPProblem:
         # carries d (1 + (1 + d) + ... + (1 + d)^k) of the original mean diagonal (d itself at the first)
         damp_first = percdamp * sum((1 + percdamp) ** j for j in range(alternation + 1)) if literal else percdamp
 
-        def refit(t, b, label, part, prior, w):
-            t = t if b is None else t - b
+        def refit(var, b, label, part, prior, w):
             if fit:
-                w = self._xfit(t, percdamp, gx, prior)
+                w = self._xfit(self.v[var] if b is None else _Mapped(self.v[var], lambda t: t - b), percdamp, gx,
+                               prior)
             w, _ = sparsegpt_prune(w, self.hx, _part(target, part), blocksize, damp_first, label)
             return self._half(w)
 
-        self.wg = refit(self.s, self.bg, f"{name}.first", "first", self.dense[0], self.wg)
+        self.wg = refit("s", self.bg, f"{name}.first", "first", self.dense[0], self.wg)
         if self.gated:
-            self.wu = refit(self.u, self.bu, f"{name}.up", "up", self.dense[1], self.wu)
-        self._inputs_changed()
-        a = self.p if self.down_input == "auxiliary" else self.activation(self.xg, self.xu)
-        ha = hessian(a)
-        w = self._down_fit(a, percdamp, ha * (n / 2)) if fit else self.wd
+            self.wu = refit("u", self.bu, f"{name}.up", "up", self.dense[1], self.wu)
+        ridge_fit = fit and self.recipe.refit == "ridge"
+        gram, aty = self._down_sums(check=fit and not ridge_fit, rhs=ridge_fit)
+        ha = gram * (2.0 / n)
+        w = self._down_fit(percdamp, ha * (n / 2), aty) if fit else self.wd
         self.wd, _ = sparsegpt_prune(w, ha, _part(target, "down"), blocksize, percdamp, f"{name}.down")
         self.wd = self._half(self.wd)
 
-    def _xfit(self, t, percdamp: float, gx, prior) -> torch.Tensor:
-        """A first-layer re-fit onto ``t`` from X: the project's damped least squares, or the reference's
-        pseudo-inverse of X (computed once per MLP, held in fp16 with ``recipe.half``)."""
-        if self.recipe.refit == "ridge":
-            return least_squares(self.x, t, percdamp, gx, prior=prior)
-        if self._xinv is None:
-            self._xinv = self._half(torch.pinverse(self._finite(self.x, "the MLP input X")))
-        return self._half(self._xinv @ t).t()
+    def _down_input(self, i: int, xg=None, xu=None) -> torch.Tensor:
+        """Chunk ``i`` of the down projection's input A: the auxiliary P, or the activations of the current
+        first layer(s) (``down_input``)."""
+        if self.down_input == "auxiliary":
+            return self.v["p"].get(i)
+        if xg is None:
+            xg, xu = self._get(i, "xg", "xu")
+        return self.activation(xg, xu)
 
-    def _down_fit(self, a, percdamp: float, gram) -> torch.Tensor:
-        """The down projection's re-fit onto Y from ``a``: the project's damped least squares; the reference's
-        pseudo-inverse of ``a`` (gated, its Llama path), or 10 gradient steps of 0.01 on the mean squared error
-        from the current weights (plain, its OPT path)."""
+    def _down_sums(self, check: bool, rhs: bool):
+        """One pass: xg, xu for the re-pruned first layer(s), then AᵀA and (``rhs``) AᵀY of the down projection's
+        input A; ``check``: A must be finite (the reference's pseudo-inverse)."""
+        gram = aty = None
+        for i in self.chunks:
+            xg, xu = self._affines(self.v["x"].get(i))
+            self._put(i, xg=xg, xu=xu)
+            a = self._down_input(i, xg, xu)
+            if check:
+                self._finite(a, "the down projection's input")
+            gram = _add(gram, a.t() @ a)
+            if rhs:
+                aty = _add(aty, a.t() @ self.v["y"].get(i))
+        return gram, aty
+
+    def _xfit(self, t, percdamp: float, gx, prior) -> torch.Tensor:
+        """A first-layer re-fit onto ``t`` (whole, or chunks) from X: the project's damped least squares, or the
+        reference's pseudo-inverse of X (computed once per MLP, held in fp16 with ``recipe.half``)."""
+        t = Chunks.of(t, self.token_chunk) if isinstance(t, torch.Tensor) else t
+        xs = self.v["x"]
         if self.recipe.refit == "ridge":
-            return least_squares(a, self.y, percdamp, gram, prior=self.dense[2])
-        a = self._finite(a, "the down projection's input")
+            xt = gram = None
+            for i in self.chunks:
+                xc = xs.get(i)
+                xt = _add(xt, xc.t() @ t.get(i))
+                gram = _add(gram, xc.t() @ xc) if gx is None else gx
+            return ridge(gram, xt, percdamp, prior=prior)
+        if self._xinv is None:     # not token-separable: X whole, once per MLP
+            xinv = self._half(torch.pinverse(self._finite(xs.full(), "the MLP input X")))
+            self._xinv, lo = Chunks(self.folder, "xinv"), 0
+            for i in self.chunks:
+                rows = xs.shapes[i][0]
+                self._xinv.put(i, xinv[:, lo:lo + rows])
+                lo += rows
+            del xinv
+        out = None
+        for i in self.chunks:
+            out = _add(out, self._xinv.get(i) @ t.get(i))
+        return self._half(out).t()
+
+    def _down_fit(self, percdamp: float, gram, aty) -> torch.Tensor:
+        """The down projection's re-fit onto Y from A: the project's damped least squares (from AᵀA and AᵀY);
+        the reference's pseudo-inverse of A (gated, its Llama path; A whole: not token-separable), or 10
+        gradient steps of 0.01 on the mean squared error from the current weights (plain, its OPT path)."""
+        if self.recipe.refit == "ridge":
+            return ridge(gram, aty, percdamp, prior=self.dense[2])
         if self.gated:
-            return self._half(self._half(torch.pinverse(a)) @ self.y).t()
+            a = [self._down_input(i) for i in self.chunks]
+            rows = [len(c) for c in a]
+            pinv = self._half(torch.pinverse(a[0] if len(a) == 1 else torch.cat(a)))
+            del a
+            out, lo = None, 0
+            for i in self.chunks:
+                out = _add(out, pinv[:, lo:lo + rows[i]] @ self.v["y"].get(i))
+                lo += rows[i]
+            return self._half(out).t()
         w = self.wd.clone()
         for _ in range(10):
-            w -= 0.01 * (2.0 / self.y.numel()) * ((a @ w.t() - self.y).t() @ a)
+            grad = None
+            for i in self.chunks:
+                a = self._down_input(i)
+                grad = _add(grad, (a @ w.t() - self.v["y"].get(i)).t() @ a)
+            w -= 0.01 * (2.0 / (self.n * self.wd.shape[0])) * grad
         return self._half(w)
 
     def _finite(self, t: torch.Tensor, what: str) -> torch.Tensor:
@@ -491,19 +750,22 @@ class MLPProblem:
                             "method.refit=ridge")
         return t
 
-    def update_activations(self) -> None:
-        self.update_p()
-        self.update_u()
-        self.update_s()
-
     def sparsegpt_error(self, target, blocksize: int, percdamp: float) -> float:
         """The real MLP error of plain SparseGPT on this MLP (every Linear from its dense weights and dense
         inputs), computed from the initial (dense) state; changes nothing."""
         wg, _ = sparsegpt_prune(self.wg, self.hx, _part(target, "first"), blocksize, percdamp)
         wu = sparsegpt_prune(self.wu, self.hx, _part(target, "up"), blocksize, percdamp)[0] if self.gated else None
-        wd, _ = sparsegpt_prune(self.wd, hessian(self.p), _part(target, "down"), blocksize, percdamp)
-        a = self.activation(_affine(self.x, wg, self.bg), _affine(self.x, wu, self.bu) if self.gated else None)
-        return float((a @ wd.t() - self.y).pow(2).sum()) / len(self.x)
+        gram = None
+        for i in self.chunks:
+            p = self.v["p"].get(i)
+            gram = _add(gram, p.t() @ p)
+        wd, _ = sparsegpt_prune(self.wd, gram * (2.0 / self.n), _part(target, "down"), blocksize, percdamp)
+        error = None
+        for i in self.chunks:
+            x, y = self._get(i, "x", "y")
+            a = self.activation(_affine(x, wg, self.bg), _affine(x, wu, self.bu) if self.gated else None)
+            error = _add(error, (a @ wd.t() - y).pow(2).sum())
+        return float(error) / self.n
 
 
 def _part(target, key: str) -> Sparsity:
@@ -522,22 +784,25 @@ def sparsellm_mlp(first: nn.Linear, up: nn.Linear | None, down: nn.Linear, act, 
                   target: Sparsity, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, iterations: int = 4,
                   blocksize: int = 128, percdamp: float = 0.01, name: str = "mlp", select: str = "last",
                   relu: bool = False, down_input: str = "pruned", baseline: bool = True,
-                  recipe: Recipe | None = None) -> dict:
+                  recipe: Recipe | None = None, folder: str | None = None) -> dict:
     """Prune the MLP ``down(act(first x) [* up x])`` in place so that it maps X to Y; returns the objective and
     the real MLP error per alternation (and plain SparseGPT's error on the same MLP, ``baseline``).
 
     ``select="last"`` keeps the last alternation's weights (the paper); ``"best"`` the alternation with the
-    lowest real MLP error. ``recipe``: how the steps are carried out (:class:`Recipe`; None: the project's)."""
+    lowest real MLP error. ``recipe``: how the steps are carried out (:class:`Recipe`; None: the project's).
+    ``x``, ``y``: tensors or :class:`Chunks`; ``folder`` (``hardware.low_memory``): the per-token variables
+    wait there on disk, one chunk resident (the same pruned weights; the bytes are recorded, ``streamed``)."""
     prob = MLPProblem(first, up, down, act, x, y, alpha, beta, gamma, relu=relu, down_input=down_input,
-                      recipe=recipe)
+                      recipe=recipe, folder=folder)
     sgpt = prob.sparsegpt_error(target, blocksize, percdamp) if baseline else None
     objective, error, best = [], [], None
     for k in tqdm(range(iterations), desc=f"sparsellm {name}", unit="alt", leave=False):
         if k > 0 or not prob.recipe.literal:     # the reference prunes first, then updates the auxiliaries
             prob.update_activations()
         prob.update_weights(target, blocksize, percdamp, name, k)
-        objective.append(prob.objective())
-        error.append(prob.mlp_error())
+        measured = prob.measures()
+        objective.append(measured[0])
+        error.append(measured[1])
         if select == "best" and error[-1] <= min(error):   # the update methods rebind the weights: no copy
             best = (prob.wg, prob.wu, prob.wd)
     chosen = best if select == "best" else (prob.wg, prob.wu, prob.wd)
@@ -546,24 +811,31 @@ def sparsellm_mlp(first: nn.Linear, up: nn.Linear | None, down: nn.Linear, act, 
             lin.weight.copy_(w.to(lin.weight.dtype))
     log.debug("%s: objective %s -> %s, MLP error %s -> %s (SparseGPT %s)", name, objective[0], objective[-1],
               error[0], error[-1], sgpt)
-    return {"objective": objective, "mlp_error": error, "mlp_error_sparsegpt": sgpt,
-            "kept": error.index(min(error)) if select == "best" else len(error) - 1}
+    out = {"objective": objective, "mlp_error": error, "mlp_error_sparsegpt": sgpt,
+           "kept": error.index(min(error)) if select == "best" else len(error) - 1}
+    if folder is not None:
+        out["streamed"] = {"variables": sorted(prob.v) + (["xinv"] if prob._xinv is not None else []),
+                           "tokens": prob.n, "chunk_tokens": prob.token_chunk, "disk_bytes": prob.disk_bytes()}
+    return out
 
 
 @torch.no_grad()
-def mlp_io(block: nn.Module, first: nn.Module, down: nn.Module, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+def mlp_io(block: nn.Module, first: nn.Module, down: nn.Module, inputs, folder: str | None = None):
     """The MLP's input tokens X (``first``'s input) and its dense output Y (``down``'s output, bias included)
-    over every batch, float32, (tokens, features)."""
-    xs, ys = [], []
-    handles = [first.register_forward_hook(lambda _m, a, _o: xs.append(a[0].reshape(-1, a[0].shape[-1]).float())),
-               down.register_forward_hook(lambda _m, _a, o: ys.append(o.reshape(-1, o.shape[-1]).float()))]
+    over every batch, float32, (tokens, features); with ``folder`` as :class:`Chunks` on disk there
+    (:data:`TOKEN_CHUNK` rows each), the batches written as they come."""
+    xs, ys = ([], []) if folder is None else \
+        (_Rows(Chunks(folder, "x_in"), TOKEN_CHUNK), _Rows(Chunks(folder, "y_in"), TOKEN_CHUNK))
+    add_x, add_y = (xs.append, ys.append) if folder is None else (xs.add, ys.add)
+    handles = [first.register_forward_hook(lambda _m, a, _o: add_x(a[0].reshape(-1, a[0].shape[-1]).float())),
+               down.register_forward_hook(lambda _m, _a, o: add_y(o.reshape(-1, o.shape[-1]).float()))]
     try:
         for h, kw in inputs:
             block(h, **kw)
     finally:
         for handle in handles:
             handle.remove()
-    return torch.cat(xs), torch.cat(ys)
+    return (torch.cat(xs), torch.cat(ys)) if folder is None else (xs.close(), ys.close())
 
 
 @dataclass(frozen=True)
@@ -707,19 +979,31 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
         if self.block_index.get(prefix) in skip:   # one alternation only: the reference's opt_epochs = 1
             self.skipped_blocks.append(prefix)
             return LayerwisePruner.prune_block(self, view, stats, inputs)
+        return self._prune_mlp(view, stats, inputs, structure)
+
+    def _prune_mlp(self, view: BlockPlan, stats: dict[MatrixId, Any], inputs, structure: MLPStructure) -> dict:
+        """The block's other matrices by SparseGPT, its MLP by the alternations. With ``hardware.low_memory``
+        (``spill``: the walk's folder) the MLP problem's per-token variables wait on disk in a folder of their
+        own, removed after the block, errors included."""
+        block, prefix = view.module, view.prefix
         mods = {n: block.get_submodule(n) for n in structure.names()}
         first, up, down = mods[structure.first], mods.get(structure.up), mods[structure.down]
-        x, y = mlp_io(block, first, down, inputs)            # before any pruning: the dense block's view
-        per_layer = {}
-        for mid, lin in view.matrices().items():
-            if mid.local not in mods:
-                per_layer[view.name(mid)] = self.prune_linear(view.name(mid), lin, stats[mid], view.target(mid))
-        # each of the MLP's matrices to its own target in the plan (an allocation's ratios)
-        mlp_target = {part: view.target(MatrixId(view.index, path)) if path else None
-                      for part, path in (("first", structure.first), ("up", structure.up), ("down", structure.down))}
-        out = sparsellm_mlp(first, up, down, structure.act, x, y, mlp_target, *self.weights(structure.kind),
-                            self.iterations, self.blocksize, self.percdamp, f"{prefix}.{structure.down}",
-                            self.select, structure.relu, self.down_input, recipe=self.recipe)
+        folder = tempfile.mkdtemp(prefix="sparsellm-", dir=self.spill) if self.spill is not None else None
+        try:
+            x, y = mlp_io(block, first, down, inputs, folder)    # before any pruning: the dense block's view
+            per_layer = {}
+            for mid, lin in view.matrices().items():
+                if mid.local not in mods:
+                    per_layer[view.name(mid)] = self.prune_linear(view.name(mid), lin, stats[mid], view.target(mid))
+            # each of the MLP's matrices to its own target in the plan (an allocation's ratios)
+            mlp_target = {part: view.target(MatrixId(view.index, path)) if path else None for part, path in
+                          (("first", structure.first), ("up", structure.up), ("down", structure.down))}
+            out = sparsellm_mlp(first, up, down, structure.act, x, y, mlp_target, *self.weights(structure.kind),
+                                self.iterations, self.blocksize, self.percdamp, f"{prefix}.{structure.down}",
+                                self.select, structure.relu, self.down_input, recipe=self.recipe, folder=folder)
+        finally:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
         out["structure"] = {"kind": structure.kind, "first": structure.first, "up": structure.up,
                             "down": structure.down, "activation": type(structure.act).__name__}
         parents = {n.rpartition(".")[0] for n in structure.names()}
@@ -736,6 +1020,14 @@ class SparseLLM(SparseGPT, name="sparsellm", position=5):
         out["mlp_error_sparsegpt"] = {k: v["mlp_error_sparsegpt"] for k, v in mlps.items()}
         out["mlp_kept_alternation"] = {k: v["kept"] for k, v in mlps.items()}
         out["mlp_structure"] = {k: v["structure"] for k, v in mlps.items()}
+        streamed = {k: v["streamed"] for k, v in mlps.items() if "streamed" in v}
+        if streamed:     # hardware.low_memory: the engine's low_memory entry carries it
+            out["low_memory"] = {"streamed": {
+                "what": "the MLP problem's per-token variables (X, Y, X W_1ᵀ, X W_uᵀ, S, U, P) on disk, one chunk of "
+                        "each resident; every update chunk by chunk, the sums over tokens added in the usual order",
+                "blocks": len(streamed), "chunk_tokens": max(v["chunk_tokens"] for v in streamed.values()),
+                "disk_bytes": {k: v["disk_bytes"] for k, v in streamed.items()},
+                "peak_disk_bytes": max(v["disk_bytes"] for v in streamed.values())}}
         rising = [k for k, v in mlps.items() if any(b > a * (1 + 1e-3) for a, b in zip(v["mlp_error"],
                                                                                         v["mlp_error"][1:]))]
         out["mlp_error_rises_in"] = rising

@@ -288,6 +288,8 @@ class BlockCost:
     work: float
     flops: Work
     note: str = ""
+    lean: "BlockCost | None" = None   # under hardware.low_memory, when the method streams state of its own
+    disk: float = 0.0                 # bytes it then writes and reads on disk per block
 
 
 def _hessians(S: Shapes) -> float:
@@ -332,7 +334,12 @@ def sparsegpt_cost(m, S: Shapes, T: int) -> BlockCost:
 
 def sparsellm_cost(m, S: Shapes, T: int) -> BlockCost:
     """SparseGPT on attention; the MLP's auxiliary problem holds X, Y (T x d) and S, U, P, XW_1, XW_u (T x I)
-    for every calibration token, with ~3 more T x I and ~6 I x I during an alternation."""
+    for every calibration token, with ~3 more T x I and ~6 I x I during an alternation. With
+    hardware.low_memory (``lean``) those per-token variables wait on disk in chunks of TOKEN_CHUNK tokens, one
+    chunk of each (and a chunk's new values and temporaries: 2 d + 10 I per token) resident, read and written
+    ~(5 d + 20 I) x 4 B per token and alternation."""
+    from elsa.methods.sparsellm import TOKEN_CHUNK
+
     d, I, k = S.hidden, S.mlp, m.iterations
     if any(share < 1 for *_x, share in S.matrices):   # MoE: no MLP it models (refused, or SparseGPT's fallback)
         return sparsegpt_cost(m, S, T)
@@ -343,10 +350,18 @@ def sparsellm_cost(m, S: Shapes, T: int) -> BlockCost:
     per_alt = Work(mm=2 * I * I * d + 2 * T * d * I * 9 + 2 * T * I * I * 2 + 4 * I * I * d,
                    chol=2 * I ** 3 + d ** 3, vec=200.0 * T * I) + refit
     once = Work(mm=2 * T * d * d + 2 * T * I * I + 6 * T * d * I) + refit
-    held = _hessians(S) + 4.0 * T * (2 * d + 7 * I) + 4.0 * 6 * I * d
-    return BlockCost(held=held, work=max(attn_peak, 4.0 * 6 * I * I),
-                     flops=_accumulate(S, T) + attn_work + per_alt * k + once,
-                     note=f"{k} alternations over all {T:,} tokens")
+    fixed = _hessians(S) + 4.0 * 6 * I * d
+    work, flops = max(attn_peak, 4.0 * 6 * I * I), _accumulate(S, T) + attn_work + per_alt * k + once
+    note = f"{k} alternations over all {T:,} tokens"
+    # refit=reference forms X's pseudo-inverse (T x d) and the down projection's input A's (T x I, its SVD) whole
+    whole = 4.0 * T * (2 * d + 3 * I) if m.recipe.refit == "reference" else 0.0
+    chunk = min(T, TOKEN_CHUNK)
+    on_disk = 4.0 * T * (2 * d + 5 * I)
+    lean = BlockCost(held=fixed + 4.0 * chunk * (2 * d + 10 * I) + whole, work=work, flops=flops,
+                     note=f"{note}; hardware.low_memory: the MLP's per-token variables on disk "
+                          f"({on_disk / GB:.1f} GB), {chunk:,} tokens of each resident",
+                     disk=on_disk + 4.0 * T * (k * (5 * d + 20 * I) + 2 * d + I))
+    return BlockCost(held=fixed + 4.0 * T * (2 * d + 7 * I), work=work, flops=flops, note=note, lean=lean)
 
 
 def alps_cost(m, S: Shapes, T: int) -> BlockCost:
@@ -520,6 +535,8 @@ class Plan:
         S, st = self.S, self.st
         T, b = st.nsamples * st.seqlen, getattr(method, "batch_size", 8) * st.seqlen
         cost = declared(method)(method, S, T)
+        if st.low_memory and cost.lean is not None:    # the method streams state of its own (SparseLLM)
+            cost = cost.lean
         hidden = 2 * 4.0 * T * S.hidden
         block = copy = S.block_params * S.dtype_bytes   # the block, and its dense copy (the re-run's error measure)
         passes, spill = 2, 0.0                       # the statistics' forward and the re-run
@@ -537,7 +554,7 @@ class Plan:
         waiting = S.outside * S.dtype_bytes if st.low_memory else 0.0   # low_memory: on disk during the walk
         resident = self.base + self.weights_gb + (hidden + copy - waiting + cost.held + max(extra, cost.work)) / GB
         per_block = self.seconds(self.forward_work(T, passes) + Work(mm=2.0 * T * sum(
-            o * i * s for _n, o, i, s in S.matrices)) + cost.flops) + spill
+            o * i * s for _n, o, i, s in S.matrices)) + cost.flops) + spill + cost.disk / GB / self.SPILL_GBPS
         capture = self.seconds(self.forward_work(T, S.blocks - 1))
         gpu = None
         if self.gpu:    # one block at a time on the device; the model stays on the CPU
