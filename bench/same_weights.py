@@ -62,12 +62,13 @@ def commit(code: Path) -> str:
 def cell(overrides: list[str], base: Path, out: Path) -> dict:
     key = hashlib.sha1(" ".join(overrides).encode()).hexdigest()[:10]
     # each side's output dir is named by its commit, so a rerun after a new commit runs again
-    here, there = out / f"{key}_{commit(REPO)}", out / f"{key}_{commit(base)}"
+    head, base_commit = commit(REPO), commit(base)   # read once: a commit made during the runs is not theirs
+    here, there = out / f"{key}_{head}", out / f"{key}_{base_commit}"
     t0 = time.time()
     for code, d in ((REPO, here), (base, there)):
         d.parent.mkdir(parents=True, exist_ok=True)
         run(code, overrides, d)
-    row = {"overrides": overrides, "head": commit(REPO), "base": commit(base), **compare(here, there),
+    row = {"overrides": overrides, "head": head, "base": base_commit, **compare(here, there),
            "wall_s": round(time.time() - t0, 1)}
     with open(out / "same_weights.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")
