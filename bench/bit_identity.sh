@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Prune every case below with the elsa of worktree $1, storing each run's tensors under $2 (bench/bit_identity.py);
 # then compare two such dirs: bench/bit_identity.sh compare <dir a> <dir b>. One thread, one job at a time.
+# ONLY=<regex> runs the cases it matches; EXTRA="<overrides>" adds overrides to every case, e.g.
+#   ONLY="elsa|ast" EXTRA="method.autocast_bf16=false" bench/bit_identity.sh <tree> <dir>   (the fp32 training step)
 set -u
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -32,7 +34,8 @@ if [ "$1" = compare ]; then
 fi
 mkdir -p "$2"
 for c in "${CASES[@]}"; do
+  [[ -n "${ONLY:-}" && ! "$c" =~ ${ONLY} ]] && continue
   name=$(echo "$c" | tr ' =/[],:' '_______')
   [ -f "$2/$name.pt" ] && continue
-  PYTHONPATH=$1 $PY "$HERE/bit_identity.py" run "$2/$name.pt" $c > "$2/$name.log" 2>&1 || echo "FAILED: $c ($2/$name.log)"
+  PYTHONPATH=$1 $PY "$HERE/bit_identity.py" run "$2/$name.pt" $c ${EXTRA:-} > "$2/$name.log" 2>&1 || echo "FAILED: $c ($2/$name.log)"
 done
