@@ -92,8 +92,10 @@ def run(out: str, family: str, overrides: list[str]) -> None:
 
 
 def compare(a: str, b: str) -> int:
+    from same_weights import differing      # bench/ is on sys.path: this script runs as bench/bit_identity.py
     x, y = torch.load(a), torch.load(b)
-    bad = [k for k in x if k not in y or not torch.equal(x[k], y[k])] + [k for k in y if k not in x]
+    differ, one_side = differing(x, y)
+    bad = differ + one_side
     print(f"{a} vs {b}: {len(x)} tensors, {'identical' if not bad else f'{len(bad)} differ: {bad[:5]}'}")
     return 1 if bad else 0
 

@@ -47,12 +47,18 @@ def tensors(model_dir: Path) -> dict:
     return out
 
 
-def compare(a: Path, b: Path) -> dict:
+def differing(x: dict, y: dict) -> tuple[list[str], list[str]]:
+    """(names whose tensors differ, names only one side has) of two name -> tensor dicts (bench/bit_identity.py
+    shares it)."""
     import torch
+    return (sorted(k for k in x.keys() & y.keys() if not torch.equal(x[k], y[k])), sorted(x.keys() ^ y.keys()))
+
+
+def compare(a: Path, b: Path) -> dict:
     ta, tb = tensors(a / "model"), tensors(b / "model")
-    differ = sorted(k for k in ta.keys() & tb.keys() if not torch.equal(ta[k], tb[k]))
-    return {"tensors": len(ta), "only_one_side": sorted(ta.keys() ^ tb.keys()), "differ": differ,
-            "identical": not differ and ta.keys() == tb.keys()}
+    differ, one_side = differing(ta, tb)
+    return {"tensors": len(ta), "only_one_side": one_side, "differ": differ,
+            "identical": not differ and not one_side}
 
 
 def commit(code: Path) -> str:
