@@ -81,12 +81,32 @@ def probe(threads: int) -> dict:
         chol = 1024 ** 3 / 3 / _time(lambda: torch.linalg.cholesky(spd), 3, threads)
         buf = torch.empty(16 * 2 ** 20)
         fill = buf.numel() / _time(lambda: buf.normal_(0, 0.02), 2)
+        step = _time(_mlp_step(False), 2, threads) / _time(_mlp_step(True), 2, threads)
         torch.set_num_threads(1)
         w, u, e = torch.randn(128, 4096), torch.randn(128), torch.randn(4096)
         rank1 = 2 * w.numel() / _time(lambda: w.addr_(u, e, alpha=-1.0), 20)
     finally:
         torch.set_num_threads(before)
-    return {"mm": mm, "chol": chol, "rank1": rank1, "fill": fill}
+    return {"mm": mm, "chol": chol, "rank1": rank1, "fill": fill, "bf16_step": step}
+
+
+def _mlp_step(bf16: bool, tokens: int = 512, width: int = 1024):
+    """A training step's matmul part in miniature: forward and backward of a gated MLP (1024 -> 2816 -> 1024, the
+    decoder's proportions) over 512 tokens, in fp32 or under bf16 autocast with fp32 weights (the casts, the
+    fp32 elementwise work and the gradients' fp32 accumulation included, which is why a training step gains far
+    less from bf16 than a bare matmul: ~2x against ~8x on this CPU)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, width, generator=gen)
+    up, gate = (torch.randn(width, 2816, generator=gen).mul_(0.02).requires_grad_() for _ in range(2))
+    down = torch.randn(2816, width, generator=gen).mul_(0.02).requires_grad_()
+
+    def go():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = (torch.nn.functional.silu(x @ gate) * (x @ up)) @ down
+        y.float().square().mean().backward()
+        for w in (up, gate, down):
+            w.grad = None
+    return go
 
 
 def rates(threads: int, refresh: bool = False) -> dict:
@@ -94,7 +114,7 @@ def rates(threads: int, refresh: bool = False) -> dict:
     from elsa.assets import cache_dir
 
     path = cache_dir() / "plan" / "rates.json"
-    key = f"cputime-{platform.processor() or platform.machine()}-{os.cpu_count()}cpu-{threads}t"
+    key = f"cputime2-{platform.processor() or platform.machine()}-{os.cpu_count()}cpu-{threads}t"   # 2: bf16_step
     cached = json.loads(path.read_text()) if path.exists() else {}
     if key in cached and not refresh:
         return cached[key]
@@ -569,6 +589,20 @@ class Plan:
                       f"{per_block:,.0f} s per block; holds {cost.held / GB:.2f} GB of statistics" +
                       (f"; {cost.note}" if cost.note else ""))]
 
+    def bf16_step(self, t) -> float:
+        """The training step's forward and backward speed-up under ``method.autocast_bf16`` as the run will resolve
+        it on this CPU (elsa.engines.precision: auto is bf16 where its matmul is MIN_SPEEDUP faster), from the
+        probe's miniature step; 1.0 for fp32, and on the reference GPU (its rate is an fp32 one)."""
+        setting = getattr(t, "autocast_bf16", False)
+        if self.gpu or setting is False:
+            return 1.0
+        if setting == "auto":
+            from elsa.engines.precision import MIN_SPEEDUP, bf16_speedup
+
+            if bf16_speedup("cpu") < MIN_SPEEDUP:
+                return 1.0
+        return float(self.r.get("bf16_step", 1.0))
+
     def train(self, method) -> Phase:
         S, st, t = self.S, self.st, method.train
         state = declared(method)(method)
@@ -586,16 +620,18 @@ class Plan:
         tokens = t.batch_size * st.seqlen
         per_layer = 4.0 * tokens * ((S.hidden if t.gradient_checkpointing else 8 * S.hidden + 5 * S.mlp_token))
         acts = S.blocks * per_layer + 3 * 4.0 * tokens * S.vocab + self.forward_transient(tokens)
-        step = self.forward_work(tokens * t.grad_accum, S.blocks, head=True) * 3 + \
-            Work(vec=optimizer["flops"] * trained + 30.0 * S.prunable / max(getattr(method, "interval", 1), 1))
+        bf16 = self.bf16_step(t)
+        step = self.seconds(self.forward_work(tokens * t.grad_accum, S.blocks, head=True) * 3) / bf16 + \
+            self.seconds(Work(vec=optimizer["flops"] * trained + 30.0 * S.prunable / max(getattr(method, "interval", 1), 1)))
         checkpoints = t.steps // t.checkpoint_every if t.checkpoint_every else 0
-        secs = self.seconds(step) * t.steps + optimizer["setup_cpu_s"] / self.share + checkpoints * (S.params * S.dtype_bytes + trained * opt + S.prunable * state) \
+        secs = step * t.steps + optimizer["setup_cpu_s"] / self.share + checkpoints * (S.params * S.dtype_bytes + trained * opt + S.prunable * state) \
             / GB / self.SAVE_GBPS
-        self.hour_steps = int(3600 / max(self.seconds(step), 1e-9))
+        self.hour_steps = int(3600 / max(step, 1e-9))
         per_rank = fixed / st.ranks + acts + 2 * 4.0 * S.block_params
         gpu = GPU_REFERENCE["context_gb"] + per_rank / GB if self.gpu else None
         cpu = self.base + (self.weights_gb if self.gpu else (fixed + acts) / GB)
-        note = (f"{t.steps} steps x {t.batch_size} x {t.grad_accum} windows of {st.seqlen}; "
+        note = (f"{t.steps} steps x {t.batch_size} x {t.grad_accum} windows of {st.seqlen}"
+                f"{f' under bf16 autocast (its forward and backward measured {bf16:.1f}x fp32 here)' if bf16 != 1.0 else ''}; "
                 f"{S.dtype_bytes + 4 + opt + state:.0f} B per pruned weight (weight, gradient, optimizer, method) + "
                 f"{optimizer['transient']:.0f} B in the optimizer's step")
         return Phase("training", secs, cpu, gpu, note + (f"; {st.ranks} ranks" if st.ranks > 1 else ""))
