@@ -21,8 +21,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python run.py experiment=demo $(ARGS)
 
+# two workers, one thread each (tests/conftest.py): the 2-core machine the suite is sized for; JOBS=0 runs it
+# in one process
+JOBS    ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" -n $(JOBS) --dist worksteal $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -42,6 +42,15 @@ def _session_cache() -> Path:
 
 os.environ["ELSA_CACHE"] = str(_session_cache())   # the CLI tests' subprocesses inherit it
 
+# `make test` runs the suite in two pytest-xdist workers, one per core of the 2-core machine it is sized for: each
+# worker, and every subprocess it starts (the CLI tests, torchrun's ranks), at one torch thread, since two workers
+# at two threads each would oversubscribe the cores. A test that needs more threads sets them for itself.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 TINY = ["model=tiny", "logger=none", "eval=quick", "eval.max_tokens=2048", "seqlen=128", "nsamples=4"]
 
 

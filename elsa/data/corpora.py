@@ -9,6 +9,7 @@ import bz2
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -197,7 +198,7 @@ def token_stream(tokenizer, corpus: Corpus, split: str) -> torch.Tensor:
         ids.extend(doc)
     tokens = torch.tensor(ids, dtype=torch.int32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")     # two processes preparing it at once write apart
     torch.save(tokens, tmp)
     tmp.replace(path)
     return tokens
