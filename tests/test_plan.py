@@ -87,6 +87,33 @@ def test_plan_cli_prints_every_phase(capsys):
     assert out["peak_cpu_gb"] > 0 and out["total_s"] > 0 and out["forecast"].startswith("plan: ")
 
 
+def test_every_layerwise_method_declares_its_own_cost():
+    """The plan times a layer-wise method by its declaration; one that falls through to the bare walk's (no work of
+    its own) is planned as if it only ran the calibration forward (OATS's 80 SVDs per matrix were planned at 3 min
+    for a block that took 30 min)."""
+    from elsa.methods.registry import LAYER_WISE, methods
+    from elsa.run.forecast import declared, walk_cost
+
+    builtin = {n: c for n, c in methods().items() if c.family is LAYER_WISE and c.__module__.startswith("elsa.")}
+    assert {"wanda", "sparsegpt", "ria", "dsnot", "oats"} <= set(builtin)
+    bare = [n for n, c in builtin.items() if declared(object.__new__(c)) is walk_cost]
+    assert not bare, f"layer-wise methods the plan times as the bare walk: {bare}"
+
+
+def test_plan_time_follows_the_method_s_own_knobs(capsys):
+    """OATS's per-block time scales with its alternations; DSnoT's with its cycles (their declarations read them)."""
+    from elsa.plan import main
+
+    def per_block(*overrides):
+        main([*TINY, "hardware.threads=1", "sparsity=0.9", "--json", "--load", "0", *overrides])
+        phases = json.loads(capsys.readouterr().out)["phases"]
+        return next(p["seconds"] for p in phases if "block(s)" in p["name"])
+
+    assert per_block("method=oats", "method.iters=80") > 4 * per_block("method=oats", "method.iters=8")
+    assert per_block("method=dsnot", "method.cycles=500", "method.skip=none") > \
+        per_block("method=dsnot", "method.cycles=5", "method.skip=none")
+
+
 @pytest.mark.parametrize("method", [pytest.param("wanda", marks=pytest.mark.slow), "sparsegpt"])
 def test_plan_holds_against_a_measured_run(tmp_path, method):
     """A fresh run.py process on a narrow Llama-2 rehearsal: its measured peak RSS within 25% of the plan it

@@ -26,7 +26,8 @@ import torch
 
 GB = 1024 ** 3
 GPU_REFERENCE = {"name": "one 80 GB GPU (reference: fp32 matmul at 15 TFLOP/s sustained, A100-class without TF32)",
-                 "memory_gb": 80.0, "rates": {"mm": 15e12, "rank1": 2e11, "chol": 5e12, "fill": 5e10},
+                 "memory_gb": 80.0, "rates": {"mm": 15e12, "rank1": 2e11, "chol": 5e12, "fill": 5e10,
+                           "svd": 2e10},    # assumed: a 4096^2 SVD in ~3 s (cuSOLVER is far below matmul rate)
                  "context_gb": 0.5}
 
 
@@ -82,12 +83,14 @@ def probe(threads: int) -> dict:
         buf = torch.empty(16 * 2 ** 20)
         fill = buf.numel() / _time(lambda: buf.normal_(0, 0.02), 2)
         step = _time(_mlp_step(False), 2, threads) / _time(_mlp_step(True), 2, threads)
+        tall = torch.randn(1024, 512)
+        svd = 1024 * 512 * 512 / _time(lambda: torch.linalg.svd(tall, full_matrices=False), 2, threads)
         torch.set_num_threads(1)
         w, u, e = torch.randn(128, 4096), torch.randn(128), torch.randn(4096)
         rank1 = 2 * w.numel() / _time(lambda: w.addr_(u, e, alpha=-1.0), 20)
     finally:
         torch.set_num_threads(before)
-    return {"mm": mm, "chol": chol, "rank1": rank1, "fill": fill, "bf16_step": step}
+    return {"mm": mm, "chol": chol, "rank1": rank1, "fill": fill, "bf16_step": step, "svd": svd}
 
 
 def _mlp_step(bf16: bool, tokens: int = 512, width: int = 1024):
@@ -114,7 +117,7 @@ def rates(threads: int, refresh: bool = False) -> dict:
     from elsa.assets import cache_dir
 
     path = cache_dir() / "plan" / "rates.json"
-    key = f"cputime2-{platform.processor() or platform.machine()}-{os.cpu_count()}cpu-{threads}t"   # 2: bf16_step
+    key = f"cputime3-{platform.processor() or platform.machine()}-{os.cpu_count()}cpu-{threads}t"   # 3: bf16_step, svd
     cached = json.loads(path.read_text()) if path.exists() else {}
     if key in cached and not refresh:
         return cached[key]
@@ -280,13 +283,16 @@ def model_shapes(source, ignore=(), targets=()) -> Shapes:
 class Work:
     """FLOPs by the rate that runs them: ``mm`` matmuls at the run's threads, ``mm1`` / ``chol1`` matmuls and
     factorisations inside single-threaded loops (SparseGPT's), ``chol`` factorisations at the run's threads,
-    ``vec`` vector / elementwise / sort work (the rank-1 update's rate)."""
+    ``vec`` vector / elementwise / sort work (the rank-1 update's rate), ``svd`` thin SVDs at the run's threads in
+    units of rows x cols x min(rows, cols) (a 1024 x 512 SVD's rate: OATS's SVDs of 576-4096-wide matrices took
+    0.5-1.2x this model's time on this CPU)."""
 
     mm: float = 0.0
     mm1: float = 0.0
     chol: float = 0.0
     chol1: float = 0.0
     vec: float = 0.0
+    svd: float = 0.0
 
     def __add__(self, o: "Work") -> "Work":
         return Work(*(a + b for a, b in zip(vars(self).values(), vars(o).values())))
@@ -296,7 +302,7 @@ class Work:
 
     def seconds(self, r: dict, r1: dict) -> float:
         return (self.mm / r["mm"] + self.chol / r["chol"] + self.mm1 / r1["mm"] + self.chol1 / r1["chol"]
-                + self.vec / r1["rank1"])
+                + self.vec / r1["rank1"] + (self.svd / r["svd"] if self.svd else 0.0))
 
 
 @dataclass
@@ -340,6 +346,41 @@ def wanda_cost(m, S: Shapes, T: int) -> BlockCost:
     return BlockCost(held=4.0 * sum(S.groups), work=4.0 * 4 * biggest,
                      flops=Work(vec=sum(3.0 * T * s * i for _n, _o, i, s in S.matrices) +
                                 sum(30.0 * o * i for _n, o, i, _s in S.matrices)))
+
+
+def dsnot_cost(m, S: Shapes, T: int) -> BlockCost:
+    """Its base's scores (Wanda's statistics, or SparseGPT's Hessians and solve), then up to ``cycles`` grow /
+    prune swaps per row over sorted candidates on every matrix it refines (attention only with skip=mlp)."""
+    base = sparsegpt_cost(m, S, T) if m.base == "sparsegpt" else wanda_cost(m, S, T)
+    refined = [(o, i) for n, o, i, _s in S.matrices if not (m.skip == "mlp" and S.mlp in (o, i))]
+    swaps = Work(vec=sum((60.0 + 10.0 * m.cycles) * o * i for o, i in refined))
+    return BlockCost(base.held, base.work + 4.0 * 4 * max(o * i for _n, o, i, _s in S.matrices),
+                     base.flops + swaps, f"{len(refined)} of {len(S.matrices)} matrices refined")
+
+
+def oats_cost(m, S: Shapes, T: int) -> BlockCost:
+    """Wanda's statistics, then per matrix ``iters`` alternations of a rank-r SVD (exact each time, or exact at
+    the first and last with one subspace step between: ``method.svd``) and a per-row top-k of the rest."""
+    work = Work()
+    for _n, o, i, _s in S.matrices:
+        k = max(1, int(m.rank_ratio * 0.5 * o * i / (o + i))) + 10      # the rank at 50%, with the oversampling
+        exact = m.iters if m.svd == "exact" else min(m.iters, 2)
+        work += Work(svd=exact * float(o) * i * min(o, i), vec=m.iters * 30.0 * o * i,
+                     mm=(m.iters - exact) * (4.0 * o * i * k + 2.0 * k * k * i))
+    biggest = max(o * i for _n, o, i, _s in S.matrices)
+    return BlockCost(held=4.0 * sum(S.groups), work=4.0 * 7 * biggest, flops=work +
+                     wanda_cost(m, S, T).flops, note=f"{m.iters} SVD alternations per matrix ({m.svd})")
+
+
+def safe_cost(m, S: Shapes, T: int) -> BlockCost:
+    """SAFE trains each block on its calibration inputs: ``epochs`` passes of forward and backward over all T
+    tokens, holding the dense block's outputs (T x hidden) and Adam's moments, z, u and a copy of the weights
+    (24 B a weight); a batch's activations are the walk's transient (Adam's per-step work, ~5 / batch tokens of
+    the matmuls', is left out)."""
+    params = sum(o * i for _n, o, i, _s in S.matrices)
+    return BlockCost(held=4.0 * T * S.hidden + 24.0 * params, work=0.0,
+                     flops=Work(mm=m.epochs * 6.0 * T * sum(o * i * s for _n, o, i, s in S.matrices)),
+                     note=f"{m.epochs} epochs of training per block")
 
 
 def magnitude_cost(m, S: Shapes, T: int) -> BlockCost:
@@ -437,8 +478,12 @@ def _costs() -> dict:
     from elsa.methods.sparsegpt import SparseGPT
     from elsa.methods.sparsellm import SparseLLM
     from elsa.methods.training_method import TrainingMethod
+    from elsa.methods.dsnot import DSnoT
+    from elsa.methods.oats import OATS
+    from elsa.methods.ria import RIA
+    from elsa.methods.safe import SAFE
     from elsa.methods.wanda import Wanda
-    return {Wanda: wanda_cost, SparseGPT: sparsegpt_cost, SparseLLM: sparsellm_cost, ALPS: alps_cost,
+    return {Wanda: wanda_cost, RIA: wanda_cost, DSnoT: dsnot_cost, OATS: oats_cost, SAFE: safe_cost, SparseGPT: sparsegpt_cost, SparseLLM: sparsellm_cost, ALPS: alps_cost,
             Magnitude: magnitude_cost, Elsa: elsa_state_bytes, TrainingMethod: training_state_bytes,
             HessianPruner: hessian_cost, LayerwisePruner: walk_cost}
 
