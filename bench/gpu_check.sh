@@ -7,7 +7,7 @@
 #      against the same run in fp32 without checkpointing: time, peak GPU memory, perplexity;
 #   4. the sparse-inference kernels on 7B-shaped matrices (bench/bench_sparse.py matrices --device cuda) in bf16
 #      and fp16 at 50/70/90%/2:4: dense cuBLAS against cuSPARSE CSR and torch's semi-structured 2:4;
-#   5. the 7B-shaped rehearsal (issue 27): Wanda, SparseGPT, SparseLLM, ALPS, ELSA and ELSA-L (budget=demo) on one
+#   5. the 7B-shaped rehearsal (issue 27): every registered method (budget=demo where it trains) on one
 #      llama2-7b-shaped block (model=shapes) at 16 x 2048 calibration tokens: peak GPU memory and time measured
 #      against the plan run.py prints before loading (its GPU times use elsa/plan.py's reference rates).
 #
@@ -18,7 +18,7 @@
 #
 #   bench/gpu_check.sh prepare      # here, once: .gpu/ = the missing wheels + the embedded corpus (ignored by git)
 #   then, through the device tool:  run(command="bench/gpu_check.sh run", carry=[".gpu"], timeout_s=600)
-#   step 5 alone (~4 min):           run(command="bench/gpu_check.sh rehearsal", carry=[".gpu"], timeout_s=420)
+#   step 5 alone (16 methods, at most EACH=90 s each): run(command="bench/gpu_check.sh rehearsal", carry=[".gpu"], timeout_s=600)
 #   what comes back: $OUT/gpu_check.log, $OUT/sparse_gpu.jsonl, $OUT/runs.json
 # docs/results.md ("GPU") records the figures of each run with its date.
 set -uo pipefail
@@ -65,11 +65,19 @@ step "5. 7B-shaped rehearsal (issue 27): every method on ONE llama2-7b-shaped bl
 measured peak GPU memory and time against the plan that run.py printed before loading (results.json plan)"
 REHEARSE="model=shapes model.like=llama2-7b model.blocks=1 nsamples=16 seqlen=2048 logger=none save_model=false
   eval=quick eval.max_tokens=4096 eval.batch_size=1 eval.dense=false sparsity=0.5 hardware=$HW"
-for m in wanda sparsegpt sparsellm alps "elsa budget=demo" "elsa_l budget=demo"; do
+# every registered method (the registry's order, the first six first), with bench/bench_shapes.py's per-method
+# settings: budget=demo where it has a budget, MaskLLM at 2:4, OATS's subspace SVDs
+CELLS=$($PY -c "
+from elsa.methods.registry import methods
+first = ['wanda', 'sparsegpt', 'sparsellm', 'alps', 'elsa', 'elsa_l']
+extra = {'maskllm': 'sparsity=2:4', 'oats': 'method.svd=subspace'}
+for n, c in sorted(((n, c) for n, c in methods().items() if n != 'dense'), key=lambda x: x[0] not in first):
+    print(' '.join([n] + (['budget=demo'] if c.has_budget else []) + ([extra[n]] if n in extra else [])))")
+while read -r m; do
   name=shapes_${m%% *}; t=$(date +%s)
-  timeout 150 $PY run.py $REHEARSE method=$m output_dir="$RUNS/$name" > "$RUNS.$name.log" 2>&1
+  timeout ${EACH:-90} $PY run.py $REHEARSE method=$m output_dir="$RUNS/$name" > "$RUNS.$name.log" 2>&1
   echo "$name: exit $? in $(( $(date +%s) - t )) s"; grep -E "^plan:|elsa: error" "$RUNS.$name.log" | head -2
-done
+done <<< "$CELLS"
 $PY - "$RUNS" <<'EOF'
 import json, sys
 from pathlib import Path
