@@ -17,5 +17,8 @@ for run in 1 2; do
 done
 "$py" bench/bench_sparse.py matrices --threads "$threads" --sparsities 0.9 --reps 31 --out "$out" > /dev/null
 uptime
+# the same with the caches evicted before every call, as in a model's decode (bench_sparse.py --cold)
+"$py" bench/bench_sparse.py matrices --threads "$threads" --sparsities 0.9 --reps 31 --cold --out "$out" > /dev/null
+uptime
 echo "rows: $out"
 "$py" bench/bench_sparse.py accept "$out"

@@ -86,12 +86,32 @@ def bench_matrices(args) -> None:
 
 
 @torch.no_grad()
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache's size (sysfs; 32 MiB when it cannot be read)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        unit = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=32 * 1024 ** 2)
+
+
+def _evictor():
+    """A read of a buffer twice the last-level cache before every timed call (``--cold``): in a model's decode
+    every matrix comes from memory (a 7B model's weights are ~100x this CPU's 300 MiB L3), while a matrix timed
+    again and again stays in L3 where it fits (4096x4096 fp32 is 64 MiB), which makes dense look faster than it
+    is in a model. Read-only, so no dirty line is written back during the next timed call."""
+    buf = torch.ones(2 * last_level_cache_bytes() // 4)
+    return lambda: float(buf.sum())
+
+
 def bench_decode_matrices(args) -> None:
     """CPU, batch 1 (issue 30): each 7B-shaped matrix pruned per target, every decode kernel in each dtype timed
     side by side with dense in the same dtype and with dense fp32 (medians of ``--reps`` interleaved calls), and
     the kernel the plan (the bytes model, checked by measurement) chooses."""
     from elsa.artifacts.linear import candidates, interleaved_timer, plan_matrix
 
+    evict = _evictor() if args.cold else None
     for rows, cols in SHAPES:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(rows, cols, generator=g) / cols ** 0.5
@@ -106,7 +126,7 @@ def bench_decode_matrices(args) -> None:
                 fns, skipped = candidates(wd, None, only={"bitmask", "nm", "csr", "csr16"})
                 fns.pop("torch_csr", None)
                 run = {**ref, **{k: (lambda f=f: f(x)) for k, f in fns.items()}}
-                t = interleaved_timer(run, reps=args.reps, warmup=2, median=True,
+                t = interleaved_timer(run, reps=args.reps, warmup=2, median=True, before=evict,
                                       clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
                 plan, _ = plan_matrix(wd, None, {"decode": 1}, kernels={"bitmask", "nm", "csr"})
                 _append(args.out, {"bench": "decode_matrix", "shape": [rows, cols], "sparsity": target, "tokens": 1,
@@ -114,7 +134,7 @@ def bench_decode_matrices(args) -> None:
                                    "speedup": {k: t["dense"] / v for k, v in t.items() if k not in ("dense", "dense_fp32")},
                                    "speedup_vs_fp32": {k: t["dense_fp32"] / v for k, v in t.items() if k != "dense_fp32"},
                                    "chosen": plan["decode"], "bytes_model": plan.get("bytes_model", {}).get("decode"),
-                                   "clock": args.clock,
+                                   "clock": args.clock, "cold": bool(args.cold),
                                    "skipped": {k: v for k, v in skipped.items() if k in ("bitmask", "nm", "csr", "csr16")},
                                    **_env()})
 
@@ -259,12 +279,14 @@ def accept_report(rows: list[dict]) -> list[str]:
                          f"{bf} | {ceil} | {r['loadavg'][0]:.1f} |")
     lines += ["", "Plans (every plan of a sparsity and dtype, two per run, hashed): " + "; ".join(
         f"{sp} {k}: {'the same' if len(v) == 1 else 'DIFFER ' + ', '.join(sorted(v))}" for (sp, k), v in shas.items())]
-    lines += ["", "| shape | dtype | dense (us) | chosen | chosen vs dense, same dtype | load |", "|---|---|---|---|---|---|"]
+    lines += ["", "| shape | dtype | caches | dense (us) | chosen | chosen vs dense, same dtype | load |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["bench"] == "decode_matrix" and r["sparsity"] == "0.9":
-            us = r["us"]
-            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['dtype']} | {us['dense']:.0f} | {r['chosen']} | "
-                         f"{mark(us['dense'] / us[r['chosen']], MATRIX_TARGET)} | {r['loadavg'][0]:.1f} |")
+            us, caches = r["us"], "evicted before each call" if r.get("cold") else "kept between calls"
+            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['dtype']} | {caches} | {us['dense']:.0f} | "
+                         f"{r['chosen']} | {mark(us['dense'] / us[r['chosen']], MATRIX_TARGET)} | "
+                         f"{r['loadavg'][0]:.1f} |")
     return lines
 
 
@@ -315,6 +337,9 @@ def main() -> int:
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="wall time, or this thread's CPU time (with --threads 1 only: the work without the waits "
                              "for a core on a shared machine; the plan's own check stays on wall time)")
+    parser.add_argument("--cold", action=argparse.BooleanOptionalAction, default=False,
+                        help="matrices on cpu: evict the caches before every timed call (a model's decode streams "
+                             "every matrix from memory); --no-cold: the matrix stays cached between calls")
     parser.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                         help="model: also time each dense model with its pruned matrices free (zeros, no work): "
                              "the speedup no kernel can pass, the rest of the token being the same")

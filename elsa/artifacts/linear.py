@@ -339,19 +339,23 @@ def _synced(fn: Callable[[], object], device: torch.device | None) -> Callable[[
 
 
 def interleaved_timer(fns: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 2,
-                      median: bool = False, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+                      median: bool = False, clock: Callable[[], float] = time.perf_counter,
+                      before: Callable[[], object] | None = None) -> dict[str, float]:
     """Seconds per call of each fn, timed in interleaved rounds so that a change of machine load hits every
     candidate alike: for ``dense`` the first quartile of its calls, for the others the third quartile, so that a
     sparse kernel is chosen only when it is faster even on its slow calls against dense's fast ones (on a loaded
     machine medians of isolated calls picked kernels that were slower inside the model). ``median``: the median
     of every fn's calls (the check of a choice the bytes model made, which needs no handicap on either side).
-    ``clock``: wall time, or ``time.thread_time`` (one thread's CPU time: benchmarks on a shared machine)."""
+    ``clock``: wall time, or ``time.thread_time`` (one thread's CPU time: benchmarks on a shared machine).
+    ``before``: called, untimed, before every timed call (a benchmark's cache eviction: bench/bench_sparse.py)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     for _ in range(reps):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             t = clock()
             fn()
             times[name].append(clock() - t)
