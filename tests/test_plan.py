@@ -90,14 +90,14 @@ def test_plan_cli_prints_every_phase(capsys):
 def test_every_layerwise_method_declares_its_own_cost():
     """The plan times a layer-wise method by its declaration; one that falls through to the bare walk's (no work of
     its own) is planned as if it only ran the calibration forward (OATS's 80 SVDs per matrix were planned at 3 min
-    for a block that took 30 min)."""
+    for a block that took 30 min; L-ADMM's 30 ADMM iterations fell through to its base class's Hessians)."""
     from elsa.methods.registry import LAYER_WISE, methods
-    from elsa.run.forecast import declared, walk_cost
+    from elsa.run.forecast import declared, hessian_cost, walk_cost
 
     builtin = {n: c for n, c in methods().items() if c.family is LAYER_WISE and c.__module__.startswith("elsa.")}
-    assert {"wanda", "sparsegpt", "ria", "dsnot", "oats"} <= set(builtin)
-    bare = [n for n, c in builtin.items() if declared(object.__new__(c)) is walk_cost]
-    assert not bare, f"layer-wise methods the plan times as the bare walk: {bare}"
+    assert {"wanda", "sparsegpt", "ria", "dsnot", "oats", "ladmm"} <= set(builtin)
+    bare = [n for n, c in builtin.items() if declared(object.__new__(c)) in (walk_cost, hessian_cost)]
+    assert not bare, f"layer-wise methods the plan times as the bare walk (or its Hessians only): {bare}"
 
 
 def test_plan_time_follows_the_method_s_own_knobs(capsys):

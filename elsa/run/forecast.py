@@ -430,17 +430,25 @@ def sparsellm_cost(m, S: Shapes, T: int) -> BlockCost:
     return BlockCost(held=fixed + 4.0 * T * (2 * d + 7 * I), work=work, flops=flops, note=note, lean=lean)
 
 
-def alps_cost(m, S: Shapes, T: int) -> BlockCost:
-    """Per matrix: eigendecomposition of H (~9 n^3), then up to max_iters ADMM iterations of two matmuls with
-    the eigenvectors (4 rows n^2) and a top-k, then PCG (2 rows n^2 per iteration). The time is an upper bound
-    (it stops when the support settles)."""
+def _admm_cost(S: Shapes, T: int, iters: int, pcg_iters: int, note: str) -> BlockCost:
+    """Per matrix: eigendecomposition of H (~9 n^3), then ``iters`` ADMM iterations of two matmuls with the
+    eigenvectors (4 rows n^2) and a top-k, then PCG (2 rows n^2 per iteration)."""
     work = Work()
     for _n, o, i, _s in S.matrices:
-        work += Work(chol=27.0 * i ** 3, mm=(4.0 * m.max_iters + 2.0 * m.pcg_iters) * o * i * i,
-                     vec=SORT * m.max_iters * o * i)
+        work += Work(chol=27.0 * i ** 3, mm=(4.0 * iters + 2.0 * pcg_iters) * o * i * i, vec=SORT * iters * o * i)
     peak = max(4.0 * (5 * i * i + 10 * o * i) for _n, o, i, _s in S.matrices)
-    return BlockCost(held=_hessians(S), work=peak, flops=_accumulate(S, T) + work,
-                     note=f"time: up to {m.max_iters} ADMM iterations per matrix")
+    return BlockCost(held=_hessians(S), work=peak, flops=_accumulate(S, T) + work, note=note)
+
+
+def alps_cost(m, S: Shapes, T: int) -> BlockCost:
+    """ALPS: up to max_iters ADMM iterations per matrix; an upper bound (it stops when the support settles)."""
+    return _admm_cost(S, T, m.max_iters, m.pcg_iters, f"time: up to {m.max_iters} ADMM iterations per matrix")
+
+
+def ladmm_cost(m, S: Shapes, T: int) -> BlockCost:
+    """L-ADMM: its ``iters`` ADMM iterations per matrix (the mask grown over the first ``grow_iters``), then the
+    PCG refit when ``refit``."""
+    return _admm_cost(S, T, m.iters, m.pcg_iters if m.refit else 0, f"{m.iters} ADMM iterations per matrix")
 
 
 CODEC_BYTES = {"Fp32Codec": 4, "Bf16Codec": 2, "Fp8Codec": 1}
@@ -484,11 +492,12 @@ def _costs() -> dict:
     from elsa.methods.sparsellm import SparseLLM
     from elsa.methods.training_method import TrainingMethod
     from elsa.methods.dsnot import DSnoT
+    from elsa.methods.ladmm import LADMM
     from elsa.methods.oats import OATS
     from elsa.methods.ria import RIA
     from elsa.methods.safe import SAFE
     from elsa.methods.wanda import Wanda
-    return {Wanda: wanda_cost, RIA: wanda_cost, DSnoT: dsnot_cost, OATS: oats_cost, SAFE: safe_cost, SparseGPT: sparsegpt_cost, SparseLLM: sparsellm_cost, ALPS: alps_cost,
+    return {Wanda: wanda_cost, RIA: wanda_cost, DSnoT: dsnot_cost, OATS: oats_cost, SAFE: safe_cost, LADMM: ladmm_cost, SparseGPT: sparsegpt_cost, SparseLLM: sparsellm_cost, ALPS: alps_cost,
             Magnitude: magnitude_cost, Elsa: elsa_state_bytes, TrainingMethod: training_state_bytes,
             HessianPruner: hessian_cost, LayerwisePruner: walk_cost}
 
@@ -505,7 +514,7 @@ def _separable(method, S: Shapes) -> bool:
 
 
 def declared(method):
-    """The cost declaration of ``method``'s class, the nearest along its MRO (ELSA-L: ELSA's; L-ADMM: ALPS's)."""
+    """The cost declaration of ``method``'s class, the nearest along its MRO (ELSA-L: ELSA's)."""
     costs = _costs()
     for cls in type(method).__mro__:
         if cls in costs:
