@@ -89,8 +89,8 @@ def test_plan_cli_prints_every_phase(capsys):
 
 def test_every_layerwise_method_declares_its_own_cost():
     """The plan times a layer-wise method by its declaration; one that falls through to the bare walk's (no work of
-    its own) is planned as if it only ran the calibration forward (OATS's 80 SVDs per matrix: 3 min planned for 30 blocks
-    that took ~200 s each; L-ADMM's 30 ADMM iterations fell through to its base class's Hessians)."""
+    its own) is planned as if it only ran the calibration forward (OATS's 80 SVDs per matrix: 3 min planned for
+    30 blocks that took ~200 s each; L-ADMM's 30 ADMM iterations fell through to its base class's Hessians)."""
     from elsa.methods.registry import LAYER_WISE, methods
     from elsa.run.forecast import declared, hessian_cost, walk_cost
 
