@@ -65,14 +65,15 @@ step "5. 7B-shaped rehearsal (issue 27): every method on ONE llama2-7b-shaped bl
 measured peak GPU memory and time against the plan that run.py printed before loading (results.json plan)"
 REHEARSE="model=shapes model.like=llama2-7b model.blocks=1 nsamples=16 seqlen=2048 logger=none save_model=false
   eval=quick eval.max_tokens=4096 eval.batch_size=1 eval.dense=false sparsity=0.5 hardware=$HW"
-# every registered method (the registry's order, the first six first), with bench/bench_shapes.py's per-method
-# settings: budget=demo where it has a budget, MaskLLM at 2:4, OATS's subspace SVDs
+# bench/bench_shapes.py's llama2-7b cells (every registered method) with its per-method settings
 CELLS=$($PY -c "
-from elsa.methods.registry import methods
-first = ['wanda', 'sparsegpt', 'sparsellm', 'alps', 'elsa', 'elsa_l']
-extra = {'maskllm': 'sparsity=2:4', 'oats': 'method.svd=subspace'}
-for n, c in sorted(((n, c) for n, c in methods().items() if n != 'dense'), key=lambda x: x[0] not in first):
-    print(' '.join([n] + (['budget=demo'] if c.has_budget else []) + ([extra[n]] if n in extra else [])))")
+import sys; sys.path.insert(0, 'bench')
+from bench_shapes import CELLS, OPTIONS, SPARSITY
+from elsa.methods.registry import get
+for like, n in CELLS:
+    if like == 'llama2-7b':
+        print(' '.join([n] + (['budget=demo'] if get(n).has_budget else []) +
+                       ([f'sparsity={SPARSITY[n]}'] if n in SPARSITY else []) + OPTIONS.get(n, [])))")
 while read -r m; do
   name=shapes_${m%% *}; t=$(date +%s)
   timeout ${EACH:-90} $PY run.py $REHEARSE method=$m output_dir="$RUNS/$name" > "$RUNS.$name.log" 2>&1
