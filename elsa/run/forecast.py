@@ -221,9 +221,11 @@ def _groups(model, block, matrices) -> list[tuple[int, int | None]]:
     linears = {n: m.source.module for n, m in matrices.items()
                if m.expert is None and isinstance(m.source.module, torch.nn.Linear)}
     seen: dict[str, int] = {}
+    held: list[torch.Tensor] = []      # every input stays alive: a freed tensor's id can be reused by the next
 
     def hook(name):
         def fn(_m, args, _o):          # returns None: a forward hook's return value would replace the output
+            held.append(args[0])
             seen.setdefault(name, id(args[0]))
         return fn
     handles = [mod.register_forward_hook(hook(n)) for n, mod in linears.items()]
