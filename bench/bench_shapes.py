@@ -171,9 +171,9 @@ def start_load(root: Path, like: str, method: str) -> float | None:
     return float(loads[-1]) if loads else None
 
 
-def replan(root: Path) -> None:
-    """Rewrite every done cell's plan.json with the current plan code, for the load its run started under."""
-    for like, method in CELLS:
+def replan(root: Path, cells) -> None:
+    """Rewrite the done cells' plan.json with the current plan code, for the load each run started under."""
+    for like, method in cells:
         cell = root / f"{like}_{method}"
         if done(cell):
             plan = plan_of(overrides(like, method), start_load(root, like, method))
@@ -215,16 +215,18 @@ def main() -> None:
     ap.add_argument("--only", default="", help="like:method[,like:method...]")
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per cell")
     ap.add_argument("--table", action="store_true")
-    ap.add_argument("--replan", action="store_true", help="rewrite the done cells' plans with the current code")
+    ap.add_argument("--replan", action="store_true", help="rewrite the done cells' plans (of --only) with the current code; runs no cell")
     a = ap.parse_args()
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
+    cells = [tuple(c.split(":")) for c in a.only.split(",")] if a.only else CELLS
     if a.replan:
-        replan(root)
+        replan(root, cells)
     if a.table:
         print(table(root))
         return
-    cells = [tuple(c.split(":")) for c in a.only.split(",")] if a.only else CELLS
+    if a.replan:
+        return
     for like, method in cells:
         run_cell(root, like, method, a.timeout)
 

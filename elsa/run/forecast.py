@@ -465,14 +465,53 @@ OPTIMIZERS = {"adamw": {"state": 8.0, "flops": 30.0, "transient": 12.0, "setup_c
               "adamw8bit": {"state": 2.0, "flops": 330.0, "transient": 12.0, "setup_cpu_s": 30.0}}
 
 
-def elsa_state_bytes(m) -> float:
-    """ELSA's bytes per constrained weight beyond the weight, its gradient and the optimizer: z and u in their
-    codecs and two masks (mask0, mask_prev)."""
-    return CODEC_BYTES.get(type(m.z_codec).__name__, 4) + CODEC_BYTES.get(type(m.u_codec).__name__, 4) + 2
+@dataclass
+class TrainCost:
+    """A training method's declaration, per pruned weight: bytes of its own state (ELSA's z, u and masks); the
+    trainable values it adds in place of the weights (a learned mask's logits: the weights stay frozen, with no
+    gradient or optimizer state; None: the weights train); bytes its forward keeps for the backward beyond the
+    engine's activations; vector FLOPs (at the rank-1 rate) of its own work each optimizer step and each forward."""
+
+    state: float = 0.0
+    logits: float | None = None
+    saved: float = 0.0
+    step_vec: float = 0.0
+    forward_vec: float = 0.0
 
 
-def training_state_bytes(m) -> float:
-    return 0.0
+def elsa_train_cost(m, target) -> TrainCost:
+    """z and u in their codecs and two masks (mask0, mask_prev); a top-k projection every ``interval`` steps."""
+    state = CODEC_BYTES.get(type(m.z_codec).__name__, 4) + CODEC_BYTES.get(type(m.u_codec).__name__, 4) + 2
+    return TrainCost(state=state, step_vec=SORT / max(m.interval, 1))
+
+
+def training_cost(m, target) -> TrainCost:
+    """A training method that declares nothing of its own: a top-k mask of every pruned weight each step (AST's)."""
+    return TrainCost(step_vec=SORT)
+
+
+# the learned masks' relaxed sample and its backward, per logit and step, in vector FLOPs at the rank-1 rate, and
+# the bytes per logit the sample keeps for the backward. Measured on a 4096 x 4096 matrix under bf16 autocast, one
+# thread, CPU time (2026-12-05, bench-free: forward and backward of ``soft`` times the weight): MaskLLM 2:4 (1.5
+# logits per weight) 110-120 ns and 10 B per weight, LEAP (1 per weight) 34-37 ns and 8 B, at a rank-1 rate of
+# 16 GFLOP/s. The llama2-7b cells (issue 27) had taken 31 s (MaskLLM) and 15 s (LEAP) a step where the plan, which
+# counted neither, said ~10 s.
+MASK_STEP = {"maskllm": (1300.0, 6.7), "leap": (600.0, 8.0)}
+
+
+def maskllm_train_cost(m, target) -> TrainCost:
+    """C(M, N) logits per group of M weights (2:4: 6 per 4), sampled by Gumbel-softmax each step."""
+    import math
+
+    per_weight = math.comb(target.m, target.n) / target.m if target is not None and target.is_nm else 1.5
+    flops, saved = MASK_STEP["maskllm"]
+    return TrainCost(logits=per_weight, saved=saved * per_weight, forward_vec=flops * per_weight)
+
+
+def leap_train_cost(m, target) -> TrainCost:
+    """One logit per weight, sampled by Gumbel-sigmoid each step."""
+    flops, saved = MASK_STEP["leap"]
+    return TrainCost(logits=1.0, saved=saved, forward_vec=flops)
 
 
 def hessian_cost(m, S: Shapes, T: int) -> BlockCost:
@@ -495,13 +534,16 @@ def _costs() -> dict:
     from elsa.methods.sparsellm import SparseLLM
     from elsa.methods.training_method import TrainingMethod
     from elsa.methods.dsnot import DSnoT
+    from elsa.methods.leap import Leap
+    from elsa.methods.maskllm import MaskLLM
     from elsa.methods.ladmm import LADMM
     from elsa.methods.oats import OATS
     from elsa.methods.ria import RIA
     from elsa.methods.safe import SAFE
     from elsa.methods.wanda import Wanda
     return {Wanda: wanda_cost, RIA: wanda_cost, DSnoT: dsnot_cost, OATS: oats_cost, SAFE: safe_cost, LADMM: ladmm_cost, SparseGPT: sparsegpt_cost, SparseLLM: sparsellm_cost, ALPS: alps_cost,
-            Magnitude: magnitude_cost, Elsa: elsa_state_bytes, TrainingMethod: training_state_bytes,
+            Magnitude: magnitude_cost, Elsa: elsa_train_cost, MaskLLM: maskllm_train_cost, Leap: leap_train_cost,
+            TrainingMethod: training_cost,
             HessianPruner: hessian_cost, LayerwisePruner: walk_cost}
 
 
@@ -556,6 +598,7 @@ class Setting:
     save: bool = True
     ignore: tuple = ()
     targets: tuple = ()
+    target: object = None           # the run's sparsity (elsa.sparsity.patterns.Sparsity)
     load: float | None = None       # the CPU's load average to plan for (None: the current one)
     low_memory: bool = False        # hardware.low_memory: experts one at a time, the walk's dense copy on disk
 
@@ -667,16 +710,18 @@ class Plan:
 
     def train(self, method) -> Phase:
         S, st, t = self.S, self.st, method.train
-        state = declared(method)(method)
+        cost = declared(method)(method, st.target)
         optimizer = OPTIMIZERS[t.optimizer]
         opt = optimizer["state"]
         # method.train_dense_params=false: only the pruned matrices train (no gradient or optimizer state for
-        # the embeddings, norms and head); hardware.low_memory: the optimizer's step temporaries are one tensor's
-        # (AdamW per tensor or fused; the CPU AdamW8bit's C kernel steps tensor by tensor), not every weight's
-        trained = S.params if t.train_dense_params else S.prunable
-        largest = max([o * i for _n, o, i, _s in S.matrices] + [S.vocab * S.hidden] * t.train_dense_params)
+        # the embeddings, norms and head); a learned mask trains its logits instead, the weights frozen;
+        # hardware.low_memory: the optimizer's step temporaries are one tensor's (AdamW per tensor or fused; the
+        # CPU AdamW8bit's C kernel steps tensor by tensor), not every weight's
+        per_pruned = 1.0 if cost.logits is None else cost.logits
+        trained = S.prunable * per_pruned + (S.params - S.prunable) * t.train_dense_params
+        largest = max([o * i * per_pruned for _n, o, i, _s in S.matrices] + [S.vocab * S.hidden] * t.train_dense_params)
         transient = optimizer["transient"] * (largest if st.low_memory else trained)
-        fixed = S.params * S.dtype_bytes + trained * (4 + opt) + transient + S.prunable * state
+        fixed = S.params * S.dtype_bytes + trained * (4 + opt) + transient + S.prunable * (cost.state + cost.saved)
         if method.distils:    # the teacher; with hardware.low_memory it shares the student's frozen weights
             fixed += (S.prunable if st.low_memory and not t.train_dense_params else S.params) * S.dtype_bytes
         tokens = t.batch_size * st.seqlen
@@ -684,18 +729,21 @@ class Plan:
         acts = S.blocks * per_layer + 3 * 4.0 * tokens * S.vocab + self.forward_transient(tokens)
         bf16 = self.bf16_step(t)
         step = self.seconds(self.forward_work(tokens * t.grad_accum, S.blocks, head=True) * 3) / bf16 + \
-            self.seconds(Work(vec=optimizer["flops"] * trained + SORT * S.prunable / max(getattr(method, "interval", 1), 1)))
+            self.seconds(Work(vec=optimizer["flops"] * trained + (cost.step_vec + cost.forward_vec * t.grad_accum) * S.prunable))
         checkpoints = t.steps // t.checkpoint_every if t.checkpoint_every else 0
-        secs = step * t.steps + optimizer["setup_cpu_s"] / self.share + checkpoints * (S.params * S.dtype_bytes + trained * opt + S.prunable * state) \
-            / GB / self.SAVE_GBPS
+        secs = step * t.steps + optimizer["setup_cpu_s"] / self.share + checkpoints * (
+            S.params * S.dtype_bytes + trained * opt + S.prunable * cost.state) / GB / self.SAVE_GBPS
         self.hour_steps = int(3600 / max(step, 1e-9))
         per_rank = fixed / st.ranks + acts + 2 * 4.0 * S.block_params
         gpu = GPU_REFERENCE["context_gb"] + per_rank / GB if self.gpu else None
         cpu = self.base + (self.weights_gb if self.gpu else (fixed + acts) / GB)
+        own = (f"{S.dtype_bytes + 4 + opt + cost.state:.0f} B per pruned weight (weight, gradient, optimizer, method)"
+               if cost.logits is None else
+               f"{S.dtype_bytes + cost.saved + per_pruned * (4 + 4 + opt):.0f} B per pruned weight (the frozen weight, "
+               f"{per_pruned:g} mask logit(s) with gradient and optimizer, the sampled mask kept for the backward)")
         note = (f"{t.steps} steps x {t.batch_size} x {t.grad_accum} windows of {st.seqlen}"
                 f"{f' under bf16 autocast (its forward and backward measured {bf16:.1f}x fp32 here)' if bf16 != 1.0 else ''}; "
-                f"{S.dtype_bytes + 4 + opt + state:.0f} B per pruned weight (weight, gradient, optimizer, method) + "
-                f"{optimizer['transient']:.0f} B in the optimizer's step")
+                f"{own} + {optimizer['transient']:.0f} B in the optimizer's step")
         return Phase("training", secs, cpu, gpu, note + (f"; {st.ranks} ranks" if st.ranks > 1 else ""))
 
     def evaluate(self) -> Phase:
@@ -892,6 +940,8 @@ def alternatives(plan: Plan, limit_gb: float) -> list[str]:
 
 def setting(cfg, source, method, start, ranks: int | None = None) -> Setting:
     """The plan's view of a composed run config and its built components."""
+    from elsa.sparsity.patterns import Sparsity
+
     hw = cfg.hardware
     threads = int(hw.get("threads") or torch.get_num_threads())
     device = str(hw.get("device", "cpu"))
@@ -907,6 +957,7 @@ def setting(cfg, source, method, start, ranks: int | None = None) -> Setting:
                    eval_tokens=cfg.eval.get("max_tokens"), eval_batch=int(cfg.eval.get("batch_size", 4)),
                    eval_passes=passes, save=bool(cfg.get("save_model", True)),
                    ignore=tuple(cfg.get("ignore") or ()), targets=tuple(cfg.get("targets") or ()),
+                   target=Sparsity.parse(cfg.sparsity),
                    low_memory=bool(hw.get("low_memory", False)))
 
 
