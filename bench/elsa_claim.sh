@@ -14,6 +14,10 @@
 #                                     # the knob changed for a 135M model, beside the paper's recipe (docs/results.md)
 #   bench/elsa_claim.sh 90 short elsa_l   # ELSA-L (8-bit state) with the same recipe and tokens, for its figure
 #                                     # at ELSA's crossing budget (issue 26: within 2% of ELSA there)
+#   bench/elsa_claim.sh 90 short elsa_adamw8bit 160   # the A/B that locates ELSA-L's gap at 90%: ELSA with
+#   bench/elsa_claim.sh 90 short elsa_l_adamw 160     # ELSA-L's 8-bit AdamW only, ELSA-L with fp32 AdamW (its
+#                                     # FP8 z and BF16 u only); the last argument stops the run after that step's
+#                                     # checkpoint (the schedules still span the 2442 steps, as in the full runs)
 #   bench/elsa_claim.sh status        # where each run stands (last held-out points)
 #
 # Longer than a session (hours at one thread): it resumes from $ROOT/s<N>/checkpoints/elsa.pt (every 32 steps).
@@ -30,9 +34,11 @@ if [ "${1:-}" = status ]; then
   done
   exit 0
 fi
-S="${1:?usage: bench/elsa_claim.sh 70|90|status [paper|short] [elsa|elsa_l]}"
+S="${1:?usage: bench/elsa_claim.sh 70|90|status [paper|short] [elsa|elsa_l|elsa_adamw8bit|elsa_l_adamw] [stop-step]}"
 RECIPE="${2:-paper}"
 METHOD="${3:-elsa}"
+UNTIL="${4:-}"
+ARMS=()
 case "$RECIPE" in
   paper) RUN="s$S"; EXTRA=() ;;
   short) RUN="s${S}_short"; EXTRA=(budget=cpu) ;;
@@ -41,7 +47,9 @@ esac
 case "$METHOD" in
   elsa) ;;
   elsa_l) RUN="${RUN}_elsa_l" ;;
-  *) echo "elsa: error: method=$METHOD: elsa or elsa_l" >&2; exit 2 ;;
+  elsa_adamw8bit) RUN="${RUN}_$METHOD"; METHOD=elsa; ARMS=(method.optimizer=adamw8bit) ;;
+  elsa_l_adamw) RUN="${RUN}_$METHOD"; METHOD=elsa_l; ARMS=(method.optimizer=adamw) ;;
+  *) echo "elsa: error: method=$METHOD: elsa, elsa_l, elsa_adamw8bit or elsa_l_adamw" >&2; exit 2 ;;
 esac
 (
   flock 9   # two runs started together create the pinned worktree once
@@ -53,7 +61,15 @@ PY="$REPO/.venv/bin/python"
 cd "$ROOT/code"
 echo "elsa_claim: sparsity 0.$S, recipe $RECIPE, code $COMMIT, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$ROOT/$RUN.log"
 OMP_NUM_THREADS=1 WANDB_MODE=disabled PYTHONPATH="$ROOT/code" nice -n 19 "$PY" run.py \
-  method=$METHOD "${EXTRA[@]}" sparsity=0.$S seqlen=512 eval=quick logger=none hardware.threads=1 \
+  method=$METHOD "${EXTRA[@]}" "${ARMS[@]}" sparsity=0.$S seqlen=512 eval=quick logger=none hardware.threads=1 \
   method.steps=2442 method.batch_size=2 method.grad_accum=4 method.autocast_bf16=true \
   method.eval_every=32 method.eval_split=test method.eval_tokens=8192 method.checkpoint_every=32 \
-  save_model=true output_dir="$ROOT/$RUN" >> "$ROOT/$RUN.log" 2>&1
+  save_model=true output_dir="$ROOT/$RUN" >> "$ROOT/$RUN.log" 2>&1 &
+pid=$!
+while [ -n "$UNTIL" ] && kill -0 "$pid" 2>/dev/null; do
+  if grep -aq "checkpoint saved at step $UNTIL:" "$ROOT/$RUN.log"; then
+    kill "$pid"; echo "elsa_claim: stopped after step $UNTIL's checkpoint, $(date -u +%FT%TZ)" >> "$ROOT/$RUN.log"; break
+  fi
+  sleep 20
+done
+wait "$pid" || [ -n "$UNTIL" ]
