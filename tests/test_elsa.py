@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import REPO, TINY, read_results, run_cli, run_pipeline
 
-from elsa.engines.admm import AdmmState, Bf16Codec, Fp8Codec, Fp32Codec, LambdaSchedule, sparsity_at
+from elsa.engines.admm import AdmmState, Bf16Codec, Fp8Codec, Fp32Codec, LambdaSchedule, SparseBf16Codec, sparsity_at
 from elsa.errors import ElsaError
 from elsa.sparsity.patterns import Sparsity, nm_violations
 
@@ -83,6 +83,31 @@ def test_fp8_bf16_state_round_trip_error():
     h = bf16.decode(bf16.encode(x))
     assert bool(((h - x).abs() <= x.abs() * 2 ** -8).all())
     assert bf16.nbytes(bf16.encode(x)) == 2 * x.numel()
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (7, 13), (5,), (0, 4)])
+def test_sparse_bf16_codec_decodes_as_bf16_in_fewer_bytes(shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    x[torch.rand(*shape) < 0.9] = 0.0
+    sparse, dense = SparseBf16Codec(), Bf16Codec()
+    stored = sparse.encode(x)
+    out = sparse.decode(stored)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert torch.equal(out, dense.decode(dense.encode(x)))
+    if x.numel() >= 64:     # 1/8 byte a weight + 2 per non-zero (+ the shape): under FP8's byte at 90%
+        assert sparse.nbytes(stored) < 0.5 * x.numel()
+
+
+def test_elsa_l_with_sparse_bf16_z_trains_as_with_bf16_z(tmp_path):
+    """The same numerics (the non-zeros of z in BF16) in a third of the bytes at 80%: the weights are identical."""
+    runs = {}
+    for z in ("bf16", "sparse_bf16"):
+        r = run_pipeline(tmp_path / z, *ELSA_FAST, "method=elsa_l", "sparsity=0.8", f"method.z_dtype={z}")
+        runs[z] = (_weights(tmp_path / z), r["method_stats"]["state_bytes_per_param"]["admm"])
+    a, b = runs["bf16"][0], runs["sparse_bf16"][0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert runs["sparse_bf16"][1] < runs["bf16"][1] - 1.0     # z: 2 bytes a weight -> ~0.5
 
 
 @pytest.mark.parametrize("kind,expected", [

@@ -118,7 +118,7 @@ def test_flags_follow_the_family_and_the_conf_files_follow_the_flags():
                                                  "numbers > 0 (linear from the first step to the last)"),
     (["method=alps", "method.rho_growth=[1.3,0.5,1.1]"], "method.rho_growth=[1.3, 0.5, 1.1] is not allowed: three "
                                                          "factors >= 1"),
-    (["method=elsa_l", "method.z_dtype=fp4"], "method.z_dtype=fp4 is not allowed: one of fp32, bf16, fp8"),
+    (["method=elsa_l", "method.z_dtype=fp4"], "method.z_dtype=fp4 is not allowed: one of fp32, bf16, fp8, sparse_bf16"),
     (["start=sparsegpt", "method=elsa", "start.percdamp=-1"], "start.percdamp=-1 is not allowed: a number > 0 "
                                                               "(the paper: 0.01)"),
 ])

@@ -479,9 +479,16 @@ class TrainCost:
     forward_vec: float = 0.0
 
 
+def codec_bytes(codec, target) -> float:
+    """Bytes per weight of a z / u codec (elsa.engines.admm): SparseBf16Codec's depend on the density."""
+    if type(codec).__name__ == "SparseBf16Codec":
+        return 0.125 + 2.0 * (1.0 - (target.ratio if target is not None else 0.5))
+    return CODEC_BYTES.get(type(codec).__name__, 4)
+
+
 def elsa_train_cost(m, target) -> TrainCost:
     """z and u in their codecs and two masks (mask0, mask_prev); a top-k projection every ``interval`` steps."""
-    state = CODEC_BYTES.get(type(m.z_codec).__name__, 4) + CODEC_BYTES.get(type(m.u_codec).__name__, 4) + 2
+    state = codec_bytes(m.z_codec, target) + codec_bytes(m.u_codec, target) + 2
     return TrainCost(state=state, step_vec=SORT / max(m.interval, 1))
 
 
