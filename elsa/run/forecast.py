@@ -168,6 +168,11 @@ class Shapes:
                        group_experts=[e for e, k in zip(self.group_experts, keep) if k])
 
     @property
+    def largest(self) -> int:
+        """Elements of block 0's largest prunable matrix."""
+        return max(o * i for _n, o, i, _s in self.matrices)
+
+    @property
     def expert_count(self) -> int:
         """The fused experts of block 0 (0: none)."""
         return len({e for e in self.group_experts if e is not None})
@@ -349,7 +354,7 @@ def _sparsegpt_work(S: Shapes, names=None) -> tuple[Work, float]:
 
 
 def wanda_cost(m, S: Shapes, T: int) -> BlockCost:
-    biggest = max(o * i for _n, o, i, _s in S.matrices)
+    biggest = S.largest
     return BlockCost(held=4.0 * sum(S.groups), work=4.0 * 4 * biggest,
                      flops=Work(vec=sum(3.0 * T * s * i for _n, _o, i, s in S.matrices) +
                                 sum(SORT * o * i for _n, o, i, _s in S.matrices)))
@@ -361,7 +366,7 @@ def dsnot_cost(m, S: Shapes, T: int) -> BlockCost:
     base = sparsegpt_cost(m, S, T) if m.base == "sparsegpt" else wanda_cost(m, S, T)
     refined = [(o, i) for n, o, i, _s in S.matrices if not (m.skip == "mlp" and S.mlp in (o, i))]
     swaps = Work(vec=sum((60.0 + 10.0 * m.cycles) * o * i for o, i in refined))
-    return BlockCost(base.held, base.work + 4.0 * 4 * max(o * i for _n, o, i, _s in S.matrices),
+    return BlockCost(base.held, base.work + 4.0 * 4 * S.largest,
                      base.flops + swaps, f"{len(refined)} of {len(S.matrices)} matrices refined")
 
 
@@ -374,7 +379,7 @@ def oats_cost(m, S: Shapes, T: int) -> BlockCost:
         exact = m.iters if m.svd == "exact" else min(m.iters, 2)
         work += Work(svd=exact * float(o) * i * min(o, i), vec=m.iters * SORT * o * i,
                      mm=(m.iters - exact) * (4.0 * o * i * k + 2.0 * k * k * i))
-    biggest = max(o * i for _n, o, i, _s in S.matrices)
+    biggest = S.largest
     return BlockCost(held=4.0 * sum(S.groups), work=4.0 * 7 * biggest, flops=work +
                      wanda_cost(m, S, T).flops, note=f"{m.iters} SVD alternations per matrix ({m.svd})")
 
@@ -391,7 +396,7 @@ def safe_cost(m, S: Shapes, T: int) -> BlockCost:
 
 
 def magnitude_cost(m, S: Shapes, T: int) -> BlockCost:
-    biggest = max(o * i for _n, o, i, _s in S.matrices)
+    biggest = S.largest
     return BlockCost(held=0.0, work=4.0 * 4 * biggest, flops=Work(vec=sum(SORT * o * i for _n, o, i, _s in S.matrices)))
 
 
@@ -641,7 +646,7 @@ class Plan:
 
     def forward_transient(self, tokens: int) -> float:
         S = self.S
-        out = S.activation_bytes(tokens) + 4.0 * max(o * i for _n, o, i, _s in S.matrices)
+        out = S.activation_bytes(tokens) + 4.0 * S.largest
         if S.eager:            # scores, softmax and their float copies
             out += 3 * 4.0 * (tokens // self.st.seqlen or 1) * S.heads * self.st.seqlen ** 2
         return out
@@ -680,7 +685,7 @@ class Plan:
                 cost = BlockCost(lean.held, lean.work, cost.flops, cost.note)
                 passes += S.expert_count - 1
             spill = block * (1 + -(-T // b)) / GB / self.SPILL_GBPS
-            copy = 4.0 * max(o * i for _n, o, i, _s in S.matrices)
+            copy = 4.0 * S.largest
         # the re-run measures every matrix's error in float64: x (W - W_dense)^T and y - delta, each doubled
         extra = self.forward_transient(min(b, T)) + 24.0 * min(b, T) * max(o * s for _n, o, _i, s in S.matrices)
         waiting = S.outside * S.dtype_bytes if st.low_memory else 0.0   # low_memory: on disk during the walk
@@ -726,7 +731,7 @@ class Plan:
         # CPU AdamW8bit's C kernel steps tensor by tensor), not every weight's
         per_pruned = 1.0 if cost.logits is None else cost.logits
         trained = S.prunable * per_pruned + (S.params - S.prunable) * t.train_dense_params
-        largest = max([o * i * per_pruned for _n, o, i, _s in S.matrices] + [S.vocab * S.hidden] * t.train_dense_params)
+        largest = max([S.largest * per_pruned] + [S.vocab * S.hidden] * t.train_dense_params)
         transient = optimizer["transient"] * (largest if st.low_memory else trained)
         fixed = S.params * S.dtype_bytes + trained * (4 + opt) + transient + S.prunable * (cost.state + cost.saved)
         if method.distils:    # the teacher; with hardware.low_memory it shares the student's frozen weights
