@@ -162,6 +162,17 @@ def _free_matrices(model: torch.nn.Module) -> torch.nn.Module:
     return free
 
 
+def _checked_ratios(plan: dict) -> dict:
+    """Per measured class (the matrix it was measured on): the bytes model's measured speed-ups over dense and
+    the choice, so a plan that differs between runs shows how near its thresholds (VETO, BYTES_TIE) it sat."""
+    out = {}
+    for name, p in plan["matrices"].items():
+        bm = p.get("bytes_model", {}).get("decode")
+        if bm and bm.get("checked"):
+            out[name] = {**bm["checked"], "chosen": p.get("decode")}
+    return out
+
+
 def _per_matrix(plan: dict) -> dict:
     return {n: {r: p.get(r) for r in plan["regimes"]} for n, p in plan["matrices"].items()}
 
@@ -201,6 +212,7 @@ def bench_model(args) -> None:
             rec.setdefault("plan_sha", {})[sname] = [hashlib.sha256(json.dumps(_per_matrix(p), sort_keys=True)
                                                                    .encode()).hexdigest()[:12] for p in plans]
             rec["kernels"][sname] = [p["chosen"] for p in plans]
+            rec.setdefault("checked", {})[sname] = [_checked_ratios(p) for p in plans]
             rec["verified_in_model"][sname] = plans[1]["verified_in_model"]
             models[sname] = sparse                   # the second plan's model runs
         if args.ceiling:
