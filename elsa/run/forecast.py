@@ -370,15 +370,26 @@ def dsnot_cost(m, S: Shapes, T: int) -> BlockCost:
                      base.flops + swaps, f"{len(refined)} of {len(S.matrices)} matrices refined")
 
 
+# OATS's work per alternation and weight outside its matmuls and SVDs: the row-wise top-k of the sparse part and
+# the alternation's elementwise passes (residuals, abs, mask, error norm, the top-k's copies). Measured on one
+# subspace alternation of a 4096 x 11008 matrix at 50%, one thread, CPU time (torch.profiler, 2026-12-05 17:57
+# UTC): 2.7 s of 4.3, 60 ns a weight, the top-k ~48 ns of it: 4 x SORT at the cached rank-1 rate (20 GFLOP/s).
+# The llama2-7b cell (subspace, 80 alternations) had used 1,640 CPU-s where the plan, at SORT alone and without
+# the rank-r product of every alternation, said 840.
+OATS_PASSES = 4 * SORT
+
+
 def oats_cost(m, S: Shapes, T: int) -> BlockCost:
     """Wanda's statistics, then per matrix ``iters`` alternations of a rank-r SVD (exact each time, or exact at
-    the first and last with one subspace step between: ``method.svd``) and a per-row top-k of the rest."""
+    the first and last with one subspace step between: ``method.svd``), the low-rank product, and a per-row
+    top-k of the rest."""
     work = Work()
     for _n, o, i, _s in S.matrices:
-        k = max(1, int(m.rank_ratio * 0.5 * o * i / (o + i))) + 10      # the rank at 50%, with the oversampling
+        rank = max(1, int(m.rank_ratio * 0.5 * o * i / (o + i)))       # the rank at 50%
+        k = rank + 10                                                    # with the subspace's oversampling
         exact = m.iters if m.svd == "exact" else min(m.iters, 2)
-        work += Work(svd=exact * float(o) * i * min(o, i), vec=m.iters * SORT * o * i,
-                     mm=(m.iters - exact) * (4.0 * o * i * k + 2.0 * k * k * i))
+        work += Work(svd=exact * float(o) * i * min(o, i), vec=m.iters * OATS_PASSES * o * i,
+                     mm=m.iters * 2.0 * o * i * rank + (m.iters - exact) * (4.0 * o * i * k + 2.0 * k * k * o))
     biggest = S.largest
     return BlockCost(held=4.0 * sum(S.groups), work=4.0 * 7 * biggest, flops=work +
                      wanda_cost(m, S, T).flops, note=f"{m.iters} SVD alternations per matrix ({m.svd})")
