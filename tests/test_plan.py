@@ -117,6 +117,17 @@ def test_learned_masks_declare_their_logits_not_the_weights_state():
     assert maskllm(None, Sparsity.parse("2:4")).logits == 1.5 and maskllm(None, Sparsity.parse("4:8")).logits == 70 / 8
 
 
+def test_plan_counts_a_sparse_z_by_its_density():
+    """ELSA-L's z as BF16 non-zeros and a bitmask: 1/8 byte a weight plus 2 per non-zero (FP8: 1 byte)."""
+    from elsa.engines.admm import Fp8Codec, SparseBf16Codec
+    from elsa.run.forecast import codec_bytes
+    from elsa.sparsity.patterns import Sparsity
+
+    assert codec_bytes(SparseBf16Codec(), Sparsity.parse(0.9)) == pytest.approx(0.325)
+    assert codec_bytes(SparseBf16Codec(), Sparsity.parse("2:4")) == pytest.approx(1.125)
+    assert codec_bytes(Fp8Codec(), Sparsity.parse(0.9)) == 1
+
+
 def test_learned_mask_plan_grows_with_its_logits(capsys):
     from elsa.plan import main
 
