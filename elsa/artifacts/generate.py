@@ -25,14 +25,10 @@ from elsa.errors import ElsaError
 
 
 @torch.inference_mode()    # not just no_grad: ~1 ms less HF code per token on this CPU, dense and sparse alike
-@torch.inference_mode()
 def greedy(model, ids: torch.Tensor, new_tokens: int, clock=time.perf_counter) -> tuple[torch.Tensor, float]:
     """Greedy decoding with the KV cache; returns (all token ids, seconds spent on the ``new_tokens`` decode
     steps after the prompt's forward pass). ``clock``: wall time, or ``time.thread_time`` (the CPU time of this
-    thread: with one torch thread, the work without the waits for a core that other jobs cause). Under
-    ``inference_mode`` (no autograd bookkeeping; the model without its pruned matrices decoded a token in 10.3 ms
-    against 11.2 under ``no_grad``, one thread, 2026-12-05): the same tokens, less per-token overhead for dense
-    and sparse alike."""
+    thread: with one torch thread, the work without the waits for a core that other jobs cause)."""
     out = model(ids, use_cache=True)
     past, nxt = out.cache, out.logits[:, -1:].argmax(-1)     # transformers 5 names the KV cache ``cache``
     tokens = [nxt]
