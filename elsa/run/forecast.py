@@ -16,6 +16,7 @@ and refuses a run whose peak exceeds the machine's memory or ``hardware.memory_g
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -513,19 +514,17 @@ def training_cost(m, target) -> TrainCost:
     return TrainCost(step_vec=SORT)
 
 
-# the learned masks' relaxed sample and its backward, per logit and step, in vector FLOPs at the rank-1 rate, and
-# the bytes per logit the sample keeps for the backward. Measured on a 4096 x 4096 matrix under bf16 autocast, one
-# thread, CPU time (2026-12-05, bench-free: forward and backward of ``soft`` times the weight): MaskLLM 2:4 (1.5
-# logits per weight) 110-120 ns and 10 B per weight, LEAP (1 per weight) 34-37 ns and 8 B, at a rank-1 rate of
-# 16 GFLOP/s. The llama2-7b cells (issue 27) had taken 31 s (MaskLLM) and 15 s (LEAP) a step where the plan, which
-# counted neither, said ~10 s.
-MASK_STEP = {"maskllm": (1300.0, 6.7), "leap": (600.0, 8.0)}
+# the learned masks' relaxed sample and its backward, per logit and forward, in vector FLOPs at the rank-1 rate,
+# and the bytes per logit the sample keeps for the backward: `python bench/mask_step.py` (each method's own
+# ``soft`` times a 4096 x 4096 weight under bf16 autocast, one thread, CPU time, the rank-1 rate probed in the
+# same process; 2026-12-05 18:45 UTC: MaskLLM 2:4, 1.5 logits a weight, 110 ns and 10 B a weight, 1,529 FLOPs a
+# logit; LEAP 35 ns and 8 B, 727; at 20.8 GFLOP/s). The llama2-7b cells (issue 27) had taken 31 s (MaskLLM) and
+# 15 s (LEAP) a step where the plan, which counted neither, said ~10 s.
+MASK_STEP = {"maskllm": (1500.0, 6.7), "leap": (700.0, 8.0)}
 
 
 def maskllm_train_cost(m, target) -> TrainCost:
     """C(M, N) logits per group of M weights (2:4: 6 per 4), sampled by Gumbel-softmax each step."""
-    import math
-
     per_weight = math.comb(target.m, target.n) / target.m if target is not None and target.is_nm else 1.5
     flops, saved = MASK_STEP["maskllm"]
     return TrainCost(logits=per_weight, saved=saved * per_weight, forward_vec=flops * per_weight)
