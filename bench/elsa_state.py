@@ -5,7 +5,8 @@
 
 Norms over every pruned matrix: how far FP8 e4m3 (per-tensor scale, ELSA-L's z) rounds z, against how far the
 kept weights sit from z (the target the proximal term pulls them toward); how far BF16 rounds u, and how many
-weights a BF16 u moves across the next projection's threshold. ``--eval``: the held-out perplexity (the history's
+weights a BF16 u moves across the next projection's threshold, and what share of the pruned weights' next dual
+increments a BF16 u would lose (under half a BF16 step of u). ``--eval``: the held-out perplexity (the history's
 protocol: 8,192 wiki test tokens in 512-token windows) of the weights projected as the history projects them
 (each matrix's top-k by magnitude at z's count), and of the same with the kept weights rounded to FP8 and to BF16.
 One thread; CPU only.
@@ -38,7 +39,7 @@ def _top(w: torch.Tensor, count: int) -> torch.Tensor:
 
 def norms(ck: dict) -> dict:
     fp8, bf16 = Fp8Codec(), Bf16Codec()
-    sums = dict(fp8_z=0.0, z=0.0, w_z=0.0, w_z_kept=0.0, bf16_u=0.0, u=0.0, flips=0, numel=0)
+    sums = dict(fp8_z=0.0, z=0.0, w_z=0.0, w_z_kept=0.0, bf16_u=0.0, u=0.0, flips=0, numel=0, swamped=0, pruned=0)
     for name, stored in ck["admm"]["z"].items():
         z, u = _decoded(stored), _decoded(ck["admm"]["u"][name])
         w = ck["model"][name + ".weight"].float()
@@ -50,13 +51,19 @@ def norms(ck: dict) -> dict:
         u16 = bf16.decode(bf16.encode(u))
         sums["bf16_u"] += float((u16 - u).square().sum())
         sums["u"] += float(u.square().sum())
+        # the next dual update adds w - z to u; in BF16 (round to nearest) an increment under half a step of u is lost
+        inc, up = (w - z)[~kept], u[~kept]
+        half_step = torch.where(up != 0, 2.0 ** (torch.floor(torch.log2(up.abs())) - 8), torch.zeros_like(up))
+        sums["swamped"] += int((inc.abs() < half_step).sum())
+        sums["pruned"] += inc.numel()
         count = int(kept.sum())
         sums["flips"] += int(((_top(w + u, count) != 0) ^ (_top(w + u16, count) != 0)).sum())
         sums["numel"] += z.numel()
     rel = lambda a, b: (sums[a] / max(sums[b], 1e-30)) ** 0.5  # noqa: E731
     return {"step": ck["step"], "fp8_rounding_of_z": rel("fp8_z", "z"), "w_minus_z": rel("w_z", "z"),
             "w_minus_z_on_support": rel("w_z_kept", "z"), "bf16_rounding_of_u": rel("bf16_u", "u"),
-            "u_over_z": rel("u", "z"), "support_flips_from_bf16_u": sums["flips"] / sums["numel"]}
+            "u_over_z": rel("u", "z"), "support_flips_from_bf16_u": sums["flips"] / sums["numel"],
+            "dual_increments_lost_in_bf16": sums["swamped"] / max(sums["pruned"], 1)}
 
 
 def perplexities(ck: dict) -> dict:
