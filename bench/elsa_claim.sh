@@ -17,7 +17,8 @@
 #   bench/elsa_claim.sh 90 short elsa_adamw8bit 160   # the A/B that locates ELSA-L's gap at 90%: ELSA with
 #   bench/elsa_claim.sh 90 short elsa_l_adamw 160     # ELSA-L's 8-bit AdamW only, ELSA-L with fp32 AdamW (its
 #   bench/elsa_claim.sh 90 short elsa_l_zbf16 160     # FP8 z and BF16 u only), ELSA-L with z in BF16 (the
-#                                     # fix's numerics); the last argument stops the run after that step's
+#   bench/elsa_claim.sh 90 short elsa_l_ufp32 320     # sparse_bf16 codec's numerics), ELSA-L with u in fp32;
+#                                     # the last argument stops the run after that step's
 #                                     # checkpoint (the schedules still span the 2442 steps, as in the full runs)
 #   bench/elsa_claim.sh status        # where each run stands (last held-out points)
 #
@@ -35,7 +36,7 @@ if [ "${1:-}" = status ]; then
   done
   exit 0
 fi
-S="${1:?usage: bench/elsa_claim.sh 70|90|status [paper|short] [elsa|elsa_l|elsa_adamw8bit|elsa_l_adamw|elsa_l_zbf16] [stop-step]}"
+S="${1:?usage: bench/elsa_claim.sh 70|90|status [paper|short] [elsa|elsa_l|elsa_adamw8bit|elsa_l_adamw|elsa_l_zbf16|elsa_l_ufp32] [stop-step]}"
 RECIPE="${2:-paper}"
 METHOD="${3:-elsa}"
 UNTIL="${4:-}"
@@ -51,7 +52,8 @@ case "$METHOD" in
   elsa_adamw8bit) RUN="${RUN}_$METHOD"; METHOD=elsa; ARMS=(method.optimizer=adamw8bit) ;;
   elsa_l_adamw) RUN="${RUN}_$METHOD"; METHOD=elsa_l; ARMS=(method.optimizer=adamw) ;;
   elsa_l_zbf16) RUN="${RUN}_$METHOD"; METHOD=elsa_l; ARMS=(method.z_dtype=bf16) ;;
-  *) echo "elsa: error: method=$METHOD: elsa, elsa_l, elsa_adamw8bit, elsa_l_adamw or elsa_l_zbf16" >&2; exit 2 ;;
+  elsa_l_ufp32) RUN="${RUN}_$METHOD"; METHOD=elsa_l; ARMS=(method.u_dtype=fp32) ;;
+  *) echo "elsa: error: method=$METHOD: elsa, elsa_l, elsa_adamw8bit, elsa_l_adamw, elsa_l_zbf16 or elsa_l_ufp32" >&2; exit 2 ;;
 esac
 (
   flock 9   # two runs started together create the pinned worktree once
