@@ -20,6 +20,9 @@
 #   bench/elsa_claim.sh 90 short elsa_l_ufp32 320     # sparse_bf16 codec's numerics), ELSA-L with u in fp32;
 #                                     # the last argument stops the run after that step's
 #                                     # checkpoint (the schedules still span the 2442 steps, as in the full runs)
+#   SEED=1 bench/elsa_claim.sh 90 short elsa 320      # any of the above with another seed (the order of its
+#                                     # training windows): the run's dir gets a _seed1 suffix; the spread between seeds
+#                                     # is what a within-2% comparison at 90% has to beat
 #   bench/elsa_claim.sh status        # where each run stands (last held-out points)
 #
 # Longer than a session (hours at one thread): it resumes from $ROOT/s<N>/checkpoints/elsa.pt (every 32 steps).
@@ -46,6 +49,8 @@ case "$RECIPE" in
   short) RUN="s${S}_short"; EXTRA=(budget=cpu) ;;
   *) echo "elsa: error: recipe=$RECIPE: paper or short" >&2; exit 2 ;;
 esac
+SEED="${SEED:-0}"
+case "$SEED" in ''|*[!0-9]*) echo "elsa: error: SEED=$SEED: a whole number >= 0" >&2; exit 2 ;; esac
 case "$METHOD" in
   elsa) ;;
   elsa_l) RUN="${RUN}_elsa_l" ;;
@@ -60,12 +65,13 @@ esac
   [ -f "$ROOT/COMMIT" ] || git -C "$REPO" rev-parse HEAD > "$ROOT/COMMIT"
   [ -f "$ROOT/code/run.py" ] || git -C "$REPO" worktree add --detach "$ROOT/code" "$(cat "$ROOT/COMMIT")"
 ) 9> "$ROOT/.lock"
+[ "$SEED" = 0 ] || RUN="${RUN}_seed$SEED"      # seed 0: the runs of before, their dirs unchanged
 COMMIT="$(cat "$ROOT/COMMIT")"
 PY="$REPO/.venv/bin/python"
 cd "$ROOT/code"
 echo "elsa_claim: sparsity 0.$S, recipe $RECIPE, code $COMMIT, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$ROOT/$RUN.log"
 OMP_NUM_THREADS=1 WANDB_MODE=disabled PYTHONPATH="$ROOT/code" nice -n 19 "$PY" run.py \
-  method=$METHOD "${EXTRA[@]}" "${ARMS[@]}" sparsity=0.$S seqlen=512 eval=quick logger=none hardware.threads=1 \
+  method=$METHOD "${EXTRA[@]}" "${ARMS[@]}" seed=$SEED sparsity=0.$S seqlen=512 eval=quick logger=none hardware.threads=1 \
   method.steps=2442 method.batch_size=2 method.grad_accum=4 method.autocast_bf16=true \
   method.eval_every=32 method.eval_split=test method.eval_tokens=8192 method.checkpoint_every=32 \
   save_model=true output_dir="$ROOT/$RUN" >> "$ROOT/$RUN.log" 2>&1 &
