@@ -32,7 +32,7 @@ def main() -> int:
     from omegaconf import OmegaConf
 
     import bench_sparse
-    from elsa.artifacts.generate import greedy
+    from elsa.artifacts.generate import compare, greedy
     from elsa.artifacts.linear import SparseLinear, block_linears, sparsify
 
     model, tok = instantiate(OmegaConf.load(REPO / "conf" / "model" / "smollm2-135m.yaml")).load()
@@ -47,12 +47,9 @@ def main() -> int:
         models = {"dense": model, "sparse": sparse, "matrices free": bench_sparse._free_matrices(model)}
         for name, m in models.items():
             greedy(m, ids, 3)
-        times: dict = {k: [] for k in models}
-        for _ in range(3):
-            for name, m in models.items():
-                times[name].append(greedy(m, ids, a.new_tokens, clock)[1] / steps * 1e3)
-        for name, v in times.items():
-            print(f"{name:14s} {statistics.median(v):7.2f} ms a token (median of 3 alternating rounds)")
+        tps = compare(models, ids, a.new_tokens, rounds=3, clock=clock)["decode_tokens_per_s"]
+        for name, v in tps.items():
+            print(f"{name:14s} {1e3 / v:7.2f} ms a token (median of 3 alternating rounds)")
         inside = [0.0, 0]
         forward = SparseLinear.forward
 

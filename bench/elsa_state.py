@@ -22,12 +22,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from elsa.engines.admm import Bf16Codec, Fp8Codec  # noqa: E402
+from elsa.engines.admm import Bf16Codec, Fp8Codec, SparseBf16Codec  # noqa: E402
 
 
 def _decoded(stored) -> torch.Tensor:
-    """A stored z / u as fp32: a tensor, or FP8's (values, scale)."""
-    return stored[0].float() * stored[1] if isinstance(stored, (tuple, list)) else stored.float()
+    """A stored z / u as fp32, by its codec's own decode: a tensor (fp32 / BF16), FP8's (values, scale) or the
+    sparse BF16 codec's (bits, values, shape)."""
+    if not isinstance(stored, (tuple, list)):
+        return stored.float()
+    return (Fp8Codec() if len(stored) == 2 else SparseBf16Codec()).decode(stored)
 
 
 def _top(w: torch.Tensor, count: int) -> torch.Tensor:

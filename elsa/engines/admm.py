@@ -37,8 +37,15 @@ class Fp32Codec:
     def nbytes(self, stored) -> int:
         return stored.numel() * stored.element_size()
 
+    def bytes_per_weight(self, density: float) -> float:
+        """What a tensor of this codec holds per weight, at ``density`` non-zeros (the plan's figure)."""
+        return 4.0
+
 
 class Bf16Codec(Fp32Codec):
+    def bytes_per_weight(self, density):
+        return 2.0
+
     def encode(self, x):
         return x.detach().to(torch.bfloat16)
 
@@ -50,6 +57,9 @@ class Fp8Codec(Fp32Codec):
     """FP8 e4m3 with one dynamic scale per tensor: scale = amax / 448 (e4m3's largest normal)."""
 
     FMAX = 448.0
+
+    def bytes_per_weight(self, density):
+        return 1.0
 
     def encode(self, x):
         amax = float(x.detach().abs().max()) if x.numel() else 0.0
@@ -73,6 +83,9 @@ class SparseBf16Codec(Fp32Codec):
     pulls the kept weights toward the rounding. Decodes to exactly what :class:`Bf16Codec` decodes."""
 
     BITS = torch.arange(8, dtype=torch.uint8)
+
+    def bytes_per_weight(self, density):
+        return 0.125 + 2.0 * density
 
     def encode(self, x):
         flat = x.detach().reshape(-1)

@@ -471,7 +471,6 @@ def ladmm_cost(m, S: Shapes, T: int) -> BlockCost:
     return _admm_cost(S, T, m.iters, m.pcg_iters if m.refit else 0, f"{m.iters} ADMM iterations per matrix")
 
 
-CODEC_BYTES = {"Fp32Codec": 4, "Bf16Codec": 2, "Fp8Codec": 1}
 # the optimizers: state bytes per trainable weight, vector FLOPs per weight and step (at the rank-1 rate), the
 # step's transient bytes per weight and a one-time setup (CPU s). Fitted to measured runs (docs/results.md, issue
 # 27): on a 51 M-parameter llama2-7b-shaped rehearsal (4 narrow blocks, 10 steps) both held ~12 B per weight
@@ -497,10 +496,8 @@ class TrainCost:
 
 
 def codec_bytes(codec, target) -> float:
-    """Bytes per weight of a z / u codec (elsa.engines.admm): SparseBf16Codec's depend on the density."""
-    if type(codec).__name__ == "SparseBf16Codec":
-        return 0.125 + 2.0 * (1.0 - (target.ratio if target is not None else 0.5))
-    return CODEC_BYTES.get(type(codec).__name__, 4)
+    """Bytes per weight of a z / u codec (elsa.engines.admm) at the run's target density (half when unknown)."""
+    return codec.bytes_per_weight(1.0 - (target.ratio if target is not None else 0.5))
 
 
 def elsa_train_cost(m, target) -> TrainCost:
