@@ -7,7 +7,8 @@
                                   [--variants false,auto] [--profile N]
       the real training engine's step (TrainEngine.train on the default model, the method and budget composed
       from conf/) for each method x method.autocast_bf16 variant, run alternately in one process; the median
-      step time of each (first step of every run excluded) and the ratio to the first.
+      step time of each (first step of every run excluded) and the ratio to the first. A method may carry
+      method overrides after '+': --method elsa,elsa_l,elsa_l+z_dtype=sparse_bf16
   python bench/bench_elsa.py optim [--numel 5308416]
       one optimizer step on fp32 parameters of the default model's MLP shape (576 x 1536) with the same gradients:
       torch's fused and foreach AdamW, torchao's AdamW8bit and elsa.engines.optim8bit.AdamW8bitCPU (ELSA-L's optimizer on
@@ -98,11 +99,17 @@ def step(args):
     torch.manual_seed(0)
     model0, tok, corpus = load_default()
     variants = [(m, v) for m in args.method.split(",") for v in args.variants.split(",")]
+    for m, _ in variants:
+        for kv in m.split("+")[1:]:
+            if "=" not in kv:
+                sys.exit(f"elsa: error: --method={m}: '{kv}' is not a method override (key=value after '+')")
     times = {f"{m}/{v}": [] for m, v in variants}
     stats = {}
     for r in range(args.rounds):
         for name, v in variants:   # alternate, so a change of load hits every variant alike
-            cfg = compose(["logger=none", f"method={name}", f"budget={args.budget}",
+            method_name, *extra = name.split("+")
+            cfg = compose(["logger=none", f"method={method_name}", f"budget={args.budget}",
+                           *(f"++method.{kv}" for kv in extra),
                            f"++method.steps={args.steps}", f"++method.autocast_bf16={v}",
                            "++method.checkpoint_every=0", "++method.eval_initial=false"])
             method = build(cfg.method, "method")
