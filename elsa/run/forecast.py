@@ -397,14 +397,18 @@ def oats_cost(m, S: Shapes, T: int) -> BlockCost:
 
 
 def safe_cost(m, S: Shapes, T: int) -> BlockCost:
-    """SAFE trains each block on its calibration inputs: ``epochs`` passes of forward and backward over all T
-    tokens, holding the dense block's outputs (T x hidden) and Adam's moments, z, u and a copy of the weights
-    (24 B a weight); a batch's activations are the walk's transient (Adam's per-step work, ~5 / batch tokens of
-    the matmuls', is left out)."""
+    """SAFE trains each block on its calibration inputs: ``epochs`` passes over all T tokens, each step a forward
+    and backward at w and, with SAM (rho > 0), a second one at the perturbed weights; before them one forward for
+    the dense block's outputs, and three more for the block's MSE (projected z0, trained, final). It holds the
+    dense outputs (T x hidden) and Adam's moments, z, u and a copy of the weights (24 B a weight); a batch's
+    activations are the walk's transient (Adam's per-step work, ~5 / batch tokens of the matmuls', is left out).
+    Without the SAM pass and the four forwards the plan was half the measured time of a llama2-7b block (9 min
+    planned, 15 min to the block's end)."""
     params = sum(o * i for _n, o, i, _s in S.matrices)
+    passes = m.epochs * (2 if m.rho > 0 else 1) * 3 + 4      # forward = 1, backward = 2 matmul passes
     return BlockCost(held=4.0 * T * S.hidden + 24.0 * params, work=0.0,
-                     flops=Work(mm=m.epochs * 6.0 * T * sum(o * i * s for _n, o, i, s in S.matrices)),
-                     note=f"{m.epochs} epochs of training per block")
+                     flops=Work(mm=passes * 2.0 * T * sum(o * i * s for _n, o, i, s in S.matrices)),
+                     note=f"{m.epochs} epochs of training per block" + (" (SAM: two passes a step)" if m.rho > 0 else ""))
 
 
 def magnitude_cost(m, S: Shapes, T: int) -> BlockCost:
