@@ -145,12 +145,13 @@ def test_elsa_exact_sparsity_on_tiny(tmp_path, method, sparsity):
     hist = r["method_stats"]["history"]
     assert hist and {"primal_residual", "dual_residual", "mask_flips_prev", "mask_iou_init", "lambda"} <= set(hist[-1])
     state = r["method_stats"]["state_bytes_per_param"]
+    # the ADMM state counts z, u and the two bit-packed masks (1/8 byte a weight each)
     if method == "elsa":
-        assert state["total"] == pytest.approx(16.0, abs=0.1)
+        assert state["total"] == pytest.approx(16.25, abs=0.1)
     else:
         # fp8 z (+ a per-tensor scale) and bf16 u: ~3 bytes; torchao keeps fp32 moments for tensors under
         # 4096 elements (some tiny-model layers), so the optimiser part is only checked to be below fp32 Adam
-        assert 3.0 <= state["admm"] <= 3.01
+        assert 3.25 <= state["admm"] <= 3.27
         assert state["optimizer"] < 8.0
 
 
@@ -451,3 +452,32 @@ def test_reference_dual_timing_updates_after_the_first_step(tmp_path):
     steps = lambda r: [h["step"] for h in r["method_stats"]["history"]]  # noqa: E731
     assert steps(run_pipeline(tmp_path / "a", *base)) == [4, 8, 10]
     assert steps(run_pipeline(tmp_path / "b", *base, "method.dual_timing=reference")) == [1, 5, 9, 10]
+
+
+def test_packed_masks_match_bool_masks():
+    """The ADMM state's masks are bit-packed: the packing round-trips, its counts are the bool masks' counts, and
+    a checkpoint saved with bool masks loads packed."""
+    from elsa.engines.admm import AdmmState, Fp32Codec, count_bits, pack_bits, unpack_bits
+
+    g = torch.Generator().manual_seed(0)
+    for numel in (1, 7, 8, 9, 64, 1001):
+        a, b = torch.rand(numel, generator=g) > 0.5, torch.rand(numel, generator=g) > 0.3
+        pa, pb = pack_bits(a), pack_bits(b)
+        assert pa.dtype == torch.uint8 and pa.numel() == -(-numel // 8)
+        assert torch.equal(unpack_bits(pa, numel), a)
+        assert count_bits(pa ^ pb) == int((a ^ b).sum()) and count_bits(pa & pb) == int((a & b).sum())
+        assert count_bits(pa | pb) == int((a | b).sum())
+    w = torch.nn.Parameter(torch.randn(6, 10, generator=g))
+    st = AdmmState({"w": w}, Sparsity.parse("0.5"), "layer", Fp32Codec(), Fp32Codec())
+    st.init(Sparsity.parse("0.5"))
+    keep = st.z["w"] != 0                                   # z0 = w on the kept half, 0 elsewhere
+    assert int(keep.sum()) == 30
+    assert torch.equal(unpack_bits(st.mask0["w"], w.numel()).view(6, 10), keep)
+    assert st.nbytes() == 2 * 4 * 60 + 2 * 8
+    old = {**st.state_dict(), "mask0": {"w": keep}, "mask_prev": {"w": keep}}
+    st.load_state_dict(old)
+    assert torch.equal(st.mask_prev["w"], pack_bits(keep))
+    with torch.no_grad():
+        w.add_(1.0)
+    st.apply_support()
+    assert torch.equal(w.detach() != 0, keep)

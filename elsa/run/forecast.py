@@ -515,8 +515,9 @@ def codec_bytes(codec, target) -> float:
 
 
 def elsa_train_cost(m, target) -> TrainCost:
-    """z and u in their codecs and two masks (mask0, mask_prev); a top-k projection every ``interval`` steps."""
-    state = codec_bytes(m.z_codec, target) + codec_bytes(m.u_codec, target) + 2
+    """z and u in their codecs and two bit-packed masks (mask0, mask_prev); a top-k projection every ``interval``
+    steps."""
+    state = codec_bytes(m.z_codec, target) + codec_bytes(m.u_codec, target) + 0.25
     return TrainCost(state=state, step_vec=SORT / max(m.interval, 1))
 
 
