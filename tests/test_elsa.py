@@ -464,9 +464,16 @@ def test_packed_masks_match_bool_masks():
         a, b = torch.rand(numel, generator=g) > 0.5, torch.rand(numel, generator=g) > 0.3
         pa, pb = pack_bits(a), pack_bits(b)
         assert pa.dtype == torch.uint8 and pa.numel() == -(-numel // 8)
-        assert torch.equal(unpack_bits(pa, numel), a)
-        assert count_bits(pa ^ pb) == int((a ^ b).sum()) and count_bits(pa & pb) == int((a & b).sum())
-        assert count_bits(pa | pb) == int((a | b).sum())
+        assert torch.equal(pack_bits(a, use_numpy=False), pa)          # the torch path (GPUs) packs alike
+        for np_path in (None, False):
+            assert torch.equal(unpack_bits(pa, numel, np_path), a)
+            assert count_bits(pa ^ pb, np_path) == int((a ^ b).sum())
+            assert count_bits(pa & pb, np_path) == int((a & b).sum())
+            assert count_bits(pa | pb, np_path) == int((a | b).sum())
+        z = torch.randn(numel, generator=g) * a
+        codec = SparseBf16Codec()
+        assert torch.equal(codec.decode(codec.encode(z)), codec.decode(codec.encode(z), use_numpy=False))
+        assert torch.equal(codec.decode(codec.encode(z)), Bf16Codec().decode(Bf16Codec().encode(z)))
     w = torch.nn.Parameter(torch.randn(6, 10, generator=g))
     st = AdmmState({"w": w}, Sparsity.parse("0.5"), "layer", Fp32Codec(), Fp32Codec())
     st.init(Sparsity.parse("0.5"))

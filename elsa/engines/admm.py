@@ -27,11 +27,16 @@ SCHEDULES = ("constant", "linear", "cosine", "exponential", "adaptive")
 _BITS = torch.arange(8, dtype=torch.uint8)
 
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+def _numpy(t: torch.Tensor, use_numpy: bool | None) -> bool:
+    return t.device.type == "cpu" if use_numpy is None else use_numpy
+
+
+def pack_bits(mask: torch.Tensor, use_numpy: bool | None = None) -> torch.Tensor:
     """A bool tensor's elements, flat, 8 to a byte (uint8, ceil(numel / 8); the padding bits 0). On the CPU numpy's
-    packbits (~0.04 ns a weight here, against ~2 for the same with torch ops); elsewhere torch ops."""
+    packbits (~0.04 ns a weight here, against ~2 for the same with torch ops); elsewhere torch ops (``use_numpy``:
+    force either, for the tests)."""
     flat = mask.detach().reshape(-1)
-    if flat.device.type == "cpu":
+    if _numpy(flat, use_numpy):
         import numpy as np
 
         return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
@@ -39,9 +44,9 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (bits << _BITS.to(bits.device)).sum(-1, dtype=torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+def unpack_bits(packed: torch.Tensor, numel: int, use_numpy: bool | None = None) -> torch.Tensor:
     """The flat bool tensor of :func:`pack_bits`' first ``numel`` bits."""
-    if packed.device.type == "cpu":
+    if _numpy(packed, use_numpy):
         import numpy as np
 
         return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(np.bool_))
@@ -51,9 +56,9 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
-def count_bits(packed: torch.Tensor) -> int:
+def count_bits(packed: torch.Tensor, use_numpy: bool | None = None) -> int:
     """The number of set bits of a packed mask (or of an and / or / xor of two)."""
-    if packed.device.type == "cpu":
+    if _numpy(packed, use_numpy):
         import numpy as np
 
         if hasattr(np, "bitwise_count"):
@@ -130,11 +135,17 @@ class SparseBf16Codec(Fp32Codec):
         keep = flat != 0
         return pack_bits(keep), flat[keep].to(torch.bfloat16), torch.tensor(x.shape, dtype=torch.int64)
 
-    def decode(self, stored):
+    def decode(self, stored, use_numpy: bool | None = None):
         packed, values, shape = stored
         numel = math.prod(shape.tolist())
+        if _numpy(values, use_numpy):        # numpy's index assignment: ~1.3 ns a weight, masked_scatter_ ~3.8 here
+            import numpy as np
+
+            out = np.zeros(numel, np.float32)
+            out[np.flatnonzero(unpack_bits(packed, numel).numpy())] = values.float().numpy()
+            return torch.from_numpy(out).view(shape.tolist())
         out = torch.zeros(numel, dtype=torch.float32, device=values.device)
-        out.masked_scatter_(unpack_bits(packed, numel).to(values.device), values.float())
+        out.masked_scatter_(unpack_bits(packed, numel, use_numpy).to(values.device), values.float())
         return out.view(shape.tolist())
 
     def nbytes(self, stored):
