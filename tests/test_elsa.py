@@ -474,6 +474,9 @@ def test_packed_masks_match_bool_masks():
         codec = SparseBf16Codec()
         assert torch.equal(codec.decode(codec.encode(z)), codec.decode(codec.encode(z), use_numpy=False))
         assert torch.equal(codec.decode(codec.encode(z)), Bf16Codec().decode(Bf16Codec().encode(z)))
+        fp8 = Fp8Codec().encode(z * 3)
+        got, ref = Fp8Codec().decode(fp8), Fp8Codec().decode(fp8, use_numpy=False)   # look-up against the cast
+        assert torch.equal(got, ref) and torch.equal(got.signbit(), ref.signbit())
     w = torch.nn.Parameter(torch.randn(6, 10, generator=g))
     st = AdmmState({"w": w}, Sparsity.parse("0.5"), "layer", Fp32Codec(), Fp32Codec())
     st.init(Sparsity.parse("0.5"))

@@ -111,8 +111,16 @@ class Fp8Codec(Fp32Codec):
         scale = amax / self.FMAX if amax > 0 else 1.0
         return ((x.detach().float() / scale).to(torch.float8_e4m3fn), torch.tensor(scale, dtype=torch.float32))
 
-    def decode(self, stored):
+    # every e4m3 byte's value; q.float() * scale is then one look-up of (table * scale): the same fp32 products
+    _VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+    def decode(self, stored, use_numpy: bool | None = None):
         q, scale = stored
+        if _numpy(q, use_numpy):      # numpy's take of the scaled table: ~1.1 ns a weight, the cast ~7.8 here
+            import numpy as np
+
+            table = (self._VALUES * scale).numpy()
+            return torch.from_numpy(np.take(table, q.view(torch.uint8).numpy()))
         return q.float() * scale
 
     def nbytes(self, stored):
