@@ -185,6 +185,12 @@ def test_bytes_model_gives_the_same_plan_under_noisy_timings():
     tied = {"dense": _sized(4000), "bitmask": _sized(520), "csr": _sized(560)}   # within BYTES_TIE: time decides
     assert SL.by_bytes(tied, lambda names: {"dense": 1.0, "bitmask": 0.3, "csr": 0.2})[0] == "csr"
     assert SL.by_bytes(tied, lambda names: {"dense": 1.0, "bitmask": 0.2, "csr": 0.3})[0] == "bitmask"
+    assert SL.by_bytes(tied, lambda names: {"dense": 1.0, "bitmask": 0.30, "csr": 0.29})[0] == "bitmask"  # < TIE_GAIN
+    # recorded (accept30, 2026-12-05 21:41 UTC, bf16 at 90%): the 192 x 576 class, csr 1.101x bitmask's bytes,
+    # dense/kernel ratios of four plans; at a 1.10 tie with ALT_GAIN between them two plans chose bitmask
+    k_proj = {"dense": _sized(221184), "bitmask": _sized(37486), "csr": _sized(41262)}
+    for bm, csr in ((2.226, 3.269), (2.232, 3.329), (2.247, 3.465), (2.281, 3.414)):
+        assert SL.by_bytes(k_proj, lambda names, b=bm, c=csr: {"dense": 1.0, "bitmask": 1 / b, "csr": 1 / c})[0] == "csr"
     nm24 = {"dense": _sized(4000), "nm": _sized(2125), "bitmask": _sized(2126), "csr": _sized(2600)}
     choice, rec = SL.by_bytes(nm24, lambda names: {"dense": 1.0, "nm": 0.6, "bitmask": 0.5, "csr": 0.55})
     assert choice == "nm" and set(rec["checked"]) == {"nm", "csr"}         # bitmask is not offered an N:M matrix
