@@ -436,8 +436,9 @@ def by_bytes(fns: dict[str, Callable], measure: Callable[[list[str]], dict[str, 
     90% the chunked ``csr`` and ``bitmask`` read about the same (1.02-1.12x on the default model's classes, fp32 or
     bf16), ``csr`` 1.3-2.3x faster. With a tie at 1.10 the bf16 192 x 576 class (csr 1.101x bitmask's bytes) fell
     outside it, into the ``alt_gain`` rule, where its measured 1.47-1.52x sat on the 1.5 threshold: two of four
-    plans of one run of ``bench/accept30.sh`` (2026-12-05 21:41 UTC) chose ``bitmask`` for it, the others ``csr``. An N:M matrix is not offered to ``bitmask``: ``nm`` reads the same bytes in the
-    checkpoint's own 2:4 layout, and the two measured within 10% of each other (a tie at 1.0 would flip)."""
+    plans of one run of ``bench/accept30.sh`` (2026-12-05 21:41 UTC) chose ``bitmask`` for it, the others ``csr``.
+    An N:M matrix is not offered to ``bitmask``: ``nm`` reads the same bytes in the checkpoint's own 2:4 layout,
+    and the two measured within 10% of each other (a tie at 1.0 would flip)."""
     dense = fns["dense"].nbytes
     ranked = sorted((fns[k].nbytes, k) for k in BYTES_KERNELS if k in fns and not (k == "bitmask" and "nm" in fns))
     rec = {"bytes": {"dense": dense, **{k: b for b, k in ranked}}, "checked": {}}

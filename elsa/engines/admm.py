@@ -146,7 +146,7 @@ class SparseBf16Codec(Fp32Codec):
     def decode(self, stored, use_numpy: bool | None = None):
         packed, values, shape = stored
         numel = math.prod(shape.tolist())
-        if _numpy(values, use_numpy):        # numpy's index assignment: ~1.3 ns a weight, masked_scatter_ ~3.8 here
+        if _numpy(values, use_numpy):        # numpy's index assignment: ~1.3 ns a weight, masked_scatter_ ~3.8
             import numpy as np
 
             out = np.zeros(numel, np.float32)

@@ -408,7 +408,8 @@ def safe_cost(m, S: Shapes, T: int) -> BlockCost:
     passes = m.epochs * (2 if m.rho > 0 else 1) * 3 + 4      # forward = 1, backward = 2 matmul passes
     return BlockCost(held=4.0 * T * S.hidden + 24.0 * params, work=0.0,
                      flops=Work(mm=passes * 2.0 * T * sum(o * i * s for _n, o, i, s in S.matrices)),
-                     note=f"{m.epochs} epochs of training per block" + (" (SAM: two passes a step)" if m.rho > 0 else ""))
+                     note=f"{m.epochs} epochs of training per block" + (" (SAM: two passes a step)"
+                                                                          if m.rho > 0 else ""))
 
 
 def magnitude_cost(m, S: Shapes, T: int) -> BlockCost:
