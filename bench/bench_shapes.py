@@ -7,6 +7,8 @@ its own dir under ``--root`` and is skipped once its results.json says done; eve
     python bench/bench_shapes.py --only llama2-7b:wanda   # some cells (like:method, comma separated)
     python bench/bench_shapes.py --only llama2-7b:wanda@128   # at the papers' 128 x 2048 tokens, within 20 GB
     python bench/bench_shapes.py --table                  # the table so far (measured vs plan)
+    python bench/bench_shapes.py --only ... --replan [--at-mean-load]   # re-plan done cells (at the load each
+                                                          # started under, or the mean sampled while it ran)
 
 One thread (hardware.threads=1) and the machine's load average are recorded per cell: the machine is shared.
 """
@@ -17,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,12 +158,18 @@ def run_cell(root: Path, like: str, method: str, timeout: float, patience: float
     log(root, f"start {like}:{method} load {load:.2f}; plan: {plan.get('forecast', plan.get('error'))}")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
     t0 = time.time()
+    loads, stop = [], threading.Event()
+    sampler = threading.Thread(target=_sample_load, args=(loads, stop), daemon=True)
+    sampler.start()
     with open(cell / "run.log", "w") as fh:
         try:
             rc = subprocess.run([sys.executable, "run.py", *args, f"output_dir={cell}"], cwd=REPO, env=env,
                                 stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
+    stop.set()
+    sampler.join()
+    during = sum(loads) / len(loads) if loads else float("nan")
     data = done(cell)
     refusal = refused(cell)
     if refusal:
@@ -171,7 +180,15 @@ def run_cell(root: Path, like: str, method: str, timeout: float, patience: float
         return
     log(root, f"done {like}:{method} prune {data['time_s']['prune']:.0f} s, peak RSS "
               f"{data['peak_memory_mb']['cpu_rss'] / 1024:.2f} GB, load at start {load:.2f}, "
-              f"after {os.getloadavg()[0]:.2f}")
+              f"after {os.getloadavg()[0]:.2f}, mean during {during:.2f} ({len(loads)} samples; "
+              f"--replan --at-mean-load plans the cell at it)")
+
+
+def _sample_load(loads: list[float], stop: threading.Event, every: float = 30.0) -> None:
+    """The 1-minute load average every ``every`` seconds while a cell runs: the load it ran under, which a plan
+    made at the start cannot know (a cell that started beside a test run and then ran alone)."""
+    while not stop.wait(every):
+        loads.append(os.getloadavg()[0])
 
 
 def start_load(root: Path, like: str, method: str) -> float | None:
@@ -181,12 +198,21 @@ def start_load(root: Path, like: str, method: str) -> float | None:
     return float(loads[-1]) if loads else None
 
 
-def replan(root: Path, cells) -> None:
-    """Rewrite the done cells' plan.json with the current plan code, for the load each run started under."""
+def mean_load(root: Path, like: str, method: str) -> float | None:
+    """The mean load logged when the cell's (last) run ended (cells run before the sampler: None)."""
+    loads = [line.split(" mean during ")[1].split(" ")[0] for line in (root / "bench_shapes.log").read_text()
+             .splitlines() if f"done {like}:{method} " in line and " mean during " in line]
+    return float(loads[-1]) if loads and loads[-1] != "nan" else None
+
+
+def replan(root: Path, cells, at_mean: bool = False) -> None:
+    """Rewrite the done cells' plan.json with the current plan code, for the load each run started under (or,
+    ``at_mean``, the mean load sampled while it ran, where the log has one)."""
     for like, method in cells:
         cell = root / f"{like}_{method}"
         if done(cell):
-            plan = plan_of(overrides(like, method), start_load(root, like, method))
+            load = (mean_load(root, like, method) if at_mean else None) or start_load(root, like, method)
+            plan = plan_of(overrides(like, method), load)
             (cell / "plan.json").write_text(json.dumps(plan, indent=1))
             log(root, f"replanned {like}:{method}: {plan.get('forecast', plan.get('error'))}")
 
@@ -226,12 +252,14 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per cell")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--replan", action="store_true", help="rewrite the done cells' plans (of --only) with the current code; runs no cell")
+    ap.add_argument("--at-mean-load", action="store_true", help="with --replan: plan each cell at the mean load "
+                    "sampled while it ran (logged with its 'done' line), not the load it started under")
     a = ap.parse_args()
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     cells = [tuple(c.split(":")) for c in a.only.split(",")] if a.only else CELLS
     if a.replan:
-        replan(root, cells)
+        replan(root, cells, a.at_mean_load)
     if a.table:
         print(table(root))
         return
