@@ -191,18 +191,21 @@ def _sample_load(loads: list[float], stop: threading.Event, every: float = 30.0)
         loads.append(os.getloadavg()[0])
 
 
+def _last_logged(root: Path, event: str, like: str, method: str, key: str, end: str) -> float | None:
+    """The number after ``key`` (up to ``end``) on the cell's last ``event`` line of the log that has one."""
+    values = [line.split(key)[1].split(end)[0] for line in (root / "bench_shapes.log").read_text().splitlines()
+              if f"{event} {like}:{method} " in line and key in line]
+    return float(values[-1]) if values and values[-1] != "nan" else None
+
+
 def start_load(root: Path, like: str, method: str) -> float | None:
     """The load average logged when the cell's (last) run started."""
-    loads = [line.split(" load ")[1].split(";")[0] for line in (root / "bench_shapes.log").read_text().splitlines()
-             if f"start {like}:{method} " in line]
-    return float(loads[-1]) if loads else None
+    return _last_logged(root, "start", like, method, " load ", ";")
 
 
 def mean_load(root: Path, like: str, method: str) -> float | None:
     """The mean load logged when the cell's (last) run ended (cells run before the sampler: None)."""
-    loads = [line.split(" mean during ")[1].split(" ")[0] for line in (root / "bench_shapes.log").read_text()
-             .splitlines() if f"done {like}:{method} " in line and " mean during " in line]
-    return float(loads[-1]) if loads and loads[-1] != "nan" else None
+    return _last_logged(root, "done", like, method, " mean during ", " ")
 
 
 def replan(root: Path, cells, at_mean: bool = False) -> None:

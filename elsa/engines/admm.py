@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -37,8 +38,6 @@ def pack_bits(mask: torch.Tensor, use_numpy: bool | None = None) -> torch.Tensor
     force either, for the tests)."""
     flat = mask.detach().reshape(-1)
     if _numpy(flat, use_numpy):
-        import numpy as np
-
         return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
     bits = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8).to(torch.uint8)
     return (bits << _BITS.to(bits.device)).sum(-1, dtype=torch.uint8)
@@ -47,8 +46,6 @@ def pack_bits(mask: torch.Tensor, use_numpy: bool | None = None) -> torch.Tensor
 def unpack_bits(packed: torch.Tensor, numel: int, use_numpy: bool | None = None) -> torch.Tensor:
     """The flat bool tensor of :func:`pack_bits`' first ``numel`` bits."""
     if _numpy(packed, use_numpy):
-        import numpy as np
-
         return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(np.bool_))
     return ((packed.unsqueeze(-1) >> _BITS.to(packed.device)) & 1).view(-1)[:numel].bool()
 
@@ -58,11 +55,8 @@ _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.in
 
 def count_bits(packed: torch.Tensor, use_numpy: bool | None = None) -> int:
     """The number of set bits of a packed mask (or of an and / or / xor of two)."""
-    if _numpy(packed, use_numpy):
-        import numpy as np
-
-        if hasattr(np, "bitwise_count"):
-            return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
+    if _numpy(packed, use_numpy) and hasattr(np, "bitwise_count"):      # numpy >= 2.0
+        return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
     return int(_POPCOUNT.to(packed.device)[packed.long()].sum())
 
 
@@ -117,8 +111,6 @@ class Fp8Codec(Fp32Codec):
     def decode(self, stored, use_numpy: bool | None = None):
         q, scale = stored
         if _numpy(q, use_numpy):      # numpy's take of the scaled table: ~1.1 ns a weight, the cast ~7.8 here
-            import numpy as np
-
             table = (self._VALUES * scale).numpy()
             return torch.from_numpy(np.take(table, q.view(torch.uint8).numpy()))
         return q.float() * scale
@@ -147,8 +139,6 @@ class SparseBf16Codec(Fp32Codec):
         packed, values, shape = stored
         numel = math.prod(shape.tolist())
         if _numpy(values, use_numpy):        # numpy's index assignment: ~1.3 ns a weight, masked_scatter_ ~3.8
-            import numpy as np
-
             out = np.zeros(numel, np.float32)
             out[np.flatnonzero(unpack_bits(packed, numel).numpy())] = values.float().numpy()
             return torch.from_numpy(out).view(shape.tolist())
