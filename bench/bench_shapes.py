@@ -178,7 +178,8 @@ def run_cell(root: Path, like: str, method: str, timeout: float, patience: float
     if data is None:
         log(root, f"FAILED {like}:{method} rc={rc} after {time.time() - t0:.0f} s (see {cell}/run.log)")
         return
-    log(root, f"done {like}:{method} prune {data['time_s']['prune']:.0f} s, peak RSS "
+    cpu = (data.get("cpu_s") or {}).get("prune")
+    log(root, f"done {like}:{method} prune {data['time_s']['prune']:.0f} s ({cpu or float('nan'):.0f} CPU-s), peak RSS "
               f"{data['peak_memory_mb']['cpu_rss'] / 1024:.2f} GB, load at start {load:.2f}, "
               f"after {os.getloadavg()[0]:.2f}, mean during {during:.2f} ({len(loads)} samples; "
               f"--replan --at-mean-load plans the cell at it)")
@@ -210,14 +211,23 @@ def mean_load(root: Path, like: str, method: str) -> float | None:
 
 def replan(root: Path, cells, at_mean: bool = False) -> None:
     """Rewrite the done cells' plan.json with the current plan code, for the load each run started under (or,
-    ``at_mean``, the mean load sampled while it ran, where the log has one)."""
+    ``at_mean``, the other jobs' load while it ran: the mean sampled, less the cell's own thread, where the log
+    has one). The plan's share of a core is cores / (others' load + threads): a load average sampled during the
+    cell counts the cell itself."""
     for like, method in cells:
         cell = root / f"{like}_{method}"
         if done(cell):
-            load = (mean_load(root, like, method) if at_mean else None) or start_load(root, like, method)
+            load = ran_under(root, like, method) if at_mean else start_load(root, like, method)
             plan = plan_of(overrides(like, method), load)
+            plan["planned_at_load"] = load
             (cell / "plan.json").write_text(json.dumps(plan, indent=1))
-            log(root, f"replanned {like}:{method}: {plan.get('forecast', plan.get('error'))}")
+            log(root, f"replanned {like}:{method} at load {load}: {plan.get('forecast', plan.get('error'))}")
+
+
+def ran_under(root: Path, like: str, method: str) -> float | None:
+    """The other jobs' load while the cell ran (its sampled mean less its one thread), else its start's."""
+    mean = mean_load(root, like, method)
+    return round(max(0.0, mean - 1), 2) if mean is not None else start_load(root, like, method)
 
 
 def whole(plan: dict | None, key: str) -> str:
@@ -228,23 +238,42 @@ def whole(plan: dict | None, key: str) -> str:
     return f"{duration(plan['total_s'])}, {plan[key]:.0f}"
 
 
+def _pct(measured: float | None, plan: float | None) -> str:
+    return "" if not measured or not plan else f" ({(plan - measured) / measured:+.0%})"
+
+
 def table(root: Path) -> str:
-    rows = ["| shapes | method | per block (s), measured | plan | peak RSS (GB), measured | plan | load | whole model "
-            "at 128 x 2048, this CPU idle: time, GB | one 80 GB GPU: time, GPU GB |",
-            "|---|---|---:|---:|---:|---:|---|---|---|"]
+    """Every done (or refused) cell: the block's wall time against the plan at the load it ran under, its CPU
+    seconds against the plan for a whole core (load-free), the peak against the plan, and the plan's whole model
+    at 128 x 2048 (this CPU idle; one 80 GB GPU). The code each cell ran (results.json git_sha)."""
+    rows = ["| shapes | method | code | per block (s) | plan (at load) | CPU-s | plan, whole core | peak RSS (GB) | "
+            "plan | load: start, others during | whole model at 128 x 2048, this CPU idle: time, GB | one 80 GB "
+            "GPU: time, GPU GB |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for like, method in CELLS:
         cell = root / f"{like}_{method}"
         data = done(cell)
         if data is None:
             if refused(cell):
-                rows.append(f"| {like} | {method} | refused before loading: {refused(cell)} |||||||")
+                rows.append(f"| {like} | {method} | | refused before loading: {refused(cell)} |||||||||")
             continue
         plan = json.loads((cell / "plan.json").read_text()) if (cell / "plan.json").exists() else {}
-        load = start_load(root, like, method)
-        rows.append(f"| {like} | {method} | {data['time_s']['prune']:.0f} | "
-                    f"{plan.get('prune_s', float('nan')):.0f} | {data['peak_memory_mb']['cpu_rss'] / 1024:.2f} | "
-                    f"{plan.get('peak_cpu_gb', float('nan')):.2f} | {load if load is not None else '?'} | "
-                    f"{whole(plan.get('full_cpu'), 'peak_cpu_gb')} | {whole(plan.get('full_cuda'), 'peak_gpu_gb')} |")
+        wall = data["time_s"]["prune"]
+        blocks = (data.get("method_stats") or {}).get("per_block") or []
+        cpu = (data.get("cpu_s") or {}).get("prune") or (sum(b.get("cpu_s", 0.0) for b in blocks) or None)
+        p_wall, share = plan.get("prune_s"), plan.get("share")
+        p_core = p_wall * share if p_wall and share else None
+        peak, p_peak = data["peak_memory_mb"]["cpu_rss"] / 1024, plan.get("peak_cpu_gb")
+        start, mean = start_load(root, like, method), mean_load(root, like, method)
+        others = round(max(0.0, mean - 1), 2) if mean is not None else "-"
+        at = plan.get("planned_at_load", start)
+        rows.append(
+            f"| {like} | {method} | {(data.get('git_sha') or '?')[:7]} | {wall:.0f} | "
+            f"{p_wall or float('nan'):.0f}{_pct(wall, p_wall)} at {at if at is not None else '?'} | "
+            f"{f'{cpu:.0f}' if cpu else '-'} | {f'{p_core:.0f}' if p_core else '-'}{_pct(cpu, p_core)} | "
+            f"{peak:.2f} | {p_peak or float('nan'):.2f}{_pct(peak, p_peak)} | "
+            f"{start if start is not None else '?'}, {others} | "
+            f"{whole(plan.get('full_cpu'), 'peak_cpu_gb')} | {whole(plan.get('full_cuda'), 'peak_gpu_gb')} |")
     return "\n".join(rows)
 
 

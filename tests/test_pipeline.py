@@ -20,6 +20,9 @@ def test_end_to_end_tiny(tmp_path, method, sparsity):
                 "overrides", "git_sha"):
         assert key in on_disk, key
     assert set(on_disk["time_s"]) >= {"prune", "eval", "total"}
+    # every timed phase also has its CPU seconds (the work done, where the wall time holds a shared machine's waits)
+    assert set(on_disk["cpu_s"]) == set(on_disk["time_s"]) and on_disk["cpu_s"]["prune"] > 0
+    assert on_disk["cpu_s"]["total"] >= on_disk["cpu_s"]["prune"] + on_disk["cpu_s"]["eval"]
     measured = on_disk["sparsity"]["per_layer"]
     assert len(measured) == 14  # 2 blocks x (q, k, v, o, gate, up, down)
     if method == "dense":

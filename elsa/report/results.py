@@ -68,6 +68,8 @@ class RunRecord:
     rehearsal: dict | None = None            # model=shapes: {like, blocks, ...}; random weights, not a model's ppl
     plan: dict | None = None                 # elsa.plan's forecast, made before the run
     time_s: dict | None = None               # {phase: seconds, total}
+    cpu_s: dict | None = None                # the same phases' CPU seconds, all the process's threads: on a
+                                             # shared machine the work done, where time_s holds the waits too
     peak_memory_mb: dict | None = None       # {cpu_rss, cpu_rss_at_start?, gpu?}
     error: str | None = None
     traceback: str | None = None

@@ -94,6 +94,7 @@ class Run:
                               "overrides": self.overrides, "job_name": self.job_name, "group": self.group,
                               "output_dir": str(self.out)}
         self.times: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}    # the same phases' CPU seconds (this process, all its threads)
         self.tracker = None
 
     # -- validation: everything that can be checked before loading a model ---------------------------
@@ -194,15 +195,16 @@ class Run:
         return info
 
     def timed(self, phase: str, fn, *args, **kwargs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t
+            self.cpu[phase] = self.cpu.get(phase, 0.0) + time.process_time() - c
 
     def execute(self) -> dict:
         """The run, top to bottom: each step below reads and writes this run's state and its results."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.validate()
         self.setup()
         model, tok = self.load()
@@ -227,6 +229,7 @@ class Run:
                                                    plan_dir=plan_dir if plan_dir.is_dir() else None,
                                                    pruning_plan=self.plan)
         self.times["total"] = time.perf_counter() - t0
+        self.cpu["total"] = time.process_time() - c0
         return self.finish(measured)
 
     def setup(self) -> None:
@@ -365,7 +368,7 @@ class Run:
 
     def finish(self, measured: float) -> dict:
         """The record written as done, the tracker's summary, the printed summary."""
-        self.results.update(status="done", time_s=self.times,
+        self.results.update(status="done", time_s=self.times, cpu_s=self.cpu,
                             peak_memory_mb=peak_memory_mb(self.device, self.rss_at_start))
         self.results = record_dict(self.results)
         write_json_atomic(self.out / RESULTS, self.results)
@@ -396,7 +399,9 @@ class Run:
         if not D.is_main():
             return
         self.times.setdefault("total", 0.0)
-        self.results.update(status="failed", error=f"{type(exc).__name__}: {exc}", time_s=self.times)
+        self.cpu.setdefault("total", 0.0)
+        self.results.update(status="failed", error=f"{type(exc).__name__}: {exc}", time_s=self.times,
+                            cpu_s=self.cpu)
         if not isinstance(exc, ElsaError):
             self.results["traceback"] = traceback.format_exc()
         self.results = record_dict(self.results)
