@@ -6,6 +6,7 @@ its own dir under ``--root`` and is skipped once its results.json says done; eve
     python bench/bench_shapes.py                          # every cell not yet done, in the table's order
     python bench/bench_shapes.py --only llama2-7b:wanda   # some cells (like:method, comma separated)
     python bench/bench_shapes.py --only llama2-7b:wanda@128   # at the papers' 128 x 2048 tokens, within 20 GB
+    python bench/bench_shapes.py --only smollm2-135m:elsa     # the default model (field protocol) against its plan
     python bench/bench_shapes.py --table                  # the table so far (measured vs plan)
     python bench/bench_shapes.py --only ... --replan [--at-mean-load]   # re-plan done cells (at the load each
                                                           # started under, or the mean sampled while it ran)
@@ -40,9 +41,13 @@ FIRST = ["wanda", "sparsegpt", "sparsellm", "elsa", "alps", "elsa_l"]
 # on one llama2-7b block run within 20 GB (hardware.memory_gb=20: the plan refuses before loading when they would
 # not, naming the figure); each needs ~20 GB free, so they come last and wait for it
 PAPER_CALIBRATION = [("llama2-7b", f"{m}@128") for m in ("wanda", "sparsegpt", "sparsellm")]
+# the issue's check of the plan on the default model (SmolLM2-135M, whole, the field protocol: 32 x 512 calibration
+# tokens, 8,192 evaluation tokens) for magnitude, Wanda, SparseGPT, SparseLLM and ELSA at budget=demo
+DEFAULT = "smollm2-135m"
+DEFAULT_CELLS = [(DEFAULT, m) for m in ("magnitude", "wanda", "sparsegpt", "sparsellm", "elsa")]
 CELLS = [("llama2-7b", m) for m in FIRST + [m for m in _every_method() if m not in FIRST]] + \
         [(a, m) for a in ("llama3-8b", "mixtral-8x7b") for m in ["wanda", "sparsegpt", "sparsellm", "elsa"]] + \
-        PAPER_CALIBRATION
+        PAPER_CALIBRATION + DEFAULT_CELLS
 COMMON = ["model=shapes", "model.blocks=1", "nsamples=16", "seqlen=2048", "hardware.threads=1", "logger=none",
           "eval=quick", "eval.max_tokens=4096", "eval.batch_size=1", "eval.dense=false", "save_model=false"]
 SPARSITY = {"maskllm": "2:4"}     # MaskLLM learns N:M masks only; every other cell at 50%
@@ -72,6 +77,9 @@ def overrides(like: str, cell: str) -> list[str]:
 
     method, _, windows = cell.partition("@")
     cls = get(method)
+    if like == DEFAULT:
+        return ["experiment=field", "hardware.threads=1", "logger=none", "sparsity=0.5", f"method={method}",
+                *(["budget=demo"] if cls.has_budget else [])]
     training = cls.family is TRAINING
     lean = LEAN_TRAINING if training else LEAN.get((like, method), LEAN.get(like, []))
     common = [f"nsamples={windows}", "hardware.memory_gb=20"] + [a for a in COMMON if not a.startswith("nsamples=")] \
