@@ -68,6 +68,28 @@ def test_sparsellm_at_paper_calibration_refuses_before_loading(tmp_path):
     assert r["status"] == "failed" and "load" not in r["time_s"]
 
 
+def test_low_memory_files_that_do_not_fit_the_disk_refuse_before_loading(tmp_path, monkeypatch):
+    """hardware.low_memory puts SparseLLM's per-token variables on disk (61.8 GB at 128 x 2048 on a llama2-7b
+    block): a run whose files exceed the temporary dir's free space refuses with the figure and what fits."""
+    from elsa.errors import ElsaError
+    from elsa.run import forecast
+
+    overrides = ["model=shapes", "model.like=llama2-7b", "model.blocks=1", "method=sparsellm", "nsamples=128",
+                 "seqlen=2048", "method.batch_size=2", "hardware.threads=1", "hardware.low_memory=true",
+                 "hardware.memory_gb=20"]
+    monkeypatch.setattr(forecast, "free_disk_gb", lambda path: 30.0)
+    with pytest.raises(ElsaError) as err:
+        run_pipeline(tmp_path, *overrides)
+    msg = str(err.value)
+    assert "GB on disk at its peak" in msg and "more than the 30.0 GB free there" in msg, msg
+    assert "what fits: nsamples=32 " in msg and "TMPDIR=" in msg, msg     # 64 windows need 31.4 GB
+    assert "load" not in read_results(tmp_path)["time_s"]
+    monkeypatch.setattr(forecast, "free_disk_gb", lambda path: 100.0)     # room on disk: the plan lets it run
+    from elsa.plan import main
+
+    main([*overrides, "--json"])
+
+
 def test_memory_gb_refuses_elsa_and_names_elsa_l(tmp_path):
     from elsa.errors import ElsaError
 

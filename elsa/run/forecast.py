@@ -324,6 +324,7 @@ class BlockCost:
     note: str = ""
     lean: "BlockCost | None" = None   # under hardware.low_memory, when the method streams state of its own
     disk: float = 0.0                 # bytes it then writes and reads on disk per block
+    disk_held: float = 0.0            # bytes of its files on disk at once (under the walk's temporary dir)
 
 
 # a top-k mask (elsa.sparsity.patterns.mask_from_scores) in vector FLOPs per element at the rank-1 rate: 31-35 ns
@@ -450,7 +451,7 @@ def sparsellm_cost(m, S: Shapes, T: int) -> BlockCost:
     lean = BlockCost(held=fixed + 4.0 * chunk * (2 * d + 10 * I) + whole, work=work, flops=flops,
                      note=f"{note}; hardware.low_memory: the MLP's per-token variables on disk "
                           f"({on_disk / GB:.1f} GB), {chunk:,} tokens of each resident",
-                     disk=on_disk + 4.0 * T * (k * (5 * d + 20 * I) + 2 * d + I))
+                     disk=on_disk + 4.0 * T * (k * (5 * d + 20 * I) + 2 * d + I), disk_held=on_disk)
     return BlockCost(held=fixed + 4.0 * T * (2 * d + 7 * I), work=work, flops=flops, note=note, lean=lean)
 
 
@@ -613,6 +614,7 @@ class Phase:
     cpu_gb: float                   # peak resident memory of the process during the phase
     gpu_gb: float | None = None     # peak per GPU (hardware=gpu / fsdp)
     note: str = ""
+    disk_gb: float = 0.0            # hardware.low_memory's files under the temporary dir at once
 
 
 @dataclass
@@ -699,7 +701,7 @@ class Plan:
             cost = cost.lean
         hidden = 2 * 4.0 * T * S.hidden
         block = copy = S.block_params * S.dtype_bytes   # the block, and its dense copy (the re-run's error measure)
-        passes, spill = 2, 0.0                       # the statistics' forward and the re-run
+        passes, spill, on_disk = 2, 0.0, cost.disk_held   # the statistics' forward and the re-run
         if st.low_memory and _separable(method, S):
             # one fused expert's statistics at a time (+ the rest's), one forward per expert; the dense copy
             # on disk, one matrix read back at a time
@@ -709,9 +711,11 @@ class Plan:
                 passes += S.expert_count - 1
             spill = block * (1 + -(-T // b)) / GB / self.SPILL_GBPS
             copy = 4.0 * S.largest
+            on_disk += block
         # the re-run measures every matrix's error in float64: x (W - W_dense)^T and y - delta, each doubled
         extra = self.forward_transient(min(b, T)) + 24.0 * min(b, T) * max(o * s for _n, o, _i, s in S.matrices)
         waiting = S.outside * S.dtype_bytes if st.low_memory else 0.0   # low_memory: on disk during the walk
+        on_disk += waiting
         resident = self.base + self.weights_gb + (hidden + copy - waiting + cost.held + max(extra, cost.work)) / GB
         per_block = self.seconds(self.forward_work(T, passes) + Work(mm=2.0 * T * sum(
             o * i * s for _n, o, i, s in S.matrices)) + cost.flops) + spill + cost.disk / GB / self.SPILL_GBPS
@@ -727,7 +731,7 @@ class Plan:
                 Phase(f"{label}: {S.blocks} block(s)", per_block * S.blocks + 2 * waiting / GB / self.SPILL_GBPS,
                       resident, gpu,
                       f"{per_block:,.0f} s per block; holds {cost.held / GB:.2f} GB of statistics" +
-                      (f"; {cost.note}" if cost.note else ""))]
+                      (f"; {cost.note}" if cost.note else ""), disk_gb=on_disk / GB)]
 
     def bf16_step(self, t) -> float:
         """The training step's forward and backward speed-up under ``method.autocast_bf16`` as the run will resolve
@@ -825,6 +829,10 @@ class Plan:
         return max(gpus) if gpus else None
 
     @property
+    def peak_disk_gb(self) -> float:
+        return max(p.disk_gb for p in self.phases)
+
+    @property
     def total_s(self) -> float:
         return sum(p.seconds for p in self.phases)
 
@@ -840,6 +848,7 @@ class Plan:
 
     def forecast(self) -> str:
         gpu = f", {self.peak_gpu_gb:.1f} GB per GPU" if self.peak_gpu_gb is not None else ""
+        gpu += f", {self.peak_disk_gb:.1f} GB on disk" if self.peak_disk_gb else ""
         parts = ", ".join(f"{p.name} {duration(p.seconds)}" for p in self.phases)
         hour = ""
         if any(p.name == "training" and p.seconds > 3600 for p in self.phases):
@@ -848,17 +857,20 @@ class Plan:
                 f"({parts}){hour}")
 
     def table(self) -> str:
-        rows = [f"{'phase':<40} {'time':>10} {'CPU GB':>8} {'GPU GB':>8}  note"]
+        rows = [f"{'phase':<40} {'time':>10} {'CPU GB':>8} {'GPU GB':>8} {'disk GB':>8}  note"]
         for p in self.phases:
             gpu = "-" if p.gpu_gb is None else f"{p.gpu_gb:.2f}"
-            rows.append(f"{p.name:<40} {duration(p.seconds):>10} {p.cpu_gb:>8.2f} {gpu:>8}  {p.note}")
+            disk = f"{p.disk_gb:.2f}" if p.disk_gb else "-"
+            rows.append(f"{p.name:<40} {duration(p.seconds):>10} {p.cpu_gb:>8.2f} {gpu:>8} {disk:>8}  {p.note}")
         rows.append(f"{'total / peak':<40} {duration(self.total_s):>10} {self.peak_cpu_gb:>8.2f} "
-                    f"{'-' if self.peak_gpu_gb is None else f'{self.peak_gpu_gb:.2f}':>8}")
+                    f"{'-' if self.peak_gpu_gb is None else f'{self.peak_gpu_gb:.2f}':>8} "
+                    f"{f'{self.peak_disk_gb:.2f}' if self.peak_disk_gb else '-':>8}")
         return "\n".join(rows)
 
     def as_dict(self) -> dict:
         return {"forecast": self.forecast(), "total_s": self.total_s, "prune_s": self.prune_s(),
-                "peak_cpu_gb": self.peak_cpu_gb, "peak_gpu_gb": self.peak_gpu_gb, "base_gb": self.base,
+                "peak_cpu_gb": self.peak_cpu_gb, "peak_gpu_gb": self.peak_gpu_gb, "peak_disk_gb": self.peak_disk_gb,
+                "base_gb": self.base,
                 "where": self.where(), "rates": {k: v for k, v in self.r.items()}, "share": self.share,
                 "phases": [vars(p) for p in self.phases]}
 
@@ -969,6 +981,31 @@ def alternatives(plan: Plan, limit_gb: float) -> list[str]:
     return out
 
 
+def disk_alternatives(plan: Plan, free_gb: float, memory_gb: float) -> list[str]:
+    """Changes of the run that the plan says fit in ``free_gb`` of disk (and ``memory_gb`` resident)."""
+    st, out = plan.st, []
+    n = st.nsamples
+    while n > 1:
+        n //= 2
+        p = _variant(plan, nsamples=n)
+        if p.peak_disk_gb <= free_gb and p.peak_cpu_gb <= memory_gb:
+            out.append(f"nsamples={n} ({n * st.seqlen:,} calibration tokens, {p.peak_disk_gb:.1f} GB on disk, "
+                       f"{p.peak_cpu_gb:.1f} GB resident)")
+            break
+    usual = _variant(plan, low_memory=False)
+    if usual.peak_cpu_gb <= memory_gb:
+        out.append(f"hardware.low_memory=false ({usual.peak_cpu_gb:.1f} GB resident, nothing on disk)")
+    out.append("TMPDIR=<a folder on a disk with room> (the files go under Python's temporary dir)")
+    return out
+
+
+def free_disk_gb(path: str) -> float:
+    """The space free for the run's temporary files under ``path``."""
+    import shutil
+
+    return shutil.disk_usage(path).free / GB
+
+
 # ---------------------------------------------------------------------------------------------------------
 # from a run's config
 
@@ -1040,4 +1077,15 @@ def check_run(run, quiet: bool = False) -> dict | None:
                         f"({max(plan.phases, key=of).name}), more than "
                         f"{what} ({limit:.1f} GB); what fits: {'; '.join(alts) or 'nothing the plan knows'} "
                         "(python -m elsa.plan <overrides> prints every phase)")
+    if plan.peak_disk_gb:            # hardware.low_memory's files: the walk's temporary dir must hold them
+        import tempfile
+
+        where = tempfile.gettempdir()
+        free = free_disk_gb(where)
+        if plan.peak_disk_gb > free:
+            phase = max(plan.phases, key=lambda p: p.disk_gb)
+            raise ElsaError(f"the plan needs {plan.peak_disk_gb:.1f} GB on disk at its peak ({phase.name}: "
+                            f"hardware.low_memory's files under {where}), more than the {free:.1f} GB free there; "
+                            f"what fits: {'; '.join(disk_alternatives(plan, free, limit))} "
+                            "(python -m elsa.plan <overrides> prints every phase)")
     return plan.as_dict()
