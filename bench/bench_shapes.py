@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -157,7 +159,9 @@ def run_cell(root: Path, like: str, method: str, timeout: float, patience: float
     cell.mkdir(parents=True, exist_ok=True)
     (cell / "plan.json").write_text(json.dumps(plan, indent=1))
     need = plan.get("peak_cpu_gb", 0.0)
-    fits = need <= total_gb()           # else run.py refuses before loading: that refusal is the cell's result
+    # else run.py refuses before loading (the memory, or hardware.low_memory's files on the disk): that refusal is
+    # the cell's result, with no wait for memory
+    fits = need <= total_gb() and plan.get("peak_disk_gb", 0.0) <= shutil.disk_usage(tempfile.gettempdir()).free / 2 ** 30
     if fits and not wait_for_memory(root, need, patience):
         log(root, f"skip {like}:{method}: the plan's peak {need:.1f} GB is not free ({available_gb():.1f} GB "
                   "available); rerun later")
