@@ -327,6 +327,16 @@ class BlockCost:
     disk_held: float = 0.0            # bytes of its files on disk at once (under the walk's temporary dir)
 
 
+# a decoder block's elementwise work (norms, rotary, the gated activation, residuals, the attention's reshapes)
+# in vector FLOPs at the rank-1 rate per token and feature (hidden + the MLP's per-token intermediate): a Llama
+# block's forward, one thread, CPU time, took 7.5-10.8 ns per token and feature more than its matmuls and
+# attention at the probed matmul rate (d = 576, 1024, 4096; /tmp script, 2026-12-05 23:19 UTC): ~9 ns at
+# 20 GFLOP/s. Small at 7B widths (~3% of a block), ~40% of a forward at the default model's 576
+FORWARD_VEC = 180.0
+# the re-run's error measure (LayerwiseEngine._rerun_measuring): two float64-accumulated squared norms of each
+# matrix's outputs, ~7.7 ns an output element at 7B widths (memory bound), ~1.9 at the default model's
+ERROR_VEC = 120.0
+
 # a top-k mask (elsa.sparsity.patterns.mask_from_scores) in vector FLOPs per element at the rank-1 rate: 31-35 ns
 # an element at 4096-11008 widths, one thread (18 ns at the default model's 576 x 1536), against ~10 GFLOP/s
 SORT = 300.0
@@ -681,7 +691,8 @@ class Plan:
 
     def forward_work(self, tokens: int, blocks: int, head: bool = False) -> Work:
         S = self.S
-        return Work(mm=blocks * S.block_flops(tokens, self.st.seqlen) + (2.0 * tokens * S.vocab * S.hidden if head else 0))
+        return Work(mm=blocks * S.block_flops(tokens, self.st.seqlen) + (2.0 * tokens * S.vocab * S.hidden if head else 0),
+                    vec=blocks * tokens * FORWARD_VEC * (S.hidden + S.mlp_token))
 
     # -- phases -----------------------------------------------------------------------------------------
     def load(self) -> Phase:
@@ -717,8 +728,10 @@ class Plan:
         waiting = S.outside * S.dtype_bytes if st.low_memory else 0.0   # low_memory: on disk during the walk
         on_disk += waiting
         resident = self.base + self.weights_gb + (hidden + copy - waiting + cost.held + max(extra, cost.work)) / GB
-        per_block = self.seconds(self.forward_work(T, passes) + Work(mm=2.0 * T * sum(
-            o * i * s for _n, o, i, s in S.matrices)) + cost.flops) + spill + cost.disk / GB / self.SPILL_GBPS
+        per_block = self.seconds(self.forward_work(T, passes) + Work(
+            mm=2.0 * T * sum(o * i * s for _n, o, i, s in S.matrices),
+            vec=ERROR_VEC * T * sum(o * s for _n, o, _i, s in S.matrices)) + cost.flops) + spill + \
+            cost.disk / GB / self.SPILL_GBPS
         capture = self.seconds(self.forward_work(T, S.blocks - 1))
         gpu = None
         if self.gpu:    # one block at a time on the device; the model stays on the CPU
