@@ -262,6 +262,7 @@ def table(root: Path) -> str:
             "plan | load: start, others during | whole model at 128 x 2048, this CPU idle: time, GB | one 80 GB "
             "GPU: time, GPU GB |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    off = {"memory": [], "cpu": [], "wall": []}     # plan over measured - 1, per cell
     for like, method in CELLS:
         cell = root / f"{like}_{method}"
         data = done(cell)
@@ -279,6 +280,9 @@ def table(root: Path) -> str:
         start, mean = start_load(root, like, method), mean_load(root, like, method)
         others = round(max(0.0, mean - 1), 2) if mean is not None else "-"
         at = plan.get("planned_at_load", start)
+        for key, m, p in (("memory", peak, p_peak), ("cpu", cpu, p_core), ("wall", wall, p_wall)):
+            if m and p:
+                off[key].append((p / m - 1, f"{like}:{method}"))
         rows.append(
             f"| {like} | {method} | {(data.get('git_sha') or '?')[:7]} | {wall:.0f} | "
             f"{p_wall or float('nan'):.0f}{_pct(wall, p_wall)} at {at if at is not None else '?'} | "
@@ -286,6 +290,15 @@ def table(root: Path) -> str:
             f"{peak:.2f} | {p_peak or float('nan'):.2f}{_pct(peak, p_peak)} | "
             f"{start if start is not None else '?'}, {others} | "
             f"{whole(plan.get('full_cpu'), 'peak_cpu_gb')} | {whole(plan.get('full_cuda'), 'peak_gpu_gb')} |")
+    rows.append("")
+    for key, limit, what in (("memory", 0.25, "peak memory"), ("cpu", 0.5, "time against the CPU seconds"),
+                             ("wall", 0.5, "time against the wall clock at the load it ran under")):
+        cells = off[key]
+        if cells:
+            out = [f"{c} ({v:+.0%})" for v, c in cells if abs(v) > limit]
+            rows.append(f"The plan's {what}: within {limit:.0%} in {len(cells) - len(out)} of {len(cells)} cells "
+                        f"({min(v for v, _ in cells):+.0%} to {max(v for v, _ in cells):+.0%})"
+                        + (f"; outside: {', '.join(out)}." if out else "."))
     return "\n".join(rows)
 
 
