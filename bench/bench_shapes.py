@@ -161,7 +161,8 @@ def run_cell(root: Path, like: str, method: str, timeout: float, patience: float
     need = plan.get("peak_cpu_gb", 0.0)
     # else run.py refuses before loading (the memory, or hardware.low_memory's files on the disk): that refusal is
     # the cell's result, with no wait for memory
-    fits = need <= total_gb() and plan.get("peak_disk_gb", 0.0) <= shutil.disk_usage(tempfile.gettempdir()).free / 2 ** 30
+    free_disk = shutil.disk_usage(tempfile.gettempdir()).free / 2 ** 30
+    fits = need <= total_gb() and plan.get("peak_disk_gb", 0.0) <= free_disk
     if fits and not wait_for_memory(root, need, patience):
         log(root, f"skip {like}:{method}: the plan's peak {need:.1f} GB is not free ({available_gb():.1f} GB "
                   "available); rerun later")
@@ -191,7 +192,8 @@ def run_cell(root: Path, like: str, method: str, timeout: float, patience: float
         log(root, f"FAILED {like}:{method} rc={rc} after {time.time() - t0:.0f} s (see {cell}/run.log)")
         return
     cpu = (data.get("cpu_s") or {}).get("prune")
-    log(root, f"done {like}:{method} prune {data['time_s']['prune']:.0f} s ({cpu or float('nan'):.0f} CPU-s), peak RSS "
+    log(root, f"done {like}:{method} prune {data['time_s']['prune']:.0f} s ({cpu or float('nan'):.0f} CPU-s), "
+              f"peak RSS "
               f"{data['peak_memory_mb']['cpu_rss'] / 1024:.2f} GB, load at start {load:.2f}, "
               f"after {os.getloadavg()[0]:.2f}, mean during {during:.2f} ({len(loads)} samples; "
               f"--replan --at-mean-load plans the cell at it)")

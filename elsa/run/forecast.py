@@ -19,7 +19,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -337,8 +339,8 @@ FORWARD_VEC = 180.0
 # matrix's outputs, ~7.7 ns an output element at 7B widths (memory bound), ~1.9 at the default model's
 ERROR_VEC = 120.0
 
-# a top-k mask (elsa.sparsity.patterns.mask_from_scores) in vector FLOPs per element at the rank-1 rate: 31-35 ns
-# an element at 4096-11008 widths, one thread (18 ns at the default model's 576 x 1536), against ~10 GFLOP/s
+# the unit OATS's alternations (OATS_PASSES) and the training methods' per-step masks were fitted in: vector FLOPs
+# per element at the rank-1 rate (~15 ns at 20 GFLOP/s); a layer-wise method's top-k mask is topk_vec below
 SORT = 300.0
 
 
@@ -703,7 +705,8 @@ class Plan:
 
     def forward_work(self, tokens: int, blocks: int, head: bool = False) -> Work:
         S = self.S
-        return Work(mm=blocks * S.block_flops(tokens, self.st.seqlen) + (2.0 * tokens * S.vocab * S.hidden if head else 0),
+        head_flops = 2.0 * tokens * S.vocab * S.hidden if head else 0.0
+        return Work(mm=blocks * S.block_flops(tokens, self.st.seqlen) + head_flops,
                     vec=blocks * tokens * FORWARD_VEC * (S.hidden + S.mlp_token))
 
     # -- phases -----------------------------------------------------------------------------------------
@@ -895,8 +898,8 @@ class Plan:
     def as_dict(self) -> dict:
         return {"forecast": self.forecast(), "total_s": self.total_s, "prune_s": self.prune_s(),
                 "peak_cpu_gb": self.peak_cpu_gb, "peak_gpu_gb": self.peak_gpu_gb, "peak_disk_gb": self.peak_disk_gb,
-                "base_gb": self.base,
-                "where": self.where(), "rates": {k: v for k, v in self.r.items()}, "share": self.share,
+                "base_gb": self.base, "where": self.where(), "rates": {k: v for k, v in self.r.items()},
+                "share": self.share,
                 "phases": [vars(p) for p in self.phases]}
 
 
@@ -1026,8 +1029,6 @@ def disk_alternatives(plan: Plan, free_gb: float, memory_gb: float) -> list[str]
 
 def free_disk_gb(path: str) -> float:
     """The space free for the run's temporary files under ``path``."""
-    import shutil
-
     return shutil.disk_usage(path).free / GB
 
 
@@ -1103,8 +1104,6 @@ def check_run(run, quiet: bool = False) -> dict | None:
                         f"{what} ({limit:.1f} GB); what fits: {'; '.join(alts) or 'nothing the plan knows'} "
                         "(python -m elsa.plan <overrides> prints every phase)")
     if plan.peak_disk_gb:            # hardware.low_memory's files: the walk's temporary dir must hold them
-        import tempfile
-
         where = tempfile.gettempdir()
         free = free_disk_gb(where)
         if plan.peak_disk_gb > free:
