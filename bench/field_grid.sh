@@ -28,7 +28,7 @@ declare -A PHASES=(
   [training]="method=ast,ast_boosted,elsa,elsa_l budget=cpu ${HISTORY[*]}"
   [elsa_sgpt]="method=elsa start=sparsegpt budget=cpu ${HISTORY[*]}"
   [maskllm]="method=maskllm sparsity=2:4 start=sparsegpt ${HISTORY[*]}"
-  [leap]="method=leap sparsity=0.9,0.5,0.7 start=wanda budget=cpu ${HISTORY[*]}"
+  [leap]="method=leap sparsity=0.5,0.7,0.9 start=wanda budget=cpu ${HISTORY[*]}"
 )
 ORDER=(oneshot safe training elsa_sgpt maskllm leap)
 mkdir -p "$ROOT"
