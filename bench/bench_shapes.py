@@ -238,10 +238,16 @@ def replan(root: Path, cells, at_mean: bool = False) -> None:
             log(root, f"replanned {like}:{method} at load {load}: {plan.get('forecast', plan.get('error'))}")
 
 
-def ran_under(root: Path, like: str, method: str) -> float | None:
-    """The other jobs' load while the cell ran (its sampled mean less its one thread), else its start's."""
+def others_load(root: Path, like: str, method: str) -> float | None:
+    """The other jobs' load while the cell ran: its sampled mean less its one thread (None: not sampled)."""
     mean = mean_load(root, like, method)
-    return round(max(0.0, mean - 1), 2) if mean is not None else start_load(root, like, method)
+    return round(max(0.0, mean - 1), 2) if mean is not None else None
+
+
+def ran_under(root: Path, like: str, method: str) -> float | None:
+    """The other jobs' load while the cell ran, else the load at its start."""
+    others = others_load(root, like, method)
+    return others if others is not None else start_load(root, like, method)
 
 
 def whole(plan: dict | None, key: str) -> str:
@@ -279,8 +285,7 @@ def table(root: Path) -> str:
         p_wall, share = plan.get("prune_s"), plan.get("share")
         p_core = p_wall * share if p_wall and share else None
         peak, p_peak = data["peak_memory_mb"]["cpu_rss"] / 1024, plan.get("peak_cpu_gb")
-        start, mean = start_load(root, like, method), mean_load(root, like, method)
-        others = round(max(0.0, mean - 1), 2) if mean is not None else "-"
+        start, others = start_load(root, like, method), others_load(root, like, method)
         at = plan.get("planned_at_load", start)
         for key, m, p in (("memory", peak, p_peak), ("cpu", cpu, p_core), ("wall", wall, p_wall)):
             if m and p:
@@ -290,7 +295,7 @@ def table(root: Path) -> str:
             f"{p_wall or float('nan'):.0f}{_pct(wall, p_wall)} at {at if at is not None else '?'} | "
             f"{f'{cpu:.0f}' if cpu else '-'} | {f'{p_core:.0f}' if p_core else '-'}{_pct(cpu, p_core)} | "
             f"{peak:.2f} | {p_peak or float('nan'):.2f}{_pct(peak, p_peak)} | "
-            f"{start if start is not None else '?'}, {others} | "
+            f"{start if start is not None else '?'}, {others if others is not None else '-'} | "
             f"{whole(plan.get('full_cpu'), 'peak_cpu_gb')} | {whole(plan.get('full_cuda'), 'peak_gpu_gb')} |")
     rows.append("")
     for key, limit, what in (("memory", 0.25, "peak memory"), ("cpu", 0.5, "time against the CPU seconds"),

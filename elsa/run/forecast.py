@@ -971,6 +971,17 @@ def _lean(plan: Plan, peak) -> tuple[str, Plan] | None:
     return best
 
 
+def _fewer_samples(plan: Plan, fits) -> Plan | None:
+    """The plan with the most calibration windows, halving ``nsamples``, that ``fits``; None if none does."""
+    n = plan.st.nsamples
+    while n > 1:
+        n //= 2
+        p = _variant(plan, nsamples=n)
+        if fits(p):
+            return p
+    return None
+
+
 def alternatives(plan: Plan, limit_gb: float) -> list[str]:
     """Changes of the run that the plan says fit under ``limit_gb`` (per device)."""
     st, out = plan.st, []
@@ -989,13 +1000,10 @@ def alternatives(plan: Plan, limit_gb: float) -> list[str]:
                 out.append(f"hardware=fsdp with {ranks} ranks ({fsdp.peak_gpu_gb:.1f} GB per 80 GB GPU)")
                 break
     elif getattr(method, "needs_calibration", False):
-        n = st.nsamples
-        while n > 1:
-            n //= 2
-            if peak(_variant(plan, nsamples=n)) <= limit_gb:
-                out.append(f"nsamples={n} ({n * st.seqlen:,} calibration tokens, "
-                           f"{peak(_variant(plan, nsamples=n)):.1f} GB)")
-                break
+        fewer = _fewer_samples(plan, lambda p: peak(p) <= limit_gb)
+        if fewer is not None:
+            out.append(f"nsamples={fewer.st.nsamples} ({fewer.st.nsamples * st.seqlen:,} calibration tokens, "
+                       f"{peak(fewer):.1f} GB)")
         from elsa.methods.sparsegpt import SparseGPT
 
         if isinstance(method, SparseGPT) and type(method) is not SparseGPT:
@@ -1012,14 +1020,11 @@ def alternatives(plan: Plan, limit_gb: float) -> list[str]:
 def disk_alternatives(plan: Plan, free_gb: float, memory_gb: float) -> list[str]:
     """Changes of the run that the plan says fit in ``free_gb`` of disk (and ``memory_gb`` resident)."""
     st, out = plan.st, []
-    n = st.nsamples
-    while n > 1:
-        n //= 2
-        p = _variant(plan, nsamples=n)
-        if p.peak_disk_gb <= free_gb and p.peak_cpu_gb <= memory_gb:
-            out.append(f"nsamples={n} ({n * st.seqlen:,} calibration tokens, {p.peak_disk_gb:.1f} GB on disk, "
-                       f"{p.peak_cpu_gb:.1f} GB resident)")
-            break
+    p = _fewer_samples(plan, lambda p: p.peak_disk_gb <= free_gb and p.peak_cpu_gb <= memory_gb)
+    if p is not None:
+        n = p.st.nsamples
+        out.append(f"nsamples={n} ({n * st.seqlen:,} calibration tokens, {p.peak_disk_gb:.1f} GB on disk, "
+                   f"{p.peak_cpu_gb:.1f} GB resident)")
     usual = _variant(plan, low_memory=False)
     if usual.peak_cpu_gb <= memory_gb:
         out.append(f"hardware.low_memory=false ({usual.peak_cpu_gb:.1f} GB resident, nothing on disk)")
