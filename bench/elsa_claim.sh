@@ -27,10 +27,13 @@
 #
 # Longer than a session (hours at one thread): it resumes from $ROOT/s<N>/checkpoints/elsa.pt (every 32 steps).
 # The code is pinned: the first start records main's commit in $ROOT/COMMIT and every later start runs that
-# commit's code from a worktree ($ROOT/code), so the curve comes from one commit across sessions.
+# commit's code from a worktree ($ROOT/code), so the curve comes from one commit across sessions. The pin also
+# lives in the repo (bench/results/elsa_claim/COMMIT: d2dd635, the code of every run in docs/results.md), so a
+# fresh clone on another machine runs the same code; the checkpoints stay on this machine's disk only.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 ROOT="${ELSA_CLAIM_DIR:-/work/elsa_claim}"
+PIN="$REPO/bench/results/elsa_claim/COMMIT"
 mkdir -p "$ROOT"
 if [ "${1:-}" = status ]; then
   for f in "$ROOT"/s*.log; do
@@ -62,7 +65,9 @@ case "$METHOD" in
 esac
 (
   flock 9   # two runs started together create the pinned worktree once
-  [ -f "$ROOT/COMMIT" ] || git -C "$REPO" rev-parse HEAD > "$ROOT/COMMIT"
+  if [ ! -f "$ROOT/COMMIT" ]; then
+    if [ -f "$PIN" ]; then cp "$PIN" "$ROOT/COMMIT"; else git -C "$REPO" rev-parse HEAD > "$ROOT/COMMIT"; fi
+  fi
   [ -f "$ROOT/code/run.py" ] || git -C "$REPO" worktree add --detach "$ROOT/code" "$(cat "$ROOT/COMMIT")"
 ) 9> "$ROOT/.lock"
 [ "$SEED" = 0 ] || RUN="${RUN}_seed$SEED"      # seed 0: the runs of before, their dirs unchanged

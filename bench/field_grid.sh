@@ -3,6 +3,7 @@
 #
 #   bench/field_grid.sh run [phase ...]   # run the phases in order (default: all), one thread, nice 19
 #   bench/field_grid.sh status            # done / failed / missing cells per phase
+#   bench/field_grid.sh save              # copy the finished cells' results.json into the repo (commit them)
 #   bench/field_grid.sh report            # python -m elsa.report <dir> --out docs/field_<commit> (the old docs/field stays)
 #
 # The field protocol (conf/experiment/field.yaml: the default model, 32 x 512 wiki-train calibration windows, seed 0,
@@ -10,6 +11,12 @@
 # rerun skips finished cells (skip_done) and a session that ends mid-grid resumes where it stopped. The first run
 # records main's commit in $ROOT/COMMIT and every later run uses that commit's code from a worktree ($ROOT/code):
 # every row of the table comes from one commit (results.csv's git_sha column says which).
+#
+# The sweep dir is scratch on this machine, and a session may be handed another machine (2026-12-06: the first
+# 20 cells, pinned at 485577d, were lost that way). So the pin and every finished cell live in the repo too,
+# under bench/results/field_grid/ (COMMIT; cells/<job dir>/results.json and machine.txt, the CPU it ran on):
+# `save` copies the cells that finished since the last save, `run` seeds an empty sweep dir from them before it
+# starts (skip_done then skips them), so a fresh clone on any machine resumes the same grid. Commit after `save`.
 #
 # The training methods run at budget=cpu (the budget at which docs/results.md shows AST-Boosted's and ELSA's
 # claims against the one-shot methods on this machine; each row is labelled with the tokens it trained on), with
@@ -31,10 +38,15 @@ declare -A PHASES=(
   [leap]="method=leap sparsity=0.5,0.7,0.9 start=wanda budget=cpu ${HISTORY[*]}"
 )
 ORDER=(oneshot safe training elsa_sgpt maskllm leap)
-mkdir -p "$ROOT"
+STORE="$REPO/bench/results/field_grid"
+mkdir -p "$ROOT" "$STORE/cells"
 (
   flock 9
-  [ -f "$ROOT/COMMIT" ] || git -C "$REPO" rev-parse HEAD > "$ROOT/COMMIT"
+  if [ ! -f "$ROOT/COMMIT" ]; then
+    if [ -f "$STORE/COMMIT" ]; then cp "$STORE/COMMIT" "$ROOT/COMMIT"; else git -C "$REPO" rev-parse HEAD > "$ROOT/COMMIT"; fi
+  fi
+  [ -f "$STORE/COMMIT" ] || cp "$ROOT/COMMIT" "$STORE/COMMIT"
+  cmp -s "$ROOT/COMMIT" "$STORE/COMMIT" || { echo "elsa: error: $ROOT/COMMIT ($(cat "$ROOT/COMMIT")) is not the repo's pin $STORE/COMMIT ($(cat "$STORE/COMMIT")): one grid, one commit" >&2; exit 2; }
   [ -f "$ROOT/code/run.py" ] || git -C "$REPO" worktree add --detach "$ROOT/code" "$(cat "$ROOT/COMMIT")"
 ) 9> "$ROOT/.lock"
 COMMIT="$(cat "$ROOT/COMMIT")"
@@ -58,12 +70,32 @@ for key, n in sorted(count.items()):
 print("cells with results:", sum(count.values()), "of 4 x 9 + 4 + 16 + 4 + 1 + 3 = 64")
 EOF
     ;;
+  save)
+    machine="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, torch $("$PY" -c 'import torch; print(torch.__version__)')"
+    n=0
+    for r in "$SWEEP"/*/results.json; do
+      [ -f "$r" ] || continue
+      job="$(basename "$(dirname "$r")")"
+      [ -f "$STORE/cells/$job/results.json" ] && continue
+      "$PY" -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("status") != "done")' "$r" || continue
+      mkdir -p "$STORE/cells/$job"
+      cp "$r" "$STORE/cells/$job/results.json"
+      echo "$machine (saved $(date -u +%FT%TZ))" > "$STORE/cells/$job/machine.txt"
+      n=$((n + 1))
+    done
+    echo "field_grid: saved $n new cell(s) under $STORE/cells ($(ls "$STORE/cells" | wc -l) in all); commit them"
+    ;;
   report)
     cd "$ROOT/code"
-    PYTHONPATH="$ROOT/code" "$PY" -m elsa.report "$SWEEP" --out "$REPO/docs/field_${COMMIT:0:7}"
+    PYTHONPATH="$ROOT/code" "$PY" -m elsa.report "$STORE/cells" --out "$REPO/docs/field_${COMMIT:0:7}"
     ;;
   run)
     phases=("$@"); [ ${#phases[@]} -gt 0 ] || phases=("${ORDER[@]}")
+    for d in "$STORE"/cells/*/; do
+      [ -f "$d/results.json" ] || continue
+      job="$(basename "$d")"
+      [ -f "$SWEEP/$job/results.json" ] || { mkdir -p "$SWEEP/$job"; cp "$d/results.json" "$SWEEP/$job/results.json"; }
+    done
     cd "$ROOT/code"
     for phase in "${phases[@]}"; do
       [ -n "${PHASES[$phase]:-}" ] || { echo "elsa: error: phase=$phase: one of ${ORDER[*]}" >&2; exit 2; }
@@ -74,5 +106,5 @@ EOF
         || echo "field_grid: phase $phase ended with an error (see the job dirs' results.json)" >> "$ROOT/grid.log"
     done
     ;;
-  *) echo "usage: bench/field_grid.sh run [phase ...] | status | report" >&2; exit 2 ;;
+  *) echo "usage: bench/field_grid.sh run [phase ...] | status | save | report" >&2; exit 2 ;;
 esac
