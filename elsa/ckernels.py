@@ -12,20 +12,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from elsa.machine import cpu_flags
+
 log = logging.getLogger(__name__)
 _LOADED: dict[str, tuple] = {}
 
 
-def _cpu_flags() -> str:
-    try:
-        return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
 def load(name: str, source: str, signatures: dict) -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) or (None, reason). ``signatures``: function name -> ctypes argtypes (restype void)."""
-    key = hashlib.sha256((source + _cpu_flags() + os.uname().machine).encode()).hexdigest()[:16]
+    key = hashlib.sha256((source + cpu_flags() + os.uname().machine).encode()).hexdigest()[:16]
     if key in _LOADED:
         return _LOADED[key]
     from elsa.assets import cache_dir

@@ -202,3 +202,24 @@ def test_training_plan_holds_against_a_measured_run(tmp_path, method):
     r = read_results(tmp_path)
     measured = r["peak_memory_mb"]["cpu_rss"] / 1024
     assert abs(r["plan"]["peak_cpu_gb"] - measured) <= 0.25 * measured, (r["plan"]["peak_cpu_gb"], measured)
+
+
+def test_rates_are_cached_per_cpu_not_per_architecture(tmp_path, monkeypatch):
+    """A cache dir shared by two CPUs (a home dir mounted on a cluster's nodes) must not hand one CPU's measured
+    rates to the other: the key is the CPU itself (name, flags), not "x86_64"."""
+    import elsa.machine as machine
+    from elsa.run import forecast
+
+    monkeypatch.setenv("ELSA_CACHE", str(tmp_path))
+    probed = []
+    monkeypatch.setattr(forecast, "probe", lambda threads: probed.append(threads) or {"mm": 1e11 * len(probed)})
+    cpus = {"a": "model name\t: Intel(R) Xeon(R)\ncpu family\t: 6\nmodel\t\t: 143\nflags\t\t: avx512f amx_bf16\n",
+            "b": "model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: avx512f avx512_bf16\n"}
+    seen = {}
+    for cpu in ("a", "b", "a"):
+        monkeypatch.setattr(machine, "_cpuinfo", lambda cpu=cpu: cpus[cpu])
+        seen.setdefault(cpu, forecast.rates(1))
+        assert forecast.rates(1) == seen[cpu]
+    assert len(probed) == 2, "each CPU probed once, then read from the cache"
+    assert seen["a"]["mm"] != seen["b"]["mm"]
+    assert seen["b"]["cpu"] == "AMD EPYC (family 25 model 17)"

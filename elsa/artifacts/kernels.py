@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from elsa.machine import cpu_flags
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 8
@@ -444,16 +446,9 @@ int elsa_mv(const int64_t* d, int64_t batch, const void* x, int xbf, void* y, in
 _LIB: dict = {}
 
 
-def _cpu_flags() -> str:
-    try:
-        return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
 def cpu_key(source: str = C_SOURCE) -> str:
     """A key for one kernel source on one kind of CPU: a library, or a plan measured with it, is valid for it."""
-    return hashlib.sha256((source + _cpu_flags() + os.uname().machine).encode()).hexdigest()[:16]
+    return hashlib.sha256((source + cpu_flags() + os.uname().machine).encode()).hexdigest()[:16]
 
 
 def compile_library(source: str, stem: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL:

@@ -51,11 +51,12 @@ def bf16_speedup(device) -> float:
     import platform
 
     from elsa.assets import cache_dir
+    from elsa.machine import cpu_flags
 
     device = torch.device(device)
     key = (device.type, torch.get_num_threads())
     if key not in _CACHE:
-        cpu = hashlib.md5((platform.processor() + _cpu_flags()).encode()).hexdigest()[:12]
+        cpu = hashlib.md5((platform.processor() + cpu_flags()).encode()).hexdigest()[:12]
         path = cache_dir() / "precision" / f"{device.type}-{key[1]}threads-{cpu}.json"
         if path.exists():
             _CACHE[key] = float(json.loads(path.read_text())["bf16_matmul_speedup"])
@@ -66,13 +67,6 @@ def bf16_speedup(device) -> float:
             tmp.write_text(json.dumps({"bf16_matmul_speedup": _CACHE[key]}))
             tmp.replace(path)
     return _CACHE[key]
-
-
-def _cpu_flags() -> str:
-    try:
-        return next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
-    except OSError:
-        return ""
 
 
 def resolve(setting, device, recorded: dict | None = None) -> tuple[bool, dict]:

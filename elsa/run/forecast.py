@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -118,14 +117,15 @@ def _mlp_step(bf16: bool, tokens: int = 512, width: int = 1024):
 def rates(threads: int, refresh: bool = False) -> dict:
     """This machine's rates at ``threads`` (cached per CPU model and thread count: ``<cache>/plan/rates.json``)."""
     from elsa.assets import cache_dir
+    from elsa.machine import cpu_id, cpu_name
 
     path = cache_dir() / "plan" / "rates.json"
-    key = f"cputime3-{platform.processor() or platform.machine()}-{os.cpu_count()}cpu-{threads}t"   # 3: bf16_step, svd
+    key = f"cputime4-{cpu_id()}-{os.cpu_count()}cpu-{threads}t"   # 4: keyed by the CPU itself (machine.cpu_id)
     cached = json.loads(path.read_text()) if path.exists() else {}
     if key in cached and not refresh:
         return cached[key]
     cached[key] = probe(threads) | {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                    "load": round(os.getloadavg()[0], 2)}
+                                    "load": round(os.getloadavg()[0], 2), "cpu": cpu_name()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")      # FSDP ranks may probe at once
     tmp.write_text(json.dumps(cached, indent=1))
