@@ -309,12 +309,27 @@ def table(root: Path) -> str:
     return "\n".join(rows)
 
 
+DOCS_BEGIN = "<!-- bench_shapes.py --table --docs: begin (generated; edit the cells, not these lines) -->"
+DOCS_END = "<!-- bench_shapes.py --table --docs: end -->"
+
+
+def write_docs(path: Path, text: str) -> None:
+    """Replace what lies between the markers in ``path`` with ``text``."""
+    doc = path.read_text()
+    if doc.count(DOCS_BEGIN) != 1 or doc.count(DOCS_END) != 1 or doc.index(DOCS_BEGIN) > doc.index(DOCS_END):
+        raise SystemExit(f"elsa: error: --docs={path}: needs one '{DOCS_BEGIN}' line and one '{DOCS_END}' after it")
+    head, rest = doc.split(DOCS_BEGIN)
+    path.write_text(f"{head}{DOCS_BEGIN}\n{text}\n{DOCS_END}{rest.split(DOCS_END, 1)[1]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=str(REPO / "bench" / "runs" / "shapes"))
     ap.add_argument("--only", default="", help="like:method[,like:method...]")
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per cell")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--docs", default="", help="with --table: write the table into this markdown file, between "
+                    "its '<!-- bench_shapes.py --table --docs: begin/end -->' lines")
     ap.add_argument("--replan", action="store_true", help="rewrite the done cells' plans (of --only) with the current code; runs no cell")
     ap.add_argument("--at-mean-load", action="store_true", help="with --replan: plan each cell at the mean load "
                     "sampled while it ran (logged with its 'done' line), not the load it started under")
@@ -325,7 +340,10 @@ def main() -> None:
     if a.replan:
         replan(root, cells, a.at_mean_load)
     if a.table:
-        print(table(root))
+        text = table(root)
+        if a.docs:
+            write_docs(Path(a.docs), text)
+        print(text)
         return
     if a.replan:
         return
