@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -161,7 +160,9 @@ def run_cell(root: Path, like: str, method: str, timeout: float, patience: float
     need = plan.get("peak_cpu_gb", 0.0)
     # else run.py refuses before loading (the memory, or hardware.low_memory's files on the disk): that refusal is
     # the cell's result, with no wait for memory
-    free_disk = shutil.disk_usage(tempfile.gettempdir()).free / 2 ** 30
+    from elsa.run.forecast import free_disk_gb
+
+    free_disk = free_disk_gb(tempfile.gettempdir())   # what run.py's check reads
     fits = need <= total_gb() and plan.get("peak_disk_gb", 0.0) <= free_disk
     if fits and not wait_for_memory(root, need, patience):
         log(root, f"skip {like}:{method}: the plan's peak {need:.1f} GB is not free ({available_gb():.1f} GB "
