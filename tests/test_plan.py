@@ -223,3 +223,25 @@ def test_rates_are_cached_per_cpu_not_per_architecture(tmp_path, monkeypatch):
     assert len(probed) == 2, "each CPU probed once, then read from the cache"
     assert seen["a"]["mm"] != seen["b"]["mm"]
     assert seen["b"]["cpu"] == "AMD EPYC (family 25 model 17)"
+
+
+def test_plan_counts_the_dense_pass_only_when_its_perplexity_is_not_cached(tmp_path, monkeypatch):
+    """The dense perplexity is cached per model and protocol: a second run of the same model reads it, so its
+    plan must not count that evaluation pass again (it did: the field grid's runs were planned two passes)."""
+    from conftest import TINY, compose
+
+    import elsa.eval.perplexity as perplexity
+    from elsa.run.forecast import setting
+    from elsa.run.recipe import Run
+
+    monkeypatch.setattr(perplexity, "cache_dir", lambda: tmp_path)    # an empty dense-perplexity cache
+    cfg = compose([*TINY, f"output_dir={tmp_path / 'run'}", "method=magnitude", "sparsity=0.5"])
+    run = Run(cfg, None)
+    run.validate()
+    passes = lambda: setting(run.cfg, run.source, run.method, run.start).eval_passes   # noqa: E731
+    assert passes() == 2                                  # the pruned model's and the dense one's
+    model, tok = run.source.load()
+    run.eval.dense(model, tok, run.source.fingerprint())
+    assert passes() == 1                                  # now read from the cache
+    other = compose([*TINY, f"output_dir={tmp_path / 'run'}", "method=magnitude", "sparsity=0.5", "seqlen=64"])
+    assert setting(other, run.source, run.method, run.start).eval_passes == 2   # another protocol: not cached

@@ -82,9 +82,30 @@ class PerplexityEval:
                                    desc=f"dense ppl {name}")
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"perplexity": out[name], "model": model_fingerprint, "corpus": name}))
+            tmp.write_text(json.dumps({"perplexity": out[name], "model": model_fingerprint, "corpus": name,
+                                       **self._protocol()}))
             tmp.replace(path)
         return out
+
+    def _protocol(self) -> dict:
+        return {"seqlen": self.seqlen, "max_tokens": self.max_tokens, "add_bos": self.add_bos,
+                "device": str(self.device).split(":")[0]}
+
+    def dense_cached(self, model_fingerprint: str) -> bool:
+        """Whether :meth:`dense` would read every corpus from the cache (the plan then counts no dense pass),
+        judged before any tokenizer loads: from the cached entries' model, corpus and protocol (entries written
+        before they recorded the protocol count as absent)."""
+        want = {"model": model_fingerprint, **self._protocol()}
+        folder = cache_dir() / "dense_ppl"
+        found = set()
+        for path in folder.glob("*.json") if folder.is_dir() else ():
+            try:
+                entry = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if all(entry.get(k) == v for k, v in want.items()):
+                found.add(entry.get("corpus"))
+        return set(self.corpora) <= found
 
 
 def check_finite(value: float, what: str) -> None:

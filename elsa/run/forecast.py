@@ -1043,6 +1043,7 @@ def free_disk_gb(path: str) -> float:
 
 def setting(cfg, source, method, start, ranks: int | None = None) -> Setting:
     """The plan's view of a composed run config and its built components."""
+    from elsa.eval.perplexity import PerplexityEval
     from elsa.sparsity.patterns import Sparsity
 
     hw = cfg.hardware
@@ -1053,8 +1054,11 @@ def setting(cfg, source, method, start, ranks: int | None = None) -> Setting:
     needs = method.needs_calibration or bool(start is not None and start.needs_calibration)
     passes = 1 + bool(getattr(method, "eval_initial", False) or start is not None and
                       getattr(method, "eval_initial", False))
-    if cfg.eval.get("dense", True):
-        passes += 1
+    ev = cfg.eval
+    if ev.get("dense", True):         # the dense model's pass, unless its perplexity is already cached
+        cached = PerplexityEval(dict.fromkeys(ev.corpora), int(cfg.seqlen), ev.get("max_tokens"), 1,
+                                bool(ev.get("add_bos", True)), device)
+        passes += not (hasattr(source, "fingerprint") and cached.dense_cached(source.fingerprint()))
     return Setting(source=source, method=method, start=start, device=device, ranks=ranks, threads=threads,
                    nsamples=int(cfg.nsamples) if needs else 0, seqlen=int(cfg.seqlen),
                    eval_tokens=cfg.eval.get("max_tokens"), eval_batch=int(cfg.eval.get("batch_size", 4)),
