@@ -120,7 +120,7 @@ def rates(threads: int, refresh: bool = False) -> dict:
     from elsa.machine import cpu_id, cpu_name
 
     path = cache_dir() / "plan" / "rates.json"
-    key = f"cputime4-{cpu_id()}-{os.cpu_count()}cpu-{threads}t"   # 4: keyed by the CPU itself (machine.cpu_id)
+    key = f"cputime4-{cpu_id()}-{threads}t"   # 4: keyed by the CPU itself (name, flags, cores: machine.cpu_id)
     cached = json.loads(path.read_text()) if path.exists() else {}
     if key in cached and not refresh:
         return cached[key]
