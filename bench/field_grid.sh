@@ -71,7 +71,7 @@ print("cells with results:", sum(count.values()), "of 4 x 9 + 4 + 16 + 4 + 1 + 3
 EOF
     ;;
   save)
-    machine="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, torch $("$PY" -c 'import torch; print(torch.__version__)')"
+    machine="$(cd "$REPO" && "$PY" -c 'import torch; from elsa.machine import cpu_id, cpu_name; print(f"{cpu_name()}, cpu id {cpu_id()}, torch {torch.__version__}")')"
     n=0
     for r in "$SWEEP"/*/results.json; do
       [ -f "$r" ] || continue
