@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 29 item 3: the field table regenerated from ONE commit, as one resumable sweep dir.
 #
-#   bench/field_grid.sh run [phase ...]   # run the phases in order (default: all), one thread, nice 19
+#   bench/field_grid.sh run [phase ...]   # run the phases in order (default: all), one thread, nice 19;
+#                                         # a phase another lane is running is skipped (a lock per phase)
 #   bench/field_grid.sh status            # done / failed / missing cells per phase
 #   bench/field_grid.sh save              # copy the finished cells' results.json into the repo (commit them)
 #   bench/field_grid.sh report            # python -m elsa.report <dir> --out docs/field_<commit> (the old docs/field stays)
@@ -99,11 +100,18 @@ EOF
     cd "$ROOT/code"
     for phase in "${phases[@]}"; do
       [ -n "${PHASES[$phase]:-}" ] || { echo "elsa: error: phase=$phase: one of ${ORDER[*]}" >&2; exit 2; }
+      # one lane per phase: two lanes in one phase would both start its next unfinished cell
+      exec 8> "$ROOT/.phase-$phase.lock"
+      if ! flock -n 8; then
+        echo "field_grid: phase $phase is running in another lane; skipped here" | tee -a "$ROOT/grid.log" >&2
+        continue
+      fi
       echo "field_grid: phase $phase, code $COMMIT, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$ROOT/grid.log"
       # shellcheck disable=SC2086 - the phase's overrides are words
       OMP_NUM_THREADS=1 WANDB_MODE=disabled PYTHONPATH="$ROOT/code" nice -n 19 "$PY" run.py -m experiment=field \
         ${PHASES[$phase]} logger=none hardware.threads=1 hydra.sweep.dir="$SWEEP" >> "$ROOT/grid.log" 2>&1 \
         || echo "field_grid: phase $phase ended with an error (see the job dirs' results.json)" >> "$ROOT/grid.log"
+      exec 8>&-
     done
     ;;
   *) echo "usage: bench/field_grid.sh run [phase ...] | status | save | report" >&2; exit 2 ;;
