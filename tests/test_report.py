@@ -190,6 +190,32 @@ def test_method_keys_of_the_command_line_are_in_the_label(tmp_path):
                                      "elsa (from sparsegpt, demo, lr=1e-3, projection=taylor) (over target: 0.932)"]
 
 
+def test_keys_that_only_observe_a_run_do_not_split_its_label(tmp_path):
+    """The held-out history and the checkpoints (report.OBSERVING) leave the weights and the perplexity as they
+    are, bit for bit (ELSA run both ways), so a row with them is labelled as one without."""
+    import hashlib
+
+    import torch
+    from conftest import run_pipeline
+    from safetensors.torch import load_file
+
+    def weights(path):
+        return {k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+                for k, v in load_file(str(path / "model" / "model.safetensors")).items()}
+
+    base = ["method=elsa", "budget=demo", "sparsity=0.7", "hardware.threads=1", "method.steps=6"]
+    plain = run_pipeline(tmp_path / "plain", *base, "method.eval_every=0", "method.eval_initial=false")
+    observed = run_pipeline(tmp_path / "observed", *base, *(f"++method.{k}={v}" for k, v in zip(
+        report.OBSERVING, (2, "test", 512, "true", 3))))
+    assert weights(tmp_path / "plain") == weights(tmp_path / "observed")
+    assert plain["perplexity"] == observed["perplexity"]
+    history = ["++method.eval_every=40", "++method.eval_split=test", "++method.eval_tokens=8192",
+               "method.checkpoint_every=32", "method.eval_initial=false"]
+    labels = [report.label("elsa", "dense", "demo", options=report.method_options(
+        {"overrides": ["method=elsa", "budget=demo", "method.steps=6", *extra]})) for extra in ([], history)]
+    assert labels == ["elsa (demo, steps=6)"] * 2
+
+
 def test_a_stored_table_is_redrawn_with_the_three_choices(tmp_path):
     """python -m elsa.report <results.csv>: a table written before the method/budget/start split (preset names
     in the overrides) is re-drawn with the labels a sweep dir of that time gets."""

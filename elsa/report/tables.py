@@ -114,14 +114,22 @@ def allocation_of(data: dict) -> str:
     return (as_record(data).allocation or {}).get("name") or "uniform"
 
 
+# method keys that only observe a training run (its held-out history, its checkpoints): the weights and the
+# perplexity are the same bit for bit with or without them (tests/test_report.py runs ELSA both ways), so they
+# do not split a row's label
+OBSERVING = ("eval_every", "eval_split", "eval_tokens", "eval_initial", "checkpoint_every")
+
+
 def method_options(data: dict) -> list[str]:
     """The method keys a run set on its command line (``method.projection=taylor`` -> ``projection=taylor``):
-    rows that differ only there must not share a label. ``method.init`` (the old start) is read by choices."""
+    rows that differ only there must not share a label. ``method.init`` (the old start) is read by choices; the
+    keys that only observe the run (``OBSERVING``) are not options."""
     opts = []
     for o in as_record(data).overrides or []:
         key, _, value = o.lstrip("+~").partition("=")
-        if key.startswith("method.") and key != "method.init" and value:
-            opts.append(f"{key[len('method.'):]}={value}")
+        name = key[len("method."):]
+        if key.startswith("method.") and key != "method.init" and value and name not in OBSERVING:
+            opts.append(f"{name}={value}")
     return sorted(opts)
 
 
