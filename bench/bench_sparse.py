@@ -109,7 +109,7 @@ def bench_decode_matrices(args) -> None:
     """CPU, batch 1 (issue 30): each 7B-shaped matrix pruned per target, every decode kernel in each dtype timed
     side by side with dense in the same dtype and with dense fp32 (medians of ``--reps`` interleaved calls), and
     the kernel the plan (the bytes model, checked by measurement) chooses."""
-    from elsa.artifacts.linear import candidates, interleaved_timer, plan_matrix
+    from elsa.artifacts.linear import DECODE_ONLY, candidates, interleaved_timer, plan_matrix
 
     evict = _evictor() if args.cold else None
     for rows, cols in SHAPES:
@@ -123,19 +123,19 @@ def bench_decode_matrices(args) -> None:
             for dt in args.dtypes:
                 wd = wt.to(getattr(torch, dt))
                 x = x32.to(wd.dtype)
-                fns, skipped = candidates(wd, None, only={"bitmask", "nm", "csr", "csr16"})
+                fns, skipped = candidates(wd, None, only={*DECODE_ONLY, "csr16"})
                 fns.pop("torch_csr", None)
                 run = {**ref, **{k: (lambda f=f: f(x)) for k, f in fns.items()}}
                 t = interleaved_timer(run, reps=args.reps, warmup=2, median=True, before=evict,
                                       clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
-                plan, _ = plan_matrix(wd, None, {"decode": 1}, kernels={"bitmask", "nm", "csr"})
+                plan, _ = plan_matrix(wd, None, {"decode": 1}, kernels=set(DECODE_ONLY))
                 _append(args.out, {"bench": "decode_matrix", "shape": [rows, cols], "sparsity": target, "tokens": 1,
                                    "dtype": dt, "us": {k: v * 1e6 for k, v in t.items()},
                                    "speedup": {k: t["dense"] / v for k, v in t.items() if k not in ("dense", "dense_fp32")},
                                    "speedup_vs_fp32": {k: t["dense_fp32"] / v for k, v in t.items() if k != "dense_fp32"},
                                    "chosen": plan["decode"], "bytes_model": plan.get("bytes_model", {}).get("decode"),
                                    "clock": args.clock, "cold": bool(args.cold),
-                                   "skipped": {k: v for k, v in skipped.items() if k in ("bitmask", "nm", "csr", "csr16")},
+                                   "skipped": {k: v for k, v in skipped.items() if k in (*DECODE_ONLY, "csr16")},
                                    **_env()})
 
 

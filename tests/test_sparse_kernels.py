@@ -27,8 +27,10 @@ def _matrix(rows, cols, layout, nm=(2, 4), seed=0, dtype=torch.float32):
     return w.to(dtype)
 
 
-CASES = [("bitmask", (2, 4), 64, 256), ("bitmask", (2, 4), 33, 200), ("bitmask", (2, 4), 5, 8),
+CASES = [("bitmask", (2, 4), 64, 256), ("bitmask", (2, 4), 33, 200), ("bitmask", (2, 4), 12, 120),
+         ("bitmask", (2, 4), 5, 8),
          ("csr", (2, 4), 40, 300), ("csr", (2, 4), 9, 40000),
+         ("span", (2, 4), 64, 256), ("span", (2, 4), 33, 600), ("span", (2, 4), 9, 40000), ("span", (2, 4), 5, 8),
          ("nm", (2, 4), 64, 256), ("nm", (2, 4), 17, 72), ("nm", (1, 4), 9, 40), ("nm", (3, 8), 7, 48)]
 
 
@@ -36,10 +38,16 @@ CASES = [("bitmask", (2, 4), 64, 256), ("bitmask", (2, 4), 33, 200), ("bitmask",
 @pytest.mark.parametrize("layout,nm,rows,cols", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_layout_and_dtype_matches_dense(layout, nm, rows, cols, dtype):
-    """Batch 1..8 and 1 or 2 threads, vector loops with their tails (cols not a multiple of 64 or 32) and the
+    """Batch 1..8 and 1 or 2 threads, vector loops with their tails (cols not a multiple of 64 or 32; 120 = 64 +
+    32 + 24 takes each of the bf16 bitmask loop's three steps) and the
     scalar N:M loop (1:4, 3:8): fp32 against dense fp32 to 1e-5, bf16 against dense bf16 (torch's F.linear) to
     bf16's rounding step."""
     w = _matrix(rows, cols, layout, nm, dtype=dtype)
+    if layout == "span" and dtype == torch.float32:
+        assert "bf16 values" in SK.layout_support(w, layout)
+        with pytest.raises(ValueError, match="bf16 values"):
+            SK.CompressedKernel(w, layout)
+        return
     k = SK.CompressedKernel(w, layout, threads=2, nm=nm)
     g = torch.Generator().manual_seed(1)
     for batch in (1, 3, 8):
@@ -109,7 +117,9 @@ def test_the_kernel_holds_the_checkpoints_own_bytes(layout):
     w = _matrix(16, 64, layout)
     stored, _meta = S.encode("w", w, (2, 4) if layout == "nm" else None, encoding=layout)
     k = SK.CompressedKernel(w, layout)
-    assert torch.equal(k.values, stored["w::values"])
+    values = stored["w::values"]
+    assert torch.equal(k.values[: values.numel()], values)
+    assert not k.values[values.numel():].any()            # only the zeros of the padding after them
     packed = k.mask if layout == "bitmask" else k.indices
     assert torch.equal(packed[: stored[f"w::{'bitmask' if layout == 'bitmask' else 'indices'}"].numel()],
                        stored["w::bitmask" if layout == "bitmask" else "w::indices"])
@@ -124,10 +134,11 @@ def test_scalar_loops_without_avx512(monkeypatch):
         lib = SK.typed(SK.compile_library(SK.C_SOURCE, "compressed-scalar", ("-mno-avx512f",)))
     except OSError as exc:
         pytest.skip(str(exc))
-    assert lib.elsa_simd() == 0
+    assert lib.elsa_simd() == 0 and lib.elsa_span_simd() == 0
     monkeypatch.setitem(SK._LIB, "lib", lib)
-    for layout in ("bitmask", "nm", "csr"):
-        for dtype in (torch.float32, torch.bfloat16):
+    assert "AVX-512 BF16" in SK.layout_support(torch.ones(4, 8, dtype=torch.bfloat16), "span")
+    for layout in ("bitmask", "nm", "csr", "span"):
+        for dtype in (torch.float32, torch.bfloat16) if layout != "span" else (torch.bfloat16,):
             w = _matrix(20, 72, layout, dtype=dtype)
             x = torch.randn(3, 72).to(dtype)
             want = F.linear(x, w).float()

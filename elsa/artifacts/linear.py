@@ -304,7 +304,7 @@ def _semi_structured(w: torch.Tensor, nm) -> tuple[bool, str]:
     return semi_structured_support(w)
 
 
-DECODE_ONLY = ("bitmask", "nm", "csr")     # elsa.artifacts.kernels: 1..DECODE_MAX tokens
+DECODE_ONLY = ("bitmask", "nm", "csr", "span")     # elsa.artifacts.kernels: 1..DECODE_MAX tokens
 
 
 def _compressed_candidates(w: torch.Tensor, bias: torch.Tensor | None, add_bias: Callable, want: Callable,
@@ -375,7 +375,8 @@ def choose(times: dict[str, float], min_gain: float = MIN_GAIN) -> str:
 
 SCREEN = 3.0   # a candidate whose first timed call takes over 3x dense's is recorded from that call alone
 BYTES_MARGIN = 1.25                    # decode: a kernel must read this many times fewer bytes than dense
-BYTES_KERNELS = ("bitmask", "nm", "csr")   # ranked by bytes for decode (csr: csr16's layout, fp32 or bf16 values)
+BYTES_KERNELS = ("bitmask", "nm", "csr", "span")   # ranked by bytes for decode (csr: csr16's layout, fp32 or bf16
+                                                   # values; span: bf16 only)
 CHECK_REPS = 31                        # interleaved calls per side when a bytes-model choice is checked
 CHECK_MAX_REPS = 301                   # ... up to this many where calls are short (CHECK_BUDGET_S per side)
 CHECK_BUDGET_S = 0.05
