@@ -202,6 +202,14 @@ def test_bytes_model_gives_the_same_plan_under_noisy_timings():
     k_proj = {"dense": _sized(221184), "bitmask": _sized(37486), "csr": _sized(41262)}
     for bm, csr in ((2.226, 3.269), (2.232, 3.329), (2.247, 3.465), (2.281, 3.414)):
         assert SL.by_bytes(k_proj, lambda names, b=bm, c=csr: {"dense": 1.0, "bitmask": 1 / b, "csr": 1 / c})[0] == "csr"
+    # recorded (accept30 x2 and a sparsify loop, 2026-12-06, AMD EPYC, bf16 at 90%): the same 192 x 576 k_proj,
+    # span and bitmask (both gather-free) within 4% of each other's bytes, their dense/kernel ratios in eight
+    # plans: a timed tie-break chose bitmask in some and span in others; by bytes every plan chooses span
+    k_bf16 = {"dense": _sized(221184), "bitmask": _sized(37486), "span": _sized(36101)}
+    for bm, sp in ((3.637, 3.236), (3.521, 2.863), (3.434, 2.674), (3.378, 2.778), (4.933, 3.112), (3.636, 2.92),
+                   (3.818, 3.178), (3.102, 3.726)):
+        assert SL.by_bytes(k_bf16, lambda names, b=bm, c=sp: {"dense": 1.0, "bitmask": 1 / b, "span": 1 / c})[0] == "span"
+    assert SL.by_bytes(k_bf16, lambda names: {"dense": 1.0, "bitmask": 0.2, "span": 1.2})[0] == "bitmask"  # veto
     nm24 = {"dense": _sized(4000), "nm": _sized(2125), "bitmask": _sized(2126), "csr": _sized(2600)}
     choice, rec = SL.by_bytes(nm24, lambda names: {"dense": 1.0, "nm": 0.6, "bitmask": 0.5, "csr": 0.55})
     assert choice == "nm" and set(rec["checked"]) == {"nm", "csr"}         # bitmask is not offered an N:M matrix
