@@ -12,40 +12,56 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from elsa.machine import cpu_flags
+from elsa.machine import cpu_id
 
 log = logging.getLogger(__name__)
 _LOADED: dict[str, tuple] = {}
 
 
-def load(name: str, source: str, signatures: dict) -> tuple[ctypes.CDLL | None, str | None]:
-    """(library, None) or (None, reason). ``signatures``: function name -> ctypes argtypes (restype void)."""
-    key = hashlib.sha256((source + cpu_flags() + os.uname().machine).encode()).hexdigest()[:16]
-    if key in _LOADED:
-        return _LOADED[key]
+def key(source: str) -> str:
+    """A key for one source on this kind of CPU (elsa.machine.cpu_id: its name, flags, architecture, cores): a
+    library built from it, or a plan timed with it, is valid here and nowhere else."""
+    return hashlib.sha256((source + cpu_id()).encode()).hexdigest()[:16]
+
+
+def compile_library(name: str, source: str, flags: tuple[str, ...] = ()) -> Path:
+    """``source`` compiled once per source, flags and CPU into ``$ELSA_CACHE/kernels/<name>-<key>.so``; OSError
+    (with the compiler's message) when there is no compiler or it fails. ``flags``: added to the compiler's."""
     from elsa.assets import cache_dir
 
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    target = cache_dir() / "kernels" / f"{name}-{key}.so"
+    target = cache_dir() / "kernels" / f"{name}-{key(source + ' '.join(flags))}.so"
+    if target.exists():
+        return target
+    if not cc or not (shutil.which(cc) or Path(cc).is_file()):
+        raise OSError(f"no C compiler ({cc or 'cc/gcc'}) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+        src.write_text(source)
+        try:
+            proc = subprocess.run([cc, "-O3", "-march=native", *flags, "-fopenmp", "-shared", "-fPIC", "-o", str(out),
+                                   str(src), "-lm"], capture_output=True, text=True, timeout=120)
+        except subprocess.SubprocessError as exc:
+            raise OSError(f"{cc} failed: {exc}") from None
+        if proc.returncode:
+            raise OSError(f"{cc} failed: {proc.stderr.strip()[:300]}")
+        os.replace(out, target)
+    return target
+
+
+def load(name: str, source: str, signatures: dict) -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None) or (None, reason). ``signatures``: function name -> ctypes argtypes (restype void)."""
+    k = key(source)
+    if k in _LOADED:
+        return _LOADED[k]
     try:
-        if not target.exists():
-            if not cc:
-                raise OSError("no C compiler (cc/gcc) on PATH")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
-                src.write_text(source)
-                proc = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
-                                       str(src), "-lm"], capture_output=True, text=True, timeout=120)
-                if proc.returncode:
-                    raise OSError(f"{cc} failed: {proc.stderr.strip()[:300]}")
-                os.replace(out, target)
-        lib = ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(str(compile_library(name, source)))
         for fn, argtypes in signatures.items():
             getattr(lib, fn).argtypes = argtypes
             getattr(lib, fn).restype = None
-        _LOADED[key] = (lib, None)
-    except (OSError, subprocess.SubprocessError) as exc:
+        _LOADED[k] = (lib, None)
+    except OSError as exc:
         log.warning("elsa: the C kernel %s is not available (%s); the torch path runs instead", name, exc)
-        _LOADED[key] = (None, str(exc))
-    return _LOADED[key]
+        _LOADED[k] = (None, str(exc))
+    return _LOADED[k]

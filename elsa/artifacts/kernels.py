@@ -32,19 +32,13 @@ streams a few KB ahead.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import math
-import os
-import shutil
-import subprocess
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 
-from elsa.machine import cpu_flags
+from elsa import ckernels
 
 log = logging.getLogger(__name__)
 
@@ -657,33 +651,14 @@ _LIB: dict = {}
 
 def cpu_key(source: str = C_SOURCE) -> str:
     """A key for one kernel source on one kind of CPU: a library, or a plan measured with it, is valid for it."""
-    return hashlib.sha256((source + cpu_flags() + os.uname().machine).encode()).hexdigest()[:16]
+    return ckernels.key(source)
 
 
 def compile_library(source: str, stem: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """``source`` compiled once per source and CPU into ``$ELSA_CACHE/kernels/<stem>-<key>.so`` and loaded;
-    OSError (with the compiler's message) when there is no compiler or it fails. ``flags``: added to the
-    compiler's (tests: ``-mno-avx512f`` builds the scalar loops)."""
-    from elsa.assets import cache_dir
-
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    target = cache_dir() / "kernels" / f"{stem}-{cpu_key(source + ' '.join(flags))}.so"
-    if not target.exists():
-        if not cc or not (shutil.which(cc) or Path(cc).is_file()):
-            raise OSError(f"no C compiler ({cc or 'cc/gcc'}) on PATH")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src, out = Path(tmp) / f"{stem}.c", Path(tmp) / f"{stem}.so"
-            src.write_text(source)
-            try:
-                proc = subprocess.run([cc, "-O3", "-march=native", *flags, "-fopenmp", "-shared", "-fPIC", "-o",
-                                       str(out), str(src)], capture_output=True, text=True, timeout=120)
-            except subprocess.SubprocessError as exc:
-                raise OSError(f"{cc} failed: {exc}") from None
-            if proc.returncode:
-                raise OSError(f"{cc} failed: {proc.stderr.strip()[:300]}")
-            os.replace(out, target)
-    return ctypes.CDLL(str(target))
+    """``source`` compiled once per source and CPU into ``$ELSA_CACHE/kernels/<stem>-<key>.so`` and loaded
+    (elsa.ckernels.compile_library); OSError (with the compiler's message) when there is no compiler or it
+    fails. ``flags``: added to the compiler's (tests: ``-mno-avx512f`` builds the scalar loops)."""
+    return ctypes.CDLL(str(ckernels.compile_library(stem, source, flags)))
 
 
 def typed(lib: ctypes.CDLL) -> ctypes.CDLL:

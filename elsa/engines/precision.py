@@ -46,18 +46,15 @@ def bf16_speedup(device) -> float:
     """bf16-autocast over fp32 matmul GFLOP/s on ``device`` at the current thread count, measured once per machine
     (cached in the process and on disk under the elsa cache dir), so that every process on a machine, a resumed
     run included, makes the same decision."""
-    import hashlib
     import json
-    import platform
 
     from elsa.assets import cache_dir
-    from elsa.machine import cpu_flags
+    from elsa.machine import cpu_id
 
     device = torch.device(device)
     key = (device.type, torch.get_num_threads())
     if key not in _CACHE:
-        cpu = hashlib.md5((platform.processor() + cpu_flags()).encode()).hexdigest()[:12]
-        path = cache_dir() / "precision" / f"{device.type}-{key[1]}threads-{cpu}.json"
+        path = cache_dir() / "precision" / f"{device.type}-{key[1]}threads-{cpu_id()}.json"
         if path.exists():
             _CACHE[key] = float(json.loads(path.read_text())["bf16_matmul_speedup"])
         else:
