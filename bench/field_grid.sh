@@ -5,7 +5,8 @@
 #                                         # a phase another lane is running is skipped (a lock per phase)
 #   bench/field_grid.sh status            # done / failed / missing cells per phase
 #   bench/field_grid.sh save              # copy the finished cells' results.json into the repo (commit them)
-#   bench/field_grid.sh report            # python -m elsa.report <dir> --out docs/field_<commit> (the old docs/field stays)
+#   bench/field_grid.sh report            # python -m elsa.report <cells> --out docs/field_<commit> (the old docs/field
+#                                         # stays); the report code is this checkout's, the cells the pin's
 #
 # The field protocol (conf/experiment/field.yaml: the default model, 32 x 512 wiki-train calibration windows, seed 0,
 # perplexity on 8,192 wiki-test tokens) at 0.9, 0.5, 2:4 and 0.7. Every job's dir is named by its overrides, so a
@@ -87,8 +88,11 @@ EOF
     echo "field_grid: saved $n new cell(s) under $STORE/cells ($(ls "$STORE/cells" | wc -l) in all); commit them"
     ;;
   report)
-    cd "$ROOT/code"
-    PYTHONPATH="$ROOT/code" "$PY" -m elsa.report "$STORE/cells" --out "$REPO/docs/field_${COMMIT:0:7}"
+    # the cells are the pinned commit's (results.csv's git_sha column says so, one sha for every row); the table
+    # and plots are drawn by this checkout's report, whose labels leave out the keys that only observe a run
+    # (eval_every, eval_split, ...: report.OBSERVING, after the pin)
+    cd "$REPO"
+    "$PY" -m elsa.report "$STORE/cells" --out "$REPO/docs/field_${COMMIT:0:7}"
     ;;
   run)
     phases=("$@"); [ ${#phases[@]} -gt 0 ] || phases=("${ORDER[@]}")
