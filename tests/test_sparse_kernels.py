@@ -210,6 +210,7 @@ def test_bytes_model_gives_the_same_plan_under_noisy_timings():
                    (3.818, 3.178), (3.102, 3.726)):
         assert SL.by_bytes(k_bf16, lambda names, b=bm, c=sp: {"dense": 1.0, "bitmask": 1 / b, "span": 1 / c})[0] == "span"
     assert SL.by_bytes(k_bf16, lambda names: {"dense": 1.0, "bitmask": 0.2, "span": 1.2})[0] == "bitmask"  # veto
+    assert SL.by_bytes(k_bf16, lambda names: {"dense": 1.0, "bitmask": 0.1, "span": 0.25})[0] == "bitmask"  # 2.5x
     nm24 = {"dense": _sized(4000), "nm": _sized(2125), "bitmask": _sized(2126), "csr": _sized(2600)}
     choice, rec = SL.by_bytes(nm24, lambda names: {"dense": 1.0, "nm": 0.6, "bitmask": 0.5, "csr": 0.55})
     assert choice == "nm" and set(rec["checked"]) == {"nm", "csr"}         # bitmask is not offered an N:M matrix

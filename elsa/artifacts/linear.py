@@ -418,7 +418,8 @@ ALT_GAIN = 1.5                         # decode: a kernel reading more bytes is 
 VETO = 1.05                            # decode: the bytes model's kernel is out only when this much slower than dense
 BYTES_TIE = 1.25                       # decode: kernels within this of each other's bytes: the faster is chosen ...
 TIE_GAIN = 1.10                        # ... when this much faster (else the one with fewer bytes)
-STREAMING = frozenset({"bitmask", "nm", "span"})   # no gathers: bound by their bytes; a tie of two goes by bytes
+STREAMING = frozenset({"bitmask", "nm", "span"})   # no gathers: bound by their bytes; a tie of two goes by bytes ...
+STREAMING_GAIN = 2.0                   # ... unless the other is this much faster (a CPU where one is instruction-bound)
 
 
 def by_bytes(fns: dict[str, Callable], measure: Callable[[list[str]], dict[str, float]],
@@ -442,9 +443,10 @@ def by_bytes(fns: dict[str, Callable], measure: Callable[[list[str]], dict[str, 
     An N:M matrix is not offered to ``bitmask``: ``nm`` reads the same bytes in the checkpoint's own 2:4 layout,
     and the two measured within 10% of each other (a tie at 1.0 would flip).
 
-    A tie of two ``STREAMING`` kernels (no gathers: ``bitmask``, ``nm``, ``span``) goes by bytes alone: at 90% in
+    A tie of two ``STREAMING`` kernels (no gathers: ``bitmask``, ``nm``, ``span``) goes by bytes unless the other is
+    ``STREAMING_GAIN`` (2x) faster, as on a CPU where one of them is bound by an instruction: at 90% in
     bf16 ``span`` and ``bitmask`` read within 4% of each other on the default model's classes, and their measured
-    ratio on its ~9 us matrices moved from 0.68 to 1.59 across four runs of ``bench/accept30.sh`` (2026-12-06,
+    ratio on its ~9 us matrices moved from 0.68 to 1.59 across eight plans (``bench/accept30.sh`` x2, 2026-12-06,
     AMD EPYC), so a timed tie-break flipped two classes between plans of the same command; where one of them is
     much faster (``span`` 1.5-2.2x at the 7B shapes) it also reads fewer bytes."""
     dense = fns["dense"].nbytes
@@ -459,8 +461,8 @@ def by_bytes(fns: dict[str, Callable], measure: Callable[[list[str]], dict[str, 
     if not ok:
         return "dense", rec
     tie = lambda k: fns[k].nbytes <= fns[ok[0]].nbytes * BYTES_TIE  # noqa: E731
-    streaming_tie = lambda k: tie(k) and {k, ok[0]} <= STREAMING  # noqa: E731
-    faster = [k for k in ok[1:] if not streaming_tie(k) and t[k] * (TIE_GAIN if tie(k) else alt_gain) < t[ok[0]]]
+    gain = lambda k: (STREAMING_GAIN if {k, ok[0]} <= STREAMING else TIE_GAIN) if tie(k) else alt_gain  # noqa: E731
+    faster = [k for k in ok[1:] if t[k] * gain(k) < t[ok[0]]]
     return (faster[0] if faster else ok[0]), rec
 
 
