@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 8
 BITMASK_VALUE_PAD = 32          # zeros after the bitmask layout's values (its bf16 kernel loads 32 at a time)
-SPAN = 256                      # the span layout's columns per span (the C source's SPAN)
+SPAN = 256                      # the span layout's columns (SPAN in the C source; span_chunk picks from 8 x 32)
 SPAN_MAX_COLS = 2048 * SPAN     # its uint16 chunk header: 11 bits of span, 5 of count
 
 C_SOURCE = r"""
@@ -60,6 +60,7 @@ C_SOURCE = r"""
 /* software prefetch, bytes ahead in each stream: decode streams every matrix once, and the hardware prefetcher
    alone left the kernels ~25% under the memory's rate */
 #define PFB 4096
+#define SPAN ELSA_SPAN_COLS      /* the span layout's columns per span (kernels.SPAN) */
 #define PREF(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
 
 int elsa_simd(void) {
@@ -214,7 +215,6 @@ AI void bm_row_dp(const uint8_t* m, const uint16_t* v, int64_t p, int64_t cols, 
    vdpbf16ps. No gather and no expand: on Zen 4 a 16-lane gather costs ~6 ns and a 32-lane word expand ~4-5
    cycles, a word permute ~1 cycle (scratch benchmarks, 2026-12-06: a 4096x4096 bf16 matrix at 90%, one thread:
    0.27 ms against 0.58 for bm_row_dp and 0.65 for csr's gathers). Masked-off lanes hold value 0. */
-#define SPAN 256
 AI void span_chunk(const uint16_t* hdr, const uint8_t* off, const uint16_t* v, int64_t q, int64_t* p,
                    const uint16_t* x, int64_t xs, int B, __m512* a) {
     const __m512i b6 = _mm512_set1_epi16(64), b7 = _mm512_set1_epi16(128);
@@ -375,9 +375,6 @@ static void c8_row_scalar(const uint16_t* base, const uint8_t* off, const void* 
     }
 }
 
-#ifndef SPAN
-#define SPAN 256
-#endif
 int elsa_span_simd(void) {
 #ifdef ELSADP
     return 1;
@@ -555,8 +552,9 @@ int csr_mv(int64_t rows, int64_t cols, int64_t batch, const int64_t* rowchunk, c
 #endif
 
 /* y [batch, rows] = x [batch, cols] times the span matrix: row r's chunks rowchunk[r] .. rowchunk[r + 1], its
-   values and offsets after the row before's (crow, where each row's start, is read once a thread); bf16 activations go to span_row_dp as a copy padded to whole spans, fp32
-   ones (and a CPU without AVX-512 BF16) to the scalar loop */
+   values and offsets after the row before's (crow, where each row starts, is read once a thread); bf16
+   activations go to span_row_dp as a copy padded to whole spans, fp32 ones (and a CPU without AVX-512 BF16) to
+   the scalar loop */
 int span_mv(int64_t rows, int64_t cols, int64_t batch, const int64_t* rowchunk, const uint16_t* hdr,
             const int64_t* crow, const uint8_t* off, const uint16_t* val, const void* x, int xbf, void* y, int ybf,
             int nthreads) {
@@ -577,7 +575,6 @@ int span_mv(int64_t rows, int64_t cols, int64_t batch, const int64_t* rowchunk, 
     } else {
         xf = widen(x, xbf, batch * cols, &tmp);
     }
-    (void)xs;
     #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -644,7 +641,7 @@ int elsa_mv(const int64_t* d, int64_t batch, const void* x, int xbf, void* y, in
     }
     return -1;
 }
-""".replace("MAXB", str(MAX_BATCH))
+""".replace("MAXB", str(MAX_BATCH)).replace("ELSA_SPAN_COLS", str(SPAN))
 
 _LIB: dict = {}
 
@@ -765,14 +762,18 @@ class CompressedKernel:
         self._desc = self._describe()
         self._run, self._dptr = library().elsa_mv, self._desc.data_ptr()
 
-    def _chunks(self, w: torch.Tensor, rowptr: torch.Tensor, out: bool) -> None:
-        """c8_build's pass 1 (``out`` False: each row's first chunk into ``rowptr``) or pass 2 (the arrays)."""
+    @staticmethod
+    def _csr(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``w``'s CSR as (row starts, columns) in int64 and its values, what c8_build and span_build read."""
         with warnings.catch_warnings():              # "sparse CSR support is in beta": only its indices are used
             warnings.simplefilter("ignore", UserWarning)
             csr = w.to_sparse_csr()
-        crow = csr.crow_indices().to(torch.int64).contiguous()
-        col = csr.col_indices().to(torch.int64).contiguous()
-        vals = csr.values().contiguous()
+        return (csr.crow_indices().to(torch.int64).contiguous(), csr.col_indices().to(torch.int64).contiguous(),
+                csr.values().contiguous())
+
+    def _chunks(self, w: torch.Tensor, rowptr: torch.Tensor, out: bool) -> None:
+        """c8_build's pass 1 (``out`` False: each row's first chunk into ``rowptr``) or pass 2 (the arrays)."""
+        crow, col, vals = self._csr(w)
         ptrs = (self.base.data_ptr(), self.offsets.data_ptr(), self.values.data_ptr()) if out else (None,) * 3
         library().c8_build(self.rows, crow.data_ptr(), col.data_ptr(), vals.data_ptr(), vals.element_size(),
                            rowptr.data_ptr(), *ptrs)
@@ -797,12 +798,8 @@ class CompressedKernel:
         256-column span, a uint16 header per chunk (span << 5 | count - 1), built in C (span_build)."""
         if w.dtype != torch.bfloat16:
             raise ValueError(f"the span layout takes bf16 values, not {str(w.dtype).removeprefix('torch.')}")
-        with warnings.catch_warnings():              # "sparse CSR support is in beta": only its indices are used
-            warnings.simplefilter("ignore", UserWarning)
-            csr = w.to_sparse_csr()
-        self.crow = csr.crow_indices().to(torch.int64).contiguous()
-        col = csr.col_indices().to(torch.int64).contiguous()
-        self.values = torch.cat([csr.values(), w.new_zeros(64)]).contiguous()
+        self.crow, col, values = self._csr(w)
+        self.values = torch.cat([values, w.new_zeros(64)])
         self.rowptr = torch.empty(self.rows + 1, dtype=torch.int64)
         lib = library()
         lib.span_build(self.rows, self.crow.data_ptr(), col.data_ptr(), self.rowptr.data_ptr(), None, None)
