@@ -180,14 +180,17 @@ def _per_matrix(plan: dict) -> dict:
 @torch.no_grad()
 def bench_model(args) -> None:
     """The default model pruned per target: dense fp32, sparse fp32 and (``--bf16``, default where the CPU has bf16
-    arithmetic) dense bf16 and sparse with bf16 values, all in one process, alternating rounds. Each sparse copy
+    arithmetic) dense bf16 and sparse with bf16 values, all in one process, alternating rounds. Each dense model
+    runs its matrices in the faster of their two layouts (elsa.artifacts.linear.dense_layouts), and each sparse
+    model its dense ones (the head) as its dense model does; ``dense_stock`` is the fp32 model in torch's layout
+    (``speedup_vs_dense_stock``). Each sparse copy
     is planned twice from scratch: ``same_plan`` says whether the two per-matrix plans agree, ``plan_sha`` is a hash
     of each (compare it across runs)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from elsa.artifacts.generate import compare, cpu_has_bf16
-    from elsa.artifacts.linear import block_linears, sparsify
+    from elsa.artifacts.generate import compare, cpu_has_bf16, layout_summary
+    from elsa.artifacts.linear import block_linears, dense_layouts, sparsify
 
     regimes = {"decode": 1, **({"prefill": args.prefill} if args.prefill else {})}
     bf16 = cpu_has_bf16() if args.bf16 == "auto" else args.bf16 == "yes"
@@ -198,15 +201,25 @@ def bench_model(args) -> None:
         dense = copy.deepcopy(base)
         for lin in block_linears(dense).values():
             _prune(lin.weight, target)
-        models = {"dense": dense, **({"dense_bf16": copy.deepcopy(dense).to(torch.bfloat16)} if bf16 else {})}
-        rec = {"plan_s": {}, "kernels": {}, "same_plan": {}, "verified_in_model": {}}
-        for name in list(models):
+        stock = {"dense": dense, **({"dense_bf16": copy.deepcopy(dense).to(torch.bfloat16)} if bf16 else {})}
+        rec = {"plan_s": {}, "kernels": {}, "same_plan": {}, "verified_in_model": {}, "dense_layout": {}}
+        models, same_as = {}, {}
+        for name, src in stock.items():
+            # the dense baseline at its best (each dense matrix in the faster of its layouts: dense_layouts, the
+            # same choice for the sparse model's dense matrices); the fp32 model in torch's layout beside it
+            best = copy.deepcopy(src, {id(p): p for p in src.parameters()})
+            layouts = dense_layouts(best)
+            rec["dense_layout"][name] = layout_summary(layouts)
+            models[name] = best
+            if name == "dense":
+                models["dense_stock"] = src
             sname = name.replace("dense", "sparse")
             plans = []
             for _ in range(2):
-                sparse = copy.deepcopy(models[name])
+                sparse = copy.deepcopy(src)
                 t = time.perf_counter()
                 plans.append(sparsify(sparse, regimes=regimes))
+                dense_layouts(sparse, saved=layouts)
                 rec["plan_s"][sname] = time.perf_counter() - t
             rec["same_plan"][sname] = _per_matrix(plans[0]) == _per_matrix(plans[1])
             rec.setdefault("plan_sha", {})[sname] = [hashlib.sha256(json.dumps(_per_matrix(p), sort_keys=True)
@@ -214,17 +227,18 @@ def bench_model(args) -> None:
             rec["kernels"][sname] = [p["chosen"] for p in plans]
             rec.setdefault("checked", {})[sname] = [_checked_ratios(p) for p in plans]
             rec["verified_in_model"][sname] = plans[1]["verified_in_model"]
-            models[sname] = sparse                   # the second plan's model runs
-        if args.ceiling:
-            models.update({n.replace("dense", "free"): _free_matrices(models[n]) for n in list(models)
-                           if n.startswith("dense")})
-        r = compare(models, ids, args.new_tokens, args.rounds, args.prefill or None,
-                    {k.replace("dense", "sparse"): k for k in models if k.startswith("dense")},
+            models[sname], same_as[sname] = sparse, name      # the second plan's model runs
+            if args.ceiling:
+                free = _free_matrices(src)
+                dense_layouts(free, saved=layouts)
+                models[name.replace("dense", "free")] = free
+        r = compare(models, ids, args.new_tokens, args.rounds, args.prefill or None, same_as,
                     clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
         r["clock"] = args.clock
         tps = r["decode_tokens_per_s"]
         r["speedup"] = {k: tps[k] / tps[k.replace("sparse", "dense")] for k in tps if k.startswith("sparse")}
         r["speedup_vs_dense_fp32"] = {k: v / tps["dense"] for k, v in tps.items() if k != "dense"}
+        r["speedup_vs_dense_stock"] = {k: v / tps["dense_stock"] for k, v in tps.items() if k.startswith("sparse")}
         if args.ceiling:     # the most any kernel could give: every pruned matrix free, the rest as it is
             r["ceiling"] = {k.replace("free", "sparse"): tps[k] / tps[k.replace("free", "dense")]
                             for k in tps if k.startswith("free")}
@@ -277,8 +291,9 @@ def accept_report(rows: list[dict]) -> list[str]:
     def mark(v: float, t: float) -> str:     # 3 decimals where 2 would round a miss up to its target
         digits = 3 if v < t and round(v, 2) >= t else 2
         return f"{v:.{digits}f}x ({'met' if v >= t else 'NOT met'}: >= {t}x)"
-    lines = ["| sparsity | run | threads | dense fp32 tok/s | sparse fp32 vs dense fp32 | dense bf16 tok/s | "
-             "sparse bf16 vs dense bf16 | ceiling fp32; bf16 | load |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| sparsity | run | threads | dense fp32 tok/s (torch's layout) | sparse fp32 vs dense fp32 | "
+             "vs dense fp32 in torch's layout | dense bf16 tok/s | sparse bf16 vs dense bf16 | ceiling fp32; bf16 | "
+             "load |", "|---|---|---|---|---|---|---|---|---|---|"]
     model = [r for r in rows if r["bench"] == "decode_model"]
     shas: dict = {}
     for sp in MODEL_TARGETS:
@@ -289,7 +304,10 @@ def accept_report(rows: list[dict]) -> list[str]:
             bf = (f"{t['dense_bf16']:.1f} | {mark(s['sparse_bf16'], tg['sparse_bf16'])}" if "sparse_bf16" in s
                   else "- | -")
             ceil = "; ".join(f"{v:.2f}x" for v in r.get("ceiling", {}).values()) or "-"
-            lines.append(f"| {sp} | {i + 1} | {r['threads']} | {t['dense']:.1f} | {mark(s['sparse'], tg['sparse'])} | "
+            stock = r.get("speedup_vs_dense_stock", {}).get("sparse")    # rows before the layouts: none
+            stock_tps = f" ({t['dense_stock']:.1f})" if "dense_stock" in t else ""
+            lines.append(f"| {sp} | {i + 1} | {r['threads']} | {t['dense']:.1f}{stock_tps} | "
+                         f"{mark(s['sparse'], tg['sparse'])} | {'-' if stock is None else f'{stock:.2f}x'} | "
                          f"{bf} | {ceil} | {r['loadavg'][0]:.1f} |")
     lines += ["", "Plans (every plan of a sparsity and dtype, two per run, hashed): " + "; ".join(
         f"{sp} {k}: {'the same' if len(v) == 1 else 'DIFFER ' + ', '.join(sorted(v))}" for (sp, k), v in shas.items())]

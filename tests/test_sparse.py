@@ -295,6 +295,65 @@ def test_sparse_logits_equal_dense(kernel, request):
     assert torch.equal(a, b)
 
 
+def _layout_timer(gains: dict):
+    """A check_timer stand-in: the transposed layout ``gains[out_features]`` times faster (default 1: as stored)."""
+    def timer(fns, tokens, device=None):
+        fns["n"]()                                   # both run once, so a broken layout still fails the test
+        y = fns["t"]()
+        return {"n": 1.0, "t": 1.0 / gains.get(y.shape[-1], 1.0)}
+    return timer
+
+
+def test_dense_layouts_transpose_where_faster_and_keep_the_tokens():
+    """dense_layouts: a dense matrix runs from a transposed copy where that is DENSE_T_GAIN faster (the head of a
+    tied model among them: its embedding keeps the original), one measurement per class; the logits and greedy
+    tokens are the model's; a saved choice is applied with nothing timed, to a sparse model's dense head too."""
+    import copy
+
+    from elsa.artifacts.generate import greedy, layout_summary
+
+    dense, _tok = _pruned_tiny()
+    vocab = dense.config.vocab_size
+    fast = copy.deepcopy(dense)
+    layouts = SL.dense_layouts(fast, timer=_layout_timer({vocab: 2.0, 128: SL.DENSE_T_GAIN - 0.01}))
+    assert layouts["lm_head"] == {"layout": "t", "gain": 2.0} and len(layouts) == 15      # head + 14 matrices
+    assert {c["layout"] for n, c in layouts.items() if n != "lm_head"} == {"n"}      # 1.24x: under the margin
+    assert isinstance(fast.lm_head, SL.TransposedLinear) and torch.equal(fast.lm_head.weight, dense.lm_head.weight)
+    assert fast.model.embed_tokens.weight.data_ptr() != fast.lm_head.weight_t.data_ptr()
+    ids = torch.randint(0, 500, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = dense(ids).logits, fast(ids).logits
+        assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
+        assert torch.equal(greedy(dense, ids[:1, :6], 10)[0], greedy(fast, ids[:1, :6], 10)[0])
+    assert layout_summary(layouts) == {"transposed": 1, "of": 15, "names": ["lm_head"], "gains": [2.0, 2.0]}
+    sparse = copy.deepcopy(dense)
+    SL.sparsify(sparse, timer=_fake_timer({"csr": 0.1}), kernels={"csr"} if not SK.unavailable() else {"torch_csr"})
+    def no_timer(*a, **k):
+        raise AssertionError("a saved layout is not timed")
+    applied = SL.dense_layouts(sparse, saved=layouts, timer=no_timer)
+    assert applied == {"lm_head": {"layout": "t", "gain": 2.0}} and isinstance(sparse.lm_head, SL.TransposedLinear)
+    with torch.no_grad():
+        assert torch.equal(greedy(fast, ids[:1, :6], 10)[0], greedy(sparse, ids[:1, :6], 10)[0])
+
+
+def test_dense_layouts_are_saved_with_the_plan(tmp_path, monkeypatch):
+    """sparsify_with_plan: the dense matrices' layouts go into the saved plan and come back from it untimed."""
+    import copy
+
+    dense, _tok = _pruned_tiny()
+    vocab = dense.config.vocab_size
+    monkeypatch.setattr(SL, "check_timer", _layout_timer({vocab: 3.0}))
+    first = copy.deepcopy(dense)
+    plan = SL.sparsify_with_plan(first, tmp_path, timer=_fake_timer({"torch_csr": 0.1}), kernels={"torch_csr"})
+    assert plan["dense_layout"] == {"lm_head": {"layout": "t", "gain": 3.0}}
+    assert json.loads(SL.plan_path(tmp_path, dense).read_text())["dense_layout"] == plan["dense_layout"]
+    monkeypatch.setattr(SL, "check_timer", lambda *a, **k: pytest.fail("a saved plan is not timed"))
+    again = copy.deepcopy(dense)
+    plan2 = SL.sparsify_with_plan(again, tmp_path)
+    assert plan2["source"] == "saved" and plan2["dense_layout"] == plan["dense_layout"]
+    assert isinstance(again.lm_head, SL.TransposedLinear)
+
+
 @pytest.mark.parametrize("model_says", ["faster", "slower"])
 def test_choices_that_do_not_speed_up_the_whole_model_go_back_to_dense(model_says):
     """Per-matrix winners are checked in the whole model: the model's forward with the chosen kernels against

@@ -114,23 +114,29 @@ def cpu_has_bf16() -> bool:
 def speed_table(model, new_tokens: int = 32, rounds: int = 3, ids: torch.Tensor | None = None,
                 plan_dir: Path | None = None, bf16: bool | None = None, prefill_tokens: int | None = None,
                 pruning_plan=None) -> dict:
-    """The model as it is (dense kernels, its dtype) against the sparse kernels in the same dtype and, where the
-    CPU has bf16 arithmetic (or ``bf16``), against dense bf16 and sparse with bf16 values, all side by side:
+    """The model dense (its dtype; each dense matrix in the faster of its layouts, ``dense_layout``) against the
+    sparse kernels in the same dtype (its dense matrices in the same layouts) and, where the CPU has bf16
+    arithmetic (or ``bf16``), against dense bf16 and sparse with bf16 values, all side by side:
     tokens/s of each, the speedups against dense in the same dtype and against the faster dense, the kernels
     chosen and whether greedy tokens equal the dense model's of the same dtype. ``pruning_plan``: the run's
     plan (or a saved one's record), which picks the matrices and offers the N:M kernel (sparsify)."""
-    from elsa.artifacts.linear import sparsify_with_plan
+    from elsa.artifacts.linear import dense_layouts, sparsify_with_plan
 
     if bf16 is None:
         bf16 = cpu_has_bf16() and next(model.parameters()).device.type == "cpu"
-    models = {"dense": model}
+    sources = {"dense": model}
     if bf16 and next(model.parameters()).dtype != torch.bfloat16:
-        models["dense_bf16"] = copy.deepcopy(model).to(torch.bfloat16)
-    plans = {}
-    for name in list(models):
-        sparse = copy.deepcopy(models[name])
-        plans[name] = sparsify_with_plan(sparse, plan_dir, pruning_plan=pruning_plan)
-        models[name.replace("dense", "sparse")] = sparse
+        sources["dense_bf16"] = copy.deepcopy(model).to(torch.bfloat16)
+    models, plans, layouts = {}, {}, {}
+    for name, src in sources.items():
+        sparse = copy.deepcopy(src)
+        # the dense baseline at its best: each dense matrix in the faster of its two layouts (dense_layouts), on a
+        # copy of the modules that shares the weights (the run's model stays as it is); the sparse model's dense
+        # matrices (its head) take the same layouts
+        dense = copy.deepcopy(src, {id(p): p for p in src.parameters()})
+        layouts[name] = dense_layouts(dense)
+        plans[name] = sparsify_with_plan(sparse, plan_dir, pruning_plan=pruning_plan, dense_layout=layouts[name])
+        models[name], models[name.replace("dense", "sparse")] = dense, sparse
     same = {k.replace("dense", "sparse"): k for k in plans}
     r = compare(models, ids, new_tokens, rounds, prefill_tokens, same)
     tps = r["decode_tokens_per_s"]
@@ -146,7 +152,17 @@ def speed_table(model, new_tokens: int = 32, rounds: int = 3, ids: torch.Tensor 
     r["plans"] = {k.replace("dense", "sparse"): {"chosen": p["chosen"], "source": p["source"],
                                                  "note": p.get("plan_note"), "verified_in_model": p["verified_in_model"]}
                   for k, p in plans.items()}
+    r["dense_layout"] = {k: layout_summary(v) for k, v in layouts.items()}
     return r
+
+
+def layout_summary(layouts: dict) -> dict:
+    """What :func:`elsa.artifacts.linear.dense_layouts` chose, in a line of results.json: how many dense matrices
+    run transposed, of how many, which (up to 4 names, else the count) and their measured gains."""
+    t = sorted(n for n, c in layouts.items() if c["layout"] == "t")
+    gains = [layouts[n]["gain"] for n in t]
+    return {"transposed": len(t), "of": len(layouts), "names": t if len(t) <= 4 else t[:4] + [f"... {len(t) - 4} more"],
+            "gains": [min(gains), max(gains)] if gains else []}
 
 
 def measure(model, tok, new_tokens: int = 32, rounds: int = 3, prompt: str = "The history of the city",
@@ -186,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = load_any(args.model_dir, getattr(torch, args.dtype) if args.dtype else None)
         ids = tok(args.prompt, return_tensors="pt")["input_ids"]
         if args.compare or args.sparse:
-            from elsa.artifacts.linear import sparsify_with_plan
+            from elsa.artifacts.linear import dense_layouts, sparsify_with_plan
 
             sparse = copy.deepcopy(model) if args.compare else model
+            # --compare: the dense model at its best too (dense_layouts), the sparse one's dense matrices alike
+            layouts = dense_layouts(model) if args.compare else None
             plan = sparsify_with_plan(sparse, args.model_dir, progress=True, remeasure=args.remeasure,
-                                      pruning_plan=read_plan(args.model_dir))
+                                      pruning_plan=read_plan(args.model_dir), dense_layout=layouts)
             print(f"kernels {plan['chosen']}; plan: {plan['plan_note']}; compiled kernels: {c_kernels_note()}",
                   file=sys.stderr)
         if args.compare:

@@ -27,7 +27,9 @@ blocks, MoE routers aside (:func:`block_linears`), and every expert of a fused 3
 with its own kernel choice, and the experts module runs :func:`sparse_experts_forward`, the routed loop over the
 experts its tokens chose, with the flags transformers' experts interface sets on the module (``has_gate``,
 ``is_transposed``, ``has_bias``, ``_apply_gate``). An experts module without those flags keeps its own forward and
-stays dense (recorded in the plan). lm_head and embeddings stay dense.
+stays dense (recorded in the plan). lm_head and embeddings stay dense; a dense matrix's decode may run from a
+transposed copy where torch's product is that much faster with it (:func:`dense_layouts`, measured per class and
+saved with the plan; the dense baseline of elsa.artifacts.generate gets the same choice).
 
 With a pruning plan (``sparsify(model, pruning_plan=...)``: the run's PruningPlan, or the record saved beside the
 weights, elsa.artifacts.plan_record) the plan says which matrices are pruned and to what target: only planned
@@ -557,6 +559,98 @@ class SparseLinear(nn.Module):
                 f"prefill={self.plan.get('prefill')}")
 
 
+DENSE_T_GAIN = 1.25   # decode: a dense matrix runs from a transposed copy only when this much faster (medians)
+COLD_BYTES = 96 << 20  # ... timed on copies of it that together exceed this (a last-level cache: 32 MB measured)
+DENSE_T_COPIES = 64
+
+
+class TransposedLinear(nn.Module):
+    """A dense nn.Linear run from a contiguous ``[in, out]`` copy of its weight (``x @ weight_t``): torch's fp32
+    product for short rows (the default model's 576 inputs, its 49152 x 576 head) streams a weight stored as
+    ``[out, in]`` at half the rate of its transpose on the CPUs measured (docs/results.md), and decode is that
+    product. Chosen per matrix by :func:`dense_layouts`, for the dense baseline and a sparse model's dense matrices
+    alike. ``weight`` is the ``[out, in]`` view of the copy (code that reads a head's weight still finds it); the
+    module it replaced keeps its own weight (a tied embedding still looks tokens up in it)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        self.weight_t = linear.weight.detach().t().contiguous()
+        self.bias = linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, stored transposed"
+
+
+def dense_matrices(model: nn.Module) -> dict[str, nn.Linear]:
+    """The dense nn.Linear matrices a decode step multiplies: the output head and the block matrices that are still
+    nn.Linear (a sparse model's dense ones; routers aside), by full module name."""
+    from elsa.errors import ElsaError
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = {n: m for n, m in model.named_modules() if m is head and type(m) is nn.Linear}
+    try:
+        out.update({n: m for n, m in block_linears(model).items() if type(m) is nn.Linear})
+    except ElsaError:        # no Linear left in the blocks (every one sparse): the head only
+        pass
+    return out
+
+
+def dense_layouts(model: nn.Module, saved: dict | None = None, names: set[str] | None = None,
+                  timer: Callable | None = None) -> dict:
+    """Per dense matrix (:func:`dense_matrices`; ``names``: only these), its decode layout: ``n`` (as stored,
+    ``F.linear``) or ``t`` (:class:`TransposedLinear`, a transposed copy), measured at one token (medians of
+    interleaved calls, one measurement per shape, dtype and bias) and chosen ``t`` only DENSE_T_GAIN faster;
+    modules chosen ``t`` are replaced in place. ``saved``: a previous result (a saved plan's, or the dense
+    baseline's, so that a sparse model's dense matrices run as the baseline's do): its choices are applied,
+    nothing timed. ``timer``: check_timer's signature (tests). CPU only ({} elsewhere). Returns
+    {name: {"layout", "gain"}}."""
+    mats = {n: m for n, m in dense_matrices(model).items() if names is None or n in names}
+    if not mats or next(iter(mats.values())).weight.device.type != "cpu":
+        return {}
+    out, measured = {}, {}
+    with torch.no_grad():
+        for name, lin in mats.items():
+            w, b = lin.weight, lin.bias
+            if saved is not None:
+                if name not in saved:
+                    continue
+                out[name] = dict(saved[name])
+            else:
+                key = (tuple(w.shape), w.dtype, b is not None)
+                if key not in measured:
+                    # as in a decode step, each call reads its weight from memory, not from the caches: the calls
+                    # cycle through copies of the matrix that together exceed a CPU's last-level cache
+                    k = max(1, min(DENSE_T_COPIES, -(-COLD_BYTES // max(w.numel() * w.element_size(), 1))))
+                    ns = [w.detach().clone() for _ in range(k)]
+                    ts = [w.detach().t().contiguous() for _ in range(k)]
+                    x = torch.randn(1, w.shape[1], dtype=w.dtype, generator=torch.Generator().manual_seed(0))
+                    turn = {"n": 0, "t": 0}
+
+                    def call(layout):
+                        i = turn[layout] = (turn[layout] + 1) % k
+                        y = F.linear(x, ns[i]) if layout == "n" else x @ ts[i]
+                        return y if b is None else y + b
+
+                    times = (timer or check_timer)({"n": lambda: call("n"), "t": lambda: call("t")}, 1, w.device)
+                    gain = times["n"] / times["t"]
+                    measured[key] = {"layout": "t" if gain >= DENSE_T_GAIN else "n", "gain": round(gain, 3)}
+                    del ns, ts
+                out[name] = dict(measured[key])
+            if out[name]["layout"] == "t":
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, TransposedLinear(lin))
+    return out
+
+
 def matrix_view(module: nn.Module) -> torch.Tensor:
     """The ``[out, in]`` weight of an nn.Linear, or of a Conv1D (stored ``[in, out]``: its transpose, a view)."""
     from elsa.model.structure import _stored_transposed
@@ -840,8 +934,8 @@ def _sparsify_experts(mod_name: str, mod: nn.Module, params: list[str], planner:
 
 # -- the plan saved with a model ---------------------------------------------------------------------------
 PLAN_FILE = "elsa_sparse_plan-{dtype}.json"     # one per dtype: a dir's fp32 and bf16 plans live side by side
-PLAN_VERSION = 3    # 2: decode chosen with VETO and BYTES_TIE; 3: BYTES_TIE 1.25 with TIE_GAIN (a plan chosen by
-                    # another rule is measured again)
+PLAN_VERSION = 4    # 2: decode chosen with VETO and BYTES_TIE; 3: BYTES_TIE 1.25 with TIE_GAIN; 4: the dense
+                    # matrices' layouts (dense_layout) too (a plan chosen by another rule is measured again)
 
 
 def plan_path(directory: Path | str, model: nn.Module) -> Path:
@@ -866,7 +960,8 @@ def save_plan(directory: Path | str, plan: dict, model: nn.Module) -> Path:
     regimes = plan["regimes"]
     data = {**plan_key(model), "regimes": regimes, "chosen": plan["chosen"],
             "verified_in_model": plan.get("verified_in_model"),
-            "matrices": {n: {r: p[r] for r in regimes if r in p} for n, p in plan["matrices"].items()}}
+            "matrices": {n: {r: p[r] for r in regimes if r in p} for n, p in plan["matrices"].items()},
+            "dense_layout": plan.get("dense_layout", {})}
     path = plan_path(directory, model)
     write_json_atomic(path, data)
     return path
@@ -889,16 +984,21 @@ def load_plan(directory: Path | str, model: nn.Module) -> tuple[dict | None, str
 
 
 def sparsify_with_plan(model: nn.Module, directory: Path | str | None, progress: bool = False,
-                       remeasure: bool = False, **kwargs) -> dict:
+                       remeasure: bool = False, dense_layout: dict | None = None, **kwargs) -> dict:
     """:func:`sparsify` from the plan saved in ``directory`` when it is valid here (nothing timed), else
-    measured and saved there (when the directory is writable). The returned plan says which (``source``,
-    ``plan_note``)."""
+    measured and saved there (when the directory is writable); then the matrices left dense (the head among
+    them) get their decode layout (:func:`dense_layouts`: the saved plan's, ``dense_layout`` (the dense
+    baseline's choices, so both run their dense matrices alike), else measured). The returned plan says which
+    (``source``, ``plan_note``, ``dense_layout``)."""
     data, why = (None, "--remeasure") if remeasure or directory is None else load_plan(directory, model)
     if data is not None:
         plan = sparsify(model, regimes=data["regimes"], saved=data["matrices"], progress=progress, **kwargs)
+        plan["dense_layout"] = dense_layouts(model, saved=dense_layout if dense_layout is not None
+                                             else data.get("dense_layout", {}))
         plan["plan_note"] = why
         return plan
     plan = sparsify(model, progress=progress, **kwargs)
+    plan["dense_layout"] = dense_layouts(model, saved=dense_layout)
     plan["plan_note"] = f"measured ({why})"
     if directory is not None:
         try:
