@@ -85,24 +85,14 @@ def bench_matrices(args) -> None:
                                    **_env()})
 
 
-@torch.no_grad()
-def last_level_cache_bytes() -> int:
-    """The largest CPU cache's size (sysfs; 32 MiB when it cannot be read)."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip()
-        unit = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(text[-1:], 1)
-        sizes.append(int(text.rstrip("KMG")) * unit)
-    return max(sizes, default=32 * 1024 ** 2)
-
-
 def _evictor():
     """A read of a buffer twice the last-level cache before every timed call (``--cold``): in a model's decode
     every matrix comes from memory (a 7B model's weights are ~100x this CPU's 300 MiB L3), while a matrix timed
     again and again stays in L3 where it fits (4096x4096 fp32 is 64 MiB), which makes dense look faster than it
     is in a model. Read-only, so no dirty line is written back during the next timed call."""
-    buf = torch.ones(2 * last_level_cache_bytes() // 4)
-    return lambda: float(buf.sum())
+    from elsa.artifacts.linear import evictor
+
+    return evictor()
 
 
 def bench_decode_matrices(args) -> None:

@@ -41,3 +41,16 @@ def cpu_name() -> str:
 def cpu_id() -> str:
     """12 hex digits for this kind of CPU: its name, flags, architecture and core count."""
     return hashlib.md5(f"{cpu_name()}|{cpu_flags()}|{platform.machine()}|{os.cpu_count()}".encode()).hexdigest()[:12]
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache's size (sysfs; 32 MiB when it cannot be read)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip()
+            unit = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * unit)
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 * 1024 ** 2)

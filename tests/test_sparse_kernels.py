@@ -216,6 +216,19 @@ def test_bytes_model_gives_the_same_plan_under_noisy_timings():
     assert choice == "nm" and set(rec["checked"]) == {"nm", "csr"}         # bitmask is not offered an N:M matrix
     nm_close = {"dense": _sized(4000), "nm": _sized(3500)}             # under the bytes margin: never timed
     assert SL.by_bytes(nm_close, lambda k: pytest.fail("timed"))[0] == "dense"
+    # recorded (accept30, 2026-12-06 08:20 UTC, AMD EPYC, fp32 at 2:4): the 192 x 576 k_proj class (442 KB, in L2
+    # when timed again and again), nm's dense/kernel ratio in four plans timed with the caches kept, and cold (the
+    # caches evicted before every call, as a model reads it): the veto (VETO) put nm out in one plan of four;
+    # with its second, cold look every plan keeps nm
+    k24 = {"dense": _sized(442368), "nm": _sized(248832), "csr": _sized(300000)}
+    for hot, csr, cold in ((1.057, 0.671, 1.753), (0.859, 0.667, 1.711), (1.106, 0.681, 1.549), (1.121, 0.699, 1.56)):
+        kept = lambda names, h=hot, c=csr: {"dense": 1.0, "nm": 1 / h, "csr": 1 / c}  # noqa: E731
+        cold_look = lambda names, c=cold: {"dense": 1.0, **{k: 1 / c for k in names}}  # noqa: E731
+        assert SL.by_bytes(k24, kept, measure_cold=cold_look)[0] == "nm"
+    assert SL.by_bytes(k24, lambda names: {"dense": 1.0, "nm": 1 / 0.859, "csr": 1 / 0.667})[0] == "dense"   # hot only
+    choice, rec = SL.by_bytes(k24, lambda names: {"dense": 1.0, "nm": 1.3, "csr": 1.5},     # slower cold too: out
+                              measure_cold=lambda names: {"dense": 1.0, "nm": 1.2, "csr": 1.4})
+    assert choice == "dense" and rec["checked_cold"] == {"nm": round(1 / 1.2, 3), "csr": round(1 / 1.4, 3)}
 
 
 def _pruned_tiny(ratio=0.9):
