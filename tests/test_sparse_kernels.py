@@ -321,3 +321,21 @@ def test_the_timer_s_before_hook_runs_untimed_before_every_timed_call():
                                  warmup=1, median=True, clock=clock, before=lambda: calls.append("evict"))
     assert calls == ["d", "k"] + ["evict", "d", "evict", "k"] * 3     # the warm-up calls are not preceded
     assert times == {"dense": 1.0, "k": 1.0}      # one clock unit per timed call: the hook is outside the span
+
+
+def test_a_slow_first_call_does_not_screen_out_a_decode_kernel(monkeypatch):
+    """The one-call screen (SCREEN) spares the kernels the bytes model ranks in decode: a hiccup on nm's first
+    call put it out of one plan of four (accept30, 2026-12-06); in prefill the screen still applies."""
+    if SK.unavailable():
+        pytest.skip(SK.unavailable())
+    w = torch.randn(64, 128)
+    w.view(64, 32, 4)[..., :2] = 0.0                       # 2:4 along the input dim
+    real = SL._checked
+
+    def hiccup(fns, x, rejected, regime, atol, rtol):
+        ok, first = real(fns, x, rejected, regime, atol, rtol)
+        return ok, {k: (100.0 if k == "nm" else v) for k, v in first.items()}   # nm's first call: 100 s
+
+    monkeypatch.setattr(SL, "_checked", hiccup)
+    plan, _ = SL.plan_matrix(w, None, regimes={"decode": 1}, kernels={"nm"}, nm=(2, 4))
+    assert "nm" in plan["bytes_model"]["decode"]["checked"] and "screened" not in plan
