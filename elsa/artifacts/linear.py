@@ -604,7 +604,9 @@ class SparseLinear(nn.Module):
                 f"prefill={self.plan.get('prefill')}")
 
 
-DENSE_T_GAIN = 1.25   # decode: a dense matrix runs from a transposed copy only when this much faster (medians)
+DENSE_T_GAIN = 1.35   # decode: a dense matrix runs from a transposed copy only when this much faster (cold medians);
+                      # on the default model's classes (AMD EPYC, 2026-12-06) the head measured 1.7-2.2, gate/up 1.42-1.46,
+                      # q/o 1.03-1.26 and bf16 k/v 1.27-1.28 across eight plans: 1.25 flipped two classes between plans
 
 
 class TransposedLinear(nn.Module):
