@@ -85,23 +85,16 @@ def bench_matrices(args) -> None:
                                    **_env()})
 
 
-def _evictor():
-    """A read of a buffer twice the last-level cache before every timed call (``--cold``): in a model's decode
-    every matrix comes from memory (a 7B model's weights are ~100x this CPU's 300 MiB L3), while a matrix timed
-    again and again stays in L3 where it fits (4096x4096 fp32 is 64 MiB), which makes dense look faster than it
-    is in a model. Read-only, so no dirty line is written back during the next timed call."""
-    from elsa.artifacts.linear import evictor
-
-    return evictor()
-
-
 def bench_decode_matrices(args) -> None:
     """CPU, batch 1 (issue 30): each 7B-shaped matrix pruned per target, every decode kernel in each dtype timed
     side by side with dense in the same dtype and with dense fp32 (medians of ``--reps`` interleaved calls), and
     the kernel the plan (the bytes model, checked by measurement) chooses."""
-    from elsa.artifacts.linear import DECODE_ONLY, candidates, interleaved_timer, plan_matrix
+    from elsa.artifacts.linear import DECODE_ONLY, candidates, evictor, interleaved_timer, plan_matrix
 
-    evict = _evictor() if args.cold else None
+    # --cold: the caches evicted before every timed call (elsa.artifacts.linear.evictor): in a model's decode every
+    # matrix comes from memory, while a matrix timed again and again stays in L3 where it fits (4096x4096 fp32 is
+    # 64 MiB), which makes dense look faster than it is in a model
+    evict = evictor() if args.cold else None
     for rows, cols in SHAPES:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(rows, cols, generator=g) / cols ** 0.5

@@ -649,16 +649,15 @@ def dense_matrices(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
-def dense_layouts(model: nn.Module, saved: dict | None = None, names: set[str] | None = None,
-                  timer: Callable | None = None) -> dict:
-    """Per dense matrix (:func:`dense_matrices`; ``names``: only these), its decode layout: ``n`` (as stored,
+def dense_layouts(model: nn.Module, saved: dict | None = None, timer: Callable | None = None) -> dict:
+    """Per dense matrix (:func:`dense_matrices`), its decode layout: ``n`` (as stored,
     ``F.linear``) or ``t`` (:class:`TransposedLinear`, a transposed copy), measured at one token (medians of
     interleaved calls, one measurement per shape, dtype and bias) and chosen ``t`` only DENSE_T_GAIN faster;
     modules chosen ``t`` are replaced in place. ``saved``: a previous result (a saved plan's, or the dense
     baseline's, so that a sparse model's dense matrices run as the baseline's do): its choices are applied,
     nothing timed. ``timer``: check_timer's signature (tests). CPU only ({} elsewhere). Returns
     {name: {"layout", "gain"}}."""
-    mats = {n: m for n, m in dense_matrices(model).items() if names is None or n in names}
+    mats = dense_matrices(model)
     if not mats or next(iter(mats.values())).weight.device.type != "cpu":
         return {}
     out, measured = {}, {}
