@@ -526,12 +526,6 @@ def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[s
         x = torch.randn(tokens, weight.shape[1], generator=g).to(weight.device, weight.dtype)
         here = {k: f for k, f in fns.items() if tokens <= DECODE_MAX or k not in DECODE_ONLY}
         ok, first = _checked(here, x, plan["rejected"], regime, atol, rtol)
-        # the screen (one call) spares the decode kernels the bytes model ranks: a first call's hiccup put nm out of
-        # one plan of four for a 2:4 class (accept30, 2026-12-06 08:42 UTC), where its check measured it 1.1-1.9x dense
-        bytes_ranked = set(BYTES_KERNELS) if tokens <= DECODE_MAX else set()
-        screened = {} if timer else {k: first[k] for k in ok if k != "dense" and k not in bytes_ranked
-                                     and first[k] > SCREEN * first["dense"]}
-        ok = {k: f for k, f in ok.items() if k not in screened}
         if tokens <= DECODE_MAX and any(k in ok for k in BYTES_KERNELS):
             clock = timer or (lambda f, t: check_timer(f, t, x.device))
             cold = timer or (lambda f, t: check_timer(f, t, x.device, cold=True))
@@ -540,6 +534,11 @@ def plan_matrix(weight: torch.Tensor, bias: torch.Tensor | None, regimes: dict[s
             plan[regime], plan.setdefault("bytes_model", {})[regime] = by_bytes(ok, timed(clock),
                                                                                 measure_cold=timed(cold))
             continue
+        # the screen (one call) serves the timed choice only: before the bytes model it put nm out of one decode
+        # plan of four for a 2:4 class on a first call's hiccup (accept30, 2026-12-06 08:42 UTC), where its check
+        # measured it 1.1-1.9x dense
+        screened = {} if timer else {k: first[k] for k in ok if k != "dense" and first[k] > SCREEN * first["dense"]}
+        ok = {k: f for k, f in ok.items() if k not in screened}
         times = timer({k: (lambda f=f: f(x)) for k, f in ok.items()}, tokens) if timer else default_timer(ok, x, tokens)
         plan["times_us"][regime] = {k: round(v * 1e6, 2) for k, v in {**times, **screened}.items()}
         if screened:
@@ -671,14 +670,12 @@ def dense_layouts(model: nn.Module, saved: dict | None = None, timer: Callable |
             else:
                 key = (tuple(w.shape), w.dtype, b is not None)
                 if key not in measured:      # as in a decode step, each call reads its weight from memory
-                    wt = w.detach().t().contiguous()
+                    tl = TransposedLinear(lin)  # the two modules a decode step would call
                     x = torch.randn(1, w.shape[1], dtype=w.dtype, generator=torch.Generator().manual_seed(0))
-                    times = (timer or check_timer)({"n": lambda: F.linear(x, w, b),
-                                                    "t": lambda: x @ wt if b is None else x @ wt + b},
-                                                   1, w.device, cold=True)
+                    times = (timer or check_timer)({"n": lambda: lin(x), "t": lambda: tl(x)}, 1, w.device, cold=True)
                     gain = times["n"] / times["t"]
                     measured[key] = {"layout": "t" if gain >= DENSE_T_GAIN else "n", "gain": round(gain, 3)}
-                    del wt
+                    del tl
                 out[name] = dict(measured[key])
             if out[name]["layout"] == "t":
                 parent, _, child = name.rpartition(".")
