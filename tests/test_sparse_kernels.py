@@ -288,7 +288,8 @@ def test_nm_model_runs_the_nm_kernel_with_dense_tokens():
 
 def test_acceptance_table_marks_each_figure_against_its_target():
     """bench_sparse.py accept (bench/accept30.sh): a figure under its target says NOT met, plans hashed
-    differently across runs say DIFFER, the matrices' figure is the chosen kernel against dense in its dtype."""
+    differently across runs say DIFFER, the matrices' figure is the chosen kernel against dense in its dtype, a
+    row whose rounds of one model spread wider than STEADY says the machine was not quiet."""
     import importlib.util
     from pathlib import Path
 
@@ -301,6 +302,11 @@ def test_acceptance_table_marks_each_figure_against_its_target():
     matrix = {"bench": "decode_matrix", "sparsity": "0.9", "shape": [4096, 11008], "dtype": "float32",
               "us": {"dense": 2900.0, "csr": 700.0, "bitmask": 900.0}, "chosen": "csr", "loadavg": [2.0]}
     cold = dict(matrix, cold=True, us={"dense": 4200.0, "csr": 700.0, "bitmask": 900.0})
+    burst = dict(model("a", 2.5), decode_rounds={"dense": [40.0, 41.0, 39.0], "sparse": [100.0, 62.0, 99.0]})
+    steady = dict(model("a", 2.5), decode_rounds={"dense": [40.0, 41.0, 39.0], "sparse": [100.0, 98.0, 99.0]})
+    assert bench.round_spread(burst) == 100.0 / 62.0 and bench.round_spread(model("a", 2.5)) is None
+    text = "\n".join(bench.accept_report([burst, steady]))
+    assert "| 1.61 (NOT quiet: > 1.15) |" in text and "| 1.05 |" in text
     text = "\n".join(bench.accept_report([model("a", 2.5), model("b", 2.1), model("b", 2.398), matrix, cold]))
     assert "2.50x (met: >= 2.4x)" in text and "2.10x (NOT met: >= 2.4x)" in text
     assert "2.398x (NOT met: >= 2.4x)" in text             # not "2.40x (NOT met: >= 2.4x)"

@@ -55,7 +55,8 @@ def compare(models: dict, ids: torch.Tensor, new_tokens: int, rounds: int = 3,
             prefill_tokens: int | None = None, same_as: dict[str, str] | None = None,
             clock=time.perf_counter) -> dict:
     """Decode tokens/s (and prefill seconds) of several models, measured in alternating rounds in this process
-    (a change of load hits each alike): medians over ``rounds``; ``same_as``: {model: reference model} whose
+    (a change of load hits each alike): medians over ``rounds`` (each round's rate in ``decode_rounds``: how
+    steady the machine was); ``same_as``: {model: reference model} whose
     greedy tokens it must reproduce (recorded per model, all rounds)."""
     dec = {k: [] for k in models}
     pre = {k: [] for k in models}
@@ -70,7 +71,8 @@ def compare(models: dict, ids: torch.Tensor, new_tokens: int, rounds: int = 3,
                 pre[name].append(prefill_seconds(model, prefill_tokens, vocab))
         for name, ref in (same_as or {}).items():
             same[name] = same[name] and torch.equal(outs[name], outs[ref])
-    res = {"decode_tokens_per_s": {k: statistics.median(v) for k, v in dec.items()}, "same_tokens_as": same,
+    res = {"decode_tokens_per_s": {k: statistics.median(v) for k, v in dec.items()}, "decode_rounds": dec,
+           "same_tokens_as": same,
            "new_tokens": new_tokens, "rounds": rounds, "threads": torch.get_num_threads()}
     if prefill_tokens:
         res.update(prefill_s={k: statistics.median(v) for k, v in pre.items()}, prefill_tokens=prefill_tokens)
