@@ -194,7 +194,7 @@ def bench_model(args) -> None:
             layouts = dense_layouts(best)
             rec["dense_layout"][name] = layout_summary(layouts)
             models[name] = best
-            if name == "dense":
+            if name == "dense" and args.stock:
                 models["dense_stock"] = src
             sname = name.replace("dense", "sparse")
             plans = []
@@ -216,12 +216,13 @@ def bench_model(args) -> None:
                 dense_layouts(free, saved=layouts)
                 models[name.replace("dense", "free")] = free
         r = compare(models, ids, args.new_tokens, args.rounds, args.prefill or None, same_as,
-                    clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
+                    clock=time.thread_time if args.clock == "cpu" else time.perf_counter, compile=args.compile)
         r["clock"] = args.clock
         tps = r["decode_tokens_per_s"]
         r["speedup"] = {k: tps[k] / tps[k.replace("sparse", "dense")] for k in tps if k.startswith("sparse")}
         r["speedup_vs_dense_fp32"] = {k: v / tps["dense"] for k, v in tps.items() if k != "dense"}
-        r["speedup_vs_dense_stock"] = {k: v / tps["dense_stock"] for k, v in tps.items() if k.startswith("sparse")}
+        if "dense_stock" in tps:
+            r["speedup_vs_dense_stock"] = {k: v / tps["dense_stock"] for k, v in tps.items() if k.startswith("sparse")}
         if args.ceiling:     # the most any kernel could give: every pruned matrix free, the rest as it is
             r["ceiling"] = {k.replace("free", "sparse"): tps[k] / tps[k.replace("free", "dense")]
                             for k in tps if k.startswith("free")}
@@ -307,7 +308,8 @@ def accept_report(rows: list[dict]) -> list[str]:
             ceil = "; ".join(f"{v:.2f}x" for v in r.get("ceiling", {}).values()) or "-"
             stock = r.get("speedup_vs_dense_stock", {}).get("sparse")    # rows before the layouts: none
             stock_tps = f" ({t['dense_stock']:.1f})" if "dense_stock" in t else ""
-            lines.append(f"| {sp} | {i + 1} | {r['threads']} | {t['dense']:.1f}{stock_tps} | "
+            lines.append(f"| {sp}{' (compiled)' if r.get('compiled') else ''} | {i + 1} | {r['threads']} | "
+                         f"{t['dense']:.1f}{stock_tps} | "
                          f"{mark(s['sparse'], tg['sparse'])} | {'-' if stock is None else f'{stock:.2f}x'} | "
                          f"{bf} | {ceil} | {_steady(r)} | {r['loadavg'][0]:.1f} |")
     lines += ["", "Plans (every plan of a sparsity and dtype, two per run, hashed): " + "; ".join(
@@ -376,6 +378,11 @@ def main() -> int:
     parser.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                         help="model: also time each dense model with its pruned matrices free (zeros, no work): "
                              "the speedup no kernel can pass, the rest of the token being the same")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="model: every model (dense and sparse alike) under torch.compile, each compiled by one "
+                             "untimed decode first (2-3 minutes a model at 2 threads on the default model)")
+    parser.add_argument("--stock", action=argparse.BooleanOptionalAction, default=True,
+                        help="model: also the fp32 model in torch's layout (dense_stock); --no-stock leaves it out")
     parser.add_argument("--bf16", default="auto", choices=["auto", "yes", "no"],
                         help="model: also dense bf16 against sparse with bf16 values (auto: where the CPU has bf16)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sparse.jsonl")

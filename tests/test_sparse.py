@@ -472,6 +472,15 @@ def test_generate_cli_on_a_compressed_dir(compressed, tmp_path):
     _one_error_line(bad, "not a directory")
 
 
+def test_generate_compile_needs_compare(capsys):
+    """--compile times dense and sparse compiled alike, so it comes with --compare, refused before any loading."""
+    from elsa.artifacts import generate
+
+    assert generate.main(["/nowhere", "--sparse", "--compile"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("elsa: error: --compile is allowed with --compare only"), err
+
+
 def test_measure_speed_through_the_pipeline(tmp_path):
     """measure_speed: dense against sparse side by side, and against dense bf16 (sparse with bf16 values) where
     the CPU has bf16 arithmetic; the plans are saved with the compressed model for elsa.artifacts.generate."""

@@ -111,6 +111,31 @@ def test_sparse_linear_decode_path_takes_any_shape_and_adds_the_bias(layout, dty
 
 
 @needs_lib
+@pytest.mark.parametrize("layout", ["csr", "nm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_as_a_torch_op_for_compiled_models(layout, dtype, monkeypatch):
+    """torch.ops.elsa.compressed_mv (what a torch.compile'd model calls: elsa.artifacts.generate's compile) passes
+    torch's custom-op checks (its fake shape, schema, no aliasing), and SparseLinear's compiled branch gives the
+    eager decode path's output with the bias; a copied model shares its kernels (their arrays' addresses)."""
+    w = _matrix(24, 64, layout, dtype=dtype)
+    lin = torch.nn.Linear(64, 24).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    fns, _ = SL.candidates(lin.weight, lin.bias, only={layout})
+    sl = SL.SparseLinear(lin, {"sparsity": 0.5, "decode": layout, "prefill": "dense"}, fns)
+    kernel = fns[layout].nd.__self__
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    torch.library.opcheck(torch.ops.elsa.compressed_mv.default, (x, kernel._desc, 24))
+    with torch.no_grad():
+        eager = sl(x)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        monkeypatch.setattr(sl, "kernels", {})                  # the compiled branch reads neither eager path
+        graph = sl(x)
+    assert torch.equal(graph, eager) and not torch.equal(graph, eager - lin.bias.detach())
+    assert copy.deepcopy(sl)._decode_op.__self__ is kernel
+
+
+@needs_lib
 @pytest.mark.parametrize("layout", ["bitmask", "nm"])
 def test_the_kernel_holds_the_checkpoints_own_bytes(layout):
     """What the kernel reads is what elsa.artifacts.compressed.encode stores (values; bitmask or indices), nothing re-laid out."""

@@ -8,7 +8,8 @@ The kernel plan is read from ``<dir>/elsa_sparse_plan-<dtype>.json`` when it was
 source, thread count and dtype (nothing is re-measured), else measured and saved there (``--remeasure``: always).
 The pruning plan saved with the model (the compressed index's ``plan``, an HF dir's pruning_plan.json) picks the
 matrices that get kernels and offers the N:M kernel where a matrix's target is N:M; a dir without one is read
-from its zeros as before.
+from its zeros as before. ``--compare --compile``: both models under torch.compile (the sparse kernels enter the
+graph as torch ops), compiled once before the timing.
 """
 from __future__ import annotations
 
@@ -51,13 +52,45 @@ def prefill_seconds(model, tokens: int, vocab: int, reps: int = 1) -> float:
     return statistics.median(times)
 
 
+class Compiled:
+    """A model whose forward runs under ``torch.compile`` (``dynamic=True``: the KV cache grows every token),
+    called as the model is. The sparse kernels enter its graph as one op each (``torch.ops.elsa.compressed_mv``,
+    elsa.artifacts.kernels), so dense and sparse models compile alike; what compiling removes is the eager
+    per-token Python of the HF code (attention, norms, rotary, the cache): docs/results.md has the figures."""
+
+    def __init__(self, model):
+        import torch._dynamo
+
+        self.config = model.config
+        # every model of a comparison compiles the same forward (its class's), ~3 graphs each (the prompt, the
+        # first token, the later ones): past dynamo's limit a model would run eager without a word
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+        self._forward = torch.compile(model.forward, dynamic=True)
+
+    def __call__(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+
 def compare(models: dict, ids: torch.Tensor, new_tokens: int, rounds: int = 3,
             prefill_tokens: int | None = None, same_as: dict[str, str] | None = None,
-            clock=time.perf_counter) -> dict:
+            clock=time.perf_counter, compile: bool = False) -> dict:
     """Decode tokens/s (and prefill seconds) of several models, measured in alternating rounds in this process
     (a change of load hits each alike): medians over ``rounds`` (each round's rate in ``decode_rounds``: how
     steady the machine was); ``same_as``: {model: reference model} whose
-    greedy tokens it must reproduce (recorded per model, all rounds)."""
+    greedy tokens it must reproduce (recorded per model, all rounds). ``compile``: every model runs under
+    torch.compile (:class:`Compiled`), compiled by one untimed decode (and prefill) before the rounds
+    (``compile_s``: the seconds each took)."""
+    compile_s = {}
+    if compile:
+        models = {k: Compiled(m) for k, m in models.items()}
+        vocab = int(next(iter(models.values())).config.vocab_size)
+        for name, model in models.items():
+            t = time.perf_counter()
+            greedy(model, ids, new_tokens)
+            if prefill_tokens:
+                prefill_seconds(model, prefill_tokens, vocab)
+            compile_s[name] = round(time.perf_counter() - t, 1)
     dec = {k: [] for k in models}
     pre = {k: [] for k in models}
     outs, same = {}, {k: True for k in (same_as or {})}
@@ -73,20 +106,23 @@ def compare(models: dict, ids: torch.Tensor, new_tokens: int, rounds: int = 3,
             same[name] = same[name] and torch.equal(outs[name], outs[ref])
     res = {"decode_tokens_per_s": {k: statistics.median(v) for k, v in dec.items()}, "decode_rounds": dec,
            "same_tokens_as": same,
-           "new_tokens": new_tokens, "rounds": rounds, "threads": torch.get_num_threads()}
+           "new_tokens": new_tokens, "rounds": rounds, "threads": torch.get_num_threads(), "compiled": compile,
+           **({"compile_s": compile_s} if compile else {})}
     if prefill_tokens:
         res.update(prefill_s={k: statistics.median(v) for k, v in pre.items()}, prefill_tokens=prefill_tokens)
     return res
 
 
 def side_by_side(dense, sparse, ids: torch.Tensor, new_tokens: int, rounds: int = 3,
-                 prefill_tokens: int | None = None) -> dict:
-    """Decode tokens/s (and prefill seconds) of two models measured in alternating rounds in this process."""
-    r = compare({"dense": dense, "sparse": sparse}, ids, new_tokens, rounds, prefill_tokens, {"sparse": "dense"})
+                 prefill_tokens: int | None = None, compile: bool = False) -> dict:
+    """Decode tokens/s (and prefill seconds) of two models measured in alternating rounds in this process
+    (``compile``: both under torch.compile, :func:`compare`)."""
+    r = compare({"dense": dense, "sparse": sparse}, ids, new_tokens, rounds, prefill_tokens, {"sparse": "dense"},
+                compile=compile)
     dec = r["decode_tokens_per_s"]
     out = {"decode_tokens_per_s": dec, "decode_speedup": dec["sparse"] / dec["dense"],
            "same_tokens": r["same_tokens_as"]["sparse"], "new_tokens": new_tokens, "rounds": rounds,
-           "threads": r["threads"]}
+           "threads": r["threads"], "compiled": compile, **({"compile_s": r["compile_s"]} if compile else {})}
     if prefill_tokens:
         pre = r["prefill_s"]
         out.update(prefill_s=pre, prefill_speedup=pre["dense"] / pre["sparse"], prefill_tokens=prefill_tokens)
@@ -189,10 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="load the weights in this dtype (bfloat16: bf16 values and activations)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="--compare: run both models under torch.compile "
+                        "(each compiled once before the timing, minutes on a CPU; the sparse kernels as torch ops)")
     args = parser.parse_args(argv)
     try:
         if args.max_new_tokens < 2:
             raise ElsaError(f"--max-new-tokens={args.max_new_tokens} is not allowed: a whole number >= 2")
+        if args.compile and not args.compare:
+            raise ElsaError("--compile is allowed with --compare only (it times dense and sparse compiled alike)")
         if args.threads is not None:
             if args.threads < 1:
                 raise ElsaError(f"--threads={args.threads} is not allowed: a whole number >= 1")
@@ -214,12 +254,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kernels {plan['chosen']}; plan: {plan['plan_note']}; compiled kernels: {c_kernels_note()}",
                   file=sys.stderr)
         if args.compare:
-            r = side_by_side(model, sparse, ids, args.max_new_tokens)
+            r = side_by_side(model, sparse, ids, args.max_new_tokens, compile=args.compile)
             out, _ = greedy(sparse, ids, args.max_new_tokens)
             print(tok.decode(out[0], skip_special_tokens=True))
             print(f"kernels {plan['chosen']}; decode {r['decode_tokens_per_s']['dense']:.1f} tokens/s dense, "
-                  f"{r['decode_tokens_per_s']['sparse']:.1f} sparse ({r['decode_speedup']:.2f}x); "
-                  f"same tokens: {r['same_tokens']}")
+                  f"{r['decode_tokens_per_s']['sparse']:.1f} sparse ({r['decode_speedup']:.2f}x)"
+                  f"{'; both compiled' if args.compile else ''}; same tokens: {r['same_tokens']}")
             return 0
         out, secs = greedy(model, ids, args.max_new_tokens)
         print(tok.decode(out[0], skip_special_tokens=True))

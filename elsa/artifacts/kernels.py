@@ -852,6 +852,17 @@ class CompressedKernel:
             raise ValueError(f"the {self.layout} kernel refused a {self.rows}x{self.cols} matrix at batch {b}")
         return y
 
+    def __deepcopy__(self, memo: dict) -> "CompressedKernel":
+        """A built kernel is never changed, and its ``_desc`` holds the addresses of its own arrays: a copied
+        model shares it (as it shares the functions that call it), a copy with stale addresses would not be."""
+        return self
+
+    def forward_op(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_nd` as one torch op (``torch.ops.elsa.compressed_mv``): what a ``torch.compile``d model
+        calls, so its graph holds the kernel instead of breaking at it (elsa.artifacts.generate's ``compile``)."""
+        y = torch.ops.elsa.compressed_mv(x, self._desc, self.rows)
+        return y if self.bias is None else y + self.bias
+
     def forward_nd(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., cols]`` (1..MAX_BATCH tokens) -> ``[..., rows]`` plus the bias: the decode path of a sparse
         Linear, the shape kept and nothing built but the output (each Python step costs ~0.1-1 us a call, 210
@@ -867,3 +878,21 @@ class CompressedKernel:
             raise ValueError(f"the {self.layout} kernel refused a {self.rows}x{self.cols} matrix at "
                              f"{x.numel() // self.cols} tokens")
         return y if self.bias is None else y.add_(self.bias)
+
+
+@torch.library.custom_op("elsa::compressed_mv", mutates_args=())
+def compressed_mv(x: torch.Tensor, desc: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x [..., cols]`` (1..MAX_BATCH tokens, fp32 or bf16) times the matrix ``desc`` describes
+    (:meth:`CompressedKernel._describe`: its layout, shape and the addresses of its arrays, which the kernel object
+    keeps alive) -> ``[..., rows]`` in x's dtype, no bias: the compiled kernels as a torch op."""
+    x = x.contiguous()
+    b = x.numel() // x.shape[-1]
+    y = torch.empty(*x.shape[:-1], rows, dtype=x.dtype)
+    if library().elsa_mv(desc.data_ptr(), b, x.data_ptr(), x.dtype is torch.bfloat16, y.data_ptr(), 0):
+        raise ValueError(f"the compressed kernel refused a {rows}-row matrix at {b} tokens")
+    return y
+
+
+@compressed_mv.register_fake
+def _compressed_mv_shape(x: torch.Tensor, desc: torch.Tensor, rows: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], rows)

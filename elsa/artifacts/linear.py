@@ -588,9 +588,14 @@ class SparseLinear(nn.Module):
         self.kernels = {r: fns[k] for r, k in chosen.items()}
         self.bias = linear.bias
         self.weight = linear.weight if "dense" in chosen.values() else None
+        nd = getattr(self.kernels["decode"], "nd", None)
+        self._decode_op = None if nd is None else nd.__self__.forward_op     # the same kernel as one torch op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = self.kernels["decode" if x.numel() <= DECODE_MAX * self.in_features else "prefill"]
+        decode = x.numel() <= DECODE_MAX * self.in_features
+        if decode and self._decode_op is not None and torch.compiler.is_compiling():
+            return self._decode_op(x)              # torch.compile: the kernel in the graph, not a graph break
+        fn = self.kernels["decode" if decode else "prefill"]
         nd = getattr(fn, "nd", None)              # the compiled kernels take [..., in] as it is
         if nd is not None:
             return nd(x)
