@@ -126,6 +126,10 @@ def test_the_kernel_as_a_torch_op_for_compiled_models(layout, dtype, monkeypatch
     kernel = fns[layout].nd.__self__
     x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
     torch.library.opcheck(torch.ops.elsa.compressed_mv.default, (x, kernel._desc, 24))
+    with pytest.raises(ValueError, match="72 features"):
+        torch.ops.elsa.compressed_mv(torch.randn(1, 72).to(dtype), kernel._desc, 24)     # not read past
+    with pytest.raises(TypeError, match="fp32 or bf16"):
+        torch.ops.elsa.compressed_mv(x.half(), kernel._desc, 24)
     with torch.no_grad():
         eager = sl(x)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)

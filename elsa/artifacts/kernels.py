@@ -885,6 +885,10 @@ def compressed_mv(x: torch.Tensor, desc: torch.Tensor, rows: int) -> torch.Tenso
     """``x [..., cols]`` (1..MAX_BATCH tokens, fp32 or bf16) times the matrix ``desc`` describes
     (:meth:`CompressedKernel._describe`: its layout, shape and the addresses of its arrays, which the kernel object
     keeps alive) -> ``[..., rows]`` in x's dtype, no bias: the compiled kernels as a torch op."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"the compressed kernels take fp32 or bf16 activations, not {x.dtype}")
+    if x.shape[-1] != int(desc[2]):
+        raise ValueError(f"activations of {x.shape[-1]} features for a {rows}x{int(desc[2])} matrix")
     x = x.contiguous()
     b = x.numel() // x.shape[-1]
     y = torch.empty(*x.shape[:-1], rows, dtype=x.dtype)
