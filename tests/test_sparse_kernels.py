@@ -86,18 +86,23 @@ def test_csr_chunks_close_at_256_columns_and_threads_split_unequal_rows(dtype):
             assert torch.allclose(got, want, atol=2e-2 * float(want.abs().max()), rtol=2e-2)
 
 
+def _sparse_linear(layout: str, dtype: torch.dtype, sparsity: float):
+    """A SparseLinear (decode: ``layout``) over a 24 x 64 nn.Linear with a bias, and that Linear and its candidates."""
+    w = _matrix(24, 64, layout, dtype=dtype)
+    lin = torch.nn.Linear(64, 24).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    fns, _ = SL.candidates(lin.weight, lin.bias, only={layout})
+    return SL.SparseLinear(lin, {"sparsity": sparsity, "decode": layout, "prefill": "dense"}, fns), lin, fns
+
+
 @needs_lib
 @pytest.mark.parametrize("layout", ["csr", "bitmask"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_linear_decode_path_takes_any_shape_and_adds_the_bias(layout, dtype):
     """SparseLinear's decode path (CompressedKernel.forward_nd: no reshape, the bias added in place) on 3-D inputs
     of 1 and 6 tokens against nn.Linear with its bias; an input of the wrong width is refused, not read past."""
-    w = _matrix(24, 64, layout, dtype=dtype)
-    lin = torch.nn.Linear(64, 24).to(dtype)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-    fns, _ = SL.candidates(lin.weight, lin.bias, only={layout})
-    sl = SL.SparseLinear(lin, {"sparsity": 0.8, "decode": layout, "prefill": "dense"}, fns)
+    sl, lin, _fns = _sparse_linear(layout, dtype, 0.8)
     tol = 1e-5 if dtype == torch.float32 else 2 ** -7
     g = torch.Generator().manual_seed(3)
     for shape in ((1, 1, 64), (2, 3, 64)):
@@ -117,12 +122,7 @@ def test_the_kernel_as_a_torch_op_for_compiled_models(layout, dtype, monkeypatch
     """torch.ops.elsa.compressed_mv (what a torch.compile'd model calls: elsa.artifacts.generate's compile) passes
     torch's custom-op checks (its fake shape, schema, no aliasing), and SparseLinear's compiled branch gives the
     eager decode path's output with the bias; a copied model shares its kernels (their arrays' addresses)."""
-    w = _matrix(24, 64, layout, dtype=dtype)
-    lin = torch.nn.Linear(64, 24).to(dtype)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-    fns, _ = SL.candidates(lin.weight, lin.bias, only={layout})
-    sl = SL.SparseLinear(lin, {"sparsity": 0.5, "decode": layout, "prefill": "dense"}, fns)
+    sl, lin, fns = _sparse_linear(layout, dtype, 0.5)
     kernel = fns[layout].nd.__self__
     x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
     torch.library.opcheck(torch.ops.elsa.compressed_mv.default, (x, kernel._desc, 24))
