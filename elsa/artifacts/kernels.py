@@ -867,17 +867,25 @@ class CompressedKernel:
         """``x [..., cols]`` (1..MAX_BATCH tokens) -> ``[..., rows]`` plus the bias: the decode path of a sparse
         Linear, the shape kept and nothing built but the output (each Python step costs ~0.1-1 us a call, 210
         calls a token on the default model)."""
-        shape, dtype = x.shape, x.dtype
-        if dtype not in _DTYPES:
-            raise TypeError(f"the compressed kernels take fp32 or bf16 activations, not {dtype}")
-        if shape[-1] != self.cols:
-            raise ValueError(f"activations of {shape[-1]} features for a {self.rows}x{self.cols} matrix")
-        x = x.contiguous()
-        y = torch.empty(*shape[:-1], self.rows, dtype=dtype)      # (a torch.Size argument costs 1 us more)
-        if self._run(self._dptr, x.numel() // self.cols, x.data_ptr(), dtype is torch.bfloat16, y.data_ptr(), 0):
-            raise ValueError(f"the {self.layout} kernel refused a {self.rows}x{self.cols} matrix at "
-                             f"{x.numel() // self.cols} tokens")
+        y = _nd(self._run, self._dptr, self.rows, self.cols, x, self.layout)
         return y if self.bias is None else y.add_(self.bias)
+
+
+def _nd(run, desc_ptr: int, rows: int, cols: int, x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x [..., cols]`` times the matrix described at ``desc_ptr`` (``run``: elsa_mv) -> ``[..., rows]``, no
+    bias, the shape kept: the checks and the call that the eager decode path (:meth:`CompressedKernel.forward_nd`)
+    and the torch op (:func:`compressed_mv`) share. Activations of another dtype or width are refused before they
+    are read."""
+    shape, dtype = x.shape, x.dtype
+    if dtype not in _DTYPES:
+        raise TypeError(f"the compressed kernels take fp32 or bf16 activations, not {dtype}")
+    if shape[-1] != cols:
+        raise ValueError(f"activations of {shape[-1]} features for a {rows}x{cols} matrix")
+    x = x.contiguous()
+    y = torch.empty(*shape[:-1], rows, dtype=dtype)      # (a torch.Size argument costs 1 us more)
+    if run(desc_ptr, x.numel() // cols, x.data_ptr(), dtype is torch.bfloat16, y.data_ptr(), 0):
+        raise ValueError(f"the {what} kernel refused a {rows}x{cols} matrix at {x.numel() // cols} tokens")
+    return y
 
 
 @torch.library.custom_op("elsa::compressed_mv", mutates_args=())
@@ -885,16 +893,7 @@ def compressed_mv(x: torch.Tensor, desc: torch.Tensor, rows: int) -> torch.Tenso
     """``x [..., cols]`` (1..MAX_BATCH tokens, fp32 or bf16) times the matrix ``desc`` describes
     (:meth:`CompressedKernel._describe`: its layout, shape and the addresses of its arrays, which the kernel object
     keeps alive) -> ``[..., rows]`` in x's dtype, no bias: the compiled kernels as a torch op."""
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"the compressed kernels take fp32 or bf16 activations, not {x.dtype}")
-    if x.shape[-1] != int(desc[2]):
-        raise ValueError(f"activations of {x.shape[-1]} features for a {rows}x{int(desc[2])} matrix")
-    x = x.contiguous()
-    b = x.numel() // x.shape[-1]
-    y = torch.empty(*x.shape[:-1], rows, dtype=x.dtype)
-    if library().elsa_mv(desc.data_ptr(), b, x.data_ptr(), x.dtype is torch.bfloat16, y.data_ptr(), 0):
-        raise ValueError(f"the compressed kernel refused a {rows}-row matrix at {b} tokens")
-    return y
+    return _nd(library().elsa_mv, desc.data_ptr(), rows, int(desc[2]), x, "compressed")
 
 
 @compressed_mv.register_fake
