@@ -50,6 +50,43 @@ def compile_library(name: str, source: str, flags: tuple[str, ...] = ()) -> Path
     return target
 
 
+def compile_torch_op(name: str, source: str) -> Path:
+    """A C++ source that registers torch ops (``TORCH_LIBRARY_IMPL``) compiled once per source, CPU and torch
+    build into ``$ELSA_CACHE/kernels/<name>-<key>.so`` against the installed torch's headers and libraries
+    (torch.utils.cpp_extension's paths), for ``torch.ops.load_library``; OSError (with the compiler's message)
+    when there is no C++ compiler, no torch headers, or the build fails."""
+    import torch
+    from torch.utils import cpp_extension
+
+    from elsa.assets import cache_dir
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    includes, libs = cpp_extension.include_paths(), cpp_extension.library_paths()
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    target = cache_dir() / "kernels" / f"{name}-{key(source + torch.__version__ + str(includes) + str(abi))}.so"
+    if target.exists():
+        return target
+    if not cxx or not (shutil.which(cxx) or Path(cxx).is_file()):
+        raise OSError(f"no C++ compiler ({cxx or 'c++/g++'}) on PATH")
+    if not (Path(includes[0]) / "torch" / "library.h").is_file():
+        raise OSError(f"torch's C++ headers are not installed ({includes[0]})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / f"{name}.cpp", Path(tmp) / f"{name}.so"
+        src.write_text(source)
+        cmd = [cxx, "-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+               *(f"-I{p}" for p in includes), "-o", str(out), str(src),
+               *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except subprocess.SubprocessError as exc:
+            raise OSError(f"{cxx} failed: {exc}") from None
+        if proc.returncode:
+            raise OSError(f"{cxx} failed: {proc.stderr.strip()[-300:]}")
+        os.replace(out, target)
+    return target
+
+
 def load(name: str, source: str, signatures: dict) -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) or (None, reason). ``signatures``: function name -> ctypes argtypes (restype void)."""
     k = key(source)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from elsa import ckernels
 from elsa.artifacts import compressed as S
 from elsa.artifacts import kernels as SK
 from elsa.artifacts import linear as SL
@@ -126,10 +128,18 @@ def test_the_kernel_as_a_torch_op_for_compiled_models(layout, dtype, monkeypatch
     kernel = fns[layout].nd.__self__
     x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
     torch.library.opcheck(torch.ops.elsa.compressed_mv.default, (x, kernel._desc, 24))
-    with pytest.raises(ValueError, match="72 features"):
-        torch.ops.elsa.compressed_mv(torch.randn(1, 72).to(dtype), kernel._desc, 24)     # not read past
-    with pytest.raises(TypeError, match="fp32 or bf16"):
-        torch.ops.elsa.compressed_mv(x.half(), kernel._desc, 24)
+    if shutil.which("c++") or shutil.which("g++"):
+        assert SK.op_backend() == "c++"                     # built against this torch at the first SparseLinear
+    # the op as registered, and its Python implementation (where no C++ compiler is), check and compute alike
+    want = SK._nd(kernel._run, kernel._dptr, kernel.rows, kernel.cols, x, "eager")   # the eager call, no bias
+    for op in (torch.ops.elsa.compressed_mv, SK._compressed_mv_python):
+        assert torch.equal(op(x, kernel._desc, 24), want)
+        with pytest.raises(ValueError, match="72 features"):
+            op(torch.randn(1, 72).to(dtype), kernel._desc, 24)     # not read past
+        with pytest.raises(TypeError, match="fp32 or bf16"):
+            op(x.half(), kernel._desc, 24)
+        with pytest.raises(ValueError, match="rows 23 for a 24x64"):
+            op(x, kernel._desc, 23)
     with torch.no_grad():
         eager = sl(x)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -192,6 +202,25 @@ def test_no_compiler_is_explicit(monkeypatch, tmp_path):
     from elsa.artifacts.generate import c_kernels_note                   # what measure_speed and elsa.artifacts.generate say
 
     assert c_kernels_note().startswith("unavailable: not compiled: no C compiler")
+
+
+@needs_lib
+def test_no_cxx_compiler_runs_the_op_in_python(monkeypatch, tmp_path):
+    """No C++ compiler (or no torch headers): the compiled models' op is registered with its Python
+    implementation, and op_backend says so and why."""
+    monkeypatch.setenv("ELSA_CACHE", str(tmp_path))          # no op built earlier
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    with pytest.raises(OSError, match="no C\\+\\+ compiler"):
+        ckernels.compile_torch_op("compressed_op", SK.OP_SOURCE)
+    registered = []
+
+    class Ops:                                                 # this process's op keeps its C++ implementation
+        def impl(self, name, fn, key):
+            registered.append((name, fn, key))
+    monkeypatch.setattr(SK, "_OPS", Ops())
+    monkeypatch.setattr(SK, "_LIB", {"lib": SK.library()})
+    assert SK.op_backend().startswith("python (no C++ compiler")
+    assert registered == [("compressed_mv", SK._compressed_mv_python, "CPU")]
 
 
 # -- the plan --------------------------------------------------------------------------------------------------

@@ -888,14 +888,80 @@ def _nd(run, desc_ptr: int, rows: int, cols: int, x: torch.Tensor, what: str) ->
     return y
 
 
-@torch.library.custom_op("elsa::compressed_mv", mutates_args=())
-def compressed_mv(x: torch.Tensor, desc: torch.Tensor, rows: int) -> torch.Tensor:
-    """``x [..., cols]`` (1..MAX_BATCH tokens, fp32 or bf16) times the matrix ``desc`` describes
-    (:meth:`CompressedKernel._describe`: its layout, shape and the addresses of its arrays, which the kernel object
-    keeps alive) -> ``[..., rows]`` in x's dtype, no bias: the compiled kernels as a torch op."""
+# ``torch.ops.elsa.compressed_mv(x, desc, rows)``: the kernels as one torch op, what a torch.compile'd model
+# calls (its graph holds the kernel instead of breaking at it). Its CPU implementation is the C++ below, built at
+# first use against the installed torch (elsa.ckernels.compile_torch_op) and bound to the C library's elsa_mv: a
+# call costs ~6 us where a Python implementation behind the dispatcher costs ~20-30 (210 calls a token on the
+# default model; docs/results.md). Without a C++ compiler or torch's headers the same checks and call run in
+# Python (:func:`_compressed_mv_python`), and ``op_backend()`` says which.
+_OPS = torch.library.Library("elsa", "DEF")
+_OPS.define("compressed_mv(Tensor x, Tensor desc, int rows) -> Tensor")
+
+OP_SOURCE = r"""
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <cstdint>
+#include <vector>
+
+/* elsa_mv of the C library (its address is bound once, after both are loaded) */
+typedef int (*elsa_mv_fn)(const int64_t*, int64_t, const void*, int, void*, int);
+static elsa_mv_fn elsa_mv_ptr = nullptr;
+extern "C" void elsa_op_bind(void* fn) { elsa_mv_ptr = (elsa_mv_fn)fn; }
+
+/* x [..., cols] times the matrix desc describes (CompressedKernel._describe) -> [..., rows] in x's dtype */
+static at::Tensor compressed_mv(const at::Tensor& x, const at::Tensor& desc, int64_t rows) {
+    TORCH_CHECK(elsa_mv_ptr != nullptr, "elsa::compressed_mv: the compressed-layout kernels are not loaded");
+    TORCH_CHECK_VALUE(desc.scalar_type() == at::kLong && desc.is_contiguous() && desc.numel() == 13,
+                      "elsa::compressed_mv: desc is not a compressed kernel's description");
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                     "the compressed kernels take fp32 or bf16 activations, not ", x.scalar_type());
+    const int64_t* d = desc.const_data_ptr<int64_t>();
+    const int64_t cols = d[2];
+    TORCH_CHECK_VALUE(d[1] == rows, "elsa::compressed_mv: rows ", rows, " for a ", d[1], "x", cols, " matrix");
+    TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == cols, "activations of ", x.dim() ? x.size(-1) : 0,
+                      " features for a ", rows, "x", cols, " matrix");
+    const at::Tensor xc = x.contiguous();
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = rows;
+    at::Tensor y = at::empty(shape, x.options());
+    const int64_t tokens = xc.numel() / cols;
+    TORCH_CHECK_VALUE(elsa_mv_ptr(d, tokens, xc.const_data_ptr(), x.scalar_type() == at::kBFloat16, y.data_ptr(), 0) == 0,
+                      "the compressed kernel refused a ", rows, "x", cols, " matrix at ", tokens, " tokens");
+    return y;
+}
+
+TORCH_LIBRARY_IMPL(elsa, CPU, m) { m.impl("compressed_mv", &compressed_mv); }
+"""
+
+
+def _compressed_mv_python(x: torch.Tensor, desc: torch.Tensor, rows: int) -> torch.Tensor:
+    """The op's implementation where the C++ one cannot be built: the same checks and call, in Python."""
+    if int(desc[1]) != rows:
+        raise ValueError(f"elsa::compressed_mv: rows {rows} for a {int(desc[1])}x{int(desc[2])} matrix")
     return _nd(library().elsa_mv, desc.data_ptr(), rows, int(desc[2]), x, "compressed")
 
 
-@compressed_mv.register_fake
+@torch.library.register_fake("elsa::compressed_mv")
 def _compressed_mv_shape(x: torch.Tensor, desc: torch.Tensor, rows: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], rows)
+
+
+def op_backend() -> str:
+    """Registers ``elsa::compressed_mv``'s CPU implementation once (the C kernels must be available) and says
+    which it is: ``c++``, or ``python (<why the C++ one is not>)``."""
+    if "op" in _LIB:
+        return _LIB["op"]
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"elsa::compressed_mv needs the compressed-layout kernels: {unavailable()}")
+    try:
+        path = ckernels.compile_torch_op("compressed_op", OP_SOURCE)
+        torch.ops.load_library(str(path))
+        ctypes.CDLL(str(path)).elsa_op_bind(ctypes.cast(lib.elsa_mv, ctypes.c_void_p))
+        _LIB["op"] = "c++"
+    except (OSError, RuntimeError) as exc:
+        log.warning("elsa: the C++ op for compiled models is not available (%s); its Python implementation runs", exc)
+        _OPS.impl("compressed_mv", _compressed_mv_python, "CPU")
+        _LIB["op"] = f"python ({str(exc)[:200]})"
+    return _LIB["op"]

@@ -590,6 +590,9 @@ class SparseLinear(nn.Module):
         self.weight = linear.weight if "dense" in chosen.values() else None
         nd = getattr(self.kernels["decode"], "nd", None)
         self._decode_op = None if nd is None else nd.__self__.forward_op     # the same kernel as one torch op
+        if nd is not None:
+            from elsa.artifacts.kernels import op_backend
+            op_backend()            # its CPU implementation registered (built once per machine and torch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         decode = x.numel() <= DECODE_MAX * self.in_features
