@@ -295,7 +295,7 @@ def accept_report(rows: list[dict]) -> list[str]:
         return f"{v:.{digits}f}x ({'met' if v >= t else 'NOT met'}: >= {t}x)"
     lines = ["| sparsity | run | threads | dense fp32 tok/s (torch's layout) | sparse fp32 vs dense fp32 | "
              "vs dense fp32 in torch's layout | dense bf16 tok/s | sparse bf16 vs dense bf16 | ceiling fp32; bf16 | "
-             "rounds spread | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "same greedy tokens fp32; bf16 | rounds spread | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     model = [r for r in rows if r["bench"] == "decode_model"]
     shas: dict = {}
     for sp in MODEL_TARGETS:
@@ -307,11 +307,12 @@ def accept_report(rows: list[dict]) -> list[str]:
                   else "- | -")
             ceil = "; ".join(f"{v:.2f}x" for v in r.get("ceiling", {}).values()) or "-"
             stock = r.get("speedup_vs_dense_stock", {}).get("sparse")    # rows before the layouts: none
+            same = "; ".join(str(v) for v in r.get("same_tokens_as", {}).values()) or "-"
             stock_tps = f" ({t['dense_stock']:.1f})" if "dense_stock" in t else ""
             lines.append(f"| {sp}{' (compiled)' if r.get('compiled') else ''} | {i + 1} | {r['threads']} | "
                          f"{t['dense']:.1f}{stock_tps} | "
                          f"{mark(s['sparse'], tg['sparse'])} | {'-' if stock is None else f'{stock:.2f}x'} | "
-                         f"{bf} | {ceil} | {_steady(r)} | {r['loadavg'][0]:.1f} |")
+                         f"{bf} | {ceil} | {same} | {_steady(r)} | {r['loadavg'][0]:.1f} |")
     lines += ["", "Plans (every plan of a sparsity and dtype, two per run, hashed): " + "; ".join(
         f"{sp} {k}: {'the same' if len(v) == 1 else 'DIFFER ' + ', '.join(sorted(v))}" for (sp, k), v in shas.items())]
     lines += ["", "| shape | dtype | caches | dense (us) | chosen | chosen vs dense, same dtype | load |",

@@ -361,10 +361,12 @@ def test_acceptance_table_marks_each_figure_against_its_target():
               "us": {"dense": 2900.0, "csr": 700.0, "bitmask": 900.0}, "chosen": "csr", "loadavg": [2.0]}
     cold = dict(matrix, cold=True, us={"dense": 4200.0, "csr": 700.0, "bitmask": 900.0})
     burst = dict(model("a", 2.5), decode_rounds={"dense": [40.0, 41.0, 39.0], "sparse": [100.0, 62.0, 99.0]})
-    steady = dict(model("a", 2.5), decode_rounds={"dense": [40.0, 41.0, 39.0], "sparse": [100.0, 98.0, 99.0]})
+    steady = dict(model("a", 2.5), decode_rounds={"dense": [40.0, 41.0, 39.0], "sparse": [100.0, 98.0, 99.0]},
+                  compiled=True, same_tokens_as={"sparse": True, "sparse_bf16": False})
     assert bench.round_spread(burst) == 100.0 / 62.0 and bench.round_spread(model("a", 2.5)) is None
     text = "\n".join(bench.accept_report([burst, steady]))
-    assert "| 1.61 (NOT quiet: > 1.15) |" in text and "| 1.05 |" in text
+    assert "| 1.61 (NOT quiet: > 1.15) |" in text and "| True; False | 1.05 |" in text
+    assert "| 0.9 (compiled) | 2 |" in text                   # a compiled row says so, and its greedy tokens
     text = "\n".join(bench.accept_report([model("a", 2.5), model("b", 2.1), model("b", 2.398), matrix, cold]))
     assert "2.50x (met: >= 2.4x)" in text and "2.10x (NOT met: >= 2.4x)" in text
     assert "2.398x (NOT met: >= 2.4x)" in text             # not "2.40x (NOT met: >= 2.4x)"
