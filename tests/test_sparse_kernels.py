@@ -140,8 +140,11 @@ def test_the_kernel_as_a_torch_op_for_compiled_models(layout, dtype, monkeypatch
             op(x.half(), kernel._desc, 24)
         with pytest.raises(ValueError, match="rows 23 for a 24x64"):
             op(x, kernel._desc, 23)
+    # the eager decode path is the op where its C++ implementation is built, the ctypes call where not
+    assert fns[layout].nd == (kernel.forward_op if SK.op_backend() == "c++" else kernel.forward_nd)
     with torch.no_grad():
-        eager = sl(x)
+        eager = kernel.forward_nd(x)                            # the ctypes call, with the bias
+        assert torch.equal(sl(x), eager)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         monkeypatch.setattr(sl, "kernels", {})                  # the compiled branch reads neither eager path
         graph = sl(x)
@@ -297,6 +300,30 @@ def _pruned_tiny(ratio=0.9):
         for lin in SL.block_linears(model).values():
             lin.weight[lin.weight.abs() < lin.weight.abs().quantile(ratio)] = 0.0
     return model
+
+
+@needs_lib
+def test_the_whole_model_check_runs_dense_against_the_chosen_kernels(monkeypatch):
+    """verify_in_model times the model with every planned matrix dense against the same model with the chosen
+    kernels: the dense side calls no compressed kernel, the chosen side one per matrix (whichever call, the torch
+    op or ctypes, the decode path takes)."""
+    calls = []
+    for name in ("forward_op", "forward_nd"):
+        orig = getattr(SK.CompressedKernel, name)
+        monkeypatch.setattr(SK.CompressedKernel, name, lambda self, x, orig=orig: (calls.append(1), orig(self, x))[1])
+    counts = {}
+
+    def whole_model(run, tokens):
+        for side, fn in run.items():
+            calls.clear()
+            fn()
+            counts[side] = len(calls)
+        return {"dense": 1.0, "chosen": 0.5}
+
+    model = _pruned_tiny()
+    plan = SL.sparsify(model, regimes={"decode": 1}, timer=lambda f, t: {k: 0.5 if k == "csr" else 1.0 for k in f},
+                       verify=True, whole_model_timer=whole_model, kernels={"csr"})
+    assert plan["chosen"]["decode"] == {"csr": 14} and counts == {"dense": 0, "chosen": 14}
 
 
 @needs_lib

@@ -327,7 +327,9 @@ def _compressed_candidates(w: torch.Tensor, bias: torch.Tensor | None, add_bias:
             k = SK.CompressedKernel(w, layout, threads=torch.get_num_threads(), bias=bias,
                                     **({"nm": pattern} if layout == "nm" else {}))
             out[layout] = _sized(lambda x, k=k: add_bias(k(x)), k.nbytes())
-            out[layout].nd = k.forward_nd          # SparseLinear's decode path: any shape, the bias added
+            # SparseLinear's decode path (any shape, the bias added): the kernel as the torch op where its C++
+            # implementation is built (a call ~1-2 us shorter than the ctypes call), else the ctypes call
+            out[layout].nd = k.forward_op if SK.op_backend() == "c++" else k.forward_nd
     return out
 
 
@@ -590,9 +592,6 @@ class SparseLinear(nn.Module):
         self.weight = linear.weight if "dense" in chosen.values() else None
         nd = getattr(self.kernels["decode"], "nd", None)
         self._decode_op = None if nd is None else nd.__self__.forward_op     # the same kernel as one torch op
-        if nd is not None:
-            from elsa.artifacts.kernels import op_backend
-            op_backend()            # its CPU implementation registered (built once per machine and torch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         decode = x.numel() <= DECODE_MAX * self.in_features
