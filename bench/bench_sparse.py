@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -277,6 +278,18 @@ def round_spread(r: dict) -> float | None:
     return max(max(v) / min(v) for v in rounds.values()) if rounds else None
 
 
+def robust_ratios(r: dict, sparse: str) -> str:
+    """A decode_model row's ``sparse`` against its dense partner read two ways that a burst of outside load on one
+    round moves less than the medians' ratio: the median of the per-round ratios (each round's sparse rate over
+    the same round's dense rate; the rounds alternate) and the ratio of the two fastest rounds ("-" for rows
+    before the rounds were recorded)."""
+    rounds = r.get("decode_rounds", {})
+    s, d = rounds.get(sparse), rounds.get(sparse.replace("sparse", "dense"))
+    if not s or not d:
+        return "-"
+    return f"{statistics.median(a / b for a, b in zip(s, d)):.2f}x; {max(s) / max(d):.2f}x"
+
+
 def _steady(r: dict) -> str:
     spread = round_spread(r)
     if spread is None:
@@ -289,13 +302,15 @@ def accept_report(rows: list[dict]) -> list[str]:
     dense fp32 and sparse with bf16 values against dense bf16, each with its target; whether every plan of a
     sparsity and dtype (two per run) hashed the same; the 7B-shaped matrices at 90% against dense in the same
     dtype. ``met`` compares a figure with its target and nothing else; ``rounds spread`` says whether the machine
-    was quiet while the row ran (above STEADY: it was not, and the row says so)."""
+    was quiet while the row ran (above STEADY: it was not, and the row says so), and two readings less moved by
+    such load stand beside it (:func:`robust_ratios`)."""
     def mark(v: float, t: float) -> str:     # 3 decimals where 2 would round a miss up to its target
         digits = 3 if v < t and round(v, 2) >= t else 2
         return f"{v:.{digits}f}x ({'met' if v >= t else 'NOT met'}: >= {t}x)"
     lines = ["| sparsity | run | threads | dense fp32 tok/s (torch's layout) | sparse fp32 vs dense fp32 | "
              "vs dense fp32 in torch's layout | dense bf16 tok/s | sparse bf16 vs dense bf16 | ceiling fp32; bf16 | "
-             "same greedy tokens fp32; bf16 | rounds spread | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "same greedy tokens fp32; bf16 | rounds spread | fp32 per-round median; fastest rounds | "
+             "bf16 per-round median; fastest rounds | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     model = [r for r in rows if r["bench"] == "decode_model"]
     shas: dict = {}
     for sp in MODEL_TARGETS:
@@ -312,7 +327,8 @@ def accept_report(rows: list[dict]) -> list[str]:
             lines.append(f"| {sp}{' (compiled)' if r.get('compiled') else ''} | {i + 1} | {r['threads']} | "
                          f"{t['dense']:.1f}{stock_tps} | "
                          f"{mark(s['sparse'], tg['sparse'])} | {'-' if stock is None else f'{stock:.2f}x'} | "
-                         f"{bf} | {ceil} | {same} | {_steady(r)} | {r['loadavg'][0]:.1f} |")
+                         f"{bf} | {ceil} | {same} | {_steady(r)} | {robust_ratios(r, 'sparse')} | "
+                         f"{robust_ratios(r, 'sparse_bf16')} | {r['loadavg'][0]:.1f} |")
     lines += ["", "Plans (every plan of a sparsity and dtype, two per run, hashed): " + "; ".join(
         f"{sp} {k}: {'the same' if len(v) == 1 else 'DIFFER ' + ', '.join(sorted(v))}" for (sp, k), v in shas.items())]
     lines += ["", "| shape | dtype | caches | dense (us) | chosen | chosen vs dense, same dtype | load |",
