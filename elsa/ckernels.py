@@ -24,30 +24,43 @@ def key(source: str) -> str:
     return hashlib.sha256((source + cpu_id()).encode()).hexdigest()[:16]
 
 
+def _compiler(env: str, names: tuple[str, ...], what: str) -> str:
+    """``$env`` or the first of ``names`` on PATH; OSError naming ``what`` when there is none."""
+    found = os.environ.get(env) or next((shutil.which(n) for n in names if shutil.which(n)), None)
+    if not found or not (shutil.which(found) or Path(found).is_file()):
+        raise OSError(f"no {what} compiler ({found or '/'.join(names)}) on PATH")
+    return found
+
+
+def _build(target: Path, compiler: str, suffix: str, source: str, args, timeout: int) -> Path:
+    """``source`` built by ``compiler`` (``args(src, out)``: its arguments) into ``target``, replaced at once
+    (a failed or concurrent build never leaves half a library there); OSError with the compiler's message."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / f"source{suffix}", Path(tmp) / "lib.so"
+        src.write_text(source)
+        try:
+            proc = subprocess.run([compiler, *args(str(src), str(out))], capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.SubprocessError as exc:
+            raise OSError(f"{compiler} failed: {exc}") from None
+        if proc.returncode:
+            raise OSError(f"{compiler} failed: {proc.stderr.strip()[-300:]}")
+        os.replace(out, target)
+    return target
+
+
 def compile_library(name: str, source: str, flags: tuple[str, ...] = ()) -> Path:
     """``source`` compiled once per source, flags and CPU into ``$ELSA_CACHE/kernels/<name>-<key>.so``; OSError
     (with the compiler's message) when there is no compiler or it fails. ``flags``: added to the compiler's."""
     from elsa.assets import cache_dir
 
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     target = cache_dir() / "kernels" / f"{name}-{key(source + ' '.join(flags))}.so"
     if target.exists():
         return target
-    if not cc or not (shutil.which(cc) or Path(cc).is_file()):
-        raise OSError(f"no C compiler ({cc or 'cc/gcc'}) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
-        src.write_text(source)
-        try:
-            proc = subprocess.run([cc, "-O3", "-march=native", *flags, "-fopenmp", "-shared", "-fPIC", "-o", str(out),
-                                   str(src), "-lm"], capture_output=True, text=True, timeout=120)
-        except subprocess.SubprocessError as exc:
-            raise OSError(f"{cc} failed: {exc}") from None
-        if proc.returncode:
-            raise OSError(f"{cc} failed: {proc.stderr.strip()[:300]}")
-        os.replace(out, target)
-    return target
+    cc = _compiler("CC", ("cc", "gcc"), "C")
+    return _build(target, cc, ".c", source, lambda src, out: ["-O3", "-march=native", *flags, "-fopenmp", "-shared",
+                                                             "-fPIC", "-o", out, src, "-lm"], 120)
 
 
 def compile_torch_op(name: str, source: str) -> Path:
@@ -60,31 +73,17 @@ def compile_torch_op(name: str, source: str) -> Path:
 
     from elsa.assets import cache_dir
 
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     includes, libs = cpp_extension.include_paths(), cpp_extension.library_paths()
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     target = cache_dir() / "kernels" / f"{name}-{key(source + torch.__version__ + str(includes) + str(abi))}.so"
     if target.exists():
         return target
-    if not cxx or not (shutil.which(cxx) or Path(cxx).is_file()):
-        raise OSError(f"no C++ compiler ({cxx or 'c++/g++'}) on PATH")
+    cxx = _compiler("CXX", ("c++", "g++"), "C++")
     if not (Path(includes[0]) / "torch" / "library.h").is_file():
         raise OSError(f"torch's C++ headers are not installed ({includes[0]})")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / f"{name}.cpp", Path(tmp) / f"{name}.so"
-        src.write_text(source)
-        cmd = [cxx, "-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-               *(f"-I{p}" for p in includes), "-o", str(out), str(src),
-               *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except subprocess.SubprocessError as exc:
-            raise OSError(f"{cxx} failed: {exc}") from None
-        if proc.returncode:
-            raise OSError(f"{cxx} failed: {proc.stderr.strip()[-300:]}")
-        os.replace(out, target)
-    return target
+    return _build(target, cxx, ".cpp", source, lambda src, out: [
+        "-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in includes),
+        "-o", out, src, *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu"], 300)
 
 
 def load(name: str, source: str, signatures: dict) -> tuple[ctypes.CDLL | None, str | None]:
