@@ -371,6 +371,28 @@ def test_nm_model_runs_the_nm_kernel_with_dense_tokens():
         assert torch.equal(greedy(dense, ids, 10)[0], greedy(sparse, ids, 10)[0])
 
 
+@needs_lib
+def test_a_compiled_sparse_model_runs_the_kernels_in_its_graph():
+    """compare(compile=True) (elsa.generate --compare --compile, bench_sparse.py model --compile) on a 90% model:
+    no graph break (the kernels enter the graph as elsa::compressed_mv), and the compiled sparse model decodes the
+    compiled dense model's greedy tokens."""
+    import torch._dynamo
+
+    from elsa.artifacts.generate import compare
+
+    dense = _pruned_tiny()
+    sparse = copy.deepcopy(dense)
+    plan = SL.sparsify(sparse, regimes={"decode": 1}, timer=lambda f, t: {k: 0.5 if k == "csr" else 1.0 for k in f},
+                       verify=False)
+    assert plan["chosen"]["decode"] == {"csr": 14}
+    ids = torch.randint(0, 500, (1, 6), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        r = compare({"dense": dense, "sparse": sparse}, ids, 5, rounds=1, same_as={"sparse": "dense"}, compile=True)
+        assert r["compiled"] and r["same_tokens_as"] == {"sparse": True}
+    assert not torch._dynamo.utils.counters["graph_break"]      # the kernels entered the graph as the op
+
+
 def test_acceptance_table_marks_each_figure_against_its_target():
     """bench_sparse.py accept (bench/accept30.sh): a figure under its target says NOT met, plans hashed
     differently across runs say DIFFER, the matrices' figure is the chosen kernel against dense in its dtype, a
