@@ -36,6 +36,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 
+from elsa.artifacts import generate  # noqa: E402
+
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
 
@@ -266,16 +268,10 @@ def report_decode(rows: list[dict]) -> list[str]:
 MODEL_TARGETS = {"0.9": {"sparse": 2.4, "sparse_bf16": 1.6}, "0.7": {"sparse": 1.2, "sparse_bf16": 1.2},
                  "2:4": {"sparse": 1.2, "sparse_bf16": 1.2}, "0.5": {"sparse": 1.0, "sparse_bf16": 1.0}}
 MATRIX_TARGET = 5.0      # issue 30: 7B-shaped matrices at 90%, batch 1, against dense in the same dtype
-STEADY = 1.15            # a row whose decode rounds of one model spread wider (fastest / slowest) ran in a burst of
-                         # load from outside (2026-12-06, the other jobs paused: 13.5 and 22-23 ms a token in five
-                         # rounds of one model): the acceptance asks for a quiet machine
-
-
 def round_spread(r: dict) -> float | None:
     """The widest spread (fastest round / slowest) of one model's decode rounds in a decode_model row (None for
     rows before the rounds were recorded)."""
-    rounds = r.get("decode_rounds")
-    return max(max(v) / min(v) for v in rounds.values()) if rounds else None
+    return generate.round_spread(r.get("decode_rounds"))
 
 
 def robust_ratios(r: dict, sparse: str) -> str:
@@ -290,20 +286,13 @@ def robust_ratios(r: dict, sparse: str) -> str:
     return f"{statistics.median(a / b for a, b in zip(s, d)):.2f}x; {max(s) / max(d):.2f}x"
 
 
-def _steady(r: dict) -> str:
-    spread = round_spread(r)
-    if spread is None:
-        return "-"
-    return f"{spread:.2f}" + ("" if spread <= STEADY else f" (NOT quiet: > {STEADY})")
-
-
 def accept_report(rows: list[dict]) -> list[str]:
     """Issue 30's acceptance figures from one file (bench/accept30.sh): per sparsity and run, sparse fp32 against
     dense fp32 and sparse with bf16 values against dense bf16, each with its target; whether every plan of a
     sparsity and dtype (two per run) hashed the same; the 7B-shaped matrices at 90% against dense in the same
     dtype. ``met`` compares a figure with its target and nothing else; ``rounds spread`` says whether the machine
-    was quiet while the row ran (above STEADY: it was not, and the row says so), and two readings less moved by
-    such load stand beside it (:func:`robust_ratios`)."""
+    was quiet while the row ran (above elsa.artifacts.generate.STEADY: it was not, and the row says so), and two
+    readings less moved by such load stand beside it (:func:`robust_ratios`)."""
     def mark(v: float, t: float) -> str:     # 3 decimals where 2 would round a miss up to its target
         digits = 3 if v < t and round(v, 2) >= t else 2
         return f"{v:.{digits}f}x ({'met' if v >= t else 'NOT met'}: >= {t}x)"
@@ -327,7 +316,8 @@ def accept_report(rows: list[dict]) -> list[str]:
             lines.append(f"| {sp}{' (compiled)' if r.get('compiled') else ''} | {i + 1} | {r['threads']} | "
                          f"{t['dense']:.1f}{stock_tps} | "
                          f"{mark(s['sparse'], tg['sparse'])} | {'-' if stock is None else f'{stock:.2f}x'} | "
-                         f"{bf} | {ceil} | {same} | {_steady(r)} | {robust_ratios(r, 'sparse')} | "
+                         f"{bf} | {ceil} | {same} | {generate.steadiness(r.get('decode_rounds'))} | "
+                         f"{robust_ratios(r, 'sparse')} | "
                          f"{robust_ratios(r, 'sparse_bf16')} | {r['loadavg'][0]:.1f} |")
     lines += ["", "Plans (every plan of a sparsity and dtype, two per run, hashed): " + "; ".join(
         f"{sp} {k}: {'the same' if len(v) == 1 else 'DIFFER ' + ', '.join(sorted(v))}" for (sp, k), v in shas.items())]

@@ -83,14 +83,14 @@ def test_compressed_size_and_speedup_columns(sweep_dir, tmp_path):
     assert "compressed (MB)" not in report.markdown(df) and "decode speedup" not in report.markdown(df)
     data = _job("tiny", "magnitude", "0.9", 0.9, 900.0, 20.0, 0.9, 1100, 2000)
     data["compressed"] = {"mb": 0.3125, "hf_mb": 1.0}
-    data["inference"] = {"decode_speedup": 1.75}
+    data["inference"] = {"decode_speedup": 1.75, "rounds_spread": 1.4}     # beside it, how steady the machine was
     _write(sweep_dir, "90", data)
     df = report.collect(sweep_dir)
     row = df[df["sparsity"] == "0.9"].iloc[0]
-    assert row["compressed_mb"] == 0.3125 and row["decode_speedup"] == 1.75
+    assert row["compressed_mb"] == 0.3125 and row["decode_speedup"] == 1.75 and row["decode_rounds_spread"] == 1.4
     md = report.markdown(df)
-    assert "| ppl wiki | compressed (MB) | decode speedup |" in md
-    assert "| tiny | magnitude | 0.9 | 0 | done | 900.000 | 0.312 | 1.750 |" in md
+    assert "| ppl wiki | compressed (MB) | decode speedup | decode rounds spread |" in md
+    assert "| tiny | magnitude | 0.9 | 0 | done | 900.000 | 0.312 | 1.750 | 1.400 |" in md
     assert "## tiny: compressed size (MB) by method and sparsity" in md
 
 

@@ -464,6 +464,7 @@ def test_generate_cli_on_a_compressed_dir(compressed, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "same tokens: True" in proc.stdout and "plan: measured (no saved plan" in proc.stderr
+    assert "; rounds spread " in proc.stdout                 # how steady the machine was while it measured
     again = subprocess.run(cmd[:-1] + ["--sparse"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "plan: saved plan" in again.stderr, again.stderr[-2000:]   # not measured again
     assert isinstance(PreTrainedTokenizerFast.from_pretrained(compressed), PreTrainedTokenizerFast)
@@ -489,6 +490,7 @@ def test_measure_speed_through_the_pipeline(tmp_path):
     r = run_pipeline(tmp_path, "method=magnitude", "sparsity=0.9", "save_format=compressed", "measure_speed=true")
     inf = read_results(tmp_path)["inference"]
     assert inf["same_tokens"] is True and inf["decode_speedup"] > 0
+    assert inf["rounds_spread"] >= 1.0                        # how steady the machine was: the report shows it
     assert sum(inf["kernels"]["decode"].values()) == 14 and r["inference"]["threads"] >= 1
     bf16 = cpu_has_bf16()
     assert ("dense_bf16" in inf["decode_tokens_per_s"]) == bf16 and ("decode_speedup_bf16" in inf) == bf16

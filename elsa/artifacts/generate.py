@@ -72,6 +72,26 @@ class Compiled:
         return self._forward(*args, **kwargs)
 
 
+STEADY = 1.15   # a comparison whose rounds of one model spread wider (fastest / slowest) ran in bursts of load from
+                # elsewhere (2026-12-06, a noisy 2-core VM, our other jobs stopped: 13.5 and 22-23 ms a token in five
+                # rounds of one model; two identical models compared beside two busy jobs: "4.23x"): its ratios say
+                # more about the machine than about the kernels
+
+
+def round_spread(decode_rounds: dict | None) -> float | None:
+    """The widest spread (fastest round / slowest) of one model's decode rounds (``compare``'s ``decode_rounds``);
+    None without rounds."""
+    return max(max(v) / min(v) for v in decode_rounds.values()) if decode_rounds else None
+
+
+def steadiness(decode_rounds: dict | None) -> str:
+    """The spread, and ``NOT quiet`` past :data:`STEADY`: what a table or a CLI line prints beside a ratio."""
+    spread = round_spread(decode_rounds)
+    if spread is None:
+        return "-"
+    return f"{spread:.2f}" + ("" if spread <= STEADY else f" (NOT quiet: > {STEADY})")
+
+
 def compare(models: dict, ids: torch.Tensor, new_tokens: int, rounds: int = 3,
             prefill_tokens: int | None = None, same_as: dict[str, str] | None = None,
             clock=time.perf_counter, compile: bool = False) -> dict:
@@ -105,7 +125,7 @@ def compare(models: dict, ids: torch.Tensor, new_tokens: int, rounds: int = 3,
         for name, ref in (same_as or {}).items():
             same[name] = same[name] and torch.equal(outs[name], outs[ref])
     res = {"decode_tokens_per_s": {k: statistics.median(v) for k, v in dec.items()}, "decode_rounds": dec,
-           "same_tokens_as": same,
+           "rounds_spread": round_spread(dec) if rounds > 1 else None, "same_tokens_as": same,
            "new_tokens": new_tokens, "rounds": rounds, "threads": torch.get_num_threads(), "compiled": compile,
            **({"compile_s": compile_s} if compile else {})}
     if prefill_tokens:
@@ -122,6 +142,7 @@ def side_by_side(dense, sparse, ids: torch.Tensor, new_tokens: int, rounds: int 
     dec = r["decode_tokens_per_s"]
     out = {"decode_tokens_per_s": dec, "decode_speedup": dec["sparse"] / dec["dense"],
            "same_tokens": r["same_tokens_as"]["sparse"], "new_tokens": new_tokens, "rounds": rounds,
+           "decode_rounds": r["decode_rounds"], "rounds_spread": r["rounds_spread"],
            "threads": r["threads"], "compiled": compile, **({"compile_s": r["compile_s"]} if compile else {})}
     if prefill_tokens:
         pre = r["prefill_s"]
@@ -259,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             print(tok.decode(out[0], skip_special_tokens=True))
             print(f"kernels {plan['chosen']}; decode {r['decode_tokens_per_s']['dense']:.1f} tokens/s dense, "
                   f"{r['decode_tokens_per_s']['sparse']:.1f} sparse ({r['decode_speedup']:.2f}x)"
-                  f"{'; both compiled' if args.compile else ''}; same tokens: {r['same_tokens']}")
+                  f"{'; both compiled' if args.compile else ''}; same tokens: {r['same_tokens']}; "
+                  f"rounds spread {steadiness(r['decode_rounds'])}")
             return 0
         out, secs = greedy(model, ids, args.max_new_tokens)
         print(tok.decode(out[0], skip_special_tokens=True))

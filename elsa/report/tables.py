@@ -203,6 +203,7 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
            "peak_gpu_mb": rec.memory("gpu"),
            "compressed_mb": (rec.compressed or {}).get("mb"),
            "decode_speedup": (rec.inference or {}).get("decode_speedup"),
+           "decode_rounds_spread": (rec.inference or {}).get("rounds_spread"),
            "dir": str(job_dir.relative_to(root)) if job_dir != root else ".",
            "overrides": " ".join(rec.overrides or []), "error": rec.error, "git_sha": rec.git_sha,
            **compute}
@@ -397,7 +398,8 @@ def markdown(df: pd.DataFrame) -> str:
     names = corpora(df)
     cols = ["model", "method", "sparsity", "seed", "status", *[PPL + c for c in names]]
     heads = ["model", "method", "sparsity", "seed", "status", *[f"ppl {c}" for c in names]]
-    for col, head in (("compressed_mb", "compressed (MB)"), ("decode_speedup", "decode speedup")):
+    for col, head in (("compressed_mb", "compressed (MB)"), ("decode_speedup", "decode speedup"),
+                      ("decode_rounds_spread", "decode rounds spread")):   # > elsa.artifacts.generate.STEADY: not quiet
         if col in df and df[col].notna().any():   # jobs that saved a compressed model / measured sparse decoding
             cols.append(col)
             heads.append(head)
