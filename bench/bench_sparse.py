@@ -268,6 +268,8 @@ def report_decode(rows: list[dict]) -> list[str]:
 MODEL_TARGETS = {"0.9": {"sparse": 2.4, "sparse_bf16": 1.6}, "0.7": {"sparse": 1.2, "sparse_bf16": 1.2},
                  "2:4": {"sparse": 1.2, "sparse_bf16": 1.2}, "0.5": {"sparse": 1.0, "sparse_bf16": 1.0}}
 MATRIX_TARGET = 5.0      # issue 30: 7B-shaped matrices at 90%, batch 1, against dense in the same dtype
+
+
 def round_spread(r: dict) -> float | None:
     """The widest spread (fastest round / slowest) of one model's decode rounds in a decode_model row (None for
     rows before the rounds were recorded)."""

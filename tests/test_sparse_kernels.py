@@ -413,6 +413,7 @@ def test_acceptance_table_marks_each_figure_against_its_target():
     steady = dict(model("a", 2.5), decode_rounds={"dense": [40.0, 41.0, 39.0], "sparse": [100.0, 98.0, 99.0]},
                   compiled=True, same_tokens_as={"sparse": True, "sparse_bf16": False})
     assert bench.round_spread(burst) == 100.0 / 62.0 and bench.round_spread(model("a", 2.5)) is None
+    assert bench.round_spread({"decode_rounds": {"dense": [40.0], "sparse": [99.0]}}) is None   # one round: no spread
     text = "\n".join(bench.accept_report([burst, steady]))
     assert "| 1.61 (NOT quiet: > 1.15) |" in text and "| True; False | 1.05 |" in text
     assert "| 0.9 (compiled) | 2 |" in text                   # a compiled row says so, and its greedy tokens

@@ -80,8 +80,10 @@ STEADY = 1.15   # a comparison whose rounds of one model spread wider (fastest /
 
 def round_spread(decode_rounds: dict | None) -> float | None:
     """The widest spread (fastest round / slowest) of one model's decode rounds (``compare``'s ``decode_rounds``);
-    None without rounds."""
-    return max(max(v) / min(v) for v in decode_rounds.values()) if decode_rounds else None
+    None without two rounds of each model (one round says nothing of the machine)."""
+    if not decode_rounds or min(len(v) for v in decode_rounds.values()) < 2:
+        return None
+    return max(max(v) / min(v) for v in decode_rounds.values())
 
 
 def steadiness(decode_rounds: dict | None) -> str:
@@ -125,7 +127,7 @@ def compare(models: dict, ids: torch.Tensor, new_tokens: int, rounds: int = 3,
         for name, ref in (same_as or {}).items():
             same[name] = same[name] and torch.equal(outs[name], outs[ref])
     res = {"decode_tokens_per_s": {k: statistics.median(v) for k, v in dec.items()}, "decode_rounds": dec,
-           "rounds_spread": round_spread(dec) if rounds > 1 else None, "same_tokens_as": same,
+           "rounds_spread": round_spread(dec), "same_tokens_as": same,
            "new_tokens": new_tokens, "rounds": rounds, "threads": torch.get_num_threads(), "compiled": compile,
            **({"compile_s": compile_s} if compile else {})}
     if prefill_tokens:
