@@ -190,6 +190,56 @@ def test_method_keys_of_the_command_line_are_in_the_label(tmp_path):
                                      "elsa (from sparsegpt, demo, lr=1e-3, projection=taylor) (over target: 0.932)"]
 
 
+def test_a_methods_structure_is_one_series_a_deviation_its_own(tmp_path, monkeypatch):
+    """OATS's low-rank share differs at every sparsity: each row names its shares, the grid and the plots draw its
+    cells as one series; a cell that went over target stays a series of its own (the row must say so)."""
+    root = tmp_path / "sweep"
+    for i, (target, measured, lowrank) in enumerate([("0.5", 0.62, 120), ("0.7", 0.77, 70), ("0.9", 0.95, 50)]):
+        data = _job("tiny", "oats", target, float(target), 50.0 + 100 * i, 20.0, measured, 1500 - 500 * i, 2000)
+        data["sparsity"].update(lowrank_params=lowrank, effective=float(target))
+        _write(root, str(i), data)
+    data = _job("tiny", "wanda", "0.5", 0.5, 30.0, 20.0, 0.5, 1500, 2000)
+    _write(root, "3", data)
+    data = _job("tiny", "wanda", "0.7", 0.7, 90.0, 20.0, 0.73, 1300, 2000)
+    data["sparsity"].update(over_target=0.03)
+    _write(root, "4", data)
+    df = report.collect(root)
+    oats = df[df["method_name"] == "oats"]
+    assert oats["method"].tolist() == ["oats (low rank 12.0% + sparse 38.0%)", "oats (low rank 7.0% + sparse 23.0%)",
+                                       "oats (low rank 5.0% + sparse 5.0%)"]      # the Results rows: per cell
+    assert set(oats[report.SERIES]) == {"oats (sparse + low rank)"}
+    table = report.grid(df, "ppl/wiki", "tiny", dense=20.0)
+    rows = {r["method"]: r for r in table.to_dict("records")}
+    assert list(rows) == ["dense", "wanda", "wanda (over target: 0.730)", "oats (sparse + low rank)"]
+    assert (rows["oats (sparse + low rank)"]["0.5"], rows["oats (sparse + low rank)"]["0.9"]) == (50.0, 250.0)
+    assert rows["wanda"]["0.7"] == "" and rows["wanda (over target: 0.730)"]["0.7"] == 90.0
+    md = report.markdown(df)
+    # a grid reads as equal non-zeros per column: a cell that is not says so (OATS at 0.7 keeps 1,000, wanda 1,300)
+    assert "| oats (sparse + low rank) | 50.000 | 150.000 † | 250.000 |" in md
+    assert "† oats (sparse + low rank) at 0.7: 1,000 non-zero parameters, the column's median 1,150 (-13%)" in md
+    assert "at 0.5:" not in md and "at 0.9:" not in md       # 1,500 against 1,500; a column of one series
+    assert "| tiny | oats (low rank 7.0% + sparse 23.0%) | 0.7 |" in md
+    drawn = []      # the sparsity plot draws one line for OATS's three cells
+    real_plot = report.plot_vs_sparsity
+
+    def spy(df, corpus, path):
+        import matplotlib.axes
+        orig = matplotlib.axes.Axes.plot
+        monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                            lambda ax, *a, **k: (drawn.append((k.get("label"), len(a[0]))), orig(ax, *a, **k))[1])
+        try:
+            return real_plot(df, corpus, path)
+        finally:
+            monkeypatch.setattr(matplotlib.axes.Axes, "plot", orig)
+
+    spy(df, "wiki", tmp_path / "s.png")
+    assert ("oats (sparse + low rank)", 3) in drawn
+    # a results.csv stored before the series column: every row its own series, as its label
+    old = tmp_path / "old.csv"
+    df.drop(columns=[report.SERIES]).to_csv(old, index=False)
+    assert report.from_csv(old)[report.SERIES].tolist() == report.from_csv(old)["method"].tolist()
+
+
 def test_keys_that_only_observe_a_run_do_not_split_its_label(tmp_path):
     """The held-out history and the checkpoints (report.OBSERVING) leave the weights and the perplexity as they
     are, bit for bit (ELSA run both ways), so a row with them is labelled as one without."""

@@ -14,6 +14,7 @@ import json
 import pandas as pd
 
 PPL = "ppl/"
+SERIES = "series"     # a row's line in the grids and plots: its method label less a method's per-cell structure shares
 
 
 def compute_columns(comp: dict, stats: dict) -> dict:
@@ -96,7 +97,7 @@ def plot_frontier(df: pd.DataFrame, corpus: str, path, plt, colors: dict, marker
     for ax, target in zip(axes[0], sorted(targets, key=str)):
         cell = ok[ok["sparsity"] == target]
         for _, r in cell.iterrows():
-            m = r["method"]
+            m = r[SERIES] if isinstance(r.get(SERIES), str) else r["method"]
             x = max(float(r["compute_tokens"]), 1.0)   # a data-free method (magnitude): drawn at 1 token
             ax.scatter([x], [r[col]], color=colors.get(m), marker=markers.get(m, "o"), label=m, zorder=3)
             if isinstance(r.get("curve"), str):

@@ -45,7 +45,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from elsa.report.frontier import compute_columns, plot_frontier, tokens_to_pass, tokens_to_pass_markdown
+from elsa.report.frontier import SERIES, compute_columns, plot_frontier, tokens_to_pass, tokens_to_pass_markdown
 from elsa.methods import registry
 from elsa.run.renamed import OLD_METHODS
 from elsa.sparsity.patterns import Sparsity
@@ -56,6 +56,9 @@ BUDGET_ORDER = ["paper", "cpu", "quick", "demo"]
 ALLOCATION_ORDER = ["uniform", "owl", "global", "profile"]
 PPL = "ppl/"          # column prefix: perplexity of the pruned model per corpus
 DENSE = "dense_ppl/"  # column prefix: perplexity of the dense model per corpus
+# notes that describe a method's own structure, not a deviation: the grids and plots name them without the
+# per-cell figures of the row label (OATS's "low rank 7.4% + sparse 22.6%" differs at every sparsity)
+STRUCTURE = {"lowrank": "sparse + low rank"}
 
 
 # -- collecting ---------------------------------------------------------------------------------------------
@@ -177,17 +180,22 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
     params = rec.params or {}
     base, start, budget = choices(rec)
     allocation = allocation_of(rec)
-    method = label(base, start, budget, allocation, method_options(rec))
+    method = series = label(base, start, budget, allocation, method_options(rec))
     for note in rec.notes:      # what did not go as asked (a fallback, over target, ...): the row must say so
         if method and note.label:
             method = f"{method} ({note.label})"
+            # a method's own structure (OATS's low rank) is labelled per cell with its shares; its cells are
+            # still one series of the grids and plots (a fallback or an over-target cell stays its own)
+            series = f"{series} ({STRUCTURE.get(note.kind, note.label)})"
     compute = compute_columns(rec.compute or {}, rec.stats)
     if method and compute.get("training_tokens"):   # a training row says what it cost, not only its budget's name
         method = f"{method} [{_count(compute['training_tokens'])} tokens]"
+        series = f"{series} [{_count(compute['training_tokens'])} tokens]"
     model, rehearsal = rec.model, rec.rehearsal
     if model and isinstance(rehearsal, dict):     # model=shapes: random weights, its own row label
         model = f"{model} (shape rehearsal, random weights)"
-    row = {"model": model, "rehearsal": bool(rehearsal), "method": method, "method_name": base, "start": start,
+    row = {"model": model, "rehearsal": bool(rehearsal), "method": method, SERIES: series if method else None,
+           "method_name": base, "start": start,
            "budget": budget, "allocation": allocation,
            "order": _order(base, start, budget, allocation),
            "sparsity": target,
@@ -227,7 +235,17 @@ def collect(root: Path) -> pd.DataFrame:
     for col in ("model", "method", "sparsity", "seed", "sparsity_ratio", "nm", "order"):
         if col not in df:
             df[col] = None
-    return _sorted(df)
+    return _sorted(_with_series(df))
+
+
+def _with_series(df: pd.DataFrame) -> pd.DataFrame:
+    """A table without a series column (a missing job's row; a results.csv stored before it existed): each row
+    its own method label."""
+    if SERIES not in df:
+        df[SERIES] = df["method"]
+    else:
+        df[SERIES] = df[SERIES].where(df[SERIES].notna(), df["method"])
+    return df
 
 
 def from_csv(path: Path) -> pd.DataFrame:
@@ -250,7 +268,7 @@ def from_csv(path: Path) -> pd.DataFrame:
 
     df["order"] = [_order(cell(r, "method_name"), cell(r, "start"), cell(r, "budget"), cell(r, "allocation", "uniform"))
                    for _, r in df.iterrows()]
-    return _sorted(df)
+    return _sorted(_with_series(df))
 
 
 CELL = ["model", "method", "sparsity", "seed"]   # what makes two rows the same cell of a table
@@ -260,8 +278,10 @@ def _sorted(df: pd.DataFrame) -> pd.DataFrame:
     for col in ("seed", "nonzero_params", "total_params", "pruned_layer_params", "order"):
         if col in df:
             df[col] = df[col].astype("Int64")
-    return df.sort_values(["model", "order", "method", "nm", "sparsity_ratio", "seed", "dir"], na_position="last",
-                          kind="stable").reset_index(drop=True)
+    # by series before the label: a series' cells (OATS's, whose labels carry per-cell shares) in sparsity order
+    keys = ["model", "order", SERIES, "nm", "sparsity_ratio", "method", "seed", "dir"] if SERIES in df else \
+        ["model", "order", "method", "nm", "sparsity_ratio", "seed", "dir"]
+    return df.sort_values([k for k in keys if k in df], na_position="last", kind="stable").reset_index(drop=True)
 
 
 def merge(tables: list[tuple[str, pd.DataFrame]]) -> tuple[pd.DataFrame, list[str]]:
@@ -338,7 +358,9 @@ def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, numbers.Integral):
         return f"{int(value):,}"
     if isinstance(value, numbers.Real):
-        return f"{value:,.0f}" if abs(value) >= 1e5 else f"{value:.{digits}f}"
+        if abs(value) >= 1e5:
+            return f"{value:,.0f}"
+        return f"{value:,.1f}" if abs(value) >= 1e3 else f"{value:.{digits}f}"
     return str(value).replace("|", "\\|")
 
 
@@ -352,7 +374,7 @@ def markdown_table(df: pd.DataFrame, columns: list[str], headers: list[str]) -> 
 def grid(df: pd.DataFrame, column: str, model: str, dense: float | None = None) -> pd.DataFrame:
     """Method x sparsity target for one model: ``column`` of the finished jobs (the median over seeds),
     "failed" where every job of the cell failed, "" where none ran; a dense row first when ``dense`` is given."""
-    jobs = df[(df["model"] == model) & df["method"].notna() & df["sparsity"].notna()]
+    jobs = df[(df["model"] == model) & df[SERIES].notna() & df["sparsity"].notna()]
     if jobs.empty:
         return pd.DataFrame()
     targets = (jobs[["sparsity", "sparsity_ratio", "nm"]].drop_duplicates("sparsity")
@@ -365,7 +387,7 @@ def grid(df: pd.DataFrame, column: str, model: str, dense: float | None = None) 
             continue                                  # already the first row
         row = {"method": method}
         for target in targets:
-            cell = jobs[(jobs["method"] == method) & (jobs["sparsity"].astype(str) == target)]
+            cell = jobs[(jobs[SERIES] == method) & (jobs["sparsity"].astype(str) == target)]
             values = done(cell)[column].dropna() if column in cell else pd.Series(dtype=float)
             row[target] = float(values.median()) if not values.empty else ("failed" if len(cell) else "")
         rows.append(row)
@@ -379,7 +401,7 @@ def grids(df: pd.DataFrame) -> list[str]:
     names = corpora(df)
     for model in sorted(df["model"].dropna().unique()):
         jobs = df[df["model"] == model]
-        if jobs["method"].nunique() < 2 and jobs["sparsity"].nunique() < 2:
+        if jobs[SERIES].nunique() < 2 and jobs["sparsity"].nunique() < 2:
             continue
         for title, column, dense in (
                 *[(f"perplexity ({c})", PPL + c, dense_baselines(df, c).get(model)) for c in names],
@@ -389,9 +411,38 @@ def grids(df: pd.DataFrame) -> list[str]:
             if table.empty or column not in df or not df[column].notna().any():
                 continue
             cols = list(table.columns)
+            notes = _unequal_nonzeros(table, jobs) if column.startswith(PPL) else []
             parts += [f"## {model}: {title} by method and sparsity", "",
-                      markdown_table(table, cols, cols), ""]
+                      markdown_table(table, cols, cols), "", *notes, *([""] if notes else [])]
     return parts
+
+
+def _params(n: float) -> str:
+    return f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n:,.0f}"
+
+
+def _unequal_nonzeros(table: pd.DataFrame, jobs: pd.DataFrame, tolerance: float = 0.01) -> list[str]:
+    """Mark (†, in ``table``) the perplexity cells whose model keeps more or fewer non-zero parameters than the
+    column's other methods (by more than ``tolerance`` of their median), e.g. OATS at N:M, whose low-rank factors
+    come on top of the N:M part, and say by how much below the grid: a grid reads as equal non-zeros per column."""
+    ok = done(jobs).dropna(subset=["nonzero_params"])
+    lines = []
+    for target in [c for c in table.columns if c != "method"]:
+        cell = ok[ok["sparsity"].astype(str) == target]
+        if cell[SERIES].nunique() < 2:
+            continue
+        median = float(cell.groupby(SERIES)["nonzero_params"].median().median())
+        for series, group in cell.groupby(SERIES, sort=False):
+            n = float(group["nonzero_params"].median())
+            if abs(n - median) <= tolerance * median:
+                continue
+            i = table.index[table["method"] == series]
+            if len(i) and isinstance(table.at[i[0], target], float):
+                table[target] = table[target].astype(object)
+                table.at[i[0], target] = f"{_fmt(table.at[i[0], target])} †"
+                lines.append(f"† {series} at {target}: {_params(n)} non-zero parameters, the column's median "
+                             f"{_params(median)} ({n / median - 1:+.0%})")
+    return lines
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -507,7 +558,7 @@ def plot_vs_sparsity(df: pd.DataFrame, corpus: str, path: Path) -> Path:
     for ax, model in zip(axes[0], models):
         sub = ok[ok["model"] == model]
         for method in methods:
-            rows = sub[sub["method"] == method]
+            rows = sub[sub[SERIES] == method]
             dense_part, nm_part = rows[~rows["nm"].astype(bool)], rows[rows["nm"].astype(bool)]
             if not dense_part.empty:
                 c = _curve(dense_part, "sparsity_ratio", y)
@@ -539,7 +590,7 @@ def plot_vs_nonzero(df: pd.DataFrame, corpus: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model, sub in ok.groupby("model"):
         for method in methods:
-            rows = sub[(sub["method"] == method) & ~sub["nm"].astype(bool)]
+            rows = sub[(sub[SERIES] == method) & ~sub["nm"].astype(bool)]
             if not rows.empty:
                 c = _curve(rows, "nonzero_params", y)
                 ax.plot(c["nonzero_params"], c[y], marker=markers.get(model, "o"), color=colors[method],
@@ -612,11 +663,12 @@ def _log_axis(ax, axis: str) -> None:
 
 
 def _method_order(df: pd.DataFrame) -> list[str]:
-    """The row labels in order: by method, then start, then budget (the ``order`` column), then name."""
-    rows = df.dropna(subset=["method"])
-    order = rows.groupby("method")["order"].min() if "order" in rows else pd.Series(dtype="Int64")
+    """The series (row labels of the grids, lines of the plots) in order: by method, then start, then budget (the
+    ``order`` column), then name."""
+    rows = df.dropna(subset=[SERIES])
+    order = rows.groupby(SERIES)["order"].min() if "order" in rows else pd.Series(dtype="Int64")
     big = 10 ** 9
-    return sorted(rows["method"].unique(), key=lambda m: (int(order.get(m)) if pd.notna(order.get(m)) else big, m))
+    return sorted(rows[SERIES].unique(), key=lambda m: (int(order.get(m)) if pd.notna(order.get(m)) else big, m))
 
 
 # -- the command -----------------------------------------------------------------------------------------------
