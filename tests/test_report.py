@@ -240,6 +240,20 @@ def test_a_methods_structure_is_one_series_a_deviation_its_own(tmp_path, monkeyp
     assert report.from_csv(old)[report.SERIES].tolist() == report.from_csv(old)["method"].tolist()
 
 
+def test_a_resumed_run_counts_its_earlier_processes_time(tmp_path):
+    """A training run resumed from its step-60 checkpoint timed only its own process; the row adds the training
+    wall of the processes before (method_stats.wall_s_before_resume), so the time grid says what the cell cost."""
+    root = tmp_path / "sweep"
+    fresh = _job("tiny", "ast", "0.5", 0.5, 40.0, 20.0, 0.5, 1500, 2000)
+    resumed = _job("tiny", "ast", "0.7", 0.7, 90.0, 20.0, 0.7, 1300, 2000)
+    resumed["method_stats"] = {"resumed_from_step": 60, "wall_s_before_resume": 731.5}
+    _write(root, "0", fresh)
+    _write(root, "1", resumed)
+    df = report.collect(root).set_index("sparsity")
+    assert (df.at["0.5", "time_s"], df.at["0.5", "prune_s"]) == (2.5, 1.0) and pd.isna(df.at["0.5", "resumed_from_step"])
+    assert (df.at["0.7", "time_s"], df.at["0.7", "prune_s"], df.at["0.7", "resumed_from_step"]) == (734.0, 732.5, 60)
+
+
 def test_keys_that_only_observe_a_run_do_not_split_its_label(tmp_path):
     """The held-out history and the checkpoints (report.OBSERVING) leave the weights and the perplexity as they
     are, bit for bit (ELSA run both ways), so a row with them is labelled as one without."""

@@ -191,6 +191,7 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
     if method and compute.get("training_tokens"):   # a training row says what it cost, not only its budget's name
         method = f"{method} [{_count(compute['training_tokens'])} tokens]"
         series = f"{series} [{_count(compute['training_tokens'])} tokens]"
+    before = rec.stats.get("wall_s_before_resume") or 0.0
     model, rehearsal = rec.model, rec.rehearsal
     if model and isinstance(rehearsal, dict):     # model=shapes: random weights, its own row label
         model = f"{model} (shape rehearsal, random weights)"
@@ -206,7 +207,10 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
            "zero_shot_mean": _zero_shot_mean(rec.zero_shot),
            "dense_zero_shot_mean": _zero_shot_mean(rec.dense_zero_shot),
            "recon_error_mean": (rec.stats.get("reconstruction") or {}).get("mean"),
-           "time_s": rec.phase_time("total"), "prune_s": rec.phase_time("prune"),
+           # a training run resumed from a checkpoint: its process timed only the rest; the earlier processes'
+           # training wall (up to the checkpoint it resumed from) is added, so the row says what the cell cost
+           "time_s": _plus(rec.phase_time("total"), before), "prune_s": _plus(rec.phase_time("prune"), before),
+           "resumed_from_step": rec.stats.get("resumed_from_step"),
            "peak_rss_mb": rec.memory("cpu_rss"), "rss_at_start_mb": rec.memory("cpu_rss_at_start"),
            "peak_gpu_mb": rec.memory("gpu"),
            "compressed_mb": (rec.compressed or {}).get("mb"),
@@ -220,6 +224,10 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
     for corpus, value in (rec.dense_perplexity or {}).items():
         row[DENSE + corpus] = value
     return row
+
+
+def _plus(value: float | None, extra: float) -> float | None:
+    return value + extra if value is not None and extra else value
 
 
 def collect(root: Path) -> pd.DataFrame:
@@ -275,7 +283,7 @@ CELL = ["model", "method", "sparsity", "seed"]   # what makes two rows the same 
 
 
 def _sorted(df: pd.DataFrame) -> pd.DataFrame:
-    for col in ("seed", "nonzero_params", "total_params", "pruned_layer_params", "order"):
+    for col in ("seed", "nonzero_params", "total_params", "pruned_layer_params", "order", "resumed_from_step"):
         if col in df:
             df[col] = df[col].astype("Int64")
     # by series before the label: a series' cells (OATS's, whose labels carry per-cell shares) in sparsity order
