@@ -64,3 +64,39 @@ def test_report_draws_the_frontier_and_the_tokens_to_pass(tmp_path):
     # a curve measured on another protocol (validation windows) is not drawn against the table's cells
     run_pipeline(root / "elsa_val", *ELSA[:-3], "method.eval_initial=false", "method.steps=4", "seed=1")
     assert pd.isna(collect(root).query("seed == 1")["curve"].iloc[0])
+
+
+def test_the_frontier_draws_a_data_free_method_beside_the_axis_not_at_one_token(tmp_path):
+    """Magnitude reads no token: on a log axis it used to sit at 1 token, stretching the axis over four empty
+    decades; it is drawn in a column of its own, a quarter of the fewest tokens any method read."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from elsa.report.frontier import plot_frontier
+    df = pd.DataFrame([
+        {"status": "done", "ppl/wiki": 400.0, "compute_tokens": 0, "sparsity": "0.5", "method": "magnitude",
+         "series": "magnitude", "curve": None},
+        {"status": "done", "ppl/wiki": 50.0, "compute_tokens": 16384, "sparsity": "0.5", "method": "wanda",
+         "series": "wanda", "curve": None},
+        {"status": "done", "ppl/wiki": 45.0, "compute_tokens": 81920, "sparsity": "0.5", "method": "elsa",
+         "series": "elsa", "curve": json.dumps([[40960, 70.0], [81920, 45.0]])}])
+    figs = []
+
+    class Keep:       # pyplot, with the figure kept for inspection
+        def __getattr__(self, name):
+            return getattr(plt, name)
+
+        def subplots(self, *a, **k):
+            figs.append(plt.subplots(*a, **k))
+            return figs[-1]
+
+        def close(self, fig):
+            pass
+
+    plot_frontier(df, "wiki", tmp_path / "f.png", Keep(), {}, {})
+    ax = figs[0][1][0][0]
+    xs = sorted(float(c.get_offsets()[0][0]) for c in ax.collections)
+    assert xs == [16384 / 4, 16384, 81920]
+    assert 1000 < ax.get_xlim()[0] <= 16384 / 8 and "data-free" in [t.get_text() for t in ax.texts]
+    plt.close("all")

@@ -94,16 +94,27 @@ def plot_frontier(df: pd.DataFrame, corpus: str, path, plt, colors: dict, marker
     if not targets:
         return None
     fig, axes = plt.subplots(1, len(targets), figsize=(5.2 * len(targets) + 2.5, 4.2), squeeze=False)
+    # a data-free method (magnitude: 0 tokens) has no place on a log axis: it is drawn in a column of its own at
+    # the left edge, a quarter of the fewest tokens any method read, marked "data-free", so the axis spans the
+    # methods that read data rather than the decades down to 1 token
+    used = ok.loc[ok["compute_tokens"] > 0, "compute_tokens"]
+    low = float(used.min()) if not used.empty else 1.0
+    free_x = low / 4
     for ax, target in zip(axes[0], sorted(targets, key=str)):
         cell = ok[ok["sparsity"] == target]
         for _, r in cell.iterrows():
             m = r[SERIES] if isinstance(r.get(SERIES), str) else r["method"]
-            x = max(float(r["compute_tokens"]), 1.0)   # a data-free method (magnitude): drawn at 1 token
+            x = float(r["compute_tokens"]) if r["compute_tokens"] > 0 else free_x
             ax.scatter([x], [r[col]], color=colors.get(m), marker=markers.get(m, "o"), label=m, zorder=3)
             if isinstance(r.get("curve"), str):
                 pts = json.loads(r["curve"])
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors.get(m), lw=1.2)
         ax.set_xscale("log")
+        if (cell["compute_tokens"] <= 0).any():
+            ax.axvline(low / 2, color="grey", lw=0.8, ls=":")
+            ax.text(free_x, 0.02, "data-free", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                    fontsize=7, color="grey", rotation=90)
+            ax.set_xlim(left=low / 8)
         if (cell[col] > 0).all() and cell[col].max() / max(cell[col].min(), 1e-9) > 10:
             ax.set_yscale("log")
         ax.set_title(f"sparsity {target}")
