@@ -54,13 +54,17 @@ def test_report_draws_the_frontier_and_the_tokens_to_pass(tmp_path):
     assert [p[0] for p in curve] == [s * 128 for s in (2, 4, 6, 8)]
     md = files["markdown"].read_text()
     assert "## Tokens to pass (wiki)" in md
-    section = md.split("## Tokens to pass (wiki)")[1].split("\n\n")[1]   # the table after the heading
+    # a table per model and sparsity: a row per training curve, a column per one-shot method (its ppl in the header)
+    section = md.split("## Tokens to pass (wiki)")[1].split("### tiny at 0.5\n\n")[1].split("\n\n")[0]
+    header, _, row = section.splitlines()
+    heads, cells = [c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[0] == "elsa (demo) [1k tokens]"
+    assert cells[1] == f"{curve[-1][0]:,} tokens, ppl {float(elsa_row['ppl/wiki']):.2f}"
     for one_shot in ("wanda", "magnitude"):
         level = float(df[df["method_name"] == one_shot]["ppl/wiki"].iloc[0])
         hit = next((t for t, p in curve if p < level), None)
-        expected = f"{hit:,}" if hit is not None else "not passed"
-        line = next(ln for ln in section.splitlines() if f"| {one_shot} |" in ln)
-        assert f"| {expected} |" in line
+        i = heads.index(f"{one_shot}: {level:.2f}")
+        assert cells[i] == (f"{hit:,}" if hit is not None else "-")
     # a curve measured on another protocol (validation windows) is not drawn against the table's cells
     run_pipeline(root / "elsa_val", *ELSA[:-3], "method.eval_initial=false", "method.steps=4", "seed=1")
     assert pd.isna(collect(root).query("seed == 1")["curve"].iloc[0])
@@ -100,3 +104,21 @@ def test_the_frontier_draws_a_data_free_method_beside_the_axis_not_at_one_token(
     assert xs == [16384 / 4, 16384, 81920]
     assert 1000 < ax.get_xlim()[0] <= 16384 / 8 and "data-free" in [t.get_text() for t in ax.texts]
     plt.close("all")
+
+
+def test_a_curve_ends_at_its_rows_own_cell():
+    """MaskLLM at budget=quick trains 60 steps with a held-out point every 40: the curve (and the tokens to pass
+    read from it) ends at the run's final cell, not at step 40; a run whose last point is its end is left as is."""
+    from elsa.report.frontier import full_curve
+    row = {"curve": json.dumps([[36864, 117.3]]), "compute_tokens": 47104, "ppl/wiki": 98.9}
+    assert full_curve(row, "ppl/wiki") == [[36864, 117.3], [47104, 98.9]]
+    row = {"curve": json.dumps([[40960, 60.0], [81920, 43.4]]), "compute_tokens": 81920, "ppl/wiki": 43.4}
+    assert full_curve(row, "ppl/wiki") == [[40960, 60.0], [81920, 43.4]]
+    table = pd.DataFrame([{"model": "m", "sparsity": "2:4", "status": "done", "method": "maskllm", "series": "maskllm",
+                           "training_tokens": 30720, "ppl/wiki": 98.9, "compute_tokens": 47104,
+                           "curve": json.dumps([[36864, 117.3]])},
+                          {"model": "m", "sparsity": "2:4", "status": "done", "method": "sparsegpt",
+                           "series": "sparsegpt", "training_tokens": None, "ppl/wiki": 107.9, "compute_tokens": 16384,
+                           "curve": None}])
+    from elsa.report.frontier import tokens_to_pass
+    assert tokens_to_pass(table, "wiki")["tokens_to_pass"].tolist() == [47104]

@@ -54,6 +54,17 @@ def _training(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["curve"].notna()] if "curve" in df else df.iloc[0:0]
 
 
+def full_curve(row, col: str) -> list:
+    """A training row's held-out history, ended by its own final cell (the same protocol: the curve is only kept
+    when it is) where the run went on past its last history point (MaskLLM at budget=quick: 60 steps, a point
+    every 40)."""
+    curve = json.loads(row["curve"])
+    tokens, final = row.get("compute_tokens"), row.get(col)
+    if curve and pd.notna(tokens) and pd.notna(final) and float(tokens) > curve[-1][0]:
+        curve.append([int(tokens), float(final)])
+    return curve
+
+
 def tokens_to_pass(df: pd.DataFrame, corpus: str) -> pd.DataFrame:
     """One row per (training curve, one-shot method) at the same model and sparsity: the first curve point
     below the one-shot perplexity (its tokens), or None when the curve never passes it."""
@@ -61,7 +72,7 @@ def tokens_to_pass(df: pd.DataFrame, corpus: str) -> pd.DataFrame:
     rows = []
     one_shot = _one_shot(df)
     for _, t in _training(df).iterrows():
-        curve = json.loads(t["curve"])
+        curve = full_curve(t, col)
         same = one_shot[(one_shot["model"] == t["model"]) & (one_shot["sparsity"] == t["sparsity"]) &
                         one_shot[col].notna()]
         for _, o in same.iterrows():
@@ -73,16 +84,28 @@ def tokens_to_pass(df: pd.DataFrame, corpus: str) -> pd.DataFrame:
 
 
 def tokens_to_pass_markdown(table: pd.DataFrame) -> str:
+    """Per model and sparsity, a training curve per row and a one-shot method per column (its perplexity in the
+    header): the tokens at the curve's first point below that method, "-" where the curve ends above it."""
     if table.empty:
         return ""
-    lines = ["| model | sparsity | training method | one-shot method | its ppl | tokens to pass | curve ends at |",
-             "|---|---|---|---|---:|---:|---|"]
-    for _, r in table.iterrows():
-        hit = f"{int(r['tokens_to_pass']):,}" if pd.notna(r["tokens_to_pass"]) else "not passed"
-        lines.append(f"| {r['model']} | {r['sparsity']} | {r['training']} | {r['one_shot']} | "
-                     f"{r['one_shot_ppl']:.2f} | {hit} | {int(r['curve_tokens']):,} tokens, ppl "
-                     f"{r['curve_last_ppl']:.2f} |")
-    return "\n".join(lines)
+    parts = []
+    for (model, sparsity), g in table.groupby(["model", "sparsity"], sort=False):
+        shots = list(dict.fromkeys(g["one_shot"]))
+        level = {o: g.loc[g["one_shot"] == o, "one_shot_ppl"].iloc[0] for o in shots}
+        parts += [f"### {model} at {sparsity}", "",
+                  "| training method | curve ends at | " + " | ".join(f"{o}: {_ppl(level[o])}" for o in shots) + " |",
+                  "|---|---|" + "---:|" * len(shots)]
+        for training, t in g.groupby("training", sort=False):
+            hits = dict(zip(t["one_shot"], t["tokens_to_pass"]))
+            cells = [f"{int(hits[o]):,}" if pd.notna(hits.get(o)) else "-" for o in shots]
+            end = f"{int(t['curve_tokens'].iloc[0]):,} tokens, ppl {_ppl(t['curve_last_ppl'].iloc[0])}"
+            parts.append(f"| {training} | {end} | " + " | ".join(cells) + " |")
+        parts.append("")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _ppl(v: float) -> str:
+    return f"{v:,.0f}" if v >= 1e3 else f"{v:.2f}"
 
 
 def plot_frontier(df: pd.DataFrame, corpus: str, path, plt, colors: dict, markers: dict):
@@ -107,7 +130,7 @@ def plot_frontier(df: pd.DataFrame, corpus: str, path, plt, colors: dict, marker
             x = float(r["compute_tokens"]) if r["compute_tokens"] > 0 else free_x
             ax.scatter([x], [r[col]], color=colors.get(m), marker=markers.get(m, "o"), label=m, zorder=3)
             if isinstance(r.get("curve"), str):
-                pts = json.loads(r["curve"])
+                pts = full_curve(r, col)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors.get(m), lw=1.2)
         ax.set_xscale("log")
         if (cell["compute_tokens"] <= 0).any():

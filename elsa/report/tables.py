@@ -490,8 +490,8 @@ def markdown(df: pd.DataFrame) -> str:
     for c in names:
         passing = tokens_to_pass_markdown(tokens_to_pass(df, c))
         if passing:
-            parts += [f"## Tokens to pass ({c}): the first held-out point of each training curve below each "
-                      "one-shot method", "", passing, ""]
+            parts += [f"## Tokens to pass ({c}): the tokens at which each training curve's held-out perplexity first "
+                      "fell below each one-shot method's (\"-\": not by the curve's end)", "", passing, ""]
     parts.append("Pruned: every Linear inside the decoder blocks; embeddings, norms and lm_head stay dense. "
                  "Non-zero params count the whole model.")
     return "\n".join(parts) + "\n"
