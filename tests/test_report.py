@@ -254,6 +254,15 @@ def test_a_resumed_run_counts_its_earlier_processes_time(tmp_path):
     assert (df.at["0.7", "time_s"], df.at["0.7", "prune_s"], df.at["0.7", "resumed_from_step"]) == (734.0, 732.5, 60)
 
 
+def test_a_block_wise_trainer_says_how_many_steps_a_block_it_took(tmp_path):
+    """SAFE at budget=cpu trains each block 4 steps (one epoch), its paper 240: the row says so, as a training
+    row says its tokens."""
+    data = _job("tiny", "safe", "0.5", 0.5, 474.6, 20.0, 0.5, 1500, 2000)
+    data.update(start={"name": "dense"}, budget="cpu", method_stats={"steps_per_block": 4, "variant": "safe"})
+    _write(tmp_path / "sweep", "0", data)
+    assert report.collect(tmp_path / "sweep")["method"].tolist() == ["safe (cpu) [4 steps a block]"]
+
+
 def test_keys_that_only_observe_a_run_do_not_split_its_label(tmp_path):
     """The held-out history and the checkpoints (report.OBSERVING) leave the weights and the perplexity as they
     are, bit for bit (ELSA run both ways), so a row with them is labelled as one without."""

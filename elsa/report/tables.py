@@ -191,6 +191,9 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
     if method and compute.get("training_tokens"):   # a training row says what it cost, not only its budget's name
         method = f"{method} [{_count(compute['training_tokens'])} tokens]"
         series = f"{series} [{_count(compute['training_tokens'])} tokens]"
+    elif method and rec.stats.get("steps_per_block"):   # a block-wise trainer (SAFE): its optimiser steps a block
+        method = f"{method} [{rec.stats['steps_per_block']} steps a block]"
+        series = f"{series} [{rec.stats['steps_per_block']} steps a block]"
     before = rec.stats.get("wall_s_before_resume") or 0.0
     model, rehearsal = rec.model, rec.rehearsal
     if model and isinstance(rehearsal, dict):     # model=shapes: random weights, its own row label
