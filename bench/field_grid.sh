@@ -6,7 +6,9 @@
 #   bench/field_grid.sh status            # done / failed / missing cells per phase
 #   bench/field_grid.sh save              # copy the finished cells' results.json into the repo (commit them)
 #   bench/field_grid.sh report            # python -m elsa.report <cells> --out docs/field_<commit> (the old docs/field
-#                                         # stays); the report code is this checkout's, the cells the pin's
+#                                         # stays); the report code is this checkout's, the cells the pin's; refuses
+#                                         # unless all 64 cells are in and every one is the pin's
+#   bench/field_grid.sh report --partial [dir]   # the cells there are, drawn into dir (default /tmp/field_partial)
 #
 # The field protocol (conf/experiment/field.yaml: the default model, 32 x 512 wiki-train calibration windows, seed 0,
 # perplexity on 8,192 wiki-test tokens) at 0.9, 0.5, 2:4 and 0.7. Every job's dir is named by its overrides, so a
@@ -91,8 +93,28 @@ EOF
     # the cells are the pinned commit's (results.csv's git_sha column says so, one sha for every row); the table
     # and plots are drawn by this checkout's report, whose labels leave out the keys that only observe a run
     # (eval_every, eval_split, ...: report.OBSERVING, after the pin)
+    # one commit, every cell: a report of a partial grid or of a cell from another commit would read as the table
+    # the issue asks for; `report --partial` draws what is there (for a look, not for docs/)
     cd "$REPO"
-    "$PY" -m elsa.report "$STORE/cells" --out "$REPO/docs/field_${COMMIT:0:7}"
+    out="$REPO/docs/field_${COMMIT:0:7}"
+    [ "${1:-}" = "--partial" ] && out="${2:-/tmp/field_partial}"
+    "$PY" - "$STORE/cells" "$COMMIT" "${1:-}" <<'EOF'
+import json, sys
+from pathlib import Path
+cells, commit, partial = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "--partial"
+records = [json.loads(p.read_text()) for p in sorted(cells.glob("*/results.json"))]
+other = sorted({str(r.get("git_sha")) for r in records} - {commit})
+error = None
+if other:
+    error = f"cells from commit(s) {', '.join(other)} in {cells}: the grid is one commit ({commit})"
+elif len(records) != 64 and not partial:
+    error = (f"{len(records)} of the grid's 64 cells are in {cells}: `bench/field_grid.sh run` the rest, or "
+             "`report --partial [dir]` for a look")
+if error:
+    print(f"elsa: error: {error}", file=sys.stderr)
+    sys.exit(2)
+EOF
+    "$PY" -m elsa.report "$STORE/cells" --out "$out"
     ;;
   run)
     phases=("$@"); [ ${#phases[@]} -gt 0 ] || phases=("${ORDER[@]}")
