@@ -436,6 +436,8 @@ def _unequal_nonzeros(table: pd.DataFrame, jobs: pd.DataFrame, tolerance: float 
     """Mark (†, in ``table``) the perplexity cells whose model keeps more or fewer non-zero parameters than the
     column's other methods (by more than ``tolerance`` of their median), e.g. OATS at N:M, whose low-rank factors
     come on top of the N:M part, and say by how much below the grid: a grid reads as equal non-zeros per column."""
+    if "nonzero_params" not in jobs:
+        return []
     ok = done(jobs).dropna(subset=["nonzero_params"])
     lines = []
     for target in [c for c in table.columns if c != "method"]:
