@@ -42,6 +42,7 @@ declare -A PHASES=(
   [leap]="method=leap sparsity=0.5,0.7,0.9 start=wanda budget=cpu ${HISTORY[*]}"
 )
 ORDER=(oneshot safe training elsa_sgpt maskllm leap)
+CELLS="4 x 9 + 4 + 16 + 4 + 1 + 3 = 64"   # the phases' cells: one-shot, SAFE, training, elsa_sgpt, MaskLLM, LEAP
 STORE="$REPO/bench/results/field_grid"
 mkdir -p "$ROOT" "$STORE/cells"
 (
@@ -59,7 +60,7 @@ cmd="${1:-status}"; shift || true
 case "$cmd" in
   status)
     echo "commit $COMMIT, sweep $SWEEP"
-    "$PY" - "$SWEEP" <<'EOF'
+    "$PY" - "$SWEEP" "$CELLS" <<'EOF'
 import json, sys
 from collections import Counter
 from pathlib import Path
@@ -71,7 +72,7 @@ for r in root.glob("*/results.json"):
     count[(str(d.get("method")), str(start or "dense"), str(d.get("status")), str(d.get("git_sha"))[:7])] += 1
 for key, n in sorted(count.items()):
     print(" ".join(f"{k:12s}" for k in key), n)
-print("cells with results:", sum(count.values()), "of 4 x 9 + 4 + 16 + 4 + 1 + 3 = 64")
+print("cells with results:", sum(count.values()), "of", sys.argv[2])
 EOF
     ;;
   save)
@@ -98,17 +99,17 @@ EOF
     cd "$REPO"
     out="$REPO/docs/field_${COMMIT:0:7}"
     [ "${1:-}" = "--partial" ] && out="${2:-/tmp/field_partial}"
-    "$PY" - "$STORE/cells" "$COMMIT" "${1:-}" <<'EOF'
+    "$PY" - "$STORE/cells" "$COMMIT" "${1:-}" "${CELLS##* }" <<'EOF'
 import json, sys
 from pathlib import Path
-cells, commit, partial = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "--partial"
+cells, commit, partial, total = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "--partial", int(sys.argv[4])
 records = [json.loads(p.read_text()) for p in sorted(cells.glob("*/results.json"))]
 other = sorted({str(r.get("git_sha")) for r in records} - {commit})
 error = None
 if other:
     error = f"cells from commit(s) {', '.join(other)} in {cells}: the grid is one commit ({commit})"
-elif len(records) != 64 and not partial:
-    error = (f"{len(records)} of the grid's 64 cells are in {cells}: `bench/field_grid.sh run` the rest, or "
+elif len(records) != total and not partial:
+    error = (f"{len(records)} of the grid's {total} cells are in {cells}: `bench/field_grid.sh run` the rest, or "
              "`report --partial [dir]` for a look")
 if error:
     print(f"elsa: error: {error}", file=sys.stderr)

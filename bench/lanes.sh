@@ -37,23 +37,18 @@ seed_run() {   # one seed-1 run at 90% to step 320, unless another lane holds it
   ) 7> "$CLAIM/.lane-seed1-$variant.lock"
 }
 
-lane1() {
-  say "lane 1: grid training phase"
-  bench/field_grid.sh run training elsa_sgpt maskllm leap || say "lane 1: the grid ended with an error"
-  seed_run elsa
+lane() {   # a lane: its grid phases in order (a phase the other lane holds is skipped), then its seed-1 run, then
+           # the BF16-z run unless the other lane holds or has done it
+  local n="$1" phases="$2" seed="$3"
+  say "lane $n: grid phases $phases"
+  # shellcheck disable=SC2086 - the phases are words
+  bench/field_grid.sh run $phases || say "lane $n: the grid ended with an error"
+  seed_run "$seed"
   seed_run elsa_l_zbf16
-  say "lane 1: done"
+  say "lane $n: done"
 }
 
-lane2() {
-  say "lane 2: grid elsa_sgpt phase"
-  bench/field_grid.sh run elsa_sgpt leap maskllm training || say "lane 2: the grid ended with an error"
-  seed_run elsa_l
-  seed_run elsa_l_zbf16
-  say "lane 2: done"
-}
-
-lane1 &
+lane 1 "training elsa_sgpt maskllm leap" elsa &
 sleep 20       # the grid's first lane takes its phase lock before the second looks
-lane2 &
+lane 2 "elsa_sgpt leap maskllm training" elsa_l &
 wait

@@ -874,8 +874,8 @@ class CompressedKernel:
 def _nd(run, desc_ptr: int, rows: int, cols: int, x: torch.Tensor, what: str) -> torch.Tensor:
     """``x [..., cols]`` times the matrix described at ``desc_ptr`` (``run``: elsa_mv) -> ``[..., rows]``, no
     bias, the shape kept: the checks and the call that the eager decode path (:meth:`CompressedKernel.forward_nd`)
-    and the torch op's Python implementation (:func:`_compressed_mv_python`) share. Activations of another dtype or width are refused before they
-    are read."""
+    and the torch op's Python implementation (:func:`_compressed_mv_python`) share. Activations of another dtype
+    or width are refused before they are read."""
     shape, dtype = x.shape, x.dtype
     if dtype not in _DTYPES:
         raise TypeError(f"the compressed kernels take fp32 or bf16 activations, not {dtype}")

@@ -126,7 +126,7 @@ def plot_frontier(df: pd.DataFrame, corpus: str, path, plt, colors: dict, marker
     for ax, target in zip(axes[0], sorted(targets, key=str)):
         cell = ok[ok["sparsity"] == target]
         for _, r in cell.iterrows():
-            m = r[SERIES] if isinstance(r.get(SERIES), str) else r["method"]
+            m = r[SERIES]
             x = float(r["compute_tokens"]) if r["compute_tokens"] > 0 else free_x
             ax.scatter([x], [r[col]], color=colors.get(m), marker=markers.get(m, "o"), label=m, zorder=3)
             if isinstance(r.get("curve"), str):

@@ -188,12 +188,13 @@ def job_row(data: dict | RunRecord, job_dir: Path, root: Path) -> dict:
             # still one series of the grids and plots (a fallback or an over-target cell stays its own)
             series = f"{series} ({STRUCTURE.get(note.kind, note.label)})"
     compute = compute_columns(rec.compute or {}, rec.stats)
-    if method and compute.get("training_tokens"):   # a training row says what it cost, not only its budget's name
-        method = f"{method} [{_count(compute['training_tokens'])} tokens]"
-        series = f"{series} [{_count(compute['training_tokens'])} tokens]"
-    elif method and rec.stats.get("steps_per_block"):   # a block-wise trainer (SAFE): its optimiser steps a block
-        method = f"{method} [{rec.stats['steps_per_block']} steps a block]"
-        series = f"{series} [{rec.stats['steps_per_block']} steps a block]"
+    cost = ""                   # a training row says what it cost, not only its budget's name
+    if compute.get("training_tokens"):
+        cost = f" [{_count(compute['training_tokens'])} tokens]"
+    elif rec.stats.get("steps_per_block"):     # a block-wise trainer (SAFE): its optimiser steps a block
+        cost = f" [{rec.stats['steps_per_block']} steps a block]"
+    if method:
+        method, series = method + cost, series + cost
     before = rec.stats.get("wall_s_before_resume") or 0.0
     model, rehearsal = rec.model, rec.rehearsal
     if model and isinstance(rehearsal, dict):     # model=shapes: random weights, its own row label
@@ -246,17 +247,7 @@ def collect(root: Path) -> pd.DataFrame:
     for col in ("model", "method", "sparsity", "seed", "sparsity_ratio", "nm", "order"):
         if col not in df:
             df[col] = None
-    return _sorted(_with_series(df))
-
-
-def _with_series(df: pd.DataFrame) -> pd.DataFrame:
-    """A table without a series column (a missing job's row; a results.csv stored before it existed): each row
-    its own method label."""
-    if SERIES not in df:
-        df[SERIES] = df["method"]
-    else:
-        df[SERIES] = df[SERIES].where(df[SERIES].notna(), df["method"])
-    return df
+    return _sorted(df)
 
 
 def from_csv(path: Path) -> pd.DataFrame:
@@ -279,20 +270,21 @@ def from_csv(path: Path) -> pd.DataFrame:
 
     df["order"] = [_order(cell(r, "method_name"), cell(r, "start"), cell(r, "budget"), cell(r, "allocation", "uniform"))
                    for _, r in df.iterrows()]
-    return _sorted(_with_series(df))
+    return _sorted(df)
 
 
 CELL = ["model", "method", "sparsity", "seed"]   # what makes two rows the same cell of a table
 
 
 def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    # a row without a series (a missing job's; a results.csv stored before the column existed): its method label
+    df[SERIES] = df[SERIES].fillna(df["method"]) if SERIES in df else df["method"]
     for col in ("seed", "nonzero_params", "total_params", "pruned_layer_params", "order", "resumed_from_step"):
         if col in df:
             df[col] = df[col].astype("Int64")
     # by series before the label: a series' cells (OATS's, whose labels carry per-cell shares) in sparsity order
-    keys = ["model", "order", SERIES, "nm", "sparsity_ratio", "method", "seed", "dir"] if SERIES in df else \
-        ["model", "order", "method", "nm", "sparsity_ratio", "seed", "dir"]
-    return df.sort_values([k for k in keys if k in df], na_position="last", kind="stable").reset_index(drop=True)
+    return df.sort_values(["model", "order", SERIES, "nm", "sparsity_ratio", "method", "seed", "dir"],
+                          na_position="last", kind="stable").reset_index(drop=True)
 
 
 def merge(tables: list[tuple[str, pd.DataFrame]]) -> tuple[pd.DataFrame, list[str]]:
