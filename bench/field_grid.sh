@@ -5,9 +5,9 @@
 #                                         # a phase another lane is running is skipped (a lock per phase)
 #   bench/field_grid.sh status            # done / failed / missing cells per phase
 #   bench/field_grid.sh save              # copy the finished cells' results.json into the repo (commit them)
-#   bench/field_grid.sh report            # python -m elsa.report <cells> --out docs/field_<commit> (the old docs/field
-#                                         # stays); the report code is this checkout's, the cells the pin's; refuses
-#                                         # unless all 64 cells are in and every one is the pin's
+#   bench/field_grid.sh report            # python -m elsa.report <cells> --out docs/field (the mixed-commit table
+#                                         # that stood there is docs/field_mixed); the report code is this checkout's,
+#                                         # the cells the pin's; refuses unless all 64 cells are in, every one the pin's
 #   bench/field_grid.sh report --partial [dir]   # the cells there are, drawn into dir (default /tmp/field_partial)
 #
 # The field protocol (conf/experiment/field.yaml: the default model, 32 x 512 wiki-train calibration windows, seed 0,
@@ -97,7 +97,7 @@ EOF
     # one commit, every cell: a report of a partial grid or of a cell from another commit would read as the table
     # the issue asks for; `report --partial` draws what is there (for a look, not for docs/)
     cd "$REPO"
-    out="$REPO/docs/field_${COMMIT:0:7}"
+    out="$REPO/docs/field"
     [ "${1:-}" = "--partial" ] && out="${2:-/tmp/field_partial}"
     "$PY" - "$STORE/cells" "$COMMIT" "${1:-}" "${CELLS##* }" <<'EOF'
 import json, sys
