@@ -2,7 +2,13 @@
 tokens, read from the claim runs' logs (bench/elsa_claim.sh), with the one-shot methods' levels of the field
 table at the same sparsity and protocol; the first point below each level is printed (the crossing).
 
-    python bench/claim_plot.py [--root /work/elsa_claim] [--field docs/field/results.csv] [--out docs/elsa_claim.png]
+    python bench/claim_plot.py [--root /work/elsa_claim] [--field docs/field_mixed/results.csv] [--out docs/elsa_claim.png]
+    python bench/claim_plot.py --save bench/results/elsa_claim   # keep the runs' held-out points in the repo
+
+The runs' logs and checkpoints live on this machine's disk only (a session may be handed another machine: the seed-0
+logs of docs/results.md went that way), so `--save` copies each log's held-out lines to DIR/<run>.log, which
+`--root DIR` reads back. The levels default to the mixed-commit table the documented crossings were read against;
+`--field docs/field/results.csv` reads the one-commit grid's.
 """
 from __future__ import annotations
 
@@ -41,9 +47,19 @@ def levels(field: Path) -> dict[float, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/work/elsa_claim", type=Path)
-    ap.add_argument("--field", default=Path(__file__).resolve().parent.parent / "docs/field/results.csv", type=Path)
+    ap.add_argument("--field", default=Path(__file__).resolve().parent.parent / "docs/field_mixed/results.csv",
+                    type=Path)
     ap.add_argument("--out", default=None, type=Path)
+    ap.add_argument("--save", default=None, type=Path, help="copy each log's held-out lines to DIR/<run>.log")
     args = ap.parse_args()
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        for log in sorted(args.root.glob("s*.log")):
+            lines = [m[0] for m in POINT.finditer(log.read_text(errors="replace"))]
+            if lines:
+                (args.save / log.name).write_text("\n".join(lines) + "\n")
+                print(f"saved {len(lines)} held-out points of {log.name} to {args.save}")
+        return
     runs, lv = curves(args.root), levels(args.field)
     for name, pts in runs.items():
         ratio = pts[0][3]
