@@ -78,7 +78,7 @@ def main() -> None:
         for ax, ratio in zip(axes, (0.7, 0.9)):
             for name, pts in runs.items():
                 if abs(pts[0][3] - ratio) < 1e-9:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{name}: {'ELSA-L, ' if name.endswith('_elsa_l') else ''}{RECIPES['_short' in name]}")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{name}: {'ELSA-L, ' if '_elsa_l' in name else ''}{RECIPES['_short' in name]}")
             for method, level in lv.get(ratio, {}).items():
                 ax.axhline(level, ls="--", lw=0.8, color="grey")
                 ax.text(0.01, level, f"{method} {level:,.0f}", transform=ax.get_yaxis_transform(), fontsize=7,
