@@ -35,6 +35,26 @@ def curves(root: Path) -> dict[str, list[tuple[int, float, int]]]:
     return out
 
 
+RUN = re.compile(r"(s\d+(?:_short)?)(?:_(elsa\w*?))?(?:_seed(\d+))?$")
+
+
+def pairs(runs: dict[str, list[tuple]]) -> list[str]:
+    """Each variant run (ELSA-L, its arms) against ELSA's run of the same sparsity, recipe and seed, at the steps
+    both logged: the within-2% question of issue 26 item 4, one line a pair (seed against seed, never across)."""
+    parsed = {name: RUN.match(name) for name in runs}
+    base = {(m[1], m[3] or "0"): name for name, m in parsed.items() if m and not m[2]}
+    out = []
+    for name, m in parsed.items():
+        ref = base.get((m[1], m[3] or "0")) if m and m[2] else None
+        if ref is None:
+            continue
+        theirs = {p[2]: p[1] for p in runs[ref]}
+        common = [(p[2], p[1] / theirs[p[2]] - 1) for p in runs[name] if p[2] in theirs]
+        if common:
+            out.append(f"{name} against {ref}: " + ", ".join(f"step {s} {d:+.1%}" for s, d in common[-4:]))
+    return out
+
+
 def levels(field: Path) -> dict[float, dict[str, float]]:
     import pandas as pd
 
@@ -69,6 +89,8 @@ def main() -> None:
         for method, level in sorted(lv.get(ratio, {}).items(), key=lambda kv: -kv[1]):
             hit = next((p for p in pts if p[1] < level), None)
             print(f"  {method} {level:,.2f}: " + (f"passed at step {hit[2]} ({hit[0]:,} tokens)" if hit else "not passed"))
+    for line in pairs(runs):
+        print(line)
     if args.out:
         import matplotlib
         matplotlib.use("Agg")
