@@ -73,6 +73,15 @@ esac
 [ "$SEED" = 0 ] || RUN="${RUN}_seed$SEED"      # seed 0: the runs of before, their dirs unchanged
 COMMIT="$(cat "$ROOT/COMMIT")"
 PY="$REPO/.venv/bin/python"
+# The runs train under bf16 autocast (every documented curve did). A CPU without bf16 instructions (AVX2 only: the
+# AMD EPYC of 2026-12-07 ran a bf16 matmul at 0.3 GFLOP/s against fp32's 87) would take months: refuse there.
+SPEEDUP="$(cd "$REPO" && OMP_NUM_THREADS=1 "$PY" -c 'import torch; torch.set_num_threads(1)
+from elsa.engines.precision import bf16_speedup; print(round(bf16_speedup("cpu"), 3))')"
+if ! awk -v s="$SPEEDUP" 'BEGIN { exit !(s >= 1) }'; then
+  echo "elsa: error: method.autocast_bf16=true: a bf16 matmul runs at ${SPEEDUP}x fp32's speed on this CPU (one thread);" \
+       "the claim runs are bf16 runs and need a CPU with bf16 units (AVX-512 BF16 or AMX)" >&2
+  exit 2
+fi
 cd "$ROOT/code"
 echo "elsa_claim: sparsity 0.$S, recipe $RECIPE, code $COMMIT, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$ROOT/$RUN.log"
 OMP_NUM_THREADS=1 WANDB_MODE=disabled PYTHONPATH="$ROOT/code" nice -n 19 "$PY" run.py \
