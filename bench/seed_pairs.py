@@ -20,6 +20,8 @@ import shutil
 import statistics
 from pathlib import Path
 
+from elsa.report.results import read_results
+
 HISTORY_KEYS = ("method.eval_every", "method.eval_split", "method.eval_tokens")
 
 
@@ -33,7 +35,7 @@ def load(roots: list[Path]) -> list[tuple[Path, dict]]:
     out = []
     for root in roots:
         for path in sorted(root.rglob("results.json")):
-            r = json.loads(path.read_text())
+            r = read_results(path.parent) or {}          # a killed job's unreadable file is skipped, as the report does
             if r.get("status") == "done" and r["method"] in ("elsa", "elsa_l") and r["method_stats"].get("history"):
                 out.append((path, r))
     return out
@@ -58,18 +60,16 @@ def report(runs: list[tuple[Path, dict]]) -> list[str]:
     base = {cell(r): r for _, r in runs if variant(r) == "elsa"}
     lines, finals = [], {}
     for _, r in runs:
-        name = variant(r)
+        name, (_, sparsity, _, budget, seed, sha, precision) = variant(r), cell(r)
         ref = base.get(cell(r))
         if name == "elsa" or ref is None:
             continue
         mine, theirs = heldout(r), heldout(ref)
         steps = [s for s in sorted(mine) if s in theirs]
         diff = final(r) / final(ref) - 1
-        key = (name, cell(r)[1], cell(r)[3])
-        finals.setdefault(key, []).append(diff)
+        finals.setdefault((name, sparsity, budget), []).append(diff)
         t = r["method_stats"].get("step_time_s"), ref["method_stats"].get("step_time_s")
-        lines.append(f"{name} against elsa, sparsity {cell(r)[1]}, budget {cell(r)[3]}, seed {r['seed']}, "
-                     f"{cell(r)[5]}, {cell(r)[6]}: "
+        lines.append(f"{name} against elsa, sparsity {sparsity}, budget {budget}, seed {seed}, {sha}, {precision}: "
                      + ", ".join(f"step {s} {mine[s] / theirs[s] - 1:+.1%}" for s in steps)
                      + f"; final {final(r):,.1f} against {final(ref):,.1f} ({diff:+.1%})"
                      + (f"; step time {t[0]:.1f} s against {t[1]:.1f} s ({t[0] / t[1]:.2f}x)" if all(t) else ""))
